@@ -1,0 +1,203 @@
+//! The Lua host: one `lab` root module, split by noun.
+//!
+//! Each noun (`lab.model`, `lab.stats`, ...) is built by one `module(lua)` function listed in
+//! [`RUST_MODULES`]; pure-Lua parts of the runtime live in `lib/lab/*.lua`, are embedded in the
+//! binary ([`LUA_MODULES`]) and attached to `lab` under their name. Scripts get everything
+//! through `require("lab")`.
+
+pub mod opts;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use mlua::{Lua, Table, Value};
+
+type ModuleFn = fn(&Lua) -> mlua::Result<Table>;
+
+/// The Rust-backed nouns of `lab`, in one place.
+pub const RUST_MODULES: &[(&str, ModuleFn)] = &[];
+
+/// The pure-Lua nouns of `lab`: (name, chunk name, source).
+pub const LUA_MODULES: &[(&str, &str, &str)] = &[];
+
+/// Values given on the command line with `--set key=value`, in order.
+pub type Settings = Vec<(String, String)>;
+
+/// A ready Lua state with `lab` registered and `package.path` set for `script`.
+pub fn new_runtime(script: &Path, settings: &Settings) -> anyhow::Result<Lua> {
+    let lua = Lua::new();
+    set_package_path(&lua, script)?;
+    let lab = build_lab(&lua, settings).map_err(|e| anyhow::anyhow!("could not set up the lab module: {e}"))?;
+    let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
+    loaded.set("lab", lab)?;
+    Ok(lua)
+}
+
+/// Runs a Lua file; a Lua error comes back with its traceback pointing at the script's lines.
+pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
+    let source = std::fs::read_to_string(script)
+        .with_context(|| format!("cannot read script {}", script.display()))?;
+    let lua = new_runtime(script, settings)?;
+    let chunk_name = format!("@{}", script.display());
+    let func = lua
+        .load(&source)
+        .set_name(chunk_name)
+        .into_function()
+        .map_err(|e| anyhow::anyhow!("{}", describe_lua_error(&e)))?;
+    let traceback: mlua::Function = lua.globals().get::<Table>("debug")?.get("traceback")?;
+    // xpcall with debug.traceback keeps the stack of the failing line, which a plain call loses.
+    let xpcall: mlua::Function = lua.globals().get("xpcall")?;
+    let (ok, err): (bool, Value) = xpcall.call((func, traceback))?;
+    if !ok {
+        let message = match err {
+            Value::String(s) => s.to_string_lossy().to_string(),
+            Value::Error(e) => describe_lua_error(&e),
+            other => format!("{other:?}"),
+        };
+        anyhow::bail!("{message}");
+    }
+    Ok(())
+}
+
+/// Makes a Lua error readable: the message, then the traceback, without Rust noise.
+pub fn describe_lua_error(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::CallbackError { traceback, cause } => {
+            format!("{}\n{traceback}", describe_lua_error(cause))
+        }
+        mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::ExternalError(e) => format!("{e:#}"),
+        other => other.to_string(),
+    }
+}
+
+fn set_package_path(lua: &Lua, script: &Path) -> anyhow::Result<()> {
+    let script_dir = script.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let script_dir = if script_dir.as_os_str().is_empty() { PathBuf::from(".") } else { script_dir };
+    let lib = project_lib_dir();
+    let mut parts = Vec::new();
+    if let Some(lib) = lib {
+        parts.push(format!("{0}/?.lua;{0}/?/init.lua", lib.display()));
+    }
+    parts.push(format!("{0}/?.lua;{0}/?/init.lua", script_dir.display()));
+    let package: Table = lua.globals().get("package")?;
+    package.set("path", parts.join(";"))?;
+    Ok(())
+}
+
+/// The project's `lib/` folder: `$LORALAB_LIB`, else `lib/` under the working directory, else
+/// next to the source tree the binary was built from.
+fn project_lib_dir() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("LORALAB_LIB") {
+        return Some(PathBuf::from(p));
+    }
+    let cwd = PathBuf::from("lib");
+    if cwd.is_dir() {
+        return Some(cwd);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lib");
+    built.is_dir().then_some(built)
+}
+
+fn build_lab(lua: &Lua, settings: &Settings) -> mlua::Result<Table> {
+    let lab = lua.create_table()?;
+    lab.set("version", env!("CARGO_PKG_VERSION"))?;
+    lab.set("args", args_table(lua, settings)?)?;
+    let given = settings.clone();
+    lab.set(
+        "settings",
+        lua.create_function(move |lua, defaults: Table| resolve_settings(lua, &defaults, &given))?,
+    )?;
+    for (name, module) in RUST_MODULES {
+        lab.set(*name, module(lua)?)?;
+    }
+    // Pure-Lua modules see the Rust part of `lab` through require.
+    let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
+    loaded.set("lab", lab.clone())?;
+    for (name, chunk, source) in LUA_MODULES {
+        let module: Value = lua.load(*source).set_name(*chunk).call(())?;
+        lab.set(*name, module)?;
+    }
+    Ok(lab)
+}
+
+/// `lab.args`: every `--set` value, converted to a number or boolean where it reads as one.
+fn args_table(lua: &Lua, settings: &Settings) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for (k, v) in settings {
+        t.set(k.as_str(), guess_value(lua, v)?)?;
+    }
+    Ok(t)
+}
+
+fn guess_value(lua: &Lua, raw: &str) -> mlua::Result<Value> {
+    if let Ok(i) = raw.parse::<i64>() {
+        return Ok(Value::Integer(i));
+    }
+    if let Ok(f) = raw.parse::<f64>() {
+        return Ok(Value::Number(f));
+    }
+    match raw {
+        "true" => Ok(Value::Boolean(true)),
+        "false" => Ok(Value::Boolean(false)),
+        _ => Ok(Value::String(lua.create_string(raw)?)),
+    }
+}
+
+/// `lab.settings(defaults)`: a copy of `defaults` with the `--set` values applied, each converted
+/// to the type of its default. An unknown key or an unconvertible value is an error naming it.
+fn resolve_settings(lua: &Lua, defaults: &Table, given: &Settings) -> mlua::Result<Table> {
+    let out = lua.create_table()?;
+    let mut known = Vec::new();
+    for pair in defaults.pairs::<String, Value>() {
+        let (k, v) = pair?;
+        known.push(k.clone());
+        out.set(k, v)?;
+    }
+    for (key, raw) in given {
+        if !known.iter().any(|k| k == key) {
+            let names: Vec<&str> = known.iter().map(String::as_str).collect();
+            let mut msg = format!("--set {key}={raw}: unknown setting '{key}'");
+            if let Some(s) = opts::closest(key, &names) {
+                msg.push_str(&format!(" (did you mean '{s}'?)"));
+            }
+            let mut sorted = names.clone();
+            sorted.sort_unstable();
+            msg.push_str(&format!(". Settings of this script: {}", sorted.join(", ")));
+            return Err(mlua::Error::runtime(msg));
+        }
+        let default: Value = defaults.get(key.as_str())?;
+        out.set(key.as_str(), convert_setting(lua, key, raw, &default)?)?;
+    }
+    Ok(out)
+}
+
+fn convert_setting(lua: &Lua, key: &str, raw: &str, default: &Value) -> mlua::Result<Value> {
+    let bad = |what: &str| mlua::Error::runtime(format!("--set {key}={raw}: expected {what}"));
+    Ok(match default {
+        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
+        Value::Number(_) => Value::Number(raw.trim().parse().map_err(|_| bad("a number"))?),
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" | "yes" => Value::Boolean(true),
+            "false" | "0" | "no" => Value::Boolean(false),
+            _ => return Err(bad("true or false")),
+        },
+        Value::Table(t) => {
+            // A list default takes a comma-separated value; items take the type of its first item.
+            let first: Value = t.raw_get(1)?;
+            let list = lua.create_table()?;
+            for (i, item) in raw.split(',').filter(|s| !s.trim().is_empty()).enumerate() {
+                let v = match first {
+                    Value::Nil => guess_value(lua, item.trim())?,
+                    ref f => convert_setting(lua, key, item.trim(), f)?,
+                };
+                list.raw_set(i + 1, v)?;
+            }
+            Value::Table(list)
+        }
+        Value::Nil => guess_value(lua, raw)?,
+        _ => Value::String(lua.create_string(raw)?),
+    })
+}

@@ -1,0 +1,164 @@
+//! Strict option tables.
+//!
+//! Every Lua function that takes an options table reads it through [`Opts`]: each key it
+//! reads is marked as known, and [`Opts::finish`] rejects whatever is left, naming the
+//! key and suggesting the closest known one (`temprature` -> `temperature`). A mistyped
+//! option is therefore an error, never a silently ignored setting.
+
+use mlua::{FromLua, Lua, Table, Value};
+
+/// Reader over an optional Lua options table for the function `context` (e.g. `model:sample`).
+pub struct Opts {
+    context: String,
+    table: Option<Table>,
+    known: Vec<&'static str>,
+}
+
+impl Opts {
+    /// `value` may be nil (no options) or a table; anything else is an error.
+    pub fn new(context: &str, value: Value) -> mlua::Result<Self> {
+        let table = match value {
+            Value::Nil => None,
+            Value::Table(t) => Some(t),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "{context}: options must be a table, got {}",
+                    other.type_name()
+                )))
+            }
+        };
+        Ok(Opts { context: context.to_string(), table, known: Vec::new() })
+    }
+
+    /// Name of the function these options belong to, for error messages.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Reads `key` if present; a value of the wrong type is an error naming the key.
+    pub fn get<T: FromLua>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
+        self.known.push(key);
+        let Some(table) = &self.table else { return Ok(None) };
+        let raw: Value = table.raw_get(key)?;
+        if raw.is_nil() {
+            return Ok(None);
+        }
+        let type_name = raw.type_name();
+        T::from_lua(raw, lua).map(Some).map_err(|e| {
+            mlua::Error::runtime(format!(
+                "{}: option '{key}' has the wrong type ({type_name}): {}",
+                self.context,
+                short_conversion_error(&e)
+            ))
+        })
+    }
+
+    /// Reads `key`, falling back to `default` when absent.
+    pub fn get_or<T: FromLua>(&mut self, lua: &Lua, key: &'static str, default: T) -> mlua::Result<T> {
+        Ok(self.get(lua, key)?.unwrap_or(default))
+    }
+
+    /// Reads a key that must be present.
+    pub fn require<T: FromLua>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<T> {
+        match self.get(lua, key)? {
+            Some(v) => Ok(v),
+            None => Err(mlua::Error::runtime(format!("{}: option '{key}' is required", self.context))),
+        }
+    }
+
+    /// An error about the value of `key`, in the common format.
+    pub fn bad_value(&self, key: &str, message: impl std::fmt::Display) -> mlua::Error {
+        mlua::Error::runtime(format!("{}: option '{key}' {message}", self.context))
+    }
+
+    /// Rejects any key that was never read.
+    pub fn finish(self) -> mlua::Result<()> {
+        let Some(table) = &self.table else { return Ok(()) };
+        for pair in table.pairs::<Value, Value>() {
+            let (key, _) = pair?;
+            let name = match &key {
+                Value::String(s) => s.to_str()?.to_string(),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "{}: option keys must be names, got a {} key",
+                        self.context,
+                        other.type_name()
+                    )))
+                }
+            };
+            if !self.known.iter().any(|k| *k == name) {
+                let mut msg = format!("{}: unknown option '{name}'", self.context);
+                if let Some(s) = closest(&name, &self.known) {
+                    msg.push_str(&format!(" (did you mean '{s}'?)"));
+                }
+                let mut known = self.known.clone();
+                known.sort_unstable();
+                known.dedup();
+                msg.push_str(&format!(". Known options: {}", known.join(", ")));
+                return Err(mlua::Error::runtime(msg));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn short_conversion_error(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::FromLuaConversionError { from, to, message } => match message {
+            Some(m) => format!("expected {to}, got {from} ({m})"),
+            None => format!("expected {to}, got {from}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The known name within edit distance 2 of `name`, if any.
+pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance between two short strings.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_option_is_rejected_with_a_suggestion() {
+        let lua = Lua::new();
+        let t: Table = lua.load("return { temprature = 1.0 }").eval().unwrap();
+        let mut o = Opts::new("model:sample", Value::Table(t)).unwrap();
+        let _: Option<f64> = o.get(&lua, "temperature").unwrap();
+        let err = o.finish().unwrap_err().to_string();
+        assert!(err.contains("unknown option 'temprature'"), "{err}");
+        assert!(err.contains("did you mean 'temperature'"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_the_key() {
+        let lua = Lua::new();
+        let t: Table = lua.load("return { n = 'four' }").eval().unwrap();
+        let mut o = Opts::new("model:sample", Value::Table(t)).unwrap();
+        let err = o.get::<i64>(&lua, "n").unwrap_err().to_string();
+        assert!(err.contains("option 'n'"), "{err}");
+    }
+}
