@@ -1,7 +1,16 @@
 //! loralab: fine-tuning experiments as Lua scripts.
 //!
-//! `src/` is laid out by concept: `model` (decoder, loading, tokenizer), `sample` (batched
-//! generation), `stats`, `plot`, `lua` (the `lab` module and host), `cli`.
+//! `src/` is laid out by concept: `model` (decoder, loading, tokenizer), `adapter` (LoRA),
+//! `sample` (batched generation), `stats`, `plot`, `store` (results on disk), `lua` (the `lab`
+//! module and its host), `cli`.
 
+pub mod adapter;
 pub mod cli;
+pub mod lock;
 pub mod lua;
+pub mod model;
+pub mod plot;
+pub mod eval;
+pub mod stats;
+pub mod sample;
+pub mod store;

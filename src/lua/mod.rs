@@ -5,9 +5,14 @@
 //! binary ([`LUA_MODULES`]) and attached to `lab` under their name. Scripts get everything
 //! through `require("lab")`.
 
+pub mod adapter;
+pub mod model;
+pub mod eval;
+pub mod fs;
 pub mod opts;
+pub mod plot;
+pub mod stats;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -16,10 +21,20 @@ use mlua::{Lua, Table, Value};
 type ModuleFn = fn(&Lua) -> mlua::Result<Table>;
 
 /// The Rust-backed nouns of `lab`, in one place.
-pub const RUST_MODULES: &[(&str, ModuleFn)] = &[];
+pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
+    ("model", model::module),
+    ("adapter", adapter::module),
+    ("stats", stats::module),
+    ("eval", eval::module),
+    ("plot", plot::module),
+    ("fs", fs::module),];
 
 /// The pure-Lua nouns of `lab`: (name, chunk name, source).
-pub const LUA_MODULES: &[(&str, &str, &str)] = &[];
+pub const LUA_MODULES: &[(&str, &str, &str)] = &[
+    ("options", "@lib/lab/options.lua", include_str!("../../lib/lab/options.lua")),
+    ("figure", "@lib/lab/figure.lua", include_str!("../../lib/lab/figure.lua")),
+    ("report", "@lib/lab/report.lua", include_str!("../../lib/lab/report.lua")),
+];
 
 /// Values given on the command line with `--set key=value`, in order.
 pub type Settings = Vec<(String, String)>;
@@ -27,10 +42,8 @@ pub type Settings = Vec<(String, String)>;
 /// A ready Lua state with `lab` registered and `package.path` set for `script`.
 pub fn new_runtime(script: &Path, settings: &Settings) -> anyhow::Result<Lua> {
     let lua = Lua::new();
-    set_package_path(&lua, script)?;
-    let lab = build_lab(&lua, settings).map_err(|e| anyhow::anyhow!("could not set up the lab module: {e}"))?;
-    let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
-    loaded.set("lab", lab)?;
+    set_package_path(&lua, script).map_err(lua_err)?;
+    build_lab(&lua, settings).map_err(|e| anyhow::anyhow!("could not set up the lab module: {}", describe_lua_error(&e)))?;
     Ok(lua)
 }
 
@@ -45,10 +58,13 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
         .set_name(chunk_name)
         .into_function()
         .map_err(|e| anyhow::anyhow!("{}", describe_lua_error(&e)))?;
-    let traceback: mlua::Function = lua.globals().get::<Table>("debug")?.get("traceback")?;
-    // xpcall with debug.traceback keeps the stack of the failing line, which a plain call loses.
-    let xpcall: mlua::Function = lua.globals().get("xpcall")?;
-    let (ok, err): (bool, Value) = xpcall.call((func, traceback))?;
+    // mlua runs the chunk under a message handler that appends the Lua traceback, so the
+    // error carries the script's file:line frames.
+    let result: mlua::Result<()> = func.call(());
+    let (ok, err) = match result {
+        Ok(()) => (true, Value::Nil),
+        Err(e) => (false, Value::Error(Box::new(e))),
+    };
     if !ok {
         let message = match err {
             Value::String(s) => s.to_string_lossy().to_string(),
@@ -58,6 +74,11 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
         anyhow::bail!("{message}");
     }
     Ok(())
+}
+
+/// An mlua error as an anyhow error (mlua's are not Send).
+pub fn lua_err(e: mlua::Error) -> anyhow::Error {
+    anyhow::anyhow!("{}", describe_lua_error(&e))
 }
 
 /// Makes a Lua error readable: the message, then the traceback, without Rust noise.
@@ -73,7 +94,7 @@ pub fn describe_lua_error(e: &mlua::Error) -> String {
     }
 }
 
-fn set_package_path(lua: &Lua, script: &Path) -> anyhow::Result<()> {
+fn set_package_path(lua: &Lua, script: &Path) -> mlua::Result<()> {
     let script_dir = script.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let script_dir = if script_dir.as_os_str().is_empty() { PathBuf::from(".") } else { script_dir };
     let lib = project_lib_dir();

@@ -1,0 +1,122 @@
+//! The model configuration: the fields of a Hugging Face `config.json`, by their own names.
+
+use serde::Deserialize;
+
+/// Decoder families this runtime implements. Both are pre-norm RMSNorm decoders with rotary
+/// embeddings, grouped-query attention and a SwiGLU MLP; Qwen2 adds biases to q/k/v.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+impl Architecture {
+    /// Maps a `config.json` `architectures` entry to a family, or says which ones are supported.
+    pub fn from_hf_name(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Architecture::Llama),
+            "Qwen2ForCausalLM" => Ok(Architecture::Qwen2),
+            other => anyhow::bail!(
+                "unsupported architecture '{other}': loralab runs LlamaForCausalLM (Llama, SmolLM2) \
+                 and Qwen2ForCausalLM (Qwen2, Qwen2.5) checkpoints"
+            ),
+        }
+    }
+
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// `config.json` as written by transformers (only the fields the decoder needs).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct Config {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama's switch for q/k/v/o biases; Qwen2 always has q/k/v biases.
+    #[serde(default)]
+    pub attention_bias: bool,
+    pub bos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl Config {
+    pub fn architecture(&self) -> anyhow::Result<Architecture> {
+        match self.architectures.first() {
+            Some(name) => Architecture::from_hf_name(name),
+            None => anyhow::bail!("config.json has no 'architectures' entry; cannot tell the model family"),
+        }
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Whether q/k/v projections carry a bias.
+    pub fn qkv_bias(&self) -> anyhow::Result<bool> {
+        Ok(match self.architecture()? {
+            Architecture::Qwen2 => true,
+            Architecture::Llama => self.attention_bias,
+        })
+    }
+
+    /// Checks the shape arithmetic once so that the decoder can rely on it.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.architecture()?;
+        anyhow::ensure!(self.num_attention_heads > 0, "config: num_attention_heads must be > 0");
+        anyhow::ensure!(
+            self.num_attention_heads % self.num_kv_heads() == 0,
+            "config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+            self.num_attention_heads,
+            self.num_kv_heads()
+        );
+        anyhow::ensure!(self.head_dim() % 2 == 0, "config: head_dim must be even for rotary embeddings");
+        Ok(())
+    }
+
+    /// Token ids listed as end of sequence (`eos_token_id` may be a number or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        ids_of(self.eos_token_id.as_ref())
+    }
+}
+
+/// Reads a token id field that may be a number or a list of numbers.
+pub fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}

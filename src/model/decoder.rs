@@ -1,0 +1,474 @@
+//! The decoder: one implementation for the Llama and Qwen2 families.
+//!
+//! A stack of pre-norm blocks, `x + attn(rms_norm(x))` then `x + mlp(rms_norm(x))`, with rotary
+//! position embeddings (the "rotate half" layout of transformers), grouped-query attention and a
+//! SwiGLU MLP `down(silu(gate(x)) * up(x))`. Qwen2 adds biases to q/k/v. Weight names are
+//! transformers' (`model.layers.{i}.self_attn.q_proj.weight`), so safetensors checkpoints load
+//! as they are and GGUF files are renamed to them.
+//!
+//! Two paths through the same weights:
+//! - inference ([`Pass::infer`]): fused candle kernels, a KV cache, an attention mask for left
+//!   padding;
+//! - training ([`Pass::train`]): only differentiable ops (candle's fused softmax, rms_norm and
+//!   rope have no backward), frozen projections through [`frozen_linear`] so that no
+//!   weight-sized gradient is ever computed, LoRA deltas with dropout.
+//!
+//! Shapes: B batch, T new tokens, S keys (cache length), D hidden, H query heads, K kv heads,
+//! G = H / K heads per kv head, E head dim, F intermediate, V vocab.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::Config;
+use super::ops::frozen_linear;
+use crate::adapter::{Adapter, Target};
+
+/// How a forward pass runs: which ops, which adapter, which dropout stream.
+#[derive(Clone, Copy)]
+pub struct Pass<'a> {
+    /// Differentiable ops and frozen base weights (training), or fused kernels (inference).
+    pub train: bool,
+    /// An unmerged adapter whose deltas are added to the projections.
+    pub adapter: Option<&'a Adapter>,
+    /// Random stream for LoRA dropout; dropout is applied only when training and set.
+    pub dropout_rng: Option<&'a RefCell<ChaCha8Rng>>,
+}
+
+impl<'a> Pass<'a> {
+    pub fn infer(adapter: Option<&'a Adapter>) -> Self {
+        Pass { train: false, adapter, dropout_rng: None }
+    }
+
+    pub fn train(adapter: &'a Adapter, dropout_rng: Option<&'a RefCell<ChaCha8Rng>>) -> Self {
+        Pass { train: true, adapter: Some(adapter), dropout_rng }
+    }
+}
+
+/// A projection `x W^T + b`, frozen.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor, // (out, in)
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// x: (B, T, in) -> (B, T, out), with the adapter's delta for (layer, target) if any.
+    fn forward(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Tensor> {
+        let (b, t, d_in) = x.dims3()?;
+        let x2 = x.reshape((b * t, d_in))?;
+        let mut y = if pass.train {
+            frozen_linear(&x2, &self.weight)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let Some(adapter) = pass.adapter {
+            if let Some(pair) = adapter.pair(layer, target) {
+                let dtype = x2.dtype();
+                let mut xin = x2.clone();
+                if pass.train && adapter.config.lora_dropout > 0.0 {
+                    if let Some(rng) = pass.dropout_rng {
+                        xin = dropout(&xin, adapter.config.lora_dropout, &mut rng.borrow_mut())?;
+                    }
+                }
+                // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
+                let a = pair.a.as_tensor().to_dtype(dtype)?;
+                let bm = pair.b.as_tensor().to_dtype(dtype)?;
+                let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
+                y = (y + (delta * adapter.scale())?)?;
+            }
+        }
+        y.reshape((b, t, ()))
+    }
+}
+
+/// Inverted dropout with a mask drawn from a seeded stream (candle's own uses an unseeded one).
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let n = x.elem_count();
+    let mask: Vec<f32> = (0..n).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+/// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
+#[derive(Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor, // (D,)
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            // Computed in f32 as transformers does, then cast back.
+            let dtype = x.dtype();
+            let xf = x.to_dtype(DType::F32)?;
+            let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Per-layer keys and values of a batch, pre-allocated to `capacity` positions.
+pub struct KvCache {
+    /// Per layer: (B, K, capacity, E)
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Positions filled so far.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (batch, cfg.num_kv_heads(), capacity, cfg.head_dim());
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(KvCache { k, v, len: 0, capacity })
+    }
+
+    /// Keeps only the batch rows `rows` (in that order; a row may repeat).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn batch(&self) -> usize {
+        self.k.first().map(|t| t.dims()[0]).unwrap_or(0)
+    }
+}
+
+impl Attention {
+    /// x: (B, T, D) -> (B, T, D). `mask`: additive, (B, 1, T, S) or (T, S).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        pass: Pass,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // (B, T, H*E) -> (B, H, T, E)
+        let q = self.q_proj.forward(x, pass, layer, Target::QProj)?;
+        let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
+        let kx = self.k_proj.forward(x, pass, layer, Target::KProj)?;
+        let kx = kx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
+        let vx = self.v_proj.forward(x, pass, layer, Target::VProj)?;
+        let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, pos, pass.train)?;
+        let kx = rope.apply(&kx, pos, pass.train)?;
+
+        // Keys and values of every position so far: (B, K, S, E)
+        let (keys, values) = match cache {
+            Some((cache, l)) => {
+                cache.k[l].slice_set(&kx, 2, pos)?;
+                cache.v[l].slice_set(&vx, 2, pos)?;
+                let s = pos + t;
+                (cache.k[l].narrow(2, 0, s)?, cache.v[l].narrow(2, 0, s)?)
+            }
+            None => (kx, vx),
+        };
+        let s = keys.dim(2)?;
+
+        // Grouped-query attention without repeating K/V: the G query heads sharing a kv head
+        // are stacked along the row axis. (B, H, T, E) -> (B, K, G*T, E)
+        let g = h / k;
+        let q = q.reshape((b, k, g * t, e))?;
+        let scale = 1.0 / (e as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
+        let scores = match mask {
+            Some(m) => {
+                let m = if m.rank() == 2 { m.reshape((1, 1, 1, t, s))? } else { m.reshape((b, 1, 1, t, s))? };
+                scores.reshape((b, k, g, t, s))?.broadcast_add(&m.to_dtype(scores.dtype())?)?.reshape((b, k, g * t, s))?
+            }
+            None => scores,
+        };
+        let probs = if pass.train {
+            // Softmax in f32 for stability, as transformers' eager attention does.
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let out = probs.matmul(&values.contiguous()?)?; // (B, K, G*T, E)
+        // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
+        let out = out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e))?;
+        self.o_proj.forward(&out, pass, layer, Target::OProj)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, pass, layer, Target::GateProj)?.silu()?;
+        let up = self.up_proj.forward(x, pass, layer, Target::UpProj)?;
+        self.down_proj.forward(&(gate * up)?, pass, layer, Target::DownProj)
+    }
+}
+
+/// Rotary embedding tables: cos/sin of (position, frequency), (max_pos, E/2).
+#[derive(Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let e = cfg.head_dim();
+        let max = cfg.max_position_embeddings.max(1);
+        let inv_freq: Vec<f32> =
+            (0..e / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / e as f32)).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, e / 2), device)?;
+        let positions = Tensor::arange(0u32, max as u32, device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
+        let freqs = positions.matmul(&inv_freq)?; // (max_pos, E/2)
+        Ok(Rope { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// x: (B, H, T, E) at positions pos..pos+T.
+    fn apply(&self, x: &Tensor, pos: usize, train: bool) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if pos + t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's max_position_embeddings ({})",
+                pos + t,
+                self.cos.dim(0)?
+            );
+        }
+        let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
+        if train {
+            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, &cos, &sin)
+        }
+    }
+}
+
+/// The whole decoder.
+#[derive(Clone)]
+pub struct Decoder {
+    pub config: Config,
+    pub embed_tokens: Tensor, // (V, D)
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    pub lm_head: Tensor, // (V, D); the embedding itself when tied
+    rope: Rope,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Takes named tensors out of a checkpoint, checking shapes and naming what is missing.
+pub struct Weights {
+    pub tensors: HashMap<String, Tensor>,
+    pub source: String,
+}
+
+impl Weights {
+    fn take(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
+        let t = self.tensors.remove(name).ok_or_else(|| {
+            anyhow::anyhow!("{}: tensor '{name}' is missing; the file is incomplete or not a {}-shaped model", self.source, "decoder")
+        })?;
+        anyhow::ensure!(
+            t.dims() == shape,
+            "{}: tensor '{name}' has shape {:?}, the config implies {:?}",
+            self.source,
+            t.dims(),
+            shape
+        );
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    fn take_opt(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Option<Tensor>> {
+        if self.tensors.contains_key(name) {
+            self.take(name, shape, dtype, device).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Decoder {
+    /// Builds the decoder from transformers-named weights.
+    pub fn new(config: Config, mut w: Weights, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let qkv_bias = c.qkv_bias()?;
+        let embed_tokens = w.take("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> anyhow::Result<Linear> {
+                let weight = w.take(&format!("{p}.{name}.weight"), &[out, inp], dtype, device)?;
+                let bias = if bias {
+                    Some(w.take(&format!("{p}.{name}.bias"), &[out], dtype, device)?)
+                } else {
+                    w.take_opt(&format!("{p}.{name}.bias"), &[out], dtype, device)?
+                };
+                Ok(Linear { weight, bias })
+            };
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", h * e, d, qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", k * e, d, qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", k * e, d, qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", d, h * e, false)?,
+                num_heads: h,
+                num_kv_heads: k,
+                head_dim: e,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", f, d, false)?,
+                up_proj: lin("mlp.up_proj", f, d, false)?,
+                down_proj: lin("mlp.down_proj", d, f, false)?,
+            };
+            let input_layernorm =
+                RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?, eps: c.rms_norm_eps };
+            let post_attention_layernorm = RmsNorm {
+                weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d], dtype, device)?,
+                eps: c.rms_norm_eps,
+            };
+            layers.push(Layer { input_layernorm, self_attn, post_attention_layernorm, mlp });
+        }
+        let norm = RmsNorm { weight: w.take("model.norm.weight", &[d], dtype, device)?, eps: c.rms_norm_eps };
+        let lm_head = match w.take_opt("lm_head.weight", &[v, d], dtype, device)? {
+            Some(t) if !c.tie_word_embeddings => t,
+            _ => embed_tokens.clone(),
+        };
+        let rope = Rope::new(c, dtype, device)?;
+        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone() })
+    }
+
+    /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = layer.input_layernorm.forward(&x, pass.train)?;
+            let h = layer.self_attn.forward(&h, &self.rope, pos, mask, cache.as_deref_mut().map(|c| (c, i)), pass, i)?;
+            let x1 = (residual + h)?;
+            let h = layer.post_attention_layernorm.forward(&x1, pass.train)?;
+            let h = layer.mlp.forward(&h, pass, i)?;
+            x = (x1 + h)?;
+        }
+        if let Some(c) = cache {
+            c.len = pos + t;
+        }
+        let _ = b;
+        self.norm.forward(&x, pass.train)
+    }
+
+    /// hidden: (B, T, D) -> logits (B, T, V) in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let logits = hidden.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?;
+        logits.to_dtype(DType::F32)?.reshape((b, t, ()))
+    }
+
+    /// Logits of every position for unpadded rows: ids (B, T) -> (B, T, V).
+    pub fn forward(&self, ids: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let mask = causal_mask(t, &self.device)?;
+        let hidden = self.forward_hidden(ids, 0, Some(&mask), None, Pass::infer(adapter))?;
+        self.logits(&hidden)
+    }
+
+    /// A copy of the decoder with the adapter's deltas folded into the base weights.
+    pub fn merged(&self, adapter: &Adapter) -> Result<Decoder> {
+        let mut out = self.clone();
+        for (i, layer) in out.layers.iter_mut().enumerate() {
+            let slots: [(&mut Linear, Target); 7] = [
+                (&mut layer.self_attn.q_proj, Target::QProj),
+                (&mut layer.self_attn.k_proj, Target::KProj),
+                (&mut layer.self_attn.v_proj, Target::VProj),
+                (&mut layer.self_attn.o_proj, Target::OProj),
+                (&mut layer.mlp.gate_proj, Target::GateProj),
+                (&mut layer.mlp.up_proj, Target::UpProj),
+                (&mut layer.mlp.down_proj, Target::DownProj),
+            ];
+            for (lin, target) in slots {
+                if let Some(delta) = adapter.delta(i, target, DType::F32)? {
+                    // Fold in f32, then back to the model's dtype: one rounding, as PEFT's merge.
+                    let w = (lin.weight.to_dtype(DType::F32)? + delta.to_device(&self.device)?)?;
+                    lin.weight = w.to_dtype(self.dtype)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Shape of every projection a LoRA can target: (out, in).
+    pub fn projection_shape(&self, target: Target) -> (usize, usize) {
+        let c = &self.config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        match target {
+            Target::QProj => (h * e, d),
+            Target::KProj | Target::VProj => (k * e, d),
+            Target::OProj => (d, h * e),
+            Target::GateProj | Target::UpProj => (f, d),
+            Target::DownProj => (d, f),
+        }
+    }
+}
+
+/// Additive causal mask (T, T): 0 on and below the diagonal, -inf above.
+pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(data, (t, t), device)
+}

@@ -1,0 +1,431 @@
+//! Batched generation with a pre-allocated KV cache.
+//!
+//! Prompts are sorted by length and taken in groups; each group is prefilled once, left-padded
+//! to its longest prompt (an attention mask hides the padding), and its cache is then copied
+//! `n` times so that the `n` completions of a prompt share that one prefill. Every decode step
+//! runs the whole batch; a row that reaches a stop token, a stop string or `max_tokens` is done,
+//! and finished rows are dropped from the batch (cache included) once they are half of it.
+//!
+//! Positions: all rows of a group share positions 0..len, padding included. Rotary embeddings
+//! depend only on the distance between a query and a key, so a left-padded row attends exactly
+//! as it would alone.
+//!
+//! Randomness: each completion has its own stream, seeded from (seed, prompt index, sample
+//! index), so a completion does not depend on the batch it ran in.
+//!
+//! Shapes: B rows in flight, P prompts in a group, L longest prompt, S keys so far, V vocab.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::adapter::Adapter;
+use crate::model::{KvCache, Model, Pass};
+
+/// Sampling settings, named as in transformers' `generate` / vLLM's `SamplingParams`.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// Completions per prompt.
+    pub n: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    pub max_tokens: usize,
+    /// Strings that end a completion (not included in its text).
+    pub stop: Vec<String>,
+    /// Extra token ids that end a completion, besides the model's end-of-turn tokens.
+    pub stop_token_ids: Vec<u32>,
+    pub seed: u64,
+    /// Most rows decoded at once (memory bound: the KV cache grows with it).
+    pub batch_size: usize,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        SampleOptions {
+            n: 1,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_tokens: 256,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            seed: 0,
+            batch_size: 64,
+        }
+    }
+}
+
+impl SampleOptions {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.n >= 1, "n must be >= 1 (got {})", self.n);
+        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "temperature must be >= 0 (got {})", self.temperature);
+        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1] (got {})", self.top_p);
+        anyhow::ensure!(self.max_tokens >= 1, "max_tokens must be >= 1 (got {})", self.max_tokens);
+        anyhow::ensure!(self.batch_size >= 1, "batch_size must be >= 1 (got {})", self.batch_size);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+}
+
+/// Throughput of one `sample` call.
+#[derive(Debug, Clone, Default)]
+pub struct SampleStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// Generates `opts.n` completions for each prompt (token ids). Returns them per prompt, in order.
+pub fn sample(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    opts: &SampleOptions,
+) -> anyhow::Result<(Vec<Vec<Completion>>, SampleStats)> {
+    opts.validate()?;
+    for (i, p) in prompts.iter().enumerate() {
+        anyhow::ensure!(!p.is_empty(), "prompt {} is empty", i + 1);
+        let max = model.config().max_position_embeddings;
+        anyhow::ensure!(
+            p.len() + opts.max_tokens <= max,
+            "prompt {} has {} tokens; with max_tokens {} that exceeds the model's {max} positions",
+            i + 1,
+            p.len(),
+            opts.max_tokens
+        );
+    }
+    let mut stop_ids = model.tokenizer.stop_ids.clone();
+    stop_ids.extend(&opts.stop_token_ids);
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let per_group = (opts.batch_size / opts.n).max(1);
+    let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
+    let mut stats = SampleStats::default();
+    for group in order.chunks(per_group) {
+        let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
+        let out = sample_group(model, adapter, &group_prompts, group, opts, &stop_ids, &mut stats)?;
+        for (k, &i) in group.iter().enumerate() {
+            results[i] = out[k].clone();
+        }
+    }
+    Ok((results, stats))
+}
+
+/// One row of the batch in flight.
+struct Row {
+    prompt: usize, // index within the group
+    tokens: Vec<u32>,
+    rng: ChaCha8Rng,
+    done: Option<FinishReason>,
+    text_len_checked: usize,
+}
+
+fn sample_group(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    prompts: &[&[u32]],
+    prompt_ids: &[usize],
+    opts: &SampleOptions,
+    stop_ids: &[u32],
+    stats: &mut SampleStats,
+) -> anyhow::Result<Vec<Vec<Completion>>> {
+    let dec = &model.decoder;
+    let device = dec.device.clone();
+    let p = prompts.len();
+    let l = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|x| l - x.len()).collect();
+
+    // Prefill: (P, L) left-padded ids -> logits of the last position (P, V).
+    let t0 = Instant::now();
+    let mut ids = Vec::with_capacity(p * l);
+    for (x, &pad) in prompts.iter().zip(&pads) {
+        ids.extend(std::iter::repeat_n(0u32, pad));
+        ids.extend_from_slice(x);
+    }
+    let ids = Tensor::from_vec(ids, (p, l), &device)?;
+    let mask = prefill_mask(&pads, l, &device)?;
+    let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
+    let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
+    let logits = dec.logits(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
+    stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
+    stats.prefill_seconds += t0.elapsed().as_secs_f64();
+
+    // n rows per prompt, each with its own random stream.
+    let t1 = Instant::now();
+    let mut rows: Vec<Row> = Vec::with_capacity(p * opts.n);
+    for (k, &pid) in prompt_ids.iter().enumerate() {
+        for j in 0..opts.n {
+            let seed = opts.seed ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(j as u64);
+            rows.push(Row { prompt: k, tokens: Vec::new(), rng, done: None, text_len_checked: 0 });
+        }
+    }
+    let expand: Vec<u32> = rows.iter().map(|r| r.prompt as u32).collect();
+    cache.select_rows(&Tensor::new(expand.as_slice(), &device)?)?;
+    let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), &device)?, 0)?;
+    // rows still in the batch, as indices into `rows`, in batch order
+    let mut live: Vec<usize> = (0..rows.len()).collect();
+    let mut row_pads: Vec<usize> = rows.iter().map(|r| pads[r.prompt]).collect();
+    let mut next = choose_tokens(&first_logits, &mut rows, &live, opts)?;
+    let mut pos = l;
+    loop {
+        for (slot, &r) in live.iter().enumerate() {
+            let row = &mut rows[r];
+            if row.done.is_some() {
+                continue;
+            }
+            let tok = next[slot];
+            if stop_ids.contains(&tok) {
+                row.done = Some(FinishReason::Stop);
+                continue;
+            }
+            row.tokens.push(tok);
+            stats.generated_tokens += 1;
+            if !opts.stop.is_empty() && hits_stop_string(model, row, &opts.stop)? {
+                row.done = Some(FinishReason::Stop);
+            } else if row.tokens.len() >= opts.max_tokens {
+                row.done = Some(FinishReason::Length);
+            }
+        }
+        let finished = live.iter().filter(|&&r| rows[r].done.is_some()).count();
+        if finished == live.len() {
+            break;
+        }
+        // Drop finished rows once they are half the batch: the copy of the cache costs less
+        // than decoding them further.
+        if finished * 2 >= live.len() {
+            let keep: Vec<u32> = (0..live.len()).filter(|&s| rows[live[s]].done.is_none()).map(|s| s as u32).collect();
+            cache.select_rows(&Tensor::new(keep.as_slice(), &device)?)?;
+            live = keep.iter().map(|&s| live[s as usize]).collect();
+            row_pads = keep.iter().map(|&s| row_pads[s as usize]).collect();
+            next = keep.iter().map(|&s| next[s as usize]).collect();
+        }
+        // Decode: (B, 1) ids at position `pos` -> logits (B, V).
+        let b = live.len();
+        let ids = Tensor::from_vec(next.clone(), (b, 1), &device)?;
+        let mask = decode_mask(&row_pads, pos + 1, &device)?;
+        let hidden = dec.forward_hidden(&ids, pos, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
+        let logits = dec.logits(&hidden)?.squeeze(1)?;
+        pos += 1;
+        next = choose_tokens(&logits, &mut rows, &live, opts)?;
+    }
+    stats.decode_seconds += t1.elapsed().as_secs_f64();
+
+    let mut out: Vec<Vec<Completion>> = vec![Vec::new(); p];
+    for row in rows {
+        let mut text = model.tokenizer.decode(&row.tokens, true)?;
+        if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        out[row.prompt].push(Completion { text, token_ids: row.tokens, finish_reason: row.done.unwrap_or(FinishReason::Length) });
+    }
+    Ok(out)
+}
+
+/// Checks the tail of a row's text for a stop string (only the part not checked before).
+fn hits_stop_string(model: &Model, row: &mut Row, stop: &[String]) -> anyhow::Result<bool> {
+    let text = model.tokenizer.decode(&row.tokens, true)?;
+    let longest = stop.iter().map(|s| s.len()).max().unwrap_or(0);
+    let from = row.text_len_checked.saturating_sub(longest);
+    let from = (0..=from).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let hit = stop.iter().any(|s| text[from..].contains(s.as_str()));
+    row.text_len_checked = text.len();
+    Ok(hit)
+}
+
+/// Picks the next token of every live row from its logits (B, V).
+fn choose_tokens(logits: &Tensor, rows: &mut [Row], live: &[usize], opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+    let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    // Each row's stream is independent, so rows are sampled in parallel.
+    let mut picked: Vec<(usize, &mut Row)> = Vec::with_capacity(live.len());
+    let mut by_index: Vec<Option<&mut Row>> = rows.iter_mut().map(Some).collect();
+    for (slot, &r) in live.iter().enumerate() {
+        picked.push((slot, by_index[r].take().expect("a row is live once")));
+    }
+    let toks: Vec<u32> = picked
+        .into_par_iter()
+        .map(|(slot, row)| {
+            if row.done.is_some() {
+                return 0;
+            }
+            sample_one(&logits[slot], &mut row.rng, opts)
+        })
+        .collect();
+    Ok(toks)
+}
+
+/// Draws one token id from logits: greedy at temperature 0, else softmax(logits / T) cut to
+/// top-k and the top-p nucleus, by inverse-CDF sampling with one uniform draw.
+pub fn sample_one(logits: &[f32], rng: &mut ChaCha8Rng, opts: &SampleOptions) -> u32 {
+    if opts.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let u: f64 = rng.gen();
+    let inv_t = 1.0 / opts.temperature;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if opts.top_k == 0 && opts.top_p >= 1.0 {
+        // Full distribution: no sort needed.
+        let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) * inv_t).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut target = u * total;
+        for (i, w) in weights.iter().enumerate() {
+            target -= w;
+            if target < 0.0 {
+                return i as u32;
+            }
+        }
+        return argmax(logits);
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if opts.top_k > 0 {
+        idx.truncate(opts.top_k);
+    }
+    let weights: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    // Nucleus: the smallest prefix whose mass reaches top_p (always at least one token).
+    let mut keep = weights.len();
+    if opts.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (k, w) in weights.iter().enumerate() {
+            acc += w / total;
+            if acc >= opts.top_p {
+                keep = k + 1;
+                break;
+            }
+        }
+    }
+    let kept: f64 = weights[..keep].iter().sum();
+    let mut target = u * kept;
+    for k in 0..keep {
+        target -= weights[k];
+        if target < 0.0 {
+            return idx[k];
+        }
+    }
+    idx[keep - 1]
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Additive prefill mask (P, 1, L, L): causal, with padded keys hidden. A padded query row
+/// may see itself so that its softmax stays finite (its output is never used).
+fn prefill_mask(pads: &[usize], l: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(pads.len() * l * l);
+    for &pad in pads {
+        for i in 0..l {
+            for j in 0..l {
+                let visible = j <= i && (j >= pad || j == i);
+                data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(data, (pads.len(), 1, l, l), device)
+}
+
+/// Additive decode mask (B, 1, 1, S): each row's padding hidden.
+fn decode_mask(pads: &[usize], s: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(pads.len() * s);
+    for &pad in pads {
+        data.extend((0..s).map(|j| if j >= pad { 0f32 } else { f32::NEG_INFINITY }));
+    }
+    Tensor::from_vec(data, (pads.len(), 1, 1, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(temperature: f64, top_p: f64, top_k: usize) -> SampleOptions {
+        SampleOptions { temperature, top_p, top_k, ..Default::default() }
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(sample_one(&[0.1, 3.0, 2.0], &mut rng, &opts(0.0, 1.0, 0)), 1);
+    }
+
+    #[test]
+    fn top_k_one_always_picks_the_best_token() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..100 {
+            assert_eq!(sample_one(&[0.0, 0.5, 0.4, 0.1], &mut rng, &opts(1.0, 1.0, 1)), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_softmax() {
+        // logits ln(1), ln(2), ln(7): probabilities 0.1, 0.2, 0.7
+        let logits = [0f32, 2f32.ln(), 7f32.ln()];
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut counts = [0usize; 3];
+        let n = 20_000;
+        for _ in 0..n {
+            counts[sample_one(&logits, &mut rng, &opts(1.0, 1.0, 0)) as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.1, 0.2, 0.7]) {
+            let f = *c as f64 / n as f64;
+            // 5 standard errors of a binomial proportion
+            assert!((f - p).abs() < 5.0 * (p * (1.0 - p) / n as f64).sqrt(), "{f} vs {p}");
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // probabilities 0.1, 0.2, 0.7: top_p 0.75 keeps {0.7, 0.2}, never token 0
+        let logits = [0f32, 2f32.ln(), 7f32.ln()];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..2000 {
+            assert_ne!(sample_one(&logits, &mut rng, &opts(1.0, 0.75, 0)), 0);
+        }
+    }
+
+    #[test]
+    fn padded_rows_never_see_their_padding() {
+        let m = prefill_mask(&[2], 4, &Device::Cpu).unwrap().reshape((4, 4)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[3][0], f32::NEG_INFINITY);
+        assert_eq!(m[3][2], 0.0);
+        assert_eq!(m[2][2], 0.0);
+        assert_eq!(m[0][0], 0.0, "a pad query sees itself");
+    }
+}
