@@ -32,6 +32,10 @@ static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 /// (capHeight 1493 / (ascender 1901 + descender 483)); used to centre text on what the eye sees.
 const CAP: f64 = 0.626;
 
+/// plotters' SVG backend writes `font-size = size / 1.24`, while ab_glyph draws DejaVu at an em
+/// of `size / 1.164` ((1901 + 483) / 2048); SVG text is enlarged by the ratio to match the PNG.
+const SVG_FONT_SCALE: f64 = 1.24 / 1.164;
+
 /// Supersampling factor for PNG output.
 const SUPERSAMPLE: u32 = 2;
 
@@ -51,7 +55,7 @@ const GAP: f64 = 12.0;
 const PAD: f64 = 26.0;
 const SPINE_W: f64 = 2.0;
 const GRID_W: f64 = 1.5;
-const ERRBAR_W: f64 = 2.5;
+const ERRBAR_W: f64 = 3.0;
 const CAP_HALF: f64 = 9.0;
 const FAINT_ALPHA: f64 = 0.4;
 /// Fraction of the data span added on each side when a range is not given (as matplotlib).
@@ -300,8 +304,8 @@ impl Series {
             color: None,
             marker: None,
             line: LineStyle::Solid,
-            line_width: 4.0,
-            marker_size: 10.0,
+            line_width: 4.5,
+            marker_size: 11.0,
             faint_x: Vec::new(),
             faint_y: Vec::new(),
         }
@@ -818,19 +822,18 @@ impl<DB: DrawingBackend> Canvas<'_, DB> {
         }
     }
 
+    /// The text style for reference size `size`, as this backend needs it.
     fn font(&self, size: f64, color: RGBAColor) -> TextStyle<'static> {
-        TextStyle {
-            font: FontDesc::new(FontFamily::Name(FONT_NAME), size * self.k, FontStyle::Normal),
-            color: color.to_backend_color(),
-            pos: Pos::new(HPos::Left, VPos::Top),
-        }
+        let backend_scale = if self.mode == TextMode::Svg { SVG_FONT_SCALE } else { 1.0 };
+        raster_font(size * self.k * backend_scale, color)
     }
 
     /// Width of `text` in pixels at reference size `size`.
     fn text_width(&self, text: &str, size: f64) -> f64 {
-        let style = self.font(size, INK.solid());
+        let style = raster_font(size * self.k, INK.solid());
         self.area.estimate_text_size(text, &style).map(|(w, _)| w as f64).unwrap_or(0.0)
     }
+
 
     /// Draws `text` with its visible box (cap height, no descenders) anchored at `at`:
     /// `h` picks left/centre/right, `v` top/centre/baseline. `upright = false` turns it to
@@ -906,6 +909,15 @@ impl Figure {
             drawn(root.present())?;
         }
         drawn(store::write_atomic(path, svg.as_bytes()))
+    }
+}
+
+/// The embedded font at `px` pixels (ab_glyph's scale), anchored top-left.
+fn raster_font(px: f64, color: RGBAColor) -> TextStyle<'static> {
+    TextStyle {
+        font: FontDesc::new(FontFamily::Name(FONT_NAME), px, FontStyle::Normal),
+        color: color.to_backend_color(),
+        pos: Pos::new(HPos::Left, VPos::Top),
     }
 }
 

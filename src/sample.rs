@@ -349,7 +349,7 @@ fn argmax(xs: &[f32]) -> u32 {
 
 /// Additive prefill mask (P, 1, L, L): causal, with padded keys hidden. A padded query row
 /// may see itself so that its softmax stays finite (its output is never used).
-fn prefill_mask(pads: &[usize], l: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn prefill_mask(pads: &[usize], l: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut data = Vec::with_capacity(pads.len() * l * l);
     for &pad in pads {
         for i in 0..l {
@@ -363,7 +363,7 @@ fn prefill_mask(pads: &[usize], l: usize, device: &Device) -> candle_core::Resul
 }
 
 /// Additive decode mask (B, 1, 1, S): each row's padding hidden.
-fn decode_mask(pads: &[usize], s: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn decode_mask(pads: &[usize], s: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mut data = Vec::with_capacity(pads.len() * s);
     for &pad in pads {
         data.extend((0..s).map(|j| if j >= pad { 0f32 } else { f32::NEG_INFINITY }));

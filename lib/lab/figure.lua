@@ -120,7 +120,7 @@ function M.summarize(conditions, opts)
     names[cond.name] = true
     out[#out + 1] = cond
   end
-  return { conditions = out, interval = method, confidence = confidence }
+  return { conditions = out, interval = method, interval_name = INTERVAL_NAMES[method], confidence = confidence }
 end
 
 --- Every dose that is drawn, sorted, once.
@@ -154,7 +154,7 @@ end
 local function default_caption(summary)
   local parts = {
     n_text(summary.conditions),
-    string.format("error bars: %g %% %s intervals", summary.confidence * 100, INTERVAL_NAMES[summary.interval]),
+    string.format("error bars: %g%% %s intervals", summary.confidence * 100, summary.interval_name),
   }
   for _, c in ipairs(summary.conditions) do
     if #c.seeds > 0 then

@@ -193,7 +193,7 @@ local function headline_section(summary, a, b, comparisons)
   local test_name = comparisons[1] and comparisons[1].test
   if a and test_name then
     header[#header + 1] = string.format("Gap (pp, %s - %s)", a.name, b.name)
-    header[#header + 1] = string.format("p (%s)", test_name)
+    header[#header + 1] = "p, " .. test_name
   end
   local by_dose = {}
   for _, cmp in ipairs(comparisons) do by_dose[cmp.dose] = cmp end
@@ -323,10 +323,10 @@ local function method_note(summary, comparisons)
   end
   local n = n_lo == n_hi and tostring(n_lo) or string.format("%d-%d", n_lo, n_hi)
   local parts = {
-    string.format("N = %s completions per cell; intervals are %g %% %s intervals", n,
-      summary.confidence * 100, summary.interval),
+    string.format("N = %s completions per cell; intervals are %g%% %s intervals", n,
+      summary.confidence * 100, summary.interval_name),
   }
-  if comparisons[1] then parts[#parts + 1] = string.format("p-values from the %s (two-sided)", comparisons[1].test) end
+  if comparisons[1] then parts[#parts + 1] = string.format("p-values: %s, two-sided", comparisons[1].test) end
   return table.concat(parts, "; ") .. "."
 end
 

@@ -63,7 +63,8 @@ lab.figure = {}
 
 ---@class DoseSummary
 ---@field conditions DoseSummaryCondition[]
----@field interval string
+---@field interval string        "wald", "wilson" or "clopper_pearson".
+---@field interval_name string   "Wald", "Wilson" or "Clopper-Pearson", for captions.
 ---@field confidence number
 
 --- Draws marker rate (%) against steps on a symmetric-log axis with a tick at every dose, one line

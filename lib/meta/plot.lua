@@ -14,8 +14,8 @@ lab.plot = {}
 ---@field color? string         "#rrggbb", "#rgb", a tab10 name ("tab:blue", "orange"), "black" or "white". Default: the next tab10 colour.
 ---@field marker? "circle"|"square"|"triangle"|"diamond"|"none"  Default: circle, square, triangle, diamond in turn.
 ---@field line? "solid"|"dashed"|"dotted"|"none"  Default "solid".
----@field line_width? number    In pixels of a 1600x1000 figure. Default 4.
----@field marker_size? number   Marker radius in pixels of a 1600x1000 figure. Default 10.
+---@field line_width? number    In pixels of a 1600x1000 figure. Default 4.5.
+---@field marker_size? number   Marker radius in pixels of a 1600x1000 figure. Default 11.
 ---@field faint_x? number[]     Extra points drawn faintly in the series' colour and marker (e.g. seeds). Default {}.
 ---@field faint_y? number[]     Their y values, as many as faint_x. Default {}.
 

@@ -25,7 +25,7 @@ const MAX_DEPTH: usize = 100;
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table()?;
     m.set("null", lua.null())?;
-    m.set("write_text", lua.create_function(|_, (path, text): (String, mlua::String)| {
+    m.set("write_text", lua.create_function(|_, (path, text): (String, mlua::LuaString)| {
         write(&path, "write_text", &text.as_bytes())
     })?)?;
     m.set("read_text", lua.create_function(|lua, path: String| {
@@ -205,7 +205,8 @@ fn csv_cell(lua: &Lua, v: &Value, row: usize, column: &str) -> Result<String, St
         Value::LightUserData(_) if *v == lua.null() => String::new(),
         Value::Boolean(b) => b.to_string(),
         Value::Integer(i) => i.to_string(),
-        Value::Number(f) => f.to_string(),
+        // Debug, not Display: 3.3e-19 rather than nineteen zeros, and still exact.
+        Value::Number(f) => format!("{f:?}"),
         Value::String(s) => csv_field(&s.to_str().map_err(|_| format!("row {row}, column {column}: not UTF-8"))?),
         other => return Err(format!("row {row}, column {column} is a {}; cells are numbers, strings or booleans", other.type_name())),
     })

@@ -45,8 +45,10 @@ pub struct Config {
     pub head_dim: Option<usize>,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// transformers < 5 writes `rope_theta`; transformers 5 nests it in `rope_parameters`.
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -61,9 +63,6 @@ pub struct Config {
 fn default_rms_eps() -> f64 {
     1e-6
 }
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
 fn default_max_pos() -> usize {
     4096
 }
@@ -74,6 +73,13 @@ impl Config {
             Some(name) => Architecture::from_hf_name(name),
             None => anyhow::bail!("config.json has no 'architectures' entry; cannot tell the model family"),
         }
+    }
+
+    /// The rotary base frequency, wherever the config keeps it (10000 if nowhere).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+            .unwrap_or(10_000.0)
     }
 
     pub fn num_kv_heads(&self) -> usize {

@@ -263,7 +263,7 @@ impl Rope {
         let e = cfg.head_dim();
         let max = cfg.max_position_embeddings.max(1);
         let inv_freq: Vec<f32> =
-            (0..e / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / e as f32)).collect();
+            (0..e / 2).map(|i| (1.0 / cfg.rope_theta().powf(2.0 * i as f64 / e as f64)) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, e / 2), device)?;
         let positions = Tensor::arange(0u32, max as u32, device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
         let freqs = positions.matmul(&inv_freq)?; // (max_pos, E/2)

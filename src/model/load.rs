@@ -88,6 +88,13 @@ fn load_gguf(path: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model>
 /// Loads a transformers folder: config.json, *.safetensors (single or sharded),
 /// tokenizer.json, tokenizer_config.json, generation_config.json.
 pub fn load_folder(dir: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let decoder = read_decoder(dir, opts)?;
+    let tokenizer = read_tokenizer(dir, &decoder.config)?;
+    Ok(Model::new(id.to_string(), decoder, tokenizer))
+}
+
+/// The decoder of a transformers folder (config.json and *.safetensors), without tokenizer.
+pub fn read_decoder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Decoder> {
     let shown = dir.display();
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
@@ -96,9 +103,7 @@ pub fn load_folder(dir: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<M
         serde_json::from_str(&text).with_context(|| format!("{}: not a valid model config", config_path.display()))?;
     config.validate().with_context(|| format!("{}", config_path.display()))?;
     let weights = read_safetensors(dir)?;
-    let tokenizer = read_tokenizer(dir, &config)?;
-    let decoder = Decoder::new(config, weights, opts.dtype, &opts.device)?;
-    Ok(Model::new(id.to_string(), decoder, tokenizer))
+    Decoder::new(config, weights, opts.dtype, &opts.device)
 }
 
 fn read_safetensors(dir: &Path) -> anyhow::Result<Weights> {
