@@ -14,3 +14,5 @@ pub mod eval;
 pub mod stats;
 pub mod sample;
 pub mod store;
+pub mod data;
+pub mod train;

@@ -879,9 +879,15 @@ impl Figure {
         }
     }
 
-    /// Pixels per reference pixel at scale 1.
+    /// Pixels per reference pixel at scale 1. Below the reference size text and lines shrink
+    /// only with the square root of the figure, so a small figure stays readable.
     fn unit(&self) -> f64 {
-        (self.width as f64 / REF_W).min(self.height as f64 / REF_H)
+        let ratio = (self.width as f64 / REF_W).min(self.height as f64 / REF_H);
+        if ratio < 1.0 {
+            ratio.sqrt()
+        } else {
+            ratio
+        }
     }
 
     fn save_png(&self, path: &Path) -> Result<(), String> {

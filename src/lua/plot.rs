@@ -108,7 +108,8 @@ fn read_axis(lua: &Lua, o: &mut Opts, keys: &AxisKeys) -> mlua::Result<Axis> {
     let label = o.get_or(lua, keys.label, String::new())?;
     let scale_name: String = o.get_or(lua, keys.scale, "linear".to_string())?;
     let linthresh: f64 = o.get_or(lua, keys.linthresh, 1.0)?;
-    let scale = Scale::parse(&scale_name, linthresh).map_err(|e| o.bad_value(keys.scale, e))?;
+    let scale = Scale::parse(&scale_name, linthresh)
+        .map_err(|e| mlua::Error::runtime(format!("{}: option '{}': {e}", o.context(), keys.scale)))?;
     let range = match o.get::<Vec<f64>>(lua, keys.range)? {
         None => None,
         Some(r) if r.len() == 2 => Some((r[0], r[1])),
@@ -123,7 +124,7 @@ fn read_axis(lua: &Lua, o: &mut Opts, keys: &AxisKeys) -> mlua::Result<Axis> {
 fn parse_opt<T: std::str::FromStr<Err = String>>(o: &mut Opts, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
     match o.get::<String>(lua, key)? {
         None => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(|e| o.bad_value(key, e)),
+        Some(s) => s.parse().map(Some).map_err(|e| mlua::Error::runtime(format!("{}: option '{key}': {e}", o.context()))),
     }
 }
 

@@ -21,12 +21,9 @@ use crate::stats::{self, Alternative, Interval, IntervalMethod, StatsError};
 /// Builds the `lab.stats` table.
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table()?;
-    m.set("wald", lua.create_function(|lua, args| one_proportion(lua, "wald", args, stats::wald_interval))?)?;
-    m.set("wilson", lua.create_function(|lua, args| one_proportion(lua, "wilson", args, stats::wilson_interval))?)?;
-    m.set(
-        "clopper_pearson",
-        lua.create_function(|lua, args| one_proportion(lua, "clopper_pearson", args, stats::clopper_pearson_interval))?,
-    )?;
+    m.set("wald", lua.create_function(wald)?)?;
+    m.set("wilson", lua.create_function(wilson)?)?;
+    m.set("clopper_pearson", lua.create_function(clopper_pearson)?)?;
     m.set("proportion_ci", lua.create_function(proportion_ci)?)?;
     m.set("two_proportion_z", lua.create_function(two_proportion_z)?)?;
     m.set("fisher_exact", lua.create_function(fisher_exact)?)?;
@@ -49,13 +46,30 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
 // The functions
 // ------------------------------------------------------------------------------------------------
 
-type Counts2 = (Value, Value, Value, Value, Value);
+/// `(k1, n1, k2, n2, opts)` and `(k, n, opts)` as they arrive from Lua.
+type TwoProportionArgs = (Value, Value, Value, Value, Value);
+type OneProportionArgs = (Value, Value, Value);
 
-/// `wald|wilson|clopper_pearson(k, n, {confidence})`.
+/// `wald(k, n, {confidence})`.
+fn wald(lua: &Lua, args: OneProportionArgs) -> mlua::Result<Value> {
+    one_proportion(lua, "wald", args, stats::wald_interval)
+}
+
+/// `wilson(k, n, {confidence})`.
+fn wilson(lua: &Lua, args: OneProportionArgs) -> mlua::Result<Value> {
+    one_proportion(lua, "wilson", args, stats::wilson_interval)
+}
+
+/// `clopper_pearson(k, n, {confidence})`.
+fn clopper_pearson(lua: &Lua, args: OneProportionArgs) -> mlua::Result<Value> {
+    one_proportion(lua, "clopper_pearson", args, stats::clopper_pearson_interval)
+}
+
+/// One interval of k out of n, by `interval`.
 fn one_proportion(
     lua: &Lua,
     name: &str,
-    (k, n, options): (Value, Value, Value),
+    (k, n, options): OneProportionArgs,
     interval: fn(i64, i64, f64) -> stats::Result<Interval>,
 ) -> mlua::Result<Value> {
     let (k, n) = (count(name, "k", k)?, count(name, "n", n)?);
@@ -66,7 +80,7 @@ fn one_proportion(
 }
 
 /// `proportion_ci(k, n, {method = "wilson", confidence = 0.95})`.
-fn proportion_ci(lua: &Lua, (k, n, options): (Value, Value, Value)) -> mlua::Result<Value> {
+fn proportion_ci(lua: &Lua, (k, n, options): OneProportionArgs) -> mlua::Result<Value> {
     const NAME: &str = "proportion_ci";
     let (k, n) = (count(NAME, "k", k)?, count(NAME, "n", n)?);
     let mut o = Opts::new(&context(NAME), options)?;
@@ -78,7 +92,7 @@ fn proportion_ci(lua: &Lua, (k, n, options): (Value, Value, Value)) -> mlua::Res
 }
 
 /// `two_proportion_z(k1, n1, k2, n2, {alternative})`.
-fn two_proportion_z(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<Value> {
+fn two_proportion_z(lua: &Lua, (k1, n1, k2, n2, options): TwoProportionArgs) -> mlua::Result<Value> {
     const NAME: &str = "two_proportion_z";
     let [k1, n1, k2, n2] = counts(NAME, [k1, n1, k2, n2])?;
     let mut o = Opts::new(&context(NAME), options)?;
@@ -88,7 +102,7 @@ fn two_proportion_z(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Resu
 }
 
 /// `fisher_exact(k1, n1, k2, n2, {alternative})`.
-fn fisher_exact(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<Value> {
+fn fisher_exact(lua: &Lua, (k1, n1, k2, n2, options): TwoProportionArgs) -> mlua::Result<Value> {
     const NAME: &str = "fisher_exact";
     let [k1, n1, k2, n2] = counts(NAME, [k1, n1, k2, n2])?;
     let mut o = Opts::new(&context(NAME), options)?;
@@ -98,7 +112,7 @@ fn fisher_exact(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<V
 }
 
 /// `chi2_2x2(k1, n1, k2, n2, {correction = true})`.
-fn chi2_2x2(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<Value> {
+fn chi2_2x2(lua: &Lua, (k1, n1, k2, n2, options): TwoProportionArgs) -> mlua::Result<Value> {
     const NAME: &str = "chi2_2x2";
     let [k1, n1, k2, n2] = counts(NAME, [k1, n1, k2, n2])?;
     let mut o = Opts::new(&context(NAME), options)?;
@@ -108,7 +122,7 @@ fn chi2_2x2(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<Value
 }
 
 /// `newcombe(k1, n1, k2, n2, {confidence})`.
-fn newcombe(lua: &Lua, (k1, n1, k2, n2, options): Counts2) -> mlua::Result<Value> {
+fn newcombe(lua: &Lua, (k1, n1, k2, n2, options): TwoProportionArgs) -> mlua::Result<Value> {
     const NAME: &str = "newcombe";
     let [k1, n1, k2, n2] = counts(NAME, [k1, n1, k2, n2])?;
     let mut o = Opts::new(&context(NAME), options)?;

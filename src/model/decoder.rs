@@ -109,7 +109,7 @@ impl RmsNorm {
         if train {
             // Computed in f32 as transformers does, then cast back.
             let dtype = x.dtype();
-            let xf = x.to_dtype(DType::F32)?;
+            let xf = at_least_f32(x)?;
             let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
             let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
             normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
@@ -232,7 +232,7 @@ impl Attention {
         };
         let probs = if pass.train {
             // Softmax in f32 for stability, as transformers' eager attention does.
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype())?
+            candle_nn::ops::softmax(&at_least_f32(&scores)?, D::Minus1)?.to_dtype(scores.dtype())?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -463,6 +463,14 @@ impl Decoder {
             Target::GateProj | Target::UpProj => (f, d),
             Target::DownProj => (d, f),
         }
+    }
+}
+
+/// bf16/f16 values in f32 for reductions; f32 and f64 as they are.
+fn at_least_f32(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
     }
 }
 

@@ -1,0 +1,410 @@
+//! Supervised fine-tuning of a LoRA adapter, with the semantics of transformers' `Trainer`.
+//!
+//! One optimizer step:
+//! 1. take `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` rows
+//!    (a seeded permutation of the data per epoch), each right-padded to its longest row;
+//! 2. count the target tokens of the whole step, N; each micro-batch's loss is its summed
+//!    cross-entropy divided by N, so the accumulated gradient is the token mean over the step
+//!    (transformers >= 4.46 `num_items_in_batch`); the logged loss is that mean;
+//! 3. global L2 norm of the gradients (logged, before clipping), clip to `max_grad_norm`;
+//! 4. AdamW (PyTorch's decoupled weight decay) at the scheduled learning rate.
+//! The schedule is `lr_at(step)`: linear / cosine / constant after `warmup_steps` (or
+//! `ceil(warmup_ratio * total)`) of linear warmup from 0, so a warmed-up schedule's first
+//! update has lr 0.
+//!
+//! Memory: the base weights are frozen through [`crate::model::ops::frozen_linear`] (no
+//! weight-sized gradients), and logits are computed only at target positions.
+//!
+//! Shapes: B rows, T longest row, D hidden, N target tokens, V vocab.
+
+use std::cell::RefCell;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::adapter::Adapter;
+use crate::data::Example;
+use crate::model::ops::frozen_linear;
+use crate::model::{Decoder, Pass};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+impl Schedule {
+    pub fn from_name(s: &str) -> Option<Schedule> {
+        match s {
+            "linear" => Some(Schedule::Linear),
+            "cosine" => Some(Schedule::Cosine),
+            "constant" | "constant_with_warmup" => Some(Schedule::Constant),
+            _ => None,
+        }
+    }
+}
+
+/// Training settings, named as in `transformers.TrainingArguments`.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub max_steps: Option<usize>,
+    pub num_train_epochs: f64,
+    pub learning_rate: f64,
+    pub lr_scheduler_type: Schedule,
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Seed of LoRA dropout.
+    pub seed: u64,
+    /// Seed of the data order.
+    pub data_seed: u64,
+    /// false: rows in file order (for comparisons with a sequential sampler).
+    pub shuffle: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: None,
+            num_train_epochs: 1.0,
+            learning_rate: 5e-5,
+            lr_scheduler_type: Schedule::Linear,
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            seed: 42,
+            data_seed: 42,
+            shuffle: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Total optimizer steps for `rows` examples: `max_steps`, else epochs x steps per epoch
+    /// (`ceil(ceil(rows / batch) / accumulation)`, as Trainer counts them).
+    pub fn total_steps(&self, rows: usize) -> usize {
+        if let Some(s) = self.max_steps {
+            return s;
+        }
+        let batches = rows.div_ceil(self.per_device_train_batch_size);
+        let per_epoch = batches.div_ceil(self.gradient_accumulation_steps).max(1);
+        (self.num_train_epochs * per_epoch as f64).ceil() as usize
+    }
+
+    pub fn warmup(&self, total: usize) -> usize {
+        self.warmup_steps.unwrap_or_else(|| (self.warmup_ratio * total as f64).ceil() as usize)
+    }
+
+    /// Learning rate used by optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = self.warmup(total);
+        if step < warmup {
+            return self.learning_rate * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        let factor = match self.lr_scheduler_type {
+            Schedule::Linear => ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            Schedule::Constant => 1.0,
+        };
+        self.learning_rate * factor
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.learning_rate >= 0.0, "learning_rate must be >= 0 (got {})", self.learning_rate);
+        anyhow::ensure!(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1");
+        anyhow::ensure!(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1");
+        anyhow::ensure!((0.0..1.0).contains(&self.warmup_ratio), "warmup_ratio must be in [0, 1) (got {})", self.warmup_ratio);
+        anyhow::ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
+        anyhow::ensure!(self.num_train_epochs > 0.0, "num_train_epochs must be > 0");
+        anyhow::ensure!(self.max_grad_norm >= 0.0, "max_grad_norm must be >= 0 (0 disables clipping)");
+        Ok(())
+    }
+}
+
+/// One line of the training log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    /// Target tokens in the step.
+    pub tokens: usize,
+    /// All tokens (padding excluded) in the step.
+    pub seen_tokens: usize,
+    pub seconds: f64,
+}
+
+/// AdamW moments of one variable.
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+}
+
+/// PyTorch's AdamW (`torch.optim.AdamW`, non-fused maths).
+struct AdamW {
+    vars: Vec<Var>,
+    moments: Vec<Moments>,
+    step: i32,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    fn new(vars: Vec<Var>, cfg: &TrainConfig) -> candle_core::Result<Self> {
+        let moments = vars
+            .iter()
+            .map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? }))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(AdamW {
+            vars,
+            moments,
+            step: 0,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        })
+    }
+
+    /// p <- p (1 - lr wd); m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+    /// p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    fn update(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+        self.step += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.step);
+        let bc2 = 1.0 - self.beta2.powi(self.step);
+        for ((var, mom), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
+            mom.m = ((&mom.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            mom.v = ((&mom.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            let denom = ((mom.v.sqrt()? / bc2.sqrt())? + self.eps)?;
+            let update = ((&mom.m / denom)? * (lr / bc1))?;
+            var.set(&(decayed - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains `adapter` on `examples`; calls `on_step` after every optimizer step (an error from
+/// it stops training). Returns the log.
+pub fn train(
+    decoder: &Decoder,
+    adapter: &Adapter,
+    examples: &[Example],
+    cfg: &TrainConfig,
+    mut on_step: impl FnMut(&StepLog) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<StepLog>> {
+    cfg.validate()?;
+    anyhow::ensure!(!examples.is_empty(), "no training examples");
+    let trainable: Vec<&Example> = examples.iter().filter(|e| e.num_targets() > 0).collect();
+    anyhow::ensure!(
+        !trainable.is_empty(),
+        "none of the {} examples has a trained token (check the loss mask and max_length)",
+        examples.len()
+    );
+    let total = cfg.total_steps(examples.len());
+    let vars = adapter.vars();
+    let mut opt = AdamW::new(vars.clone(), cfg)?;
+    let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(cfg.seed));
+    let mut order = Order::new(examples.len(), cfg);
+    let mut log = Vec::with_capacity(total);
+    let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    for step in 0..total {
+        let t0 = Instant::now();
+        let micro: Vec<Vec<usize>> = (0..cfg.gradient_accumulation_steps)
+            .map(|_| order.take(cfg.per_device_train_batch_size))
+            .collect();
+        let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
+        let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0.0;
+        if n_targets > 0 {
+            for batch in &micro {
+                let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
+                let loss = batch_loss(decoder, adapter, &rows, n_targets, &dropout_rng)?;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let store = loss.backward()?;
+                for (acc, var) in grads.iter_mut().zip(&vars) {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        *acc = Some(match acc.take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        let clip = if cfg.max_grad_norm > 0.0 { (cfg.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        let grads: Vec<Tensor> = if clip < 1.0 {
+            grads.iter().map(|g| g * clip).collect::<candle_core::Result<_>>()?
+        } else {
+            grads
+        };
+        let lr = cfg.lr_at(step, total);
+        opt.update(&grads, lr)?;
+        let record = StepLog {
+            step: step + 1,
+            epoch: ((step + 1) * rows_per_step) as f64 / examples.len() as f64,
+            loss: loss_sum,
+            learning_rate: lr,
+            grad_norm: norm,
+            tokens: n_targets,
+            seen_tokens: seen,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        on_step(&record)?;
+        log.push(record);
+    }
+    Ok(log)
+}
+
+/// The data order: a fresh seeded permutation per epoch (or file order), consumed in slices.
+struct Order {
+    n: usize,
+    rng: ChaCha8Rng,
+    shuffle: bool,
+    queue: Vec<usize>,
+}
+
+impl Order {
+    fn new(n: usize, cfg: &TrainConfig) -> Self {
+        Order { n, rng: ChaCha8Rng::seed_from_u64(cfg.data_seed), shuffle: cfg.shuffle, queue: Vec::new() }
+    }
+
+    /// The next `k` rows; an epoch's last batch may be short, as with `drop_last = False`.
+    fn take(&mut self, k: usize) -> Vec<usize> {
+        if self.queue.is_empty() {
+            let mut epoch: Vec<usize> = (0..self.n).collect();
+            if self.shuffle {
+                epoch.shuffle(&mut self.rng);
+            }
+            epoch.reverse(); // popped from the back
+            self.queue = epoch;
+        }
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            match self.queue.pop() {
+                Some(i) => out.push(i),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// Sum of the cross-entropy of a micro-batch's target tokens, divided by `denominator`.
+pub fn batch_loss(
+    decoder: &Decoder,
+    adapter: &Adapter,
+    rows: &[&Example],
+    denominator: usize,
+    dropout_rng: &RefCell<ChaCha8Rng>,
+) -> anyhow::Result<Tensor> {
+    let device = &decoder.device;
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let b = rows.len();
+    // Right padding: real tokens never attend to it under the causal mask.
+    let mut ids = Vec::with_capacity(b * t);
+    let mut positions = Vec::new(); // flat (row * T + t - 1) of each prediction
+    let mut targets = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        ids.extend_from_slice(&row.ids);
+        ids.extend(std::iter::repeat_n(0u32, t - row.ids.len()));
+        for pos in 1..row.ids.len() {
+            if row.target[pos] {
+                positions.push((r * t + pos - 1) as u32);
+                targets.push(row.ids[pos]);
+            }
+        }
+    }
+    if positions.is_empty() {
+        return Ok(Tensor::zeros((), DType::F32, device)?); // nothing to learn from these rows
+    }
+    let ids = Tensor::from_vec(ids, (b, t), device)?;
+    let mask = crate::model::decoder::causal_mask(t, device)?;
+    let hidden = decoder.forward_hidden(&ids, 0, Some(&mask), None, Pass::train(adapter, Some(dropout_rng)))?;
+    // Logits only where a target is predicted: (B*T, D) -> (N, D) -> (N, V)
+    let d = hidden.dim(2)?;
+    let n = positions.len();
+    let picked = hidden.reshape((b * t, d))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
+    let logits = frozen_linear(&picked, &decoder.lm_head)?;
+    // The softmax runs in f32 at least (bf16 logits lose the loss's precision).
+    let logits = if logits.dtype() == DType::F64 { logits } else { logits.to_dtype(DType::F32)? };
+    let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let nll = logp.gather(&targets, 1)?.neg()?.sum_all()?;
+    Ok((nll / denominator as f64)?)
+}
+
+fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
+    let mut sq = 0.0;
+    for g in grads {
+        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(sq.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warmed_up_linear_schedule_starts_at_zero_and_decays_to_zero() {
+        let cfg = TrainConfig { learning_rate: 1e-2, warmup_steps: Some(1), ..Default::default() };
+        let lrs: Vec<f64> = (0..4).map(|s| cfg.lr_at(s, 4)).collect();
+        assert_eq!(lrs[0], 0.0);
+        assert!((lrs[1] - 1e-2).abs() < 1e-15);
+        assert!((lrs[2] - 1e-2 * 2.0 / 3.0).abs() < 1e-15);
+        assert!((lrs[3] - 1e-2 / 3.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn warmup_ratio_rounds_up_as_transformers_does() {
+        let cfg = TrainConfig { warmup_ratio: 0.03, ..Default::default() };
+        assert_eq!(cfg.warmup(5), 1);
+        assert_eq!(cfg.warmup(10), 1);
+        assert_eq!(cfg.warmup(375), 12);
+    }
+
+    #[test]
+    fn steps_per_epoch_count_partial_batches() {
+        let cfg = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 4, num_train_epochs: 20.0, ..Default::default() };
+        // 600 rows: 150 micro-batches, 38 steps per epoch
+        assert_eq!(cfg.total_steps(600), 760);
+    }
+
+    #[test]
+    fn each_epoch_visits_every_row_once() {
+        let cfg = TrainConfig::default();
+        let mut o = Order::new(10, &cfg);
+        let mut seen: Vec<usize> = (0..5).flat_map(|_| o.take(2)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+}

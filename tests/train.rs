@@ -1,0 +1,224 @@
+//! The LoRA trainer against PEFT + transformers' Trainer (fixtures in tests/fixtures/tiny-lora,
+//! made by tests/fixtures/make_fixtures.py), and its gradients.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use loralab::adapter::{Adapter, LoraConfig, Target};
+use loralab::data::Example;
+use loralab::model::{load::read_decoder, Decoder, LoadOptions};
+use loralab::train::{self, Schedule, TrainConfig};
+use rand::SeedableRng;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
+}
+
+fn tiny(dtype: DType) -> Decoder {
+    read_decoder(&fixtures().join("tiny-qwen2"), &LoadOptions { dtype, device: Device::Cpu }).unwrap()
+}
+
+fn fixture_rows() -> Vec<Example> {
+    let rows = json("tiny-lora/rows.json");
+    rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+            let labels: Vec<i64> = serde_json::from_value(r["labels"].clone()).unwrap();
+            Example { ids, target: labels.iter().map(|&l| l != -100).collect() }
+        })
+        .collect()
+}
+
+fn fixture_config() -> TrainConfig {
+    TrainConfig {
+        max_steps: Some(4),
+        learning_rate: 1e-2,
+        lr_scheduler_type: Schedule::Linear,
+        warmup_steps: Some(1),
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 2,
+        shuffle: false,
+        ..Default::default()
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Relative tolerance for per-step losses and grad norms (f32 on both sides).
+const STEP_RTOL: f64 = 1e-4;
+
+#[test]
+fn four_adamw_steps_match_peft_and_the_trainer() {
+    let dec = tiny(DType::F32);
+    let adapter = Adapter::load(&fixtures().join("tiny-lora/initial"), &dec).unwrap();
+    let log = train::train(&dec, &adapter, &fixture_rows(), &fixture_config(), |_| Ok(())).unwrap();
+    let want = json("tiny-lora/steps.json");
+    for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
+        let (loss, norm, lr) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["learning_rate"].as_f64().unwrap());
+        assert!((got.loss - loss).abs() / loss < STEP_RTOL, "step {}: loss {} vs {loss}", got.step, got.loss);
+        assert!((got.grad_norm - norm).abs() / norm < STEP_RTOL, "step {}: grad norm {} vs {norm}", got.step, got.grad_norm);
+        assert!((got.learning_rate - lr).abs() < 1e-12, "step {}: lr {} vs {lr}", got.step, got.learning_rate);
+        assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap());
+    }
+    // The trained weights themselves.
+    let reference = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
+    for (key, pair) in &adapter.pairs {
+        let r = reference.pairs.get(key).unwrap();
+        assert!(max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()) < 1e-5, "{key:?} A");
+        assert!(max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()) < 1e-5, "{key:?} B");
+    }
+}
+
+#[test]
+fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
+    let dec = tiny(DType::F32);
+    let run = || {
+        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Target::ALL.to_vec(), use_rslora: false };
+        let adapter = Adapter::new(&dec, cfg, 7).unwrap();
+        let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 1e-2, ..fixture_config() };
+        train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap().iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn every_trainable_variable_receives_a_gradient() {
+    let dec = tiny(DType::F32);
+    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.0, target_modules: Target::ALL.to_vec(), use_rslora: false };
+    let adapter = Adapter::new(&dec, cfg, 3).unwrap();
+    // Nonzero B so that A's gradient is nonzero too.
+    for p in adapter.pairs.values() {
+        p.b.set(&(Tensor::ones(p.b.shape(), DType::F32, &Device::Cpu).unwrap() * 0.1).unwrap()).unwrap();
+    }
+    let rows = fixture_rows();
+    let refs: Vec<&Example> = rows.iter().take(2).collect();
+    let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
+    let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng).unwrap();
+    let grads = loss.backward().unwrap();
+    for ((layer, target), p) in &adapter.pairs {
+        for (name, v) in [("A", &p.a), ("B", &p.b)] {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("layer {layer} {target:?} {name} has no gradient"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0, "layer {layer} {target:?} {name} has a zero gradient");
+        }
+    }
+    // The frozen base gets none.
+    assert!(grads.get(&dec.layers[0].self_attn.q_proj.weight).is_none());
+    assert!(grads.get(&dec.embed_tokens).is_none());
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let dec = tiny(DType::F64);
+    let cfg = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, target_modules: vec![Target::VProj, Target::DownProj], use_rslora: false };
+    let adapter = Adapter::new(&dec, cfg, 5).unwrap();
+    let to64 = |v: &candle_core::Var| candle_core::Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+    let mut a64 = adapter.clone();
+    for p in a64.pairs.values_mut() {
+        p.a = to64(&p.a);
+        p.b = candle_core::Var::from_tensor(&(Tensor::ones(p.b.shape(), DType::F64, &Device::Cpu).unwrap() * 0.05).unwrap()).unwrap();
+    }
+    let rows = fixture_rows();
+    let refs: Vec<&Example> = rows.iter().take(2).collect();
+    let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
+    let loss = |ad: &Adapter| train::batch_loss(&dec, ad, &refs, 10, &rng).unwrap();
+    let grads = loss(&a64).backward().unwrap();
+    let h = 1e-6;
+    for p in a64.pairs.values() {
+        for var in [&p.a, &p.b] {
+            let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let orig = var.as_tensor().copy().unwrap();
+            for idx in [0usize, 3] {
+                let mut flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                flat[idx] += h;
+                var.set(&Tensor::from_vec(flat.clone(), orig.shape(), &Device::Cpu).unwrap()).unwrap();
+                let up = loss(&a64).to_scalar::<f64>().unwrap();
+                flat[idx] -= 2.0 * h;
+                var.set(&Tensor::from_vec(flat, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+                let down = loss(&a64).to_scalar::<f64>().unwrap();
+                var.set(&orig).unwrap();
+                let numeric = (up - down) / (2.0 * h);
+                assert!((numeric - g[idx]).abs() < 1e-6 + 1e-4 * numeric.abs(), "numeric {numeric} vs analytic {}", g[idx]);
+            }
+        }
+    }
+}
+
+fn logits_of(dec: &Decoder, adapter: Option<&Adapter>, ids: &Value) -> Tensor {
+    let rows: Vec<Vec<u32>> = serde_json::from_value(ids.clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    dec.forward(&Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap(), adapter).unwrap()
+}
+
+fn json_tensor(v: &Value, like: &Tensor) -> Tensor {
+    fn flat(v: &Value, out: &mut Vec<f32>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+            Value::Number(n) => out.push(n.as_f64().unwrap() as f32),
+            _ => panic!(),
+        }
+    }
+    let mut out = Vec::new();
+    flat(v, &mut out);
+    Tensor::from_vec(out, like.shape(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_peft_made_rslora_adapter_gives_peft_logits_attached_and_merged() {
+    let dec = tiny(DType::F32);
+    let adapter = Adapter::load(&fixtures().join("tiny-lora/rslora"), &dec).unwrap();
+    assert!(adapter.config.use_rslora);
+    let fx = json("tiny-lora/rslora/logits.json");
+    let got = logits_of(&dec, Some(&adapter), &fx["input_ids"]);
+    let want = json_tensor(&fx["logits"], &got);
+    assert!(max_abs_diff(&got, &want) < 1e-4, "attached: {}", max_abs_diff(&got, &want));
+    let merged = dec.merged(&adapter).unwrap();
+    let got = logits_of(&merged, None, &fx["input_ids"]);
+    assert!(max_abs_diff(&got, &want) < 1e-4, "merged: {}", max_abs_diff(&got, &want));
+}
+
+#[test]
+fn a_saved_adapter_loads_back_identically_in_peft_format() {
+    let dec = tiny(DType::F32);
+    let adapter = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path(), "tiny-qwen2").unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    let back = Adapter::load(dir.path(), &dec).unwrap();
+    for (k, p) in &adapter.pairs {
+        assert_eq!(max_abs_diff(p.a.as_tensor(), back.pairs[k].a.as_tensor()), 0.0);
+        assert_eq!(max_abs_diff(p.b.as_tensor(), back.pairs[k].b.as_tensor()), 0.0);
+    }
+    let fx = json("tiny-lora/logits_after.json");
+    let got = logits_of(&dec, Some(&back), &fx["input_ids"]);
+    let want = json_tensor(&fx["logits"], &got);
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+}
+
+#[test]
+fn loading_an_adapter_with_stray_tensors_names_them() {
+    let dec = tiny(DType::F32);
+    let src = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    src.save(dir.path(), "tiny-qwen2").unwrap();
+    let st = dir.path().join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    tensors.insert("base_model.model.model.layers.0.mlp.extra.lora_A.weight".into(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let err = Adapter::load(dir.path(), &dec).err().unwrap().to_string();
+    assert!(err.contains("mlp.extra.lora_A"), "{err}");
+}
