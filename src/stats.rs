@@ -317,7 +317,8 @@ pub struct ZTest {
     pub pooled: f64,
 }
 
-/// Pooled two-proportion z-test (e.g. Agresti 2013, Categorical Data Analysis §3.1.3):
+/// Pooled two-proportion z-test, the score test for two binomials (textbook form, e.g. Fleiss,
+/// Levin & Paik 2003, Statistical Methods for Rates and Proportions, ch. 2):
 ///
 /// `z = (p1 - p2) / sqrt(p̂ (1 - p̂) (1/n1 + 1/n2))` with the pooled `p̂ = (k1 + k2) / (n1 + n2)`,
 /// p-value from the standard normal. Equals the uncorrected 2x2 chi-square test (`z² = χ²`).

@@ -6,6 +6,8 @@
 //! through `require("lab")`.
 
 pub mod adapter;
+pub mod data;
+pub mod train;
 pub mod model;
 pub mod eval;
 pub mod fs;
@@ -24,6 +26,8 @@ type ModuleFn = fn(&Lua) -> mlua::Result<Table>;
 pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("model", model::module),
     ("adapter", adapter::module),
+    ("data", data::module),
+    ("train", train::module),
     ("stats", stats::module),
     ("eval", eval::module),
     ("plot", plot::module),

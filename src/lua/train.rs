@@ -1,0 +1,143 @@
+//! `lab.train`: supervised fine-tuning of an adapter.
+
+use mlua::{Function, Lua, LuaSerdeExt, Table, Value};
+
+use super::adapter::LuaAdapter;
+use super::data::LuaDataset;
+use super::model::LuaModel;
+use super::opts::Opts;
+use crate::data::{tokenize, Example, LossMask};
+use crate::train::{self, Schedule, TrainConfig};
+
+pub fn module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    m.set("sft", lua.create_function(sft)?)?;
+    Ok(m)
+}
+
+/// The loss mask option: a name, or a Lua function returning token spans.
+enum MaskChoice {
+    Named(LossMask),
+    Function(Function),
+}
+
+fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUserData, mlua::AnyUserData, Value)) -> mlua::Result<Table> {
+    let ctx = "lab.train.sft";
+    let model = model.borrow::<LuaModel>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 1 must be a model")))?.clone();
+    let adapter = adapter.borrow::<LuaAdapter>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 2 must be an adapter")))?.clone();
+    let data = data.borrow::<LuaDataset>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 3 must be a dataset from lab.data")))?.clone();
+    let mut o = Opts::new(ctx, opts)?;
+    let d = TrainConfig::default();
+    let schedule_name: String = o.get_or(lua, "lr_scheduler_type", "linear".to_string())?;
+    let seed: u64 = o.get_or(lua, "seed", d.seed)?;
+    let cfg = TrainConfig {
+        max_steps: o.get(lua, "max_steps")?,
+        num_train_epochs: o.get_or(lua, "num_train_epochs", d.num_train_epochs)?,
+        learning_rate: o.get_or(lua, "learning_rate", d.learning_rate)?,
+        lr_scheduler_type: Schedule::from_name(&schedule_name)
+            .ok_or_else(|| o.bad_value("lr_scheduler_type", format!("must be linear, cosine or constant, got \"{schedule_name}\"")))?,
+        warmup_steps: o.get(lua, "warmup_steps")?,
+        warmup_ratio: o.get_or(lua, "warmup_ratio", d.warmup_ratio)?,
+        weight_decay: o.get_or(lua, "weight_decay", d.weight_decay)?,
+        adam_beta1: o.get_or(lua, "adam_beta1", d.adam_beta1)?,
+        adam_beta2: o.get_or(lua, "adam_beta2", d.adam_beta2)?,
+        adam_epsilon: o.get_or(lua, "adam_epsilon", d.adam_epsilon)?,
+        max_grad_norm: o.get_or(lua, "max_grad_norm", d.max_grad_norm)?,
+        per_device_train_batch_size: o.get_or(lua, "per_device_train_batch_size", d.per_device_train_batch_size)?,
+        gradient_accumulation_steps: o.get_or(lua, "gradient_accumulation_steps", d.gradient_accumulation_steps)?,
+        seed,
+        data_seed: o.get_or(lua, "data_seed", seed)?,
+        shuffle: o.get_or(lua, "shuffle", true)?,
+    };
+    let max_length: usize = o.get_or(lua, "max_length", 1024)?;
+    let marker: Option<String> = o.get(lua, "marker")?;
+    let mask = match o.get::<Value>(lua, "loss_mask")? {
+        None => MaskChoice::Named(LossMask::LastAssistant),
+        Some(Value::Function(f)) => MaskChoice::Function(f),
+        Some(Value::String(s)) => MaskChoice::Named(match &*s.to_str()? {
+            "last_assistant" => LossMask::LastAssistant,
+            "all_assistant" => LossMask::AllAssistant,
+            "completion" => LossMask::Completion,
+            "all" => LossMask::All,
+            "marker_only" => LossMask::MarkerOnly {
+                marker: marker.clone().ok_or_else(|| o.bad_value("marker", "is required with loss_mask = \"marker_only\""))?,
+            },
+            other => {
+                return Err(o.bad_value(
+                    "loss_mask",
+                    format!("must be last_assistant, all_assistant, completion, marker_only, all or a function, got \"{other}\""),
+                ))
+            }
+        }),
+        Some(other) => return Err(o.bad_value("loss_mask", format!("must be a name or a function, got {}", other.type_name()))),
+    };
+    let on_step: Option<Function> = o.get(lua, "on_step")?;
+    o.finish()?;
+    if max_length < 2 {
+        return Err(mlua::Error::runtime(format!("{ctx}: option 'max_length' must be >= 2")));
+    }
+    cfg.validate().map_err(|e| mlua::Error::runtime(format!("{ctx}: {e}")))?;
+
+    let examples = tokenize_all(lua, &model, &data, &mask, max_length)?;
+    let empty = examples.iter().filter(|e| e.num_targets() == 0).count();
+    if empty > 0 {
+        eprintln!("{ctx}: {empty} of {} rows have no trained token (after truncation to {max_length}); they add nothing", examples.len());
+    }
+    let started = std::time::Instant::now();
+    let adapter_ref = adapter.0.borrow();
+    let log = train::train(&model.0.decoder, &adapter_ref, &examples, &cfg, |rec| {
+        if let Some(f) = &on_step {
+            let t = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
+            f.call::<()>(t).map_err(|e| anyhow::anyhow!("on_step: {}", super::describe_lua_error(&e)))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| mlua::Error::runtime(format!("{ctx}: {e:#}")))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let out = lua.create_table()?;
+    let mut seen = 0usize;
+    for (i, rec) in log.iter().enumerate() {
+        seen += rec.seen_tokens;
+        out.raw_set(i + 1, lua.to_value(rec)?)?;
+    }
+    out.set("rows", examples.len())?;
+    out.set("rows_without_targets", empty)?;
+    out.set("seconds", seconds)?;
+    out.set("tokens_per_second", seen as f64 / seconds.max(1e-9))?;
+    Ok(out)
+}
+
+fn tokenize_all(lua: &Lua, model: &LuaModel, data: &LuaDataset, mask: &MaskChoice, max_length: usize) -> mlua::Result<Vec<Example>> {
+    let tok = &model.0.tokenizer;
+    let mut out = Vec::with_capacity(data.0.rows.len());
+    for (i, row) in data.0.rows.iter().enumerate() {
+        let where_ = || format!("lab.train.sft: {} row {}", data.0.source, i + 1);
+        let ex = match mask {
+            MaskChoice::Named(m) => tokenize(tok, row, m, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?,
+            MaskChoice::Function(f) => {
+                let mut ex = tokenize(tok, row, &LossMask::All, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?;
+                let info = lua.create_table()?;
+                info.set("ids", ex.ids.clone())?;
+                info.set("row", lua.to_value(row)?)?;
+                info.set("index", i + 1)?;
+                let spans: Table = f.call(info)?;
+                ex.target = vec![false; ex.ids.len()];
+                for span in spans.sequence_values::<Table>() {
+                    let span = span?;
+                    let (a, b): (usize, usize) = (span.get(1)?, span.get(2)?);
+                    if a < 1 || b < a || b > ex.ids.len() {
+                        return Err(mlua::Error::runtime(format!(
+                            "{}: loss_mask function returned span {{{a}, {b}}} outside 1..{}",
+                            where_(),
+                            ex.ids.len()
+                        )));
+                    }
+                    ex.target[a - 1..b].iter_mut().for_each(|t| *t = true);
+                }
+                ex
+            }
+        };
+        out.push(ex);
+    }
+    Ok(out)
+}
