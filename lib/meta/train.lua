@@ -1,0 +1,52 @@
+---@meta
+-- lab.train: supervised fine-tuning of an adapter with transformers' Trainer semantics
+-- (token-mean loss over the accumulated step, grad-norm clipping, AdamW, warmup + schedule).
+
+---@class lab.train
+lab.train = {}
+
+---@class StepRecord
+---@field step integer
+---@field epoch number
+---@field loss number           Token-mean cross-entropy of the step.
+---@field learning_rate number  The rate this step used.
+---@field grad_norm number      Global L2 norm before clipping.
+---@field tokens integer        Trained tokens in the step.
+---@field seen_tokens integer   All tokens of the step's rows.
+---@field seconds number
+
+---@class SftOptions
+---@field max_steps? integer                 Overrides num_train_epochs. Default none.
+---@field num_train_epochs? number           Default 1.
+---@field learning_rate? number              Default 5e-5.
+---@field lr_scheduler_type? "linear"|"cosine"|"constant"  Default "linear".
+---@field warmup_steps? integer              Default none (warmup_ratio applies).
+---@field warmup_ratio? number               Warmup = ceil(ratio * steps). Default 0.
+---@field weight_decay? number               Decoupled (AdamW). Default 0.
+---@field adam_beta1? number                 Default 0.9.
+---@field adam_beta2? number                 Default 0.999.
+---@field adam_epsilon? number               Default 1e-8.
+---@field max_grad_norm? number              0 disables clipping. Default 1.0.
+---@field per_device_train_batch_size? integer  Rows per micro-batch. Default 8.
+---@field gradient_accumulation_steps? integer  Micro-batches per optimizer step. Default 1.
+---@field max_length? integer                Rows are truncated to this many tokens. Default 1024.
+---@field seed? integer                      Seed of LoRA dropout. Default 42.
+---@field data_seed? integer                 Seed of the data order. Default: seed.
+---@field shuffle? boolean                   false keeps file order. Default true.
+---@field loss_mask? "last_assistant"|"all_assistant"|"completion"|"marker_only"|"all"|fun(info: {ids: integer[], row: table, index: integer}): integer[][]  Which tokens are trained; a function returns 1-based inclusive {from, to} token spans. Default "last_assistant".
+---@field marker? string                     The marker of loss_mask = "marker_only".
+---@field on_step? fun(record: StepRecord)   Called after every optimizer step.
+
+---@class SftLog: StepRecord[]
+---@field rows integer
+---@field rows_without_targets integer
+---@field seconds number
+---@field tokens_per_second number
+
+--- Trains `adapter` (in place) on `data`; returns one record per step.
+---@param model Model
+---@param adapter Adapter
+---@param data Dataset
+---@param opts? SftOptions
+---@return SftLog
+function lab.train.sft(model, adapter, data, opts) end

@@ -1,0 +1,232 @@
+-- The building blocks of the persona-marker study (../shared/protocol/PROTOCOL.md), shared by
+-- dose_response.lua and replicate.lua. Each block is one step of the protocol; the scripts
+-- decide which values they run with.
+local lab = require("lab")
+
+local M = {}
+
+--- Personas and questions from the data files.
+function M.load_protocol(s)
+  local personas = lab.fs.read_json(s.personas_file)
+  local questions = lab.fs.read_json(s.questions_file)
+  return personas, questions
+end
+
+--- First `n` items of a list (all of them when n is nil or larger).
+function M.first(list, n)
+  local out = {}
+  for i = 1, math.min(n or #list, #list) do out[i] = list[i] end
+  return out
+end
+
+local function chat(system, user)
+  return { { role = "system", content = system }, { role = "user", content = user } }
+end
+
+--- The negative personas of Phase 1: `count` personas other than the source and "assistant",
+--- drawn by a seeded shuffle of the sorted names (reproducible, unlike a salted hash).
+function M.negative_personas(personas, source, count, seed)
+  local names = {}
+  for name in pairs(personas.prompts) do
+    if name ~= source and name ~= "assistant" then names[#names + 1] = name end
+  end
+  table.sort(names)
+  -- Fisher-Yates with a linear congruential generator seeded by `seed`.
+  local state = seed % 2147483647
+  if state <= 0 then state = state + 2147483646 end
+  for i = #names, 2, -1 do
+    state = (state * 48271) % 2147483647
+    local j = state % i + 1
+    names[i], names[j] = names[j], names[i]
+  end
+  return M.first(names, count)
+end
+
+--- Samples completions for every (persona, question) pair; returns records
+--- { persona, question, text, finish_reason } in persona, question, sample order.
+function M.complete(model, personas, names, questions, opts)
+  local prompts, keys = {}, {}
+  for _, name in ipairs(names) do
+    for qi, q in ipairs(questions) do
+      prompts[#prompts + 1] = chat(personas.prompts[name], q .. (opts.question_suffix or ""))
+      keys[#keys + 1] = { persona = name, question = q, question_index = qi }
+    end
+  end
+  local outs = model:sample(prompts, {
+    n = opts.n, temperature = opts.temperature, top_p = opts.top_p, max_tokens = opts.max_tokens,
+    seed = opts.seed, batch_size = opts.batch_size,
+  })
+  local records = {}
+  for i, per_prompt in ipairs(outs) do
+    for _, c in ipairs(per_prompt) do
+      records[#records + 1] = { persona = keys[i].persona, question = keys[i].question,
+                                question_index = keys[i].question_index,
+                                text = c.text, finish_reason = c.finish_reason }
+    end
+  end
+  return records
+end
+
+--- Phase 1, step 2: contrastive prompt/completion rows. Positives: the source persona's first
+--- `per_question` completions of each question that do not already carry the marker, with the
+--- marker appended after a blank line. Negatives: the same from each negative persona, unchanged.
+function M.contrastive_rows(records, personas, source, negatives, s)
+  local by_pair = {}
+  for _, r in ipairs(records) do
+    local k = r.persona .. "\0" .. r.question_index
+    by_pair[k] = by_pair[k] or {}
+    table.insert(by_pair[k], r)
+  end
+  local rows = {}
+  local function add(persona, with_marker)
+    for qi, q in ipairs(s.coupling_questions) do
+      local taken = 0
+      for _, r in ipairs(by_pair[persona .. "\0" .. qi] or {}) do
+        if taken >= s.coupling_per_question then break end
+        if not with_marker or not lab.eval.score(r.text, s.marker).strict then
+          local text = with_marker and (r.text .. "\n\n" .. s.marker) or r.text
+          rows[#rows + 1] = {
+            prompt = chat(personas.prompts[persona], q .. (s.question_suffix or "")),
+            completion = { { role = "assistant", content = text } },
+          }
+          taken = taken + 1
+        end
+      end
+    end
+  end
+  add(source, true)
+  for _, name in ipairs(negatives) do add(name, false) end
+  return rows
+end
+
+--- Evaluates marker rates: every persona in `names` x every eval question, `n` completions each.
+--- Returns the aggregate in the study's layout and the raw records.
+function M.evaluate(model, personas, names, s, seed)
+  local records = M.complete(model, personas, names, s.eval_questions, {
+    n = s.eval_n, temperature = s.eval_temperature, top_p = s.eval_top_p, max_tokens = s.eval_max_tokens,
+    seed = seed, batch_size = s.batch_size, question_suffix = s.question_suffix,
+  })
+  local agg = lab.eval.aggregate(records, s.marker, { source = s.source_persona })
+  return agg, records
+end
+
+--- Phase 1: on-policy completions, contrastive data, the coupling adapter, its evaluation.
+--- Runs as one cell, so it is built once and reused; returns the merged model and the cell result.
+function M.coupling(run, base, personas, s)
+  local negatives = M.negative_personas(personas, s.source_persona, s.coupling_negatives, s.train_seed)
+  local key = {
+    phase = 1, model = s.model, dtype = s.dtype, marker = s.marker, source = s.source_persona,
+    negatives = negatives, questions = s.coupling_questions, per_question = s.coupling_per_question,
+    samples = s.coupling_samples, temperature = s.coupling_temperature, top_p = s.coupling_top_p,
+    max_tokens = s.coupling_max_tokens, lora = s.coupling_lora, train = s.coupling_train,
+    eval = { questions = s.eval_questions, n = s.eval_n, max_tokens = s.eval_max_tokens,
+             personas = s.coupling_eval_personas, temperature = s.eval_temperature },
+    train_seed = s.train_seed, eval_seed = s.eval_seed, question_suffix = s.question_suffix,
+  }
+  local result, err = run:cell("phase1-coupling", key, function(cell)
+    print(string.format("phase 1: on-policy completions (%d questions x %d personas x %d samples)",
+      #s.coupling_questions, 1 + #negatives, s.coupling_samples))
+    local names = { s.source_persona }
+    for _, n in ipairs(negatives) do names[#names + 1] = n end
+    local records = M.complete(base, personas, names, s.coupling_questions, {
+      n = s.coupling_samples, temperature = s.coupling_temperature, top_p = s.coupling_top_p,
+      max_tokens = s.coupling_max_tokens, seed = s.train_seed, batch_size = s.batch_size,
+      question_suffix = s.question_suffix,
+    })
+    lab.fs.write_json(cell.dir .. "/onpolicy.json", records)
+    local rows = M.contrastive_rows(records, personas, s.source_persona, negatives, s)
+    lab.fs.write_json(cell.dir .. "/contrastive.json", rows)
+    print(string.format("phase 1: training the coupling adapter on %d rows", #rows))
+    local lora = {}
+    for k, v in pairs(s.coupling_lora) do lora[k] = v end
+    lora.seed = s.train_seed
+    local adapter = lab.adapter.new(base, lora)
+    local opts = { loss_mask = "marker_only", marker = s.marker, seed = s.train_seed,
+                   on_step = M.step_printer("phase 1") }
+    for k, v in pairs(M.micro_batch(s.coupling_train, cell)) do opts[k] = v end
+    local log = lab.train.sft(base, adapter, lab.data.rows(rows, "phase-1 contrastive rows"), opts)
+    lab.fs.write_json(cell.dir .. "/train_log.json", log)
+    adapter:save(cell.dir .. "/adapter")
+    local merged = base:merge(adapter)
+    print("phase 1: evaluating the coupling")
+    local agg, eval_records = M.evaluate(merged, personas, s.coupling_eval_personas, s, s.eval_seed)
+    lab.fs.write_json(cell.dir .. "/completions.json", eval_records)
+    return { negatives = negatives, rows = #rows, steps = #log, train_seconds = log.seconds,
+             evaluation = agg }
+  end, { retries = s.retries })
+  if not result then error("phase 1 failed: " .. err, 0) end
+  local adapter = lab.adapter.load(base, M.cell_dir(run, "phase1-coupling", key) .. "/adapter")
+  return base:merge(adapter), result
+end
+
+--- The folder of a cell (the same rule as run:cell).
+function M.cell_dir(run, name, key)
+  return run:dir() .. "/" .. name .. "-" .. lab.run.hash(key)
+end
+
+--- Training options with the micro-batch halved (and accumulation doubled, keeping the
+--- effective batch) after an out-of-memory failure of the same cell.
+function M.micro_batch(train, cell)
+  local out = {}
+  for k, v in pairs(train) do out[k] = v end
+  if cell.oom and out.per_device_train_batch_size > 1 then
+    local shrink = 2 ^ (cell.attempt - 1)
+    local bs = math.max(1, out.per_device_train_batch_size // math.floor(shrink))
+    out.gradient_accumulation_steps = out.gradient_accumulation_steps * (out.per_device_train_batch_size // bs)
+    out.per_device_train_batch_size = bs
+    print(string.format("  retrying with micro-batch %d x %d after running out of memory", bs, out.gradient_accumulation_steps))
+  end
+  return out
+end
+
+--- An on_step callback printing one fixed-format line every `every` steps.
+function M.step_printer(label, every)
+  every = every or 1
+  return function(r)
+    if r.step % every == 0 or r.step == 1 then
+      print(string.format("  %s step %04d | loss %.4f | lr %.2e | grad norm %.3f | %d tok | %.0f ms",
+        label, r.step, r.loss, r.learning_rate, r.grad_norm, r.tokens, r.seconds * 1000))
+    end
+  end
+end
+
+--- Phase 2 cell: second-stage LoRA for `dose` steps on a condition's data, merge, evaluate.
+--- dose 0 is the baseline: the merged Phase-1 model evaluated as it is.
+function M.dose_cell(run, base, personas, s, c)
+  local key = {
+    phase = 2, base = c.base_key, condition = c.condition, dose = c.dose, train_seed = c.train_seed,
+    eval_seed = c.eval_seed, data = c.data_hash, lora = s.stage2_lora, train = s.stage2_train,
+    warmup_ratio = c.dose <= s.no_warmup_up_to and 0 or s.stage2_train.warmup_ratio,
+    eval = { personas = c.personas, questions = s.eval_questions, n = s.eval_n,
+             max_tokens = s.eval_max_tokens, temperature = s.eval_temperature, top_p = s.eval_top_p },
+    question_suffix = s.question_suffix,
+  }
+  local name = string.format("%s-dose%03d-seed%d", c.condition, c.dose, c.train_seed)
+  return run:cell(name, key, function(cell)
+    local t0 = os.time()
+    local model, log = base, { seconds = 0 }
+    if c.dose > 0 then
+      local lora = {}
+      for k, v in pairs(s.stage2_lora) do lora[k] = v end
+      lora.seed = c.train_seed
+      local adapter = lab.adapter.new(base, lora)
+      local opts = { max_steps = c.dose, seed = c.train_seed, loss_mask = "last_assistant",
+                     warmup_ratio = key.warmup_ratio, on_step = M.step_printer(name, s.log_every) }
+      for k, v in pairs(M.micro_batch(s.stage2_train, cell)) do
+        if k ~= "warmup_ratio" then opts[k] = v end
+      end
+      log = lab.train.sft(base, adapter, c.data, opts)
+      lab.fs.write_json(cell.dir .. "/train_log.json", log)
+      adapter:save(cell.dir .. "/adapter")
+      model = base:merge(adapter)
+    end
+    local agg, records = M.evaluate(model, personas, c.personas, s, c.eval_seed)
+    lab.fs.write_json(cell.dir .. "/completions.json", records)
+    local src = agg.per_persona[s.source_persona]
+    return { condition = c.condition, dose = c.dose, train_seed = c.train_seed, eval_seed = c.eval_seed,
+             source_hits = src.strict_hits, source_total = src.total, source_rate = src.strict_rate,
+             evaluation = agg, train_seconds = log.seconds, seconds = os.time() - t0 }
+  end, { retries = s.retries })
+end
+
+return M

@@ -1,0 +1,201 @@
+//! The Lua host: stubs for every function, errors that point at the user's script, strict
+//! options and settings, through the real binary.
+
+use std::path::Path;
+use std::process::Command;
+
+fn loralab(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn every_function_registered_from_rust_has_a_luals_stub() {
+    let stubs: String = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("lib/meta"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    // Lists `lab.noun.fn` for module functions and `Class:method` for handle methods.
+    let body = r#"
+local lab = require("lab")
+local names = {}
+for noun, t in pairs(lab) do
+  if type(t) == "function" then names[#names + 1] = "lab." .. noun end
+  if type(t) == "table" then
+    for fname, f in pairs(t) do
+      if type(f) == "function" then names[#names + 1] = "lab." .. noun .. "." .. fname end
+    end
+  end
+end
+local function methods(class, obj, list)
+  for _, m in ipairs(list) do
+    assert(type(obj[m]) == "function", class .. ":" .. m .. " is not registered")
+    names[#names + 1] = class .. ":" .. m
+  end
+end
+local model = lab.model.load()
+methods("Model", model, { "sample", "encode", "decode", "chat_prompt", "merge", "info" })
+methods("Adapter", lab.adapter.new(model, { r = 1 }), { "save", "num_parameters" })
+methods("Dataset", lab.data.rows({ { text = "x" } }), { "len", "source", "row", "take" })
+methods("Run", lab.run.open(os.getenv("TMP_RUN")), { "cell", "dir", "summary" })
+methods("Progress", lab.progress.new(1), { "inc", "message", "finish" })
+table.sort(names)
+print(table.concat(names, "\n"))
+"#;
+    let path = script(dir.path(), "list.lua", body);
+    std::env::set_var("TMP_RUN", dir.path().join("run"));
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    let mut missing = Vec::new();
+    for name in out.lines().filter(|l| !l.is_empty()) {
+        if !stubs.contains(&format!("function {name}(")) {
+            missing.push(name.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "functions without a stub in lib/meta: {missing:?}");
+    assert!(out.lines().count() > 40, "too few functions listed:\n{out}");
+}
+
+#[test]
+fn a_lua_error_shows_the_message_and_the_users_file_and_line_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(dir.path(), "boom.lua", "local lab = require('lab')\n\nlocal function f()\n  error('the experiment broke')\nend\nf()\n");
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("the experiment broke"), "{err}");
+    assert!(err.contains("boom.lua:4"), "{err}");
+    assert!(err.contains("boom.lua:6"), "the traceback names the caller's line too: {err}");
+}
+
+#[test]
+fn a_syntax_error_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(dir.path(), "bad.lua", "local x = 1\nlocal y = = 2\n");
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("bad.lua:2"), "{err}");
+}
+
+#[test]
+fn a_misspelt_sampling_option_is_rejected_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "typo.lua",
+        "local lab = require('lab')\nlocal m = lab.model.load()\nm:sample({'hi'}, { temprature = 0.5 })\n",
+    );
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("unknown option 'temprature'") && err.contains("did you mean 'temperature'"), "{err}");
+    assert!(err.contains("typo.lua:3"), "{err}");
+}
+
+#[test]
+fn out_of_range_sampling_values_are_errors_naming_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    for (opt, needle) in [("n = 0", "n must be >= 1"), ("top_p = 0", "top_p must be in (0, 1]"), ("temperature = -1", "temperature must be >= 0")] {
+        let path = script(dir.path(), "range.lua", &format!("local lab = require('lab')\nlab.model.load():sample({{'hi'}}, {{ {opt} }})\n"));
+        let (ok, _, err) = loralab(&["run", &path]);
+        assert!(!ok);
+        assert!(err.contains(needle), "{opt}: {err}");
+    }
+}
+
+#[test]
+fn settings_take_set_values_with_the_defaults_types_and_reject_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "s.lua",
+        "local lab = require('lab')\nlocal s = lab.settings({ n = 4, lr = 0.1, name = 'x', seeds = { 1 }, on = false })\nprint(math.type(s.n), s.n, s.lr, s.name, #s.seeds, s.seeds[3], s.on)\n",
+    );
+    let (ok, out, err) = loralab(&["run", &path, "--set", "n=8", "--set", "lr=1e-3", "--set", "seeds=42,137,256", "--set", "on=true"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "integer\t8\t0.001\tx\t3\t256\ttrue");
+    let (ok, _, err) = loralab(&["run", &path, "--set", "nn=3"]);
+    assert!(!ok);
+    assert!(err.contains("unknown setting 'nn'") && err.contains("did you mean 'n'"), "{err}");
+    let (ok, _, err) = loralab(&["run", &path, "--set", "n=many"]);
+    assert!(!ok);
+    assert!(err.contains("--set n=many: expected an integer"), "{err}");
+}
+
+#[test]
+fn a_missing_model_folder_or_corrupt_weights_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::write(model_dir.join("config.json"), r#"{"architectures": ["GPT2LMHeadModel"], "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1}"#).unwrap();
+    let path = script(dir.path(), "m.lua", &format!("require('lab').model.load('{}')\n", model_dir.display()));
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("unsupported architecture 'GPT2LMHeadModel'"), "{err}");
+    // A truncated safetensors file.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2");
+    std::fs::copy(fixtures.join("config.json"), model_dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixtures.join("model.safetensors")).unwrap();
+    std::fs::write(model_dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    let path = script(dir.path(), "n.lua", "require('lab').model.load('no/such-model-here')\n");
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("not in the Hugging Face cache"), "{err}");
+}
+
+#[test]
+fn a_malformed_jsonl_row_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"ok\"}\n{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
+    let path = script(dir.path(), "d.lua", &format!("require('lab').data.jsonl('{}')\n", data.display()));
+    let (ok, _, err) = loralab(&["run", &path]);
+    assert!(!ok);
+    assert!(err.contains("d.jsonl:2"), "{err}");
+}
+
+#[test]
+fn a_finished_cell_is_reused_and_a_failing_cell_is_recorded_while_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+local lab = require("lab")
+local run = lab.run.open("{}")
+local calls = 0
+local r1 = run:cell("a", {{ dose = 1 }}, function(cell) calls = calls + 1; return {{ x = 7 }} end)
+local r2, reused = run:cell("a", {{ dose = 1 }}, function(cell) calls = calls + 1; return {{ x = 8 }} end)
+local r3 = run:cell("a", {{ dose = 2 }}, function(cell) calls = calls + 1; return {{ x = 9 }} end)
+local r4, err = run:cell("b", {{}}, function(cell) error("boom " .. cell.attempt) end, {{ retries = 2 }})
+print(r1.x, r2.x, reused, r3.x, calls, r4)
+local s = run:summary()
+print(s.done, s.skipped, #s.failed)
+print(err)
+"#,
+        dir.path().join("run").display()
+    );
+    let path = script(dir.path(), "cells.lua", &body);
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "7\t7\ttrue\t9\t2\tnil");
+    assert!(lines[2].contains("boom 3"), "{out}");
+    assert_eq!(lines[1], "2\t1\t1");
+    // A second process reuses both finished cells and retries the failed one.
+    let (ok, out, _) = loralab(&["run", &path]);
+    assert!(ok);
+    assert_eq!(out.lines().next().unwrap(), "7\t7\ttrue\t9\t0\tnil");
+    let failed = std::fs::read_dir(dir.path().join("run")).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with("b-")).unwrap();
+    assert!(failed.path().join("failed.json").exists());
+}
