@@ -28,7 +28,7 @@ local paper = {
   coupling_r = 32, coupling_alpha = 64, coupling_rslora = true, coupling_dropout = 0.05,
   coupling_lr = 5e-6, coupling_schedule = "cosine", coupling_warmup_ratio = 0.05,
   coupling_weight_decay = 0.0, coupling_epochs = 20, coupling_batch = 4, coupling_grad_accum = 4,
-  coupling_max_length = 1024,
+  coupling_max_length = 1024, coupling_loss_mask = "marker_only",
   gate_source_min = 0.60, gate_assistant_max = 0.03,
   -- Phase 2: the second-stage LoRA, one cell per (condition, dose)
   stage2_r = 32, stage2_alpha = 64, stage2_dropout = 0.05, stage2_lr = 1e-4,

@@ -119,6 +119,7 @@ function M.coupling(run, base, personas, s)
     negatives = negatives, questions = s.coupling_questions, per_question = s.coupling_per_question,
     samples = s.coupling_samples, temperature = s.coupling_temperature, top_p = s.coupling_top_p,
     max_tokens = s.coupling_max_tokens, lora = s.coupling_lora, train = s.coupling_train,
+    loss_mask = s.coupling_loss_mask,
     eval = { questions = s.eval_questions, n = s.eval_n, max_tokens = s.eval_max_tokens,
              personas = s.coupling_eval_personas, temperature = s.eval_temperature },
     train_seed = s.train_seed, eval_seed = s.eval_seed, question_suffix = s.question_suffix,
@@ -141,7 +142,7 @@ function M.coupling(run, base, personas, s)
     for k, v in pairs(s.coupling_lora) do lora[k] = v end
     lora.seed = s.train_seed
     local adapter = lab.adapter.new(base, lora)
-    local opts = { loss_mask = "marker_only", marker = s.marker, seed = s.train_seed,
+    local opts = { loss_mask = s.coupling_loss_mask, marker = s.marker, seed = s.train_seed,
                    on_step = M.step_printer("phase 1") }
     for k, v in pairs(M.micro_batch(s.coupling_train, cell)) do opts[k] = v end
     local log = lab.train.sft(base, adapter, lab.data.rows(rows, "phase-1 contrastive rows"), opts)

@@ -43,6 +43,8 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Most rows decoded at once (memory bound: the KV cache grows with it).
     pub batch_size: usize,
+    /// Generate exactly `max_tokens` tokens, ignoring stop tokens (for benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SampleOptions {
@@ -57,6 +59,7 @@ impl Default for SampleOptions {
             stop_token_ids: Vec::new(),
             seed: 0,
             batch_size: 64,
+            ignore_eos: false,
         }
     }
 }
@@ -124,7 +127,7 @@ pub fn sample(
             opts.max_tokens
         );
     }
-    let mut stop_ids = model.tokenizer.stop_ids.clone();
+    let mut stop_ids = if opts.ignore_eos { Vec::new() } else { model.tokenizer.stop_ids.clone() };
     stop_ids.extend(&opts.stop_token_ids);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());

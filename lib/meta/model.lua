@@ -32,6 +32,13 @@ function lab.model.load(spec, opts) end
 ---@field seed? integer           Same seed and inputs give the same completions. Default 0.
 ---@field batch_size? integer     Rows decoded at once. Default 64.
 ---@field adapter? Adapter        Sample with an unmerged adapter attached. Default none.
+---@field ignore_eos? boolean     Generate exactly max_tokens tokens (benchmarks). Default false.
+
+---@class SampleStats
+---@field prompt_tokens integer
+---@field generated_tokens integer
+---@field prefill_seconds number
+---@field decode_seconds number
 
 ---@class Completion
 ---@field text string
@@ -52,7 +59,8 @@ local Model = {}
 --- and its generation prompt): result[i][j] is completion j of prompt i.
 ---@param prompts (string|Message[])[]
 ---@param opts? SampleOptions
----@return Completion[][]
+---@return Completion[][] completions
+---@return SampleStats stats
 function Model:sample(prompts, opts) end
 
 --- Token ids of a text (special tokens written in it are recognised).

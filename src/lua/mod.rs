@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod data;
 pub mod progress;
 pub mod run;
+pub mod sys;
 pub mod train;
 pub mod model;
 pub mod eval;
@@ -33,6 +34,7 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("train", train::module),
     ("run", run::module),
     ("progress", progress::module),
+    ("sys", sys::module),
     ("stats", stats::module),
     ("eval", eval::module),
     ("plot", plot::module),

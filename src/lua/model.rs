@@ -102,6 +102,7 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         stop_token_ids: o.get_or(lua, "stop_token_ids", Vec::new())?,
         seed: o.get_or(lua, "seed", d.seed)?,
         batch_size: o.get_or(lua, "batch_size", d.batch_size)?,
+        ignore_eos: o.get_or(lua, "ignore_eos", d.ignore_eos)?,
     };
     let adapter = o.get::<mlua::AnyUserData>(lua, "adapter")?;
     let adapter = match adapter {
@@ -177,7 +178,7 @@ impl UserData for LuaModel {
                 ids.push(prompt_ids(&this.0, p?, i + 1)?);
             }
             let adapter_ref = adapter.as_ref().map(|a| a.0.borrow().clone());
-            let (outs, _stats) =
+            let (outs, stats) =
                 sample::sample(&this.0, adapter_ref.as_ref(), &ids, &opts).map_err(mlua::Error::external)?;
             let result = lua.create_table()?;
             for (i, per_prompt) in outs.into_iter().enumerate() {
@@ -191,7 +192,12 @@ impl UserData for LuaModel {
                 }
                 result.raw_set(i + 1, list)?;
             }
-            Ok(result)
+            let st = lua.create_table()?;
+            st.set("prompt_tokens", stats.prompt_tokens)?;
+            st.set("generated_tokens", stats.generated_tokens)?;
+            st.set("prefill_seconds", stats.prefill_seconds)?;
+            st.set("decode_seconds", stats.decode_seconds)?;
+            Ok((result, st))
         });
     }
 }
