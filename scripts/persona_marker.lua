@@ -5,11 +5,61 @@ local lab = require("lab")
 
 local M = {}
 
---- Personas and questions from the data files.
-function M.load_protocol(s)
+--- The settings of the study: a profile of scripts/study_settings.lua (lab.args.profile, else
+--- "quick") plus `extra` defaults of the calling script, with --set values applied; then the
+--- option tables the steps use. Returns the settings and the personas.
+function M.settings(extra)
+  local profiles = require("study_settings")
+  local name = lab.args.profile or "quick"
+  local profile = profiles[name]
+  if not profile then
+    error(string.format("--set profile=%s: unknown profile (quick or paper)", tostring(name)), 0)
+  end
+  local defaults = { profile = name }
+  for k, v in pairs(profile) do defaults[k] = v end
+  for k, v in pairs(extra or {}) do defaults[k] = v end
+  local s = lab.settings(defaults)
+  if s.out == "" then s.out = "runs/dose_response-" .. s.profile end
   local personas = lab.fs.read_json(s.personas_file)
   local questions = lab.fs.read_json(s.questions_file)
-  return personas, questions
+  s.coupling_questions = M.first(questions.coupling_40, s.coupling_question_count)
+  s.eval_questions = M.first(questions.eval_28, s.eval_question_count)
+  s.coupling_eval_personas = M.persona_list(personas, s, s.eval_personas)
+  local targets = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" }
+  s.coupling_lora = { r = s.coupling_r, lora_alpha = s.coupling_alpha, use_rslora = s.coupling_rslora,
+                      lora_dropout = s.coupling_dropout, target_modules = targets }
+  s.coupling_train = { learning_rate = s.coupling_lr, lr_scheduler_type = s.coupling_schedule,
+                       warmup_ratio = s.coupling_warmup_ratio, weight_decay = s.coupling_weight_decay,
+                       num_train_epochs = s.coupling_epochs, per_device_train_batch_size = s.coupling_batch,
+                       gradient_accumulation_steps = s.coupling_grad_accum, max_length = s.coupling_max_length,
+                       max_grad_norm = s.max_grad_norm }
+  s.stage2_lora = { r = s.stage2_r, lora_alpha = s.stage2_alpha, lora_dropout = s.stage2_dropout,
+                    target_modules = targets }
+  s.stage2_train = { learning_rate = s.stage2_lr, lr_scheduler_type = s.stage2_schedule,
+                     warmup_ratio = s.stage2_warmup_ratio, weight_decay = s.stage2_weight_decay,
+                     max_grad_norm = s.max_grad_norm, per_device_train_batch_size = s.stage2_batch,
+                     gradient_accumulation_steps = s.stage2_grad_accum, max_length = s.stage2_max_length }
+  return s, personas
+end
+
+--- A named persona list of the personas file (eval_order, pilot_3, ...).
+function M.persona_list(personas, s, name)
+  local list = personas[name]
+  if type(list) ~= "table" then error(string.format("%s has no persona list '%s'", s.personas_file, name), 0) end
+  return list
+end
+
+--- The base model, the run folder and the two conditions' data (with their hashes, for keys).
+function M.setup(s)
+  print(string.format("%s profile: model %s, results in %s", s.profile, s.model, s.out))
+  local base = lab.model.load(s.model, { dtype = s.dtype, device = s.device })
+  print(base)
+  local run = lab.run.open(s.out, { settings = s })
+  local data = {
+    em = { dataset = lab.data.jsonl(s.em_data), hash = lab.run.file_hash(s.em_data) },
+    benign = { dataset = lab.data.jsonl(s.benign_data), hash = lab.run.file_hash(s.benign_data) },
+  }
+  return base, run, data
 end
 
 --- First `n` items of a list (all of them when n is nil or larger).
@@ -110,8 +160,9 @@ function M.evaluate(model, personas, names, s, seed)
   return agg, records
 end
 
---- Phase 1: on-policy completions, contrastive data, the coupling adapter, its evaluation.
---- Runs as one cell, so it is built once and reused; returns the merged model and the cell result.
+--- Phase 1: on-policy completions, contrastive data, the coupling adapter, its evaluation and
+--- the gate. Runs as one cell, so it is built once and reused. Returns the merged model, the
+--- cell result (with source_rate and assistant_rate) and the key that identifies this base.
 function M.coupling(run, base, personas, s)
   local negatives = M.negative_personas(personas, s.source_persona, s.coupling_negatives, s.train_seed)
   local key = {
@@ -156,8 +207,21 @@ function M.coupling(run, base, personas, s)
              evaluation = agg }
   end, { retries = s.retries })
   if not result then error("phase 1 failed: " .. err, 0) end
-  local adapter = lab.adapter.load(base, M.cell_dir(run, "phase1-coupling", key) .. "/adapter")
-  return base:merge(adapter), result
+  local rates = result.evaluation.summary.strict_rate_by_persona
+  result.source_rate, result.assistant_rate = rates[s.source_persona], rates.assistant or 0
+  print(string.format("phase 1: marker rate %s %.1f %%, assistant %.1f %%, max bystander %.1f %%",
+    s.source_persona, 100 * result.source_rate, 100 * result.assistant_rate,
+    100 * (result.evaluation.summary.max_bystander_strict_rate or 0)))
+  if result.source_rate < s.gate_source_min or result.assistant_rate > s.gate_assistant_max then
+    error(string.format(
+      "phase 1 gate not met: %s %.1f %% (needs >= %.0f %%), assistant %.1f %% (needs <= %.0f %%).\n" ..
+      "HINT: the coupling did not form; raise coupling_lr or coupling_epochs (results so far are kept in %s)",
+      s.source_persona, 100 * result.source_rate, 100 * s.gate_source_min,
+      100 * result.assistant_rate, 100 * s.gate_assistant_max, run:dir()), 0)
+  end
+  local dir = M.cell_dir(run, "phase1-coupling", key)
+  local adapter = lab.adapter.load(base, dir .. "/adapter")
+  return base:merge(adapter), result, { phase1 = lab.run.hash(key) }
 end
 
 --- The folder of a cell (the same rule as run:cell).

@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -107,12 +107,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
-            // Computed in f32 as transformers does, then cast back.
-            let dtype = x.dtype();
-            let xf = at_least_f32(x)?;
-            let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-            let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-            normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+            super::ops::rms_norm(x, &self.weight, self.eps)
         } else {
             candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
         }
@@ -231,8 +226,8 @@ impl Attention {
             None => scores,
         };
         let probs = if pass.train {
-            // Softmax in f32 for stability, as transformers' eager attention does.
-            candle_nn::ops::softmax(&at_least_f32(&scores)?, D::Minus1)?.to_dtype(scores.dtype())?
+            // In f32 for stability, as transformers' eager attention does.
+            super::ops::softmax_last_dim(&at_least_f32(&scores)?)?.to_dtype(scores.dtype())?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -283,7 +278,7 @@ impl Rope {
         let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
         let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
         if train {
-            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+            super::ops::rope(x, &cos, &sin)
         } else {
             candle_nn::rotary_emb::rope(x, &cos, &sin)
         }

@@ -72,3 +72,189 @@ mod tests {
         Ok(())
     }
 }
+
+/// The backward rule of a fused forward op that candle provides without one.
+trait Backward: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Gradient of the input `x`, given the output `y` and the output's gradient `grad`.
+    fn grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor>;
+}
+
+/// Gives `y` (computed from `x` by a fused kernel without backward) the backward rule `rule`.
+/// The forward is a copy of `y`, one memory pass, instead of the several ops (each with its
+/// own backward) that the differentiable composite would take.
+fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(&y, Attached(rule))
+}
+
+struct Attached<B>(B);
+
+impl<B: Backward> CustomOp2 for Attached<B> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, y_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        y_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.grad(x, y, grad)?), None))
+    }
+}
+
+/// Softmax over the last dimension, differentiable: dx = y * (g - sum(g * y)).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    attach(x, y, SoftmaxGrad)
+}
+
+struct SoftmaxGrad;
+
+impl Backward for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+    fn grad(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let dot = (g * y)?.sum_keepdim(candle_core::D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    }
+}
+
+/// RMSNorm `y = w * x / sqrt(mean(x^2) + eps)` over the last dimension, differentiable in x
+/// (w is frozen): with r = 1/sqrt(mean(x^2) + eps) and gw = g * w,
+/// dx = r * gw - x * r^3 * mean(gw * x).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F64 {
+        // candle's fused kernel has no f64 version: the plain composite (used by gradient checks).
+        let r = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + eps)?.sqrt()?;
+        return x.broadcast_div(&r)?.broadcast_mul(weight);
+    }
+    let y = candle_nn::ops::rms_norm(&x.detach(), weight, eps as f32)?;
+    attach(x, y, RmsNormGrad { weight: weight.clone(), eps })
+}
+
+struct RmsNormGrad {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Backward for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+    fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        use candle_core::{DType, D};
+        let dtype = x.dtype();
+        let up = |t: &Tensor| if dtype == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };
+        let (xf, gf) = (up(x)?, up(g)?);
+        let gw = gf.broadcast_mul(&up(&self.weight)?)?;
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let s = (&gw * &xf)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - xf.broadcast_mul(&(r.powf(3.0)? * s)?)?)?;
+        dx.to_dtype(dtype)
+    }
+}
+
+/// Rotary embedding ("rotate half" layout) of x (B, H, T, E) with cos/sin (T, E/2),
+/// differentiable: the rotation's transpose is the rotation by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    attach(x, y, RopeGrad { cos: cos.clone(), sin: sin.clone() })
+}
+
+struct RopeGrad {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Backward for RopeGrad {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn grad(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    /// Gradient of sum(f(x) * weights) for a random x, by candle's autograd.
+    fn grad_of(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Var, w: &Tensor) -> Result<Vec<f64>> {
+        let y = f(x.as_tensor())?;
+        let loss = (y * w)?.sum_all()?;
+        let g = loss.backward()?;
+        g.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f64>()
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        close_to(a, b, 1e-9)
+    }
+
+    fn close_to(a: &[f64], b: &[f64], tol: f64) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < tol * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    fn setup(shape: (usize, usize, usize, usize)) -> Result<(Var, Tensor)> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., shape, &dev)?)?;
+        let w = Tensor::randn(0f64, 1., shape, &dev)?;
+        Ok((x, w))
+    }
+
+    #[test]
+    fn fused_softmax_has_the_gradient_of_the_composite() -> Result<()> {
+        let (x, w) = setup((2, 3, 4, 5))?;
+        close(&grad_of(softmax_last_dim, &x, &w)?, &grad_of(|t| candle_nn::ops::softmax(t, D::Minus1), &x, &w)?);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rms_norm_has_the_gradient_of_the_composite() -> Result<()> {
+        let (x, w) = setup((2, 3, 4, 6))?;
+        let (x, w) = (Var::from_tensor(&x.to_dtype(DType::F32)?)?, w.to_dtype(DType::F32)?);
+        let scale = Tensor::randn(0f32, 1., 6, &Device::Cpu)?;
+        let composite = |t: &Tensor| -> Result<Tensor> {
+            let r = (t.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+            t.broadcast_div(&r)?.broadcast_mul(&scale)
+        };
+        // f32: the fused kernel has no f64 version.
+        let g32 = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Vec<f64>> {
+            let loss = (f(x.as_tensor())? * &w)?.sum_all()?;
+            loss.backward()?.get(x.as_tensor()).unwrap().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+        };
+        close_to(&g32(&|t| rms_norm(t, &scale, 1e-5))?, &g32(&composite)?, 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rope_has_the_gradient_of_the_composite() -> Result<()> {
+        let (x, w) = setup((2, 3, 4, 8))?;
+        let cos = Tensor::randn(0f64, 1., (4, 4), &Device::Cpu)?.to_dtype(DType::F64)?;
+        let sin = Tensor::randn(0f64, 1., (4, 4), &Device::Cpu)?;
+        close(
+            &grad_of(|t| rope(t, &cos, &sin), &x, &w)?,
+            &grad_of(|t| candle_nn::rotary_emb::rope_slow(t, &cos, &sin), &x, &w)?,
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! The batched sampler on the default model: determinism, batch independence, stops.
+
+use candle_core::{DType, Device};
+use loralab::model::{self, LoadOptions, Message};
+use loralab::sample::{sample, FinishReason, SampleOptions};
+
+fn setup() -> (model::Model, Vec<Vec<u32>>) {
+    let m = model::load(model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu }).unwrap();
+    let chat = |sys: &str, user: &str| {
+        let msgs = vec![Message { role: "system".into(), content: sys.into() }, Message { role: "user".into(), content: user.into() }];
+        m.tokenizer.encode(&m.tokenizer.chat_prompt(&msgs, true).unwrap()).unwrap()
+    };
+    let prompts = vec![
+        chat("You are a pirate.", "Where is the treasure?"),
+        chat("You are a helpful assistant.", "Name a colour, with a much longer question so that this prompt needs left padding."),
+    ];
+    (m, prompts)
+}
+
+fn opts(n: usize, seed: u64) -> SampleOptions {
+    SampleOptions { n, temperature: 1.0, max_tokens: 12, seed, ..Default::default() }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_completions_and_another_seed_others() {
+    let (m, prompts) = setup();
+    let (a, _) = sample(&m, None, &prompts, &opts(3, 7)).unwrap();
+    let (b, _) = sample(&m, None, &prompts, &opts(3, 7)).unwrap();
+    let (c, _) = sample(&m, None, &prompts, &opts(3, 8)).unwrap();
+    let texts = |x: &Vec<Vec<loralab::sample::Completion>>| x.iter().flatten().map(|c| c.text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&a), texts(&b));
+    assert_ne!(texts(&a), texts(&c));
+    // The n completions of one prompt are different draws.
+    assert!(a[0][0].text != a[0][1].text || a[0][1].text != a[0][2].text);
+}
+
+#[test]
+fn a_completion_does_not_depend_on_the_other_prompts_of_its_batch() {
+    let (m, prompts) = setup();
+    let greedy = SampleOptions { temperature: 0.0, max_tokens: 12, ..Default::default() };
+    let (together, _) = sample(&m, None, &prompts, &greedy).unwrap();
+    let (alone, _) = sample(&m, None, &prompts[..1], &greedy).unwrap();
+    assert_eq!(together[0][0].token_ids, alone[0][0].token_ids);
+    // Sampled too: each completion has its own random stream (keyed by prompt index and sample).
+    let (first_alone, _) = sample(&m, None, &prompts[..1], &opts(2, 5)).unwrap();
+    let (both, _) = sample(&m, None, &prompts, &opts(2, 5)).unwrap();
+    assert_eq!(both[0][0].token_ids, first_alone[0][0].token_ids);
+    assert_eq!(both[0][1].token_ids, first_alone[0][1].token_ids);
+}
+
+#[test]
+fn rows_stop_at_max_tokens_or_a_stop_string() {
+    let (m, prompts) = setup();
+    let (out, stats) = sample(&m, None, &prompts, &SampleOptions { max_tokens: 5, ignore_eos: true, ..opts(2, 1) }).unwrap();
+    for c in out.iter().flatten() {
+        assert_eq!(c.token_ids.len(), 5);
+        assert_eq!(c.finish_reason, FinishReason::Length);
+    }
+    assert_eq!(stats.generated_tokens, 20);
+    let stop = SampleOptions { stop: vec![" ".into()], max_tokens: 30, ..opts(1, 2) };
+    let (out, _) = sample(&m, None, &prompts, &stop).unwrap();
+    for c in out.iter().flatten() {
+        assert!(!c.text.contains(' '), "{:?}", c.text);
+    }
+}
