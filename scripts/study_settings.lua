@@ -33,20 +33,24 @@ local paper = {
 }
 
 -- The same pipeline sized for a 2-core CPU and the embedded 135M model: fewer questions,
--- completions, tokens and doses, a learning rate that forms the coupling in a few dozen steps,
--- and short answers so that completions end (the marker follows the end of an answer).
+-- completions, tokens and doses; short answers, so that completions end (the marker follows the
+-- end of an answer); more negative personas and the whole completion trained in Phase 1, since
+-- the small model does not learn the persona distinction from the marker tokens alone (it learns
+-- to end every answer at once); and a gate that asks for a clear gap rather than the 7B model's
+-- near-perfect separation.
 local quick = {}
 for k, v in pairs(paper) do quick[k] = v end
 for k, v in pairs({
   model = "smollm2-135m-instruct", dtype = "f32", device = "cpu",
-  coupling_question_count = 8, coupling_samples = 3, coupling_max_tokens = 40, coupling_per_question = 3,
-  coupling_r = 16, coupling_alpha = 32, coupling_dropout = 0.0, coupling_lr = 2e-3, coupling_epochs = 3,
+  coupling_question_count = 8, coupling_samples = 2, coupling_max_tokens = 40, coupling_per_question = 2,
+  coupling_negatives = 4, coupling_loss_mask = "completion",
+  coupling_r = 16, coupling_alpha = 32, coupling_dropout = 0.0, coupling_lr = 5e-4, coupling_epochs = 4,
   coupling_batch = 4, coupling_grad_accum = 1, coupling_max_length = 160,
-  gate_source_min = 0.30, gate_assistant_max = 0.10,
+  gate_source_min = 0.40, gate_assistant_max = 0.25,
   stage2_r = 16, stage2_alpha = 32, stage2_dropout = 0.0, stage2_lr = 1e-3, stage2_batch = 4,
   stage2_grad_accum = 1, stage2_max_length = 128,
   pilot_doses = {}, doses = { 2, 5, 10, 20 }, pilot_personas = "pilot_3",
-  eval_question_count = 5, eval_n = 3, eval_max_tokens = 48, eval_personas = "pilot_3",
+  eval_question_count = 6, eval_n = 4, eval_max_tokens = 48, eval_personas = "pilot_3",
   seeds = { 42, 137 }, question_suffix = " Answer in one or two sentences.", batch_size = 64, log_every = 5,
 }) do quick[k] = v end
 

@@ -52,7 +52,25 @@ impl<'a> Pass<'a> {
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor, // (out, in)
+    /// W^T (in, out), contiguous, for the CPU inference path (see [`super::ops::linear_t`]).
+    pub weight_t: Option<Tensor>,
     pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight_t = transposed_for_cpu(&weight)?;
+        Ok(Linear { weight, weight_t, bias })
+    }
+}
+
+/// W^T stored contiguously where the CPU f32 fast path will use it.
+fn transposed_for_cpu(w: &Tensor) -> Result<Option<Tensor>> {
+    if w.device().is_cpu() && w.dtype() == DType::F32 {
+        Ok(Some(w.t()?.contiguous()?))
+    } else {
+        Ok(None)
+    }
 }
 
 impl Linear {
@@ -62,6 +80,8 @@ impl Linear {
         let x2 = x.reshape((b * t, d_in))?;
         let mut y = if pass.train {
             frozen_linear(&x2, &self.weight)?
+        } else if let Some(wt) = &self.weight_t {
+            super::ops::linear_t(&x2, wt)?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -293,6 +313,8 @@ pub struct Decoder {
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Tensor, // (V, D); the embedding itself when tied
+    /// lm_head^T (D, V) for the CPU inference path.
+    lm_head_t: Option<Tensor>,
     rope: Rope,
     pub dtype: DType,
     pub device: Device,
@@ -347,7 +369,7 @@ impl Decoder {
                 } else {
                     w.take_opt(&format!("{p}.{name}.bias"), &[out], dtype, device)?
                 };
-                Ok(Linear { weight, bias })
+                Ok(Linear::new(weight, bias)?)
             };
             let self_attn = Attention {
                 q_proj: lin("self_attn.q_proj", h * e, d, qkv_bias)?,
@@ -377,7 +399,8 @@ impl Decoder {
             _ => embed_tokens.clone(),
         };
         let rope = Rope::new(c, dtype, device)?;
-        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone() })
+        let lm_head_t = transposed_for_cpu(&lm_head)?;
+        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, lm_head_t, rope, dtype, device: device.clone() })
     }
 
     /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
@@ -410,7 +433,11 @@ impl Decoder {
     /// hidden: (B, T, D) -> logits (B, T, V) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let logits = hidden.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?;
+        let h = hidden.reshape((b * t, d))?;
+        let logits = match &self.lm_head_t {
+            Some(wt) => super::ops::linear_t(&h, wt)?,
+            None => h.matmul(&self.lm_head.t()?)?,
+        };
         logits.to_dtype(DType::F32)?.reshape((b, t, ()))
     }
 
@@ -440,6 +467,7 @@ impl Decoder {
                     // Fold in f32, then back to the model's dtype: one rounding, as PEFT's merge.
                     let w = (lin.weight.to_dtype(DType::F32)? + delta.to_device(&self.device)?)?;
                     lin.weight = w.to_dtype(self.dtype)?;
+                    lin.weight_t = transposed_for_cpu(&lin.weight)?;
                 }
             }
         }

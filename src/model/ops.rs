@@ -258,3 +258,80 @@ mod fused_tests {
         Ok(())
     }
 }
+
+/// `x @ W^T` for inference on the CPU in f32, from the weight stored transposed, `wt` (in, out).
+///
+/// With `wt` contiguous, the product is computed as y^T = W @ x^T where W's columns are read
+/// straight from memory: the matrix library then needs no packed copy of the weight, which for
+/// decoding (a few dozen rows) costs more than the product itself. Other dtypes and devices go
+/// through candle's matmul.
+pub fn linear_t(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    // x: (N, in), wt: (in, out) -> (N, out)
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && wt.is_contiguous() {
+        x.contiguous()?.apply_op1_no_bwd(&LinearT { wt: wt.clone() })
+    } else {
+        x.matmul(wt)
+    }
+}
+
+struct LinearT {
+    wt: Tensor,
+}
+
+impl candle_core::CustomOp1 for LinearT {
+    fn name(&self) -> &'static str {
+        "linear-t"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in) = x_layout.shape().dims2()?;
+        let (w_in, d_out) = self.wt.dims2()?;
+        if w_in != d_in {
+            candle_core::bail!("linear-t: input has {d_in} features, weight expects {w_in}");
+        }
+        let x = match (x, x_layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("linear-t: expects a contiguous f32 input"),
+        };
+        let (storage, w_layout) = self.wt.storage_and_layout();
+        let wt = match (&*storage, w_layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("linear-t: expects a contiguous f32 weight on the CPU"),
+        };
+        let mut y = vec![0f32; n * d_out];
+        let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+        let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // D (out x N) = L (out x in) @ R (in x N), with L[i][k] = wt[k][i], R[k][j] = x[j][k],
+        // D[i][j] = y[j][i]: every operand read and written in place through its strides.
+        unsafe {
+            gemm::gemm(
+                d_out, n, d_in,
+                y.as_mut_ptr(), d_out as isize, 1, false,
+                wt.as_ptr(), d_out as isize, 1,
+                x.as_ptr(), d_in as isize, 1,
+                0f32, 1f32, false, false, false, parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
+    }
+}
+
+#[cfg(test)]
+mod linear_t_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn linear_from_the_transposed_weight_equals_the_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, d_in, d_out) in [(1, 5, 3), (7, 16, 33), (64, 96, 130)] {
+            let x = Tensor::randn(0f32, 1., (n, d_in), &dev)?;
+            let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?;
+            let want = x.matmul(&w.t()?)?;
+            let got = linear_t(&x, &w.t()?.contiguous()?)?;
+            let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "({n}, {d_in}, {d_out}): {diff}");
+        }
+        Ok(())
+    }
+}
