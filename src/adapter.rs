@@ -114,7 +114,7 @@ impl Adapter {
     pub fn delta(&self, layer: usize, target: Target, dtype: DType) -> candle_core::Result<Option<Tensor>> {
         let Some(p) = self.pair(layer, target) else { return Ok(None) };
         let d = (p.b.as_tensor().matmul(p.a.as_tensor())? * self.scale())?;
-        Ok(Some(d.to_dtype(dtype)?))
+        Ok(Some(d.to_dtype(dtype)?.detach()))
     }
 }
 

@@ -243,6 +243,9 @@ pub fn train(
                 let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
                 let loss = batch_loss(decoder, adapter, &rows, n_targets, &dropout_rng)?;
                 loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss.track_op() {
+                    continue; // a micro-batch without trained tokens adds no gradient
+                }
                 let store = loss.backward()?;
                 for (acc, var) in grads.iter_mut().zip(&vars) {
                     if let Some(g) = store.get(var.as_tensor()) {

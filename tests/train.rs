@@ -226,3 +226,15 @@ fn loading_an_adapter_with_stray_tensors_names_them() {
     let err = Adapter::load(dir.path(), &dec).err().unwrap().to_string();
     assert!(err.contains("mlp.extra.lora_A"), "{err}");
 }
+
+#[test]
+fn a_second_adapter_trains_on_a_merged_model() {
+    let dec = tiny(DType::F32);
+    let first = Adapter::load(&fixtures().join("tiny-lora/rslora"), &dec).unwrap();
+    let merged = dec.merged(&first).unwrap();
+    let cfg = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, target_modules: Target::ALL.to_vec(), use_rslora: false };
+    let second = Adapter::new(&merged, cfg, 1).unwrap();
+    let config = TrainConfig { max_steps: Some(2), ..fixture_config() };
+    let log = train::train(&merged, &second, &fixture_rows(), &config, |_| Ok(())).unwrap();
+    assert!(log.iter().all(|s| s.loss.is_finite() && s.grad_norm > 0.0));
+}

@@ -87,6 +87,23 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `f`, turning a panic (a bug, in loralab or a library) into a Lua error so that a run
+/// store can record the cell as failed and go on instead of losing the whole process.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> mlua::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(mlua::Error::runtime(format!("{what}: {e:#}"))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(mlua::Error::runtime(format!("{what}: internal error ({msg}); please report it")))
+        }
+    }
+}
+
 /// An mlua error as an anyhow error (mlua's are not Send).
 pub fn lua_err(e: mlua::Error) -> anyhow::Error {
     anyhow::anyhow!("{}", describe_lua_error(&e))

@@ -179,7 +179,7 @@ impl UserData for LuaModel {
             }
             let adapter_ref = adapter.as_ref().map(|a| a.0.borrow().clone());
             let (outs, stats) =
-                sample::sample(&this.0, adapter_ref.as_ref(), &ids, &opts).map_err(mlua::Error::external)?;
+                super::guarded("model:sample", || sample::sample(&this.0, adapter_ref.as_ref(), &ids, &opts))?;
             let result = lua.create_table()?;
             for (i, per_prompt) in outs.into_iter().enumerate() {
                 let list = lua.create_table()?;

@@ -85,14 +85,13 @@ fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUse
     }
     let started = std::time::Instant::now();
     let adapter_ref = adapter.0.borrow();
-    let log = train::train(&model.0.decoder, &adapter_ref, &examples, &cfg, |rec| {
+    let log = super::guarded(ctx, || train::train(&model.0.decoder, &adapter_ref, &examples, &cfg, |rec| {
         if let Some(f) = &on_step {
             let t = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
             f.call::<()>(t).map_err(|e| anyhow::anyhow!("on_step: {}", super::describe_lua_error(&e)))?;
         }
         Ok(())
-    })
-    .map_err(|e| mlua::Error::runtime(format!("{ctx}: {e:#}")))?;
+    }))?;
     let seconds = started.elapsed().as_secs_f64();
     let out = lua.create_table()?;
     let mut seen = 0usize;

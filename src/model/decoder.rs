@@ -466,7 +466,9 @@ impl Decoder {
                 if let Some(delta) = adapter.delta(i, target, DType::F32)? {
                     // Fold in f32, then back to the model's dtype: one rounding, as PEFT's merge.
                     let w = (lin.weight.to_dtype(DType::F32)? + delta.to_device(&self.device)?)?;
-                    lin.weight = w.to_dtype(self.dtype)?;
+                    // detach: the merged weight is a constant, not a function of the adapter's
+                    // variables (else training on the merged model would track it).
+                    lin.weight = w.to_dtype(self.dtype)?.detach();
                     lin.weight_t = transposed_for_cpu(&lin.weight)?;
                 }
             }

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 /// whose forward is a copy of that product and whose backward is `grad @ W`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     // x: (N, in), weight: (out, in) -> (N, out)
-    let y = x.detach().matmul(&weight.t()?)?;
+    let y = x.detach().matmul(&weight.detach().t()?)?;
     if !x.track_op() {
         return Ok(y);
     }
@@ -87,7 +87,7 @@ fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> Result<Tenso
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2(&y, Attached(rule))
+    x.apply_op2(&y.detach(), Attached(rule))
 }
 
 struct Attached<B>(B);
