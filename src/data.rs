@@ -20,6 +20,8 @@ use crate::model::{Message, TextTokenizer};
 #[serde(untagged)]
 pub enum Row {
     Messages { messages: Vec<Message> },
+    /// Already tokenized; every token is trained.
+    Ids { input_ids: Vec<u32> },
     PromptCompletion { prompt: Turns, completion: Turns },
     Text { text: String },
 }
@@ -77,9 +79,11 @@ fn parse_row(line: &str) -> anyhow::Result<Row> {
 /// Checks a JSON value's shape and names what is wrong.
 pub fn row_from_json(v: serde_json::Value) -> anyhow::Result<Row> {
     let obj = v.as_object().ok_or_else(|| anyhow::anyhow!("a row must be a JSON object"))?;
-    let known = ["messages", "prompt", "completion", "text"];
+    let known = ["messages", "prompt", "completion", "text", "input_ids"];
     let shape = if obj.contains_key("messages") {
         "messages"
+    } else if obj.contains_key("input_ids") {
+        "input_ids"
     } else if obj.contains_key("prompt") || obj.contains_key("completion") {
         "prompt/completion"
     } else if obj.contains_key("text") {
@@ -142,6 +146,7 @@ pub fn tokenize(tok: &TextTokenizer, row: &Row, mask: &LossMask, max_length: usi
             (ids, vec![true; n])
         }
         Row::Messages { messages } => messages_example(tok, messages, mask)?,
+        Row::Ids { input_ids } => (input_ids.clone(), vec![true; input_ids.len()]),
         Row::PromptCompletion { prompt, completion } => prompt_completion_example(tok, prompt, completion, mask)?,
     };
     ids.truncate(max_length);

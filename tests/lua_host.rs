@@ -199,3 +199,30 @@ print(err)
     let failed = std::fs::read_dir(dir.path().join("run")).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with("b-")).unwrap();
     assert!(failed.path().join("failed.json").exists());
 }
+
+#[test]
+fn a_random_model_of_a_given_shape_samples_token_ids_and_trains_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "rand.lua",
+        r#"
+local lab = require("lab")
+local m = lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 100, hidden_size = 32,
+  intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2,
+  max_position_embeddings = 128 })
+local outs, st = m:sample({ {1, 2, 3}, {4, 5} }, { n = 2, max_tokens = 5, ignore_eos = true })
+local a = lab.adapter.new(m, { r = 2, target_modules = {"all-linear"} })
+local log = lab.train.sft(m, a, lab.data.rows({ { input_ids = {1, 2, 3, 4} }, { input_ids = {5, 6, 7} } }),
+  { max_steps = 2, per_device_train_batch_size = 2 })
+print(#outs, #outs[1], outs[1][1].num_tokens, st.generated_tokens, #log, log[1].tokens)
+local ok, err = pcall(m.sample, m, { {1, 200} }, {})
+print(ok, err)
+"#,
+    );
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "2\t2\t5\t20\t2\t5");
+    assert!(lines[1].starts_with("false") && lines[1].contains("outside") || lines[1].contains("not a token id"), "{out}");
+}

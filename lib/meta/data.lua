@@ -1,6 +1,7 @@
 ---@meta
 -- lab.data: training rows. A row is {messages = {...}}, {prompt = ..., completion = ...}
--- (lists of messages or plain strings) or {text = "..."}.
+-- (lists of messages or plain strings), {text = "..."} or {input_ids = {...}} (already
+-- tokenized; every token trained).
 
 ---@class lab.data
 lab.data = {}

@@ -17,6 +17,13 @@ lab.model = {}
 ---@return Model
 function lab.model.load(spec, opts) end
 
+--- A model of a config's shape (a config.json path or a table of its fields) with random
+--- weights and a placeholder tokenizer ("t0", "t1", ...): for benchmarks. Prompts are token ids.
+---@param config string|table
+---@param opts? ModelLoadOptions
+---@return Model
+function lab.model.random(config, opts) end
+
 ---@class Message
 ---@field role "system"|"user"|"assistant"
 ---@field content string
@@ -55,9 +62,9 @@ function lab.model.load(spec, opts) end
 ---@class Model
 local Model = {}
 
---- Completions for each prompt (text, or a list of messages rendered with the chat template
---- and its generation prompt): result[i][j] is completion j of prompt i.
----@param prompts (string|Message[])[]
+--- Completions for each prompt (text, a list of messages rendered with the chat template and
+--- its generation prompt, or a list of token ids): result[i][j] is completion j of prompt i.
+---@param prompts (string|Message[]|integer[])[]
 ---@param opts? SampleOptions
 ---@return Completion[][] completions
 ---@return SampleStats stats

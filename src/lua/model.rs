@@ -17,6 +17,35 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table()?;
     m.set("default", model::DEFAULT_MODEL)?;
     m.set(
+        "random",
+        lua.create_function(|lua, (config, opts): (Value, Value)| {
+            let mut o = Opts::new("lab.model.random", opts)?;
+            let dtype_name: String = o.get_or(lua, "dtype", "f32".to_string())?;
+            let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
+            let dtype = parse_dtype(&o, &dtype_name)?;
+            let device = parse_device(&o, &device_name)?;
+            o.finish()?;
+            let (cfg, id) = match config {
+                Value::String(path) => {
+                    let path = path.to_str()?.to_string();
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| mlua::Error::runtime(format!("lab.model.random: cannot read {path}: {e}")))?;
+                    let cfg: model::Config = serde_json::from_str(&text)
+                        .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {path} is not a model config: {e}")))?;
+                    (cfg, format!("random({path})"))
+                }
+                Value::Table(t) => {
+                    let cfg: model::Config = lua.from_value(Value::Table(t))
+                        .map_err(|e| mlua::Error::runtime(format!("lab.model.random: not a model config: {e}")))?;
+                    (cfg, "random".to_string())
+                }
+                other => return Err(mlua::Error::runtime(format!("lab.model.random: config must be a path or a table, got {}", other.type_name()))),
+            };
+            let m = model::load::random(cfg, &LoadOptions { dtype, device }, id).map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
+            Ok(LuaModel(Rc::new(m)))
+        })?,
+    )?;
+    m.set(
         "load",
         lua.create_function(|lua, (spec, opts): (Option<String>, Value)| {
             let spec = spec.unwrap_or_else(|| model::DEFAULT_MODEL.to_string());
@@ -71,6 +100,22 @@ pub fn messages_from_lua(value: &Table, context: &str) -> mlua::Result<Vec<Messa
 fn prompt_ids(model: &Model, value: Value, index: usize) -> mlua::Result<Vec<u32>> {
     let text = match value {
         Value::String(s) => s.to_str()?.to_string(),
+        Value::Table(t) if matches!(t.raw_get::<Value>(1)?, Value::Integer(_)) => {
+            // Token ids, used as they are.
+            let vocab = model.config().vocab_size as i64;
+            let mut ids = Vec::new();
+            for id in t.sequence_values::<Value>() {
+                match id? {
+                    Value::Integer(i) if (0..vocab).contains(&i) => ids.push(i as u32),
+                    other => {
+                        return Err(mlua::Error::runtime(format!(
+                            "model:sample: prompt {index}: {other:?} is not a token id of this model (0..{vocab})"
+                        )))
+                    }
+                }
+            }
+            return Ok(ids);
+        }
         Value::Table(t) => {
             let msgs = messages_from_lua(&t, &format!("model:sample: prompt {index}"))?;
             model.tokenizer.chat_prompt(&msgs, true).map_err(mlua::Error::external)?

@@ -275,3 +275,54 @@ fn verify_sha256(path: &Path, expected: &str) -> anyhow::Result<()> {
     anyhow::ensure!(got == expected, "{}: checksum mismatch (sha256 {got}, expected {expected}); the file is corrupt or truncated", path.display());
     Ok(())
 }
+
+/// A model of `config`'s shape with random weights (normal, std 0.02; norms 1, biases 0) and a
+/// placeholder tokenizer whose tokens are "t0", "t1", ...: for benchmarks and tests where no
+/// checkpoint is at hand. Prompts are then given as token ids.
+pub fn random(config: Config, opts: &LoadOptions, id: String) -> anyhow::Result<Model> {
+    config.validate()?;
+    let c = &config;
+    let dev = &opts.device;
+    let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+    let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(opts.dtype)?)
+    };
+    let ones = |n: usize| -> anyhow::Result<Tensor> { Ok(Tensor::ones(n, opts.dtype, dev)?) };
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert("model.embed_tokens.weight".into(), randn(&[v, d])?);
+    t.insert("model.norm.weight".into(), ones(d)?);
+    if !c.tie_word_embeddings {
+        t.insert("lm_head.weight".into(), randn(&[v, d])?);
+    }
+    let qkv_bias = c.qkv_bias()?;
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, out, inp) in [
+            ("self_attn.q_proj", h * e, d),
+            ("self_attn.k_proj", k * e, d),
+            ("self_attn.v_proj", k * e, d),
+            ("self_attn.o_proj", d, h * e),
+            ("mlp.gate_proj", f, d),
+            ("mlp.up_proj", f, d),
+            ("mlp.down_proj", d, f),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), randn(&[out, inp])?);
+            if qkv_bias && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
+                t.insert(format!("{p}.{name}.bias"), Tensor::zeros(out, opts.dtype, dev)?);
+            }
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
+        t.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
+    }
+    let decoder = Decoder::new(config.clone(), Weights { tensors: t, source: id.clone() }, opts.dtype, dev)?;
+    let vocab: HashMap<String, u32> = (0..v as u32).map(|i| (format!("t{i}"), i)).collect();
+    let word_level = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("t0".into())
+        .build()
+        .map_err(|e| anyhow::anyhow!("placeholder tokenizer: {e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(word_level);
+    tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    Ok(Model::new(id, decoder, TextTokenizer::new(tok, None, None, None, Vec::new())))
+}

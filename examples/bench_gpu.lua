@@ -1,0 +1,86 @@
+-- LoRA training and sampling throughput on a GPU, loralab and transformers + PEFT side by side,
+-- with random weights of a Qwen2.5 shape (scripts/bench/configs/).
+--
+--   loralab run examples/bench_gpu.lua --set config=scripts/bench/configs/qwen2.5-0.5b.json
+--   loralab run examples/bench_gpu.lua --set seq=1024 --set python=none
+local lab = require("lab")
+local s = lab.settings({
+  config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
+  seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32,
+  prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320,
+  python = "python3", skip = "", out = "runs/bench_gpu",
+})
+
+local model = lab.model.random(s.config, { dtype = s.dtype, device = s.device })
+print(model)
+local vocab = model:info().config.vocab_size
+local result = { config = s.config, settings = s }
+
+-- Training: (steps + 1) optimizer steps of batch x grad_accum rows of `seq` random tokens; the
+-- first step (warm-up, kernel compilation) is not counted.
+if not s.skip:find("train") then
+  local rows, state = {}, 12345
+  local function rand_token()
+    state = (state * 1103515245 + 12345) % 2147483648
+    return state % vocab
+  end
+  for i = 1, (s.steps + 1) * s.batch * s.grad_accum do
+    local ids = {}
+    for j = 1, s.seq do ids[j] = rand_token() end
+    rows[i] = { input_ids = ids }
+  end
+  local adapter = lab.adapter.new(model, { r = s.r, lora_alpha = 2 * s.r, target_modules = { "all-linear" }, seed = 0 })
+  local times = {}
+  lab.train.sft(model, adapter, lab.data.rows(rows), {
+    max_steps = s.steps + 1, learning_rate = 1e-4, per_device_train_batch_size = s.batch,
+    gradient_accumulation_steps = s.grad_accum, max_length = s.seq, shuffle = false,
+    on_step = function(r) times[r.step] = r.seconds end })
+  local secs = 0
+  for i = 2, s.steps + 1 do secs = secs + times[i] end
+  result.train = { tokens_per_second = s.steps * s.batch * s.grad_accum * s.seq / secs, seconds_per_step = secs / s.steps }
+  print(string.format("loralab train  %d x %d x %d tokens: %8.0f tok/s, %.2f s/step",
+    s.batch, s.grad_accum, s.seq, result.train.tokens_per_second, result.train.seconds_per_step))
+end
+
+-- Sampling: `prompts` random prompts of `prompt_len` tokens, n completions each, exactly
+-- max_tokens new tokens.
+if not s.skip:find("sample") then
+  local prompts, state = {}, 777
+  for i = 1, s.prompts do
+    local ids = {}
+    for j = 1, s.prompt_len do state = (state * 1103515245 + 12345) % 2147483648; ids[j] = state % vocab end
+    prompts[i] = ids
+  end
+  model:sample({ prompts[1] }, { max_tokens = 4 })
+  local t0 = lab.sys.time()
+  local _, st = model:sample(prompts, { n = s.n, max_tokens = s.max_tokens, ignore_eos = true, seed = 1,
+                                        batch_size = s.sample_batch })
+  local secs = lab.sys.time() - t0
+  result.sample = { generated_tokens_per_second = st.generated_tokens / secs, seconds = secs }
+  print(string.format("loralab sample %d prompts x %d x %d tokens: %8.0f generated tok/s",
+    s.prompts, s.n, s.max_tokens, result.sample.generated_tokens_per_second))
+end
+
+if s.python ~= "none" then
+  local cmd = string.format("%s scripts/bench/reference_gpu.py --config %s --seq %d --batch %d --grad-accum %d --steps %d --r %d --prompts %d --prompt-len %d --n %d --max-tokens %d --skip '%s'",
+    s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.prompts, s.prompt_len, s.n, s.max_tokens, s.skip)
+  local p = io.popen(cmd .. " 2>&1")
+  local out = p:read("a")
+  p:close()
+  local ref = out:match("(%b{})%s*$")
+  if not ref then error("the reference run printed no result:\n" .. out, 0) end
+  lab.fs.write_text(s.out .. "/reference.json", ref)
+  ref = lab.fs.read_json(s.out .. "/reference.json")
+  result.reference = ref
+  print("reference: " .. ref.stack .. " on " .. ref.gpu)
+  if ref.train and result.train then
+    print(string.format("  train  %8.0f tok/s (checkpointing: %.0f); loralab / reference = %.2fx",
+      ref.train.tokens_per_second, ref.train_checkpointing.tokens_per_second,
+      result.train.tokens_per_second / ref.train.tokens_per_second))
+  end
+  if ref.sample and result.sample then
+    print(string.format("  sample %8.0f generated tok/s; loralab / reference = %.2fx",
+      ref.sample.generated_tokens_per_second, result.sample.generated_tokens_per_second / ref.sample.generated_tokens_per_second))
+  end
+end
+lab.fs.write_json(s.out .. "/result.json", result)
