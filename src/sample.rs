@@ -127,6 +127,9 @@ pub fn sample(
             opts.max_tokens
         );
     }
+    if !model.device().is_cpu() {
+        model.device().set_seed(opts.seed)?;
+    }
     let mut stop_ids = if opts.ignore_eos { Vec::new() } else { model.tokenizer.stop_ids.clone() };
     stop_ids.extend(&opts.stop_token_ids);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
@@ -269,6 +272,9 @@ fn hits_stop_string(model: &Model, row: &mut Row, stop: &[String]) -> anyhow::Re
 
 /// Picks the next token of every live row from its logits (B, V).
 fn choose_tokens(logits: &Tensor, rows: &mut [Row], live: &[usize], opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+    if !logits.device().is_cpu() && opts.top_k == 0 && opts.top_p >= 1.0 {
+        return choose_on_device(logits, opts);
+    }
     let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
     // Each row's stream is independent, so rows are sampled in parallel.
     let mut picked: Vec<(usize, &mut Row)> = Vec::with_capacity(live.len());
@@ -286,6 +292,23 @@ fn choose_tokens(logits: &Tensor, rows: &mut [Row], live: &[usize], opts: &Sampl
         })
         .collect();
     Ok(toks)
+}
+
+/// Sampling on the GPU for the full distribution: greedy is an argmax; at temperature T the
+/// Gumbel-max trick, argmax(logits / T + G) with G = -log(-log(U)), is an exact draw from
+/// softmax(logits / T). Only one id per row crosses to the host. The noise comes from the
+/// device's generator (seeded once per `sample` call), so a GPU completion is reproducible for
+/// the same inputs and batch, but unlike on the CPU it depends on the batch it ran in.
+fn choose_on_device(logits: &Tensor, opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+    let logits = logits.to_dtype(DType::F32)?; // (B, V)
+    let scores = if opts.temperature == 0.0 {
+        logits
+    } else {
+        let u = Tensor::rand(1e-10f32, 1.0 - 1e-7, logits.shape(), logits.device())?;
+        let gumbel = u.log()?.neg()?.log()?.neg()?;
+        ((logits / opts.temperature)? + gumbel)?
+    };
+    Ok(scores.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
 }
 
 /// Draws one token id from logits: greedy at temperature 0, else softmax(logits / T) cut to

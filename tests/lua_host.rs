@@ -226,3 +226,72 @@ print(ok, err)
     assert_eq!(lines[0], "2\t2\t5\t20\t2\t5");
     assert!(lines[1].starts_with("false") && lines[1].contains("outside") || lines[1].contains("not a token id"), "{out}");
 }
+
+#[test]
+fn a_run_killed_mid_cell_resumes_without_redoing_finished_cells() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let body = format!(
+        r#"
+local lab = require("lab")
+local run = lab.run.open("{run}")
+run:cell("a", {{ x = 1 }}, function(cell)
+  local f = io.open("{run}/calls_a", "a"); f:write("call\n"); f:close()
+  return {{ v = 1 }}
+end)
+io.stdout:write("a done\n"); io.stdout:flush()
+local r = run:cell("b", {{ x = 2 }}, function(cell)
+  if os.getenv("LORALAB_TEST_HANG") then while true do end end
+  return {{ v = 2 }}
+end)
+print("b done", r.v)
+"#,
+        run = run_dir.display()
+    );
+    let path = script(dir.path(), "resume.lua", &body);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loralab"))
+        .args(["run", &path])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LORALAB_TEST_HANG", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "a done\n");
+    child.kill().unwrap(); // SIGKILL while cell b runs
+    child.wait().unwrap();
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    assert!(out.contains("b done\t2"), "{out}");
+    let calls = std::fs::read_to_string(run_dir.join("calls_a")).unwrap();
+    assert_eq!(calls.lines().count(), 1, "cell a ran again after the kill");
+}
+
+#[test]
+fn a_cell_that_ran_out_of_memory_is_retried_knowing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+package.path = "{scripts}/?.lua;" .. package.path
+local lab = require("lab")
+local study = require("persona_marker")
+local run = lab.run.open("{run}")
+local r = run:cell("c", {{}}, function(cell)
+  if cell.attempt == 1 then error("cuda: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")") end
+  local t = study.micro_batch({{ per_device_train_batch_size = 4, gradient_accumulation_steps = 4 }}, cell)
+  return {{ oom = cell.oom, bs = t.per_device_train_batch_size, ga = t.gradient_accumulation_steps }}
+end, {{ retries = 1 }})
+print(r.oom, r.bs, r.ga)
+"#,
+        scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").display(),
+        run = dir.path().join("run").display()
+    );
+    let path = script(dir.path(), "oom.lua", &body);
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    // The effective batch stays 16: half the micro-batch, twice the accumulation.
+    assert_eq!(out.lines().last().unwrap(), "true\t2\t8");
+}
