@@ -295,3 +295,31 @@ print(r.oom, r.bs, r.ga)
     // The effective batch stays 16: half the micro-batch, twice the accumulation.
     assert_eq!(out.lines().last().unwrap(), "true\t2\t8");
 }
+
+#[test]
+fn a_lua_loss_mask_function_chooses_the_trained_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "mask.lua",
+        r#"
+local lab = require("lab")
+local m = lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16,
+  intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1,
+  max_position_embeddings = 64 })
+local a = lab.adapter.new(m, { r = 1 })
+local seen = {}
+local log = lab.train.sft(m, a, lab.data.rows({ { input_ids = { 1, 2, 3, 4, 5, 6 } } }), {
+  max_steps = 1, loss_mask = function(info) seen[#seen + 1] = #info.ids; return { { 3, 4 }, { 6, 6 } } end })
+print(seen[1], log[1].tokens)
+local ok, err = pcall(lab.train.sft, m, a, lab.data.rows({ { input_ids = { 1, 2 } } }), {
+  max_steps = 1, loss_mask = function() return { { 2, 9 } } end })
+print(ok, err)
+"#,
+    );
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "6\t3");
+    assert!(lines[1].starts_with("false") && lines[1].contains("span {2, 9} outside 1..2"), "{out}");
+}
