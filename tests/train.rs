@@ -238,3 +238,43 @@ fn a_second_adapter_trains_on_a_merged_model() {
     let log = train::train(&merged, &second, &fixture_rows(), &config, |_| Ok(())).unwrap();
     assert!(log.iter().all(|s| s.loss.is_finite() && s.grad_norm > 0.0));
 }
+
+#[test]
+fn three_adamw_steps_on_smollm2_match_peft_and_the_trainer() {
+    let m = loralab::model::load(loralab::model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu }).unwrap();
+    let dir = fixtures().join("smollm2-lora");
+    let adapter = Adapter::load(&dir.join("initial"), &m.decoder).unwrap();
+    let rows: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("rows.json")).unwrap()).unwrap();
+    let examples: Vec<Example> = rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
+            let labels: Vec<i64> = serde_json::from_value(r["labels"].clone()).unwrap();
+            Example { ids, target: labels.iter().map(|&l| l != -100).collect() }
+        })
+        .collect();
+    let cfg = TrainConfig {
+        max_steps: Some(3),
+        learning_rate: 1e-3,
+        warmup_steps: Some(0),
+        weight_decay: 0.01,
+        per_device_train_batch_size: 2,
+        gradient_accumulation_steps: 1,
+        shuffle: false,
+        ..Default::default()
+    };
+    let log = train::train(&m.decoder, &adapter, &examples, &cfg, |_| Ok(())).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("steps.json")).unwrap()).unwrap();
+    for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
+        let (loss, norm) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
+        assert!((got.loss - loss).abs() / loss < SMOL_STEP_RTOL, "step {}: loss {} vs {loss}", got.step, got.loss);
+        assert!((got.grad_norm - norm).abs() / norm < SMOL_STEP_RTOL, "step {}: grad norm {} vs {norm}", got.step, got.grad_norm);
+        assert!((got.learning_rate - w["learning_rate"].as_f64().unwrap()).abs() < 1e-12);
+        assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap());
+    }
+}
+
+/// 30 layers of f32 with different summation orders than torch.
+const SMOL_STEP_RTOL: f64 = 1e-4;

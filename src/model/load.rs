@@ -1,12 +1,10 @@
 //! Where models come from: the embedded default, a local folder, or a Hugging Face hub id.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use sha2::{Digest, Sha256};
 
 use super::config::{ids_of, Config};
 use super::decoder::{Decoder, Weights};
@@ -261,17 +259,7 @@ fn ensure_embedded(e: &EmbeddedModel) -> anyhow::Result<PathBuf> {
 }
 
 fn verify_sha256(path: &Path, expected: &str) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let got = format!("{:x}", hasher.finalize());
+    let got = crate::store::file_sha256(path).with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(got == expected, "{}: checksum mismatch (sha256 {got}, expected {expected}); the file is corrupt or truncated", path.display());
     Ok(())
 }

@@ -7,46 +7,24 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 ///
 /// candle's matmul backward computes the gradient of both operands, which for a frozen base
 /// weight means a weight-sized buffer per projection and a third more FLOPs. Here the product is
-/// computed by an ordinary matmul on a detached input and then routed through [`FrozenGrad`],
-/// whose forward is a copy of that product and whose backward is `grad @ W`.
+/// computed by an ordinary matmul on a detached input and given the backward rule `grad @ W`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     // x: (N, in), weight: (out, in) -> (N, out)
     let y = x.detach().matmul(&weight.detach().t()?)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(&y, FrozenGrad { weight: weight.clone() })
+    attach(x, y, FrozenLinearGrad { weight: weight.detach() })
 }
 
-/// Passes its second argument through; sends `grad @ weight` to its first.
-struct FrozenGrad {
+struct FrozenLinearGrad {
     weight: Tensor,
 }
 
-impl CustomOp2 for FrozenGrad {
+impl Backward for FrozenLinearGrad {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, y_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        y_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         // grad: (N, out), weight: (out, in) -> (N, in)
-        let gx = grad.matmul(&self.weight.to_dtype(grad.dtype())?)?;
-        Ok((Some(gx), None))
+        grad.matmul(&self.weight.to_dtype(grad.dtype())?)
     }
 }
 
