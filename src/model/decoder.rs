@@ -143,6 +143,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// [Wq; Wk; Wv]^T (in, q + k + v) for the CPU inference path: one product instead of three.
+    pub qkv_t: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -150,6 +152,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// [Wgate; Wup]^T (in, 2F) for the CPU inference path.
+    pub gate_up_t: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -211,11 +215,19 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // (B, T, H*E) -> (B, H, T, E)
-        let q = self.q_proj.forward(x, pass, layer, Target::QProj)?;
+        let (q, kx, vx) = match (&self.qkv_t, pass.train || pass.adapter.is_some()) {
+            (Some(fused), false) => {
+                let mut parts = fused_forward(x, fused, &[&self.q_proj, &self.k_proj, &self.v_proj])?.into_iter();
+                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+            }
+            _ => (
+                self.q_proj.forward(x, pass, layer, Target::QProj)?,
+                self.k_proj.forward(x, pass, layer, Target::KProj)?,
+                self.v_proj.forward(x, pass, layer, Target::VProj)?,
+            ),
+        };
         let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
-        let kx = self.k_proj.forward(x, pass, layer, Target::KProj)?;
         let kx = kx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
-        let vx = self.v_proj.forward(x, pass, layer, Target::VProj)?;
         let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q, pos, pass.train)?;
         let kx = rope.apply(&kx, pos, pass.train)?;
@@ -260,9 +272,69 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, pass, layer, Target::GateProj)?.silu()?;
-        let up = self.up_proj.forward(x, pass, layer, Target::UpProj)?;
-        self.down_proj.forward(&(gate * up)?, pass, layer, Target::DownProj)
+        let (gate, up) = match (&self.gate_up_t, pass.train || pass.adapter.is_some()) {
+            (Some(fused), false) => {
+                let mut parts = fused_forward(x, fused, &[&self.gate_proj, &self.up_proj])?.into_iter();
+                (parts.next().unwrap(), parts.next().unwrap())
+            }
+            _ => (
+                self.gate_proj.forward(x, pass, layer, Target::GateProj)?,
+                self.up_proj.forward(x, pass, layer, Target::UpProj)?,
+            ),
+        };
+        self.down_proj.forward(&(gate.silu()? * up)?, pass, layer, Target::DownProj)
+    }
+}
+
+/// Several projections of the same input as one product: x (B, T, in) @ fused (in, sum out),
+/// split back into one (B, T, out) per projection, biases added.
+fn fused_forward(x: &Tensor, fused: &Tensor, parts: &[&Linear]) -> Result<Vec<Tensor>> {
+    let (b, t, d_in) = x.dims3()?;
+    let y = super::ops::linear_t(&x.reshape((b * t, d_in))?, fused)?;
+    let mut out = Vec::with_capacity(parts.len());
+    let mut offset = 0;
+    for lin in parts {
+        let n = lin.weight.dim(0)?;
+        let mut p = y.narrow(1, offset, n)?;
+        if let Some(bias) = &lin.bias {
+            p = p.broadcast_add(bias)?;
+        }
+        out.push(p.reshape((b, t, n))?);
+        offset += n;
+    }
+    Ok(out)
+}
+
+/// [W1; W2; ...]^T (in, sum out), contiguous, where the CPU f32 fast path will use it.
+fn fuse_for_cpu(parts: &[&Linear]) -> Result<Option<Tensor>> {
+    let w = &parts[0].weight;
+    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let stacked = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+    Ok(Some(stacked.t()?.contiguous()?))
+}
+
+impl Layer {
+    /// Rebuilds the fused inference weights after the projections changed (merge).
+    fn fuse(&mut self) -> Result<()> {
+        let a = &mut self.self_attn;
+        a.qkv_t = fuse_for_cpu(&[&a.q_proj, &a.k_proj, &a.v_proj])?;
+        let m = &mut self.mlp;
+        m.gate_up_t = fuse_for_cpu(&[&m.gate_proj, &m.up_proj])?;
+        // The fused copies replace the single transposed ones (memory); with an adapter attached
+        // these projections go through the ordinary matmul.
+        if a.qkv_t.is_some() {
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
+                lin.weight_t = None;
+            }
+        }
+        if m.gate_up_t.is_some() {
+            for lin in [&mut m.gate_proj, &mut m.up_proj] {
+                lin.weight_t = None;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -379,11 +451,13 @@ impl Decoder {
                 num_heads: h,
                 num_kv_heads: k,
                 head_dim: e,
+                qkv_t: None,
             };
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", f, d, false)?,
                 up_proj: lin("mlp.up_proj", f, d, false)?,
                 down_proj: lin("mlp.down_proj", d, f, false)?,
+                gate_up_t: None,
             };
             let input_layernorm =
                 RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?, eps: c.rms_norm_eps };
@@ -391,7 +465,9 @@ impl Decoder {
                 weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d], dtype, device)?,
                 eps: c.rms_norm_eps,
             };
-            layers.push(Layer { input_layernorm, self_attn, post_attention_layernorm, mlp });
+            let mut layer = Layer { input_layernorm, self_attn, post_attention_layernorm, mlp };
+            layer.fuse()?;
+            layers.push(layer);
         }
         let norm = RmsNorm { weight: w.take("model.norm.weight", &[d], dtype, device)?, eps: c.rms_norm_eps };
         let lm_head = match w.take_opt("lm_head.weight", &[v, d], dtype, device)? {
@@ -472,6 +548,7 @@ impl Decoder {
                     lin.weight_t = transposed_for_cpu(&lin.weight)?;
                 }
             }
+            layer.fuse()?;
         }
         Ok(out)
     }
