@@ -46,8 +46,15 @@ end
 
 -- Across seeds: Welch's t-test on the per-seed rates.
 if #rates.em >= 2 and #rates.benign >= 2 then
-  local w = lab.stats.welch_t(rates.em, rates.benign)
-  print(string.format("\nacross seeds: EM %.1f%% (sd %.1f) vs benign %.1f%% (sd %.1f): t = %.2f, df = %.2f, %s (%s)",
+  local summary = string.format("\nacross seeds: EM %.1f%% (sd %.1f) vs benign %.1f%% (sd %.1f)",
     100 * lab.stats.mean(rates.em), 100 * lab.stats.sd(rates.em), 100 * lab.stats.mean(rates.benign),
-    100 * lab.stats.sd(rates.benign), w.t, w.df, lab.stats.format_p(w.p), w.test))
+    100 * lab.stats.sd(rates.benign))
+  -- Welch's t is undefined when neither group varies (e.g. every rate 0 %): say so.
+  local ok, w = pcall(lab.stats.welch_t, rates.em, rates.benign)
+  if ok then
+    print(string.format("%s: t = %.2f, df = %.2f, %s (%s)", summary, w.t, w.df, lab.stats.format_p(w.p), w.test))
+  else
+    local why = tostring(w):match("^[^\n]*"):gsub("^runtime error: ", ""):gsub("^lab%.stats%.welch_t: ", "")
+    print(summary .. ": no test (" .. why .. ")")
+  end
 end

@@ -171,3 +171,14 @@ fn seed_rates_given_in_percent_are_caught() {
     let e = err(&format!("{STUDY} em.seeds[1].rates = {{ 59.3, 44.3 }}; lab.figure.dose_response({{ conditions = {{ em }} }}, OUT .. '/f.png')"));
     assert!(e.contains("not a fraction"), "{e}");
 }
+
+#[test]
+fn a_report_whose_seeds_never_vary_leaves_out_the_undefined_welch_test() {
+    let dir = ok(r#"
+local c = function(name) return { name = name, points = { { dose = 25, k = 0, n = 24 } },
+  seeds = { { dose = 25, rates = { 0, 0, 0 } } } } end
+local paths = lab.report.dose_response({ conditions = { c("EM"), c("benign") }, figure = false }, OUT)
+"#);
+    let md = std::fs::read_to_string(file(&dir, "report.md")).unwrap();
+    assert!(!md.contains("Welch's t-test on the per-seed rates, 3 vs 3"), "{md}");
+}

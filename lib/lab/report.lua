@@ -164,8 +164,12 @@ local function compare_seeds(a, b)
   local out = {}
   for _, dose in ipairs(doses_of({ a, b }, "seeds")) do
     local sa, sb = seeds_at(a, dose), seeds_at(b, dose)
+    -- Welch's t is undefined when neither group varies (all seeds at 0 %, say): no row then.
+    local ok, r = false, nil
     if sa and sb and #sa.rates >= 2 and #sb.rates >= 2 then
-      local r = lab.stats.welch_t(sa.rates, sb.rates)
+      ok, r = pcall(lab.stats.welch_t, sa.rates, sb.rates)
+    end
+    if ok then
       out[#out + 1] = {
         dose = dose, a = a.name, b = b.name, test = r.test, t = r.t, df = r.df, p = r.p,
         n_a = #sa.rates, n_b = #sb.rates,
