@@ -365,12 +365,14 @@ pub fn batch_loss(
     Ok((nll / denominator as f64)?)
 }
 
+/// Global L2 norm of all gradients, read back from the device once.
 fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
-    let mut sq = 0.0;
-    for g in grads {
-        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    }
-    Ok(sq.sqrt())
+    let squares = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&squares, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(total.sqrt())
 }
 
 #[cfg(test)]
