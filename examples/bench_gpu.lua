@@ -2,13 +2,14 @@
 -- with random weights of a Qwen2.5 shape (scripts/bench/configs/).
 --
 --   loralab run examples/bench_gpu.lua --set config=scripts/bench/configs/qwen2.5-0.5b.json
---   loralab run examples/bench_gpu.lua --set seq=1024 --set python=none
+--   loralab run examples/bench_gpu.lua --set seq=1024 --set python=none     -- loralab alone
+--   loralab run examples/bench_gpu.lua --set reference_only=true           -- the reference alone
 local lab = require("lab")
 local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
   seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32,
   prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320,
-  python = "python3", skip = "", out = "runs/bench_gpu",
+  python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
 
 local model = lab.model.random(s.config, { dtype = s.dtype, device = s.device })
@@ -18,7 +19,7 @@ local result = { config = s.config, settings = s }
 
 -- Training: (steps + 1) optimizer steps of batch x grad_accum rows of `seq` random tokens; the
 -- first step (warm-up, kernel compilation) is not counted.
-if not s.skip:find("train") then
+if not s.skip:find("train") and not s.reference_only then
   local rows, state = {}, 12345
   local function rand_token()
     state = (state * 1103515245 + 12345) % 2147483648
@@ -44,7 +45,7 @@ end
 
 -- Sampling: `prompts` random prompts of `prompt_len` tokens, n completions each, exactly
 -- max_tokens new tokens.
-if not s.skip:find("sample") then
+if not s.skip:find("sample") and not s.reference_only then
   local prompts, state = {}, 777
   for i = 1, s.prompts do
     local ids = {}

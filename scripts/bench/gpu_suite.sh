@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite, run on the GPU machine from the repository root with the unpacked
+# CUDA binary as $LORALAB (default /tmp/bin/loralab); logs and JSON go to $OUT (default runs/gpu).
+#   bash scripts/bench/gpu_suite.sh
+set -uo pipefail
+LORALAB=${LORALAB:-/tmp/bin/loralab}
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+log="$OUT/suite.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log"
+# The GPU's bf16 matrix rate, for model FLOP utilisation.
+python3 - <<'PY' 2>&1 | tee -a "$log"
+import time, torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter(); n = 20
+for _ in range(n): a @ b
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / n
+print(f"bf16 matmul 8192^3: {2 * 8192**3 / dt / 1e12:.0f} TFLOP/s")
+PY
+run() { # name, then loralab settings
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem_$name.csv &
+  local smi=$!
+  echo "== $name: $*" | tee -a "$log"
+  timeout 280 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
+  kill $smi 2>/dev/null
+  echo "peak GPU memory used during $name (both stacks, MiB): $(sort -n /tmp/mem_$name.csv | tail -1)" | tee -a "$log"
+}
+run b05_1024 --set config=scripts/bench/configs/qwen2.5-0.5b.json --set seq=1024 --set skip=sample
+run b15_256 --set config=scripts/bench/configs/qwen2.5-1.5b.json --set seq=256
+run b7_1024_lora --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample --set python=none
+run b7_1024_ref --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample --set reference_only=true
