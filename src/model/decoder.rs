@@ -249,21 +249,24 @@ impl Attention {
         let g = h / k;
         let q = q.reshape((b, k, g * t, e))?;
         let scale = 1.0 / (e as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
-        let scores = match mask {
-            Some(m) => {
-                let m = if m.rank() == 2 { m.reshape((1, 1, 1, t, s))? } else { m.reshape((b, 1, 1, t, s))? };
-                scores.reshape((b, k, g, t, s))?.broadcast_add(&m.to_dtype(scores.dtype())?)?.reshape((b, k, g * t, s))?
-            }
-            None => scores,
+        // The mask as (B or 1, 1, 1, T, S): shared by the G query heads of a kv head.
+        let mask = match mask {
+            Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, s))?),
+            Some(m) => Some(m.reshape((b, 1, 1, t, s))?),
+            None => None,
         };
-        let probs = if pass.train {
-            // In f32 for stability, as transformers' eager attention does.
-            super::ops::softmax_last_dim(&at_least_f32(&scores)?)?.to_dtype(scores.dtype())?
+        let out = if pass.train {
+            // Probabilities recomputed in the backward pass instead of stored.
+            super::ops::attention(&q, &keys, &values, mask.as_ref(), scale, g)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
+            let scores = match &mask {
+                Some(m) => scores.reshape((b, k, g, t, s))?.broadcast_add(&m.to_dtype(scores.dtype())?)?.reshape((b, k, g * t, s))?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            probs.matmul(&values.contiguous()?)? // (B, K, G*T, E)
         };
-        let out = probs.matmul(&values.contiguous()?)?; // (B, K, G*T, E)
         // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
         let out = out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e))?;
         self.o_proj.forward(&out, pass, layer, Target::OProj)
@@ -565,14 +568,6 @@ impl Decoder {
             Target::GateProj | Target::UpProj => (f, d),
             Target::DownProj => (d, f),
         }
-    }
-}
-
-/// bf16/f16 values in f32 for reductions; f32 and f64 as they are.
-fn at_least_f32(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
     }
 }
 
