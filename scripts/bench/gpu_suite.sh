@@ -23,11 +23,17 @@ run() { # name, then loralab settings
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem_$name.csv &
   local smi=$!
   echo "== $name: $*" | tee -a "$log"
-  timeout 280 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
+  timeout 150 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
   kill $smi 2>/dev/null
   echo "peak GPU memory used during $name (both stacks, MiB): $(sort -n /tmp/mem_$name.csv | tail -1)" | tee -a "$log"
 }
-run b05_1024 --set config=scripts/bench/configs/qwen2.5-0.5b.json --set seq=1024 --set skip=sample
-run b15_256 --set config=scripts/bench/configs/qwen2.5-1.5b.json --set seq=256
-run b7_1024_lora --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample --set python=none
-run b7_1024_ref --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample --set reference_only=true
+# Each stack in its own process, so that neither holds GPU memory while the other runs.
+both() { # name, then settings
+  local name=$1; shift
+  run "${name}_loralab" "$@" --set python=none
+  run "${name}_reference" "$@" --set reference_only=true
+}
+both q7_256 --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=256
+both q7_1024 --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample
+both q05_1024 --set config=scripts/bench/configs/qwen2.5-0.5b.json --set seq=1024 --set skip=sample
+run q7_2048_loralab --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=2048 --set skip=sample --set python=none --set steps=1
