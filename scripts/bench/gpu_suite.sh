@@ -25,7 +25,7 @@ run() { # name, then loralab settings
   echo "== $name: $*" | tee -a "$log"
   timeout 150 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
   kill $smi 2>/dev/null
-  echo "peak GPU memory used during $name (both stacks, MiB): $(sort -n /tmp/mem_$name.csv | tail -1)" | tee -a "$log"
+  echo "peak GPU memory used during $name (MiB, nvidia-smi): $(sort -n /tmp/mem_$name.csv | tail -1)" | tee -a "$log"
 }
 # Each stack in its own process, so that neither holds GPU memory while the other runs.
 both() { # name, then settings
