@@ -74,14 +74,18 @@ if s.python ~= "none" then
   ref = lab.fs.read_json(s.out .. "/reference.json")
   result.reference = ref
   print("reference: " .. ref.stack .. " on " .. ref.gpu)
+  if ref.train then
+    print(string.format("  train  %8.0f tok/s, peak %.1f GiB; with gradient checkpointing %.0f tok/s, peak %.1f GiB",
+      ref.train.tokens_per_second, ref.train.peak_gib, ref.train_checkpointing.tokens_per_second, ref.train_checkpointing.peak_gib))
+  end
+  if ref.sample then
+    print(string.format("  sample %8.0f generated tok/s, peak %.1f GiB", ref.sample.generated_tokens_per_second, ref.sample.peak_gib))
+  end
   if ref.train and result.train then
-    print(string.format("  train  %8.0f tok/s (checkpointing: %.0f); loralab / reference = %.2fx",
-      ref.train.tokens_per_second, ref.train_checkpointing.tokens_per_second,
-      result.train.tokens_per_second / ref.train.tokens_per_second))
+    print(string.format("  train: loralab / reference = %.2fx", result.train.tokens_per_second / ref.train.tokens_per_second))
   end
   if ref.sample and result.sample then
-    print(string.format("  sample %8.0f generated tok/s; loralab / reference = %.2fx",
-      ref.sample.generated_tokens_per_second, result.sample.generated_tokens_per_second / ref.sample.generated_tokens_per_second))
+    print(string.format("  sample: loralab / reference = %.2fx", result.sample.generated_tokens_per_second / ref.sample.generated_tokens_per_second))
   end
 end
 lab.fs.write_json(s.out .. "/result.json", result)

@@ -92,7 +92,7 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> mlua::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(mlua::Error::runtime(format!("{what}: {e:#}"))),
+        Ok(Err(e)) => Err(mlua::Error::runtime(format!("{what}: {}", without_backtrace(&format!("{e:#}"))))),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -101,6 +101,14 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> mlua::Re
                 .unwrap_or("unknown panic");
             Err(mlua::Error::runtime(format!("{what}: internal error ({msg}); please report it")))
         }
+    }
+}
+
+/// A message without the stack frames some library errors append (`\n   0: ...`).
+fn without_backtrace(message: &str) -> &str {
+    match message.find("\n   0: ") {
+        Some(i) => message[..i].trim_end(),
+        None => message,
     }
 }
 
