@@ -792,8 +792,8 @@ impl<DB: DrawingBackend> Canvas<'_, DB> {
         match dash {
             LineStyle::None => Ok(()),
             LineStyle::Solid => drawn(self.area.draw(&PathElement::new(px, style))),
-            LineStyle::Dashed => drawn(self.area.draw(&DashedPathElement::new(px.into_iter(), 3.5 * w, 2.0 * w, style))),
-            LineStyle::Dotted => drawn(self.area.draw(&DashedPathElement::new(px.into_iter(), w, 1.5 * w, style))),
+            LineStyle::Dashed => drawn(self.area.draw(&DashedPathElement::new(px, 3.5 * w, 2.0 * w, style))),
+            LineStyle::Dotted => drawn(self.area.draw(&DashedPathElement::new(px, w, 1.5 * w, style))),
         }
     }
 

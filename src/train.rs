@@ -8,6 +8,7 @@
 //!    (transformers >= 4.46 `num_items_in_batch`); the logged loss is that mean;
 //! 3. global L2 norm of the gradients (logged, before clipping), clip to `max_grad_norm`;
 //! 4. AdamW (PyTorch's decoupled weight decay) at the scheduled learning rate.
+//!
 //! The schedule is `lr_at(step)`: linear / cosine / constant after `warmup_steps` (or
 //! `ceil(warmup_ratio * total)`) of linear warmup from 0, so a warmed-up schedule's first
 //! update has lr 0.

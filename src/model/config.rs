@@ -103,12 +103,12 @@ impl Config {
         self.architecture()?;
         anyhow::ensure!(self.num_attention_heads > 0, "config: num_attention_heads must be > 0");
         anyhow::ensure!(
-            self.num_attention_heads % self.num_kv_heads() == 0,
+            self.num_attention_heads.is_multiple_of(self.num_kv_heads()),
             "config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.num_kv_heads()
         );
-        anyhow::ensure!(self.head_dim() % 2 == 0, "config: head_dim must be even for rotary embeddings");
+        anyhow::ensure!(self.head_dim().is_multiple_of(2), "config: head_dim must be even for rotary embeddings");
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! - quantised blocks (dequantised to f32 by candle);
 //! - llama.cpp's converter permutes the rows of q_proj and k_proj into an interleaved rotary
 //!   layout; they are permuted back so that the decoder's "rotate half" rope applies.
+//!
 //! The tokenizer comes from the metadata too; see [`tokenizer_from_gguf`].
 
 use std::collections::HashMap;
