@@ -1,7 +1,7 @@
 //! Custom tensor operations the training path needs and candle does not provide.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
 /// `x @ W^T` for a frozen weight `W`: the backward pass returns the gradient of `x` only.
 ///
@@ -65,33 +65,68 @@ fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> Result<Tenso
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2(&y.detach(), Attached(rule))
+    x.apply_op1(Attached { rule, y: Handoff::new(y)? })
 }
 
-struct Attached<B>(B);
+/// A tensor computed before a custom op is applied, handed to the op's forward once and released
+/// there: the autograd graph keeps the op alive until the backward pass, and must not keep a
+/// second copy of every output with it.
+struct Handoff(std::sync::Mutex<Option<Tensor>>);
 
-impl<B: Backward> CustomOp2 for Attached<B> {
-    fn name(&self) -> &'static str {
-        self.0.name()
+impl Handoff {
+    fn new(t: Tensor) -> Result<Self> {
+        Ok(Handoff(std::sync::Mutex::new(Some(t.detach().contiguous()?))))
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, y: &CpuStorage, y_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    fn take(&self) -> Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("handoff lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("custom op forward ran twice".into()))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("custom op: tensor on another device"),
+        }
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        y_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("custom op: tensor on another device"),
+        }
+    }
+}
+
+struct Attached<B> {
+    rule: B,
+    y: Handoff,
+}
+
+impl<B: Backward> candle_core::CustomOp1 for Attached<B> {
+    fn name(&self) -> &'static str {
+        self.rule.name()
     }
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.0.grad(x, y, grad)?), None))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.rule.grad(x, y, grad)?))
     }
 }
 
@@ -326,21 +361,24 @@ mod linear_t_tests {
 /// Shapes: q (B, K, G*T, E), k and v (B, K, S, E); `mask` additive, (B or 1, 1, 1, T, S), shared
 /// by the G query heads of each kv head.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, g: usize) -> Result<Tensor> {
-    let rule = AttentionRule { mask: mask.map(|m| m.detach()), scale, g, out: None };
+    let rule = AttentionRule { mask: mask.map(|m| m.detach()), scale, g };
     let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    q.apply_op3(k, v, AttentionRule { out: Some(out.detach()), ..rule })
+    q.apply_op3(k, v, AttentionOp { rule, out: Handoff::new(out)? })
 }
 
-#[derive(Clone)]
 struct AttentionRule {
     mask: Option<Tensor>,
     scale: f64,
     g: usize,
-    /// The output, computed before the op is applied; the op's forward hands it over.
-    out: Option<Tensor>,
+}
+
+/// The attention op in the graph: its output, computed before it is applied, is handed over.
+struct AttentionOp {
+    rule: AttentionRule,
+    out: Handoff,
 }
 
 impl AttentionRule {
@@ -369,23 +407,15 @@ impl AttentionRule {
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
 
-    fn stored_out(&self) -> Result<&Tensor> {
-        self.out.as_ref().ok_or_else(|| candle_core::Error::Msg("attention: output missing".into()))
-    }
 }
 
-impl candle_core::CustomOp3 for AttentionRule {
+impl candle_core::CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "attention-recompute"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.stored_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output on another device"),
-        }
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -398,25 +428,20 @@ impl candle_core::CustomOp3 for AttentionRule {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.stored_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention: output on another device"),
-        }
+        self.out.cuda()
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let p = self.probs(&q, &k)?; // (B, K, M, S), f32
+        let p = self.rule.probs(&q, &k)?; // (B, K, M, S), f32
         let dout = grad.to_dtype(p.dtype())?; // (B, K, M, E)
         let vf = v.to_dtype(p.dtype())?;
         let dv = p.t()?.matmul(&dout)?; // (B, K, S, E)
         let dp = dout.matmul(&vf.t()?)?; // (B, K, M, S)
         let row = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
         let ds = (p * dp.broadcast_sub(&row)?)?;
-        let dq = (ds.matmul(&k.to_dtype(ds.dtype())?)? * self.scale)?;
-        let dk = (ds.t()?.matmul(&q.to_dtype(ds.dtype())?)? * self.scale)?;
+        let dq = (ds.matmul(&k.to_dtype(ds.dtype())?)? * self.rule.scale)?;
+        let dk = (ds.t()?.matmul(&q.to_dtype(ds.dtype())?)? * self.rule.scale)?;
         Ok((Some(dq.to_dtype(q.dtype())?), Some(dk.to_dtype(k.dtype())?), Some(dv.to_dtype(v.dtype())?)))
     }
 }
