@@ -25,7 +25,11 @@ fn tiny(dtype: DType) -> Decoder {
 }
 
 fn fixture_rows() -> Vec<Example> {
-    let rows = json("tiny-lora/rows.json");
+    rows_of(&json("tiny-lora/rows.json"))
+}
+
+/// Examples from a rows.json fixture: `labels` -100 marks a position without loss.
+fn rows_of(rows: &Value) -> Vec<Example> {
     rows["rows"]
         .as_array()
         .unwrap()
@@ -244,17 +248,7 @@ fn three_adamw_steps_on_smollm2_match_peft_and_the_trainer() {
     let m = loralab::model::load(loralab::model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu }).unwrap();
     let dir = fixtures().join("smollm2-lora");
     let adapter = Adapter::load(&dir.join("initial"), &m.decoder).unwrap();
-    let rows: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("rows.json")).unwrap()).unwrap();
-    let examples: Vec<Example> = rows["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
-            let labels: Vec<i64> = serde_json::from_value(r["labels"].clone()).unwrap();
-            Example { ids, target: labels.iter().map(|&l| l != -100).collect() }
-        })
-        .collect();
+    let examples = rows_of(&json("smollm2-lora/rows.json"));
     let cfg = TrainConfig {
         max_steps: Some(3),
         learning_rate: 1e-3,
