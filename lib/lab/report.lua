@@ -93,19 +93,16 @@ local function by_name(conditions)
   return t
 end
 
-local function point_at(c, dose)
-  for _, p in ipairs(c.points) do
-    if p.dose == dose then return p end
+--- The entry of `list` (a condition's points or seeds) at `dose`, if any.
+local function entry_at(list, dose)
+  for _, e in ipairs(list) do
+    if e.dose == dose then return e end
   end
   return nil
 end
 
-local function seeds_at(c, dose)
-  for _, s in ipairs(c.seeds) do
-    if s.dose == dose then return s end
-  end
-  return nil
-end
+local function point_at(c, dose) return entry_at(c.points, dose) end
+local function seeds_at(c, dose) return entry_at(c.seeds, dose) end
 
 --- Sorted union of a field's doses over conditions (`points` or `seeds`).
 local function doses_of(conditions, field)

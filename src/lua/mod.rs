@@ -71,19 +71,7 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}", describe_lua_error(&e)))?;
     // mlua runs the chunk under a message handler that appends the Lua traceback, so the
     // error carries the script's file:line frames.
-    let result: mlua::Result<()> = func.call(());
-    let (ok, err) = match result {
-        Ok(()) => (true, Value::Nil),
-        Err(e) => (false, Value::Error(Box::new(e))),
-    };
-    if !ok {
-        let message = match err {
-            Value::String(s) => s.to_string_lossy().to_string(),
-            Value::Error(e) => describe_lua_error(&e),
-            other => format!("{other:?}"),
-        };
-        anyhow::bail!("{message}");
-    }
+    func.call::<()>(()).map_err(lua_err)?;
     Ok(())
 }
 

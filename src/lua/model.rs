@@ -142,7 +142,7 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         stop: match o.get::<Value>(lua, "stop")? {
             None => Vec::new(),
             Some(Value::String(s)) => vec![s.to_str()?.to_string()],
-            Some(v) => Vec::<String>::from_lua_value(lua, v).map_err(|_| o.bad_value("stop", "must be a string or a list of strings"))?,
+            Some(v) => <Vec<String> as mlua::FromLua>::from_lua(v, lua).map_err(|_| o.bad_value("stop", "must be a string or a list of strings"))?,
         },
         stop_token_ids: o.get_or(lua, "stop_token_ids", Vec::new())?,
         seed: o.get_or(lua, "seed", d.seed)?,
@@ -159,15 +159,6 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         return Err(mlua::Error::runtime(format!("model:sample: {e}")));
     }
     Ok((opts, adapter))
-}
-
-trait FromLuaValue: Sized {
-    fn from_lua_value(lua: &Lua, v: Value) -> mlua::Result<Self>;
-}
-impl FromLuaValue for Vec<String> {
-    fn from_lua_value(lua: &Lua, v: Value) -> mlua::Result<Self> {
-        mlua::FromLua::from_lua(v, lua)
-    }
 }
 
 impl UserData for LuaModel {

@@ -491,7 +491,7 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         pass: Pass,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let t = ids.dim(1)?;
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
@@ -505,7 +505,6 @@ impl Decoder {
         if let Some(c) = cache {
             c.len = pos + t;
         }
-        let _ = b;
         self.norm.forward(&x, pass.train)
     }
 
