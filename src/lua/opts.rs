@@ -112,13 +112,14 @@ fn short_conversion_error(e: &mlua::Error) -> String {
     }
 }
 
-/// The known name within edit distance 2 of `name`, if any.
+/// The known name within edit distance 2 of `name`, if any; ties go to the alphabetically first,
+/// so that the suggestion does not depend on the order the names came in.
 pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
     known
         .iter()
         .map(|k| (edit_distance(name, k), *k))
         .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
+        .min()
         .map(|(_, k)| k)
 }
 
@@ -151,6 +152,12 @@ mod tests {
         let err = o.finish().unwrap_err().to_string();
         assert!(err.contains("unknown option 'temprature'"), "{err}");
         assert!(err.contains("did you mean 'temperature'"), "{err}");
+    }
+
+    #[test]
+    fn suggestions_break_ties_the_same_way_whatever_the_order() {
+        assert_eq!(closest("nn", &["on", "n"]), Some("n"));
+        assert_eq!(closest("nn", &["n", "on"]), Some("n"));
     }
 
     #[test]
