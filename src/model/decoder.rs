@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use rand::Rng;
@@ -25,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::Config;
 use super::ops::frozen_linear;
+use super::packed::PackedMatrix;
 use crate::adapter::{Adapter, Target};
 
 /// How a forward pass runs: which ops, which adapter, which dropout stream.
@@ -52,25 +54,29 @@ impl<'a> Pass<'a> {
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor, // (out, in)
-    /// W^T (in, out), contiguous, for the CPU inference path (see [`super::ops::linear_t`]).
-    pub weight_t: Option<Tensor>,
+    /// The weight packed for the CPU inference path in f32 (see [`super::packed`]).
+    pub packed: Option<Arc<PackedMatrix>>,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight_t = transposed_for_cpu(&weight)?;
-        Ok(Linear { weight, weight_t, bias })
+        let packed = packed_for_cpu(&[&weight])?;
+        Ok(Linear { weight, packed, bias })
     }
 }
 
-/// W^T stored contiguously where the CPU f32 fast path will use it.
-fn transposed_for_cpu(w: &Tensor) -> Result<Option<Tensor>> {
-    if w.device().is_cpu() && w.dtype() == DType::F32 {
-        Ok(Some(w.t()?.contiguous()?))
-    } else {
-        Ok(None)
+/// The weights [W1; W2; ...] (sum out, in), stacked and packed, where the CPU f32 fast path will
+/// use them: one product then serves several projections of the same input.
+fn packed_for_cpu(weights: &[&Tensor]) -> Result<Option<Arc<PackedMatrix>>> {
+    let w = weights[0];
+    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+        return Ok(None);
     }
+    let stacked = if weights.len() == 1 { w.clone() } else { Tensor::cat(weights, 0)? };
+    let (out, inp) = stacked.dims2()?;
+    let values = stacked.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Some(Arc::new(PackedMatrix::from_rows_out_in(&values, out, inp))))
 }
 
 impl Linear {
@@ -80,8 +86,8 @@ impl Linear {
         let x2 = x.reshape((b * t, d_in))?;
         let mut y = if pass.train {
             frozen_linear(&x2, &self.weight)?
-        } else if let Some(wt) = &self.weight_t {
-            super::ops::linear_t(&x2, wt)?
+        } else if let Some(packed) = &self.packed {
+            super::ops::linear_packed(&x2, packed)?
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -143,8 +149,8 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// [Wq; Wk; Wv]^T (in, q + k + v) for the CPU inference path: one product instead of three.
-    pub qkv_t: Option<Tensor>,
+    /// [Wq; Wk; Wv] packed for the CPU inference path: one product instead of three.
+    pub qkv_packed: Option<Arc<PackedMatrix>>,
 }
 
 #[derive(Clone)]
@@ -152,8 +158,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
-    /// [Wgate; Wup]^T (in, 2F) for the CPU inference path.
-    pub gate_up_t: Option<Tensor>,
+    /// [Wgate; Wup] packed for the CPU inference path.
+    pub gate_up_packed: Option<Arc<PackedMatrix>>,
 }
 
 #[derive(Clone)]
@@ -215,7 +221,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // (B, T, H*E) -> (B, H, T, E)
-        let (q, kx, vx) = match (&self.qkv_t, pass.train || pass.adapter.is_some()) {
+        let (q, kx, vx) = match (&self.qkv_packed, pass.train || pass.adapter.is_some()) {
             (Some(fused), false) => {
                 let mut parts = fused_forward(x, fused, &[&self.q_proj, &self.k_proj, &self.v_proj])?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
@@ -233,14 +239,15 @@ impl Attention {
         let kx = rope.apply(&kx, pos, pass.train)?;
 
         // Keys and values of every position so far: (B, K, S, E)
-        let (keys, values) = match cache {
+        // The whole cache tensors (B, K, capacity, E) are kept for the CPU kernel.
+        let (keys, values, whole_cache) = match cache {
             Some((cache, l)) => {
                 cache.k[l].slice_set(&kx, 2, pos)?;
                 cache.v[l].slice_set(&vx, 2, pos)?;
                 let s = pos + t;
-                (cache.k[l].narrow(2, 0, s)?, cache.v[l].narrow(2, 0, s)?)
+                (cache.k[l].narrow(2, 0, s)?, cache.v[l].narrow(2, 0, s)?, Some((cache.k[l].clone(), cache.v[l].clone())))
             }
-            None => (kx, vx),
+            None => (kx, vx, None),
         };
         let s = keys.dim(2)?;
 
@@ -255,9 +262,12 @@ impl Attention {
             Some(m) => Some(m.reshape((b, 1, 1, t, s))?),
             None => None,
         };
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
             super::ops::attention(&q, &keys, &values, mask.as_ref(), scale, g)?
+        } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
+            super::ops::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
             let scores = match &mask {
@@ -275,7 +285,7 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
-        let (gate, up) = match (&self.gate_up_t, pass.train || pass.adapter.is_some()) {
+        let (gate, up) = match (&self.gate_up_packed, pass.train || pass.adapter.is_some()) {
             (Some(fused), false) => {
                 let mut parts = fused_forward(x, fused, &[&self.gate_proj, &self.up_proj])?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap())
@@ -291,9 +301,9 @@ impl Mlp {
 
 /// Several projections of the same input as one product: x (B, T, in) @ fused (in, sum out),
 /// split back into one (B, T, out) per projection, biases added.
-fn fused_forward(x: &Tensor, fused: &Tensor, parts: &[&Linear]) -> Result<Vec<Tensor>> {
+fn fused_forward(x: &Tensor, fused: &Arc<PackedMatrix>, parts: &[&Linear]) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
-    let y = super::ops::linear_t(&x.reshape((b * t, d_in))?, fused)?;
+    let y = super::ops::linear_packed(&x.reshape((b * t, d_in))?, fused)?;
     let mut out = Vec::with_capacity(parts.len());
     let mut offset = 0;
     for lin in parts {
@@ -308,33 +318,23 @@ fn fused_forward(x: &Tensor, fused: &Tensor, parts: &[&Linear]) -> Result<Vec<Te
     Ok(out)
 }
 
-/// [W1; W2; ...]^T (in, sum out), contiguous, where the CPU f32 fast path will use it.
-fn fuse_for_cpu(parts: &[&Linear]) -> Result<Option<Tensor>> {
-    let w = &parts[0].weight;
-    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
-        return Ok(None);
-    }
-    let stacked = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
-    Ok(Some(stacked.t()?.contiguous()?))
-}
-
 impl Layer {
     /// Rebuilds the fused inference weights after the projections changed (merge).
     fn fuse(&mut self) -> Result<()> {
         let a = &mut self.self_attn;
-        a.qkv_t = fuse_for_cpu(&[&a.q_proj, &a.k_proj, &a.v_proj])?;
+        a.qkv_packed = packed_for_cpu(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight])?;
         let m = &mut self.mlp;
-        m.gate_up_t = fuse_for_cpu(&[&m.gate_proj, &m.up_proj])?;
+        m.gate_up_packed = packed_for_cpu(&[&m.gate_proj.weight, &m.up_proj.weight])?;
         // The fused copies replace the single transposed ones (memory); with an adapter attached
         // these projections go through the ordinary matmul.
-        if a.qkv_t.is_some() {
+        if a.qkv_packed.is_some() {
             for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
-                lin.weight_t = None;
+                lin.packed = None;
             }
         }
-        if m.gate_up_t.is_some() {
+        if m.gate_up_packed.is_some() {
             for lin in [&mut m.gate_proj, &mut m.up_proj] {
-                lin.weight_t = None;
+                lin.packed = None;
             }
         }
         Ok(())
@@ -388,8 +388,8 @@ pub struct Decoder {
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Tensor, // (V, D); the embedding itself when tied
-    /// lm_head^T (D, V) for the CPU inference path.
-    lm_head_t: Option<Tensor>,
+    /// lm_head packed for the CPU inference path.
+    lm_head_packed: Option<Arc<PackedMatrix>>,
     rope: Rope,
     pub dtype: DType,
     pub device: Device,
@@ -454,13 +454,13 @@ impl Decoder {
                 num_heads: h,
                 num_kv_heads: k,
                 head_dim: e,
-                qkv_t: None,
+                qkv_packed: None,
             };
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", f, d, false)?,
                 up_proj: lin("mlp.up_proj", f, d, false)?,
                 down_proj: lin("mlp.down_proj", d, f, false)?,
-                gate_up_t: None,
+                gate_up_packed: None,
             };
             let input_layernorm =
                 RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?, eps: c.rms_norm_eps };
@@ -478,8 +478,8 @@ impl Decoder {
             _ => embed_tokens.clone(),
         };
         let rope = Rope::new(c, dtype, device)?;
-        let lm_head_t = transposed_for_cpu(&lm_head)?;
-        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, lm_head_t, rope, dtype, device: device.clone() })
+        let lm_head_packed = packed_for_cpu(&[&lm_head])?;
+        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, lm_head_packed, rope, dtype, device: device.clone() })
     }
 
     /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
@@ -512,8 +512,8 @@ impl Decoder {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let h = hidden.reshape((b * t, d))?;
-        let logits = match &self.lm_head_t {
-            Some(wt) => super::ops::linear_t(&h, wt)?,
+        let logits = match &self.lm_head_packed {
+            Some(packed) => super::ops::linear_packed(&h, packed)?,
             None => h.matmul(&self.lm_head.t()?)?,
         };
         logits.to_dtype(DType::F32)?.reshape((b, t, ()))
@@ -547,7 +547,7 @@ impl Decoder {
                     // detach: the merged weight is a constant, not a function of the adapter's
                     // variables (else training on the merged model would track it).
                     lin.weight = w.to_dtype(self.dtype)?.detach();
-                    lin.weight_t = transposed_for_cpu(&lin.weight)?;
+                    lin.packed = packed_for_cpu(&[&lin.weight])?;
                 }
             }
             layer.fuse()?;

@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod gguf;
 pub mod load;
 pub mod ops;
+pub mod packed;
 pub mod tokenizer;
 
 use candle_core::{DType, Device};
