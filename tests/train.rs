@@ -103,6 +103,30 @@ fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
 }
 
 #[test]
+fn gradient_checkpointing_trains_to_the_same_weights() {
+    let dec = tiny(DType::F32);
+    let run = |gradient_checkpointing: bool| {
+        // Dropout on: both runs of a checkpointed layer must draw the same masks.
+        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Target::ALL.to_vec(), use_rslora: false };
+        let adapter = Adapter::new(&dec, cfg, 11).unwrap();
+        let config = TrainConfig { shuffle: true, max_steps: Some(3), gradient_checkpointing, ..fixture_config() };
+        let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
+        (log, adapter)
+    };
+    let (plain_log, plain) = run(false);
+    let (ckpt_log, ckpt) = run(true);
+    for (a, b) in plain_log.iter().zip(&ckpt_log) {
+        assert!((a.loss - b.loss).abs() < 1e-6 * a.loss, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+    }
+    for (key, p) in &plain.pairs {
+        let q = ckpt.pairs.get(key).unwrap();
+        let (da, db) = (max_abs_diff(p.a.as_tensor(), q.a.as_tensor()), max_abs_diff(p.b.as_tensor(), q.b.as_tensor()));
+        assert!(da < 1e-5 && db < 1e-5, "{key:?}: A differs by {da}, B by {db}");
+    }
+}
+
+#[test]
 fn every_trainable_variable_receives_a_gradient() {
     let dec = tiny(DType::F32);
     let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.0, target_modules: Target::ALL.to_vec(), use_rslora: false };
@@ -114,7 +138,7 @@ fn every_trainable_variable_receives_a_gradient() {
     let rows = fixture_rows();
     let refs: Vec<&Example> = rows.iter().take(2).collect();
     let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
-    let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng).unwrap();
+    let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng, None).unwrap();
     let grads = loss.backward().unwrap();
     for ((layer, target), p) in &adapter.pairs {
         for (name, v) in [("A", &p.a), ("B", &p.b)] {
@@ -142,7 +166,7 @@ fn lora_gradients_match_finite_differences() {
     let rows = fixture_rows();
     let refs: Vec<&Example> = rows.iter().take(2).collect();
     let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
-    let loss = |ad: &Adapter| train::batch_loss(&dec, ad, &refs, 10, &rng).unwrap();
+    let loss = |ad: &Adapter| train::batch_loss(&dec, ad, &refs, 10, &rng, None).unwrap();
     let grads = loss(&a64).backward().unwrap();
     let h = 1e-6;
     for p in a64.pairs.values() {

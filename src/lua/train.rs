@@ -48,6 +48,7 @@ fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUse
         seed,
         data_seed: o.get_or(lua, "data_seed", seed)?,
         shuffle: o.get_or(lua, "shuffle", true)?,
+        gradient_checkpointing: o.get_or(lua, "gradient_checkpointing", false)?,
     };
     let max_length: usize = o.get_or(lua, "max_length", 1024)?;
     let marker: Option<String> = o.get(lua, "marker")?;

@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::Config;
 use super::ops::frozen_linear;
+use super::checkpoint::GradSink;
 use super::packed::PackedMatrix;
 use crate::adapter::{Adapter, Target};
 
@@ -38,15 +39,25 @@ pub struct Pass<'a> {
     pub adapter: Option<&'a Adapter>,
     /// Random stream for LoRA dropout; dropout is applied only when training and set.
     pub dropout_rng: Option<&'a RefCell<ChaCha8Rng>>,
+    /// Gradient checkpointing: each layer keeps only its input for the backward pass and is run
+    /// again there; the adapter gradients of that second run are collected in this sink.
+    pub checkpoint: Option<&'a Arc<GradSink>>,
+    /// The adapter's weights enter as constants (the first run of a checkpointed layer).
+    pub constant_adapter: bool,
 }
 
 impl<'a> Pass<'a> {
     pub fn infer(adapter: Option<&'a Adapter>) -> Self {
-        Pass { train: false, adapter, dropout_rng: None }
+        Pass { train: false, adapter, dropout_rng: None, checkpoint: None, constant_adapter: false }
     }
 
     pub fn train(adapter: &'a Adapter, dropout_rng: Option<&'a RefCell<ChaCha8Rng>>) -> Self {
-        Pass { train: true, adapter: Some(adapter), dropout_rng }
+        Pass { train: true, adapter: Some(adapter), dropout_rng, checkpoint: None, constant_adapter: false }
+    }
+
+    /// The same training pass with gradient checkpointing into `sink`.
+    pub fn checkpointed(self, sink: &'a Arc<GradSink>) -> Self {
+        Pass { checkpoint: Some(sink), ..self }
     }
 }
 
@@ -104,8 +115,10 @@ impl Linear {
                     }
                 }
                 // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
-                let a = pair.a.as_tensor().to_dtype(dtype)?;
-                let bm = pair.b.as_tensor().to_dtype(dtype)?;
+                let (mut a, mut bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
+                if pass.constant_adapter {
+                    (a, bm) = (a.detach(), bm.detach());
+                }
                 let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
                 y = (y + (delta * adapter.scale())?)?;
             }
@@ -319,6 +332,26 @@ fn fused_forward(x: &Tensor, fused: &Arc<PackedMatrix>, parts: &[&Linear]) -> Re
 }
 
 impl Layer {
+    /// x: (B, T, D) -> (B, T, D): `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        pass: Pass,
+        index: usize,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x, pass.train)?;
+        let h = self.self_attn.forward(&h, rope, pos, mask, cache, pass, index)?;
+        let x1 = (x + h)?;
+        let h = self.post_attention_layernorm.forward(&x1, pass.train)?;
+        let h = self.mlp.forward(&h, pass, index)?;
+        x1 + h
+    }
+
     /// Rebuilds the fused inference weights after the projections changed (merge).
     fn fuse(&mut self) -> Result<()> {
         let a = &mut self.self_attn;
@@ -494,13 +527,10 @@ impl Decoder {
         let t = ids.dim(1)?;
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.input_layernorm.forward(&x, pass.train)?;
-            let h = layer.self_attn.forward(&h, &self.rope, pos, mask, cache.as_deref_mut().map(|c| (c, i)), pass, i)?;
-            let x1 = (residual + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1, pass.train)?;
-            let h = layer.mlp.forward(&h, pass, i)?;
-            x = (x1 + h)?;
+            x = match pass.checkpoint {
+                Some(sink) if pass.train => super::checkpoint::layer(layer, &x, &self.rope, pos, mask, pass, i, sink)?,
+                _ => layer.forward(&x, &self.rope, pos, mask, cache.as_deref_mut().map(|c| (c, i)), pass, i)?,
+            };
         }
         if let Some(c) = cache {
             c.len = pos + t;

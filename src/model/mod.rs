@@ -1,5 +1,6 @@
 //! A loaded model: decoder weights, tokenizer and chat template, under one id.
 
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf;

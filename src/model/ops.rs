@@ -56,7 +56,7 @@ mod tests {
 }
 
 /// The backward rule of a fused forward op that candle provides without one.
-trait Backward: Send + Sync {
+pub(crate) trait Backward: Send + Sync {
     fn name(&self) -> &'static str;
     /// Gradient of the input `x`, given the output `y` and the output's gradient `grad`.
     fn grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor>;
@@ -65,7 +65,7 @@ trait Backward: Send + Sync {
 /// Gives `y` (computed from `x` by a fused kernel without backward) the backward rule `rule`.
 /// The forward is a copy of `y`, one memory pass, instead of the several ops (each with its
 /// own backward) that the differentiable composite would take.
-fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> Result<Tensor> {
+pub(crate) fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
@@ -580,6 +580,101 @@ mod attention_cpu_tests {
         let want = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vv)?;
         let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max abs diff {diff}");
+        Ok(())
+    }
+}
+
+/// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
+/// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
+/// any moment, in the forward pass and again in the backward pass, which recomputes them.
+///
+/// h: (N, D), weight: (V, D), targets: N ids -> a scalar.
+pub fn linear_cross_entropy(h: &Tensor, weight: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    if targets.len() != n {
+        candle_core::bail!("linear-cross-entropy: {} targets for {n} rows", targets.len());
+    }
+    let (weight, h_detached) = (weight.detach(), h.detach());
+    let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
+    let chunk = chunk.max(1);
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight)?;
+        let nll = logp.gather(&targets.narrow(0, start, rows)?, 1)?.neg()?.sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + nll)?,
+            None => nll,
+        });
+    }
+    let total = total.unwrap_or(Tensor::zeros((), loss_dtype(h.dtype()), h.device())?);
+    attach(h, total, LinearCrossEntropyGrad { weight, targets, chunk })
+}
+
+/// The dtype the loss is computed in: f32, or f64 for gradient checks.
+fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    if dtype == candle_core::DType::F64 {
+        dtype
+    } else {
+        candle_core::DType::F32
+    }
+}
+
+/// log softmax(h W^T) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype.
+fn chunk_log_softmax(h: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let logits = h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?;
+    candle_nn::ops::log_softmax(&logits, 1)
+}
+
+struct LinearCrossEntropyGrad {
+    weight: Tensor,
+    targets: Tensor, // (N, 1) u32
+    chunk: usize,
+}
+
+impl Backward for LinearCrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        // d/dlogits = (softmax - onehot(target)) * g, then dh = dlogits @ W.
+        let n = h.dim(0)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(self.chunk));
+        for start in (0..n).step_by(self.chunk) {
+            let rows = self.chunk.min(n - start);
+            let probs = chunk_log_softmax(&h.narrow(0, start, rows)?, &self.weight)?.exp()?;
+            let targets = self.targets.narrow(0, start, rows)?;
+            let ones = Tensor::ones((rows, 1), probs.dtype(), probs.device())?;
+            let dlogits = probs.scatter_add(&targets, &ones.neg()?, 1)?.broadcast_mul(&g.to_dtype(probs.dtype())?)?;
+            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
+}
+
+#[cfg(test)]
+mod linear_cross_entropy_tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, v) = (7, 5, 11);
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1., (n, d), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (v, d), &dev)?;
+        let targets: Vec<u32> = vec![0, 3, 10, 4, 4, 9, 1];
+        let plain = {
+            let logp = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.t()?)?, 1)?;
+            logp.gather(&Tensor::from_slice(&targets, (n, 1), &dev)?, 1)?.neg()?.sum_all()?
+        };
+        let chunked = linear_cross_entropy(h.as_tensor(), &w, &targets, 3)?;
+        let (a, b) = (plain.to_scalar::<f64>()?, chunked.to_scalar::<f64>()?);
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let ga = plain.backward()?.get(h.as_tensor()).unwrap().clone();
+        let gb = (chunked * 2.0)?.backward()?.get(h.as_tensor()).unwrap().clone();
+        let diff = ((ga * 2.0)? - gb)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "gradient differs by {diff}");
         Ok(())
     }
 }
