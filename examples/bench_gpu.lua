@@ -4,11 +4,16 @@
 --   loralab run examples/bench_gpu.lua --set config=scripts/bench/configs/qwen2.5-0.5b.json
 --   loralab run examples/bench_gpu.lua --set seq=1024 --set python=none     -- loralab alone
 --   loralab run examples/bench_gpu.lua --set reference_only=true           -- the reference alone
+--   loralab run examples/bench_gpu.lua --set seq=2048 --set gradient_checkpointing=true
+--
+-- The reference samples `ref_prompts` of the prompts (transformers' generate keeps every row
+-- of a batch to the end; the study's 336 prompts x 10 x 512 tokens would take it many minutes):
+-- the ratio compares throughputs, each stack at its own batch.
 local lab = require("lab")
 local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
-  seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32,
-  prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320,
+  seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, gradient_checkpointing = false,
+  prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
 
@@ -35,12 +40,15 @@ if not s.skip:find("train") and not s.reference_only then
   lab.train.sft(model, adapter, lab.data.rows(rows), {
     max_steps = s.steps + 1, learning_rate = 1e-4, per_device_train_batch_size = s.batch,
     gradient_accumulation_steps = s.grad_accum, max_length = s.seq, shuffle = false,
+    gradient_checkpointing = s.gradient_checkpointing,
     on_step = function(r) times[r.step] = r.seconds end })
   local secs = 0
   for i = 2, s.steps + 1 do secs = secs + times[i] end
-  result.train = { tokens_per_second = s.steps * s.batch * s.grad_accum * s.seq / secs, seconds_per_step = secs / s.steps }
-  print(string.format("loralab train  %d x %d x %d tokens: %8.0f tok/s, %.2f s/step",
-    s.batch, s.grad_accum, s.seq, result.train.tokens_per_second, result.train.seconds_per_step))
+  result.train = { tokens_per_second = s.steps * s.batch * s.grad_accum * s.seq / secs, seconds_per_step = secs / s.steps,
+                   gradient_checkpointing = s.gradient_checkpointing }
+  print(string.format("loralab train  %d x %d x %d tokens%s: %8.0f tok/s, %.2f s/step",
+    s.batch, s.grad_accum, s.seq, s.gradient_checkpointing and " (gradient checkpointing)" or "",
+    result.train.tokens_per_second, result.train.seconds_per_step))
 end
 
 -- Sampling: `prompts` random prompts of `prompt_len` tokens, n completions each, exactly
@@ -57,14 +65,16 @@ if not s.skip:find("sample") and not s.reference_only then
   local _, st = model:sample(prompts, { n = s.n, max_tokens = s.max_tokens, ignore_eos = true, seed = 1,
                                         batch_size = s.sample_batch })
   local secs = lab.sys.time() - t0
-  result.sample = { generated_tokens_per_second = st.generated_tokens / secs, seconds = secs }
+  result.sample = { generated_tokens_per_second = st.generated_tokens / secs, seconds = secs,
+                    generated_tokens = st.generated_tokens }
   print(string.format("loralab sample %d prompts x %d x %d tokens: %8.0f generated tok/s",
     s.prompts, s.n, s.max_tokens, result.sample.generated_tokens_per_second))
 end
 
 if s.python ~= "none" then
   local cmd = string.format("%s scripts/bench/reference_gpu.py --config %s --seq %d --batch %d --grad-accum %d --steps %d --r %d --prompts %d --prompt-len %d --n %d --max-tokens %d --skip '%s'",
-    s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.prompts, s.prompt_len, s.n, s.max_tokens, s.skip)
+    s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.ref_prompts > 0 and s.ref_prompts or s.prompts,
+    s.prompt_len, s.n, s.max_tokens, s.skip)
   local p = io.popen(cmd .. " 2>&1")
   local out = p:read("a")
   p:close()

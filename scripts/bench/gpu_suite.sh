@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite, run on the GPU machine from the repository root with the unpacked
 # CUDA binary as $LORALAB (default /tmp/bin/loralab); logs and JSON go to $OUT (default runs/gpu).
-#   bash scripts/bench/gpu_suite.sh
+#   bash scripts/bench/gpu_suite.sh [train7b] [sample7b] [small]    (no argument: all three parts;
+#   each part fits in one ten-minute call)
 set -uo pipefail
 LORALAB=${LORALAB:-/tmp/bin/loralab}
 OUT=${OUT:-runs/gpu}
@@ -23,17 +24,37 @@ run() { # name, then loralab settings
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem_$name.csv &
   local smi=$!
   echo "== $name: $*" | tee -a "$log"
-  timeout 150 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
+  timeout 300 "$LORALAB" run examples/bench_gpu.lua --set out="$OUT/$name" "$@" 2>&1 | tee -a "$log"
   kill $smi 2>/dev/null
   echo "peak GPU memory used during $name (MiB, nvidia-smi): $(sort -n /tmp/mem_$name.csv | tail -1)" | tee -a "$log"
 }
-# Each stack in its own process, so that neither holds GPU memory while the other runs.
-both() { # name, then settings
-  local name=$1; shift
-  run "${name}_loralab" "$@" --set python=none
-  run "${name}_reference" "$@" --set reference_only=true
-}
-both q7_256 --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=256
-both q7_1024 --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=1024 --set skip=sample
-both q05_1024 --set config=scripts/bench/configs/qwen2.5-0.5b.json --set seq=1024 --set skip=sample
-run q7_2048_loralab --set config=scripts/bench/configs/qwen2.5-7b.json --set seq=2048 --set skip=sample --set python=none --set steps=1
+# Each stack runs in its own process, so that neither holds GPU memory while the other runs.
+Q7=scripts/bench/configs/qwen2.5-7b.json
+parts=${*:-train7b sample7b small}
+for part in $parts; do
+  case $part in
+    train7b)
+      run q7_256_loralab --set config=$Q7 --set seq=256 --set skip=sample --set python=none
+      run q7_256_loralab_ckpt --set config=$Q7 --set seq=256 --set skip=sample --set python=none --set gradient_checkpointing=true
+      run q7_256_reference --set config=$Q7 --set seq=256 --set skip=sample --set reference_only=true
+      run q7_1024_loralab --set config=$Q7 --set seq=1024 --set skip=sample --set python=none --set steps=2
+      run q7_1024_loralab_ckpt --set config=$Q7 --set seq=1024 --set skip=sample --set python=none --set steps=2 --set gradient_checkpointing=true
+      run q7_1024_reference --set config=$Q7 --set seq=1024 --set skip=sample --set reference_only=true --set steps=2
+      run q7_2048_loralab_ckpt --set config=$Q7 --set seq=2048 --set skip=sample --set python=none --set steps=1 --set gradient_checkpointing=true
+      ;;
+    sample7b) # the study's evaluation: 28 questions x 12 personas, 10 completions, 512 tokens
+      run q7_sample_loralab --set config=$Q7 --set skip=train --set python=none --set prompts=336 --set max_tokens=512 --set sample_batch=840
+      run q7_sample_reference --set config=$Q7 --set skip=train --set reference_only=true --set prompts=32 --set max_tokens=512
+      ;;
+    small)
+      for size in 0.5b 1.5b; do
+        C=scripts/bench/configs/qwen2.5-$size.json
+        run q${size}_256_loralab --set config=$C --set seq=256 --set skip=sample --set python=none
+        run q${size}_1024_loralab_ckpt --set config=$C --set seq=1024 --set skip=sample --set python=none --set gradient_checkpointing=true
+        run q${size}_1024_loralab --set config=$C --set seq=1024 --set skip=sample --set python=none
+        run q${size}_reference_256 --set config=$C --set seq=256 --set skip=sample --set reference_only=true
+        run q${size}_reference_1024 --set config=$C --set seq=1024 --set skip=sample --set reference_only=true
+      done
+      ;;
+  esac
+done
