@@ -2,7 +2,8 @@
 # Builds the CUDA binary of loralab on a machine without a GPU or CUDA toolkit, for an H100/H200
 # machine with driver 580 (CUDA 13.0) and the CUDA 13 libraries in /usr/local/cuda/lib64.
 #
-#   bash scripts/build_cuda.sh        -> dist/loralab-cuda.xz (unpack there with `xz -d`)
+#   bash scripts/build_cuda.sh          -> dist/loralab-cuda.xz (unpack there with `xz -d`)
+#   bash scripts/build_cuda.sh --tests  -> also dist/loralab-cuda-tests.xz (tests/cuda.rs)
 #
 # The toolkit comes from NVIDIA's PyPI wheels; the driver library is replaced at link time by a
 # stub (never shipped) and found at run time on the GPU machine through the binary's run path.
@@ -37,3 +38,11 @@ mkdir -p dist
 strip -o dist/loralab-cuda "$CARGO_TARGET_DIR/release/loralab"
 xz -T2 -6 -f dist/loralab-cuda
 ls -la dist/loralab-cuda.xz
+# With --tests: also the GPU kernel tests (tests/cuda.rs), to run there as dist/loralab-cuda-tests.
+if [ "${1:-}" = "--tests" ]; then
+  tests=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+  strip -o dist/loralab-cuda-tests "$tests"
+  xz -T2 -6 -f dist/loralab-cuda-tests
+  ls -la dist/loralab-cuda-tests.xz
+fi

@@ -74,9 +74,16 @@ pub fn parse_dtype(o: &Opts, s: &str) -> mlua::Result<DType> {
 pub fn parse_device(o: &Opts, s: &str) -> mlua::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            o.bad_value("device", format!("\"cuda\" is not available ({e}); this binary may lack the cuda feature"))
-        }),
+        "cuda" => {
+            let dev = Device::new_cuda(0).map_err(|e| {
+                o.bad_value("device", format!("\"cuda\" is not available ({e}); this binary may lack the cuda feature"))
+            })?;
+            #[cfg(feature = "cuda")]
+            if let Ok(cuda) = dev.as_cuda_device() {
+                crate::model::cuda::single_stream(cuda);
+            }
+            Ok(dev)
+        }
         other => Err(o.bad_value("device", format!("must be \"cpu\" or \"cuda\", got \"{other}\""))),
     }
 }

@@ -270,6 +270,7 @@ impl Attention {
         let q = q.reshape((b, k, g * t, e))?;
         let scale = 1.0 / (e as f64).sqrt();
         // The mask as (B or 1, 1, 1, T, S): shared by the G query heads of a kv head.
+        let causal = mask.is_some_and(|m| m.rank() == 2);
         let mask = match mask {
             Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, s))?),
             Some(m) => Some(m.reshape((b, 1, 1, t, s))?),
@@ -278,7 +279,8 @@ impl Attention {
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
-            super::ops::attention(&q, &keys, &values, mask.as_ref(), scale, g)?
+            // A (T, S) mask is the causal one (see `forward_hidden`).
+            super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             super::ops::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
         } else {
@@ -308,7 +310,7 @@ impl Mlp {
                 self.up_proj.forward(x, pass, layer, Target::UpProj)?,
             ),
         };
-        self.down_proj.forward(&(gate.silu()? * up)?, pass, layer, Target::DownProj)
+        self.down_proj.forward(&super::ops::silu_mul(&gate, &up)?, pass, layer, Target::DownProj)
     }
 }
 
@@ -516,6 +518,8 @@ impl Decoder {
     }
 
     /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
+    /// `mask` is additive: (B, 1, T, S) for padded batches, or (T, S), which must be the causal
+    /// mask of [`causal_mask`] (the GPU kernels apply that one without reading it).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,

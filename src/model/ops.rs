@@ -7,6 +7,12 @@ use std::sync::Arc;
 
 use super::packed::PackedMatrix;
 
+/// Whether the fused GPU kernels of [`super::cuda`] take this tensor (bf16 on a GPU).
+#[cfg(feature = "cuda")]
+fn fused(t: &Tensor) -> bool {
+    super::cuda::applies(t)
+}
+
 /// `x @ W^T` for a frozen weight `W`: the backward pass returns the gradient of `x` only.
 ///
 /// candle's matmul backward computes the gradient of both operands, which for a frozen base
@@ -336,8 +342,12 @@ mod linear_packed_tests {
 ///
 /// Shapes: q (B, K, G*T, E), k and v (B, K, S, E); `mask` additive, (B or 1, 1, 1, T, S), shared
 /// by the G query heads of each kv head.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64, g: usize) -> Result<Tensor> {
-    let rule = AttentionRule { mask: mask.map(|m| m.detach()), scale, g };
+///
+/// `causal`: the mask is exactly the causal one (key j visible to position t when
+/// j <= t + S - T); on the GPU in bf16 a fused kernel then applies it without reading the mask.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Result<Tensor> {
+    let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
     let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -347,6 +357,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scal
 
 struct AttentionRule {
     mask: Option<Tensor>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    causal: bool,
     scale: f64,
     g: usize,
 }
@@ -358,9 +370,20 @@ struct AttentionOp {
 }
 
 impl AttentionRule {
-    /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64).
+    /// Whether the fused GPU kernels compute this attention.
+    #[cfg(feature = "cuda")]
+    fn fused(&self, q: &Tensor) -> bool {
+        self.causal && fused(q)
+    }
+
+    /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
     fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         use candle_core::DType;
+        #[cfg(feature = "cuda")]
+        if self.fused(q) {
+            let t = q.dim(2)? / self.g;
+            return super::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale);
+        }
         let (b, kh, m, _) = q.dims4()?;
         let s = k.dim(2)?;
         let up = |t: Tensor| if t.dtype() == DType::F64 { Ok(t) } else { t.to_dtype(DType::F32) };
@@ -407,8 +430,21 @@ impl candle_core::CustomOp3 for AttentionOp {
         self.out.cuda()
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        #[cfg(feature = "cuda")]
+        if self.rule.fused(&q) {
+            // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
+            use candle_core::DType;
+            let p = self.rule.probs(&q, &k)?; // (B, K, M, S) bf16
+            let dout = grad.contiguous()?;
+            let dv = p.t()?.matmul(&dout)?;
+            let dp = dout.matmul(&v.t()?)?;
+            let d = (dout.to_dtype(DType::F32)? * res.detach().to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+            let ds = super::cuda::softmax_backward(&p, &dp, &d, self.rule.scale)?;
+            return Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?), Some(dv)));
+        }
+        let _ = res;
         let p = self.rule.probs(&q, &k)?; // (B, K, M, S), f32
         let dout = grad.to_dtype(p.dtype())?; // (B, K, M, E)
         let vf = v.to_dtype(p.dtype())?;
@@ -443,7 +479,7 @@ mod attention_tests {
             let s = s.reshape((b, kh, g, t, t))?.broadcast_add(&mask)?.reshape((b, kh, g * t, t))?;
             candle_nn::ops::softmax(&s, D::Minus1)?.matmul(v.as_tensor())
         };
-        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), scale, g)?;
+        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), true, scale, g)?;
         let reference = composite()?;
         let diff = (&ours - &reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "outputs differ by {diff}");
@@ -597,6 +633,10 @@ pub fn linear_cross_entropy(h: &Tensor, weight: &Tensor, targets: &[u32], chunk:
     let (weight, h_detached) = (weight.detach(), h.detach());
     let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
     let chunk = chunk.max(1);
+    #[cfg(feature = "cuda")]
+    if fused(h) {
+        return fused_cross_entropy(h, &h_detached, weight, targets, chunk);
+    }
     let mut total: Option<Tensor> = None;
     for start in (0..n).step_by(chunk) {
         let rows = chunk.min(n - start);
@@ -624,6 +664,61 @@ fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
 fn chunk_log_softmax(h: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let logits = h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?;
     candle_nn::ops::log_softmax(&logits, 1)
+}
+
+/// The GPU path: bf16 logits, loss and gradient by fused kernels; the (loss, logsumexp) of each
+/// row, 8 bytes, is what the backward pass keeps.
+#[cfg(feature = "cuda")]
+fn fused_cross_entropy(h: &Tensor, h_detached: &Tensor, weight: Tensor, targets: Tensor, chunk: usize) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let mut stats = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
+        stats.push(super::cuda::cross_entropy_forward(&logits, &targets.narrow(0, start, rows)?)?);
+    }
+    let stats = Tensor::cat(&stats, 0)?; // (N, 2): loss, logsumexp
+    let total = stats.narrow(1, 0, 1)?.sum_all()?;
+    attach(h, total, FusedCrossEntropyGrad { weight, targets, stats, chunk })
+}
+
+#[cfg(feature = "cuda")]
+struct FusedCrossEntropyGrad {
+    weight: Tensor,
+    targets: Tensor,
+    stats: Tensor,
+    chunk: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Backward for FusedCrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(self.chunk));
+        for start in (0..n).step_by(self.chunk) {
+            let rows = self.chunk.min(n - start);
+            let logits = h.narrow(0, start, rows)?.matmul(&self.weight.t()?)?;
+            let dlogits = super::cuda::cross_entropy_backward(
+                &logits,
+                &self.targets.narrow(0, start, rows)?,
+                &self.stats.narrow(0, start, rows)?,
+            )?;
+            parts.push(dlogits.matmul(&self.weight)?);
+        }
+        Tensor::cat(&parts, 0)?.broadcast_mul(&g.to_dtype(h.dtype())?)
+    }
+}
+
+/// silu(gate) * up, SwiGLU's product: one fused kernel each way on the GPU in bf16.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return super::cuda::silu_mul(gate, up);
+    }
+    gate.silu()? * up
 }
 
 struct LinearCrossEntropyGrad {

@@ -1,0 +1,247 @@
+//! Launchers of the fused bf16 kernels of `kernels.cu` (compiled to PTX by build.rs), as candle
+//! ops without backward rules; the differentiable ops in [`super::ops`] call them on the GPU.
+//!
+//! Every launcher takes contiguous bf16 (and u32 / f32) tensors on the GPU and one block of
+//! [`BLOCK`] threads per row, or a grid-stride loop for elementwise kernels.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const BLOCK: u32 = 256;
+
+fn launch_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn launch_elements(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_536) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("fused kernel: {what} must be contiguous")))?;
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{name}: a GPU kernel, called on the CPU")
+}
+
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let func = $dev.get_or_load_custom_func($name, "loralab_kernels", PTX)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // Safety: the argument list matches the kernel's signature in kernels.cu.
+        unsafe { builder.launch($cfg) }.w()?;
+    }};
+}
+
+/// Causal softmax of bf16 scores (rows, S), `scale` applied first; the query position of row r is
+/// r % t and its last visible key (r % t) + S - t.
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, scale: scale as f32 })
+}
+
+struct CausalSoftmax {
+    t: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let s = *l.dims().last().unwrap_or(&1);
+        let rows = l.shape().elem_count() / s;
+        let input = view::<bf16>(x, l, "scores")?;
+        let out = unsafe { dev.alloc::<bf16>(rows * s)? };
+        let (s32, t32) = (s as i32, self.t as i32);
+        launch!(dev, "causal_softmax_bf16", launch_rows(rows), &input, &out, &s32, &t32, &self.scale);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+    }
+}
+
+/// ds = p * (dp - d) * scale, for bf16 p and dp (rows, S) and f32 d (rows, 1).
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, d: &Tensor, scale: f64) -> Result<Tensor> {
+    p.contiguous()?.apply_op3_no_bwd(&dp.contiguous()?, &d.contiguous()?, &SoftmaxBackward { scale: scale as f32 })
+}
+
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        pl: &Layout,
+        dp: &CudaStorage,
+        dpl: &Layout,
+        d: &CudaStorage,
+        dl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = p.device().clone();
+        let s = *pl.dims().last().unwrap_or(&1);
+        let rows = pl.shape().elem_count() / s;
+        if dpl.shape() != pl.shape() || dl.shape().elem_count() != rows {
+            candle_core::bail!("softmax-backward: shapes {:?}, {:?}, {:?} do not agree", pl.shape(), dpl.shape(), dl.shape());
+        }
+        let (pv, dpv, dv) = (view::<bf16>(p, pl, "p")?, view::<bf16>(dp, dpl, "dp")?, view::<f32>(d, dl, "d")?);
+        let out = unsafe { dev.alloc::<bf16>(rows * s)? };
+        let s32 = s as i32;
+        launch!(dev, "softmax_backward_bf16", launch_rows(rows), &pv, &dpv, &dv, &out, &s32, &self.scale);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), pl.shape().clone()))
+    }
+}
+
+/// Per row of bf16 logits (N, V) and u32 targets (N,): (loss, logsumexp) as f32 (N, 2).
+pub fn cross_entropy_forward(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &CrossEntropyForward)
+}
+
+struct CrossEntropyForward;
+
+impl candle_core::CustomOp2 for CrossEntropyForward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-forward"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, t: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (n, v) = xl.shape().dims2()?;
+        if tl.shape().elem_count() != n {
+            candle_core::bail!("cross-entropy: {} targets for {n} rows", tl.shape().elem_count());
+        }
+        let (xv, tv) = (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?);
+        let out = unsafe { dev.alloc::<f32>(n * 2)? };
+        let v32 = v as i32;
+        launch!(dev, "cross_entropy_forward_bf16", launch_rows(n), &xv, &tv, &out, &v32);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, 2))))
+    }
+}
+
+/// softmax(logits) - onehot(targets), bf16 (N, V), from the forward pass's (loss, lse) rows.
+pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, stats: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &stats.contiguous()?, &CrossEntropyBackward)
+}
+
+struct CrossEntropyBackward;
+
+impl candle_core::CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+        st: &CudaStorage,
+        stl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (n, v) = xl.shape().dims2()?;
+        let (xv, tv, sv) = (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?, view::<f32>(st, stl, "stats")?);
+        let out = unsafe { dev.alloc::<bf16>(n * v)? };
+        let v32 = v as i32;
+        launch!(dev, "cross_entropy_backward_bf16", launch_rows(n), &xv, &tv, &sv, &out, &v32);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl candle_core::CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = g.device().clone();
+        if gl.shape() != ul.shape() {
+            candle_core::bail!("silu-mul: shapes {:?} and {:?} differ", gl.shape(), ul.shape());
+        }
+        let n = gl.shape().elem_count();
+        let (gv, uv) = (view::<bf16>(g, gl, "gate")?, view::<bf16>(u, ul, "up")?);
+        let out = unsafe { dev.alloc::<bf16>(n)? };
+        let n64 = n as i64;
+        launch!(dev, "silu_mul_bf16", launch_elements(n), &gv, &uv, &out, &n64);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), gl.shape().clone()))
+    }
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?; // (2, n)
+        let shape = gate.shape();
+        Ok((Some(both.get(0)?.reshape(shape)?), Some(both.get(1)?.reshape(shape)?)))
+    }
+}
+
+struct SiluMulBackward;
+
+impl candle_core::CustomOp3 for SiluMulBackward {
+    fn name(&self) -> &'static str {
+        "silu-mul-backward"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+        d: &CudaStorage,
+        dl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = g.device().clone();
+        let n = gl.shape().elem_count();
+        let (gv, uv, dv) = (view::<bf16>(g, gl, "gate")?, view::<bf16>(u, ul, "up")?, view::<bf16>(d, dl, "grad")?);
+        let out = unsafe { dev.alloc::<bf16>(2 * n)? };
+        let n64 = n as i64;
+        launch!(dev, "silu_mul_backward_bf16", launch_elements(n), &gv, &uv, &dv, &out, &n64);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n))))
+    }
+}
+
+/// Whether the fused kernels apply: a bf16 tensor on the GPU.
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cuda() && t.dtype() == DType::BF16
+}
+
+/// Stops candle from recording an event per tensor use: loralab runs every kernel on the
+/// device's one stream, where the events order nothing and cost time at every launch.
+pub fn single_stream(dev: &CudaDevice) {
+    // Safety: all work is issued on this device's default stream (no other stream exists).
+    unsafe { dev.disable_event_tracking() }
+}

@@ -1,0 +1,107 @@
+//! The fused GPU kernels against the CPU's plain ops (built with `--features cuda`, run on a
+//! machine with a GPU: `cargo test --release --features cuda --test cuda`). Each value is
+//! computed in bf16 on the GPU and in f32 on the CPU from the same bf16-rounded inputs; the
+//! tolerances are bf16's (8 bits of mantissa).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use loralab::model::ops;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+/// The same random values as a bf16 GPU tensor and an f32 CPU tensor.
+fn pair(shape: &[usize], seed: u64) -> Result<(Tensor, Tensor)> {
+    // xorshift: values in [-2, 2)
+    let mut s = (seed as u32).wrapping_mul(2654435761).wrapping_add(1);
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 4.0 - 2.0
+        })
+        .collect();
+    let x = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
+    Ok((x.to_device(&gpu())?, x.to_dtype(DType::F32)?))
+}
+
+/// Largest |a - b| relative to the largest |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(1e-6)
+}
+
+#[test]
+fn fused_causal_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
+    let (b, k, g, t, e) = (2, 2, 3, 37, 16);
+    let (qg, qc) = pair(&[b, k, g * t, e], 1)?;
+    let (kg, kc) = pair(&[b, k, t, e], 2)?;
+    let (vg, vc) = pair(&[b, k, t, e], 3)?;
+    let (wg, wc) = pair(&[b, k, g * t, e], 4)?;
+    let causal: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask_c = Tensor::from_vec(causal, (1, 1, 1, t, t), &Device::Cpu)?;
+    let mask_g = mask_c.to_device(&gpu())?;
+    let run = |q: &Tensor, kk: &Tensor, v: &Tensor, w: &Tensor, mask: &Tensor| -> Result<Vec<Tensor>> {
+        let (q, kk, v) = (Var::from_tensor(q)?, Var::from_tensor(kk)?, Var::from_tensor(v)?);
+        let out = ops::attention(q.as_tensor(), kk.as_tensor(), v.as_tensor(), Some(mask), true, 0.25, g)?;
+        let grads = (out.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        Ok(vec![
+            out,
+            grads.get(q.as_tensor()).unwrap().clone(),
+            grads.get(kk.as_tensor()).unwrap().clone(),
+            grads.get(v.as_tensor()).unwrap().clone(),
+        ])
+    };
+    let fused = run(&qg, &kg, &vg, &wg, &mask_g)?;
+    let plain = run(&qc, &kc, &vc, &wc, &mask_c)?;
+    for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
+        let d = rel_diff(a, b);
+        assert!(d < 2e-2, "{name}: relative difference {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_cross_entropy_matches_the_plain_one_with_its_gradient() -> Result<()> {
+    let (n, dim, vocab) = (50, 64, 1000);
+    let (hg, hc) = pair(&[n, dim], 5)?;
+    let (wg, wc) = pair(&[vocab, dim], 6)?;
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % vocab as u32).collect();
+    let run = |h: &Tensor, w: &Tensor| -> Result<(f32, Tensor)> {
+        let h = Var::from_tensor(h)?;
+        let loss = ops::linear_cross_entropy(h.as_tensor(), w, &targets, 16)?;
+        let grads = (&loss * 0.5)?.backward()?;
+        Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, grads.get(h.as_tensor()).unwrap().clone()))
+    };
+    let (lg, gg) = run(&hg, &wg)?;
+    let (lc, gc) = run(&hc, &wc)?;
+    assert!((lg - lc).abs() / lc < 1e-2, "loss {lg} vs {lc}");
+    let d = rel_diff(&gg, &gc);
+    assert!(d < 2e-2, "gradient: relative difference {d}");
+    Ok(())
+}
+
+#[test]
+fn fused_silu_mul_matches_the_plain_one_with_its_gradients() -> Result<()> {
+    let (gg, gc) = pair(&[3, 5, 300], 7)?;
+    let (ug, uc) = pair(&[3, 5, 300], 8)?;
+    let (wg, wc) = pair(&[3, 5, 300], 9)?;
+    let run = |g: &Tensor, u: &Tensor, w: &Tensor| -> Result<Vec<Tensor>> {
+        let (g, u) = (Var::from_tensor(g)?, Var::from_tensor(u)?);
+        let h = ops::silu_mul(g.as_tensor(), u.as_tensor())?;
+        let grads = (h.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        Ok(vec![h, grads.get(g.as_tensor()).unwrap().clone(), grads.get(u.as_tensor()).unwrap().clone()])
+    };
+    let fused = run(&gg, &ug, &wg)?;
+    let plain = run(&gc, &uc, &wc)?;
+    for (name, (a, b)) in ["h", "dgate", "dup"].iter().zip(fused.iter().zip(&plain)) {
+        let d = rel_diff(a, b);
+        assert!(d < 2e-2, "{name}: relative difference {d}");
+    }
+    Ok(())
+}
