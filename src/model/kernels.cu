@@ -81,17 +81,17 @@ extern "C" __global__ void cross_entropy_forward_bf16(const __nv_bfloat16* logit
     }
 }
 
-// Gradient of the summed cross-entropy, times g: dlogits = (softmax - onehot(target)) * g.
+// Gradient of the summed cross-entropy: dlogits = softmax - onehot(target) (the caller scales
+// the product with the weight by the incoming gradient).
 extern "C" __global__ void cross_entropy_backward_bf16(const __nv_bfloat16* logits, const uint32_t* targets,
-                                                       const float* stats, const float* g,
-                                                       __nv_bfloat16* dlogits, int v) {
+                                                       const float* stats, __nv_bfloat16* dlogits, int v) {
     const long row = blockIdx.x;
-    const float lse = stats[2 * row + 1], scale = g[0];
+    const float lse = stats[2 * row + 1];
     const uint32_t target = targets[row];
     for (int j = threadIdx.x; j < v; j += BLOCK) {
         long i = row * v + j;
         float p = __expf(__bfloat162float(logits[i]) - lse) - (j == (int)target ? 1.0f : 0.0f);
-        dlogits[i] = __float2bfloat16(p * scale);
+        dlogits[i] = __float2bfloat16(p);
     }
 }
 
