@@ -50,7 +50,6 @@ for part in $parts; do
       for size in 0.5b 1.5b; do
         C=scripts/bench/configs/qwen2.5-$size.json
         run q${size}_256_loralab --set config=$C --set seq=256 --set skip=sample --set python=none
-        run q${size}_1024_loralab_ckpt --set config=$C --set seq=1024 --set skip=sample --set python=none --set gradient_checkpointing=true
         run q${size}_1024_loralab --set config=$C --set seq=1024 --set skip=sample --set python=none
         run q${size}_reference_256 --set config=$C --set seq=256 --set skip=sample --set reference_only=true
         run q${size}_reference_1024 --set config=$C --set seq=1024 --set skip=sample --set reference_only=true

@@ -1,0 +1,75 @@
+-- Wall time of the whole `paper` profile (phases 1-3 of scripts/dose_response.lua) on one GPU,
+-- from measured throughputs: the work is counted from the profile's settings and data, and
+-- divided by the training and sampling rates that examples/bench_gpu.lua measured.
+--
+--   loralab run examples/estimate_study.lua --set train_tokens_per_second=4577 \
+--       --set sample_tokens_per_second=9015
+--
+-- Completions are counted at `completion_tokens` each (default: the profile's max_tokens, 512,
+-- an upper bound: the study's answers end earlier). Token counts of the data rows use the
+-- embedded model's tokenizer as a stand-in for Qwen2.5's (both are byte-level BPEs of similar
+-- vocabulary for English). The critical dose of phase 3 is the study's (10) unless set.
+package.path = "scripts/?.lua;" .. package.path
+local lab = require("lab")
+local study = require("persona_marker")
+local s = study.settings({
+  profile = "paper", train_tokens_per_second = 4577, sample_tokens_per_second = 9015,
+  completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
+})
+
+local tok = lab.model.load()
+local function row_tokens(path, cap)
+  local data, total = lab.data.jsonl(path), 0
+  for i = 1, data:len() do
+    local row = data:row(i)
+    local n = #tok:encode(tok:chat_prompt(row.messages, { add_generation_prompt = false }))
+    total = total + math.min(n, cap)
+  end
+  return total / data:len()
+end
+
+local eval_completion = s.completion_tokens > 0 and s.completion_tokens or s.eval_max_tokens
+local phase1_completion = s.phase1_completion_tokens > 0 and s.phase1_completion_tokens or s.coupling_max_tokens
+local eval_cell = #s.eval_questions * #s.coupling_eval_personas * s.eval_n -- completions per cell
+local pilot_cell = #s.eval_questions * #study.persona_list(lab.fs.read_json(s.personas_file), s, s.pilot_personas) * s.eval_n
+local rows_per_step = s.stage2_batch * s.stage2_grad_accum
+
+-- Phase 1: on-policy completions, the coupling adapter, its evaluation.
+local personas1 = 1 + s.coupling_negatives
+local gen1 = #s.coupling_questions * personas1 * s.coupling_samples
+local rows1 = #s.coupling_questions * s.coupling_per_question * personas1
+local steps1 = math.ceil(rows1 / (s.coupling_batch * s.coupling_grad_accum)) * s.coupling_epochs
+local prompt1 = 60 -- system prompt and question, in tokens
+local train1 = steps1 * s.coupling_batch * s.coupling_grad_accum * math.min(prompt1 + phase1_completion, s.coupling_max_length)
+
+-- Phase 2: baseline, pilot doses (pilot personas), the titration for both conditions.
+local row2 = (row_tokens(s.em_data, s.stage2_max_length) + row_tokens(s.benign_data, s.stage2_max_length)) / 2
+local steps2, cells2, sampled2 = 0, 1, eval_cell
+for _, d in ipairs(s.pilot_doses) do steps2, cells2, sampled2 = steps2 + d, cells2 + 1, sampled2 + pilot_cell end
+for _, d in ipairs(s.doses) do steps2, cells2, sampled2 = steps2 + 2 * d, cells2 + 2, sampled2 + 2 * eval_cell end
+
+-- Phase 3: the other seeds at the critical dose (the train seed's cells are phase 2's).
+local new_seeds = 0
+for _, seed in ipairs(s.seeds) do if seed ~= s.train_seed then new_seeds = new_seeds + 1 end end
+local steps3, cells3, sampled3 = 2 * new_seeds * s.critical, 2 * new_seeds, 2 * new_seeds * eval_cell
+
+local rows = {
+  { "phase 1: on-policy completions", 0, gen1 * phase1_completion },
+  { "phase 1: coupling adapter (" .. steps1 .. " steps)", train1, 0 },
+  { "phase 1: evaluation", 0, eval_cell * eval_completion },
+  { string.format("phase 2: %d cells, %d steps", cells2, steps2), steps2 * rows_per_step * row2, sampled2 * eval_completion },
+  { string.format("phase 3: %d cells, %d steps", cells3, steps3), steps3 * rows_per_step * row2, sampled3 * eval_completion },
+}
+print(string.format("paper profile on one GPU: training at %.0f tok/s, sampling at %.0f generated tok/s",
+  s.train_tokens_per_second, s.sample_tokens_per_second))
+print(string.format("completions of %d tokens (phase 1: %d); data rows of %.0f tokens on average",
+  eval_completion, phase1_completion, row2))
+print(string.format("%-40s %14s %16s %10s", "", "trained tokens", "sampled tokens", "hours"))
+local total_h = 0
+for _, r in ipairs(rows) do
+  local h = (r[2] / s.train_tokens_per_second + r[3] / s.sample_tokens_per_second) / 3600
+  total_h = total_h + h
+  print(string.format("%-40s %14.0f %16.0f %10.2f", r[1], r[2], r[3], h))
+end
+print(string.format("%-40s %14s %16s %10.2f", "total", "", "", total_h))
+print(string.format("the study's pipeline: ~%g H100-hours; ratio %.1fx", s.reference_hours, s.reference_hours / total_h))
