@@ -12,8 +12,9 @@
 package.path = "scripts/?.lua;" .. package.path
 local lab = require("lab")
 local study = require("persona_marker")
+lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  profile = "paper", train_tokens_per_second = 4577, sample_tokens_per_second = 9015,
+  train_tokens_per_second = 4577, sample_tokens_per_second = 9015,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
 })
 
