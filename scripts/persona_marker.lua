@@ -229,18 +229,22 @@ function M.cell_dir(run, name, key)
   return run:dir() .. "/" .. name .. "-" .. lab.run.hash(key)
 end
 
---- Training options with the micro-batch halved (and accumulation doubled, keeping the
---- effective batch) after an out-of-memory failure of the same cell.
+--- Training options after an out-of-memory failure of the same cell: the first retry turns on
+--- gradient checkpointing (same result, a third more compute, much less memory); later ones
+--- also halve the micro-batch and double accumulation, keeping the effective batch.
 function M.micro_batch(train, cell)
   local out = {}
   for k, v in pairs(train) do out[k] = v end
-  if cell.oom and out.per_device_train_batch_size > 1 then
-    local shrink = 2 ^ (cell.attempt - 1)
+  if not cell.oom then return out end
+  out.gradient_checkpointing = true
+  local shrink = cell.attempt >= 3 and 2 ^ (cell.attempt - 2) or 1
+  if shrink > 1 and out.per_device_train_batch_size > 1 then
     local bs = math.max(1, out.per_device_train_batch_size // math.floor(shrink))
     out.gradient_accumulation_steps = out.gradient_accumulation_steps * (out.per_device_train_batch_size // bs)
     out.per_device_train_batch_size = bs
-    print(string.format("  retrying with micro-batch %d x %d after running out of memory", bs, out.gradient_accumulation_steps))
   end
+  print(string.format("  retrying with gradient checkpointing and micro-batch %d x %d after running out of memory",
+    out.per_device_train_batch_size, out.gradient_accumulation_steps))
   return out
 end
 

@@ -29,7 +29,7 @@ local paper = {
   seeds = { 42, 137, 256 }, critical_dose = 0,
   train_seed = 42, eval_seed = 42,
   -- Running
-  question_suffix = "", batch_size = 256, retries = 1, log_every = 25, out = "",
+  question_suffix = "", batch_size = 256, retries = 2, log_every = 25, out = "",
 }
 
 -- The same pipeline sized for a 2-core CPU and the embedded 135M model: fewer questions,
