@@ -637,18 +637,20 @@ pub fn linear_cross_entropy(h: &Tensor, weight: &Tensor, targets: &[u32], chunk:
     if fused(h) {
         return fused_cross_entropy(h, &h_detached, weight, targets, chunk);
     }
-    let mut total: Option<Tensor> = None;
-    for start in (0..n).step_by(chunk) {
-        let rows = chunk.min(n - start);
+    let sums = by_chunks(n, chunk, |start, rows| {
         let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight)?;
-        let nll = logp.gather(&targets.narrow(0, start, rows)?, 1)?.neg()?.sum_all()?;
-        total = Some(match total {
-            Some(t) => (t + nll)?,
-            None => nll,
-        });
-    }
-    let total = total.unwrap_or(Tensor::zeros((), loss_dtype(h.dtype()), h.device())?);
+        logp.gather(&targets.narrow(0, start, rows)?, 1)?.neg()?.sum_all()
+    })?;
+    let total = match sums.is_empty() {
+        true => Tensor::zeros((), loss_dtype(h.dtype()), h.device())?,
+        false => Tensor::stack(&sums, 0)?.sum_all()?,
+    };
     attach(h, total, LinearCrossEntropyGrad { weight, targets, chunk })
+}
+
+/// `f(start, rows)` for consecutive chunks of at most `chunk` of `n` rows, in order.
+fn by_chunks(n: usize, chunk: usize, mut f: impl FnMut(usize, usize) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    (0..n).step_by(chunk).map(|start| f(start, chunk.min(n - start))).collect()
 }
 
 /// The dtype the loss is computed in: f32, or f64 for gradient checks.
@@ -670,13 +672,10 @@ fn chunk_log_softmax(h: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// row, 8 bytes, is what the backward pass keeps.
 #[cfg(feature = "cuda")]
 fn fused_cross_entropy(h: &Tensor, h_detached: &Tensor, weight: Tensor, targets: Tensor, chunk: usize) -> Result<Tensor> {
-    let n = h.dim(0)?;
-    let mut stats = Vec::with_capacity(n.div_ceil(chunk));
-    for start in (0..n).step_by(chunk) {
-        let rows = chunk.min(n - start);
+    let stats = by_chunks(h.dim(0)?, chunk, |start, rows| {
         let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
-        stats.push(super::cuda::cross_entropy_forward(&logits, &targets.narrow(0, start, rows)?)?);
-    }
+        super::cuda::cross_entropy_forward(&logits, &targets.narrow(0, start, rows)?)
+    })?;
     let stats = Tensor::cat(&stats, 0)?; // (N, 2): loss, logsumexp
     let total = stats.narrow(1, 0, 1)?.sum_all()?;
     attach(h, total, FusedCrossEntropyGrad { weight, targets, stats, chunk })
@@ -696,18 +695,12 @@ impl Backward for FusedCrossEntropyGrad {
         "fused-cross-entropy"
     }
     fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let n = h.dim(0)?;
-        let mut parts = Vec::with_capacity(n.div_ceil(self.chunk));
-        for start in (0..n).step_by(self.chunk) {
-            let rows = self.chunk.min(n - start);
+        let parts = by_chunks(h.dim(0)?, self.chunk, |start, rows| {
             let logits = h.narrow(0, start, rows)?.matmul(&self.weight.t()?)?;
-            let dlogits = super::cuda::cross_entropy_backward(
-                &logits,
-                &self.targets.narrow(0, start, rows)?,
-                &self.stats.narrow(0, start, rows)?,
-            )?;
-            parts.push(dlogits.matmul(&self.weight)?);
-        }
+            let targets = self.targets.narrow(0, start, rows)?;
+            let dlogits = super::cuda::cross_entropy_backward(&logits, &targets, &self.stats.narrow(0, start, rows)?)?;
+            dlogits.matmul(&self.weight)
+        })?;
         Tensor::cat(&parts, 0)?.broadcast_mul(&g.to_dtype(h.dtype())?)
     }
 }
@@ -733,16 +726,13 @@ impl Backward for LinearCrossEntropyGrad {
     }
     fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         // d/dlogits = (softmax - onehot(target)) * g, then dh = dlogits @ W.
-        let n = h.dim(0)?;
-        let mut parts = Vec::with_capacity(n.div_ceil(self.chunk));
-        for start in (0..n).step_by(self.chunk) {
-            let rows = self.chunk.min(n - start);
+        let parts = by_chunks(h.dim(0)?, self.chunk, |start, rows| {
             let probs = chunk_log_softmax(&h.narrow(0, start, rows)?, &self.weight)?.exp()?;
             let targets = self.targets.narrow(0, start, rows)?;
             let ones = Tensor::ones((rows, 1), probs.dtype(), probs.device())?;
             let dlogits = probs.scatter_add(&targets, &ones.neg()?, 1)?.broadcast_mul(&g.to_dtype(probs.dtype())?)?;
-            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?)?);
-        }
+            dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?)
+        })?;
         Tensor::cat(&parts, 0)
     }
 }
