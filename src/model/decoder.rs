@@ -65,7 +65,7 @@ impl<'a> Pass<'a> {
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor, // (out, in)
-    /// The weight packed for the CPU inference path in f32 (see [`super::packed`]).
+    /// The weight packed for the CPU path in f32 (see [`super::packed`]).
     pub packed: Option<Arc<PackedMatrix>>,
     pub bias: Option<Tensor>,
 }
@@ -95,36 +95,49 @@ impl Linear {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x2 = x.reshape((b * t, d_in))?;
-        let mut y = if pass.train {
-            frozen_linear(&x2, &self.weight)?
-        } else if let Some(packed) = &self.packed {
-            super::ops::linear_packed(&x2, packed)?
-        } else {
-            x2.matmul(&self.weight.t()?)?
+        let mut y = match &self.packed {
+            Some(packed) => frozen_product(&x2, packed, pass)?,
+            None if pass.train => frozen_linear(&x2, &self.weight)?,
+            None => x2.matmul(&self.weight.t()?)?,
         };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        if let Some(adapter) = pass.adapter {
-            if let Some(pair) = adapter.pair(layer, target) {
-                let dtype = x2.dtype();
-                let mut xin = x2.clone();
-                if pass.train && adapter.config.lora_dropout > 0.0 {
-                    if let Some(rng) = pass.dropout_rng {
-                        xin = dropout(&xin, adapter.config.lora_dropout, &mut rng.borrow_mut())?;
-                    }
-                }
-                // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
-                let (mut a, mut bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
-                if pass.constant_adapter {
-                    (a, bm) = (a.detach(), bm.detach());
-                }
-                let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
-                y = (y + (delta * adapter.scale())?)?;
-            }
+        if let Some(delta) = lora_delta(&x2, pass, layer, target)? {
+            y = (y + delta)?;
         }
         y.reshape((b, t, ()))
     }
+}
+
+/// x (N, in) @ W^T through the packed weight: differentiable in x when training.
+fn frozen_product(x2: &Tensor, packed: &Arc<PackedMatrix>, pass: Pass) -> Result<Tensor> {
+    if pass.train {
+        super::ops::frozen_linear_packed(x2, packed)
+    } else {
+        super::ops::linear_packed(x2, packed)
+    }
+}
+
+/// The adapter's term for (layer, target), scale * dropout(x) A^T B^T, if the pass has one:
+/// x (N, in) -> (N, out).
+fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Option<Tensor>> {
+    let Some(adapter) = pass.adapter else { return Ok(None) };
+    let Some(pair) = adapter.pair(layer, target) else { return Ok(None) };
+    let dtype = x2.dtype();
+    let mut xin = x2.clone();
+    if pass.train && adapter.config.lora_dropout > 0.0 {
+        if let Some(rng) = pass.dropout_rng {
+            xin = dropout(&xin, adapter.config.lora_dropout, &mut rng.borrow_mut())?;
+        }
+    }
+    // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
+    let (mut a, mut bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
+    if pass.constant_adapter {
+        (a, bm) = (a.detach(), bm.detach());
+    }
+    let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
+    Ok(Some((delta * adapter.scale())?))
 }
 
 /// Inverted dropout with a mask drawn from a seeded stream (candle's own uses an unseeded one).
@@ -162,7 +175,7 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// [Wq; Wk; Wv] packed for the CPU inference path: one product instead of three.
+    /// [Wq; Wk; Wv] packed for the CPU f32 path: one product instead of three.
     pub qkv_packed: Option<Arc<PackedMatrix>>,
 }
 
@@ -171,7 +184,7 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
-    /// [Wgate; Wup] packed for the CPU inference path.
+    /// [Wgate; Wup] packed for the CPU f32 path.
     pub gate_up_packed: Option<Arc<PackedMatrix>>,
 }
 
@@ -234,12 +247,13 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // (B, T, H*E) -> (B, H, T, E)
-        let (q, kx, vx) = match (&self.qkv_packed, pass.train || pass.adapter.is_some()) {
-            (Some(fused), false) => {
-                let mut parts = fused_forward(x, fused, &[&self.q_proj, &self.k_proj, &self.v_proj])?.into_iter();
+        let (q, kx, vx) = match &self.qkv_packed {
+            Some(fused) => {
+                let parts = [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
+                let mut parts = fused_forward(x, fused, &parts, pass, layer)?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
             }
-            _ => (
+            None => (
                 self.q_proj.forward(x, pass, layer, Target::QProj)?,
                 self.k_proj.forward(x, pass, layer, Target::KProj)?,
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
@@ -300,12 +314,13 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
-        let (gate, up) = match (&self.gate_up_packed, pass.train || pass.adapter.is_some()) {
-            (Some(fused), false) => {
-                let mut parts = fused_forward(x, fused, &[&self.gate_proj, &self.up_proj])?.into_iter();
+        let (gate, up) = match &self.gate_up_packed {
+            Some(fused) => {
+                let parts = [(&self.gate_proj, Target::GateProj), (&self.up_proj, Target::UpProj)];
+                let mut parts = fused_forward(x, fused, &parts, pass, layer)?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap())
             }
-            _ => (
+            None => (
                 self.gate_proj.forward(x, pass, layer, Target::GateProj)?,
                 self.up_proj.forward(x, pass, layer, Target::UpProj)?,
             ),
@@ -315,17 +330,22 @@ impl Mlp {
 }
 
 /// Several projections of the same input as one product: x (B, T, in) @ fused (in, sum out),
-/// split back into one (B, T, out) per projection, biases added.
-fn fused_forward(x: &Tensor, fused: &Arc<PackedMatrix>, parts: &[&Linear]) -> Result<Vec<Tensor>> {
+/// split back into one (B, T, out) per projection, biases and adapter terms added (in the
+/// projections' order, which is also the order their dropout masks are drawn in).
+fn fused_forward(x: &Tensor, fused: &Arc<PackedMatrix>, parts: &[(&Linear, Target)], pass: Pass, layer: usize) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
-    let y = super::ops::linear_packed(&x.reshape((b * t, d_in))?, fused)?;
+    let x2 = x.reshape((b * t, d_in))?;
+    let y = frozen_product(&x2, fused, pass)?;
     let mut out = Vec::with_capacity(parts.len());
     let mut offset = 0;
-    for lin in parts {
+    for (lin, target) in parts {
         let n = lin.weight.dim(0)?;
         let mut p = y.narrow(1, offset, n)?;
         if let Some(bias) = &lin.bias {
             p = p.broadcast_add(bias)?;
+        }
+        if let Some(delta) = lora_delta(&x2, pass, layer, *target)? {
+            p = (p + delta)?;
         }
         out.push(p.reshape((b, t, n))?);
         offset += n;
@@ -360,8 +380,7 @@ impl Layer {
         a.qkv_packed = packed_for_cpu(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight])?;
         let m = &mut self.mlp;
         m.gate_up_packed = packed_for_cpu(&[&m.gate_proj.weight, &m.up_proj.weight])?;
-        // The fused copies replace the single transposed ones (memory); with an adapter attached
-        // these projections go through the ordinary matmul.
+        // The fused copies replace the single packed ones (memory).
         if a.qkv_packed.is_some() {
             for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
                 lin.packed = None;

@@ -288,6 +288,27 @@ pub fn linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&LinearPacked { w: w.clone() })
 }
 
+/// `x @ W^T` for a frozen weight through its packed copy (CPU f32), differentiable in x: the
+/// backward pass multiplies the gradient by W through the packed transpose. x (N, in) -> (N, out).
+pub fn frozen_linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
+    let y = linear_packed(&x.detach(), w)?;
+    attach(x, y, PackedLinearGrad { w: w.clone() })
+}
+
+struct PackedLinearGrad {
+    w: Arc<PackedMatrix>,
+}
+
+impl Backward for PackedLinearGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear-packed"
+    }
+    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        // grad (N, out) @ W (out, in) -> (N, in)
+        linear_packed(grad, &self.w.transposed())
+    }
+}
+
 struct LinearPacked {
     w: Arc<PackedMatrix>,
 }

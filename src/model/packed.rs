@@ -11,7 +11,7 @@
 //! every other CPU (vectorised by the compiler). All compute the same sums in the same order
 //! along `k`, so the result does not depend on how the work is split between threads.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
@@ -28,11 +28,12 @@ const M_CHUNK: usize = 32 * MR;
 struct Line([f32; 16]);
 
 /// A (k, n) matrix stored as ceil(n / NR) column panels of k x NR floats (zero-padded columns).
-#[derive(Clone)]
 pub struct PackedMatrix {
     k: usize,
     n: usize,
     lines: Vec<Line>,
+    /// The transpose, packed on first use (the backward pass of training on the CPU).
+    transposed: OnceLock<Arc<PackedMatrix>>,
 }
 
 impl PackedMatrix {
@@ -58,7 +59,19 @@ impl PackedMatrix {
                 }
             }
         });
-        PackedMatrix { k, n, lines }
+        PackedMatrix { k, n, lines, transposed: OnceLock::new() }
+    }
+
+    /// Element (kk, col) of the (k, n) matrix.
+    fn at(&self, kk: usize, col: usize) -> f32 {
+        let floats = self.panel(col / NR);
+        floats[kk * NR + col % NR]
+    }
+
+    /// The (n, k) transpose, packed once and kept: `y = x @ self^T` multiplies by the original
+    /// weight, as the input gradient of a frozen projection does.
+    pub fn transposed(&self) -> Arc<PackedMatrix> {
+        self.transposed.get_or_init(|| Arc::new(Self::pack(self.n, self.k, |kk, col| self.at(col, kk)))).clone()
     }
 
     /// Inner dimension (input features).
@@ -350,6 +363,23 @@ mod tests {
                 assert!(diff < 1e-4, "{kernel:?} ({m}, {k}, {n}): max abs diff {diff}");
             }
         }
+    }
+
+    #[test]
+    fn the_transpose_multiplies_by_the_original_weight() {
+        let (m, k, n) = (5, 70, 53);
+        let w = values(n * k, 11); // (n, k): y = x @ w^T
+        let packed = PackedMatrix::from_rows_out_in(&w, n, k);
+        let g = values(m * n, 12); // (m, n) @ w (n, k) -> (m, k)
+        let got = packed.transposed().matmul(&g, m);
+        let mut want = vec![0f32; m * k];
+        for i in 0..m {
+            for j in 0..k {
+                want[i * k + j] = (0..n).map(|c| g[i * n + c] as f64 * w[c * k + j] as f64).sum::<f64>() as f32;
+            }
+        }
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "max abs diff {diff}");
     }
 
     #[test]
