@@ -115,3 +115,24 @@ fn fused_silu_mul_matches_the_plain_one_with_its_gradients() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
+    // B 3, K 2, 7 query heads per kv head, E 128; a cache of capacity 40 holding 33 positions.
+    for &(r, e) in &[(7, 128), (3, 64)] {
+        let (b, k, c, s) = (3, 2, 40, 33);
+        let (qg, qc) = pair(&[b, k, r, e], 10)?;
+        let (kg, kc) = pair(&[b, k, c, e], 11)?;
+        let (vg, vc) = pair(&[b, k, c, e], 12)?;
+        // Row 0 is left-padded by 5 positions.
+        let mask: Vec<f32> = (0..b * s).map(|i| if i / s == 0 && i % s < 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask_c = Tensor::from_vec(mask, (b, 1, 1, 1, s), &Device::Cpu)?;
+        let mask_g = mask_c.to_device(&gpu())?;
+        let scale = 1.0 / (e as f64).sqrt();
+        let fused = loralab::model::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
+        let plain = ops::attention_cpu(&qc, &kc, &vc, s, Some(&mask_c), scale)?;
+        let d = rel_diff(&fused, &plain);
+        assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
+    }
+    Ok(())
+}

@@ -234,6 +234,69 @@ impl candle_core::CustomOp3 for SiluMulBackward {
     }
 }
 
+/// Largest number of query heads per kv head, and head dimension, the decoding kernel takes.
+pub const DECODE_MAX_GROUP: usize = 8;
+pub const DECODE_MAX_HEAD_DIM: usize = 128;
+
+/// Attention of one new token per row against the KV cache: q (B, K, R, E) bf16, the whole
+/// caches (B, K, C, E) of which the first `s` positions count, `mask` additive f32 (B, s) (any
+/// shape of that many elements) -> (B, K, R, E). Needs R <= 8 and E a multiple of 32 up to 128.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let mask = mask.map(|m| m.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &DecodeAttention { s, mask, scale: scale as f32 })
+}
+
+struct DecodeAttention {
+    s: usize,
+    mask: Option<Tensor>,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device().clone();
+        let (b, heads, r, e) = ql.shape().dims4()?;
+        let c = kl.shape().dims4()?.2;
+        if r > DECODE_MAX_GROUP || e % 32 != 0 || e > DECODE_MAX_HEAD_DIM || self.s > c || kl.shape() != vl.shape() {
+            candle_core::bail!("decode-attention: unsupported shapes q {:?}, cache {:?}, s {}", ql.shape(), kl.shape(), self.s);
+        }
+        let (qv, kv, vv) = (view::<bf16>(q, ql, "q")?, view::<bf16>(k, kl, "keys")?, view::<bf16>(v, vl, "values")?);
+        let out = unsafe { dev.alloc::<bf16>(b * heads * r * e)? };
+        let (h32, r32, c32, s32, e32) = (heads as i32, r as i32, c as i32, self.s as i32, e as i32);
+        let cfg = LaunchConfig { grid_dim: ((b * heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        match &self.mask {
+            Some(mask) => {
+                if mask.elem_count() != b * self.s {
+                    candle_core::bail!("decode-attention: mask of {} values for {b} rows of {} keys", mask.elem_count(), self.s);
+                }
+                let (ms, ml) = mask.storage_and_layout();
+                let candle_core::Storage::Cuda(ms) = &*ms else { candle_core::bail!("decode-attention: mask not on the GPU") };
+                let mv = view::<f32>(ms, ml, "mask")?;
+                launch!(dev, "decode_attention_bf16", cfg, &qv, &kv, &vv, &mv, &out, &h32, &r32, &c32, &s32, &e32, &self.scale);
+            }
+            None => {
+                let null = 0u64;
+                launch!(dev, "decode_attention_bf16", cfg, &qv, &kv, &vv, &null, &out, &h32, &r32, &c32, &s32, &e32, &self.scale);
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
+    }
+}
+
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::BF16

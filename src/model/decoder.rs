@@ -297,6 +297,8 @@ impl Attention {
             super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             super::ops::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
+        } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale)? {
+            out
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
             let scores = match &mask {
@@ -310,6 +312,33 @@ impl Attention {
         let out = out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e))?;
         self.o_proj.forward(&out, pass, layer, Target::OProj)
     }
+}
+
+/// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
+/// tensors, where it applies: one new token per row, at most 8 query heads per kv head, a head
+/// dimension that is a multiple of 32 up to 128, a per-row mask. Otherwise None.
+/// q: (B, K, G, E) -> (B, K, G, E).
+fn gpu_decode_attention(
+    q: &Tensor,
+    t: usize,
+    whole_cache: Option<&(Tensor, Tensor)>,
+    s: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        use super::cuda::{applies, decode_attention, DECODE_MAX_GROUP, DECODE_MAX_HEAD_DIM};
+        let (b, _, g, e) = q.dims4()?;
+        let per_row_mask = mask.is_none_or(|m| m.elem_count() == b * s);
+        if let (Some((k_all, v_all)), true) = (whole_cache, applies(q) && t == 1 && per_row_mask) {
+            if g <= DECODE_MAX_GROUP && e % 32 == 0 && e <= DECODE_MAX_HEAD_DIM {
+                return decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
+            }
+        }
+    }
+    let _ = (q, t, whole_cache, s, mask, scale);
+    Ok(None)
 }
 
 impl Mlp {

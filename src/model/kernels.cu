@@ -116,3 +116,83 @@ extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, con
         out[n + i] = __float2bfloat16(d * g * sig);
     }
 }
+
+// Attention of one new token per row against the KV cache (decoding), bf16. One block of
+// DECODE_WARPS warps per (batch row, kv head); the R <= MAX_R query heads that share the kv head
+// are handled together, so each key and value is read once. Each warp walks its share of the
+// keys with an online softmax (running max, sum and weighted values per query head); the warps'
+// partial results are merged at the end. Lane l holds elements [l * epl, (l + 1) * epl) of the
+// head dimension e = 32 * epl (epl <= 4).
+//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used;
+//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E).
+#define DECODE_WARPS 4
+#define MAX_R 8
+#define MAX_EPL 4
+extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                 const __nv_bfloat16* v, const float* mask,
+                                                 __nv_bfloat16* out, int heads, int r, int c, int s,
+                                                 int e, float scale) {
+    __shared__ float part_m[DECODE_WARPS][MAX_R];
+    __shared__ float part_l[DECODE_WARPS][MAX_R];
+    __shared__ float part_acc[DECODE_WARPS][MAX_R][32 * MAX_EPL];
+    const int bk = blockIdx.x, b = bk / heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int epl = e / 32;
+    const __nv_bfloat16* qb = q + (long)bk * r * e;
+    const __nv_bfloat16* kb = k + (long)bk * c * e;
+    const __nv_bfloat16* vb = v + (long)bk * c * e;
+
+    float qr[MAX_R][MAX_EPL], acc[MAX_R][MAX_EPL], m[MAX_R], l[MAX_R];
+    for (int i = 0; i < MAX_R; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        for (int x = 0; x < MAX_EPL; x++) {
+            qr[i][x] = (i < r && x < epl) ? __bfloat162float(qb[i * e + lane * epl + x]) * scale : 0.0f;
+            acc[i][x] = 0.0f;
+        }
+    }
+    for (int j = warp; j < s; j += DECODE_WARPS) {
+        const float bias = mask ? mask[(long)b * s + j] : 0.0f;
+        if (bias == -INFINITY) continue;  // the same for the whole warp
+        float kv[MAX_EPL], vv[MAX_EPL];
+        for (int x = 0; x < MAX_EPL; x++) {
+            kv[x] = x < epl ? __bfloat162float(kb[(long)j * e + lane * epl + x]) : 0.0f;
+            vv[x] = x < epl ? __bfloat162float(vb[(long)j * e + lane * epl + x]) : 0.0f;
+        }
+        for (int i = 0; i < MAX_R; i++) {
+            if (i >= r) break;
+            float dot = 0.0f;
+            for (int x = 0; x < MAX_EPL; x++) dot += qr[i][x] * kv[x];
+            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+            const float score = dot + bias;
+            const float m_new = fmaxf(m[i], score);
+            const float corr = __expf(m[i] - m_new), p = __expf(score - m_new);
+            l[i] = l[i] * corr + p;
+            for (int x = 0; x < MAX_EPL; x++) acc[i][x] = acc[i][x] * corr + p * vv[x];
+            m[i] = m_new;
+        }
+    }
+    for (int i = 0; i < r && i < MAX_R; i++) {
+        if (lane == 0) {
+            part_m[warp][i] = m[i];
+            part_l[warp][i] = l[i];
+        }
+        for (int x = 0; x < epl; x++) part_acc[warp][i][lane * epl + x] = acc[i][x];
+    }
+    __syncthreads();
+    // Merge: thread t owns element t of the head dimension, for every query head.
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        for (int i = 0; i < r && i < MAX_R; i++) {
+            float big = -INFINITY;
+            for (int w = 0; w < DECODE_WARPS; w++) big = fmaxf(big, part_m[w][i]);
+            float total = 0.0f, value = 0.0f;
+            for (int w = 0; w < DECODE_WARPS; w++) {
+                if (part_m[w][i] == -INFINITY) continue;  // a warp that saw no visible key
+                const float f = __expf(part_m[w][i] - big);
+                total += part_l[w][i] * f;
+                value += part_acc[w][i][d] * f;
+            }
+            out[(long)bk * r * e + i * e + d] = __float2bfloat16(value / total);
+        }
+    }
+}
