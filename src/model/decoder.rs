@@ -7,11 +7,15 @@
 //! as they are and GGUF files are renamed to them.
 //!
 //! Two paths through the same weights:
-//! - inference ([`Pass::infer`]): fused candle kernels, a KV cache, an attention mask for left
-//!   padding;
+//! - inference ([`Pass::infer`]): fused kernels, a KV cache, an attention mask for left padding;
 //! - training ([`Pass::train`]): only differentiable ops (candle's fused softmax, rms_norm and
-//!   rope have no backward), frozen projections through [`frozen_linear`] so that no
-//!   weight-sized gradient is ever computed, LoRA deltas with dropout.
+//!   rope have no backward, so [`super::ops`] gives them one), frozen projections with a
+//!   backward rule for their input only, so that no weight-sized gradient is ever computed, LoRA
+//!   deltas with dropout, and optionally gradient checkpointing ([`super::checkpoint`]).
+//!
+//! On the CPU in f32 the projections run through weights packed once ([`super::packed`]), q/k/v
+//! and gate/up as one product each; on the GPU in bf16 attention, the loss and SwiGLU run as
+//! fused kernels ([`super::cuda`]).
 //!
 //! Shapes: B batch, T new tokens, S keys (cache length), D hidden, H query heads, K kv heads,
 //! G = H / K heads per kv head, E head dim, F intermediate, V vocab.

@@ -1,4 +1,6 @@
-//! Custom tensor operations the training path needs and candle does not provide.
+//! Custom tensor operations that candle does not provide: differentiable fused ops for training
+//! (frozen projections, softmax, RMSNorm, rope, recomputing attention, chunked cross-entropy) and
+//! the CPU inference kernels over packed weights and the KV cache.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -366,7 +368,6 @@ mod linear_packed_tests {
 ///
 /// `causal`: the mask is exactly the causal one (key j visible to position t when
 /// j <= t + S - T); on the GPU in bf16 a fused kernel then applies it without reading the mask.
-#[allow(clippy::too_many_arguments)]
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Result<Tensor> {
     let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
     let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
