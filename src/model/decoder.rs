@@ -117,9 +117,9 @@ impl Linear {
 /// x (N, in) @ W^T through the packed weight: differentiable in x when training.
 fn frozen_product(x2: &Tensor, packed: &Arc<PackedMatrix>, pass: Pass) -> Result<Tensor> {
     if pass.train {
-        super::ops::frozen_linear_packed(x2, packed)
+        super::cpu::frozen_linear_packed(x2, packed)
     } else {
-        super::ops::linear_packed(x2, packed)
+        super::cpu::linear_packed(x2, packed)
     }
 }
 
@@ -300,7 +300,7 @@ impl Attention {
             // A (T, S) mask is the causal one (see `forward_hidden`).
             super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
-            super::ops::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
+            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
         } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale)? {
             out
         } else {
@@ -599,7 +599,7 @@ impl Decoder {
         let (b, t, d) = hidden.dims3()?;
         let h = hidden.reshape((b * t, d))?;
         let logits = match &self.lm_head_packed {
-            Some(packed) => super::ops::linear_packed(&h, packed)?,
+            Some(packed) => super::cpu::linear_packed(&h, packed)?,
             None => h.matmul(&self.lm_head.t()?)?,
         };
         logits.to_dtype(DType::F32)?.reshape((b, t, ()))

@@ -1,13 +1,10 @@
-//! Custom tensor operations that candle does not provide: differentiable fused ops for training
-//! (frozen projections, softmax, RMSNorm, rope, recomputing attention, chunked cross-entropy) and
-//! the CPU inference kernels over packed weights and the KV cache.
+//! Differentiable tensor operations the training path needs and candle does not provide: frozen
+//! projections, softmax, RMSNorm and rope with backward rules, attention that recomputes its
+//! probabilities, chunked cross-entropy and SwiGLU's product. On the GPU in bf16 several of them
+//! run the fused kernels of [`super::cuda`]; the CPU's own kernels are in [`super::cpu`].
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-use std::sync::Arc;
-
-use super::packed::PackedMatrix;
 
 /// Whether the fused GPU kernels of [`super::cuda`] take this tensor (bf16 on a GPU).
 #[cfg(feature = "cuda")]
@@ -284,76 +281,6 @@ mod fused_tests {
     }
 }
 
-/// `x @ W^T` for inference on the CPU in f32, from the weight packed once at load time (see
-/// [`super::packed`]): x (N, in) -> (N, out).
-pub fn linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&LinearPacked { w: w.clone() })
-}
-
-/// `x @ W^T` for a frozen weight through its packed copy (CPU f32), differentiable in x: the
-/// backward pass multiplies the gradient by W through the packed transpose. x (N, in) -> (N, out).
-pub fn frozen_linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
-    let y = linear_packed(&x.detach(), w)?;
-    attach(x, y, PackedLinearGrad { w: w.clone() })
-}
-
-struct PackedLinearGrad {
-    w: Arc<PackedMatrix>,
-}
-
-impl Backward for PackedLinearGrad {
-    fn name(&self) -> &'static str {
-        "frozen-linear-packed"
-    }
-    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        // grad (N, out) @ W (out, in) -> (N, in)
-        linear_packed(grad, &self.w.transposed())
-    }
-}
-
-struct LinearPacked {
-    w: Arc<PackedMatrix>,
-}
-
-impl candle_core::CustomOp1 for LinearPacked {
-    fn name(&self) -> &'static str {
-        "linear-packed"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, d_in) = x_layout.shape().dims2()?;
-        if self.w.k() != d_in {
-            candle_core::bail!("linear-packed: input has {d_in} features, weight expects {}", self.w.k());
-        }
-        let x = match (x, x_layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("linear-packed: expects a contiguous f32 input"),
-        };
-        Ok((CpuStorage::F32(self.w.matmul(x, n)), Shape::from((n, self.w.n()))))
-    }
-}
-
-#[cfg(test)]
-mod linear_packed_tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn linear_from_the_packed_weight_equals_the_matmul() -> Result<()> {
-        let dev = Device::Cpu;
-        for (n, d_in, d_out) in [(1, 5, 3), (7, 16, 33), (64, 96, 130)] {
-            let x = Tensor::randn(0f32, 1., (n, d_in), &dev)?;
-            let w = Tensor::randn(0f32, 1., (d_out, d_in), &dev)?;
-            let want = x.matmul(&w.t()?)?;
-            let packed = Arc::new(PackedMatrix::from_rows_out_in(&w.flatten_all()?.to_vec1()?, d_out, d_in));
-            let got = linear_packed(&x, &packed)?;
-            let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "({n}, {d_in}, {d_out}): {diff}");
-        }
-        Ok(())
-    }
-}
-
 /// Attention for training, `softmax(q k^T * scale + mask) v`, that keeps only its inputs and
 /// output for the backward pass and recomputes the probabilities there.
 ///
@@ -517,130 +444,6 @@ mod attention_tests {
     }
 }
 
-
-/// Attention for inference on the CPU in f32, `softmax(q k^T * scale + mask) v`, read straight
-/// from the KV cache: one pass per query row, no copy of the cache and no (rows, S) tensors.
-///
-/// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
-/// keys, values: (B, K, C, E), of which the first `s` positions are used; mask: additive,
-/// (B or 1, 1, 1, T, S). Returns (B, K, R, E).
-pub fn attention_cpu(q: &Tensor, keys: &Tensor, values: &Tensor, s: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let (b, k, r, e) = q.dims4()?;
-    let c = keys.dim(2)?;
-    let mask = mask.map(|m| m.contiguous()).transpose()?;
-    let t = match &mask {
-        Some(m) => m.dim(m.rank() - 2)?,
-        None => 1,
-    };
-    let mask_rows = mask.as_ref().map_or(1, |m| m.elem_count() / (t * s));
-    let q = q.contiguous()?;
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = keys.storage_and_layout();
-    let (vs, vl) = values.storage_and_layout();
-    let q = cpu_slice(&qs, ql, "q")?;
-    let kc = cpu_slice(&ks, kl, "keys")?;
-    let vc = cpu_slice(&vs, vl, "values")?;
-    let ms = mask.as_ref().map(|m| m.storage_and_layout());
-    let mk = match &ms {
-        Some((st, l)) => Some(cpu_slice(st, l, "mask")?),
-        None => None,
-    };
-    let scale = scale as f32;
-    let mut out = vec![0f32; b * k * r * e];
-    out.par_chunks_mut(r * e).enumerate().for_each(|(bk, out_bk)| {
-        let bi = bk / k;
-        let q_bk = &q[bk * r * e..(bk + 1) * r * e];
-        let k_bk = &kc[bk * c * e..bk * c * e + s * e];
-        let v_bk = &vc[bk * c * e..bk * c * e + s * e];
-        let mut scores = vec![0f32; s];
-        for (row, out_row) in out_bk.chunks_mut(e).enumerate() {
-            let q_row = &q_bk[row * e..(row + 1) * e];
-            let m_row = mk.map(|m| {
-                let mb = if mask_rows == 1 { 0 } else { bi };
-                &m[(mb * t + row % t) * s..(mb * t + row % t + 1) * s]
-            });
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let bias = m_row.map_or(0.0, |m| m[j]);
-                // Hidden keys (causal or padding) cost nothing.
-                *sc = if bias == f32::NEG_INFINITY { bias } else { dot(q_row, &k_bk[j * e..(j + 1) * e]) * scale + bias };
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            for (j, &p) in scores.iter().enumerate() {
-                let p = p / sum;
-                for (o, v) in out_row.iter_mut().zip(&v_bk[j * e..(j + 1) * e]) {
-                    *o += p * v;
-                }
-            }
-        }
-    });
-    drop((qs, ks, vs, ms));
-    Tensor::from_vec(out, (b, k, r, e), keys.device())
-}
-
-/// Dot product in 16 independent lanes, which the compiler keeps in vector registers (a plain
-/// sum of f32 must be added in order, one element at a time).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// The contiguous f32 data of a CPU tensor.
-fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention-cpu: {what} must be a contiguous f32 tensor on the CPU"),
-    }
-}
-
-#[cfg(test)]
-mod attention_cpu_tests {
-    use super::*;
-    use candle_core::{Device, D};
-
-    #[test]
-    fn attention_from_the_cache_equals_the_plain_formula() -> Result<()> {
-        let dev = Device::Cpu;
-        // B 2, K 2, G 3, T 4, E 8; a cache of capacity 9 holding S = 6 positions.
-        let (b, k, g, t, e, cap, s) = (2, 2, 3, 4, 8, 9, 6);
-        let q = Tensor::randn(0f32, 1., (b, k, g * t, e), &dev)?;
-        let keys = Tensor::randn(0f32, 1., (b, k, cap, e), &dev)?;
-        let values = Tensor::randn(0f32, 1., (b, k, cap, e), &dev)?;
-        // Row 0 hides its first key (padding), row 1 sees all; causal over the last T keys.
-        let mut m = vec![0f32; b * t * s];
-        for bi in 0..b {
-            for ti in 0..t {
-                for j in 0..s {
-                    let hidden = j > s - t + ti || (bi == 0 && j == 0);
-                    m[(bi * t + ti) * s + j] = if hidden { f32::NEG_INFINITY } else { 0.0 };
-                }
-            }
-        }
-        let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev)?;
-        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3)?;
-
-        let kk = keys.narrow(2, 0, s)?;
-        let vv = values.narrow(2, 0, s)?.contiguous()?;
-        let scores = (q.matmul(&kk.t()?)? * 0.3)?.reshape((b, k, g, t, s))?.broadcast_add(&mask)?.reshape((b, k, g * t, s))?;
-        let want = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vv)?;
-        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "max abs diff {diff}");
-        Ok(())
-    }
-}
 
 /// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
 /// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
