@@ -44,6 +44,12 @@ impl PackedMatrix {
         Self::pack(k, n, |kk, col| w[col * k + kk])
     }
 
+    /// Packs a (k, n) matrix `w` stored row-major: the product is then `x @ w`.
+    pub fn from_rows_in_out(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "matrix of {} floats is not ({k}, {n})", w.len());
+        Self::pack(k, n, |kk, col| w[kk * n + col])
+    }
+
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = n.div_ceil(NR);
         let panel_lines = k * NR / 16;
