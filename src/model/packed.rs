@@ -130,10 +130,12 @@ impl PackedMatrix {
                 }
             };
             // Small products run on one thread: waking the pool costs more than it saves.
-            if flops < 2_000_000 || threads() == 1 {
+            if flops < 2_000_000 {
                 (0..self.panels()).for_each(tile);
             } else {
-                (0..self.panels()).into_par_iter().with_min_len(2).for_each(tile);
+                // candle's own pool: its threads would otherwise spin beside rayon's, waiting for
+                // the next candle op, while the product runs.
+                candle_core::utils::barrier_pool().execute_chunked(self.panels(), |panels| panels.for_each(tile));
             }
         }
         y
@@ -153,11 +155,6 @@ impl OutPtr {
     }
 }
 
-/// Number of threads the product may use (rayon's pool), read once.
-pub fn threads() -> usize {
-    static THREADS: OnceLock<usize> = OnceLock::new();
-    *THREADS.get_or_init(rayon::current_num_threads)
-}
 
 /// Rows of x (rows, k) as blocks of MR rows, each stored k-major: block[kk][i] = x[r0 + i][kk],
 /// so the kernel broadcasts MR consecutive floats at every step of k. Missing rows are zeros.
