@@ -376,7 +376,7 @@ pub fn batch_loss(
     // The softmax runs in f32 at least (bf16 logits lose the loss's precision), a bounded chunk
     // of rows at a time: (N, V) f32 logits of a long batch would not fit beside a 7B model.
     let chunk = (LOGITS_PER_CHUNK / decoder.config.vocab_size).max(1);
-    let nll = crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, &targets, chunk)?;
+    let nll = crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, decoder.lm_head_packed(), &targets, chunk)?;
     Ok((nll / denominator as f64)?)
 }
 

@@ -594,6 +594,11 @@ impl Decoder {
         self.norm.forward(&x, pass.train)
     }
 
+    /// lm_head packed for the CPU in f32, where the model has it.
+    pub fn lm_head_packed(&self) -> Option<&Arc<PackedMatrix>> {
+        self.lm_head_packed.as_ref()
+    }
+
     /// hidden: (B, T, D) -> logits (B, T, V) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;

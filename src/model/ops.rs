@@ -5,6 +5,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use super::packed::PackedMatrix;
 
 /// Whether the fused GPU kernels of [`super::cuda`] take this tensor (bf16 on a GPU).
 #[cfg(feature = "cuda")]
@@ -450,7 +453,15 @@ mod attention_tests {
 /// any moment, in the forward pass and again in the backward pass, which recomputes them.
 ///
 /// h: (N, D), weight: (V, D), targets: N ids -> a scalar.
-pub fn linear_cross_entropy(h: &Tensor, weight: &Tensor, targets: &[u32], chunk: usize) -> Result<Tensor> {
+///
+/// `packed`: the same weight packed for the CPU (f32), which then computes the products.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedMatrix>>,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
     let n = h.dim(0)?;
     if targets.len() != n {
         candle_core::bail!("linear-cross-entropy: {} targets for {n} rows", targets.len());
@@ -462,15 +473,16 @@ pub fn linear_cross_entropy(h: &Tensor, weight: &Tensor, targets: &[u32], chunk:
     if fused(h) {
         return fused_cross_entropy(h, &h_detached, weight, targets, chunk);
     }
+    let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
     let sums = by_chunks(n, chunk, |start, rows| {
-        let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight)?;
+        let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref())?;
         logp.gather(&targets.narrow(0, start, rows)?, 1)?.neg()?.sum_all()
     })?;
     let total = match sums.is_empty() {
         true => Tensor::zeros((), loss_dtype(h.dtype()), h.device())?,
         false => Tensor::stack(&sums, 0)?.sum_all()?,
     };
-    attach(h, total, LinearCrossEntropyGrad { weight, targets, chunk })
+    attach(h, total, LinearCrossEntropyGrad { weight, packed, targets, chunk })
 }
 
 /// `f(start, rows)` for consecutive chunks of at most `chunk` of `n` rows, in order.
@@ -488,8 +500,11 @@ fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
 }
 
 /// log softmax(h W^T) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype.
-fn chunk_log_softmax(h: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let logits = h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?;
+fn chunk_log_softmax(h: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedMatrix>>) -> Result<Tensor> {
+    let logits = match packed {
+        Some(p) => super::cpu::linear_packed(h, p)?,
+        None => h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?,
+    };
     candle_nn::ops::log_softmax(&logits, 1)
 }
 
@@ -541,6 +556,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct LinearCrossEntropyGrad {
     weight: Tensor,
+    packed: Option<Arc<PackedMatrix>>,
     targets: Tensor, // (N, 1) u32
     chunk: usize,
 }
@@ -552,11 +568,15 @@ impl Backward for LinearCrossEntropyGrad {
     fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         // d/dlogits = (softmax - onehot(target)) * g, then dh = dlogits @ W.
         let parts = by_chunks(h.dim(0)?, self.chunk, |start, rows| {
-            let probs = chunk_log_softmax(&h.narrow(0, start, rows)?, &self.weight)?.exp()?;
+            let probs = chunk_log_softmax(&h.narrow(0, start, rows)?, &self.weight, self.packed.as_ref())?.exp()?;
             let targets = self.targets.narrow(0, start, rows)?;
             let ones = Tensor::ones((rows, 1), probs.dtype(), probs.device())?;
             let dlogits = probs.scatter_add(&targets, &ones.neg()?, 1)?.broadcast_mul(&g.to_dtype(probs.dtype())?)?;
-            dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?)
+            match &self.packed {
+                // (rows, V) @ W (V, D) through the packed transpose
+                Some(p) => super::cpu::linear_packed(&dlogits, &p.transposed()),
+                None => dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?),
+            }
         })?;
         Tensor::cat(&parts, 0)
     }
@@ -578,13 +598,33 @@ mod linear_cross_entropy_tests {
             let logp = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.t()?)?, 1)?;
             logp.gather(&Tensor::from_slice(&targets, (n, 1), &dev)?, 1)?.neg()?.sum_all()?
         };
-        let chunked = linear_cross_entropy(h.as_tensor(), &w, &targets, 3)?;
+        let chunked = linear_cross_entropy(h.as_tensor(), &w, None, &targets, 3)?;
         let (a, b) = (plain.to_scalar::<f64>()?, chunked.to_scalar::<f64>()?);
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         let ga = plain.backward()?.get(h.as_tensor()).unwrap().clone();
         let gb = (chunked * 2.0)?.backward()?.get(h.as_tensor()).unwrap().clone();
         let diff = ((ga * 2.0)? - gb)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_packed_weight_gives_the_same_loss_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, v) = (9, 20, 70);
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, d), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (v, d), &dev)?;
+        let packed = Arc::new(PackedMatrix::from_rows_out_in(&w.flatten_all()?.to_vec1()?, v, d));
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % v as u32).collect();
+        let run = |p: Option<&Arc<PackedMatrix>>| -> Result<(f32, Tensor)> {
+            let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4)?;
+            let g = loss.backward()?.get(h.as_tensor()).unwrap().clone();
+            Ok((loss.to_scalar::<f32>()?, g))
+        };
+        let ((la, ga), (lb, gb)) = (run(None)?, run(Some(&packed))?);
+        assert!((la - lb).abs() < 1e-4 * la.abs(), "loss {la} vs {lb}");
+        let diff = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "gradient differs by {diff}");
         Ok(())
     }
 }
