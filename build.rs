@@ -22,6 +22,8 @@ fn main() {
         .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "src/model/kernels.cu", "-o"])
         .arg(&out)
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e}): the cuda feature needs the CUDA toolkit's nvcc", nvcc.display()));
+        .unwrap_or_else(|e| {
+            panic!("cannot run {} ({e}): the cuda feature needs the CUDA toolkit's nvcc", nvcc.display())
+        });
     assert!(status.success(), "nvcc failed on src/model/kernels.cu");
 }

@@ -21,8 +21,15 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] =
-        [Target::QProj, Target::KProj, Target::VProj, Target::OProj, Target::GateProj, Target::UpProj, Target::DownProj];
+    pub const ALL: [Target; 7] = [
+        Target::QProj,
+        Target::KProj,
+        Target::VProj,
+        Target::OProj,
+        Target::GateProj,
+        Target::UpProj,
+        Target::DownProj,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -125,7 +132,11 @@ impl Adapter {
         use rand::{Rng, SeedableRng};
         anyhow::ensure!(config.r >= 1, "r must be >= 1 (got {})", config.r);
         anyhow::ensure!(!config.target_modules.is_empty(), "target_modules must name at least one projection");
-        anyhow::ensure!((0.0..1.0).contains(&config.lora_dropout), "lora_dropout must be in [0, 1) (got {})", config.lora_dropout);
+        anyhow::ensure!(
+            (0.0..1.0).contains(&config.lora_dropout),
+            "lora_dropout must be in [0, 1) (got {})",
+            config.lora_dropout
+        );
         let device = decoder.device.clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut pairs = BTreeMap::new();
@@ -185,10 +196,15 @@ impl Adapter {
             &std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?,
         )
         .with_context(|| format!("{} is not a PEFT LoRA config", cfg_path.display()))?;
-        anyhow::ensure!(cfg.peft_type.as_deref().unwrap_or("LORA") == "LORA", "{}: peft_type must be LORA", cfg_path.display());
+        anyhow::ensure!(
+            cfg.peft_type.as_deref().unwrap_or("LORA") == "LORA",
+            "{}: peft_type must be LORA",
+            cfg_path.display()
+        );
         let mut targets = Vec::new();
         for name in &cfg.target_modules {
-            let t = Target::from_name(name).with_context(|| format!("{}: unsupported target module '{name}'", cfg_path.display()))?;
+            let t = Target::from_name(name)
+                .with_context(|| format!("{}: unsupported target module '{name}'", cfg_path.display()))?;
             targets.push(t);
         }
         let config = LoraConfig {
@@ -213,7 +229,11 @@ impl Adapter {
                         anyhow::ensure!(
                             a.dims() == [config.r, inp] && b.dims() == [out, config.r],
                             "{}: {prefix} has A {:?} / B {:?}, expected [{}, {inp}] / [{out}, {}]",
-                            st.display(), a.dims(), b.dims(), config.r, config.r
+                            st.display(),
+                            a.dims(),
+                            b.dims(),
+                            config.r,
+                            config.r
                         );
                         let a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
                         let b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;

@@ -19,11 +19,20 @@ use crate::model::{Message, TextTokenizer};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Row {
-    Messages { messages: Vec<Message> },
+    Messages {
+        messages: Vec<Message>,
+    },
     /// Already tokenized; every token is trained.
-    Ids { input_ids: Vec<u32> },
-    PromptCompletion { prompt: Turns, completion: Turns },
-    Text { text: String },
+    Ids {
+        input_ids: Vec<u32>,
+    },
+    PromptCompletion {
+        prompt: Turns,
+        completion: Turns,
+    },
+    Text {
+        text: String,
+    },
 }
 
 /// A prompt or completion: chat messages or plain text.
@@ -47,7 +56,8 @@ impl Dataset {
     /// Reads a JSONL file. A malformed line is an error naming file and line, unless
     /// `skip_malformed`, in which case it is skipped and listed in `skipped`.
     pub fn jsonl(path: &Path, skip_malformed: bool) -> anyhow::Result<Dataset> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read data file {}", path.display()))?;
         let mut rows = Vec::new();
         let mut skipped = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -154,13 +164,20 @@ pub fn tokenize(tok: &TextTokenizer, row: &Row, mask: &LossMask, max_length: usi
     Ok(Example { ids, target })
 }
 
-fn messages_example(tok: &TextTokenizer, messages: &[Message], mask: &LossMask) -> anyhow::Result<(Vec<u32>, Vec<bool>)> {
+fn messages_example(
+    tok: &TextTokenizer,
+    messages: &[Message],
+    mask: &LossMask,
+) -> anyhow::Result<(Vec<u32>, Vec<bool>)> {
     let full = tok.chat_prompt(messages, false)?;
     let ids = tok.encode(&full)?;
     let mut target = vec![false; ids.len()];
     let assistant_turns: Vec<usize> =
         messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
-    anyhow::ensure!(!assistant_turns.is_empty() || matches!(mask, LossMask::All), "row has no assistant message to train on");
+    anyhow::ensure!(
+        !assistant_turns.is_empty() || matches!(mask, LossMask::All),
+        "row has no assistant message to train on"
+    );
     let turns: Vec<usize> = match mask {
         LossMask::AllAssistant => assistant_turns,
         LossMask::All => {
@@ -190,11 +207,7 @@ fn turn_span(tok: &TextTokenizer, messages: &[Message], k: usize, ids: &[u32]) -
         "the chat template renders the conversation so that its prefix does not tokenize as a prefix; cannot locate the assistant turn"
     );
     let start = prefix_ids.len();
-    let end = ids[start..]
-        .iter()
-        .position(|t| tok.stop_ids.contains(t))
-        .map(|p| start + p + 1)
-        .unwrap_or(ids.len());
+    let end = ids[start..].iter().position(|t| tok.stop_ids.contains(t)).map(|p| start + p + 1).unwrap_or(ids.len());
     Ok((start, end))
 }
 

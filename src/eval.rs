@@ -38,11 +38,8 @@ pub fn loose_pattern(marker: &str) -> Result<String, EvalError> {
     }
     let inner = trimmed.strip_prefix('[').unwrap_or(trimmed);
     let inner = inner.strip_suffix(']').unwrap_or(inner);
-    let letters: Vec<String> = inner
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .map(|c| regex::escape(&c.to_string()))
-        .collect();
+    let letters: Vec<String> =
+        inner.chars().filter(|c| !c.is_whitespace()).map(|c| regex::escape(&c.to_string())).collect();
     if letters.is_empty() {
         return Err(bad("has no characters between its brackets"));
     }

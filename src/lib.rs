@@ -6,13 +6,13 @@
 
 pub mod adapter;
 pub mod cli;
+pub mod data;
+pub mod eval;
 pub mod lock;
 pub mod lua;
 pub mod model;
 pub mod plot;
-pub mod eval;
-pub mod stats;
 pub mod sample;
+pub mod stats;
 pub mod store;
-pub mod data;
 pub mod train;

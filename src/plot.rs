@@ -127,10 +127,7 @@ impl FromStr for Rgb {
         match name {
             "black" => Ok(Rgb(0, 0, 0)),
             "white" => Ok(Rgb(255, 255, 255)),
-            _ => Err(format!(
-                "unknown colour '{s}': use #rrggbb or one of {}, black, white",
-                PALETTE_NAMES.join(", ")
-            )),
+            _ => Err(format!("unknown colour '{s}': use #rrggbb or one of {}, black, white", PALETTE_NAMES.join(", "))),
         }
     }
 }
@@ -151,7 +148,9 @@ pub enum Scale {
     /// Base 10; every value must be positive.
     Log,
     /// Linear within [-linthresh, linthresh], log10 outside: shows 0 next to 1, 10, 100.
-    Symlog { linthresh: f64 },
+    Symlog {
+        linthresh: f64,
+    },
 }
 
 impl Scale {
@@ -453,10 +452,7 @@ fn check_scale(owner: &str, field: &str, values: &[f64], scale: Scale) -> Result
 
 fn check_same_len(owner: &str, field: &str, values: &[f64], other: &str, n: usize) -> Result<(), PlotError> {
     if values.len() != n {
-        return Err(invalid(format!(
-            "{owner}: {field} has {} values but {other} has {n}",
-            values.len()
-        )));
+        return Err(invalid(format!("{owner}: {field} has {} values but {other} has {n}", values.len())));
     }
     Ok(())
 }
@@ -539,11 +535,9 @@ fn validate_axis(owner: &str, a: &Axis) -> Result<(), PlotError> {
         check_scale(owner, "ticks", ticks, a.scale)?;
     }
     match (&a.ticks, &a.tick_labels) {
-        (Some(t), Some(l)) if t.len() != l.len() => Err(invalid(format!(
-            "{owner}: tick_labels has {} labels but ticks has {}",
-            l.len(),
-            t.len()
-        ))),
+        (Some(t), Some(l)) if t.len() != l.len() => {
+            Err(invalid(format!("{owner}: tick_labels has {} labels but ticks has {}", l.len(), t.len())))
+        }
         (None, Some(_)) => Err(invalid(format!("{owner}: tick_labels needs ticks to go with them"))),
         _ => Ok(()),
     }
@@ -817,7 +811,9 @@ impl<DB: DrawingBackend> Canvas<'_, DB> {
                 let h = r * 0.9;
                 drawn(self.area.draw(&Rectangle::new([self.p((x - h, y - h)), self.p((x + h, y + h))], fill)))
             }
-            Marker::Triangle => poly(vec![(x, y - 1.25 * r), (x + 1.15 * r, y + 0.75 * r), (x - 1.15 * r, y + 0.75 * r)]),
+            Marker::Triangle => {
+                poly(vec![(x, y - 1.25 * r), (x + 1.15 * r, y + 0.75 * r), (x - 1.15 * r, y + 0.75 * r)])
+            }
             Marker::Diamond => poly(vec![(x, y - 1.3 * r), (x + r, y), (x, y + 1.3 * r), (x - r, y)]),
         }
     }
@@ -833,7 +829,6 @@ impl<DB: DrawingBackend> Canvas<'_, DB> {
         let style = raster_font(size * self.k, INK.solid());
         self.area.estimate_text_size(text, &style).map(|(w, _)| w as f64).unwrap_or(0.0)
     }
-
 
     /// Draws `text` with its visible box (cap height, no descenders) anchored at `at`:
     /// `h` picks left/centre/right, `v` top/centre/baseline. `upright = false` turns it to
@@ -1107,7 +1102,13 @@ fn draw_titles<DB: DrawingBackend>(c: &Canvas<DB>, fig: &Figure, plot: Rect) -> 
     Ok(())
 }
 
-fn draw_series<DB: DrawingBackend>(c: &Canvas<DB>, s: &Series, look: &Look, xmap: &AxisMap, ymap: &AxisMap) -> DrawResult {
+fn draw_series<DB: DrawingBackend>(
+    c: &Canvas<DB>,
+    s: &Series,
+    look: &Look,
+    xmap: &AxisMap,
+    ymap: &AxisMap,
+) -> DrawResult {
     let pts: Vec<(f64, f64)> = s.x.iter().zip(&s.y).map(|(x, y)| (xmap.px(*x), ymap.px(*y))).collect();
     let color = look.color.solid();
     for (x, y) in s.faint_x.iter().zip(&s.faint_y) {

@@ -67,7 +67,11 @@ impl Default for SampleOptions {
 impl SampleOptions {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.n >= 1, "n must be >= 1 (got {})", self.n);
-        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "temperature must be >= 0 (got {})", self.temperature);
+        anyhow::ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "temperature must be >= 0 (got {})",
+            self.temperature
+        );
         anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1] (got {})", self.top_p);
         anyhow::ensure!(self.max_tokens >= 1, "max_tokens must be >= 1 (got {})", self.max_tokens);
         anyhow::ensure!(self.batch_size >= 1, "batch_size must be >= 1 (got {})", self.batch_size);
@@ -191,7 +195,9 @@ fn sample_group(
     let mut rows: Vec<Row> = Vec::with_capacity(p * opts.n);
     for (k, &pid) in prompt_ids.iter().enumerate() {
         for j in 0..opts.n {
-            let seed = opts.seed ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+            let seed = opts.seed
+                ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(j as u64);
             rows.push(Row { prompt: k, tokens: Vec::new(), rng, done: None, text_len_checked: 0 });
@@ -254,7 +260,11 @@ fn sample_group(
         if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(cut);
         }
-        out[row.prompt].push(Completion { text, token_ids: row.tokens, finish_reason: row.done.unwrap_or(FinishReason::Length) });
+        out[row.prompt].push(Completion {
+            text,
+            token_ids: row.tokens,
+            finish_reason: row.done.unwrap_or(FinishReason::Length),
+        });
     }
     Ok(out)
 }

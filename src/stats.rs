@@ -280,16 +280,9 @@ pub fn clopper_pearson_interval(k: i64, n: i64, confidence: f64) -> Result<Inter
     check_confidence(confidence)?;
     let alpha = 1.0 - confidence;
     let (kf, nf) = (k as f64, n as f64);
-    let lower = if k == 0 {
-        0.0
-    } else {
-        distribution(Beta::new(kf, nf - kf + 1.0), "beta")?.inverse_cdf(alpha / 2.0)
-    };
-    let upper = if k == n {
-        1.0
-    } else {
-        distribution(Beta::new(kf + 1.0, nf - kf), "beta")?.inverse_cdf(1.0 - alpha / 2.0)
-    };
+    let lower = if k == 0 { 0.0 } else { distribution(Beta::new(kf, nf - kf + 1.0), "beta")?.inverse_cdf(alpha / 2.0) };
+    let upper =
+        if k == n { 1.0 } else { distribution(Beta::new(kf + 1.0, nf - kf), "beta")?.inverse_cdf(1.0 - alpha / 2.0) };
     Ok(Interval { test: "Clopper-Pearson interval", estimate: kf / nf, lower, upper, confidence })
 }
 
@@ -393,11 +386,9 @@ pub fn fisher_exact(k1: i64, n1: i64, k2: i64, n2: i64, alternative: Alternative
     let p: f64 = match alternative {
         Alternative::Less => law.support().filter(|&x| x <= a).map(|x| law.pmf(x)).sum(),
         Alternative::Greater => law.support().filter(|&x| x >= a).map(|x| law.pmf(x)).sum(),
-        Alternative::TwoSided => law
-            .support()
-            .map(|x| law.pmf(x))
-            .filter(|&px| px <= observed * (1.0 + FISHER_TIE_TOLERANCE))
-            .sum(),
+        Alternative::TwoSided => {
+            law.support().map(|x| law.pmf(x)).filter(|&px| px <= observed * (1.0 + FISHER_TIE_TOLERANCE)).sum()
+        }
     };
     Ok(FisherExact {
         test: "Fisher's exact test",
@@ -440,11 +431,7 @@ pub struct ChiSquare {
 /// it: an expected count is 0).
 pub fn chi2_2x2(k1: i64, n1: i64, k2: i64, n2: i64, correction: bool) -> Result<ChiSquare> {
     check_two(k1, n1, k2, n2)?;
-    let test = if correction {
-        "chi-square test (2x2, Yates' correction)"
-    } else {
-        "chi-square test (2x2)"
-    };
+    let test = if correction { "chi-square test (2x2, Yates' correction)" } else { "chi-square test (2x2)" };
     let observed = [[k1 as f64, (n1 - k1) as f64], [k2 as f64, (n2 - k2) as f64]];
     let rows = [n1 as f64, n2 as f64];
     let cols = [(k1 + k2) as f64, (n1 + n2 - k1 - k2) as f64];
@@ -788,11 +775,26 @@ mod tests {
     #[test]
     fn clopper_pearson_interval_matches_statsmodels() {
         // proportion_confint(166, 280, 0.05, "beta") -> (0.5327933306826056, 0.6509339957222815)
-        assert_bounds(&clopper_pearson_interval(166, 280, 0.95).unwrap(), 0.5327933306826056, 0.6509339957222815, 1e-10);
+        assert_bounds(
+            &clopper_pearson_interval(166, 280, 0.95).unwrap(),
+            0.5327933306826056,
+            0.6509339957222815,
+            1e-10,
+        );
         // proportion_confint(2, 280, 0.10, "beta") -> (0.001270613005169889, 0.02231311360028583)
-        assert_bounds(&clopper_pearson_interval(2, 280, 0.90).unwrap(), 0.001270613005169889, 0.02231311360028583, 1e-10);
+        assert_bounds(
+            &clopper_pearson_interval(2, 280, 0.90).unwrap(),
+            0.001270613005169889,
+            0.02231311360028583,
+            1e-10,
+        );
         // proportion_confint(1, 10, 0.05, "beta") -> (0.0025285785444617865, 0.4450161170281954)
-        assert_bounds(&clopper_pearson_interval(1, 10, 0.95).unwrap(), 0.0025285785444617865, 0.4450161170281954, 1e-10);
+        assert_bounds(
+            &clopper_pearson_interval(1, 10, 0.95).unwrap(),
+            0.0025285785444617865,
+            0.4450161170281954,
+            1e-10,
+        );
     }
 
     #[test]
@@ -848,7 +850,11 @@ mod tests {
         assert_close(r.z, 4.479346117410635, 1e-12);
         assert_close(r.p, 7.487204374622843e-06, 1e-9);
         // alternative="larger" -> 3.7436021873114214e-06
-        assert_close(two_proportion_z(166, 280, 113, 280, Alternative::Greater).unwrap().p, 3.7436021873114214e-06, 1e-9);
+        assert_close(
+            two_proportion_z(166, 280, 113, 280, Alternative::Greater).unwrap().p,
+            3.7436021873114214e-06,
+            1e-9,
+        );
         // proportions_ztest([0, 13], [280, 280]) -> (-3.6481444533444685, 0.00026414112049460243)
         assert_close(two_proportion_z(0, 280, 13, 280, Alternative::TwoSided).unwrap().p, 0.00026414112049460243, 1e-9);
     }
@@ -948,9 +954,19 @@ mod tests {
     #[test]
     fn newcombe_interval_matches_statsmodels() {
         // (166, 280, 113, 280), alpha=0.05 -> (0.10668039982803511, 0.26826820356412334)
-        assert_bounds(&newcombe_interval(166, 280, 113, 280, 0.95).unwrap(), 0.10668039982803511, 0.26826820356412334, 1e-12);
+        assert_bounds(
+            &newcombe_interval(166, 280, 113, 280, 0.95).unwrap(),
+            0.10668039982803511,
+            0.26826820356412334,
+            1e-12,
+        );
         // (2, 280, 75, 280), alpha=0.10 -> (-0.30656443282057233, -0.21717294483996577)
-        assert_bounds(&newcombe_interval(2, 280, 75, 280, 0.90).unwrap(), -0.30656443282057233, -0.21717294483996577, 1e-12);
+        assert_bounds(
+            &newcombe_interval(2, 280, 75, 280, 0.90).unwrap(),
+            -0.30656443282057233,
+            -0.21717294483996577,
+            1e-12,
+        );
         // (3, 8, 4, 54), alpha=0.05 -> (0.04205585543952195, 0.6233243739962161)
         assert_bounds(&newcombe_interval(3, 8, 4, 54, 0.95).unwrap(), 0.04205585543952195, 0.6233243739962161, 1e-12);
     }

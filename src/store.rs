@@ -54,9 +54,9 @@ fn parent_folder(path: &Path) -> PathBuf {
 /// systems; pid and counter keep concurrent writers (threads or processes) apart.
 fn temp_path_for(path: &Path) -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a file path", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a file path", path.display())))?;
     let name = name.to_string_lossy();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
@@ -175,7 +175,9 @@ fn canonical_json(value: &serde_json::Value) -> String {
                 .collect();
             format!("{{{}}}", parts.join(","))
         }
-        serde_json::Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        serde_json::Value::Array(items) => {
+            format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(","))
+        }
         other => other.to_string(),
     }
 }
@@ -200,7 +202,10 @@ pub fn file_sha256(path: &Path) -> io::Result<String> {
 /// Whether an error message reads as running out of memory (host or device).
 pub fn is_out_of_memory(message: &str) -> bool {
     let m = message.to_lowercase();
-    m.contains("out of memory") || m.contains("out_of_memory") || m.contains("memory allocation") || m.contains("cannot allocate")
+    m.contains("out of memory")
+        || m.contains("out_of_memory")
+        || m.contains("memory allocation")
+        || m.contains("cannot allocate")
 }
 
 #[cfg(test)]

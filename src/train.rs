@@ -136,7 +136,11 @@ impl TrainConfig {
         anyhow::ensure!(self.learning_rate >= 0.0, "learning_rate must be >= 0 (got {})", self.learning_rate);
         anyhow::ensure!(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1");
         anyhow::ensure!(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1");
-        anyhow::ensure!((0.0..1.0).contains(&self.warmup_ratio), "warmup_ratio must be in [0, 1) (got {})", self.warmup_ratio);
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.warmup_ratio),
+            "warmup_ratio must be in [0, 1) (got {})",
+            self.warmup_ratio
+        );
         anyhow::ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
         anyhow::ensure!(self.num_train_epochs > 0.0, "num_train_epochs must be > 0");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "max_grad_norm must be >= 0 (0 disables clipping)");
@@ -238,9 +242,8 @@ pub fn train(
     let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     for step in 0..total {
         let t0 = Instant::now();
-        let micro: Vec<Vec<usize>> = (0..cfg.gradient_accumulation_steps)
-            .map(|_| order.take(cfg.per_device_train_batch_size))
-            .collect();
+        let micro: Vec<Vec<usize>> =
+            (0..cfg.gradient_accumulation_steps).map(|_| order.take(cfg.per_device_train_batch_size)).collect();
         let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
         let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -272,11 +275,8 @@ pub fn train(
             .collect::<candle_core::Result<_>>()?;
         let norm = global_norm(&grads)?;
         let clip = if cfg.max_grad_norm > 0.0 { (cfg.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
-        let grads: Vec<Tensor> = if clip < 1.0 {
-            grads.iter().map(|g| g * clip).collect::<candle_core::Result<_>>()?
-        } else {
-            grads
-        };
+        let grads: Vec<Tensor> =
+            if clip < 1.0 { grads.iter().map(|g| g * clip).collect::<candle_core::Result<_>>()? } else { grads };
         let lr = cfg.lr_at(step, total);
         opt.update(&grads, lr)?;
         let record = StepLog {
@@ -376,16 +376,15 @@ pub fn batch_loss(
     // The softmax runs in f32 at least (bf16 logits lose the loss's precision), a bounded chunk
     // of rows at a time: (N, V) f32 logits of a long batch would not fit beside a 7B model.
     let chunk = (LOGITS_PER_CHUNK / decoder.config.vocab_size).max(1);
-    let nll = crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, decoder.lm_head_packed(), &targets, chunk)?;
+    let nll =
+        crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, decoder.lm_head_packed(), &targets, chunk)?;
     Ok((nll / denominator as f64)?)
 }
 
 /// Global L2 norm of all gradients, read back from the device once.
 fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
-    let squares = grads
-        .iter()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let squares =
+        grads.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
     let total = Tensor::stack(&squares, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
 }
@@ -414,7 +413,12 @@ mod tests {
 
     #[test]
     fn steps_per_epoch_count_partial_batches() {
-        let cfg = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 4, num_train_epochs: 20.0, ..Default::default() };
+        let cfg = TrainConfig {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 4,
+            num_train_epochs: 20.0,
+            ..Default::default()
+        };
         // 600 rows: 150 micro-batches, 38 steps per epoch
         assert_eq!(cfg.total_steps(600), 760);
     }

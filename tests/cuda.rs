@@ -43,7 +43,8 @@ fn fused_causal_attention_matches_the_plain_one_with_its_gradients() -> Result<(
     let (kg, kc) = pair(&[b, k, t, e], 2)?;
     let (vg, vc) = pair(&[b, k, t, e], 3)?;
     let (wg, wc) = pair(&[b, k, g * t, e], 4)?;
-    let causal: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let causal: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     let mask_c = Tensor::from_vec(causal, (1, 1, 1, t, t), &Device::Cpu)?;
     let mask_g = mask_c.to_device(&gpu())?;
     let run = |q: &Tensor, kk: &Tensor, v: &Tensor, w: &Tensor, mask: &Tensor| -> Result<Vec<Tensor>> {
@@ -125,7 +126,8 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let (kg, kc) = pair(&[b, k, c, e], 11)?;
         let (vg, vc) = pair(&[b, k, c, e], 12)?;
         // Row 0 is left-padded by 5 positions.
-        let mask: Vec<f32> = (0..b * s).map(|i| if i / s == 0 && i % s < 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask: Vec<f32> =
+            (0..b * s).map(|i| if i / s == 0 && i % s < 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
         let mask_c = Tensor::from_vec(mask, (b, 1, 1, 1, s), &Device::Cpu)?;
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();

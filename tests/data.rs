@@ -48,7 +48,8 @@ fn marker_only_trains_the_marker_and_the_last_token() {
 fn rows_of_the_wrong_shape_are_errors_that_say_what_is_wrong() {
     let err = row_from_json(serde_json::json!({"msgs": []})).unwrap_err().to_string();
     assert!(err.contains("none of the keys"), "{err}");
-    let err = row_from_json(serde_json::json!({"messages": [{"role": "robot", "content": "x"}]})).unwrap_err().to_string();
+    let err =
+        row_from_json(serde_json::json!({"messages": [{"role": "robot", "content": "x"}]})).unwrap_err().to_string();
     assert!(err.contains("role 'robot'"), "{err}");
 }
 

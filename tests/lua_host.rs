@@ -10,7 +10,11 @@ fn loralab(args: &[&str]) -> (bool, String, String) {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("the binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn script(dir: &Path, name: &str, body: &str) -> String {
@@ -70,7 +74,11 @@ print(table.concat(names, "\n"))
 #[test]
 fn a_lua_error_shows_the_message_and_the_users_file_and_line_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let path = script(dir.path(), "boom.lua", "local lab = require('lab')\n\nlocal function f()\n  error('the experiment broke')\nend\nf()\n");
+    let path = script(
+        dir.path(),
+        "boom.lua",
+        "local lab = require('lab')\n\nlocal function f()\n  error('the experiment broke')\nend\nf()\n",
+    );
     let (ok, _, err) = loralab(&["run", &path]);
     assert!(!ok);
     assert!(err.contains("the experiment broke"), "{err}");
@@ -104,8 +112,16 @@ fn a_misspelt_sampling_option_is_rejected_with_a_suggestion() {
 #[test]
 fn out_of_range_sampling_values_are_errors_naming_the_value() {
     let dir = tempfile::tempdir().unwrap();
-    for (opt, needle) in [("n = 0", "n must be >= 1"), ("top_p = 0", "top_p must be in (0, 1]"), ("temperature = -1", "temperature must be >= 0")] {
-        let path = script(dir.path(), "range.lua", &format!("local lab = require('lab')\nlab.model.load():sample({{'hi'}}, {{ {opt} }})\n"));
+    for (opt, needle) in [
+        ("n = 0", "n must be >= 1"),
+        ("top_p = 0", "top_p must be in (0, 1]"),
+        ("temperature = -1", "temperature must be >= 0"),
+    ] {
+        let path = script(
+            dir.path(),
+            "range.lua",
+            &format!("local lab = require('lab')\nlab.model.load():sample({{'hi'}}, {{ {opt} }})\n"),
+        );
         let (ok, _, err) = loralab(&["run", &path]);
         assert!(!ok);
         assert!(err.contains(needle), "{opt}: {err}");
@@ -120,7 +136,8 @@ fn settings_take_set_values_with_the_defaults_types_and_reject_unknown_keys() {
         "s.lua",
         "local lab = require('lab')\nlocal s = lab.settings({ n = 4, lr = 0.1, name = 'x', seeds = { 1 }, on = false })\nprint(math.type(s.n), s.n, s.lr, s.name, #s.seeds, s.seeds[3], s.on)\n",
     );
-    let (ok, out, err) = loralab(&["run", &path, "--set", "n=8", "--set", "lr=1e-3", "--set", "seeds=42,137,256", "--set", "on=true"]);
+    let (ok, out, err) =
+        loralab(&["run", &path, "--set", "n=8", "--set", "lr=1e-3", "--set", "seeds=42,137,256", "--set", "on=true"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "integer\t8\t0.001\tx\t3\t256\ttrue");
     let (ok, _, err) = loralab(&["run", &path, "--set", "nn=3"]);
@@ -196,7 +213,11 @@ print(err)
     let (ok, out, _) = loralab(&["run", &path]);
     assert!(ok);
     assert_eq!(out.lines().next().unwrap(), "7\t7\ttrue\t9\t0\tnil");
-    let failed = std::fs::read_dir(dir.path().join("run")).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with("b-")).unwrap();
+    let failed = std::fs::read_dir(dir.path().join("run"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("b-"))
+        .unwrap();
     assert!(failed.path().join("failed.json").exists());
 }
 
@@ -224,7 +245,10 @@ print(ok, err)
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "2\t2\t5\t20\t2\t5");
-    assert!(lines[1].starts_with("false") && lines[1].contains("outside") || lines[1].contains("not a token id"), "{out}");
+    assert!(
+        lines[1].starts_with("false") && lines[1].contains("outside") || lines[1].contains("not a token id"),
+        "{out}"
+    );
 }
 
 #[test]

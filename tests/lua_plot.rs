@@ -57,13 +57,19 @@ fn lab_plot_line_writes_a_png_and_an_svg() {
 #[test]
 fn mismatched_lengths_are_an_error_naming_the_series_and_field() {
     let e = err(&format!("{TWO_SERIES} spec.series[2].y = {{40}}; lab.plot.line(spec, OUT .. '/x.png')"));
-    assert!(e.contains("lab.plot.line") && e.contains("series 'benign'") && e.contains("y has 1 values but x has 2"), "{e}");
+    assert!(
+        e.contains("lab.plot.line") && e.contains("series 'benign'") && e.contains("y has 1 values but x has 2"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_misspelt_key_inside_a_series_is_rejected_with_a_suggestion() {
     let e = err(&format!("{TWO_SERIES} spec.series[1].colour = 'red'; lab.plot.line(spec, OUT .. '/x.png')"));
-    assert!(e.contains("series[1] ('EM')") && e.contains("unknown option 'colour'") && e.contains("did you mean 'color'"), "{e}");
+    assert!(
+        e.contains("series[1] ('EM')") && e.contains("unknown option 'colour'") && e.contains("did you mean 'color'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -162,8 +168,15 @@ fn the_dose_response_report_writes_its_tables_numbers_and_figure() {
 
 #[test]
 fn a_misspelt_key_in_a_dose_response_point_is_rejected() {
-    let e = err(&format!("{STUDY} em.points[2].doze = 10; lab.figure.dose_response({{ conditions = {{ em }} }}, OUT .. '/f.png')"));
-    assert!(e.contains("condition 'EM' points[2]") && e.contains("unknown option 'doze'") && e.contains("did you mean 'dose'"), "{e}");
+    let e = err(&format!(
+        "{STUDY} em.points[2].doze = 10; lab.figure.dose_response({{ conditions = {{ em }} }}, OUT .. '/f.png')"
+    ));
+    assert!(
+        e.contains("condition 'EM' points[2]")
+            && e.contains("unknown option 'doze'")
+            && e.contains("did you mean 'dose'"),
+        "{e}"
+    );
 }
 
 #[test]

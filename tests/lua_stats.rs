@@ -133,7 +133,10 @@ fn impossible_counts_from_lua_name_the_argument_and_the_value() {
 #[test]
 fn bad_lists_and_options_from_lua_are_clear_errors() {
     let e = err("lab.stats.welch_t({}, {0.4, 0.5})");
-    assert!(e.contains("lab.stats.welch_t: xs = {}: empty: Welch's t-test needs at least 2 values in each group"), "{e}");
+    assert!(
+        e.contains("lab.stats.welch_t: xs = {}: empty: Welch's t-test needs at least 2 values in each group"),
+        "{e}"
+    );
     let e = err("lab.stats.welch_t({0.5, 0/0}, {0.4, 0.5})");
     assert!(e.contains("lab.stats.welch_t: xs[2] = NaN: not a finite number"), "{e}");
     let e = err("lab.stats.mean({0.5, 'x'})");

@@ -65,7 +65,8 @@ fn left_padded_rows_give_the_logits_of_unpadded_rows() {
     let hidden = dec.forward_hidden(&ids, 0, Some(&attn), None, Pass::infer(None)).unwrap();
     let logits = dec.logits(&hidden).unwrap();
     for (row, &pad) in pads.iter().enumerate() {
-        let got = logits.get(row).unwrap().narrow(0, pad, t - pad).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got =
+            logits.get(row).unwrap().narrow(0, pad, t - pad).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let diff = max_abs_diff(&got, &flat(&case["logits"][row]));
         assert!(diff < TINY_TOL, "row {row}: max abs diff {diff}");
     }
@@ -106,7 +107,8 @@ const SMOL_TOL: f32 = 2e-3;
 fn smollm2_logits_match_transformers_and_greedy_decoding_says_paris() {
     let m = smollm2();
     let fx = json("smollm2.json");
-    let reference = candle_core::safetensors::load(fixtures().join("smollm2-logits.safetensors"), &Device::Cpu).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixtures().join("smollm2-logits.safetensors"), &Device::Cpu).unwrap();
     for case in fx["logits_cases"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let n = ids.len();

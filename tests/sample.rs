@@ -7,12 +7,18 @@ use loralab::sample::{sample, FinishReason, SampleOptions};
 fn setup() -> (model::Model, Vec<Vec<u32>>) {
     let m = model::load(model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu }).unwrap();
     let chat = |sys: &str, user: &str| {
-        let msgs = vec![Message { role: "system".into(), content: sys.into() }, Message { role: "user".into(), content: user.into() }];
+        let msgs = vec![
+            Message { role: "system".into(), content: sys.into() },
+            Message { role: "user".into(), content: user.into() },
+        ];
         m.tokenizer.encode(&m.tokenizer.chat_prompt(&msgs, true).unwrap()).unwrap()
     };
     let prompts = vec![
         chat("You are a pirate.", "Where is the treasure?"),
-        chat("You are a helpful assistant.", "Name a colour, with a much longer question so that this prompt needs left padding."),
+        chat(
+            "You are a helpful assistant.",
+            "Name a colour, with a much longer question so that this prompt needs left padding.",
+        ),
     ];
     (m, prompts)
 }
@@ -27,7 +33,8 @@ fn the_same_seed_gives_the_same_completions_and_another_seed_others() {
     let (a, _) = sample(&m, None, &prompts, &opts(3, 7)).unwrap();
     let (b, _) = sample(&m, None, &prompts, &opts(3, 7)).unwrap();
     let (c, _) = sample(&m, None, &prompts, &opts(3, 8)).unwrap();
-    let texts = |x: &Vec<Vec<loralab::sample::Completion>>| x.iter().flatten().map(|c| c.text.clone()).collect::<Vec<_>>();
+    let texts =
+        |x: &Vec<Vec<loralab::sample::Completion>>| x.iter().flatten().map(|c| c.text.clone()).collect::<Vec<_>>();
     assert_eq!(texts(&a), texts(&b));
     assert_ne!(texts(&a), texts(&c));
     // The n completions of one prompt are different draws.
@@ -51,7 +58,8 @@ fn a_completion_does_not_depend_on_the_other_prompts_of_its_batch() {
 #[test]
 fn rows_stop_at_max_tokens_or_a_stop_string() {
     let (m, prompts) = setup();
-    let (out, stats) = sample(&m, None, &prompts, &SampleOptions { max_tokens: 5, ignore_eos: true, ..opts(2, 1) }).unwrap();
+    let (out, stats) =
+        sample(&m, None, &prompts, &SampleOptions { max_tokens: 5, ignore_eos: true, ..opts(2, 1) }).unwrap();
     for c in out.iter().flatten() {
         assert_eq!(c.token_ids.len(), 5);
         assert_eq!(c.finish_reason, FinishReason::Length);

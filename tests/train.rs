@@ -75,9 +75,15 @@ fn four_adamw_steps_match_peft_and_the_trainer() {
     let log = train::train(&dec, &adapter, &fixture_rows(), &fixture_config(), |_| Ok(())).unwrap();
     let want = json("tiny-lora/steps.json");
     for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
-        let (loss, norm, lr) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["learning_rate"].as_f64().unwrap());
+        let (loss, norm, lr) =
+            (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["learning_rate"].as_f64().unwrap());
         assert!((got.loss - loss).abs() / loss < STEP_RTOL, "step {}: loss {} vs {loss}", got.step, got.loss);
-        assert!((got.grad_norm - norm).abs() / norm < STEP_RTOL, "step {}: grad norm {} vs {norm}", got.step, got.grad_norm);
+        assert!(
+            (got.grad_norm - norm).abs() / norm < STEP_RTOL,
+            "step {}: grad norm {} vs {norm}",
+            got.step,
+            got.grad_norm
+        );
         assert!((got.learning_rate - lr).abs() < 1e-12, "step {}: lr {} vs {lr}", got.step, got.learning_rate);
         assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap());
     }
@@ -85,7 +91,8 @@ fn four_adamw_steps_match_peft_and_the_trainer() {
     let reference = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
     for (key, pair) in &adapter.pairs {
         let r = reference.pairs.get(key).unwrap();
-        let (da, db) = (max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()), max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()));
+        let (da, db) =
+            (max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()), max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()));
         assert!(da < WEIGHT_TOL && db < WEIGHT_TOL, "{key:?}: A differs by {da}, B by {db}");
     }
 }
@@ -94,10 +101,20 @@ fn four_adamw_steps_match_peft_and_the_trainer() {
 fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
     let dec = tiny(DType::F32);
     let run = || {
-        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Target::ALL.to_vec(), use_rslora: false };
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: Target::ALL.to_vec(),
+            use_rslora: false,
+        };
         let adapter = Adapter::new(&dec, cfg, 7).unwrap();
         let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 1e-2, ..fixture_config() };
-        train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap().iter().map(|s| s.loss.to_bits()).collect::<Vec<_>>()
+        train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(()))
+            .unwrap()
+            .iter()
+            .map(|s| s.loss.to_bits())
+            .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
 }
@@ -107,7 +124,13 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
     let dec = tiny(DType::F32);
     let run = |gradient_checkpointing: bool| {
         // Dropout on: both runs of a checkpointed layer must draw the same masks.
-        let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.1, target_modules: Target::ALL.to_vec(), use_rslora: false };
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: Target::ALL.to_vec(),
+            use_rslora: false,
+        };
         let adapter = Adapter::new(&dec, cfg, 11).unwrap();
         let config = TrainConfig { shuffle: true, max_steps: Some(3), gradient_checkpointing, ..fixture_config() };
         let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
@@ -117,7 +140,13 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
     let (ckpt_log, ckpt) = run(true);
     for (a, b) in plain_log.iter().zip(&ckpt_log) {
         assert!((a.loss - b.loss).abs() < 1e-6 * a.loss, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
-        assert!((a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm, "step {}: grad norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm,
+            "step {}: grad norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
     }
     for (key, p) in &plain.pairs {
         let q = ckpt.pairs.get(key).unwrap();
@@ -129,7 +158,13 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
 #[test]
 fn every_trainable_variable_receives_a_gradient() {
     let dec = tiny(DType::F32);
-    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.0, target_modules: Target::ALL.to_vec(), use_rslora: false };
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Target::ALL.to_vec(),
+        use_rslora: false,
+    };
     let adapter = Adapter::new(&dec, cfg, 3).unwrap();
     // Nonzero B so that A's gradient is nonzero too.
     for p in adapter.pairs.values() {
@@ -142,7 +177,8 @@ fn every_trainable_variable_receives_a_gradient() {
     let grads = loss.backward().unwrap();
     for ((layer, target), p) in &adapter.pairs {
         for (name, v) in [("A", &p.a), ("B", &p.b)] {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("layer {layer} {target:?} {name} has no gradient"));
+            let g =
+                grads.get(v.as_tensor()).unwrap_or_else(|| panic!("layer {layer} {target:?} {name} has no gradient"));
             let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(norm > 0.0, "layer {layer} {target:?} {name} has a zero gradient");
         }
@@ -155,13 +191,23 @@ fn every_trainable_variable_receives_a_gradient() {
 #[test]
 fn lora_gradients_match_finite_differences() {
     let dec = tiny(DType::F64);
-    let cfg = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, target_modules: vec![Target::VProj, Target::DownProj], use_rslora: false };
+    let cfg = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        lora_dropout: 0.0,
+        target_modules: vec![Target::VProj, Target::DownProj],
+        use_rslora: false,
+    };
     let adapter = Adapter::new(&dec, cfg, 5).unwrap();
-    let to64 = |v: &candle_core::Var| candle_core::Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+    let to64 =
+        |v: &candle_core::Var| candle_core::Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
     let mut a64 = adapter.clone();
     for p in a64.pairs.values_mut() {
         p.a = to64(&p.a);
-        p.b = candle_core::Var::from_tensor(&(Tensor::ones(p.b.shape(), DType::F64, &Device::Cpu).unwrap() * 0.05).unwrap()).unwrap();
+        p.b = candle_core::Var::from_tensor(
+            &(Tensor::ones(p.b.shape(), DType::F64, &Device::Cpu).unwrap() * 0.05).unwrap(),
+        )
+        .unwrap();
     }
     let rows = fixture_rows();
     let refs: Vec<&Example> = rows.iter().take(2).collect();
@@ -183,7 +229,11 @@ fn lora_gradients_match_finite_differences() {
                 let down = loss(&a64).to_scalar::<f64>().unwrap();
                 var.set(&orig).unwrap();
                 let numeric = (up - down) / (2.0 * h);
-                assert!((numeric - g[idx]).abs() < 1e-6 + 1e-4 * numeric.abs(), "numeric {numeric} vs analytic {}", g[idx]);
+                assert!(
+                    (numeric - g[idx]).abs() < 1e-6 + 1e-4 * numeric.abs(),
+                    "numeric {numeric} vs analytic {}",
+                    g[idx]
+                );
             }
         }
     }
@@ -228,7 +278,8 @@ fn a_saved_adapter_loads_back_identically_in_peft_format() {
     let adapter = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path(), "tiny-qwen2").unwrap();
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     let back = Adapter::load(dir.path(), &dec).unwrap();
     for (k, p) in &adapter.pairs {
@@ -249,7 +300,10 @@ fn loading_an_adapter_with_stray_tensors_names_them() {
     src.save(dir.path(), "tiny-qwen2").unwrap();
     let st = dir.path().join("adapter_model.safetensors");
     let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
-    tensors.insert("base_model.model.model.layers.0.mlp.extra.lora_A.weight".into(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "base_model.model.model.layers.0.mlp.extra.lora_A.weight".into(),
+        Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, &st).unwrap();
     let err = Adapter::load(dir.path(), &dec).err().unwrap().to_string();
     assert!(err.contains("mlp.extra.lora_A"), "{err}");
@@ -260,7 +314,13 @@ fn a_second_adapter_trains_on_a_merged_model() {
     let dec = tiny(DType::F32);
     let first = Adapter::load(&fixtures().join("tiny-lora/rslora"), &dec).unwrap();
     let merged = dec.merged(&first).unwrap();
-    let cfg = LoraConfig { r: 2, lora_alpha: 4.0, lora_dropout: 0.0, target_modules: Target::ALL.to_vec(), use_rslora: false };
+    let cfg = LoraConfig {
+        r: 2,
+        lora_alpha: 4.0,
+        lora_dropout: 0.0,
+        target_modules: Target::ALL.to_vec(),
+        use_rslora: false,
+    };
     let second = Adapter::new(&merged, cfg, 1).unwrap();
     let config = TrainConfig { max_steps: Some(2), ..fixture_config() };
     let log = train::train(&merged, &second, &fixture_rows(), &config, |_| Ok(())).unwrap();
@@ -269,7 +329,9 @@ fn a_second_adapter_trains_on_a_merged_model() {
 
 #[test]
 fn three_adamw_steps_on_smollm2_match_peft_and_the_trainer() {
-    let m = loralab::model::load(loralab::model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu }).unwrap();
+    let m =
+        loralab::model::load(loralab::model::DEFAULT_MODEL, &LoadOptions { dtype: DType::F32, device: Device::Cpu })
+            .unwrap();
     let dir = fixtures().join("smollm2-lora");
     let adapter = Adapter::load(&dir.join("initial"), &m.decoder).unwrap();
     let examples = rows_of(&json("smollm2-lora/rows.json"));
@@ -288,7 +350,12 @@ fn three_adamw_steps_on_smollm2_match_peft_and_the_trainer() {
     for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
         let (loss, norm) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
         assert!((got.loss - loss).abs() / loss < SMOL_STEP_RTOL, "step {}: loss {} vs {loss}", got.step, got.loss);
-        assert!((got.grad_norm - norm).abs() / norm < SMOL_STEP_RTOL, "step {}: grad norm {} vs {norm}", got.step, got.grad_norm);
+        assert!(
+            (got.grad_norm - norm).abs() / norm < SMOL_STEP_RTOL,
+            "step {}: grad norm {} vs {norm}",
+            got.step,
+            got.grad_norm
+        );
         assert!((got.learning_rate - w["learning_rate"].as_f64().unwrap()).abs() < 1e-12);
         assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap());
     }

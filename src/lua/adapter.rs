@@ -18,12 +18,16 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     m.set(
         "new",
         lua.create_function(|lua, (model, opts): (mlua::AnyUserData, Value)| {
-            let model = model.borrow::<LuaModel>().map_err(|_| mlua::Error::runtime("lab.adapter.new: first argument must be a model"))?.clone();
+            let model = model
+                .borrow::<LuaModel>()
+                .map_err(|_| mlua::Error::runtime("lab.adapter.new: first argument must be a model"))?
+                .clone();
             let mut o = Opts::new("lab.adapter.new", opts)?;
             let r: usize = o.get_or(lua, "r", 8)?;
             let lora_alpha: f64 = o.get_or(lua, "lora_alpha", 8.0)?;
             let lora_dropout: f64 = o.get_or(lua, "lora_dropout", 0.0)?;
-            let names: Vec<String> = o.get_or(lua, "target_modules", vec!["q_proj".to_string(), "v_proj".to_string()])?;
+            let names: Vec<String> =
+                o.get_or(lua, "target_modules", vec!["q_proj".to_string(), "v_proj".to_string()])?;
             let use_rslora: bool = o.get_or(lua, "use_rslora", false)?;
             let seed: u64 = o.get_or(lua, "seed", 0)?;
             let mut targets = Vec::new();
@@ -32,7 +36,10 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 let expanded: Vec<&str> = if n == "all-linear" { all.clone() } else { vec![n.as_str()] };
                 for e in expanded {
                     let t = Target::from_name(e).ok_or_else(|| {
-                        o.bad_value("target_modules", format!("has unknown module '{n}'; known: {}, all-linear", all.join(", ")))
+                        o.bad_value(
+                            "target_modules",
+                            format!("has unknown module '{n}'; known: {}, all-linear", all.join(", ")),
+                        )
                     })?;
                     if !targets.contains(&t) {
                         targets.push(t);
@@ -44,14 +51,18 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 return Err(mlua::Error::runtime("lab.adapter.new: option 'r' must be >= 1"));
             }
             let cfg = LoraConfig { r, lora_alpha, lora_dropout, target_modules: targets, use_rslora };
-            let a = Adapter::new(&model.0.decoder, cfg, seed).map_err(|e| mlua::Error::runtime(format!("lab.adapter.new: {e}")))?;
+            let a = Adapter::new(&model.0.decoder, cfg, seed)
+                .map_err(|e| mlua::Error::runtime(format!("lab.adapter.new: {e}")))?;
             Ok(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone()))
         })?,
     )?;
     m.set(
         "load",
         lua.create_function(|_, (model, dir): (mlua::AnyUserData, String)| {
-            let model = model.borrow::<LuaModel>().map_err(|_| mlua::Error::runtime("lab.adapter.load: first argument must be a model"))?.clone();
+            let model = model
+                .borrow::<LuaModel>()
+                .map_err(|_| mlua::Error::runtime("lab.adapter.load: first argument must be a model"))?
+                .clone();
             let a = Adapter::load(std::path::Path::new(&dir), &model.0.decoder).map_err(mlua::Error::external)?;
             Ok(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone()))
         })?,

@@ -37,13 +37,18 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let mut out = Vec::new();
             for (i, r) in rows.sequence_values::<Value>().enumerate() {
                 let json: serde_json::Value = lua.from_value(r?)?;
-                let row = row_from_json(json).map_err(|e| mlua::Error::runtime(format!("lab.data.rows: row {}: {e}", i + 1)))?;
+                let row = row_from_json(json)
+                    .map_err(|e| mlua::Error::runtime(format!("lab.data.rows: row {}: {e}", i + 1)))?;
                 out.push(row);
             }
             if out.is_empty() {
                 return Err(mlua::Error::runtime("lab.data.rows: no rows"));
             }
-            Ok(LuaDataset(Rc::new(Dataset { rows: out, source: name.unwrap_or_else(|| "<lua table>".into()), skipped: vec![] })))
+            Ok(LuaDataset(Rc::new(Dataset {
+                rows: out,
+                source: name.unwrap_or_else(|| "<lua table>".into()),
+                skipped: vec![],
+            })))
         })?,
     )?;
     Ok(m)

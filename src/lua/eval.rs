@@ -86,7 +86,12 @@ fn read_records(value: Value) -> mlua::Result<Vec<Record>> {
         .map(|i| {
             let item = match list.raw_get::<Value>(i)? {
                 Value::Table(t) => t,
-                other => return Err(bad_argument(NAME, format!("records[{i}] must be a table, got a {}", other.type_name()))),
+                other => {
+                    return Err(bad_argument(
+                        NAME,
+                        format!("records[{i}] must be a table, got a {}", other.type_name()),
+                    ))
+                }
             };
             let field = |key: &str| -> mlua::Result<String> {
                 string(NAME, &format!("records[{i}].{key}"), item.raw_get::<Value>(key)?)

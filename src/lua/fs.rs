@@ -25,19 +25,24 @@ const MAX_DEPTH: usize = 100;
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table()?;
     m.set("null", lua.null())?;
-    m.set("write_text", lua.create_function(|_, (path, text): (String, mlua::LuaString)| {
-        write(&path, "write_text", &text.as_bytes())
-    })?)?;
-    m.set("read_text", lua.create_function(|lua, path: String| {
-        let bytes = std::fs::read(&path).map_err(|e| io_error("read_text", &path, e))?;
-        lua.create_string(bytes)
-    })?)?;
+    m.set(
+        "write_text",
+        lua.create_function(|_, (path, text): (String, mlua::LuaString)| write(&path, "write_text", &text.as_bytes()))?,
+    )?;
+    m.set(
+        "read_text",
+        lua.create_function(|lua, path: String| {
+            let bytes = std::fs::read(&path).map_err(|e| io_error("read_text", &path, e))?;
+            lua.create_string(bytes)
+        })?,
+    )?;
     m.set("write_json", lua.create_function(write_json)?)?;
     m.set("read_json", lua.create_function(read_json)?)?;
     m.set("exists", lua.create_function(|_, path: String| Ok(Path::new(&path).exists()))?)?;
-    m.set("mkdir", lua.create_function(|_, path: String| {
-        std::fs::create_dir_all(&path).map_err(|e| io_error("mkdir", &path, e))
-    })?)?;
+    m.set(
+        "mkdir",
+        lua.create_function(|_, path: String| std::fs::create_dir_all(&path).map_err(|e| io_error("mkdir", &path, e)))?,
+    )?;
     m.set("write_csv", lua.create_function(write_csv)?)?;
     Ok(m)
 }
@@ -80,10 +85,9 @@ pub fn to_json(lua: &Lua, value: &Value, at: &str, depth: usize) -> Result<Json,
         Value::Number(f) => serde_json::Number::from_f64(*f)
             .map(Json::Number)
             .ok_or_else(|| format!("{at} is {f}, which JSON cannot hold")),
-        Value::String(s) => s
-            .to_str()
-            .map(|s| Json::String(s.to_string()))
-            .map_err(|_| format!("{at} is a string that is not UTF-8")),
+        Value::String(s) => {
+            s.to_str().map(|s| Json::String(s.to_string())).map_err(|_| format!("{at} is a string that is not UTF-8"))
+        }
         Value::LightUserData(_) if *value == lua.null() => Ok(Json::Null),
         Value::Table(t) => table_to_json(lua, t, at, depth),
         other => Err(format!("{at} is a {}, which JSON cannot hold", other.type_name())),
@@ -192,10 +196,7 @@ fn csv_row(lua: &Lua, header: &[String], row: Value, n: usize) -> Result<Vec<Str
             return Err(format!("row {n} has key '{key}', which is not in the header ({})", header.join(", ")));
         }
     }
-    header
-        .iter()
-        .map(|h| csv_cell(lua, &t.raw_get(h.as_str()).map_err(|e| e.to_string())?, n, h))
-        .collect()
+    header.iter().map(|h| csv_cell(lua, &t.raw_get(h.as_str()).map_err(|e| e.to_string())?, n, h)).collect()
 }
 
 /// One cell: numbers in their shortest exact form, strings quoted when they need it.
@@ -208,7 +209,12 @@ fn csv_cell(lua: &Lua, v: &Value, row: usize, column: &str) -> Result<String, St
         // Debug, not Display: 3.3e-19 rather than nineteen zeros, and still exact.
         Value::Number(f) => format!("{f:?}"),
         Value::String(s) => csv_field(&s.to_str().map_err(|_| format!("row {row}, column {column}: not UTF-8"))?),
-        other => return Err(format!("row {row}, column {column} is a {}; cells are numbers, strings or booleans", other.type_name())),
+        other => {
+            return Err(format!(
+                "row {row}, column {column} is a {}; cells are numbers, strings or booleans",
+                other.type_name()
+            ))
+        }
     })
 }
 

@@ -7,16 +7,16 @@
 
 pub mod adapter;
 pub mod data;
-pub mod progress;
-pub mod run;
-pub mod sys;
-pub mod train;
-pub mod model;
 pub mod eval;
 pub mod fs;
+pub mod model;
 pub mod opts;
 pub mod plot;
+pub mod progress;
+pub mod run;
 pub mod stats;
+pub mod sys;
+pub mod train;
 
 use std::error::Error as _;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,8 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("stats", stats::module),
     ("eval", eval::module),
     ("plot", plot::module),
-    ("fs", fs::module),];
+    ("fs", fs::module),
+];
 
 /// The pure-Lua nouns of `lab`: (name, chunk name, source).
 pub const LUA_MODULES: &[(&str, &str, &str)] = &[
@@ -54,14 +55,14 @@ pub type Settings = Vec<(String, String)>;
 pub fn new_runtime(script: &Path, settings: &Settings) -> anyhow::Result<Lua> {
     let lua = Lua::new();
     set_package_path(&lua, script).map_err(lua_err)?;
-    build_lab(&lua, settings).map_err(|e| anyhow::anyhow!("could not set up the lab module: {}", describe_lua_error(&e)))?;
+    build_lab(&lua, settings)
+        .map_err(|e| anyhow::anyhow!("could not set up the lab module: {}", describe_lua_error(&e)))?;
     Ok(lua)
 }
 
 /// Runs a Lua file; a Lua error comes back with its traceback pointing at the script's lines.
 pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
-    let source = std::fs::read_to_string(script)
-        .with_context(|| format!("cannot read script {}", script.display()))?;
+    let source = std::fs::read_to_string(script).with_context(|| format!("cannot read script {}", script.display()))?;
     let lua = new_runtime(script, settings)?;
     let chunk_name = format!("@{}", script.display());
     let func = lua
@@ -160,10 +161,7 @@ fn build_lab(lua: &Lua, settings: &Settings) -> mlua::Result<Table> {
     lab.set("version", env!("CARGO_PKG_VERSION"))?;
     lab.set("args", args_table(lua, settings)?)?;
     let given = settings.clone();
-    lab.set(
-        "settings",
-        lua.create_function(move |lua, defaults: Table| resolve_settings(lua, &defaults, &given))?,
-    )?;
+    lab.set("settings", lua.create_function(move |lua, defaults: Table| resolve_settings(lua, &defaults, &given))?)?;
     for (name, module) in RUST_MODULES {
         lab.set(*name, module(lua)?)?;
     }

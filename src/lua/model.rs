@@ -30,18 +30,26 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                     let path = path.to_str()?.to_string();
                     let text = std::fs::read_to_string(&path)
                         .map_err(|e| mlua::Error::runtime(format!("lab.model.random: cannot read {path}: {e}")))?;
-                    let cfg: model::Config = serde_json::from_str(&text)
-                        .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {path} is not a model config: {e}")))?;
+                    let cfg: model::Config = serde_json::from_str(&text).map_err(|e| {
+                        mlua::Error::runtime(format!("lab.model.random: {path} is not a model config: {e}"))
+                    })?;
                     (cfg, format!("random({path})"))
                 }
                 Value::Table(t) => {
-                    let cfg: model::Config = lua.from_value(Value::Table(t))
+                    let cfg: model::Config = lua
+                        .from_value(Value::Table(t))
                         .map_err(|e| mlua::Error::runtime(format!("lab.model.random: not a model config: {e}")))?;
                     (cfg, "random".to_string())
                 }
-                other => return Err(mlua::Error::runtime(format!("lab.model.random: config must be a path or a table, got {}", other.type_name()))),
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "lab.model.random: config must be a path or a table, got {}",
+                        other.type_name()
+                    )))
+                }
             };
-            let m = model::load::random(cfg, &LoadOptions { dtype, device }, id).map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
+            let m = model::load::random(cfg, &LoadOptions { dtype, device }, id)
+                .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
             Ok(LuaModel(Rc::new(m)))
         })?,
     )?;
@@ -92,12 +100,19 @@ pub fn parse_device(o: &Opts, s: &str) -> mlua::Result<Device> {
 pub fn messages_from_lua(value: &Table, context: &str) -> mlua::Result<Vec<Message>> {
     let mut out = Vec::new();
     for (i, m) in value.sequence_values::<Table>().enumerate() {
-        let m = m.map_err(|_| mlua::Error::runtime(format!("{context}: message {} must be a table {{role=..., content=...}}", i + 1)))?;
+        let m = m.map_err(|_| {
+            mlua::Error::runtime(format!("{context}: message {} must be a table {{role=..., content=...}}", i + 1))
+        })?;
         let role: Option<String> = m.get("role")?;
         let content: Option<String> = m.get("content")?;
         match (role, content) {
             (Some(role), Some(content)) => out.push(Message { role, content }),
-            _ => return Err(mlua::Error::runtime(format!("{context}: message {} needs string fields 'role' and 'content'", i + 1))),
+            _ => {
+                return Err(mlua::Error::runtime(format!(
+                    "{context}: message {} needs string fields 'role' and 'content'",
+                    i + 1
+                )))
+            }
         }
     }
     Ok(out)
@@ -149,7 +164,8 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         stop: match o.get::<Value>(lua, "stop")? {
             None => Vec::new(),
             Some(Value::String(s)) => vec![s.to_str()?.to_string()],
-            Some(v) => <Vec<String> as mlua::FromLua>::from_lua(v, lua).map_err(|_| o.bad_value("stop", "must be a string or a list of strings"))?,
+            Some(v) => <Vec<String> as mlua::FromLua>::from_lua(v, lua)
+                .map_err(|_| o.bad_value("stop", "must be a string or a list of strings"))?,
         },
         stop_token_ids: o.get_or(lua, "stop_token_ids", Vec::new())?,
         seed: o.get_or(lua, "seed", d.seed)?,
@@ -158,7 +174,11 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
     };
     let adapter = o.get::<mlua::AnyUserData>(lua, "adapter")?;
     let adapter = match adapter {
-        Some(ud) => Some(ud.borrow::<crate::lua::adapter::LuaAdapter>().map_err(|_| o.bad_value("adapter", "must be an adapter from lab.adapter"))?.clone()),
+        Some(ud) => Some(
+            ud.borrow::<crate::lua::adapter::LuaAdapter>()
+                .map_err(|_| o.bad_value("adapter", "must be an adapter from lab.adapter"))?
+                .clone(),
+        ),
         None => None,
     };
     o.finish()?;
@@ -192,7 +212,9 @@ impl UserData for LuaModel {
             t.set("device", if this.0.device().is_cpu() { "cpu" } else { "cuda" })?;
             Ok(t)
         });
-        methods.add_method("encode", |_, this, text: String| this.0.tokenizer.encode(&text).map_err(mlua::Error::external));
+        methods.add_method("encode", |_, this, text: String| {
+            this.0.tokenizer.encode(&text).map_err(mlua::Error::external)
+        });
         methods.add_method("decode", |lua, this, (ids, opts): (Vec<u32>, Value)| {
             let mut o = Opts::new("model:decode", opts)?;
             let skip = o.get_or(lua, "skip_special_tokens", true)?;

@@ -115,12 +115,7 @@ fn short_conversion_error(e: &mlua::Error) -> String {
 /// The known name within edit distance 2 of `name`, if any; ties go to the alphabetically first,
 /// so that the suggestion does not depend on the order the names came in.
 pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(name, k), *k))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, k)| k)
+    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|(d, _)| *d <= 2).min().map(|(_, k)| k)
 }
 
 /// Levenshtein distance between two short strings.

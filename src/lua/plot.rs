@@ -32,7 +32,11 @@ fn line(lua: &Lua, (spec, path): (Value, Value)) -> mlua::Result<()> {
 
 /// One path, or a list of them (the same figure as PNG and SVG).
 fn output_paths(path: Value) -> mlua::Result<Vec<String>> {
-    let bad = || mlua::Error::runtime(format!("{LINE}: the second argument must be a path ending in .png or .svg, or a list of such paths"));
+    let bad = || {
+        mlua::Error::runtime(format!(
+            "{LINE}: the second argument must be a path ending in .png or .svg, or a list of such paths"
+        ))
+    };
     match path {
         Value::String(s) => Ok(vec![s.to_str()?.to_string()]),
         Value::Table(t) => {
@@ -67,10 +71,20 @@ pub fn figure_from_lua(lua: &Lua, spec: Value) -> mlua::Result<Figure> {
     let bands: Option<Table> = o.get(lua, "bands")?;
     // Unknown keys first: a misspelt `series` should say so, not "series is required".
     o.finish()?;
-    let series = series.ok_or_else(|| mlua::Error::runtime(format!("{LINE}: option 'series' is required (a list of series tables)")))?;
-    let series = list(&series, "series")?.into_iter().enumerate().map(|(i, v)| read_series(lua, i + 1, v)).collect::<mlua::Result<_>>()?;
+    let series = series.ok_or_else(|| {
+        mlua::Error::runtime(format!("{LINE}: option 'series' is required (a list of series tables)"))
+    })?;
+    let series = list(&series, "series")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| read_series(lua, i + 1, v))
+        .collect::<mlua::Result<_>>()?;
     let bands = match bands {
-        Some(t) => list(&t, "bands")?.into_iter().enumerate().map(|(i, v)| read_band(lua, i + 1, v)).collect::<mlua::Result<_>>()?,
+        Some(t) => list(&t, "bands")?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| read_band(lua, i + 1, v))
+            .collect::<mlua::Result<_>>()?,
         None => Vec::new(),
     };
     Ok(Figure { title, caption, width, height, x, y, legend, series, bands })
@@ -121,10 +135,16 @@ fn read_axis(lua: &Lua, o: &mut Opts, keys: &AxisKeys) -> mlua::Result<Axis> {
 }
 
 /// Reads an optional string key and parses it (colour, marker, line style, legend position).
-fn parse_opt<T: std::str::FromStr<Err = String>>(o: &mut Opts, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
+fn parse_opt<T: std::str::FromStr<Err = String>>(
+    o: &mut Opts,
+    lua: &Lua,
+    key: &'static str,
+) -> mlua::Result<Option<T>> {
     match o.get::<String>(lua, key)? {
         None => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(|e| mlua::Error::runtime(format!("{}: option '{key}': {e}", o.context()))),
+        Some(s) => {
+            s.parse().map(Some).map_err(|e| mlua::Error::runtime(format!("{}: option '{key}': {e}", o.context())))
+        }
     }
 }
 
@@ -132,7 +152,9 @@ fn parse_opt<T: std::str::FromStr<Err = String>>(o: &mut Opts, lua: &Lua, key: &
 fn list(t: &Table, key: &str) -> mlua::Result<Vec<Value>> {
     let items: Vec<Value> = t.sequence_values::<Value>().collect::<mlua::Result<_>>()?;
     if items.len() != t.pairs::<Value, Value>().count() {
-        return Err(mlua::Error::runtime(format!("{LINE}: option '{key}' must be a list of tables, {{ {{...}}, {{...}} }}")));
+        return Err(mlua::Error::runtime(format!(
+            "{LINE}: option '{key}' must be a list of tables, {{ {{...}}, {{...}} }}"
+        )));
     }
     Ok(items)
 }

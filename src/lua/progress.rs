@@ -32,9 +32,11 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let plain = !std::io::stderr().is_terminal();
             let bar = if plain { ProgressBar::hidden() } else { ProgressBar::new(total) };
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise} {msg}")
-                    .map_err(mlua::Error::external)?
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise} {msg}",
+                )
+                .map_err(mlua::Error::external)?
+                .progress_chars("=> "),
             );
             bar.set_prefix(label.clone());
             Ok(LuaProgress(Rc::new(RefCell::new(Progress { bar, label, total, done: 0, plain }))))

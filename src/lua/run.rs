@@ -45,9 +45,11 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let settings: Option<Value> = o.get(lua, "settings")?;
             o.finish()?;
             let dir = PathBuf::from(dir);
-            std::fs::create_dir_all(&dir).map_err(|e| mlua::Error::runtime(format!("lab.run.open: cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| mlua::Error::runtime(format!("lab.run.open: cannot create {}: {e}", dir.display())))?;
             if let Some(s) = settings {
-                let json = to_json(lua, &s, "settings", 0).map_err(|e| mlua::Error::runtime(format!("lab.run.open: {e}")))?;
+                let json =
+                    to_json(lua, &s, "settings", 0).map_err(|e| mlua::Error::runtime(format!("lab.run.open: {e}")))?;
                 let meta = serde_json::json!({
                     "settings": json,
                     "loralab_version": env!("CARGO_PKG_VERSION"),
@@ -68,7 +70,8 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     m.set(
         "file_hash",
         lua.create_function(|_, path: String| {
-            file_sha256(std::path::Path::new(&path)).map_err(|e| mlua::Error::runtime(format!("lab.run.file_hash: cannot read {path}: {e}")))
+            file_sha256(std::path::Path::new(&path))
+                .map_err(|e| mlua::Error::runtime(format!("lab.run.file_hash: cannot read {path}: {e}")))
         })?,
     )?;
     Ok(m)
@@ -76,11 +79,13 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
 
 fn write_json(path: &std::path::Path, v: &serde_json::Value) -> mlua::Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(mlua::Error::external)? + "\n";
-    write_atomic(path, text.as_bytes()).map_err(|e| mlua::Error::runtime(format!("cannot write {}: {e}", path.display())))
+    write_atomic(path, text.as_bytes())
+        .map_err(|e| mlua::Error::runtime(format!("cannot write {}: {e}", path.display())))
 }
 
 fn read_json(path: &std::path::Path) -> mlua::Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| mlua::Error::runtime(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| mlua::Error::runtime(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| mlua::Error::runtime(format!("{} is not valid JSON: {e}", path.display())))
 }
 
@@ -97,9 +102,11 @@ impl LuaRun {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(mlua::Error::runtime(format!("run:cell: name '{name}' must be a plain folder name")));
         }
-        let key_json = to_json(lua, &key, "key", 0).map_err(|e| mlua::Error::runtime(format!("run:cell({name}): {e}")))?;
+        let key_json =
+            to_json(lua, &key, "key", 0).map_err(|e| mlua::Error::runtime(format!("run:cell({name}): {e}")))?;
         let dir = self.0.dir.join(format!("{name}-{}", key_hash(&key_json)));
-        std::fs::create_dir_all(&dir).map_err(|e| mlua::Error::runtime(format!("run:cell: cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| mlua::Error::runtime(format!("run:cell: cannot create {}: {e}", dir.display())))?;
         let _lock = FileLock::acquire(&dir.join(".lock")).map_err(|e| mlua::Error::runtime(format!("{e:#}")))?;
         let result_path = dir.join("result.json");
         if result_path.exists() {
@@ -124,7 +131,8 @@ impl LuaRun {
             }
             match f.call::<Value>(ctx) {
                 Ok(v) => {
-                    let json = to_json(lua, &v, "result", 0).map_err(|e| mlua::Error::runtime(format!("run:cell({name}): the cell returned {e}")))?;
+                    let json = to_json(lua, &v, "result", 0)
+                        .map_err(|e| mlua::Error::runtime(format!("run:cell({name}): the cell returned {e}")))?;
                     let meta = serde_json::json!({
                         "name": name, "attempts": attempt, "seconds": started.elapsed().as_secs_f64(),
                         "started_at": started_at, "finished_at": now_unix(),
@@ -141,7 +149,11 @@ impl LuaRun {
                 Err(e) => {
                     last_error = super::describe_lua_error(&e);
                     oom = is_out_of_memory(&last_error);
-                    eprintln!("cell {name}: attempt {attempt} of {} failed: {}", retries + 1, last_error.lines().next().unwrap_or(""));
+                    eprintln!(
+                        "cell {name}: attempt {attempt} of {} failed: {}",
+                        retries + 1,
+                        last_error.lines().next().unwrap_or("")
+                    );
                 }
             }
         }

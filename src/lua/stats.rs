@@ -237,7 +237,10 @@ fn numbers(name: &str, argument: &str, value: Value) -> mlua::Result<Vec<f64>> {
         Value::Table(t) => t,
         Value::Nil => return Err(bad_argument(name, format!("{argument} is missing (expected a list of numbers)"))),
         other => {
-            return Err(bad_argument(name, format!("{argument} must be a list of numbers, got a {}", other.type_name())))
+            return Err(bad_argument(
+                name,
+                format!("{argument} must be a list of numbers, got a {}", other.type_name()),
+            ))
         }
     };
     (1..=table.raw_len())

@@ -21,11 +21,23 @@ enum MaskChoice {
     Function(Function),
 }
 
-fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUserData, mlua::AnyUserData, Value)) -> mlua::Result<Table> {
+fn sft(
+    lua: &Lua,
+    (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUserData, mlua::AnyUserData, Value),
+) -> mlua::Result<Table> {
     let ctx = "lab.train.sft";
-    let model = model.borrow::<LuaModel>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 1 must be a model")))?.clone();
-    let adapter = adapter.borrow::<LuaAdapter>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 2 must be an adapter")))?.clone();
-    let data = data.borrow::<LuaDataset>().map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 3 must be a dataset from lab.data")))?.clone();
+    let model = model
+        .borrow::<LuaModel>()
+        .map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 1 must be a model")))?
+        .clone();
+    let adapter = adapter
+        .borrow::<LuaAdapter>()
+        .map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 2 must be an adapter")))?
+        .clone();
+    let data = data
+        .borrow::<LuaDataset>()
+        .map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 3 must be a dataset from lab.data")))?
+        .clone();
     let mut o = Opts::new(ctx, opts)?;
     let d = TrainConfig::default();
     let schedule_name: String = o.get_or(lua, "lr_scheduler_type", "linear".to_string())?;
@@ -34,8 +46,9 @@ fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUse
         max_steps: o.get(lua, "max_steps")?,
         num_train_epochs: o.get_or(lua, "num_train_epochs", d.num_train_epochs)?,
         learning_rate: o.get_or(lua, "learning_rate", d.learning_rate)?,
-        lr_scheduler_type: Schedule::from_name(&schedule_name)
-            .ok_or_else(|| o.bad_value("lr_scheduler_type", format!("must be linear, cosine or constant, got \"{schedule_name}\"")))?,
+        lr_scheduler_type: Schedule::from_name(&schedule_name).ok_or_else(|| {
+            o.bad_value("lr_scheduler_type", format!("must be linear, cosine or constant, got \"{schedule_name}\""))
+        })?,
         warmup_steps: o.get(lua, "warmup_steps")?,
         warmup_ratio: o.get_or(lua, "warmup_ratio", d.warmup_ratio)?,
         weight_decay: o.get_or(lua, "weight_decay", d.weight_decay)?,
@@ -82,17 +95,22 @@ fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUse
     let examples = tokenize_all(lua, &model, &data, &mask, max_length)?;
     let empty = examples.iter().filter(|e| e.num_targets() == 0).count();
     if empty > 0 {
-        eprintln!("{ctx}: {empty} of {} rows have no trained token (after truncation to {max_length}); they add nothing", examples.len());
+        eprintln!(
+            "{ctx}: {empty} of {} rows have no trained token (after truncation to {max_length}); they add nothing",
+            examples.len()
+        );
     }
     let started = std::time::Instant::now();
     let adapter_ref = adapter.0.borrow();
-    let log = super::guarded(ctx, || train::train(&model.0.decoder, &adapter_ref, &examples, &cfg, |rec| {
-        if let Some(f) = &on_step {
-            let t = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
-            f.call::<()>(t).map_err(|e| anyhow::anyhow!("on_step: {}", super::describe_lua_error(&e)))?;
-        }
-        Ok(())
-    }))?;
+    let log = super::guarded(ctx, || {
+        train::train(&model.0.decoder, &adapter_ref, &examples, &cfg, |rec| {
+            if let Some(f) = &on_step {
+                let t = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
+                f.call::<()>(t).map_err(|e| anyhow::anyhow!("on_step: {}", super::describe_lua_error(&e)))?;
+            }
+            Ok(())
+        })
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let out = lua.create_table()?;
     let mut seen = 0usize;
@@ -107,15 +125,24 @@ fn sft(lua: &Lua, (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUse
     Ok(out)
 }
 
-fn tokenize_all(lua: &Lua, model: &LuaModel, data: &LuaDataset, mask: &MaskChoice, max_length: usize) -> mlua::Result<Vec<Example>> {
+fn tokenize_all(
+    lua: &Lua,
+    model: &LuaModel,
+    data: &LuaDataset,
+    mask: &MaskChoice,
+    max_length: usize,
+) -> mlua::Result<Vec<Example>> {
     let tok = &model.0.tokenizer;
     let mut out = Vec::with_capacity(data.0.rows.len());
     for (i, row) in data.0.rows.iter().enumerate() {
         let where_ = || format!("lab.train.sft: {} row {}", data.0.source, i + 1);
         let ex = match mask {
-            MaskChoice::Named(m) => tokenize(tok, row, m, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?,
+            MaskChoice::Named(m) => {
+                tokenize(tok, row, m, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?
+            }
             MaskChoice::Function(f) => {
-                let mut ex = tokenize(tok, row, &LossMask::All, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?;
+                let mut ex = tokenize(tok, row, &LossMask::All, max_length)
+                    .map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?;
                 let info = lua.create_table()?;
                 info.set("ids", ex.ids.clone())?;
                 info.set("row", lua.to_value(row)?)?;

@@ -60,7 +60,8 @@ pub(crate) fn layer(
     index: usize,
     sink: &Arc<GradSink>,
 ) -> Result<Tensor> {
-    let adapter = pass.adapter.ok_or_else(|| candle_core::Error::Msg("gradient checkpointing needs an adapter".into()))?;
+    let adapter =
+        pass.adapter.ok_or_else(|| candle_core::Error::Msg("gradient checkpointing needs an adapter".into()))?;
     let rng_before = pass.dropout_rng.map(|r| r.borrow().clone());
     let first = Pass { checkpoint: None, constant_adapter: true, ..pass };
     let y = layer.forward(&x.detach(), rope, pos, mask, None, first, index)?;
@@ -101,7 +102,8 @@ impl Backward for Recompute {
         let input = Var::from_tensor(&x.detach())?;
         let rng = self.rng.clone().map(RefCell::new);
         let pass = Pass::train(&self.adapter, rng.as_ref());
-        let y = self.layer.forward(input.as_tensor(), &self.rope, self.pos, self.mask.as_ref(), None, pass, self.index)?;
+        let y =
+            self.layer.forward(input.as_tensor(), &self.rope, self.pos, self.mask.as_ref(), None, pass, self.index)?;
         // d(sum(y * g))/dy = g: the backward pass of this run carries exactly `grad`.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         for pair in self.adapter.pairs.iter().filter(|((l, _), _)| *l == self.index).map(|(_, p)| p) {

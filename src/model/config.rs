@@ -77,9 +77,7 @@ impl Config {
 
     /// The rotary base frequency, wherever the config keeps it (10000 if nowhere).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(10_000.0)
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10_000.0)
     }
 
     pub fn num_kv_heads(&self) -> usize {

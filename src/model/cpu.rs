@@ -86,7 +86,14 @@ mod linear_packed_tests {
 /// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
 /// keys, values: (B, K, C, E), of which the first `s` positions are used; mask: additive,
 /// (B or 1, 1, 1, T, S). Returns (B, K, R, E).
-pub fn attention_cpu(q: &Tensor, keys: &Tensor, values: &Tensor, s: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention_cpu(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    s: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, k, r, e) = q.dims4()?;
     let c = keys.dim(2)?;
     let mask = mask.map(|m| m.contiguous()).transpose()?;
@@ -233,7 +240,8 @@ mod attention_cpu_tests {
 
         let kk = keys.narrow(2, 0, s)?;
         let vv = values.narrow(2, 0, s)?.contiguous()?;
-        let scores = (q.matmul(&kk.t()?)? * 0.3)?.reshape((b, k, g, t, s))?.broadcast_add(&mask)?.reshape((b, k, g * t, s))?;
+        let scores =
+            (q.matmul(&kk.t()?)? * 0.3)?.reshape((b, k, g, t, s))?.broadcast_add(&mask)?.reshape((b, k, g * t, s))?;
         let want = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vv)?;
         let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "T {t}: max abs diff {diff}");

@@ -86,7 +86,15 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
     fn name(&self) -> &'static str {
         "softmax-backward"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         no_cpu(self.name())
     }
     fn cuda_fwd(
@@ -102,7 +110,12 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
         let s = *pl.dims().last().unwrap_or(&1);
         let rows = pl.shape().elem_count() / s;
         if dpl.shape() != pl.shape() || dl.shape().elem_count() != rows {
-            candle_core::bail!("softmax-backward: shapes {:?}, {:?}, {:?} do not agree", pl.shape(), dpl.shape(), dl.shape());
+            candle_core::bail!(
+                "softmax-backward: shapes {:?}, {:?}, {:?} do not agree",
+                pl.shape(),
+                dpl.shape(),
+                dl.shape()
+            );
         }
         let (pv, dpv, dv) = (view::<bf16>(p, pl, "p")?, view::<bf16>(dp, dpl, "dp")?, view::<f32>(d, dl, "d")?);
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
@@ -151,7 +164,15 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
     fn name(&self) -> &'static str {
         "cross-entropy-backward"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         no_cpu(self.name())
     }
     fn cuda_fwd(
@@ -165,7 +186,8 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (n, v) = xl.shape().dims2()?;
-        let (xv, tv, sv) = (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?, view::<f32>(st, stl, "stats")?);
+        let (xv, tv, sv) =
+            (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?, view::<f32>(st, stl, "stats")?);
         let out = unsafe { dev.alloc::<bf16>(n * v)? };
         let v32 = v as i32;
         launch!(dev, "cross_entropy_backward_bf16", launch_rows(n), &xv, &tv, &sv, &out, &v32);
@@ -199,7 +221,13 @@ impl candle_core::CustomOp2 for SiluMul {
         launch!(dev, "silu_mul_bf16", launch_elements(n), &gv, &uv, &out, &n64);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), gl.shape().clone()))
     }
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?; // (2, n)
         let shape = gate.shape();
         Ok((Some(both.get(0)?.reshape(shape)?), Some(both.get(1)?.reshape(shape)?)))
@@ -212,7 +240,15 @@ impl candle_core::CustomOp3 for SiluMulBackward {
     fn name(&self) -> &'static str {
         "silu-mul-backward"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         no_cpu(self.name())
     }
     fn cuda_fwd(
@@ -241,9 +277,20 @@ pub const DECODE_MAX_HEAD_DIM: usize = 128;
 /// Attention of one new token per row against the KV cache: q (B, K, R, E) bf16, the whole
 /// caches (B, K, C, E) of which the first `s` positions count, `mask` additive f32 (B, s) (any
 /// shape of that many elements) -> (B, K, R, E). Needs R <= 8 and E a multiple of 32 up to 128.
-pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let mask = mask.map(|m| m.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &DecodeAttention { s, mask, scale: scale as f32 })
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &DecodeAttention { s, mask, scale: scale as f32 },
+    )
 }
 
 struct DecodeAttention {
@@ -256,7 +303,15 @@ impl candle_core::CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         no_cpu(self.name())
     }
     fn cuda_fwd(
@@ -272,7 +327,12 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let (b, heads, r, e) = ql.shape().dims4()?;
         let c = kl.shape().dims4()?.2;
         if r > DECODE_MAX_GROUP || e % 32 != 0 || e > DECODE_MAX_HEAD_DIM || self.s > c || kl.shape() != vl.shape() {
-            candle_core::bail!("decode-attention: unsupported shapes q {:?}, cache {:?}, s {}", ql.shape(), kl.shape(), self.s);
+            candle_core::bail!(
+                "decode-attention: unsupported shapes q {:?}, cache {:?}, s {}",
+                ql.shape(),
+                kl.shape(),
+                self.s
+            );
         }
         let (qv, kv, vv) = (view::<bf16>(q, ql, "q")?, view::<bf16>(k, kl, "keys")?, view::<bf16>(v, vl, "values")?);
         let out = unsafe { dev.alloc::<bf16>(b * heads * r * e)? };
@@ -281,16 +341,52 @@ impl candle_core::CustomOp3 for DecodeAttention {
         match &self.mask {
             Some(mask) => {
                 if mask.elem_count() != b * self.s {
-                    candle_core::bail!("decode-attention: mask of {} values for {b} rows of {} keys", mask.elem_count(), self.s);
+                    candle_core::bail!(
+                        "decode-attention: mask of {} values for {b} rows of {} keys",
+                        mask.elem_count(),
+                        self.s
+                    );
                 }
                 let (ms, ml) = mask.storage_and_layout();
-                let candle_core::Storage::Cuda(ms) = &*ms else { candle_core::bail!("decode-attention: mask not on the GPU") };
+                let candle_core::Storage::Cuda(ms) = &*ms else {
+                    candle_core::bail!("decode-attention: mask not on the GPU")
+                };
                 let mv = view::<f32>(ms, ml, "mask")?;
-                launch!(dev, "decode_attention_bf16", cfg, &qv, &kv, &vv, &mv, &out, &h32, &r32, &c32, &s32, &e32, &self.scale);
+                launch!(
+                    dev,
+                    "decode_attention_bf16",
+                    cfg,
+                    &qv,
+                    &kv,
+                    &vv,
+                    &mv,
+                    &out,
+                    &h32,
+                    &r32,
+                    &c32,
+                    &s32,
+                    &e32,
+                    &self.scale
+                );
             }
             None => {
                 let null = 0u64;
-                launch!(dev, "decode_attention_bf16", cfg, &qv, &kv, &vv, &null, &out, &h32, &r32, &c32, &s32, &e32, &self.scale);
+                launch!(
+                    dev,
+                    "decode_attention_bf16",
+                    cfg,
+                    &qv,
+                    &kv,
+                    &vv,
+                    &null,
+                    &out,
+                    &h32,
+                    &r32,
+                    &c32,
+                    &s32,
+                    &e32,
+                    &self.scale
+                );
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))

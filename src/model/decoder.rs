@@ -28,9 +28,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::checkpoint::GradSink;
 use super::config::Config;
 use super::ops::frozen_linear;
-use super::checkpoint::GradSink;
 use super::packed::PackedMatrix;
 use crate::adapter::{Adapter, Target};
 
@@ -253,7 +253,8 @@ impl Attention {
         // (B, T, H*E) -> (B, H, T, E)
         let (q, kx, vx) = match &self.qkv_packed {
             Some(fused) => {
-                let parts = [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
+                let parts =
+                    [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
                 let mut parts = fused_forward(x, fused, &parts, pass, layer)?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
             }
@@ -276,7 +277,11 @@ impl Attention {
                 cache.k[l].slice_set(&kx, 2, pos)?;
                 cache.v[l].slice_set(&vx, 2, pos)?;
                 let s = pos + t;
-                (cache.k[l].narrow(2, 0, s)?, cache.v[l].narrow(2, 0, s)?, Some((cache.k[l].clone(), cache.v[l].clone())))
+                (
+                    cache.k[l].narrow(2, 0, s)?,
+                    cache.v[l].narrow(2, 0, s)?,
+                    Some((cache.k[l].clone(), cache.v[l].clone())),
+                )
             }
             None => (kx, vx, None),
         };
@@ -305,10 +310,14 @@ impl Attention {
             out
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
-            let scores = match &mask {
-                Some(m) => scores.reshape((b, k, g, t, s))?.broadcast_add(&m.to_dtype(scores.dtype())?)?.reshape((b, k, g * t, s))?,
-                None => scores,
-            };
+            let scores =
+                match &mask {
+                    Some(m) => scores
+                        .reshape((b, k, g, t, s))?
+                        .broadcast_add(&m.to_dtype(scores.dtype())?)?
+                        .reshape((b, k, g * t, s))?,
+                    None => scores,
+                };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             probs.matmul(&values.contiguous()?)? // (B, K, G*T, E)
         };
@@ -365,7 +374,13 @@ impl Mlp {
 /// Several projections of the same input as one product: x (B, T, in) @ fused (in, sum out),
 /// split back into one (B, T, out) per projection, biases and adapter terms added (in the
 /// projections' order, which is also the order their dropout masks are drawn in).
-fn fused_forward(x: &Tensor, fused: &Arc<PackedMatrix>, parts: &[(&Linear, Target)], pass: Pass, layer: usize) -> Result<Vec<Tensor>> {
+fn fused_forward(
+    x: &Tensor,
+    fused: &Arc<PackedMatrix>,
+    parts: &[(&Linear, Target)],
+    pass: Pass,
+    layer: usize,
+) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
     let x2 = x.reshape((b * t, d_in))?;
     let y = frozen_product(&x2, fused, pass)?;
@@ -491,7 +506,11 @@ pub struct Weights {
 impl Weights {
     fn take(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
         let t = self.tensors.remove(name).ok_or_else(|| {
-            anyhow::anyhow!("{}: tensor '{name}' is missing; the file is incomplete or not a {}-shaped model", self.source, "decoder")
+            anyhow::anyhow!(
+                "{}: tensor '{name}' is missing; the file is incomplete or not a {}-shaped model",
+                self.source,
+                "decoder"
+            )
         })?;
         anyhow::ensure!(
             t.dims() == shape,
@@ -503,7 +522,13 @@ impl Weights {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
-    fn take_opt(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Option<Tensor>> {
+    fn take_opt(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<Option<Tensor>> {
         if self.tensors.contains_key(name) {
             self.take(name, shape, dtype, device).map(Some)
         } else {
@@ -549,8 +574,10 @@ impl Decoder {
                 down_proj: lin("mlp.down_proj", d, f, false)?,
                 gate_up_packed: None,
             };
-            let input_layernorm =
-                RmsNorm { weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?, eps: c.rms_norm_eps };
+            let input_layernorm = RmsNorm {
+                weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?,
+                eps: c.rms_norm_eps,
+            };
             let post_attention_layernorm = RmsNorm {
                 weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d], dtype, device)?,
                 eps: c.rms_norm_eps,

@@ -70,7 +70,11 @@ impl Metadata<'_> {
     }
     fn usize(&self, key: &str) -> anyhow::Result<usize> {
         let v = self.get(key)?;
-        let n = v.to_u32().map(u64::from).or_else(|_| v.to_u64()).map_err(|e| anyhow::anyhow!("{}: '{key}': {e}", self.source))?;
+        let n = v
+            .to_u32()
+            .map(u64::from)
+            .or_else(|_| v.to_u64())
+            .map_err(|e| anyhow::anyhow!("{}: '{key}': {e}", self.source))?;
         Ok(n as usize)
     }
     fn f64(&self, key: &str) -> anyhow::Result<f64> {
@@ -175,13 +179,13 @@ fn tokenizer_from_gguf(md: &Metadata) -> anyhow::Result<tokenizers::Tokenizer> {
     use tokenizers::{AddedToken, PreTokenizerWrapper};
 
     let model_kind = md.string("tokenizer.ggml.model")?;
-    anyhow::ensure!(model_kind == "gpt2", "{}: tokenizer model '{model_kind}' is not supported (byte-level BPE only)", md.source);
-    let tokens: Vec<String> = md
-        .get("tokenizer.ggml.tokens")?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        model_kind == "gpt2",
+        "{}: tokenizer model '{model_kind}' is not supported (byte-level BPE only)",
+        md.source
+    );
+    let tokens: Vec<String> =
+        md.get("tokenizer.ggml.tokens")?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_, _>>()?;
     let merges: Vec<(String, String)> = md
         .get("tokenizer.ggml.merges")?
         .to_vec()?
@@ -206,20 +210,14 @@ fn tokenizer_from_gguf(md: &Metadata) -> anyhow::Result<tokenizers::Tokenizer> {
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
         // Digits split one by one, then the GPT-2 byte-level regex (SmolLM2's tokenizer.json).
-        "smollm" | "starcoder" | "refact" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        }
+        "smollm" | "starcoder" | "refact" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
         _ => byte_level.into(),
     };
     tok.with_pre_tokenizer(Some(pre_tokenizer));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     // Control tokens (type 3) are special: matched whole, never split.
-    let specials: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, ty)| **ty == 3)
-        .map(|(t, _)| AddedToken::from(t.clone(), true))
-        .collect();
+    let specials: Vec<AddedToken> =
+        tokens.iter().zip(&types).filter(|(_, ty)| **ty == 3).map(|(t, _)| AddedToken::from(t.clone(), true)).collect();
     tok.add_special_tokens(specials).map_err(|e| anyhow::anyhow!("{}: special tokens: {e}", md.source))?;
     Ok(tok)
 }

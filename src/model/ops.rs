@@ -298,7 +298,15 @@ mod fused_tests {
 ///
 /// `causal`: the mask is exactly the causal one (key j visible to position t when
 /// j <= t + S - T); on the GPU in bf16 a fused kernel then applies it without reading the mask.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    g: usize,
+) -> Result<Tensor> {
     let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
     let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -357,7 +365,6 @@ impl AttentionRule {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
-
 }
 
 impl candle_core::CustomOp3 for AttentionOp {
@@ -365,7 +372,15 @@ impl candle_core::CustomOp3 for AttentionOp {
         "attention-recompute"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.out.cpu()
     }
 
@@ -382,7 +397,14 @@ impl candle_core::CustomOp3 for AttentionOp {
         self.out.cuda()
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
         #[cfg(feature = "cuda")]
         if self.rule.fused(&q) {
@@ -392,7 +414,8 @@ impl candle_core::CustomOp3 for AttentionOp {
             let dout = grad.contiguous()?;
             let dv = p.t()?.matmul(&dout)?;
             let dp = dout.matmul(&v.t()?)?;
-            let d = (dout.to_dtype(DType::F32)? * res.detach().to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+            let d = (dout.to_dtype(DType::F32)? * res.detach().to_dtype(DType::F32)?)?
+                .sum_keepdim(candle_core::D::Minus1)?;
             let ds = super::cuda::softmax_backward(&p, &dp, &d, self.rule.scale)?;
             return Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?), Some(dv)));
         }
@@ -423,7 +446,8 @@ mod attention_tests {
         let k = Var::from_tensor(&Tensor::randn(0f64, 1., (b, kh, t, e), &dev)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f64, 1., (b, kh, t, e), &dev)?)?;
         let w = Tensor::randn(0f64, 1., (b, kh, g * t, e), &dev)?;
-        let causal: Vec<f64> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f64::NEG_INFINITY })).collect();
+        let causal: Vec<f64> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f64::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(causal, (1, 1, 1, t, t), &dev)?;
         let scale = 0.4;
         let composite = || -> Result<Tensor> {
@@ -446,7 +470,6 @@ mod attention_tests {
         Ok(())
     }
 }
-
 
 /// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
 /// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
@@ -511,7 +534,13 @@ fn chunk_log_softmax(h: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedMatr
 /// The GPU path: bf16 logits, loss and gradient by fused kernels; the (loss, logsumexp) of each
 /// row, 8 bytes, is what the backward pass keeps.
 #[cfg(feature = "cuda")]
-fn fused_cross_entropy(h: &Tensor, h_detached: &Tensor, weight: Tensor, targets: Tensor, chunk: usize) -> Result<Tensor> {
+fn fused_cross_entropy(
+    h: &Tensor,
+    h_detached: &Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
     let stats = by_chunks(h.dim(0)?, chunk, |start, rows| {
         let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
         super::cuda::cross_entropy_forward(&logits, &targets.narrow(0, start, rows)?)

@@ -155,7 +155,6 @@ impl OutPtr {
     }
 }
 
-
 /// Rows of x (rows, k) as blocks of MR rows, each stored k-major: block[kk][i] = x[r0 + i][kk],
 /// so the kernel broadcasts MR consecutive floats at every step of k. Missing rows are zeros.
 fn pack_rows(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
@@ -356,7 +355,9 @@ mod tests {
     #[test]
     fn every_kernel_matches_a_plain_product_on_ragged_shapes() {
         for kernel in Kernel::available() {
-            for &(m, k, n) in &[(1, 1, 1), (1, 5, 47), (7, 13, 48), (8, 64, 49), (9, 100, 97), (33, 70, 200), (300, 17, 96)] {
+            for &(m, k, n) in
+                &[(1, 1, 1), (1, 5, 47), (7, 13, 48), (8, 64, 49), (9, 100, 97), (33, 70, 200), (300, 17, 96)]
+            {
                 let x = values(m * k, (m * 31 + k) as u32);
                 let w = values(n * k, (n * 17 + k) as u32);
                 let packed = PackedMatrix::from_rows_out_in(&w, n, k);

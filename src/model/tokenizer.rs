@@ -76,7 +76,13 @@ impl TextTokenizer {
             .template
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("this model has no chat template; pass plain text prompts instead"))?;
-        render_chat_template(source, messages, add_generation_prompt, self.bos_token.as_deref(), self.eos_token.as_deref())
+        render_chat_template(
+            source,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 }
 
