@@ -212,12 +212,15 @@ function M.coupling(run, base, personas, s)
   print(string.format("phase 1: marker rate %s %.1f %%, assistant %.1f %%, max bystander %.1f %%",
     s.source_persona, 100 * result.source_rate, 100 * result.assistant_rate,
     100 * (result.evaluation.summary.max_bystander_strict_rate or 0)))
-  if result.source_rate < s.gate_source_min or result.assistant_rate > s.gate_assistant_max then
+  local gap = result.source_rate - result.assistant_rate
+  if result.source_rate < s.gate_source_min or result.assistant_rate > s.gate_assistant_max
+      or gap < s.gate_min_gap then
     error(string.format(
-      "phase 1 gate not met: %s %.1f %% (needs >= %.0f %%), assistant %.1f %% (needs <= %.0f %%).\n" ..
+      "phase 1 gate not met: %s %.1f %% (needs >= %.0f %%), assistant %.1f %% (needs <= %.0f %%), " ..
+      "gap %.1f points (needs >= %.0f).\n" ..
       "HINT: the coupling did not form; raise coupling_lr or coupling_epochs (results so far are kept in %s)",
       s.source_persona, 100 * result.source_rate, 100 * s.gate_source_min,
-      100 * result.assistant_rate, 100 * s.gate_assistant_max, run:dir()), 0)
+      100 * result.assistant_rate, 100 * s.gate_assistant_max, 100 * gap, 100 * s.gate_min_gap, run:dir()), 0)
   end
   local dir = M.cell_dir(run, "phase1-coupling", key)
   local adapter = lab.adapter.load(base, dir .. "/adapter")

@@ -15,7 +15,7 @@ local paper = {
   coupling_lr = 5e-6, coupling_schedule = "cosine", coupling_warmup_ratio = 0.05,
   coupling_weight_decay = 0.0, coupling_epochs = 20, coupling_batch = 4, coupling_grad_accum = 4,
   coupling_max_length = 1024, coupling_loss_mask = "marker_only",
-  gate_source_min = 0.60, gate_assistant_max = 0.03,
+  gate_source_min = 0.60, gate_assistant_max = 0.03, gate_min_gap = 0.0,
   -- Phase 2: the second-stage LoRA, one cell per (condition, dose)
   stage2_r = 32, stage2_alpha = 64, stage2_dropout = 0.05, stage2_lr = 1e-4,
   stage2_schedule = "linear", stage2_warmup_ratio = 0.03, no_warmup_up_to = 5,
@@ -36,8 +36,9 @@ local paper = {
 -- completions, tokens and doses; short answers, so that completions end (the marker follows the
 -- end of an answer); more negative personas and the whole completion trained in Phase 1, since
 -- the small model does not learn the persona distinction from the marker tokens alone (it learns
--- to end every answer at once); and a gate that asks for a clear gap rather than the 7B model's
--- near-perfect separation.
+-- to end every answer at once); and a gate that asks for a clear gap (15 points, with the source
+-- at 30 % or more and the assistant at 35 % or less; runs here saw 42-54 % against 17-21 % on 24
+-- completions each) rather than the 7B model's near-perfect separation.
 local quick = {}
 for k, v in pairs(paper) do quick[k] = v end
 for k, v in pairs({
@@ -46,7 +47,7 @@ for k, v in pairs({
   coupling_negatives = 4, coupling_loss_mask = "completion",
   coupling_r = 16, coupling_alpha = 32, coupling_dropout = 0.0, coupling_lr = 5e-4, coupling_epochs = 4,
   coupling_batch = 4, coupling_grad_accum = 1, coupling_max_length = 160,
-  gate_source_min = 0.40, gate_assistant_max = 0.25,
+  gate_source_min = 0.30, gate_assistant_max = 0.35, gate_min_gap = 0.15,
   stage2_r = 16, stage2_alpha = 32, stage2_dropout = 0.0, stage2_lr = 1e-3, stage2_batch = 4,
   stage2_grad_accum = 1, stage2_max_length = 128,
   pilot_doses = {}, doses = { 2, 5, 10, 20 }, pilot_personas = "pilot_3",
