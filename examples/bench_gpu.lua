@@ -75,13 +75,7 @@ if s.python ~= "none" then
   local cmd = string.format("%s scripts/bench/reference_gpu.py --config %s --seq %d --batch %d --grad-accum %d --steps %d --r %d --prompts %d --prompt-len %d --n %d --max-tokens %d --skip '%s'",
     s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.ref_prompts > 0 and s.ref_prompts or s.prompts,
     s.prompt_len, s.n, s.max_tokens, s.skip)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("a")
-  p:close()
-  local ref = out:match("(%b{})%s*$")
-  if not ref then error("the reference run printed no result:\n" .. out, 0) end
-  lab.fs.write_text(s.out .. "/reference.json", ref)
-  ref = lab.fs.read_json(s.out .. "/reference.json")
+  local ref = require("reference").run(cmd, s.out .. "/reference.json")
   result.reference = ref
   print("reference: " .. ref.stack .. " on " .. ref.gpu)
   if ref.train then

@@ -35,17 +35,10 @@ print(string.format("loralab       batch %d: %6.1f generated tok/s, %7.1f prefil
 
 if s.python ~= "none" then
   lab.fs.write_json(s.out .. "/prompts.json", prompts)
-  local gguf = (os.getenv("LORALAB_CACHE") or (os.getenv("HOME") .. "/.cache/loralab")) ..
-               "/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+  local reference = require("reference")
   local cmd = string.format("%s scripts/bench/reference.py sample --gguf %s --prompts %s/prompts.json --max-tokens %d --threads %d",
-    s.python, gguf, s.out, s.max_tokens, lab.sys.threads())
-  local p = io.popen(cmd .. " 2>/dev/null")
-  local out = p:read("a")
-  p:close()
-  local ref = out:match("(%b{})%s*$")
-  if not ref then error("the reference run printed no result; run it by hand:\n  " .. cmd, 0) end
-  lab.fs.write_text(s.out .. "/reference_sample.json", ref)
-  ref = lab.fs.read_json(s.out .. "/reference_sample.json")
+    s.python, reference.default_gguf(), s.out, s.max_tokens, lab.sys.threads())
+  local ref = reference.run(cmd, s.out .. "/reference_sample.json")
   print(string.format("transformers  batch %d: %6.1f generated tok/s, %7.1f prefill tok/s, peak %.0f MiB, %.1f s  (%s)",
     s.batch, ref.generated_tokens_per_second, ref.prefill_tokens_per_second, ref.peak_rss_mb, ref.seconds, ref.stack))
   print(string.format("ratio loralab / transformers: generated %.2fx, prefill %.2fx",

@@ -33,17 +33,10 @@ print(string.format("loralab        %7.1f tok/s, %.2f s/step, peak %.0f MiB",
 
 if s.python ~= "none" then
   lab.fs.write_json(s.out .. "/rows.json", texts)
-  local gguf = (os.getenv("LORALAB_CACHE") or (os.getenv("HOME") .. "/.cache/loralab")) ..
-               "/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+  local reference = require("reference")
   local cmd = string.format("%s scripts/bench/reference.py train --gguf %s --rows %s/rows.json --batch %d --steps %d --r %d --threads %d",
-    s.python, gguf, s.out, s.batch, s.steps, s.r, lab.sys.threads())
-  local p = io.popen(cmd .. " 2>/dev/null")
-  local out = p:read("a")
-  p:close()
-  local ref = out:match("(%b{})%s*$")
-  if not ref then error("the reference run printed no result; run it by hand:\n  " .. cmd, 0) end
-  lab.fs.write_text(s.out .. "/reference_train.json", ref)
-  ref = lab.fs.read_json(s.out .. "/reference_train.json")
+    s.python, reference.default_gguf(), s.out, s.batch, s.steps, s.r, lab.sys.threads())
+  local ref = reference.run(cmd, s.out .. "/reference_train.json")
   print(string.format("torch + PEFT   %7.1f tok/s, %.2f s/step, peak %.0f MiB  (%s)",
     ref.tokens_per_second, ref.seconds_per_step, ref.peak_rss_mb, ref.stack))
   print(string.format("ratio loralab / torch + PEFT: %.2fx", ours.tokens_per_second / ref.tokens_per_second))

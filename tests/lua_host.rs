@@ -351,3 +351,29 @@ print(ok, err)
     assert_eq!(lines[0], "6\t3");
     assert!(lines[1].starts_with("false") && lines[1].contains("span {2, 9} outside 1..2"), "{out}");
 }
+
+#[test]
+fn gradient_checkpointing_trains_and_a_misspelt_or_mistyped_key_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "ckpt.lua",
+        r#"
+local lab = require("lab")
+local m = lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16,
+  intermediate_size = 32, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1,
+  max_position_embeddings = 64 })
+local a = lab.adapter.new(m, { r = 2 })
+local rows = lab.data.rows({ { input_ids = { 1, 2, 3, 4, 5, 6 } } })
+local log = lab.train.sft(m, a, rows, { max_steps = 2, gradient_checkpointing = true })
+print(#log, log[2].grad_norm > 0)
+print(pcall(lab.train.sft, m, a, rows, { max_steps = 1, gradient_checkpoint = true }))
+print(pcall(lab.train.sft, m, a, rows, { max_steps = 1, gradient_checkpointing = "yes" }))
+"#,
+    );
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("2\ttrue\n"), "{out}");
+    assert!(out.contains("unknown option 'gradient_checkpoint' (did you mean 'gradient_checkpointing'?)"), "{out}");
+    assert!(out.contains("option 'gradient_checkpointing' must be true or false, got a string"), "{out}");
+}

@@ -57,6 +57,11 @@ fn fixture_config() -> TrainConfig {
     }
 }
 
+/// LoRA of rank r on all 7 projections, alpha 2r.
+fn all_targets(r: usize, lora_dropout: f64) -> LoraConfig {
+    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout, target_modules: Target::ALL.to_vec(), use_rslora: false }
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
@@ -101,13 +106,7 @@ fn four_adamw_steps_match_peft_and_the_trainer() {
 fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
     let dec = tiny(DType::F32);
     let run = || {
-        let cfg = LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            target_modules: Target::ALL.to_vec(),
-            use_rslora: false,
-        };
+        let cfg = all_targets(4, 0.1);
         let adapter = Adapter::new(&dec, cfg, 7).unwrap();
         let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 1e-2, ..fixture_config() };
         train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(()))
@@ -124,13 +123,7 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
     let dec = tiny(DType::F32);
     let run = |gradient_checkpointing: bool| {
         // Dropout on: both runs of a checkpointed layer must draw the same masks.
-        let cfg = LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            target_modules: Target::ALL.to_vec(),
-            use_rslora: false,
-        };
+        let cfg = all_targets(4, 0.1);
         let adapter = Adapter::new(&dec, cfg, 11).unwrap();
         let config = TrainConfig { shuffle: true, max_steps: Some(3), gradient_checkpointing, ..fixture_config() };
         let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
@@ -158,13 +151,7 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
 #[test]
 fn every_trainable_variable_receives_a_gradient() {
     let dec = tiny(DType::F32);
-    let cfg = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: Target::ALL.to_vec(),
-        use_rslora: false,
-    };
+    let cfg = all_targets(4, 0.0);
     let adapter = Adapter::new(&dec, cfg, 3).unwrap();
     // Nonzero B so that A's gradient is nonzero too.
     for p in adapter.pairs.values() {
@@ -314,13 +301,7 @@ fn a_second_adapter_trains_on_a_merged_model() {
     let dec = tiny(DType::F32);
     let first = Adapter::load(&fixtures().join("tiny-lora/rslora"), &dec).unwrap();
     let merged = dec.merged(&first).unwrap();
-    let cfg = LoraConfig {
-        r: 2,
-        lora_alpha: 4.0,
-        lora_dropout: 0.0,
-        target_modules: Target::ALL.to_vec(),
-        use_rslora: false,
-    };
+    let cfg = all_targets(2, 0.0);
     let second = Adapter::new(&merged, cfg, 1).unwrap();
     let config = TrainConfig { max_steps: Some(2), ..fixture_config() };
     let log = train::train(&merged, &second, &fixture_rows(), &config, |_| Ok(())).unwrap();

@@ -36,7 +36,7 @@ impl Opts {
     }
 
     /// Reads `key` if present; a value of the wrong type is an error naming the key.
-    pub fn get<T: FromLua>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
+    pub fn get<T: FromLua + 'static>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
         self.known.push(key);
         let Some(table) = &self.table else { return Ok(None) };
         let raw: Value = table.raw_get(key)?;
@@ -44,6 +44,13 @@ impl Opts {
             return Ok(None);
         }
         let type_name = raw.type_name();
+        // mlua turns any value into a boolean by Lua truthiness ("no" would be true).
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bool>() && !matches!(raw, Value::Boolean(_)) {
+            return Err(mlua::Error::runtime(format!(
+                "{}: option '{key}' must be true or false, got a {type_name}",
+                self.context
+            )));
+        }
         T::from_lua(raw, lua).map(Some).map_err(|e| {
             mlua::Error::runtime(format!(
                 "{}: option '{key}' has the wrong type ({type_name}): {}",
@@ -54,12 +61,12 @@ impl Opts {
     }
 
     /// Reads `key`, falling back to `default` when absent.
-    pub fn get_or<T: FromLua>(&mut self, lua: &Lua, key: &'static str, default: T) -> mlua::Result<T> {
+    pub fn get_or<T: FromLua + 'static>(&mut self, lua: &Lua, key: &'static str, default: T) -> mlua::Result<T> {
         Ok(self.get(lua, key)?.unwrap_or(default))
     }
 
     /// Reads a key that must be present.
-    pub fn require<T: FromLua>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<T> {
+    pub fn require<T: FromLua + 'static>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<T> {
         match self.get(lua, key)? {
             Some(v) => Ok(v),
             None => Err(mlua::Error::runtime(format!("{}: option '{key}' is required", self.context))),
@@ -115,7 +122,10 @@ fn short_conversion_error(e: &mlua::Error) -> String {
 /// The known name within edit distance 2 of `name`, if any; ties go to the alphabetically first,
 /// so that the suggestion does not depend on the order the names came in.
 pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
-    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|(d, _)| *d <= 2).min().map(|(_, k)| k)
+    // Two edits for short names, more for long ones (`gradient_checkpoint` for
+    // `gradient_checkpointing`), never so many that unrelated names match.
+    let within = (name.chars().count() / 6).max(2);
+    known.iter().map(|k| (edit_distance(name, k), *k)).filter(|(d, _)| *d <= within).min().map(|(_, k)| k)
 }
 
 /// Levenshtein distance between two short strings.
@@ -150,9 +160,24 @@ mod tests {
     }
 
     #[test]
+    fn a_long_name_cut_short_still_gets_its_suggestion() {
+        assert_eq!(closest("gradient_checkpoint", &["gradient_checkpointing", "seed"]), Some("gradient_checkpointing"));
+        assert_eq!(closest("lr", &["seed", "max_steps"]), None);
+    }
+
+    #[test]
     fn suggestions_break_ties_the_same_way_whatever_the_order() {
         assert_eq!(closest("nn", &["on", "n"]), Some("n"));
         assert_eq!(closest("nn", &["n", "on"]), Some("n"));
+    }
+
+    #[test]
+    fn a_flag_must_be_a_boolean_not_any_truthy_value() {
+        let lua = Lua::new();
+        let t: Table = lua.load("return { shuffle = 'no' }").eval().unwrap();
+        let mut o = Opts::new("lab.train.sft", Value::Table(t)).unwrap();
+        let err = o.get::<bool>(&lua, "shuffle").unwrap_err().to_string();
+        assert!(err.contains("option 'shuffle' must be true or false, got a string"), "{err}");
     }
 
     #[test]

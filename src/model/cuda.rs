@@ -271,12 +271,23 @@ impl candle_core::CustomOp3 for SiluMulBackward {
 }
 
 /// Largest number of query heads per kv head, and head dimension, the decoding kernel takes.
-pub const DECODE_MAX_GROUP: usize = 8;
-pub const DECODE_MAX_HEAD_DIM: usize = 128;
+const DECODE_MAX_GROUP: usize = 8;
+const DECODE_MAX_HEAD_DIM: usize = 128;
+
+/// Whether [`decode_attention`] takes this step: q (B, K, R, E) bf16 on the GPU with R <= 8 query
+/// heads per kv head, E a multiple of 32 up to 128, and a mask of one row per batch row, if any.
+pub fn decode_attention_fits(q: &Tensor, s: usize, mask: Option<&Tensor>) -> bool {
+    let Ok((b, _, r, e)) = q.dims4() else { return false };
+    applies(q)
+        && r <= DECODE_MAX_GROUP
+        && e % 32 == 0
+        && e <= DECODE_MAX_HEAD_DIM
+        && mask.is_none_or(|m| m.elem_count() == b * s)
+}
 
 /// Attention of one new token per row against the KV cache: q (B, K, R, E) bf16, the whole
 /// caches (B, K, C, E) of which the first `s` positions count, `mask` additive f32 (B, s) (any
-/// shape of that many elements) -> (B, K, R, E). Needs R <= 8 and E a multiple of 32 up to 128.
+/// shape of that many elements) -> (B, K, R, E), for shapes [`decode_attention_fits`] accepts.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,

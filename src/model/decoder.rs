@@ -328,8 +328,7 @@ impl Attention {
 }
 
 /// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
-/// tensors, where it applies: one new token per row, at most 8 query heads per kv head, a head
-/// dimension that is a multiple of 32 up to 128, a per-row mask. Otherwise None.
+/// tensors, where it applies (one new token per row, shapes the kernel takes). Otherwise None.
 /// q: (B, K, G, E) -> (B, K, G, E).
 fn gpu_decode_attention(
     q: &Tensor,
@@ -340,14 +339,9 @@ fn gpu_decode_attention(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    {
-        use super::cuda::{applies, decode_attention, DECODE_MAX_GROUP, DECODE_MAX_HEAD_DIM};
-        let (b, _, g, e) = q.dims4()?;
-        let per_row_mask = mask.is_none_or(|m| m.elem_count() == b * s);
-        if let (Some((k_all, v_all)), true) = (whole_cache, applies(q) && t == 1 && per_row_mask) {
-            if g <= DECODE_MAX_GROUP && e % 32 == 0 && e <= DECODE_MAX_HEAD_DIM {
-                return decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
-            }
+    if let (Some((k_all, v_all)), 1) = (whole_cache, t) {
+        if super::cuda::decode_attention_fits(q, s, mask) {
+            return super::cuda::decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
         }
     }
     let _ = (q, t, whole_cache, s, mask, scale);
