@@ -155,6 +155,8 @@ pub fn sample(
 struct Row {
     prompt: usize, // index within the group
     tokens: Vec<u32>,
+    /// Seeds the row's random stream (on the CPU) or keys its noise (on the GPU).
+    key: u64,
     rng: ChaCha8Rng,
     done: Option<FinishReason>,
     text_len_checked: usize,
@@ -186,7 +188,7 @@ fn sample_group(
     let mask = prefill_mask(&pads, l, &device)?;
     let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
     let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
-    let logits = dec.logits(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
+    let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
     stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
     stats.prefill_seconds += t0.elapsed().as_secs_f64();
 
@@ -200,7 +202,7 @@ fn sample_group(
                 ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(j as u64);
-            rows.push(Row { prompt: k, tokens: Vec::new(), rng, done: None, text_len_checked: 0 });
+            rows.push(Row { prompt: k, tokens: Vec::new(), key: seed, rng, done: None, text_len_checked: 0 });
         }
     }
     let expand: Vec<u32> = rows.iter().map(|r| r.prompt as u32).collect();
@@ -209,7 +211,7 @@ fn sample_group(
     // rows still in the batch, as indices into `rows`, in batch order
     let mut live: Vec<usize> = (0..rows.len()).collect();
     let mut row_pads: Vec<usize> = rows.iter().map(|r| pads[r.prompt]).collect();
-    let mut next = choose_tokens(&first_logits, &mut rows, &live, opts)?;
+    let mut next = choose_tokens(&first_logits, &mut rows, &live, 0, opts)?;
     let mut pos = l;
     loop {
         for (slot, &r) in live.iter().enumerate() {
@@ -248,9 +250,9 @@ fn sample_group(
         let ids = Tensor::from_vec(next.clone(), (b, 1), &device)?;
         let mask = decode_mask(&row_pads, pos + 1, &device)?;
         let hidden = dec.forward_hidden(&ids, pos, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
-        let logits = dec.logits(&hidden)?.squeeze(1)?;
+        let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?;
         pos += 1;
-        next = choose_tokens(&logits, &mut rows, &live, opts)?;
+        next = choose_tokens(&logits, &mut rows, &live, (pos - l) as u32, opts)?;
     }
     stats.decode_seconds += t1.elapsed().as_secs_f64();
 
@@ -280,10 +282,18 @@ fn hits_stop_string(model: &Model, row: &mut Row, stop: &[String]) -> anyhow::Re
     Ok(hit)
 }
 
-/// Picks the next token of every live row from its logits (B, V).
-fn choose_tokens(logits: &Tensor, rows: &mut [Row], live: &[usize], opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+/// Picks the next token of every live row from its logits (B, V); `step` counts the tokens
+/// drawn before in this group.
+fn choose_tokens(
+    logits: &Tensor,
+    rows: &mut [Row],
+    live: &[usize],
+    step: u32,
+    opts: &SampleOptions,
+) -> anyhow::Result<Vec<u32>> {
     if !logits.device().is_cpu() && opts.top_k == 0 && opts.top_p >= 1.0 {
-        return choose_on_device(logits, opts);
+        let keys: Vec<i64> = live.iter().map(|&r| rows[r].key as i64).collect();
+        return choose_on_device(logits, &keys, step, opts);
     }
     let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
     // Each row's stream is independent, so rows are sampled in parallel.
@@ -306,10 +316,17 @@ fn choose_tokens(logits: &Tensor, rows: &mut [Row], live: &[usize], opts: &Sampl
 
 /// Sampling on the GPU for the full distribution: greedy is an argmax; at temperature T the
 /// Gumbel-max trick, argmax(logits / T + G) with G = -log(-log(U)), is an exact draw from
-/// softmax(logits / T). Only one id per row crosses to the host. The noise comes from the
-/// device's generator (seeded once per `sample` call), so a GPU completion is reproducible for
-/// the same inputs and batch, but unlike on the CPU it depends on the batch it ran in.
-fn choose_on_device(logits: &Tensor, opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+/// softmax(logits / T). Only one id per row crosses to the host. With CUDA one fused kernel draws
+/// U from a hash of (the row's key, step, token id), so a GPU completion is reproducible and does
+/// not depend on the batch it ran in; elsewhere the noise comes from the device's generator
+/// (seeded once per `sample` call) and does.
+fn choose_on_device(logits: &Tensor, keys: &[i64], step: u32, opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let keys = Tensor::new(keys, logits.device())?;
+        return Ok(crate::model::cuda::gumbel_argmax(logits, &keys, step, opts.temperature)?.to_vec1::<u32>()?);
+    }
+    let _ = (keys, step);
     let logits = logits.to_dtype(DType::F32)?; // (B, V)
     let scores = if opts.temperature == 0.0 {
         logits

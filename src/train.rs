@@ -236,7 +236,8 @@ pub fn train(
     let vars = adapter.vars();
     let mut opt = AdamW::new(vars.clone(), cfg)?;
     let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(cfg.seed));
-    let checkpoint = cfg.gradient_checkpointing.then(GradSink::new);
+    // Adapter gradients computed by hand-written backward rules (see `model::lora`).
+    let sink = GradSink::new();
     let mut order = Order::new(examples.len(), cfg);
     let mut log = Vec::with_capacity(total);
     let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
@@ -251,14 +252,22 @@ pub fn train(
         if n_targets > 0 {
             for batch in &micro {
                 let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
-                let loss = batch_loss(decoder, adapter, &rows, n_targets, &dropout_rng, checkpoint.as_ref())?;
+                let loss = batch_loss(
+                    decoder,
+                    adapter,
+                    &rows,
+                    n_targets,
+                    &dropout_rng,
+                    Some(&sink),
+                    cfg.gradient_checkpointing,
+                )?;
                 loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 if !loss.track_op() {
                     continue; // a micro-batch without trained tokens adds no gradient
                 }
                 let store = loss.backward()?;
                 for (acc, var) in grads.iter_mut().zip(&vars) {
-                    let from_sink = checkpoint.as_ref().and_then(|sink| sink.take(var));
+                    let from_sink = sink.take(var);
                     for g in store.get(var.as_tensor()).cloned().into_iter().chain(from_sink) {
                         *acc = Some(match acc.take() {
                             Some(a) => (a + g)?,
@@ -332,15 +341,19 @@ impl Order {
 /// Logits held at once by the loss: 2^27 f32 values (512 MiB), 880 rows of Qwen2.5's vocabulary.
 const LOGITS_PER_CHUNK: usize = 1 << 27;
 
-/// Sum of the cross-entropy of a micro-batch's target tokens, divided by `denominator`. Under
-/// gradient checkpointing the adapter's gradients of the backward pass land in `checkpoint`.
+/// Sum of the cross-entropy of a micro-batch's target tokens, divided by `denominator`.
+///
+/// With a `sink`, the adapter's projections run as single ops with hand-written backward rules
+/// that put the adapter's gradients there (and so does gradient checkpointing, which needs it);
+/// without one, the loss's backward pass gives every gradient.
 pub fn batch_loss(
     decoder: &Decoder,
     adapter: &Adapter,
     rows: &[&Example],
     denominator: usize,
     dropout_rng: &RefCell<ChaCha8Rng>,
-    checkpoint: Option<&Arc<GradSink>>,
+    sink: Option<&Arc<GradSink>>,
+    gradient_checkpointing: bool,
 ) -> anyhow::Result<Tensor> {
     let device = &decoder.device;
     let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
@@ -365,9 +378,13 @@ pub fn batch_loss(
     let ids = Tensor::from_vec(ids, (b, t), device)?;
     let mask = crate::model::decoder::causal_mask(t, device)?;
     let pass = Pass::train(adapter, Some(dropout_rng));
-    let pass = match checkpoint {
-        Some(sink) => pass.checkpointed(sink),
-        None => pass,
+    let pass = match sink {
+        Some(sink) if gradient_checkpointing => pass.checkpointed(sink),
+        Some(sink) => pass.with_sink(sink),
+        None => {
+            anyhow::ensure!(!gradient_checkpointing, "gradient checkpointing needs a gradient sink");
+            pass
+        }
     };
     let hidden = decoder.forward_hidden(&ids, 0, Some(&mask), None, pass)?;
     // Logits only where a target is predicted: (B*T, D) -> (N, D) -> (N, V)

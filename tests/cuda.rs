@@ -118,10 +118,27 @@ fn fused_silu_mul_matches_the_plain_one_with_its_gradients() -> Result<()> {
 }
 
 #[test]
+fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
+    let (xg, xc) = pair(&[4, 7, 896], 30)?;
+    let (wg, wc) = pair(&[896], 31)?;
+    let (gg, gc) = pair(&[4, 7, 896], 32)?;
+    let run = |x: &Tensor, w: &Tensor, g: &Tensor| -> Result<Tensor> {
+        let x = Var::from_tensor(x)?;
+        let y = ops::rms_norm(x.as_tensor(), w, 1e-6)?;
+        let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        Ok(grads.get(x.as_tensor()).unwrap().clone())
+    };
+    let d = rel_diff(&run(&xg, &wg, &gg)?, &run(&xc, &wc, &gc)?);
+    assert!(d < 2e-2, "dx: relative difference {d}");
+    Ok(())
+}
+
+#[test]
 fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
-    // B 3, K 2, 7 query heads per kv head, E 128; a cache of capacity 40 holding 33 positions.
-    for &(r, e) in &[(7, 128), (3, 64)] {
-        let (b, k, c, s) = (3, 2, 40, 33);
+    // B 3, K 2; (query heads per kv head R, head dimension E, cache capacity C, positions used S):
+    // keys in one tile, several tiles with a partial last one, and one query head per kv head.
+    for &(r, e, c, s) in &[(7, 128, 40, 33), (3, 64, 40, 33), (7, 128, 300, 290), (1, 32, 100, 77)] {
+        let (b, k) = (3, 2);
         let (qg, qc) = pair(&[b, k, r, e], 10)?;
         let (kg, kc) = pair(&[b, k, c, e], 11)?;
         let (vg, vc) = pair(&[b, k, c, e], 12)?;
@@ -137,4 +154,54 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
     }
     Ok(())
+}
+
+/// Draws one token per row of `logits` (rows, V) on the GPU, row i keyed by keys[i].
+fn draw(logits: &[Vec<f32>], keys: &[i64], step: u32, temperature: f64) -> Vec<u32> {
+    let v = logits[0].len();
+    let flat: Vec<f32> = logits.concat();
+    let x = Tensor::from_vec(flat, (logits.len(), v), &gpu()).unwrap().to_dtype(DType::BF16).unwrap();
+    let keys = Tensor::new(keys, &gpu()).unwrap();
+    loralab::model::cuda::gumbel_argmax(&x, &keys, step, temperature).unwrap().to_vec1::<u32>().unwrap()
+}
+
+#[test]
+fn gumbel_sampling_on_the_gpu_follows_the_softmax() {
+    // logits ln(1), ln(2), ln(7) (probabilities 0.1, 0.2, 0.7) spread over a vocabulary of 1000
+    // whose other tokens are never drawn; 20,000 rows with distinct keys, and one key over steps.
+    let mut row = vec![-1e4f32; 1000];
+    row[3] = 0.0;
+    row[500] = 2f32.ln();
+    row[999] = 7f32.ln();
+    let n = 20_000;
+    let logits = vec![row.clone(); n];
+    let keys: Vec<i64> = (0..n as i64).map(|i| i * 7919 + 13).collect();
+    let by_row = draw(&logits, &keys, 0, 1.0);
+    let by_step: Vec<u32> = (0..2000).map(|step| draw(&logits[..1], &keys[..1], step, 1.0)[0]).collect();
+    for (tokens, count) in [(by_row, n), (by_step, 2000)] {
+        for (id, p) in [(3u32, 0.1), (500, 0.2), (999, 0.7)] {
+            let f = tokens.iter().filter(|&&t| t == id).count() as f64 / count as f64;
+            // 5 standard errors of a binomial proportion
+            assert!((f - p).abs() < 5.0 * (p * (1.0 - p) / count as f64).sqrt(), "token {id}: {f} vs {p}");
+        }
+        assert!(tokens.iter().all(|t| [3, 500, 999].contains(t)));
+    }
+}
+
+#[test]
+fn a_row_draws_the_same_token_on_the_gpu_whatever_its_batch() {
+    let (_, x) = pair(&[64, 5000], 21).unwrap();
+    let logits: Vec<Vec<f32>> = x.to_vec2().unwrap();
+    let keys: Vec<i64> = (0..64).map(|i| 1_000_003 * i).collect();
+    let batch = draw(&logits, &keys, 7, 0.8);
+    for i in [0, 17, 63] {
+        assert_eq!(draw(&logits[i..i + 1], &keys[i..i + 1], 7, 0.8)[0], batch[i], "row {i}");
+    }
+    assert_ne!(draw(&logits, &keys, 8, 0.8), batch, "another step draws other tokens");
+    // Temperature 0 is the argmax.
+    let greedy = draw(&logits, &keys, 0, 0.0);
+    for (row, &t) in logits.iter().zip(&greedy) {
+        let best = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(row[t as usize], best);
+    }
 }

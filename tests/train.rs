@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use loralab::adapter::{Adapter, LoraConfig, Target};
 use loralab::data::Example;
+use loralab::model::checkpoint::GradSink;
 use loralab::model::{load::read_decoder, Decoder, LoadOptions};
 use loralab::train::{self, Schedule, TrainConfig};
 use rand::SeedableRng;
@@ -149,6 +150,48 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
 }
 
 #[test]
+fn hand_written_lora_backward_gives_the_gradients_of_autograd() {
+    // f64: the projections are not packed for the CPU, so the adapter's ops of `model::lora` run.
+    let dec = tiny(DType::F64);
+    let adapter = Adapter::new(&dec, all_targets(4, 0.1), 5).unwrap();
+    for p in adapter.pairs.values() {
+        p.b.set(&(Tensor::ones(p.b.shape(), DType::F32, &Device::Cpu).unwrap() * 0.1).unwrap()).unwrap();
+    }
+    let rows = fixture_rows();
+    let refs: Vec<&Example> = rows.iter().take(2).collect();
+    // Each way starts from the same dropout stream, so draws the same masks.
+    let grads = |sink: Option<&std::sync::Arc<GradSink>>, checkpointing: bool| {
+        let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(9));
+        let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng, sink, checkpointing).unwrap();
+        let store = loss.backward().unwrap();
+        let mut out = Vec::new();
+        for (key, p) in &adapter.pairs {
+            for v in [&p.a, &p.b] {
+                let (graph, sunk) = (store.get(v.as_tensor()).cloned(), sink.and_then(|s| s.take(v)));
+                // With a sink, the rules of `model::lora` give every adapter gradient.
+                assert_eq!(graph.is_none(), sink.is_some(), "{key:?}");
+                out.push((*key, graph.or(sunk).unwrap_or_else(|| panic!("{key:?}: no gradient"))));
+            }
+        }
+        (loss.to_scalar::<f64>().unwrap(), out)
+    };
+    let (loss, reference) = grads(None, false);
+    for checkpointing in [false, true] {
+        let sink = GradSink::new();
+        let (l, ours) = grads(Some(&sink), checkpointing);
+        assert!((l - loss).abs() < 1e-12, "loss {l} vs {loss}");
+        for ((key, g), (_, r)) in ours.iter().zip(&reference) {
+            let d = max_abs_diff(g, r);
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(
+                d <= 1e-5 * scale.max(1e-3),
+                "{key:?} (checkpointing {checkpointing}): differs by {d}, scale {scale}"
+            );
+        }
+    }
+}
+
+#[test]
 fn every_trainable_variable_receives_a_gradient() {
     let dec = tiny(DType::F32);
     let cfg = all_targets(4, 0.0);
@@ -160,7 +203,7 @@ fn every_trainable_variable_receives_a_gradient() {
     let rows = fixture_rows();
     let refs: Vec<&Example> = rows.iter().take(2).collect();
     let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
-    let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng, None).unwrap();
+    let loss = train::batch_loss(&dec, &adapter, &refs, 10, &rng, None, false).unwrap();
     let grads = loss.backward().unwrap();
     for ((layer, target), p) in &adapter.pairs {
         for (name, v) in [("A", &p.a), ("B", &p.b)] {
@@ -199,7 +242,7 @@ fn lora_gradients_match_finite_differences() {
     let rows = fixture_rows();
     let refs: Vec<&Example> = rows.iter().take(2).collect();
     let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(0));
-    let loss = |ad: &Adapter| train::batch_loss(&dec, ad, &refs, 10, &rng, None).unwrap();
+    let loss = |ad: &Adapter| train::batch_loss(&dec, ad, &refs, 10, &rng, None, false).unwrap();
     let grads = loss(&a64).backward().unwrap();
     let h = 1e-6;
     for p in a64.pairs.values() {

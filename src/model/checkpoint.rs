@@ -32,7 +32,7 @@ impl GradSink {
         Arc::new(GradSink::default())
     }
 
-    fn add(&self, id: TensorId, grad: Tensor) -> Result<()> {
+    pub(crate) fn add(&self, id: TensorId, grad: Tensor) -> Result<()> {
         let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
         let sum = match map.remove(&id) {
             Some(g) => (g + grad)?,
@@ -63,7 +63,7 @@ pub(crate) fn layer(
     let adapter =
         pass.adapter.ok_or_else(|| candle_core::Error::Msg("gradient checkpointing needs an adapter".into()))?;
     let rng_before = pass.dropout_rng.map(|r| r.borrow().clone());
-    let first = Pass { checkpoint: None, constant_adapter: true, ..pass };
+    let first = Pass { checkpoint: false, constant_adapter: true, ..pass };
     let y = layer.forward(&x.detach(), rope, pos, mask, None, first, index)?;
     // The first layer's input (the embedding) is not tracked: a variable makes the backward
     // pass reach the rule all the same.
@@ -101,7 +101,7 @@ impl Backward for Recompute {
     fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let input = Var::from_tensor(&x.detach())?;
         let rng = self.rng.clone().map(RefCell::new);
-        let pass = Pass::train(&self.adapter, rng.as_ref());
+        let pass = Pass::train(&self.adapter, rng.as_ref()).with_sink(&self.sink);
         let y =
             self.layer.forward(input.as_tensor(), &self.rope, self.pos, self.mask.as_ref(), None, pass, self.index)?;
         // d(sum(y * g))/dy = g: the backward pass of this run carries exactly `grad`.

@@ -195,6 +195,58 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
     }
 }
 
+/// RMSNorm's input gradient for bf16 x and g (rows, D) and weight (D).
+pub fn rms_norm_backward(x: &Tensor, g: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &weight.contiguous()?, &RmsNormBackward { eps: eps as f32 })
+}
+
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let d = *xl.dims().last().unwrap_or(&1);
+        let rows = xl.shape().elem_count() / d;
+        if gl.shape() != xl.shape() || wl.shape().elem_count() != d {
+            candle_core::bail!(
+                "rms-norm-backward: shapes {:?}, {:?}, {:?} do not agree",
+                xl.shape(),
+                gl.shape(),
+                wl.shape()
+            );
+        }
+        let (xv, gv, wv) = (view::<bf16>(x, xl, "x")?, view::<bf16>(g, gl, "grad")?, view::<bf16>(w, wl, "weight")?);
+        let out = unsafe { dev.alloc::<bf16>(rows * d)? };
+        let d32 = d as i32;
+        launch!(dev, "rms_norm_backward_bf16", launch_rows(rows), &xv, &gv, &wv, &out, &d32, &self.eps);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
 /// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
@@ -337,7 +389,15 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let dev = q.device().clone();
         let (b, heads, r, e) = ql.shape().dims4()?;
         let c = kl.shape().dims4()?.2;
-        if r > DECODE_MAX_GROUP || e % 32 != 0 || e > DECODE_MAX_HEAD_DIM || self.s > c || kl.shape() != vl.shape() {
+        // The kernel reads keys with 16-byte loads.
+        let aligned = kl.start_offset() % 8 == 0;
+        if r > DECODE_MAX_GROUP
+            || e % 32 != 0
+            || e > DECODE_MAX_HEAD_DIM
+            || self.s > c
+            || kl.shape() != vl.shape()
+            || !aligned
+        {
             candle_core::bail!(
                 "decode-attention: unsupported shapes q {:?}, cache {:?}, s {}",
                 ql.shape(),
@@ -348,7 +408,9 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let (qv, kv, vv) = (view::<bf16>(q, ql, "q")?, view::<bf16>(k, kl, "keys")?, view::<bf16>(v, vl, "values")?);
         let out = unsafe { dev.alloc::<bf16>(b * heads * r * e)? };
         let (h32, r32, c32, s32, e32) = (heads as i32, r as i32, c as i32, self.s as i32, e as i32);
-        let cfg = LaunchConfig { grid_dim: ((b * heads) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // One thread per element of the head dimension.
+        let cfg =
+            LaunchConfig { grid_dim: ((b * heads) as u32, 1, 1), block_dim: (e as u32, 1, 1), shared_mem_bytes: 0 };
         match &self.mask {
             Some(mask) => {
                 if mask.elem_count() != b * self.s {
@@ -401,6 +463,52 @@ impl candle_core::CustomOp3 for DecodeAttention {
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
+    }
+}
+
+/// One token id per row of `logits` (rows, V), bf16 or f32: the Gumbel-max draw
+/// argmax(logits / T + G) from softmax(logits / T), or the argmax at T = 0. `keys` (rows) i64 holds
+/// each row's random key; the noise is a hash of (key, step, token id), so a row draws the same
+/// token whatever else is in its batch. Returns (rows) u32.
+pub fn gumbel_argmax(logits: &Tensor, keys: &Tensor, step: u32, temperature: f64) -> Result<Tensor> {
+    let inv_t = if temperature == 0.0 { 0.0 } else { (1.0 / temperature) as f32 };
+    logits.contiguous()?.apply_op2_no_bwd(&keys.contiguous()?, &GumbelArgmax { step, inv_t })
+}
+
+struct GumbelArgmax {
+    step: u32,
+    inv_t: f32,
+}
+
+impl candle_core::CustomOp2 for GumbelArgmax {
+    fn name(&self) -> &'static str {
+        "gumbel-argmax"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, k: &CudaStorage, kl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (rows, v) = xl.shape().dims2()?;
+        if kl.shape().elem_count() != rows || k.dtype() != DType::I64 {
+            candle_core::bail!("gumbel-argmax: want one i64 key per row of {:?}, got {:?}", xl.shape(), kl.shape());
+        }
+        let keys = view::<i64>(k, kl, "keys")?;
+        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let v32 = v as i32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        match x.dtype() {
+            DType::BF16 => {
+                let xv = view::<bf16>(x, xl, "logits")?;
+                launch!(dev, "gumbel_argmax_bf16", cfg, &xv, &keys, &self.step, &self.inv_t, &out, &v32);
+            }
+            DType::F32 => {
+                let xv = view::<f32>(x, xl, "logits")?;
+                launch!(dev, "gumbel_argmax_f32", cfg, &xv, &keys, &self.step, &self.inv_t, &out, &v32);
+            }
+            other => candle_core::bail!("gumbel-argmax: logits of {other:?} (want bf16 or f32)"),
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
     }
 }
 

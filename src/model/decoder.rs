@@ -43,25 +43,40 @@ pub struct Pass<'a> {
     pub adapter: Option<&'a Adapter>,
     /// Random stream for LoRA dropout; dropout is applied only when training and set.
     pub dropout_rng: Option<&'a RefCell<ChaCha8Rng>>,
+    /// Where backward rules that compute the adapter's gradients themselves put them (the
+    /// projections of [`super::lora`], checkpointed layers); without it, candle's graph gets them.
+    pub sink: Option<&'a Arc<GradSink>>,
     /// Gradient checkpointing: each layer keeps only its input for the backward pass and is run
-    /// again there; the adapter gradients of that second run are collected in this sink.
-    pub checkpoint: Option<&'a Arc<GradSink>>,
+    /// again there (needs `sink`).
+    pub checkpoint: bool,
     /// The adapter's weights enter as constants (the first run of a checkpointed layer).
     pub constant_adapter: bool,
 }
 
 impl<'a> Pass<'a> {
     pub fn infer(adapter: Option<&'a Adapter>) -> Self {
-        Pass { train: false, adapter, dropout_rng: None, checkpoint: None, constant_adapter: false }
+        Pass { train: false, adapter, dropout_rng: None, sink: None, checkpoint: false, constant_adapter: false }
     }
 
     pub fn train(adapter: &'a Adapter, dropout_rng: Option<&'a RefCell<ChaCha8Rng>>) -> Self {
-        Pass { train: true, adapter: Some(adapter), dropout_rng, checkpoint: None, constant_adapter: false }
+        Pass {
+            train: true,
+            adapter: Some(adapter),
+            dropout_rng,
+            sink: None,
+            checkpoint: false,
+            constant_adapter: false,
+        }
+    }
+
+    /// The same pass with the adapter's gradients collected in `sink`.
+    pub fn with_sink(self, sink: &'a Arc<GradSink>) -> Self {
+        Pass { sink: Some(sink), ..self }
     }
 
     /// The same training pass with gradient checkpointing into `sink`.
     pub fn checkpointed(self, sink: &'a Arc<GradSink>) -> Self {
-        Pass { checkpoint: Some(sink), ..self }
+        Pass { sink: Some(sink), checkpoint: true, ..self }
     }
 }
 
@@ -97,6 +112,9 @@ fn packed_for_cpu(weights: &[&Tensor]) -> Result<Option<Arc<PackedMatrix>>> {
 impl Linear {
     /// x: (B, T, in) -> (B, T, out), with the adapter's delta for (layer, target) if any.
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Tensor> {
+        if let Some(y) = self.lora_op(x, pass, layer, target)? {
+            return Ok(y);
+        }
         let (b, t, d_in) = x.dims3()?;
         let x2 = x.reshape((b * t, d_in))?;
         let mut y = match &self.packed {
@@ -111,6 +129,19 @@ impl Linear {
             y = (y + delta)?;
         }
         y.reshape((b, t, ()))
+    }
+
+    /// The projection and its adapter term as one op with a hand-written backward rule
+    /// ([`super::lora`]), where the pass trains an adapter with a pair for (layer, target), has a
+    /// sink for its gradients, and the weight is not packed for the CPU. x (B, T, in) -> (B, T, out).
+    fn lora_op(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Option<Tensor>> {
+        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
+        let Some(pair) = adapter.pair(layer, target) else { return Ok(None) };
+        if !pass.train || pass.constant_adapter || self.packed.is_some() {
+            return Ok(None);
+        }
+        let mask = dropout_mask(x, pass, adapter)?;
+        super::lora::linear(x, &self.weight, self.bias.as_ref(), pair, adapter.scale(), mask, sink).map(Some)
     }
 }
 
@@ -129,12 +160,10 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
     let Some(adapter) = pass.adapter else { return Ok(None) };
     let Some(pair) = adapter.pair(layer, target) else { return Ok(None) };
     let dtype = x2.dtype();
-    let mut xin = x2.clone();
-    if pass.train && adapter.config.lora_dropout > 0.0 {
-        if let Some(rng) = pass.dropout_rng {
-            xin = dropout(&xin, adapter.config.lora_dropout, &mut rng.borrow_mut())?;
-        }
-    }
+    let xin = match dropout_mask(x2, pass, adapter)? {
+        Some(mask) => x2.mul(&mask)?,
+        None => x2.clone(),
+    };
     // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
     let (mut a, mut bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
     if pass.constant_adapter {
@@ -144,13 +173,16 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
     Ok(Some((delta * adapter.scale())?))
 }
 
-/// Inverted dropout with a mask drawn from a seeded stream (candle's own uses an unseeded one).
-fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+/// The inverted-dropout mask of LoRA's input, when training with dropout: 0 or 1 / (1 - p) per
+/// element of x, drawn from the pass's seeded stream (candle's own dropout uses an unseeded one).
+fn dropout_mask(x: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
+    let p = adapter.config.lora_dropout;
+    let (true, true, Some(rng)) = (pass.train, p > 0.0, pass.dropout_rng) else { return Ok(None) };
     let keep = 1.0 - p;
-    let n = x.elem_count();
-    let mask: Vec<f32> = (0..n).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    let mut rng = rng.borrow_mut();
+    let mask: Vec<f32> =
+        (0..x.elem_count()).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype()).map(Some)
 }
 
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
@@ -604,8 +636,10 @@ impl Decoder {
         let t = ids.dim(1)?;
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = match pass.checkpoint {
-                Some(sink) if pass.train => super::checkpoint::layer(layer, &x, &self.rope, pos, mask, pass, i, sink)?,
+            x = match pass.sink {
+                Some(sink) if pass.train && pass.checkpoint => {
+                    super::checkpoint::layer(layer, &x, &self.rope, pos, mask, pass, i, sink)?
+                }
                 _ => layer.forward(&x, &self.rope, pos, mask, cache.as_deref_mut().map(|c| (c, i)), pass, i)?,
             };
         }
@@ -622,13 +656,19 @@ impl Decoder {
 
     /// hidden: (B, T, D) -> logits (B, T, V) in f32.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_as_computed(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// hidden: (B, T, D) -> logits (B, T, V) in the model's dtype (the product's f32 sums rounded
+    /// once, as every bf16 stack samples from), for consumers that read them once.
+    pub fn logits_as_computed(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let h = hidden.reshape((b * t, d))?;
         let logits = match &self.lm_head_packed {
             Some(packed) => super::cpu::linear_packed(&h, packed)?,
             None => h.matmul(&self.lm_head.t()?)?,
         };
-        logits.to_dtype(DType::F32)?.reshape((b, t, ()))
+        logits.reshape((b, t, ()))
     }
 
     /// Logits of every position for unpadded rows: ids (B, T) -> (B, T, V).

@@ -95,6 +95,28 @@ extern "C" __global__ void cross_entropy_backward_bf16(const __nv_bfloat16* logi
     }
 }
 
+// RMSNorm's input gradient, one row of D per block: with r = 1 / sqrt(mean(x^2) + eps) and
+// gw = g * w, dx = r * gw - x * r^3 * mean(gw * x).
+extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g,
+                                                  const __nv_bfloat16* w, __nv_bfloat16* dx, int d, float eps) {
+    __shared__ float shared[32];
+    const long base = (long)blockIdx.x * d;
+    float squares = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float xv = __bfloat162float(x[base + i]);
+        squares += xv * xv;
+        dot += __bfloat162float(g[base + i]) * __bfloat162float(w[i]) * xv;
+    }
+    squares = block_reduce(squares, false, shared);
+    dot = block_reduce(dot, false, shared);
+    const float r = rsqrtf(squares / d + eps);
+    const float c = r * r * r * dot / d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float gw = __bfloat162float(g[base + i]) * __bfloat162float(w[i]);
+        dx[base + i] = __float2bfloat16(r * gw - __bfloat162float(x[base + i]) * c);
+    }
+}
+
 // SwiGLU's product h = silu(gate) * up, elementwise.
 extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
                                          __nv_bfloat16* h, long n) {
@@ -117,82 +139,184 @@ extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, con
     }
 }
 
-// Attention of one new token per row against the KV cache (decoding), bf16. One block of
-// DECODE_WARPS warps per (batch row, kv head); the R <= MAX_R query heads that share the kv head
-// are handled together, so each key and value is read once. Each warp walks its share of the
-// keys with an online softmax (running max, sum and weighted values per query head); the warps'
-// partial results are merged at the end. Lane l holds elements [l * epl, (l + 1) * epl) of the
-// head dimension e = 32 * epl (epl <= 4).
-//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used;
-//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E).
-#define DECODE_WARPS 4
+// Attention of one new token per row against the KV cache (decoding), bf16. One block of E
+// threads per (batch row, kv head); the R <= MAX_R query heads that share the kv head are handled
+// together, so each key and value is read once. Keys go in tiles of E: thread t scores key t of
+// the tile against every query head (reading its key row with 16-byte loads), the tile's scores
+// update each head's running max and sum (online softmax, one warp per head), and then thread t
+// accumulates element t of every head's output over the tile's values.
+//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used, 16-byte aligned;
+//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E); E = 32 * w <= 128.
 #define MAX_R 8
-#define MAX_EPL 4
+#define MAX_E 128
 extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                  const __nv_bfloat16* v, const float* mask,
                                                  __nv_bfloat16* out, int heads, int r, int c, int s,
                                                  int e, float scale) {
-    __shared__ float part_m[DECODE_WARPS][MAX_R];
-    __shared__ float part_l[DECODE_WARPS][MAX_R];
-    __shared__ float part_acc[DECODE_WARPS][MAX_R][32 * MAX_EPL];
-    const int bk = blockIdx.x, b = bk / heads;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int epl = e / 32;
+    __shared__ float q_s[MAX_R][MAX_E];
+    __shared__ float p_s[MAX_R][MAX_E];
+    __shared__ float m_s[MAX_R], l_s[MAX_R], corr_s[MAX_R];
+    const int bk = blockIdx.x, b = bk / heads, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32, warps = e / 32;
     const __nv_bfloat16* qb = q + (long)bk * r * e;
     const __nv_bfloat16* kb = k + (long)bk * c * e;
     const __nv_bfloat16* vb = v + (long)bk * c * e;
+    for (int i = 0; i < r; i++) q_s[i][t] = __bfloat162float(qb[i * e + t]) * scale;
+    if (t < MAX_R) {
+        m_s[t] = -INFINITY;
+        l_s[t] = 0.0f;
+    }
+    float acc[MAX_R];
+#pragma unroll
+    for (int i = 0; i < MAX_R; i++) acc[i] = 0.0f;
+    __syncthreads();
+    for (int j0 = 0; j0 < s; j0 += e) {
+        // Scores of key j0 + t, for every query head.
+        const int j = j0 + t;
+        float sc[MAX_R];
+#pragma unroll
+        for (int i = 0; i < MAX_R; i++) sc[i] = 0.0f;
+        const float bias = j < s ? (mask ? mask[(long)b * s + j] : 0.0f) : -INFINITY;
+        if (bias != -INFINITY) {
+            // Four 16-byte loads in flight at a time (E is a multiple of 32).
+            const uint4* row = reinterpret_cast<const uint4*>(kb + (long)j * e);
+            for (int x0 = 0; x0 < e / 8; x0 += 4) {
+                uint4 raw[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++) raw[u] = row[x0 + u];
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+#pragma unroll
+                    for (int y = 0; y < 4; y++) {
+                        const float2 f = __bfloat1622float2(pair[y]);
+                        const int d = (x0 + u) * 8 + y * 2;
+#pragma unroll
+                        for (int i = 0; i < MAX_R; i++)
+                            if (i < r) sc[i] += q_s[i][d] * f.x + q_s[i][d + 1] * f.y;
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < r; i++) p_s[i][t] = bias == -INFINITY ? -INFINITY : sc[i] + bias;
+        __syncthreads();
+        // Online softmax, one warp per query head: the tile's weights replace its scores.
+        for (int i = warp; i < r; i += warps) {
+            float big = -INFINITY;
+            for (int x = lane; x < e; x += 32) big = fmaxf(big, p_s[i][x]);
+            for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffff, big, o));
+            const float m_old = m_s[i], m_new = fmaxf(m_old, big);
+            float sum = 0.0f;
+            for (int x = lane; x < e; x += 32) {
+                const float p = m_new == -INFINITY ? 0.0f : __expf(p_s[i][x] - m_new);
+                p_s[i][x] = p;
+                sum += p;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+            if (lane == 0) {
+                const float corr = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
+                l_s[i] = l_s[i] * corr + sum;
+                m_s[i] = m_new;
+                corr_s[i] = corr;
+            }
+        }
+        __syncthreads();
+        // Element t of each head's output, over the tile's values.
+        const int n = min(e, s - j0);
+#pragma unroll
+        for (int i = 0; i < MAX_R; i++)
+            if (i < r) acc[i] *= corr_s[i];
+        // Eight values in flight at a time: one load per key would leave the loop waiting on
+        // memory latency.
+        for (int x0 = 0; x0 < n; x0 += 8) {
+            float val[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) val[u] = x0 + u < n ? __bfloat162float(vb[(long)(j0 + x0 + u) * e + t]) : 0.0f;
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                if (x0 + u >= n) break;
+#pragma unroll
+                for (int i = 0; i < MAX_R; i++)
+                    if (i < r) acc[i] += p_s[i][x0 + u] * val[u];
+            }
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < r; i++) out[((long)bk * r + i) * e + t] = __float2bfloat16(acc[i] / l_s[i]);
+}
 
-    float qr[MAX_R][MAX_EPL], acc[MAX_R][MAX_EPL], m[MAX_R], l[MAX_R];
-    for (int i = 0; i < MAX_R; i++) {
-        m[i] = -INFINITY;
-        l[i] = 0.0f;
-        for (int x = 0; x < MAX_EPL; x++) {
-            qr[i][x] = (i < r && x < epl) ? __bfloat162float(qb[i * e + lane * epl + x]) * scale : 0.0f;
-            acc[i][x] = 0.0f;
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(float x) { return x; }
+
+// A 32-bit integer hash with good avalanche (the "lowbias32" constants).
+__device__ __forceinline__ unsigned int mix32(unsigned int x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+// One token per row of logits (rows, V): argmax(logits * inv_t + G) with Gumbel noise
+// G = -log(-log(U)), an exact draw from softmax(logits * inv_t); inv_t = 0 means greedy. U is a
+// hash of (the row's key, step, token id), so a row's draw depends on nothing else in the batch.
+// One block per row; ties go to the lowest id.
+template <typename T>
+__device__ void gumbel_argmax(const T* logits, const unsigned long long* keys, unsigned int step, float inv_t,
+                              unsigned int* out, int v) {
+    __shared__ float best_s[32];
+    __shared__ int best_i_s[32];
+    const int row = blockIdx.x, t = threadIdx.x;
+    const T* x = logits + (long)row * v;
+    const unsigned long long key = keys[row];
+    const unsigned int stream = mix32((unsigned int)key ^ mix32((unsigned int)(key >> 32) ^ mix32(step)));
+    float best = -INFINITY;
+    int best_i = v;
+    for (int i = t; i < v; i += blockDim.x) {
+        float score = to_f32(x[i]);
+        if (inv_t > 0.0f) {
+            const unsigned int h = mix32(stream + mix32((unsigned int)i));
+            // 23 bits: the largest value, 1 - 2^-24, still rounds below 1 (24 bits would give 1.0
+            // and an infinite score).
+            const float u = ((float)(h >> 9) + 0.5f) * (1.0f / 8388608.0f);
+            score = score * inv_t - logf(-logf(u));
+        }
+        if (score > best || (score == best && i < best_i)) {
+            best = score;
+            best_i = i;
         }
     }
-    for (int j = warp; j < s; j += DECODE_WARPS) {
-        const float bias = mask ? mask[(long)b * s + j] : 0.0f;
-        if (bias == -INFINITY) continue;  // the same for the whole warp
-        float kv[MAX_EPL], vv[MAX_EPL];
-        for (int x = 0; x < MAX_EPL; x++) {
-            kv[x] = x < epl ? __bfloat162float(kb[(long)j * e + lane * epl + x]) : 0.0f;
-            vv[x] = x < epl ? __bfloat162float(vb[(long)j * e + lane * epl + x]) : 0.0f;
-        }
-        for (int i = 0; i < MAX_R; i++) {
-            if (i >= r) break;
-            float dot = 0.0f;
-            for (int x = 0; x < MAX_EPL; x++) dot += qr[i][x] * kv[x];
-            for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-            const float score = dot + bias;
-            const float m_new = fmaxf(m[i], score);
-            const float corr = __expf(m[i] - m_new), p = __expf(score - m_new);
-            l[i] = l[i] * corr + p;
-            for (int x = 0; x < MAX_EPL; x++) acc[i][x] = acc[i][x] * corr + p * vv[x];
-            m[i] = m_new;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffff, best, o);
+        const int oi = __shfl_xor_sync(0xffffffff, best_i, o);
+        if (ob > best || (ob == best && oi < best_i)) {
+            best = ob;
+            best_i = oi;
         }
     }
-    for (int i = 0; i < r && i < MAX_R; i++) {
-        if (lane == 0) {
-            part_m[warp][i] = m[i];
-            part_l[warp][i] = l[i];
-        }
-        for (int x = 0; x < epl; x++) part_acc[warp][i][lane * epl + x] = acc[i][x];
+    if (t % 32 == 0) {
+        best_s[t / 32] = best;
+        best_i_s[t / 32] = best_i;
     }
     __syncthreads();
-    // Merge: thread t owns element t of the head dimension, for every query head.
-    for (int d = threadIdx.x; d < e; d += blockDim.x) {
-        for (int i = 0; i < r && i < MAX_R; i++) {
-            float big = -INFINITY;
-            for (int w = 0; w < DECODE_WARPS; w++) big = fmaxf(big, part_m[w][i]);
-            float total = 0.0f, value = 0.0f;
-            for (int w = 0; w < DECODE_WARPS; w++) {
-                if (part_m[w][i] == -INFINITY) continue;  // a warp that saw no visible key
-                const float f = __expf(part_m[w][i] - big);
-                total += part_l[w][i] * f;
-                value += part_acc[w][i][d] * f;
+    if (t == 0) {
+        for (int w = 1; w < (int)blockDim.x / 32; w++) {
+            if (best_s[w] > best || (best_s[w] == best && best_i_s[w] < best_i)) {
+                best = best_s[w];
+                best_i = best_i_s[w];
             }
-            out[(long)bk * r * e + i * e + d] = __float2bfloat16(value / total);
         }
+        out[row] = best_i < v ? best_i : 0;  // a row of NaNs picks token 0
     }
+}
+
+extern "C" __global__ void gumbel_argmax_bf16(const __nv_bfloat16* logits, const unsigned long long* keys,
+                                              unsigned int step, float inv_t, unsigned int* out, int v) {
+    gumbel_argmax(logits, keys, step, inv_t, out, v);
+}
+
+extern "C" __global__ void gumbel_argmax_f32(const float* logits, const unsigned long long* keys, unsigned int step,
+                                             float inv_t, unsigned int* out, int v) {
+    gumbel_argmax(logits, keys, step, inv_t, out, v);
 }

@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod decoder;
 pub mod gguf;
 pub mod load;
+mod lora;
 pub mod ops;
 pub mod packed;
 pub mod tokenizer;

@@ -184,6 +184,10 @@ impl Backward for RmsNormGrad {
     }
     fn grad(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         use candle_core::{DType, D};
+        #[cfg(feature = "cuda")]
+        if fused(x) && self.weight.dtype() == DType::BF16 {
+            return super::cuda::rms_norm_backward(x, g, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let up = |t: &Tensor| if dtype == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };
         let (xf, gf) = (up(x)?, up(g)?);
