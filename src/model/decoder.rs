@@ -296,6 +296,19 @@ impl Attention {
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
             ),
         };
+        if pass.train && pass.sink.is_some() && cache.is_none() {
+            // One op from the projections to the merged heads (see `ops::self_attention`).
+            let (cos, sin) = rope.tables(pos, t, x.dtype())?;
+            let causal = mask.is_some_and(|m| m.rank() == 2);
+            let mask = match mask {
+                Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, t))?),
+                Some(m) => Some(m.reshape((b, 1, 1, t, t))?),
+                None => None,
+            };
+            let scale = 1.0 / (e as f64).sqrt();
+            let out = super::ops::self_attention(&q, &kx, &vx, &cos, &sin, mask.as_ref(), causal, scale, h, k)?;
+            return self.o_proj.forward(&out, pass, layer, Target::OProj);
+        }
         let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
         let kx = kx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
         let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
@@ -490,7 +503,16 @@ impl Rope {
 
     /// x: (B, H, T, E) at positions pos..pos+T.
     fn apply(&self, x: &Tensor, pos: usize, train: bool) -> Result<Tensor> {
-        let t = x.dim(2)?;
+        let (cos, sin) = self.tables(pos, x.dim(2)?, x.dtype())?;
+        if train {
+            super::ops::rope(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, &cos, &sin)
+        }
+    }
+
+    /// cos and sin of positions pos..pos + t: (t, E/2) each, in `dtype`.
+    fn tables(&self, pos: usize, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         if pos + t > self.cos.dim(0)? {
             candle_core::bail!(
                 "sequence of {} positions exceeds the model's max_position_embeddings ({})",
@@ -498,13 +520,7 @@ impl Rope {
                 self.cos.dim(0)?
             );
         }
-        let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
-        if train {
-            super::ops::rope(x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(x, &cos, &sin)
-        }
+        Ok((self.cos.narrow(0, pos, t)?.to_dtype(dtype)?, self.sin.narrow(0, pos, t)?.to_dtype(dtype)?))
     }
 }
 

@@ -369,6 +369,40 @@ impl AttentionRule {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
+
+    /// Gradients of q, k and v from the output `out` and its gradient `grad` (untracked inputs).
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.fused(q) {
+            // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
+            use candle_core::DType;
+            let p = self.probs(q, k)?; // (B, K, M, S) bf16
+            let dout = grad.contiguous()?;
+            let dv = p.t()?.matmul(&dout)?;
+            let dp = dout.matmul(&v.t()?)?;
+            let d = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
+            let ds = super::cuda::softmax_backward(&p, &dp, &d, self.scale)?;
+            return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
+        }
+        let _ = out;
+        let p = self.probs(q, k)?; // (B, K, M, S), f32
+        let dout = grad.to_dtype(p.dtype())?; // (B, K, M, E)
+        let vf = v.to_dtype(p.dtype())?;
+        let dv = p.t()?.matmul(&dout)?; // (B, K, S, E)
+        let dp = dout.matmul(&vf.t()?)?; // (B, K, M, S)
+        let row = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
+        let ds = (p * dp.broadcast_sub(&row)?)?;
+        let dq = (ds.matmul(&k.to_dtype(ds.dtype())?)? * self.scale)?;
+        let dk = (ds.t()?.matmul(&q.to_dtype(ds.dtype())?)? * self.scale)?;
+        Ok((dq.to_dtype(q.dtype())?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
+    }
 }
 
 impl candle_core::CustomOp3 for AttentionOp {
@@ -409,31 +443,146 @@ impl candle_core::CustomOp3 for AttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        #[cfg(feature = "cuda")]
-        if self.rule.fused(&q) {
-            // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
-            use candle_core::DType;
-            let p = self.rule.probs(&q, &k)?; // (B, K, M, S) bf16
-            let dout = grad.contiguous()?;
-            let dv = p.t()?.matmul(&dout)?;
-            let dp = dout.matmul(&v.t()?)?;
-            let d = (dout.to_dtype(DType::F32)? * res.detach().to_dtype(DType::F32)?)?
-                .sum_keepdim(candle_core::D::Minus1)?;
-            let ds = super::cuda::softmax_backward(&p, &dp, &d, self.rule.scale)?;
-            return Ok((Some(ds.matmul(&k)?), Some(ds.t()?.matmul(&q)?), Some(dv)));
-        }
-        let _ = res;
-        let p = self.rule.probs(&q, &k)?; // (B, K, M, S), f32
-        let dout = grad.to_dtype(p.dtype())?; // (B, K, M, E)
-        let vf = v.to_dtype(p.dtype())?;
-        let dv = p.t()?.matmul(&dout)?; // (B, K, S, E)
-        let dp = dout.matmul(&vf.t()?)?; // (B, K, M, S)
-        let row = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
-        let ds = (p * dp.broadcast_sub(&row)?)?;
-        let dq = (ds.matmul(&k.to_dtype(ds.dtype())?)? * self.rule.scale)?;
-        let dk = (ds.t()?.matmul(&q.to_dtype(ds.dtype())?)? * self.rule.scale)?;
-        Ok((Some(dq.to_dtype(q.dtype())?), Some(dk.to_dtype(k.dtype())?), Some(dv.to_dtype(v.dtype())?)))
+        let (dq, dk, dv) = self.rule.backward(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Self-attention for training from the projections' outputs to the heads' merged output, as
+/// one op: q (B, T, H*E), k and v (B, T, K*E) -> (B, T, H*E). Inside: the heads split to
+/// (B, H, T, E), rope on q and k with cos/sin (T, E/2), [`attention`] with its `mask` and
+/// `causal`, and the heads merged back.
+///
+/// Why one op: composed, the reshapes, transposes, copies and ropes of q, k, v and the output are
+/// a dozen graph nodes, and candle's backward pass zero-fills and adds a (tokens x hidden) buffer
+/// for each. The backward rule here recomputes the split and the rope (a few passes) and runs
+/// the same attention backward.
+#[allow(clippy::too_many_arguments)]
+pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let g = heads / kv_heads;
+    let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
+    let heads = Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads };
+    let (qh, kh, vh) = heads.split(&q.detach(), &k.detach(), &v.detach())?;
+    let out = heads.merge(&rule.forward(&qh, &kh, &vh)?)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3(k, v, SelfAttentionOp { rule, heads, out: Handoff::new(out)? })
+}
+
+/// How the projections' outputs become heads and back.
+struct Heads {
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+}
+
+impl Heads {
+    /// (B, T, n*E) -> (B, n, T, E)
+    fn to_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let (b, t, w) = x.dims3()?;
+        x.reshape((b, t, n, w / n))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// (B, n, T, E) -> (B, T, n*E)
+    fn from_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, t, e) = x.dims4()?;
+        x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * e))
+    }
+
+    /// q, k, v as attention takes them: q (B, K, G*T, E) and k (B, K, T, E) roped, v (B, K, T, E).
+    fn split(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = q.dims3()?;
+        let qh = candle_nn::rotary_emb::rope(&self.to_heads(q, self.heads)?, &self.cos, &self.sin)?;
+        let e = qh.dim(3)?;
+        let qh = qh.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, e))?;
+        let kh = candle_nn::rotary_emb::rope(&self.to_heads(k, self.kv_heads)?, &self.cos, &self.sin)?;
+        Ok((qh, kh, self.to_heads(v, self.kv_heads)?))
+    }
+
+    /// Attention's output (B, K, G*T, E) -> (B, T, H*E).
+    fn merge(&self, out: &Tensor) -> Result<Tensor> {
+        let (b, _, m, e) = out.dims4()?;
+        self.from_heads(&out.reshape((b, self.heads, m * self.kv_heads / self.heads, e))?)
+    }
+
+    /// The inverse of `merge`: (B, T, H*E) -> (B, K, G*T, E).
+    fn unmerge(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let h = self.to_heads(x, self.heads)?;
+        h.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, ()))
+    }
+
+    /// A roped head gradient back to its projection's layout: the rope's transpose is the rope by
+    /// the opposite angle. (B, n, T, E) -> (B, T, n*E)
+    fn unrope(&self, g: &Tensor) -> Result<Tensor> {
+        self.from_heads(&candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)?)
+    }
+}
+
+struct SelfAttentionOp {
+    rule: AttentionRule,
+    heads: Heads,
+    out: Handoff,
+}
+
+impl candle_core::CustomOp3 for SelfAttentionOp {
+    fn name(&self) -> &'static str {
+        "self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let hs = &self.heads;
+        let (qh, kh, vh) = hs.split(&q.detach(), &k.detach(), &v.detach())?;
+        let (out, dout) = (hs.unmerge(&res.detach())?, hs.unmerge(grad)?);
+        let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
+        let (b, _, m, e) = dq.dims4()?;
+        let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
+        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(hs.from_heads(&dv)?)))
     }
 }
 
