@@ -205,3 +205,50 @@ fn a_row_draws_the_same_token_on_the_gpu_whatever_its_batch() {
         assert_eq!(row[t as usize], best);
     }
 }
+
+#[test]
+fn hand_written_backward_rules_on_the_gpu_give_the_gradients_of_autograd() {
+    use loralab::adapter::{Adapter, LoraConfig, Target};
+    use loralab::data::Example;
+    use loralab::model::checkpoint::GradSink;
+    use loralab::model::{load::read_decoder, LoadOptions};
+    use rand::SeedableRng;
+    use std::cell::RefCell;
+    // Run from the repository root (the GPU machine's copy) or from this crate's folder.
+    let dir = std::path::Path::new("tests/fixtures/tiny-qwen2");
+    let dir = if dir.exists() { dir.to_path_buf() } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir) };
+    let dec = read_decoder(&dir, &LoadOptions { dtype: DType::BF16, device: gpu() }).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: Target::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let adapter = Adapter::new(&dec, config, 5).unwrap();
+    for p in adapter.pairs.values() {
+        p.b.set(&(Tensor::ones(p.b.shape(), DType::F32, &gpu()).unwrap() * 0.1).unwrap()).unwrap();
+    }
+    let vocab = dec.config.vocab_size as u32;
+    let rows: Vec<Example> = (0..3u32)
+        .map(|r| Example { ids: (0..24).map(|i| (i * 7919 + r * 104_729) % vocab).collect(), target: vec![true; 24] })
+        .collect();
+    let refs: Vec<&Example> = rows.iter().collect();
+    let grads = |sink: Option<&std::sync::Arc<GradSink>>| {
+        let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(9));
+        let loss = loralab::train::batch_loss(&dec, &adapter, &refs, 10, &rng, sink, false).unwrap();
+        let store = loss.backward().unwrap();
+        let mut out = Vec::new();
+        for p in adapter.pairs.values() {
+            for v in [&p.a, &p.b] {
+                out.push(store.get(v.as_tensor()).cloned().or_else(|| sink.and_then(|s| s.take(v))).unwrap());
+            }
+        }
+        out
+    };
+    let sink = GradSink::new();
+    for (ours, reference) in grads(Some(&sink)).iter().zip(grads(None)) {
+        let d = rel_diff(ours, &reference.to_device(&Device::Cpu).unwrap());
+        assert!(d < 5e-2, "relative difference {d}");
+    }
+}

@@ -280,10 +280,16 @@ impl candle_core::CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBackward)?; // (2, n)
-        let shape = gate.shape();
-        Ok((Some(both.get(0)?.reshape(shape)?), Some(both.get(1)?.reshape(shape)?)))
+        let (dgate, dup) = silu_mul_backward(gate, up, grad)?;
+        Ok((Some(dgate), Some(dup)))
     }
+}
+
+/// The gradients of gate and up from that of silu(gate) * up, bf16 tensors of one shape.
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &grad.contiguous()?, &SiluMulBackward)?; // (2, n)
+    let shape = gate.shape();
+    Ok((both.get(0)?.reshape(shape)?, both.get(1)?.reshape(shape)?))
 }
 
 struct SiluMulBackward;

@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -32,7 +32,7 @@ use super::checkpoint::GradSink;
 use super::config::Config;
 use super::ops::frozen_linear;
 use super::packed::PackedMatrix;
-use crate::adapter::{Adapter, Target};
+use crate::adapter::{Adapter, LoraPair, Target};
 
 /// How a forward pass runs: which ops, which adapter, which dropout stream.
 #[derive(Clone, Copy)]
@@ -140,8 +140,28 @@ impl Linear {
         if !pass.train || pass.constant_adapter || self.packed.is_some() {
             return Ok(None);
         }
-        let mask = dropout_mask(x, pass, adapter)?;
-        super::lora::linear(x, &self.weight, self.bias.as_ref(), pair, adapter.scale(), mask, sink).map(Some)
+        let proj = self.projection(x.shape(), x, pair, pass, adapter)?;
+        super::lora::linear(x, proj, sink).map(Some)
+    }
+
+    /// This projection and its adapter pair for [`super::lora`], the dropout mask of an input of
+    /// `shape` (and `like`'s dtype and device) drawn.
+    fn projection<'a>(
+        &'a self,
+        shape: &Shape,
+        like: &Tensor,
+        pair: &'a LoraPair,
+        pass: Pass,
+        adapter: &Adapter,
+    ) -> Result<super::lora::Projection<'a>> {
+        let mask = dropout_mask_of(shape, like.dtype(), like.device(), pass, adapter)?;
+        Ok(super::lora::Projection {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            pair,
+            scale: adapter.scale(),
+            mask,
+        })
     }
 }
 
@@ -176,13 +196,24 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
 /// The inverted-dropout mask of LoRA's input, when training with dropout: 0 or 1 / (1 - p) per
 /// element of x, drawn from the pass's seeded stream (candle's own dropout uses an unseeded one).
 fn dropout_mask(x: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
+    dropout_mask_of(x.shape(), x.dtype(), x.device(), pass, adapter)
+}
+
+/// [`dropout_mask`] for an input of this shape, dtype and device.
+fn dropout_mask_of(
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+    pass: Pass,
+    adapter: &Adapter,
+) -> Result<Option<Tensor>> {
     let p = adapter.config.lora_dropout;
     let (true, true, Some(rng)) = (pass.train, p > 0.0, pass.dropout_rng) else { return Ok(None) };
     let keep = 1.0 - p;
     let mut rng = rng.borrow_mut();
     let mask: Vec<f32> =
-        (0..x.elem_count()).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype()).map(Some)
+        (0..shape.elem_count()).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    Tensor::from_vec(mask, shape, device)?.to_dtype(dtype).map(Some)
 }
 
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
@@ -395,6 +426,9 @@ fn gpu_decode_attention(
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
+        if let Some(y) = self.lora_op(x, pass, layer)? {
+            return Ok(y);
+        }
         let (gate, up) = match &self.gate_up_packed {
             Some(fused) => {
                 let parts = [(&self.gate_proj, Target::GateProj), (&self.up_proj, Target::UpProj)];
@@ -407,6 +441,34 @@ impl Mlp {
             ),
         };
         self.down_proj.forward(&super::ops::silu_mul(&gate, &up)?, pass, layer, Target::DownProj)
+    }
+
+    /// The whole block as one op with a hand-written backward rule ([`super::lora::mlp`]), where
+    /// all three projections would be ops of their own (see `Linear::lora_op`).
+    fn lora_op(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Option<Tensor>> {
+        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
+        let targets = [Target::GateProj, Target::UpProj, Target::DownProj];
+        let lins = [&self.gate_proj, &self.up_proj, &self.down_proj];
+        let (Some(g), Some(u), Some(d)) =
+            (adapter.pair(layer, targets[0]), adapter.pair(layer, targets[1]), adapter.pair(layer, targets[2]))
+        else {
+            return Ok(None);
+        };
+        if !pass.train
+            || pass.constant_adapter
+            || lins.iter().any(|l| l.packed.is_some())
+            || self.gate_up_packed.is_some()
+        {
+            return Ok(None);
+        }
+        // Masks in the order the separate projections draw them: gate, up (of x), down (of the
+        // product, whose shape is x's with the intermediate width).
+        let gate = self.gate_proj.projection(x.shape(), x, g, pass, adapter)?;
+        let up = self.up_proj.projection(x.shape(), x, u, pass, adapter)?;
+        let (b, t, _) = x.dims3()?;
+        let inter = Shape::from((b, t, self.down_proj.weight.dim(1)?));
+        let down = self.down_proj.projection(&inter, x, d, pass, adapter)?;
+        super::lora::mlp(x, [gate, up, down], sink).map(Some)
     }
 }
 

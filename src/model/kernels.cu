@@ -141,8 +141,8 @@ extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, con
 
 // Attention of one new token per row against the KV cache (decoding), bf16. One block of E
 // threads per (batch row, kv head); the R <= MAX_R query heads that share the kv head are handled
-// together, so each key and value is read once. Keys go in tiles of E: the block stages the
-// tile's keys in shared memory, thread t scores key t against every query head, the tile's scores
+// together, so each key and value is read once. Keys go in tiles of E: thread t scores key t of
+// the tile against every query head, the tile's scores
 // update each head's running max and sum (online softmax, one warp per head), and then thread t
 // accumulates element t of every head's output over the tile's values.
 //   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used, 16-byte aligned;
@@ -158,8 +158,6 @@ extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16* q, const _
     __shared__ float4 q4[MAX_R][MAX_E / 4];
     __shared__ float4 p4[MAX_R][MAX_E / 4];
     __shared__ float m_s[MAX_R], l_s[MAX_R], corr_s[MAX_R];
-    // Rows padded by 16 bytes: the 8 lanes of a quarter warp then read 8 different bank groups.
-    __shared__ uint4 k_s[MAX_E][MAX_E / 8 + 1];
     float(*q_s)[MAX_E] = reinterpret_cast<float(*)[MAX_E]>(q4);
     float(*p_s)[MAX_E] = reinterpret_cast<float(*)[MAX_E]>(p4);
     const int bk = blockIdx.x, b = bk / heads, t = threadIdx.x;
@@ -178,23 +176,17 @@ extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16* q, const _
     __syncthreads();
     for (int j0 = 0; j0 < s; j0 += e) {
         const int n = min(e, s - j0);
-        // The tile's keys, staged in shared memory by coalesced 16-byte loads (thread t reading
-        // all of key t from global memory would touch 32 cache lines per warp load).
-#pragma unroll 4
-        for (int idx = t; idx < n * per_row; idx += e) {
-            k_s[idx / per_row][idx % per_row] =
-                reinterpret_cast<const uint4*>(kb + (long)(j0 + idx / per_row) * e)[idx % per_row];
-        }
-        __syncthreads();
-        // Scores of key j0 + t, for every query head.
+        // Scores of key j0 + t, for every query head; the thread reads its key row with 16-byte
+        // loads (staging the tile in shared memory cost more occupancy than it saved).
         const int j = j0 + t;
         const float bias = j < s ? (mask ? mask[(long)b * s + j] : 0.0f) : -INFINITY;
         float sc[MAX_R];
 #pragma unroll
         for (int i = 0; i < MAX_R; i++) sc[i] = 0.0f;
         if (bias != -INFINITY) {
+            const uint4* row = reinterpret_cast<const uint4*>(kb + (long)j * e);
             for (int x = 0; x < per_row; x++) {
-                const uint4 raw = k_s[t][x];
+                const uint4 raw = row[x];
                 const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
                 const float2 f0 = __bfloat1622float2(pair[0]), f1 = __bfloat1622float2(pair[1]);
                 const float2 f2 = __bfloat1622float2(pair[2]), f3 = __bfloat1622float2(pair[3]);

@@ -23,52 +23,65 @@ use crate::adapter::LoraPair;
 
 /// `x W^T + bias + scale * (mask * x) A^T B^T`, x (..., in) -> (..., out); the gradients of A
 /// and B go to `sink`, summed over the calls of a backward pass.
-pub(crate) fn linear(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    pair: &LoraPair,
-    scale: f64,
-    mask: Option<Tensor>,
-    sink: &Arc<GradSink>,
-) -> Result<Tensor> {
-    let dtype = x.dtype();
+pub(crate) fn linear(x: &Tensor, proj: Projection, sink: &Arc<GradSink>) -> Result<Tensor> {
     let d_in = x.dim(candle_core::D::Minus1)?;
     let n = x.elem_count() / d_in;
-    let xd = x.detach().reshape((n, d_in))?;
-    let mask = mask.map(|m| m.reshape((n, d_in))).transpose()?;
-    // The adapter in the activations' dtype, its scale folded into B (a small matrix).
-    let a = pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
-    let b = (pair.b.as_tensor().detach() * scale)?.to_dtype(dtype)?; // (out, r)
-    let xin = match &mask {
-        Some(m) => (&xd * m)?,
-        None => xd.clone(),
-    };
-    let z = xin.matmul(&a.t()?)?; // (N, r)
-    let mut y = xd.matmul(&weight.t()?)?; // (N, out)
-    if let Some(bias) = bias {
-        y = y.broadcast_add(bias)?;
-    }
+    let (y, saved) = proj.forward(&x.detach().reshape((n, d_in))?, sink)?;
     let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("x has a last dimension") = weight.dim(0)?;
-    let y = (y + z.matmul(&b.t()?)?)?.reshape(out_shape)?;
-    // An untracked input (the first layer's) still needs the node, for the adapter's sake.
-    let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };
-    let rule = LoraLinearGrad {
-        weight: weight.detach(),
-        a,
-        b,
-        a_var: pair.a.clone(),
-        b_var: pair.b.clone(),
-        scale,
-        mask,
-        z,
-        sink: sink.clone(),
-    };
-    attach(&x, y, rule)
+    *out_shape.last_mut().expect("x has a last dimension") = y.dim(1)?;
+    attach(&tracked(x)?, y.reshape(out_shape)?, LinearGrad(saved))
 }
 
-struct LoraLinearGrad {
+/// An untracked input (the first layer's) still needs a node, for the adapter's sake.
+fn tracked(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() })
+}
+
+/// A frozen projection and its adapter pair, as the forward pass is given them.
+pub(crate) struct Projection<'a> {
+    pub weight: &'a Tensor, // (out, in)
+    pub bias: Option<&'a Tensor>,
+    pub pair: &'a LoraPair,
+    pub scale: f64,
+    /// Dropout mask of the input, shaped like it.
+    pub mask: Option<Tensor>,
+}
+
+impl Projection<'_> {
+    /// x (N, in), untracked -> (N, out), and what the backward pass needs.
+    fn forward(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
+        let dtype = x.dtype();
+        let mask = self.mask.map(|m| m.reshape(x.shape())).transpose()?;
+        // The adapter in the activations' dtype, its scale folded into B (a small matrix).
+        let a = self.pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
+        let b = (self.pair.b.as_tensor().detach() * self.scale)?.to_dtype(dtype)?; // (out, r)
+        let xin = match &mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let z = xin.matmul(&a.t()?)?; // (N, r)
+        let mut y = x.matmul(&self.weight.t()?)?; // (N, out)
+        if let Some(bias) = self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let y = (y + z.matmul(&b.t()?)?)?;
+        let saved = Saved {
+            weight: self.weight.detach(),
+            a,
+            b,
+            a_var: self.pair.a.clone(),
+            b_var: self.pair.b.clone(),
+            scale: self.scale,
+            mask,
+            z,
+            sink: sink.clone(),
+        };
+        Ok((y, saved))
+    }
+}
+
+/// What a projection's backward pass needs.
+struct Saved {
     weight: Tensor, // (out, in)
     a: Tensor,      // (r, in)
     b: Tensor,      // (out, r), scaled
@@ -80,33 +93,80 @@ struct LoraLinearGrad {
     sink: Arc<GradSink>,
 }
 
-impl Backward for LoraLinearGrad {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
-
-    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let n = self.z.dim(0)?;
-        let grad = grad.contiguous()?.reshape((n, ()))?; // (N, out)
-        let shape = x.shape().clone();
-        let x = x.detach().reshape((n, ()))?;
+impl Saved {
+    /// The input's gradient (N, in) from the input x (N, in) and the output's gradient (N, out);
+    /// the adapter's gradients go to the sink.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
         let xin = match &self.mask {
-            Some(m) => (&x * m)?,
-            None => x,
+            Some(m) => (x * m)?,
+            None => x.clone(),
         };
         let dz = grad.matmul(&self.b)?; // (N, r) = scale * dY B
                                         // dB = scale * dY^T z: (out, r); dA = dz^T (mask * x): (r, in)
         let db = (grad.t()?.matmul(&self.z)? * self.scale)?;
         let da = dz.t()?.matmul(&xin)?;
-        let f32_of = |t: Tensor, v: &Var| t.to_dtype(v.dtype());
-        self.sink.add(self.a_var.as_tensor().id(), f32_of(da, &self.a_var)?)?;
-        self.sink.add(self.b_var.as_tensor().id(), f32_of(db, &self.b_var)?)?;
+        self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
+        self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
         // dX = dY W + mask * (dz A)
         let through_adapter = dz.matmul(&self.a)?;
         let through_adapter = match &self.mask {
             Some(m) => (through_adapter * m)?,
             None => through_adapter,
         };
-        (grad.matmul(&self.weight.to_dtype(grad.dtype())?)? + through_adapter)?.reshape(shape)
+        grad.matmul(&self.weight.to_dtype(grad.dtype())?)? + through_adapter
+    }
+}
+
+struct LinearGrad(Saved);
+
+impl Backward for LinearGrad {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let n = self.0.z.dim(0)?;
+        let dx = self.0.backward(&x.detach().reshape((n, ()))?, &grad.reshape((n, ()))?)?;
+        dx.reshape(x.shape())
+    }
+}
+
+/// The MLP block `down(silu(gate(x)) * up(x))`, every projection with its adapter pair, as one
+/// op: x (B, T, D) -> (B, T, D). The (tokens x intermediate) products stay inside it, so the
+/// backward pass adds no zero-filled buffers of that size. `parts`: gate, up, down.
+pub(crate) fn mlp(x: &Tensor, parts: [Projection; 3], sink: &Arc<GradSink>) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let x2 = x.detach().reshape((b * t, d))?;
+    let [gate, up, down] = parts;
+    let (g, gate) = gate.forward(&x2, sink)?;
+    let (u, up) = up.forward(&x2, sink)?;
+    let h = super::ops::silu_mul(&g, &u)?.detach();
+    let (y, down) = down.forward(&h, sink)?;
+    let rule = MlpGrad { gate, up, down, g, u, h };
+    attach(&tracked(x)?, y.reshape((b, t, d))?, rule)
+}
+
+struct MlpGrad {
+    gate: Saved,
+    up: Saved,
+    down: Saved,
+    g: Tensor, // (N, I) gate(x)
+    u: Tensor, // (N, I) up(x)
+    h: Tensor, // (N, I) silu(g) * u
+}
+
+impl Backward for MlpGrad {
+    fn name(&self) -> &'static str {
+        "lora-mlp"
+    }
+
+    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let n = self.g.dim(0)?;
+        let x2 = x.detach().reshape((n, ()))?;
+        let dh = self.down.backward(&self.h, &grad.reshape((n, ()))?)?;
+        let (dg, du) = super::ops::silu_mul_backward(&self.g, &self.u, &dh)?;
+        let dx = (self.gate.backward(&x2, &dg)? + self.up.backward(&x2, &du)?)?;
+        dx.reshape(x.shape())
     }
 }

@@ -736,6 +736,19 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// The gradients of gate and up from that of silu(gate) * up, for untracked tensors of one shape:
+/// dgate = dh * up * sig(g) * (1 + g * (1 - sig(g))), dup = dh * silu(g).
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return super::cuda::silu_mul_backward(gate, up, dh);
+    }
+    let sig = candle_nn::ops::sigmoid(gate)?;
+    let silu = (gate * &sig)?;
+    let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
+    Ok((((dh * up)? * dsilu)?, (dh * silu)?))
+}
+
 struct LinearCrossEntropyGrad {
     weight: Tensor,
     packed: Option<Arc<PackedMatrix>>,
