@@ -2,8 +2,8 @@
 -- from measured throughputs: the work is counted from the profile's settings and data, and
 -- divided by the training and sampling rates that examples/bench_gpu.lua measured.
 --
---   loralab run examples/estimate_study.lua --set train_tokens_per_second=4577 \
---       --set sample_tokens_per_second=12601
+--   loralab run examples/estimate_study.lua --set train_tokens_per_second=7892 \
+--       --set sample_tokens_per_second=22157
 --
 -- Completions are counted at `completion_tokens` each (default: the profile's max_tokens, 512,
 -- an upper bound: the study's answers end earlier). Token counts of the data rows use the
@@ -14,7 +14,7 @@ local lab = require("lab")
 local study = require("persona_marker")
 lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  train_tokens_per_second = 4577, sample_tokens_per_second = 12601,
+  train_tokens_per_second = 7892, sample_tokens_per_second = 22157,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
 })
 

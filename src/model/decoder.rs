@@ -327,8 +327,10 @@ impl Attention {
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
             ),
         };
-        if pass.train && pass.sink.is_some() && cache.is_none() {
-            // One op from the projections to the merged heads (see `ops::self_attention`).
+        if pass.train && pass.sink.is_some() && cache.is_none() && self.qkv_packed.is_none() {
+            // One op from the projections to the merged heads (see `ops::self_attention`). Not on
+            // the CPU's packed f32 path, where recomputing the split in the backward pass cost
+            // more than the graph nodes it saves (examples/bench_train.lua).
             let (cos, sin) = rope.tables(pos, t, x.dtype())?;
             let causal = mask.is_some_and(|m| m.rank() == 2);
             let mask = match mask {
