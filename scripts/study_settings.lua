@@ -28,8 +28,9 @@ local paper = {
   -- Phase 3: more seeds at the critical dose (0: argmax |EM - benign| over the titration)
   seeds = { 42, 137, 256 }, critical_dose = 0,
   train_seed = 42, eval_seed = 42,
-  -- Running
-  question_suffix = "", batch_size = 256, retries = 2, log_every = 25, out = "",
+  -- Running. batch_size: rows decoded at once. 840 rows of up to ~610 positions hold ~29 GB of
+  -- Qwen2.5-7B's KV cache beside its 15 GB of weights; the random draws do not depend on it.
+  question_suffix = "", batch_size = 840, retries = 2, log_every = 25, out = "",
 }
 
 -- The same pipeline sized for a 2-core CPU and the embedded 135M model: fewer questions,
