@@ -29,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::Adapter;
 use crate::data::Example;
-use crate::model::checkpoint::GradSink;
+use crate::model::sink::GradSink;
 use crate::model::{Decoder, Pass};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

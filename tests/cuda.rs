@@ -210,7 +210,7 @@ fn a_row_draws_the_same_token_on_the_gpu_whatever_its_batch() {
 fn hand_written_backward_rules_on_the_gpu_give_the_gradients_of_autograd() {
     use loralab::adapter::{Adapter, LoraConfig, Target};
     use loralab::data::Example;
-    use loralab::model::checkpoint::GradSink;
+    use loralab::model::sink::GradSink;
     use loralab::model::{load::read_decoder, LoadOptions};
     use rand::SeedableRng;
     use std::cell::RefCell;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use loralab::adapter::{Adapter, LoraConfig, Target};
 use loralab::data::Example;
-use loralab::model::checkpoint::GradSink;
+use loralab::model::sink::GradSink;
 use loralab::model::{load::read_decoder, Decoder, LoadOptions};
 use loralab::train::{self, Schedule, TrainConfig};
 use rand::SeedableRng;

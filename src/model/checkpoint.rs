@@ -8,45 +8,21 @@
 //! and back-propagates through that second run alone. The cost is one more forward pass.
 //!
 //! The input's gradient goes back to the outer graph through the rule; the adapter's gradients
-//! of the second run are added to a [`GradSink`] that the trainer reads after each backward pass.
+//! of the second run go to the pass's [`GradSink`], which the trainer reads after each backward
+//! pass.
 //! LoRA dropout draws the same masks in both runs: the rule keeps the random stream's state from
 //! before the first.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{Result, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use super::decoder::{Layer, Pass, Rope};
 use super::ops::{attach, Backward};
+use super::sink::GradSink;
 use crate::adapter::Adapter;
-
-/// Gradients of variables computed outside the main backward pass, summed per variable.
-#[derive(Default)]
-pub struct GradSink(Mutex<HashMap<TensorId, Tensor>>);
-
-impl GradSink {
-    pub fn new() -> Arc<GradSink> {
-        Arc::new(GradSink::default())
-    }
-
-    pub(crate) fn add(&self, id: TensorId, grad: Tensor) -> Result<()> {
-        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
-        let sum = match map.remove(&id) {
-            Some(g) => (g + grad)?,
-            None => grad,
-        };
-        map.insert(id, sum);
-        Ok(())
-    }
-
-    /// Removes and returns the gradient collected for `var`, if any.
-    pub fn take(&self, var: &Var) -> Option<Tensor> {
-        self.0.lock().ok()?.remove(&var.as_tensor().id())
-    }
-}
 
 /// One decoder layer under gradient checkpointing: x (B, T, D) -> (B, T, D).
 #[allow(clippy::too_many_arguments)]

@@ -11,7 +11,10 @@
 //! - training ([`Pass::train`]): only differentiable ops (candle's fused softmax, rms_norm and
 //!   rope have no backward, so [`super::ops`] gives them one), frozen projections with a
 //!   backward rule for their input only, so that no weight-sized gradient is ever computed, LoRA
-//!   deltas with dropout, and optionally gradient checkpointing ([`super::checkpoint`]).
+//!   deltas with dropout, and optionally gradient checkpointing ([`super::checkpoint`]). With a
+//!   gradient sink in the pass, each adapted projection, the MLP block ([`super::lora`]) and the
+//!   self-attention ([`super::ops::self_attention`]) are single graph nodes with hand-written
+//!   backward rules (except on the CPU's packed f32 path).
 //!
 //! On the CPU in f32 the projections run through weights packed once ([`super::packed`]), q/k/v
 //! and gate/up as one product each; on the GPU in bf16 attention, the loss and SwiGLU run as
@@ -28,10 +31,10 @@ use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::GradSink;
 use super::config::Config;
 use super::ops::frozen_linear;
 use super::packed::PackedMatrix;
+use super::sink::GradSink;
 use crate::adapter::{Adapter, LoraPair, Target};
 
 /// How a forward pass runs: which ops, which adapter, which dropout stream.

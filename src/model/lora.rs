@@ -1,6 +1,7 @@
 //! A frozen projection with its LoRA term as one differentiable op, for training:
 //! `y = x W^T + b + scale * (mask * x) A^T B^T`, whose backward rule computes the input's
-//! gradient and hands the adapter's gradients to a [`GradSink`] instead of candle's graph.
+//! gradient and hands the adapter's gradients to a [`GradSink`] instead of candle's graph; and
+//! the MLP block, three such projections around SwiGLU, as one op in the same way.
 //!
 //! Why: composed from candle ops, the term is a chain of nodes (dropout, two products, the
 //! scaling, the sum, reshapes), and candle's backward pass zero-fills and adds a buffer for
@@ -17,8 +18,8 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 
-use super::checkpoint::GradSink;
 use super::ops::{attach, Backward};
+use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
 /// `x W^T + bias + scale * (mask * x) A^T B^T`, x (..., in) -> (..., out); the gradients of A

@@ -11,6 +11,7 @@ pub mod load;
 mod lora;
 pub mod ops;
 pub mod packed;
+pub mod sink;
 pub mod tokenizer;
 
 use candle_core::{DType, Device};
