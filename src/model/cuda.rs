@@ -33,6 +33,27 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name}: a GPU kernel, called on the CPU")
 }
 
+/// The CPU side of a GPU-only custom op of 1, 2 or 3 inputs: an error naming the op.
+macro_rules! gpu_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+    (3) => {
+#[rustfmt::skip]
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
+            -> Result<(CpuStorage, Shape)> {
+            no_cpu(self.name())
+        }
+    };
+}
+
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let func = $dev.get_or_load_custom_func($name, "loralab_kernels", PTX)?;
@@ -58,9 +79,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(1);
     fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let s = *l.dims().last().unwrap_or(&1);
@@ -86,17 +105,7 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
     fn name(&self) -> &'static str {
         "softmax-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(3);
     fn cuda_fwd(
         &self,
         p: &CudaStorage,
@@ -136,9 +145,7 @@ impl candle_core::CustomOp2 for CrossEntropyForward {
     fn name(&self) -> &'static str {
         "cross-entropy-forward"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(2);
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, t: &CudaStorage, tl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (n, v) = xl.shape().dims2()?;
@@ -164,17 +171,7 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
     fn name(&self) -> &'static str {
         "cross-entropy-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -208,17 +205,7 @@ impl candle_core::CustomOp3 for RmsNormBackward {
     fn name(&self) -> &'static str {
         "rms-norm-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(3);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -258,9 +245,7 @@ impl candle_core::CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(2);
     fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = g.device().clone();
         if gl.shape() != ul.shape() {
@@ -298,17 +283,7 @@ impl candle_core::CustomOp3 for SiluMulBackward {
     fn name(&self) -> &'static str {
         "silu-mul-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(3);
     fn cuda_fwd(
         &self,
         g: &CudaStorage,
@@ -372,17 +347,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(3);
     fn cuda_fwd(
         &self,
         q: &CudaStorage,
@@ -490,9 +455,7 @@ impl candle_core::CustomOp2 for GumbelArgmax {
     fn name(&self) -> &'static str {
         "gumbel-argmax"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only!(2);
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, k: &CudaStorage, kl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (rows, v) = xl.shape().dims2()?;
