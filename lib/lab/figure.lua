@@ -123,12 +123,17 @@ function M.summarize(conditions, opts)
   return { conditions = out, interval = method, interval_name = INTERVAL_NAMES[method], confidence = confidence }
 end
 
---- Every dose that is drawn, sorted, once.
-local function all_doses(conditions)
+--- The doses of summarized conditions, sorted, each once: those of their `points`, their `seeds`,
+--- or both (the default).
+function M.doses(conditions, field)
+  if field ~= nil and field ~= "points" and field ~= "seeds" then
+    fail("lab.figure.doses: field must be 'points', 'seeds' or nil (both), got %s", tostring(field))
+  end
   local set, list = {}, {}
   for _, c in ipairs(conditions) do
-    for _, p in ipairs(c.points) do set[p.dose] = true end
-    for _, s in ipairs(c.seeds) do set[s.dose] = true end
+    for _, f in ipairs(field and { field } or { "points", "seeds" }) do
+      for _, x in ipairs(c[f]) do set[x.dose] = true end
+    end
   end
   for d in pairs(set) do list[#list + 1] = d end
   table.sort(list)
@@ -197,7 +202,7 @@ end
 function M.dose_response(spec, path)
   spec = options.check(spec, FIGURE_KEYS, "lab.figure.dose_response")
   local summary = M.summarize(spec.conditions, { interval = spec.interval, confidence = spec.confidence })
-  local doses = all_doses(summary.conditions)
+  local doses = M.doses(summary.conditions)
   local labels = {}
   for i, d in ipairs(doses) do labels[i] = dose_label(d, spec.baseline_label or "0") end
   local series = {}

@@ -104,17 +104,6 @@ end
 local function point_at(c, dose) return entry_at(c.points, dose) end
 local function seeds_at(c, dose) return entry_at(c.seeds, dose) end
 
---- Sorted union of a field's doses over conditions (`points` or `seeds`).
-local function doses_of(conditions, field)
-  local set, list = {}, {}
-  for _, c in ipairs(conditions) do
-    for _, x in ipairs(c[field]) do set[x.dose] = true end
-  end
-  for d in pairs(set) do list[#list + 1] = d end
-  table.sort(list)
-  return list
-end
-
 --- The two conditions compared: `compare = {a, b}`, else the first two.
 local function compared(summary, compare)
   local names = by_name(summary.conditions)
@@ -134,7 +123,7 @@ end
 --- Gap and p at every dose both conditions measured.
 local function compare_points(a, b, test)
   local out = {}
-  for _, dose in ipairs(doses_of({ a, b }, "points")) do
+  for _, dose in ipairs(lab.figure.doses({ a, b }, "points")) do
     local pa, pb = point_at(a, dose), point_at(b, dose)
     if pa and pb then
       local r = lab.stats[TESTS[test]](pa.k, pa.n, pb.k, pb.n)
@@ -159,7 +148,7 @@ end
 --- Welch's t-test on the per-seed rates at every dose both conditions have two or more seeds.
 local function compare_seeds(a, b)
   local out = {}
-  for _, dose in ipairs(doses_of({ a, b }, "seeds")) do
+  for _, dose in ipairs(lab.figure.doses({ a, b }, "seeds")) do
     local sa, sb = seeds_at(a, dose), seeds_at(b, dose)
     -- Welch's t is undefined when neither group varies (all seeds at 0 %, say): no row then.
     local ok, r = false, nil
@@ -199,7 +188,7 @@ local function headline_section(summary, a, b, comparisons)
   local by_dose = {}
   for _, cmp in ipairs(comparisons) do by_dose[cmp.dose] = cmp end
   local lines = { "## Headline", "", md_header(header) }
-  for _, dose in ipairs(doses_of(summary.conditions, "points")) do
+  for _, dose in ipairs(lab.figure.doses(summary.conditions, "points")) do
     local row = { dose == 0 and "0 (baseline)" or dose_text(dose) }
     for _, c in ipairs(summary.conditions) do
       local p = point_at(c, dose)
@@ -250,7 +239,7 @@ local function seed_rows(rows, ids)
 end
 
 local function seeds_section(summary, seed_comparisons)
-  local doses = doses_of(summary.conditions, "seeds")
+  local doses = lab.figure.doses(summary.conditions, "seeds")
   if #doses == 0 then return nil end
   local lines = { "## Across seeds" }
   for _, dose in ipairs(doses) do

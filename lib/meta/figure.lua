@@ -80,3 +80,10 @@ function lab.figure.dose_response(spec, path) end
 ---@param opts? DoseSummaryOptions
 ---@return DoseSummary
 function lab.figure.summarize(conditions, opts) end
+
+--- The doses of summarized conditions (`summarize(...).conditions`), sorted, each once: those of
+--- their points, their seeds, or both (field nil).
+---@param conditions table[]
+---@param field? "points"|"seeds"
+---@return number[]
+function lab.figure.doses(conditions, field) end
