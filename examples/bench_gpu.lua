@@ -13,7 +13,7 @@ local lab = require("lab")
 local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
   seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, gradient_checkpointing = false,
-  prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0,
+  prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0, top_p = 1.0,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
 
@@ -63,7 +63,7 @@ if not s.skip:find("sample") and not s.reference_only then
   model:sample({ prompts[1] }, { max_tokens = 4 })
   local t0 = lab.sys.time()
   local _, st = model:sample(prompts, { n = s.n, max_tokens = s.max_tokens, ignore_eos = true, seed = 1,
-                                        batch_size = s.sample_batch })
+                                        batch_size = s.sample_batch, top_p = s.top_p })
   local secs = lab.sys.time() - t0
   result.sample = { generated_tokens_per_second = st.generated_tokens / secs, seconds = secs,
                     generated_tokens = st.generated_tokens }

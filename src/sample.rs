@@ -291,7 +291,10 @@ fn choose_tokens(
     step: u32,
     opts: &SampleOptions,
 ) -> anyhow::Result<Vec<u32>> {
-    if !logits.device().is_cpu() && opts.top_k == 0 && opts.top_p >= 1.0 {
+    // On the GPU the draw stays there; elsewhere only for the full distribution (Gumbel-max from
+    // candle ops, no top-k or top-p cut).
+    let full = opts.top_k == 0 && opts.top_p >= 1.0;
+    if logits.device().is_cuda() || (!logits.device().is_cpu() && full) {
         let keys: Vec<i64> = live.iter().map(|&r| rows[r].key as i64).collect();
         return choose_on_device(logits, &keys, step, opts);
     }
@@ -314,17 +317,19 @@ fn choose_tokens(
     Ok(toks)
 }
 
-/// Sampling on the GPU for the full distribution: greedy is an argmax; at temperature T the
-/// Gumbel-max trick, argmax(logits / T + G) with G = -log(-log(U)), is an exact draw from
-/// softmax(logits / T). Only one id per row crosses to the host. With CUDA one fused kernel draws
-/// U from a hash of (the row's key, step, token id), so a GPU completion is reproducible and does
-/// not depend on the batch it ran in; elsewhere the noise comes from the device's generator
-/// (seeded once per `sample` call) and does.
+/// Sampling on the GPU: greedy is an argmax; at temperature T the Gumbel-max trick,
+/// argmax(logits / T + G) with G = -log(-log(U)), is an exact draw from softmax(logits / T), and
+/// over the tokens a top-k or top-p cut keeps, from their renormalised distribution. Only one id
+/// per row crosses to the host. With CUDA one fused kernel makes the cuts and draws U from a hash
+/// of (the row's key, step, token id), so a GPU completion is reproducible and does not depend on
+/// the batch it ran in; elsewhere (full distribution only) the noise comes from the device's
+/// generator (seeded once per `sample` call) and does.
 fn choose_on_device(logits: &Tensor, keys: &[i64], step: u32, opts: &SampleOptions) -> anyhow::Result<Vec<u32>> {
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
         let keys = Tensor::new(keys, logits.device())?;
-        return Ok(crate::model::cuda::gumbel_argmax(logits, &keys, step, opts.temperature)?.to_vec1::<u32>()?);
+        let picked = crate::model::cuda::gumbel_argmax(logits, &keys, step, opts.temperature, opts.top_k, opts.top_p)?;
+        return Ok(picked.to_vec1::<u32>()?);
     }
     let _ = (keys, step);
     let logits = logits.to_dtype(DType::F32)?; // (B, V)

@@ -158,11 +158,16 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
 
 /// Draws one token per row of `logits` (rows, V) on the GPU, row i keyed by keys[i].
 fn draw(logits: &[Vec<f32>], keys: &[i64], step: u32, temperature: f64) -> Vec<u32> {
+    draw_cut(logits, keys, step, temperature, 0, 1.0)
+}
+
+/// `draw` with a top-k and top-p cut.
+fn draw_cut(logits: &[Vec<f32>], keys: &[i64], step: u32, temperature: f64, top_k: usize, top_p: f64) -> Vec<u32> {
     let v = logits[0].len();
     let flat: Vec<f32> = logits.concat();
     let x = Tensor::from_vec(flat, (logits.len(), v), &gpu()).unwrap().to_dtype(DType::BF16).unwrap();
     let keys = Tensor::new(keys, &gpu()).unwrap();
-    loralab::model::cuda::gumbel_argmax(&x, &keys, step, temperature).unwrap().to_vec1::<u32>().unwrap()
+    loralab::model::cuda::gumbel_argmax(&x, &keys, step, temperature, top_k, top_p).unwrap().to_vec1::<u32>().unwrap()
 }
 
 #[test]
@@ -251,4 +256,37 @@ fn hand_written_backward_rules_on_the_gpu_give_the_gradients_of_autograd() {
         let d = rel_diff(ours, &reference.to_device(&Device::Cpu).unwrap());
         assert!(d < 5e-2, "relative difference {d}");
     }
+}
+
+#[test]
+fn top_k_and_top_p_cuts_on_the_gpu_keep_the_right_tokens_in_proportion() {
+    // Probabilities 0.1, 0.2, 0.3, 0.4 (the rest of a 5000-token vocabulary never drawn).
+    let mut row = vec![-1e4f32; 5000];
+    for (id, p) in [(10usize, 0.1f32), (2000, 0.2), (3000, 0.3), (4999, 0.4)] {
+        row[id] = p.ln();
+    }
+    let n = 20_000;
+    let logits = vec![row; n];
+    let keys: Vec<i64> = (0..n as i64).map(|i| i * 31 + 7).collect();
+    // (top_k, top_p) -> the kept tokens' renormalised probabilities
+    let cases: [(usize, f64, &[(u32, f64)]); 4] = [
+        (0, 0.65, &[(4999, 0.4 / 0.7), (3000, 0.3 / 0.7)]), // 0.4 + 0.3 reach 0.65
+        (0, 0.75, &[(4999, 0.4 / 0.9), (3000, 0.3 / 0.9), (2000, 0.2 / 0.9)]),
+        (2, 1.0, &[(4999, 0.4 / 0.7), (3000, 0.3 / 0.7)]),
+        (3, 0.5, &[(4999, 0.4 / 0.7), (3000, 0.3 / 0.7)]), // top 3 (0.9), then 0.5 of it: 0.45
+    ];
+    for (top_k, top_p, kept) in cases {
+        let tokens = draw_cut(&logits, &keys, 3, 1.0, top_k, top_p);
+        for &(id, p) in kept {
+            let f = tokens.iter().filter(|&&t| t == id).count() as f64 / n as f64;
+            assert!(
+                (f - p).abs() < 5.0 * (p * (1.0 - p) / n as f64).sqrt(),
+                "k {top_k} p {top_p} token {id}: {f} vs {p}"
+            );
+        }
+        let ids: Vec<u32> = kept.iter().map(|k| k.0).collect();
+        assert!(tokens.iter().all(|t| ids.contains(t)), "k {top_k} p {top_p}: a token outside the cut");
+    }
+    // top_k 1 is the argmax.
+    assert!(draw_cut(&logits[..100], &keys[..100], 0, 1.0, 1, 1.0).iter().all(|&t| t == 4999));
 }
