@@ -12,7 +12,7 @@
 local lab = require("lab")
 local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
-  seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, gradient_checkpointing = false,
+  seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, lora_dropout = 0.0, gradient_checkpointing = false,
   prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0, top_p = 1.0,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
@@ -35,7 +35,8 @@ if not s.skip:find("train") and not s.reference_only then
     for j = 1, s.seq do ids[j] = rand_token() end
     rows[i] = { input_ids = ids }
   end
-  local adapter = lab.adapter.new(model, { r = s.r, lora_alpha = 2 * s.r, target_modules = { "all-linear" }, seed = 0 })
+  local adapter = lab.adapter.new(model, { r = s.r, lora_alpha = 2 * s.r, lora_dropout = s.lora_dropout,
+                                            target_modules = { "all-linear" }, seed = 0 })
   local times = {}
   lab.train.sft(model, adapter, lab.data.rows(rows), {
     max_steps = s.steps + 1, learning_rate = 1e-4, per_device_train_batch_size = s.batch,
@@ -72,8 +73,8 @@ if not s.skip:find("sample") and not s.reference_only then
 end
 
 if s.python ~= "none" then
-  local cmd = string.format("%s scripts/bench/reference_gpu.py --config %s --seq %d --batch %d --grad-accum %d --steps %d --r %d --prompts %d --prompt-len %d --n %d --max-tokens %d --skip '%s'",
-    s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.ref_prompts > 0 and s.ref_prompts or s.prompts,
+  local cmd = string.format("%s scripts/bench/reference_gpu.py --config %s --seq %d --batch %d --grad-accum %d --steps %d --r %d --lora-dropout %g --prompts %d --prompt-len %d --n %d --max-tokens %d --skip '%s'",
+    s.python, s.config, s.seq, s.batch, s.grad_accum, s.steps, s.r, s.lora_dropout, s.ref_prompts > 0 and s.ref_prompts or s.prompts,
     s.prompt_len, s.n, s.max_tokens, s.skip)
   local ref = require("reference").run(cmd, s.out .. "/reference.json")
   result.reference = ref

@@ -290,3 +290,25 @@ fn top_k_and_top_p_cuts_on_the_gpu_keep_the_right_tokens_in_proportion() {
     // top_k 1 is the argmax.
     assert!(draw_cut(&logits[..100], &keys[..100], 0, 1.0, 1, 1.0).iter().all(|&t| t == 4999));
 }
+
+#[test]
+fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
+    use loralab::model::decoder::keyed_dropout_mask;
+    let shape = candle_core::Shape::from((37, 1001));
+    let on = |device: &Device| {
+        let like = Tensor::zeros(1, DType::BF16, device).unwrap();
+        let m = keyed_dropout_mask(&shape, 0xDEAD_BEEF_1234, 0.95, &like).unwrap();
+        m.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (gpu_mask, cpu_mask) = (on(&gpu()), on(&Device::Cpu));
+    assert_eq!(gpu_mask, cpu_mask);
+    let dropped = cpu_mask.iter().filter(|&&v| v == 0.0).count() as f64 / cpu_mask.len() as f64;
+    assert!((dropped - 0.05).abs() < 0.005, "dropped {dropped}");
+}

@@ -387,3 +387,19 @@ fn three_adamw_steps_on_smollm2_match_peft_and_the_trainer() {
 
 /// 30 layers of f32 with different summation orders than torch.
 const SMOL_STEP_RTOL: f64 = 1e-4;
+
+#[test]
+fn a_dropout_mask_keeps_about_one_minus_p_and_depends_only_on_its_key() {
+    use loralab::model::decoder::keyed_dropout_mask;
+    let like = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let shape = candle_core::Shape::from((200, 500));
+    let mask = |key: u64| {
+        keyed_dropout_mask(&shape, key, 0.9, &like).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let a = mask(1);
+    let kept = a.iter().filter(|&&v| v != 0.0).count() as f64 / a.len() as f64;
+    assert!((kept - 0.9).abs() < 0.005, "kept {kept}");
+    assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+    assert_eq!(a, mask(1));
+    assert_ne!(a, mask(2));
+}

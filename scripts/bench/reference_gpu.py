@@ -30,7 +30,7 @@ def bench_train(args, gradient_checkpointing):
     from peft import LoraConfig, get_peft_model
 
     model, cfg = model_of(args.config, gradient_checkpointing)
-    lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+    lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
     if gradient_checkpointing:
@@ -97,6 +97,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--r", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--n", type=int, default=10)

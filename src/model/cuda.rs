@@ -517,6 +517,53 @@ impl candle_core::CustomOp2 for GumbelArgmax {
     }
 }
 
+/// An inverted-dropout mask of `shape` on `like`'s device in bf16 or f32: element i is
+/// 1 / keep where `dropout_keeps(key, i, keep)`, else 0 (the CPU's rule, drawn on the GPU).
+pub fn dropout_mask(shape: &Shape, key: u64, keep: f64, dtype: DType, like: &Tensor) -> Result<Tensor> {
+    let n = shape.elem_count();
+    if n > u32::MAX as usize {
+        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
+    }
+    let seed = Tensor::zeros(1, dtype, like.device())?;
+    let op = DropoutMask { shape: shape.clone(), key, threshold: super::decoder::keep_threshold(keep), keep };
+    seed.apply_op1_no_bwd(&op)
+}
+
+struct DropoutMask {
+    shape: Shape,
+    key: u64,
+    threshold: u32,
+    keep: f64,
+}
+
+impl candle_core::CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+    gpu_only!(1);
+    fn cuda_fwd(&self, x: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let n = self.shape.elem_count();
+        let n64 = n as i64;
+        let (lo, hi) = (self.key as u32, (self.key >> 32) as u32);
+        let value = (1.0 / self.keep) as f32;
+        let storage = match x.dtype() {
+            DType::BF16 => {
+                let out = unsafe { dev.alloc::<bf16>(n)? };
+                launch!(dev, "dropout_mask_bf16", launch_elements(n), &out, &n64, &lo, &hi, &self.threshold, &value);
+                CudaStorage::wrap_cuda_slice(out, dev)
+            }
+            DType::F32 => {
+                let out = unsafe { dev.alloc::<f32>(n)? };
+                launch!(dev, "dropout_mask_f32", launch_elements(n), &out, &n64, &lo, &hi, &self.threshold, &value);
+                CudaStorage::wrap_cuda_slice(out, dev)
+            }
+            other => candle_core::bail!("dropout-mask: {other:?} (want bf16 or f32)"),
+        };
+        Ok((storage, self.shape.clone()))
+    }
+}
+
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::BF16

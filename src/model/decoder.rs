@@ -30,6 +30,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::config::Config;
 use super::ops::frozen_linear;
@@ -157,7 +158,7 @@ impl Linear {
         pass: Pass,
         adapter: &Adapter,
     ) -> Result<super::lora::Projection<'a>> {
-        let mask = dropout_mask_of(shape, like.dtype(), like.device(), pass, adapter)?;
+        let mask = dropout_mask_of(shape, like, pass, adapter)?;
         Ok(super::lora::Projection {
             weight: &self.weight,
             bias: self.bias.as_ref(),
@@ -197,26 +198,58 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
 }
 
 /// The inverted-dropout mask of LoRA's input, when training with dropout: 0 or 1 / (1 - p) per
-/// element of x, drawn from the pass's seeded stream (candle's own dropout uses an unseeded one).
+/// element of x (candle's own dropout draws from an unseeded generator).
 fn dropout_mask(x: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
-    dropout_mask_of(x.shape(), x.dtype(), x.device(), pass, adapter)
+    dropout_mask_of(x.shape(), x, pass, adapter)
 }
 
-/// [`dropout_mask`] for an input of this shape, dtype and device.
-fn dropout_mask_of(
-    shape: &Shape,
-    dtype: DType,
-    device: &Device,
-    pass: Pass,
-    adapter: &Adapter,
-) -> Result<Option<Tensor>> {
+/// [`dropout_mask`] for an input of this shape (and `like`'s dtype and device). Each mask takes one
+/// key from the pass's seeded stream; element i is kept when a hash of (key, i) falls below
+/// 1 - p. The mask is drawn where it is used: on the GPU by a kernel, with the same rule.
+fn dropout_mask_of(shape: &Shape, like: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
     let p = adapter.config.lora_dropout;
     let (true, true, Some(rng)) = (pass.train, p > 0.0, pass.dropout_rng) else { return Ok(None) };
-    let keep = 1.0 - p;
-    let mut rng = rng.borrow_mut();
+    let key: u64 = rng.borrow_mut().gen();
+    keyed_dropout_mask(shape, key, 1.0 - p, like).map(Some)
+}
+
+/// The inverted-dropout mask of `shape` keyed `key`, on `like`'s device and in its dtype: element
+/// i is 1 / keep when 24 bits of a hash of (key, i) fall below keep * 2^24, else 0.
+pub fn keyed_dropout_mask(shape: &Shape, key: u64, keep: f64, like: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if like.device().is_cuda() {
+        return super::cuda::dropout_mask(shape, key, keep, like.dtype(), like);
+    }
+    let n = shape.elem_count();
+    if n > u32::MAX as usize {
+        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
+    }
+    let threshold = keep_threshold(keep);
+    let value = (1.0 / keep) as f32;
     let mask: Vec<f32> =
-        (0..shape.elem_count()).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-    Tensor::from_vec(mask, shape, device)?.to_dtype(dtype).map(Some)
+        (0..n as u32).into_par_iter().map(|i| if keeps(key, i, threshold) { value } else { 0.0 }).collect();
+    Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+}
+
+/// Elements are kept when 24 bits of their hash fall below this: keep * 2^24.
+pub(crate) fn keep_threshold(keep: f64) -> u32 {
+    (keep * (1u64 << 24) as f64).round() as u32
+}
+
+/// Whether element i of the mask keyed `key` is kept (the rule of kernels.cu's `dropout_mask`).
+fn keeps(key: u64, i: u32, threshold: u32) -> bool {
+    let stream = mix32(key as u32 ^ mix32((key >> 32) as u32));
+    (mix32(stream.wrapping_add(mix32(i))) >> 8) < threshold
+}
+
+/// A 32-bit integer hash with good avalanche (the "lowbias32" constants), as in kernels.cu.
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
 }
 
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.

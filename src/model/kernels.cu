@@ -420,3 +420,25 @@ extern "C" __global__ void gumbel_argmax_f32(const float* logits, const unsigned
                                              float inv_t, int top_k, float top_p, unsigned int* out, int v) {
     gumbel_argmax(logits, keys, step, inv_t, top_k, top_p, out, v);
 }
+
+// An inverted-dropout mask of n elements: keep_value where hash(key, i) falls below keep, else 0.
+// The same hash as model::decoder's CPU path, so a seed gives the same mask on either device.
+template <typename T>
+__device__ void dropout_mask(T* out, long n, unsigned int key_lo, unsigned int key_hi, unsigned int threshold,
+                             float keep_value) {
+    const unsigned int stream = mix32(key_lo ^ mix32(key_hi));
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const unsigned int h = mix32(stream + mix32((unsigned int)i));
+        out[i] = (T)((h >> 8) < threshold ? keep_value : 0.0f);
+    }
+}
+
+extern "C" __global__ void dropout_mask_bf16(__nv_bfloat16* out, long n, unsigned int key_lo, unsigned int key_hi,
+                                             unsigned int threshold, float keep_value) {
+    dropout_mask(out, n, key_lo, key_hi, threshold, keep_value);
+}
+
+extern "C" __global__ void dropout_mask_f32(float* out, long n, unsigned int key_lo, unsigned int key_hi,
+                                            unsigned int threshold, float keep_value) {
+    dropout_mask(out, n, key_lo, key_hi, threshold, keep_value);
+}
