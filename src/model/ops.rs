@@ -481,6 +481,18 @@ pub fn self_attention(
     q.apply_op3(k, v, SelfAttentionOp { rule, heads, out: Handoff::new(out)? })
 }
 
+/// (B, T, n*E) -> (B, n, T, E)
+fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, t, w) = x.dims3()?;
+    x.reshape((b, t, n, w / n))?.transpose(1, 2)?.contiguous()
+}
+
+/// (B, n, T, E) -> (B, T, n*E)
+fn join_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, n, t, e) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * e))
+}
+
 /// How the projections' outputs become heads and back.
 struct Heads {
     cos: Tensor,
@@ -490,45 +502,33 @@ struct Heads {
 }
 
 impl Heads {
-    /// (B, T, n*E) -> (B, n, T, E)
-    fn to_heads(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let (b, t, w) = x.dims3()?;
-        x.reshape((b, t, n, w / n))?.transpose(1, 2)?.contiguous()
-    }
-
-    /// (B, n, T, E) -> (B, T, n*E)
-    fn from_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, t, e) = x.dims4()?;
-        x.transpose(1, 2)?.contiguous()?.reshape((b, t, n * e))
-    }
-
     /// q, k, v as attention takes them: q (B, K, G*T, E) and k (B, K, T, E) roped, v (B, K, T, E).
     fn split(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = q.dims3()?;
-        let qh = candle_nn::rotary_emb::rope(&self.to_heads(q, self.heads)?, &self.cos, &self.sin)?;
+        let qh = candle_nn::rotary_emb::rope(&split_heads(q, self.heads)?, &self.cos, &self.sin)?;
         let e = qh.dim(3)?;
         let qh = qh.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, e))?;
-        let kh = candle_nn::rotary_emb::rope(&self.to_heads(k, self.kv_heads)?, &self.cos, &self.sin)?;
-        Ok((qh, kh, self.to_heads(v, self.kv_heads)?))
+        let kh = candle_nn::rotary_emb::rope(&split_heads(k, self.kv_heads)?, &self.cos, &self.sin)?;
+        Ok((qh, kh, split_heads(v, self.kv_heads)?))
     }
 
     /// Attention's output (B, K, G*T, E) -> (B, T, H*E).
     fn merge(&self, out: &Tensor) -> Result<Tensor> {
         let (b, _, m, e) = out.dims4()?;
-        self.from_heads(&out.reshape((b, self.heads, m * self.kv_heads / self.heads, e))?)
+        join_heads(&out.reshape((b, self.heads, m * self.kv_heads / self.heads, e))?)
     }
 
     /// The inverse of `merge`: (B, T, H*E) -> (B, K, G*T, E).
     fn unmerge(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let h = self.to_heads(x, self.heads)?;
+        let h = split_heads(x, self.heads)?;
         h.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, ()))
     }
 
     /// A roped head gradient back to its projection's layout: the rope's transpose is the rope by
     /// the opposite angle. (B, n, T, E) -> (B, T, n*E)
     fn unrope(&self, g: &Tensor) -> Result<Tensor> {
-        self.from_heads(&candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)?)
+        join_heads(&candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)?)
     }
 }
 
@@ -582,7 +582,7 @@ impl candle_core::CustomOp3 for SelfAttentionOp {
         let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
         let (b, _, m, e) = dq.dims4()?;
         let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
-        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(hs.from_heads(&dv)?)))
+        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(join_heads(&dv)?)))
     }
 }
 
