@@ -311,4 +311,12 @@ fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
     assert_eq!(gpu_mask, cpu_mask);
     let dropped = cpu_mask.iter().filter(|&&v| v == 0.0).count() as f64 / cpu_mask.len() as f64;
     assert!((dropped - 0.05).abs() < 0.005, "dropped {dropped}");
+    // Applied in one kernel: the product with that mask, to the bit.
+    let (xg, xc) = pair(&[37, 1001], 40).unwrap();
+    let dropout = loralab::model::decoder::Dropout { key: 0xDEAD_BEEF_1234, keep: 0.95 };
+    let fused = dropout.apply(&xg).unwrap().to_device(&Device::Cpu).unwrap();
+    let mask = keyed_dropout_mask(&shape, 0xDEAD_BEEF_1234, 0.95, &xc.to_dtype(DType::BF16).unwrap()).unwrap();
+    let plain = (xc.to_dtype(DType::BF16).unwrap() * mask).unwrap();
+    let diff = (fused.to_dtype(DType::F32).unwrap() - plain.to_dtype(DType::F32).unwrap()).unwrap();
+    assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }

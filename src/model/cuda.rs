@@ -564,6 +564,40 @@ impl candle_core::CustomOp1 for DropoutMask {
     }
 }
 
+/// x * mask for bf16 x on the GPU, the mask of `dropout_mask` (same key and keep) drawn in the
+/// same pass: no mask tensor is written or kept.
+pub fn dropout_apply(x: &Tensor, key: u64, keep: f64) -> Result<Tensor> {
+    let op = DropoutApply { key, threshold: super::decoder::keep_threshold(keep), keep };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+struct DropoutApply {
+    key: u64,
+    threshold: u32,
+    keep: f64,
+}
+
+impl candle_core::CustomOp1 for DropoutApply {
+    fn name(&self) -> &'static str {
+        "dropout-apply"
+    }
+    gpu_only!(1);
+    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let n = l.shape().elem_count();
+        if n > u32::MAX as usize {
+            candle_core::bail!("dropout of {n} elements: at most 2^32 per tensor");
+        }
+        let xv = view::<bf16>(x, l, "x")?;
+        let out = unsafe { dev.alloc::<bf16>(n)? };
+        let (n64, lo, hi) = (n as i64, self.key as u32, (self.key >> 32) as u32);
+        // The mask's value rounded as a bf16 mask would hold it, so that the product is the same.
+        let value = bf16::from_f64(1.0 / self.keep).to_f32();
+        launch!(dev, "dropout_apply_bf16", launch_elements(n), &xv, &out, &n64, &lo, &hi, &self.threshold, &value);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+    }
+}
+
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::BF16

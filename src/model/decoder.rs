@@ -144,27 +144,25 @@ impl Linear {
         if !pass.train || pass.constant_adapter || self.packed.is_some() {
             return Ok(None);
         }
-        let proj = self.projection(x.shape(), x, pair, pass, adapter)?;
+        let proj = self.projection(pair, pass, adapter)?;
         super::lora::linear(x, proj, sink).map(Some)
     }
 
-    /// This projection and its adapter pair for [`super::lora`], the dropout mask of an input of
-    /// `shape` (and `like`'s dtype and device) drawn.
+    /// This projection and its adapter pair for [`super::lora`], with its input's dropout key
+    /// drawn.
     fn projection<'a>(
         &'a self,
-        shape: &Shape,
-        like: &Tensor,
         pair: &'a LoraPair,
         pass: Pass,
         adapter: &Adapter,
     ) -> Result<super::lora::Projection<'a>> {
-        let mask = dropout_mask_of(shape, like, pass, adapter)?;
+        let dropout = dropout_of(pass, adapter)?;
         Ok(super::lora::Projection {
             weight: &self.weight,
             bias: self.bias.as_ref(),
             pair,
             scale: adapter.scale(),
-            mask,
+            dropout,
         })
     }
 }
@@ -200,17 +198,35 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
 /// The inverted-dropout mask of LoRA's input, when training with dropout: 0 or 1 / (1 - p) per
 /// element of x (candle's own dropout draws from an unseeded generator).
 fn dropout_mask(x: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
-    dropout_mask_of(x.shape(), x, pass, adapter)
+    dropout_of(pass, adapter)?.map(|d| keyed_dropout_mask(x.shape(), d.key, d.keep, x)).transpose()
 }
 
-/// [`dropout_mask`] for an input of this shape (and `like`'s dtype and device). Each mask takes one
-/// key from the pass's seeded stream; element i is kept when a hash of (key, i) falls below
-/// 1 - p. The mask is drawn where it is used: on the GPU by a kernel, with the same rule.
-fn dropout_mask_of(shape: &Shape, like: &Tensor, pass: Pass, adapter: &Adapter) -> Result<Option<Tensor>> {
+/// The pass's LoRA dropout for one input, when training with dropout: one key from the pass's
+/// seeded stream; element i of the input is kept when a hash of (key, i) falls below 1 - p.
+fn dropout_of(pass: Pass, adapter: &Adapter) -> Result<Option<Dropout>> {
     let p = adapter.config.lora_dropout;
     let (true, true, Some(rng)) = (pass.train, p > 0.0, pass.dropout_rng) else { return Ok(None) };
-    let key: u64 = rng.borrow_mut().gen();
-    keyed_dropout_mask(shape, key, 1.0 - p, like).map(Some)
+    Ok(Some(Dropout { key: rng.borrow_mut().gen(), keep: 1.0 - p }))
+}
+
+/// LoRA dropout of one input, by key: the mask is drawn where it is applied (see
+/// [`keyed_dropout_mask`]), so none is stored.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub key: u64,
+    pub keep: f64,
+}
+
+impl Dropout {
+    /// t * mask for a t of the input's shape (not differentiable: for hand-written rules). On the
+    /// GPU in bf16 one kernel draws and applies the mask.
+    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::cuda::applies(t) {
+            return super::cuda::dropout_apply(t, self.key, self.keep);
+        }
+        t.mul(&keyed_dropout_mask(t.shape(), self.key, self.keep, t)?)
+    }
 }
 
 /// The inverted-dropout mask of `shape` keyed `key`, on `like`'s device and in its dtype: element
@@ -499,13 +515,10 @@ impl Mlp {
         {
             return Ok(None);
         }
-        // Masks in the order the separate projections draw them: gate, up (of x), down (of the
-        // product, whose shape is x's with the intermediate width).
-        let gate = self.gate_proj.projection(x.shape(), x, g, pass, adapter)?;
-        let up = self.up_proj.projection(x.shape(), x, u, pass, adapter)?;
-        let (b, t, _) = x.dims3()?;
-        let inter = Shape::from((b, t, self.down_proj.weight.dim(1)?));
-        let down = self.down_proj.projection(&inter, x, d, pass, adapter)?;
+        // Dropout keys in the order the separate projections draw them: gate, up, down.
+        let gate = self.gate_proj.projection(g, pass, adapter)?;
+        let up = self.up_proj.projection(u, pass, adapter)?;
+        let down = self.down_proj.projection(d, pass, adapter)?;
         super::lora::mlp(x, [gate, up, down], sink).map(Some)
     }
 }

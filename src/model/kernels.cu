@@ -442,3 +442,13 @@ extern "C" __global__ void dropout_mask_f32(float* out, long n, unsigned int key
                                             unsigned int threshold, float keep_value) {
     dropout_mask(out, n, key_lo, key_hi, threshold, keep_value);
 }
+
+// x * mask with the mask of dropout_mask (same key, threshold and value) drawn in the same pass.
+extern "C" __global__ void dropout_apply_bf16(const __nv_bfloat16* x, __nv_bfloat16* out, long n, unsigned int key_lo,
+                                              unsigned int key_hi, unsigned int threshold, float keep_value) {
+    const unsigned int stream = mix32(key_lo ^ mix32(key_hi));
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const unsigned int h = mix32(stream + mix32((unsigned int)i));
+        out[i] = __float2bfloat16((h >> 8) < threshold ? __bfloat162float(x[i]) * keep_value : 0.0f);
+    }
+}

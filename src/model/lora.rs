@@ -11,13 +11,14 @@
 //! small products of the adapter and one product with the frozen weight, nothing else.
 //!
 //! Shapes: x (..., in), flattened to (N, in) inside; W (out, in); A (r, in); B (out, r); the
-//! dropout mask (N, in) holds 0 or 1 / (1 - p). The op takes x as it comes (a reshape would be
+//! dropout mask (N, in), drawn from its key where it is applied, holds 0 or 1 / (1 - p). The op takes x as it comes (a reshape would be
 //! one more node, and one more zero-filled gradient buffer).
 
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 
+use super::decoder::Dropout;
 use super::ops::{attach, Backward};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
@@ -44,20 +45,19 @@ pub(crate) struct Projection<'a> {
     pub bias: Option<&'a Tensor>,
     pub pair: &'a LoraPair,
     pub scale: f64,
-    /// Dropout mask of the input, shaped like it.
-    pub mask: Option<Tensor>,
+    /// LoRA dropout of the input.
+    pub dropout: Option<Dropout>,
 }
 
 impl Projection<'_> {
     /// x (N, in), untracked -> (N, out), and what the backward pass needs.
     fn forward(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
         let dtype = x.dtype();
-        let mask = self.mask.map(|m| m.reshape(x.shape())).transpose()?;
         // The adapter in the activations' dtype, its scale folded into B (a small matrix).
         let a = self.pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
         let b = (self.pair.b.as_tensor().detach() * self.scale)?.to_dtype(dtype)?; // (out, r)
-        let xin = match &mask {
-            Some(m) => (x * m)?,
+        let xin = match &self.dropout {
+            Some(d) => d.apply(x)?,
             None => x.clone(),
         };
         let z = xin.matmul(&a.t()?)?; // (N, r)
@@ -73,7 +73,7 @@ impl Projection<'_> {
             a_var: self.pair.a.clone(),
             b_var: self.pair.b.clone(),
             scale: self.scale,
-            mask,
+            dropout: self.dropout,
             z,
             sink: sink.clone(),
         };
@@ -89,8 +89,8 @@ struct Saved {
     a_var: Var,
     b_var: Var,
     scale: f64,
-    mask: Option<Tensor>, // (N, in)
-    z: Tensor,            // (N, r) = (mask * x) A^T
+    dropout: Option<Dropout>,
+    z: Tensor, // (N, r) = (mask * x) A^T
     sink: Arc<GradSink>,
 }
 
@@ -99,8 +99,10 @@ impl Saved {
     /// the adapter's gradients go to the sink.
     fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let grad = grad.contiguous()?;
-        let xin = match &self.mask {
-            Some(m) => (x * m)?,
+        // The dropped input again, from its key: a mask kept from the forward pass would hold a
+        // copy of every adapted input of the model until the backward pass.
+        let xin = match &self.dropout {
+            Some(d) => d.apply(x)?,
             None => x.clone(),
         };
         let dz = grad.matmul(&self.b)?; // (N, r) = scale * dY B
@@ -111,8 +113,8 @@ impl Saved {
         self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
         // dX = dY W + mask * (dz A)
         let through_adapter = dz.matmul(&self.a)?;
-        let through_adapter = match &self.mask {
-            Some(m) => (through_adapter * m)?,
+        let through_adapter = match &self.dropout {
+            Some(d) => d.apply(&through_adapter)?,
             None => through_adapter,
         };
         grad.matmul(&self.weight.to_dtype(grad.dtype())?)? + through_adapter
