@@ -29,6 +29,17 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
+/// (rows, width) of a layout taken as rows of its last dimension.
+fn rows_of(l: &Layout) -> (usize, usize) {
+    let width = *l.dims().last().unwrap_or(&1);
+    (l.shape().elem_count() / width.max(1), width)
+}
+
+/// The error of an op given shapes that do not fit together.
+fn disagree(name: &str, shapes: &[&Shape]) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{name}: shapes {shapes:?} do not agree"))
+}
+
 fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name}: a GPU kernel, called on the CPU")
 }
@@ -82,8 +93,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
     gpu_only!(1);
     fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
-        let s = *l.dims().last().unwrap_or(&1);
-        let rows = l.shape().elem_count() / s;
+        let (rows, s) = rows_of(l);
         let input = view::<bf16>(x, l, "scores")?;
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
         let (s32, t32) = (s as i32, self.t as i32);
@@ -116,15 +126,9 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
         dl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = p.device().clone();
-        let s = *pl.dims().last().unwrap_or(&1);
-        let rows = pl.shape().elem_count() / s;
+        let (rows, s) = rows_of(pl);
         if dpl.shape() != pl.shape() || dl.shape().elem_count() != rows {
-            candle_core::bail!(
-                "softmax-backward: shapes {:?}, {:?}, {:?} do not agree",
-                pl.shape(),
-                dpl.shape(),
-                dl.shape()
-            );
+            return Err(disagree(self.name(), &[pl.shape(), dpl.shape(), dl.shape()]));
         }
         let (pv, dpv, dv) = (view::<bf16>(p, pl, "p")?, view::<bf16>(dp, dpl, "dp")?, view::<f32>(d, dl, "d")?);
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
@@ -216,15 +220,9 @@ impl candle_core::CustomOp3 for RmsNormBackward {
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
-        let d = *xl.dims().last().unwrap_or(&1);
-        let rows = xl.shape().elem_count() / d;
+        let (rows, d) = rows_of(xl);
         if gl.shape() != xl.shape() || wl.shape().elem_count() != d {
-            candle_core::bail!(
-                "rms-norm-backward: shapes {:?}, {:?}, {:?} do not agree",
-                xl.shape(),
-                gl.shape(),
-                wl.shape()
-            );
+            return Err(disagree(self.name(), &[xl.shape(), gl.shape(), wl.shape()]));
         }
         let (xv, gv, wv) = (view::<bf16>(x, xl, "x")?, view::<bf16>(g, gl, "grad")?, view::<bf16>(w, wl, "weight")?);
         let out = unsafe { dev.alloc::<bf16>(rows * d)? };

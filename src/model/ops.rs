@@ -77,7 +77,7 @@ pub(crate) fn attach<B: Backward + 'static>(x: &Tensor, y: Tensor, rule: B) -> R
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op1(Attached { rule, y: Handoff::new(y)? })
+    x.apply_op1(Attached { rule, out: Handoff::new(y)? })
 }
 
 /// A tensor computed before a custom op is applied, handed to the op's forward once and released
@@ -118,9 +118,38 @@ impl Handoff {
     }
 }
 
+/// The forward of a custom op of 1 or 3 inputs whose output was computed before the op was
+/// applied: hands over `self.out` (a [`Handoff`]) on either device.
+macro_rules! handed_over {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+    (3) => {
+#[rustfmt::skip]
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
+            -> Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+#[cfg(feature = "cuda")]
+        #[rustfmt::skip]
+        fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout, _: &candle_core::CudaStorage, _: &Layout,
+                    _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+}
+
 struct Attached<B> {
     rule: B,
-    y: Handoff,
+    out: Handoff,
 }
 
 impl<B: Backward> candle_core::CustomOp1 for Attached<B> {
@@ -128,14 +157,7 @@ impl<B: Backward> candle_core::CustomOp1 for Attached<B> {
         self.rule.name()
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
+    handed_over!(1);
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.rule.grad(x, y, grad)?))
@@ -410,30 +432,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         "attention-recompute"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    handed_over!(3);
 
     fn bwd(
         &self,
@@ -543,30 +542,7 @@ impl candle_core::CustomOp3 for SelfAttentionOp {
         "self-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    handed_over!(3);
 
     fn bwd(
         &self,
