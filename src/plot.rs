@@ -833,7 +833,16 @@ impl<DB: DrawingBackend> Canvas<'_, DB> {
     /// Draws `text` with its visible box (cap height, no descenders) anchored at `at`:
     /// `h` picks left/centre/right, `v` top/centre/baseline. `upright = false` turns it to
     /// read bottom to top, anchored the same way relative to the turned text.
-    fn text(&self, text: &str, size: f64, color: Rgb, at: (f64, f64), h: HPos, v: VPos, upright: bool) -> DrawResult {
+    fn text(
+        &self,
+        text: &str,
+        size: f64,
+        color: Rgb,
+        at: (f64, f64),
+        anchor: (HPos, VPos),
+        upright: bool,
+    ) -> DrawResult {
+        let (h, v) = anchor;
         let px = size * self.k;
         let style = self.font(size, color.solid());
         let style = if upright { style } else { style.transform(FontTransform::Rotate270) };
@@ -1053,7 +1062,7 @@ fn band_label_at(b: &Band, plot: Rect, xmap: &AxisMap, k: f64) -> Option<(f64, f
 fn draw_band_labels<DB: DrawingBackend>(c: &Canvas<DB>, fig: &Figure, plot: Rect, xmap: &AxisMap) -> DrawResult {
     for b in &fig.bands {
         if let (Some(label), Some(at)) = (&b.label, band_label_at(b, plot, xmap, c.k)) {
-            c.text(label, FS_BAND, MUTED, at, HPos::Center, VPos::Top, true)?;
+            c.text(label, FS_BAND, MUTED, at, (HPos::Center, VPos::Top), true)?;
         }
     }
     Ok(())
@@ -1070,12 +1079,12 @@ fn draw_axes<DB: DrawingBackend>(c: &Canvas<DB>, plot: Rect, xmap: &AxisMap, yma
     for (v, label) in &xmap.ticks {
         let x = xmap.px(*v);
         c.line(&[(x, plot.bottom), (x, plot.bottom + tick)], ink, SPINE_W, LineStyle::Solid)?;
-        c.text(label, FS_TICK, INK, (x, plot.bottom + tick + GAP * k), HPos::Center, VPos::Top, true)?;
+        c.text(label, FS_TICK, INK, (x, plot.bottom + tick + GAP * k), (HPos::Center, VPos::Top), true)?;
     }
     for (v, label) in &ymap.ticks {
         let y = ymap.px(*v);
         c.line(&[(plot.left - tick, y), (plot.left, y)], ink, SPINE_W, LineStyle::Solid)?;
-        c.text(label, FS_TICK, INK, (plot.left - tick - GAP * k, y), HPos::Right, VPos::Center, true)?;
+        c.text(label, FS_TICK, INK, (plot.left - tick - GAP * k, y), (HPos::Right, VPos::Center), true)?;
     }
     Ok(())
 }
@@ -1085,19 +1094,19 @@ fn draw_titles<DB: DrawingBackend>(c: &Canvas<DB>, fig: &Figure, plot: Rect) -> 
     let mid_x = (plot.left + plot.right) / 2.0;
     let xlabel_top = plot.bottom + (TICK_LEN + GAP + 1.05 * FS_TICK + 1.5 * GAP) * k;
     if !fig.x.label.is_empty() {
-        c.text(&fig.x.label, FS_LABEL, INK, (mid_x, xlabel_top), HPos::Center, VPos::Top, true)?;
+        c.text(&fig.x.label, FS_LABEL, INK, (mid_x, xlabel_top), (HPos::Center, VPos::Top), true)?;
     }
     if !fig.y.label.is_empty() {
         let x = PAD * k + FS_LABEL * k / 2.0;
-        c.text(&fig.y.label, FS_LABEL, INK, (x, (plot.top + plot.bottom) / 2.0), HPos::Center, VPos::Center, false)?;
+        c.text(&fig.y.label, FS_LABEL, INK, (x, (plot.top + plot.bottom) / 2.0), (HPos::Center, VPos::Center), false)?;
     }
     if let Some(title) = &fig.title {
-        c.text(title, FS_TITLE, INK, (mid_x, plot.top - 1.5 * GAP * k), HPos::Center, VPos::Bottom, true)?;
+        c.text(title, FS_TITLE, INK, (mid_x, plot.top - 1.5 * GAP * k), (HPos::Center, VPos::Bottom), true)?;
     }
     if let Some(caption) = &fig.caption {
         let label_room = if fig.x.label.is_empty() { 0.0 } else { FS_LABEL + GAP };
         let y = xlabel_top + (label_room + GAP * 0.5) * k;
-        c.text(caption, FS_CAPTION, MUTED, (mid_x, y), HPos::Center, VPos::Top, true)?;
+        c.text(caption, FS_CAPTION, MUTED, (mid_x, y), (HPos::Center, VPos::Top), true)?;
     }
     Ok(())
 }
@@ -1256,7 +1265,7 @@ fn draw_legend<DB: DrawingBackend>(
         }
         c.marker(look.marker, ((hx0 + hx1) / 2.0, cy), s.marker_size, look.color.solid())?;
         let tx = hx1 + 0.4 * FS_LEGEND * k;
-        c.text(&s.name, FS_LEGEND, INK, (tx, cy), HPos::Left, VPos::Center, true)?;
+        c.text(&s.name, FS_LEGEND, INK, (tx, cy), (HPos::Left, VPos::Center), true)?;
     }
     Ok(())
 }
