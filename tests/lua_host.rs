@@ -17,6 +17,16 @@ fn loralab(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A Lua prelude: `lab`, and `tiny_model(layers)`, a random Qwen2 of a few thousand weights.
+const TINY_MODEL: &str = r#"
+local lab = require("lab")
+local function tiny_model(layers)
+  return lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16,
+    intermediate_size = 32, num_hidden_layers = layers, num_attention_heads = 2, num_key_value_heads = 1,
+    max_position_embeddings = 64 })
+end
+"#;
+
 fn script(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
@@ -330,11 +340,9 @@ fn a_lua_loss_mask_function_chooses_the_trained_tokens() {
     let path = script(
         dir.path(),
         "mask.lua",
-        r#"
-local lab = require("lab")
-local m = lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16,
-  intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1,
-  max_position_embeddings = 64 })
+        &(TINY_MODEL.to_string()
+            + r#"
+local m = tiny_model(1)
 local a = lab.adapter.new(m, { r = 1 })
 local seen = {}
 local log = lab.train.sft(m, a, lab.data.rows({ { input_ids = { 1, 2, 3, 4, 5, 6 } } }), {
@@ -343,7 +351,7 @@ print(seen[1], log[1].tokens)
 local ok, err = pcall(lab.train.sft, m, a, lab.data.rows({ { input_ids = { 1, 2 } } }), {
   max_steps = 1, loss_mask = function() return { { 2, 9 } } end })
 print(ok, err)
-"#,
+"#),
     );
     let (ok, out, err) = loralab(&["run", &path]);
     assert!(ok, "{err}");
@@ -358,18 +366,16 @@ fn gradient_checkpointing_trains_and_a_misspelt_or_mistyped_key_is_rejected() {
     let path = script(
         dir.path(),
         "ckpt.lua",
-        r#"
-local lab = require("lab")
-local m = lab.model.random({ architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16,
-  intermediate_size = 32, num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1,
-  max_position_embeddings = 64 })
+        &(TINY_MODEL.to_string()
+            + r#"
+local m = tiny_model(2)
 local a = lab.adapter.new(m, { r = 2 })
 local rows = lab.data.rows({ { input_ids = { 1, 2, 3, 4, 5, 6 } } })
 local log = lab.train.sft(m, a, rows, { max_steps = 2, gradient_checkpointing = true })
 print(#log, log[2].grad_norm > 0)
 print(pcall(lab.train.sft, m, a, rows, { max_steps = 1, gradient_checkpoint = true }))
 print(pcall(lab.train.sft, m, a, rows, { max_steps = 1, gradient_checkpointing = "yes" }))
-"#,
+"#),
     );
     let (ok, out, err) = loralab(&["run", &path]);
     assert!(ok, "{err}");

@@ -195,3 +195,14 @@ local paths = lab.report.dose_response({ conditions = { c("EM"), c("benign") }, 
     let md = std::fs::read_to_string(file(&dir, "report.md")).unwrap();
     assert!(!md.contains("Welch's t-test on the per-seed rates, 3 vs 3"), "{md}");
 }
+
+#[test]
+fn the_doses_of_a_summary_come_sorted_once_and_a_wrong_field_is_named() {
+    ok(&format!(
+        "{STUDY} local c = lab.figure.summarize({{ em, benign }}).conditions
+         assert(table.concat(lab.figure.doses(c), ',') == '0,10,25,375')
+         assert(table.concat(lab.figure.doses(c, 'seeds'), ',') == '10')"
+    ));
+    let e = err(&format!("{STUDY} lab.figure.doses(lab.figure.summarize({{ em }}).conditions, 'point')"));
+    assert!(e.contains("field must be 'points', 'seeds' or nil") && e.contains("point"), "{e}");
+}

@@ -515,16 +515,14 @@ impl candle_core::CustomOp2 for GumbelArgmax {
     }
 }
 
-/// An inverted-dropout mask of `shape` on `like`'s device in bf16 or f32: element i is
-/// 1 / keep where `dropout_keeps(key, i, keep)`, else 0 (the CPU's rule, drawn on the GPU).
-pub fn dropout_mask(shape: &Shape, key: u64, keep: f64, dtype: DType, like: &Tensor) -> Result<Tensor> {
-    let n = shape.elem_count();
-    if n > u32::MAX as usize {
-        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
-    }
-    let seed = Tensor::zeros(1, dtype, like.device())?;
+/// An inverted-dropout mask of `shape` on `like`'s GPU and in its dtype (bf16 or f32): element i
+/// is 1 / keep where the CPU's rule (`decoder::keyed_dropout_mask`) keeps it, else 0.
+pub fn dropout_mask(shape: &Shape, key: u64, keep: f64, like: &Tensor) -> Result<Tensor> {
+    super::decoder::check_mask_len(shape.elem_count())?;
+    // A custom op needs an input: one element that places the mask's device and dtype.
+    let anchor = Tensor::zeros(1, like.dtype(), like.device())?;
     let op = DropoutMask { shape: shape.clone(), key, threshold: super::decoder::keep_threshold(keep), keep };
-    seed.apply_op1_no_bwd(&op)
+    anchor.apply_op1_no_bwd(&op)
 }
 
 struct DropoutMask {
@@ -583,9 +581,7 @@ impl candle_core::CustomOp1 for DropoutApply {
     fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let n = l.shape().elem_count();
-        if n > u32::MAX as usize {
-            candle_core::bail!("dropout of {n} elements: at most 2^32 per tensor");
-        }
+        super::decoder::check_mask_len(n)?;
         let xv = view::<bf16>(x, l, "x")?;
         let out = unsafe { dev.alloc::<bf16>(n)? };
         let (n64, lo, hi) = (n as i64, self.key as u32, (self.key >> 32) as u32);

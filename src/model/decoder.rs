@@ -234,17 +234,23 @@ impl Dropout {
 pub fn keyed_dropout_mask(shape: &Shape, key: u64, keep: f64, like: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if like.device().is_cuda() {
-        return super::cuda::dropout_mask(shape, key, keep, like.dtype(), like);
+        return super::cuda::dropout_mask(shape, key, keep, like);
     }
     let n = shape.elem_count();
-    if n > u32::MAX as usize {
-        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
-    }
+    check_mask_len(n)?;
     let threshold = keep_threshold(keep);
     let value = (1.0 / keep) as f32;
     let mask: Vec<f32> =
         (0..n as u32).into_par_iter().map(|i| if keeps(key, i, threshold) { value } else { 0.0 }).collect();
     Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+}
+
+/// A dropout mask hashes its elements' indices as 32-bit numbers.
+pub(crate) fn check_mask_len(n: usize) -> Result<()> {
+    if n > u32::MAX as usize {
+        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
+    }
+    Ok(())
 }
 
 /// Elements are kept when 24 bits of their hash fall below this: keep * 2^24.
