@@ -38,7 +38,15 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn fused_causal_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
-    let (b, k, g, t, e) = (2, 2, 3, 37, 16);
+    // An odd length (keys one at a time) and an even one (two at a time).
+    for t in [37, 40] {
+        causal_attention_case(t)?;
+    }
+    Ok(())
+}
+
+fn causal_attention_case(t: usize) -> Result<()> {
+    let (b, k, g, e) = (2, 2, 3, 16);
     let (qg, qc) = pair(&[b, k, g * t, e], 1)?;
     let (kg, kc) = pair(&[b, k, t, e], 2)?;
     let (vg, vc) = pair(&[b, k, t, e], 3)?;
@@ -99,9 +107,15 @@ fn fused_cross_entropy_matches_the_plain_one_with_its_gradient() -> Result<()> {
 
 #[test]
 fn fused_silu_mul_matches_the_plain_one_with_its_gradients() -> Result<()> {
-    let (gg, gc) = pair(&[3, 5, 300], 7)?;
-    let (ug, uc) = pair(&[3, 5, 300], 8)?;
-    let (wg, wc) = pair(&[3, 5, 300], 9)?;
+    // 4500 elements go eight at a time, 4485 one at a time.
+    silu_mul_case(300)?;
+    silu_mul_case(299)
+}
+
+fn silu_mul_case(width: usize) -> Result<()> {
+    let (gg, gc) = pair(&[3, 5, width], 7)?;
+    let (ug, uc) = pair(&[3, 5, width], 8)?;
+    let (wg, wc) = pair(&[3, 5, width], 9)?;
     let run = |g: &Tensor, u: &Tensor, w: &Tensor| -> Result<Vec<Tensor>> {
         let (g, u) = (Var::from_tensor(g)?, Var::from_tensor(u)?);
         let h = ops::silu_mul(g.as_tensor(), u.as_tensor())?;
@@ -222,7 +236,6 @@ fn hand_written_backward_rules_on_the_gpu_give_the_gradients_of_autograd() {
     // Run from the repository root (the GPU machine's copy) or from this crate's folder.
     let dir = std::path::Path::new("tests/fixtures/tiny-qwen2");
     let dir = if dir.exists() { dir.to_path_buf() } else { std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir) };
-    let dec = read_decoder(&dir, &LoadOptions { dtype: DType::BF16, device: gpu() }).unwrap();
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
@@ -230,31 +243,44 @@ fn hand_written_backward_rules_on_the_gpu_give_the_gradients_of_autograd() {
         target_modules: Target::ALL.to_vec(),
         use_rslora: false,
     };
-    let adapter = Adapter::new(&dec, config, 5).unwrap();
-    for p in adapter.pairs.values() {
-        p.b.set(&(Tensor::ones(p.b.shape(), DType::F32, &gpu()).unwrap() * 0.1).unwrap()).unwrap();
-    }
-    let vocab = dec.config.vocab_size as u32;
-    let rows: Vec<Example> = (0..3u32)
-        .map(|r| Example { ids: (0..24).map(|i| (i * 7919 + r * 104_729) % vocab).collect(), target: vec![true; 24] })
-        .collect();
-    let refs: Vec<&Example> = rows.iter().collect();
-    let grads = |sink: Option<&std::sync::Arc<GradSink>>| {
+    // The gradients of every adapter variable (in key order) for one batch of the tiny model.
+    let grads = |dtype: DType, device: Device, sink: Option<&std::sync::Arc<GradSink>>| -> Vec<Tensor> {
+        let dec = read_decoder(&dir, &LoadOptions { dtype, device: device.clone() }).unwrap();
+        let adapter = Adapter::new(&dec, config.clone(), 5).unwrap();
+        for p in adapter.pairs.values() {
+            p.b.set(&(Tensor::ones(p.b.shape(), DType::F32, &device).unwrap() * 0.1).unwrap()).unwrap();
+        }
+        let vocab = dec.config.vocab_size as u32;
+        let rows: Vec<Example> = (0..3u32)
+            .map(|r| Example {
+                ids: (0..24).map(|i| (i * 7919 + r * 104_729) % vocab).collect(),
+                target: vec![true; 24],
+            })
+            .collect();
+        let refs: Vec<&Example> = rows.iter().collect();
         let rng = RefCell::new(rand_chacha::ChaCha8Rng::seed_from_u64(9));
         let loss = loralab::train::batch_loss(&dec, &adapter, &refs, 10, &rng, sink, false).unwrap();
         let store = loss.backward().unwrap();
         let mut out = Vec::new();
         for p in adapter.pairs.values() {
             for v in [&p.a, &p.b] {
-                out.push(store.get(v.as_tensor()).cloned().or_else(|| sink.and_then(|s| s.take(v))).unwrap());
+                let g = store.get(v.as_tensor()).cloned().or_else(|| sink.and_then(|s| s.take(v))).unwrap();
+                out.push(g.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap());
             }
         }
         out
     };
-    let sink = GradSink::new();
-    for (ours, reference) in grads(Some(&sink)).iter().zip(grads(None)) {
-        let d = rel_diff(ours, &reference.to_device(&Device::Cpu).unwrap());
-        assert!(d < 5e-2, "relative difference {d}");
+    // bf16 arithmetic differs from f32 by a few percent on these gradients whichever way it is
+    // arranged: the hand-written rules are held to autograd's own error against f32 on the CPU.
+    let exact = grads(DType::F32, Device::Cpu, None);
+    let ours = grads(DType::BF16, gpu(), Some(&GradSink::new()));
+    let autograd = grads(DType::BF16, gpu(), None);
+    for (i, reference) in exact.iter().enumerate() {
+        let (e_ours, e_autograd) = (rel_diff(&ours[i], reference), rel_diff(&autograd[i], reference));
+        assert!(
+            e_ours < 0.1 && e_ours <= 2.0 * e_autograd + 1e-2,
+            "gradient {i}: hand-written rules {e_ours}, autograd {e_autograd}, relative to f32"
+        );
     }
 }
 
@@ -319,4 +345,112 @@ fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
     let plain = (xc.to_dtype(DType::BF16).unwrap() * mask).unwrap();
     let diff = (fused.to_dtype(DType::F32).unwrap() - plain.to_dtype(DType::F32).unwrap()).unwrap();
     assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn an_accumulating_product_adds_the_product_in_place() -> Result<()> {
+    use loralab::model::cuda::add_matmul;
+    let (n, m, k) = (37, 48, 40);
+    let (cg, cc) = pair(&[n, m], 21)?;
+    let (ag, ac) = pair(&[n, k], 22)?;
+    let (bt_g, bt_c) = pair(&[m, k], 23)?; // b as (M, K)
+    let (b_g, b_c) = pair(&[k, m], 24)?; // b as (K, M)
+    let c1 = cg.copy()?;
+    add_matmul(&c1, &ag, &bt_g, true)?;
+    let want = (&cc + ac.matmul(&bt_c.t()?)?)?;
+    assert!(rel_diff(&c1, &want) < 1e-2, "c + a b^T: {}", rel_diff(&c1, &want));
+    let c2 = cg.copy()?;
+    add_matmul(&c2, &ag, &b_g, false)?;
+    let want = (&cc + ac.matmul(&b_c)?)?;
+    assert!(rel_diff(&c2, &want) < 1e-2, "c + a b: {}", rel_diff(&c2, &want));
+    // A mismatched shape is an error, not a wrong answer.
+    assert!(add_matmul(&cg.copy()?, &ag, &b_g, true).is_err());
+    Ok(())
+}
+
+#[test]
+fn the_heads_kernel_splits_ropes_and_joins_as_the_plain_ops_do() -> Result<()> {
+    use loralab::model::cuda::{heads, Rope};
+    let (b, t, n, e) = (2, 13, 3, 16);
+    let (xg, xc) = pair(&[b, t, n * e], 31)?;
+    let angles: Vec<f32> = (0..t * e / 2).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+    let ang = Tensor::from_vec(angles, (t, e / 2), &Device::Cpu)?;
+    let (cos_c, sin_c) = (
+        ang.cos()?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+        ang.sin()?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+    );
+    let (cos_g, sin_g) =
+        (cos_c.to_dtype(DType::BF16)?.to_device(&gpu())?, sin_c.to_dtype(DType::BF16)?.to_device(&gpu())?);
+    let split = xc.reshape((b, t, n, e))?.transpose(1, 2)?.contiguous()?; // (B, n, T, E)
+    let roped = candle_nn::rotary_emb::rope(&split, &cos_c, &sin_c)?;
+    let got = heads(&xg, n, &cos_g, &sin_g, Rope::None, true)?;
+    assert_eq!(got.dims(), &[b, n, t, e]);
+    assert!(rel_diff(&got, &split) == 0.0, "split");
+    let got = heads(&xg, n, &cos_g, &sin_g, Rope::Forward, true)?;
+    assert!(rel_diff(&got, &roped) < 1e-2, "split and rope: {}", rel_diff(&got, &roped));
+    // Back: the inverse rope undoes the rope, and the join undoes the split.
+    let back = heads(&got, n, &cos_g, &sin_g, Rope::Inverse, false)?;
+    assert_eq!(back.dims(), &[b, t, n * e]);
+    assert!(rel_diff(&back, &xc) < 2e-2, "unrope and join: {}", rel_diff(&back, &xc));
+    let joined = heads(&split.to_dtype(DType::BF16)?.to_device(&gpu())?, n, &cos_g, &sin_g, Rope::None, false)?;
+    assert!(rel_diff(&joined, &xc) == 0.0, "join");
+    Ok(())
+}
+
+#[test]
+fn row_dot_on_the_gpu_is_the_rowwise_sum_of_products() -> Result<()> {
+    let (ag, ac) = pair(&[3, 5, 130], 41)?;
+    let (bg, bc) = pair(&[3, 5, 130], 42)?;
+    let got = loralab::model::cuda::row_dot(&ag, &bg)?;
+    let want = (ac * bc)?.sum(2)?.flatten_all()?;
+    assert!(rel_diff(&got, &want) < 1e-5, "row dot: {}", rel_diff(&got, &want));
+    Ok(())
+}
+
+#[test]
+fn self_attention_on_the_gpu_matches_the_plain_one_with_its_gradients() -> Result<()> {
+    let (b, t, h, kv, e) = (2, 21, 6, 2, 16);
+    let (qg, qc) = pair(&[b, t, h * e], 51)?;
+    let (kg, kc) = pair(&[b, t, kv * e], 52)?;
+    let (vg, vc) = pair(&[b, t, kv * e], 53)?;
+    let (wg, wc) = pair(&[b, t, h * e], 54)?;
+    let angles: Vec<f32> = (0..t * e / 2).map(|i| (i as f32 * 0.29).cos() * 2.0).collect();
+    let ang = Tensor::from_vec(angles, (t, e / 2), &Device::Cpu)?;
+    let (cos_c, sin_c) = (
+        ang.cos()?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+        ang.sin()?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+    );
+    let causal: Vec<f32> =
+        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask_c = Tensor::from_vec(causal, (1, 1, 1, t, t), &Device::Cpu)?;
+    let run = |q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, dev: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+        let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
+        let (cos, sin) = (cos_c.to_dtype(dtype)?.to_device(dev)?, sin_c.to_dtype(dtype)?.to_device(dev)?);
+        let mask = mask_c.to_device(dev)?;
+        let out = ops::self_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &cos,
+            &sin,
+            Some(&mask),
+            true,
+            0.25,
+            h,
+            kv,
+        )?;
+        let grads = (out.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        Ok(vec![
+            out,
+            grads.get(q.as_tensor()).unwrap().clone(),
+            grads.get(k.as_tensor()).unwrap().clone(),
+            grads.get(v.as_tensor()).unwrap().clone(),
+        ])
+    };
+    let fused = run(&qg, &kg, &vg, &wg, &gpu(), DType::BF16)?;
+    let plain = run(&qc, &kc, &vc, &wc, &Device::Cpu, DType::F32)?;
+    for (name, (f, p)) in ["out", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
+        assert!(rel_diff(f, p) < 3e-2, "{name}: {}", rel_diff(f, p));
+    }
+    Ok(())
 }

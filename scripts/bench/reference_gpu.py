@@ -4,6 +4,7 @@ call as loralab; prints one JSON object.
 
   python3 scripts/bench/reference_gpu.py --config scripts/bench/configs/qwen2.5-0.5b.json \
       --seq 256 --batch 4 --grad-accum 4 --steps 3 --prompts 32 --n 10 --max-tokens 128
+  python3 scripts/bench/reference_gpu.py --config CONFIG --seq 1024 --grad-accum 1 --skip sample --profile
 """
 import argparse
 import json
@@ -55,6 +56,8 @@ def bench_train(args, gradient_checkpointing):
 
     step()
     torch.cuda.synchronize()
+    if args.profile:
+        return profile(step)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -67,6 +70,22 @@ def bench_train(args, gradient_checkpointing):
     del model, opt
     torch.cuda.empty_cache()
     return out
+
+
+def profile(step):
+    """GPU time per kernel of one optimizer step, summed by name, as gpu_profile.sh prints it."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"{sum(r[2] for r in rows)} kernels, {total / 1e3:.1f} ms of GPU time")
+    for name, us, n in rows[:30]:
+        print(f"{100 * us / total:5.1f}%  {us / 1e3:8.2f} ms  {n:5d}x  {name[:110]}")
+    return {"profiled": True}
 
 
 def bench_sample(args):
@@ -103,13 +122,15 @@ def main():
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--skip", default="")
+    p.add_argument("--profile", action="store_true", help="print GPU time per kernel of one training step")
     args = p.parse_args()
     import transformers, peft
     res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}, torch {torch.__version__}, sdpa, bf16",
            "gpu": torch.cuda.get_device_name(0)}
     if "train" not in args.skip:
         res["train"] = bench_train(args, False)
-        res["train_checkpointing"] = bench_train(args, True)
+        if not args.profile:
+            res["train_checkpointing"] = bench_train(args, True)
     if "sample" not in args.skip:
         res["sample"] = bench_sample(args)
     print(json.dumps(res))

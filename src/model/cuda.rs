@@ -17,6 +17,11 @@ fn launch_rows(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// One warp per row.
+fn launch_warps(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((rows * 32).div_ceil(BLOCK as usize) as u32, 1, 1), ..launch_rows(1) }
+}
+
 fn launch_elements(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_536) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
@@ -27,6 +32,12 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("fused kernel: {what} must be contiguous")))?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// Whether n bf16 elements at these (contiguous) layouts can be moved eight at a time: 16-byte
+/// aligned (allocations are; a view's offset may not be) and a multiple of 8.
+fn packed8(n: usize, layouts: &[&Layout]) -> bool {
+    n % 8 == 0 && layouts.iter().all(|l| l.start_offset() % 8 == 0)
 }
 
 /// (rows, width) of a layout taken as rows of its last dimension.
@@ -97,17 +108,21 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         let input = view::<bf16>(x, l, "scores")?;
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
         let (s32, t32) = (s as i32, self.t as i32);
-        launch!(dev, "causal_softmax_bf16", launch_rows(rows), &input, &out, &s32, &t32, &self.scale);
+        let rows64 = rows as i64;
+        launch!(dev, "causal_softmax_bf16", launch_warps(rows), &input, &out, &rows64, &s32, &t32, &self.scale);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
     }
 }
 
-/// ds = p * (dp - d) * scale, for bf16 p and dp (rows, S) and f32 d (rows, 1).
-pub fn softmax_backward(p: &Tensor, dp: &Tensor, d: &Tensor, scale: f64) -> Result<Tensor> {
-    p.contiguous()?.apply_op3_no_bwd(&dp.contiguous()?, &d.contiguous()?, &SoftmaxBackward { scale: scale as f32 })
+/// ds = p * (dp - d) * scale, for bf16 p and dp (rows, S) and f32 d (rows, 1); `t` as in
+/// [`causal_softmax`], whose hidden keys are then not read (0: every key visible).
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, d: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
+    let op = SoftmaxBackward { t, scale: scale as f32 };
+    p.contiguous()?.apply_op3_no_bwd(&dp.contiguous()?, &d.contiguous()?, &op)
 }
 
 struct SoftmaxBackward {
+    t: usize,
     scale: f32,
 }
 
@@ -132,8 +147,8 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
         }
         let (pv, dpv, dv) = (view::<bf16>(p, pl, "p")?, view::<bf16>(dp, dpl, "dp")?, view::<f32>(d, dl, "d")?);
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
-        let s32 = s as i32;
-        launch!(dev, "softmax_backward_bf16", launch_rows(rows), &pv, &dpv, &dv, &out, &s32, &self.scale);
+        let (s32, t32) = (s as i32, self.t as i32);
+        launch!(dev, "softmax_backward_bf16", launch_rows(rows), &pv, &dpv, &dv, &out, &s32, &t32, &self.scale);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), pl.shape().clone()))
     }
 }
@@ -252,8 +267,9 @@ impl candle_core::CustomOp2 for SiluMul {
         let n = gl.shape().elem_count();
         let (gv, uv) = (view::<bf16>(g, gl, "gate")?, view::<bf16>(u, ul, "up")?);
         let out = unsafe { dev.alloc::<bf16>(n)? };
-        let n64 = n as i64;
-        launch!(dev, "silu_mul_bf16", launch_elements(n), &gv, &uv, &out, &n64);
+        let (n64, packed) = (n as i64, packed8(n, &[gl, ul]));
+        let (cfg, packed) = (launch_elements(n / if packed { 8 } else { 1 }), packed as i32);
+        launch!(dev, "silu_mul_bf16", cfg, &gv, &uv, &out, &n64, &packed);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), gl.shape().clone()))
     }
     fn bwd(
@@ -295,8 +311,9 @@ impl candle_core::CustomOp3 for SiluMulBackward {
         let n = gl.shape().elem_count();
         let (gv, uv, dv) = (view::<bf16>(g, gl, "gate")?, view::<bf16>(u, ul, "up")?, view::<bf16>(d, dl, "grad")?);
         let out = unsafe { dev.alloc::<bf16>(2 * n)? };
-        let n64 = n as i64;
-        launch!(dev, "silu_mul_backward_bf16", launch_elements(n), &gv, &uv, &dv, &out, &n64);
+        let (n64, packed) = (n as i64, packed8(n, &[gl, ul, dl]));
+        let (cfg, packed) = (launch_elements(n / if packed { 8 } else { 1 }), packed as i32);
+        launch!(dev, "silu_mul_backward_bf16", cfg, &gv, &uv, &dv, &out, &n64, &packed);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n))))
     }
 }
@@ -602,4 +619,157 @@ pub fn applies(t: &Tensor) -> bool {
 pub fn single_stream(dev: &CudaDevice) {
     // Safety: all work is issued on this device's default stream (no other stream exists).
     unsafe { dev.disable_event_tracking() }
+}
+
+/// `c += a b^T` (`b_transposed`: b is (M, K)) or `c += a b` (b is (K, M)), for c (N, M) and
+/// a (N, K), all bf16 and contiguous on the GPU, as one cuBLAS product that accumulates into c
+/// (f32 arithmetic, beta = 1). A product followed by an addition would make two more passes
+/// over c, which for a (tokens x intermediate) output costs more than the adapter's products.
+/// `c` changes in place: the caller must hold the only handle to it (a tensor it has just
+/// computed and given to no one).
+pub fn add_matmul(c: &Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<()> {
+    c.inplace_op3(&a.contiguous()?, &b.contiguous()?, &AddMatmul { b_transposed })
+}
+
+struct AddMatmul {
+    b_transposed: bool,
+}
+
+impl candle_core::InplaceOp3 for AddMatmul {
+    fn name(&self) -> &'static str {
+        "add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        no_cpu(self.name()).map(|_| ())
+    }
+
+    fn cuda_fwd(
+        &self,
+        c: &mut CudaStorage,
+        cl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t as Op, Gemm, GemmConfig};
+        let ((n, m), (an, k)) = (rows_of(cl), rows_of(al));
+        let (bm, bk) = if self.b_transposed { rows_of(bl) } else { (rows_of(bl).1, rows_of(bl).0) };
+        if an != n || bm != m || bk != k {
+            return Err(disagree(self.name(), &[cl.shape(), al.shape(), bl.shape()]));
+        }
+        let blas = c.device().cublas_handle();
+        let (av, bv) = (view::<bf16>(a, al, "a")?, view::<bf16>(b, bl, "b")?);
+        let (c0, c1) = cl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("add-matmul: c must be contiguous".into()))?;
+        let mut cv = c.as_cuda_slice_mut::<bf16>()?.slice_mut(c0..c1);
+        // Row-major c (N, M) is column-major c^T (M, N) = op(b) a^T: cuBLAS's first operand is b.
+        let (m, n, k) = (m as i32, n as i32, k as i32);
+        let cfg = GemmConfig {
+            transa: if self.b_transposed { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N },
+            transb: Op::CUBLAS_OP_N,
+            m,
+            n,
+            k,
+            alpha: bf16::ONE,
+            lda: if self.b_transposed { k } else { m },
+            ldb: k,
+            beta: bf16::ONE,
+            ldc: m,
+        };
+        // Safety: the three views hold exactly the (M, K) or (K, M), (N, K) and (N, M) elements
+        // the configuration reads and writes.
+        unsafe { blas.gemm(cfg, &bv, &av, &mut cv) }.w()?;
+        Ok(())
+    }
+}
+
+/// How [`heads`] treats the rope.
+#[derive(Clone, Copy)]
+pub enum Rope {
+    None = 0,
+    Forward = 1,
+    /// By the opposite angle: the rope's transpose, for gradients.
+    Inverse = -1,
+}
+
+/// A projection's output as attention heads, `to_heads`: x (B, T, n*E) -> (B, n, T, E); or back:
+/// (B, n, T, E) -> (B, T, n*E). One pass, the rope (cos, sin (T, E/2)) applied on the way.
+/// Replaces a strided copy plus a rope pass, each slower than this whole kernel.
+pub fn heads(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, rope: Rope, to_heads: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &Heads { n, rope, to_heads })
+}
+
+struct Heads {
+    n: usize,
+    rope: Rope,
+    to_heads: bool,
+}
+
+impl candle_core::CustomOp3 for Heads {
+    fn name(&self) -> &'static str {
+        "heads"
+    }
+    gpu_only!(3);
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, c: &CudaStorage, cl: &Layout, s: &CudaStorage, sl: &Layout)
+        -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (b, t, e, shape) = if self.to_heads {
+            let (b, t, w) = xl.shape().dims3()?;
+            (b, t, w / self.n, Shape::from((b, self.n, t, w / self.n)))
+        } else {
+            let (b, n, t, e) = xl.shape().dims4()?;
+            if n != self.n {
+                return Err(disagree(self.name(), &[xl.shape()]));
+            }
+            (b, t, e, Shape::from((b, t, n * e)))
+        };
+        if e % 4 != 0 || e * self.n * b * t != xl.shape().elem_count() || cl.shape().elem_count() < t * e / 2
+            || sl.shape() != cl.shape() {
+            return Err(disagree(self.name(), &[xl.shape(), cl.shape(), sl.shape()]));
+        }
+        let (xv, cv, sv) = (view::<bf16>(x, xl, "x")?, view::<bf16>(c, cl, "cos")?, view::<bf16>(s, sl, "sin")?);
+        let out = unsafe { dev.alloc::<bf16>(xl.shape().elem_count())? };
+        let dims = [b as i32, t as i32, self.n as i32, e as i32, self.rope as i32, self.to_heads as i32];
+        launch!(dev, "heads_bf16", launch_elements(b * t * self.n * e / 4), &xv, &out, &cv, &sv,
+                &dims[0], &dims[1], &dims[2], &dims[3], &dims[4], &dims[5]);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+/// rowsum(a * b) in f32 over the last dimension: (..., W) x 2 -> (rows,).
+pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &RowDot)
+}
+
+struct RowDot;
+
+impl candle_core::CustomOp2 for RowDot {
+    fn name(&self) -> &'static str {
+        "row-dot"
+    }
+    gpu_only!(2);
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = a.device().clone();
+        if al.shape() != bl.shape() {
+            return Err(disagree(self.name(), &[al.shape(), bl.shape()]));
+        }
+        let (rows, w) = rows_of(al);
+        let (av, bv) = (view::<bf16>(a, al, "a")?, view::<bf16>(b, bl, "b")?);
+        let out = unsafe { dev.alloc::<f32>(rows)? };
+        let (rows64, w32) = (rows as i64, w as i32);
+        launch!(dev, "row_dot_bf16", launch_warps(rows), &av, &bv, &out, &rows64, &w32);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+    }
 }

@@ -26,38 +26,75 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* share
     return v;
 }
 
+// Max or sum over a warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce(float v, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    return v;
+}
+
 // Causal softmax of attention scores: probs[r][j] = softmax_j(scores[r][j] * scale) over the
-// keys j <= (r % t) + (s - t), zero elsewhere. Rows are (batch, kv head, query head, position),
-// so the query position of row r is r % t.
-extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv_bfloat16* probs,
+// keys j <= (r % t) + (s - t), zero elsewhere, without reading the hidden keys. Rows are (batch,
+// kv head, query head, position), so the query position of row r is r % t. One warp per row
+// (a block per row spent its time in barriers), two keys per lane at a time (s even).
+extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv_bfloat16* probs, long rows,
                                               int s, int t, float scale) {
-    __shared__ float shared[BLOCK / 32];
-    const long row = blockIdx.x;
+    const long row = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
     const int last = (int)(row % t) + (s - t);  // last visible key
-    const __nv_bfloat16* x = scores + row * s;
-    __nv_bfloat16* y = probs + row * s;
+    if (s % 2 == 1) {  // rows not 4-byte aligned: one key per lane at a time
+        const __nv_bfloat16* x = scores + row * s;
+        float m = -INFINITY, sum = 0.0f;
+        for (int j = lane; j <= last; j += 32) m = fmaxf(m, __bfloat162float(x[j]) * scale);
+        m = warp_reduce(m, true);
+        for (int j = lane; j <= last; j += 32) sum += __expf(__bfloat162float(x[j]) * scale - m);
+        const float inv = 1.0f / warp_reduce(sum, false);
+        for (int j = lane; j < s; j += 32)
+            probs[row * s + j] = __float2bfloat16(j <= last ? __expf(__bfloat162float(x[j]) * scale - m) * inv : 0.0f);
+        return;
+    }
+    const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(scores + row * s);
+    __nv_bfloat162* y = reinterpret_cast<__nv_bfloat162*>(probs + row * s);
+    const int pairs = s / 2, visible = last / 2 + 1;  // pairs holding a visible key
     float m = -INFINITY;
-    for (int j = threadIdx.x; j <= last; j += BLOCK) m = fmaxf(m, __bfloat162float(x[j]) * scale);
-    m = block_reduce(m, true, shared);
+    for (int j = lane; j < visible; j += 32) {
+        float2 v = __bfloat1622float2(x[j]);
+        m = fmaxf(m, v.x * scale);
+        if (2 * j + 1 <= last) m = fmaxf(m, v.y * scale);
+    }
+    m = warp_reduce(m, true);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j <= last; j += BLOCK) sum += __expf(__bfloat162float(x[j]) * scale - m);
-    sum = block_reduce(sum, false, shared);
-    const float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < s; j += BLOCK) {
-        float p = j <= last ? __expf(__bfloat162float(x[j]) * scale - m) * inv : 0.0f;
-        y[j] = __float2bfloat16(p);
+    for (int j = lane; j < visible; j += 32) {
+        float2 v = __bfloat1622float2(x[j]);
+        sum += __expf(v.x * scale - m);
+        if (2 * j + 1 <= last) sum += __expf(v.y * scale - m);
+    }
+    const float inv = 1.0f / warp_reduce(sum, false);
+    for (int j = lane; j < pairs; j += 32) {
+        float a = 0.0f, b = 0.0f;
+        if (j < visible) {
+            float2 v = __bfloat1622float2(x[j]);
+            a = __expf(v.x * scale - m) * inv;
+            b = 2 * j + 1 <= last ? __expf(v.y * scale - m) * inv : 0.0f;
+        }
+        y[j] = __floats2bfloat162_rn(a, b);
     }
 }
 
 // Gradient of the scores through softmax and scale: ds = p * (dp - d[r]) * scale, where
-// d[r] = sum_j dp[r][j] * p[r][j] (passed in, computed as rowsum(dO * O)).
+// d[r] = sum_j dp[r][j] * p[r][j] (passed in, computed as rowsum(dO * O)). `t` as in
+// causal_softmax_bf16 (0: no causal mask): the hidden keys, where p is 0, are not read.
 extern "C" __global__ void softmax_backward_bf16(const __nv_bfloat16* p, const __nv_bfloat16* dp,
-                                                 const float* d, __nv_bfloat16* ds, int s, float scale) {
+                                                 const float* d, __nv_bfloat16* ds, int s, int t, float scale) {
     const long row = blockIdx.x;
     const float dr = d[row];
+    const int last = t > 0 ? (int)(row % t) + (s - t) : s - 1;
     for (int j = threadIdx.x; j < s; j += BLOCK) {
         long i = row * s + j;
-        float v = __bfloat162float(p[i]) * (__bfloat162float(dp[i]) - dr) * scale;
+        float v = j <= last ? __bfloat162float(p[i]) * (__bfloat162float(dp[i]) - dr) * scale : 0.0f;
         ds[i] = __float2bfloat16(v);
     }
 }
@@ -117,26 +154,119 @@ extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const 
     }
 }
 
-// SwiGLU's product h = silu(gate) * up, elementwise.
+__device__ __forceinline__ float silu_of(float g) { return g / (1.0f + __expf(-g)); }
+
+// Eight bf16 at once, for the elementwise kernels (16-byte loads and stores).
+union Pack8 {
+    uint4 raw;
+    __nv_bfloat162 pairs[4];
+};
+
+// SwiGLU's product h = silu(gate) * up, elementwise. `packed`: n % 8 == 0 and 16-byte aligned
+// pointers (the launcher checks), eight elements per load.
 extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                         __nv_bfloat16* h, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float g = __bfloat162float(gate[i]);
-        float sig = 1.0f / (1.0f + __expf(-g));
-        h[i] = __float2bfloat16(g * sig * __bfloat162float(up[i]));
+                                         __nv_bfloat16* h, long n, int packed) {
+    const long stride = (long)gridDim.x * blockDim.x;
+    if (packed) {
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 8; i += stride) {
+            Pack8 g, u, out;
+            g.raw = reinterpret_cast<const uint4*>(gate)[i];
+            u.raw = reinterpret_cast<const uint4*>(up)[i];
+            for (int k = 0; k < 4; k++) {
+                float2 gv = __bfloat1622float2(g.pairs[k]), uv = __bfloat1622float2(u.pairs[k]);
+                out.pairs[k] = __floats2bfloat162_rn(silu_of(gv.x) * uv.x, silu_of(gv.y) * uv.y);
+            }
+            reinterpret_cast<uint4*>(h)[i] = out.raw;
+        }
+        return;
+    }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) {
+        h[i] = __float2bfloat16(silu_of(__bfloat162float(gate[i])) * __bfloat162float(up[i]));
     }
 }
 
-// Its gradients: dgate = dh * up * silu'(gate), dup = dh * silu(gate), written as out[0..n]
-// and out[n..2n]; silu'(g) = sig(g) * (1 + g * (1 - sig(g))).
+// dgate = dh * up * silu'(gate) and dup = dh * silu(gate) for one element;
+// silu'(g) = sig(g) * (1 + g * (1 - sig(g))).
+__device__ __forceinline__ float2 silu_mul_grads(float g, float u, float d) {
+    float sig = 1.0f / (1.0f + __expf(-g));
+    return make_float2(d * u * sig * (1.0f + g * (1.0f - sig)), d * g * sig);
+}
+
+// Its gradients, written as out[0..n] (dgate) and out[n..2n] (dup); `packed` as above.
 extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                                  const __nv_bfloat16* dh, __nv_bfloat16* out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float g = __bfloat162float(gate[i]), u = __bfloat162float(up[i]), d = __bfloat162float(dh[i]);
-        float sig = 1.0f / (1.0f + __expf(-g));
-        out[i] = __float2bfloat16(d * u * sig * (1.0f + g * (1.0f - sig)));
-        out[n + i] = __float2bfloat16(d * g * sig);
+                                                  const __nv_bfloat16* dh, __nv_bfloat16* out, long n,
+                                                  int packed) {
+    const long stride = (long)gridDim.x * blockDim.x;
+    if (packed) {
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 8; i += stride) {
+            Pack8 g, u, d, dg, du;
+            g.raw = reinterpret_cast<const uint4*>(gate)[i];
+            u.raw = reinterpret_cast<const uint4*>(up)[i];
+            d.raw = reinterpret_cast<const uint4*>(dh)[i];
+            for (int k = 0; k < 4; k++) {
+                float2 gv = __bfloat1622float2(g.pairs[k]), uv = __bfloat1622float2(u.pairs[k]);
+                float2 dv = __bfloat1622float2(d.pairs[k]);
+                float2 a = silu_mul_grads(gv.x, uv.x, dv.x), b = silu_mul_grads(gv.y, uv.y, dv.y);
+                dg.pairs[k] = __floats2bfloat162_rn(a.x, b.x);
+                du.pairs[k] = __floats2bfloat162_rn(a.y, b.y);
+            }
+            reinterpret_cast<uint4*>(out)[i] = dg.raw;
+            reinterpret_cast<uint4*>(out + n)[i] = du.raw;
+        }
+        return;
     }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) {
+        float2 r = silu_mul_grads(__bfloat162float(gate[i]), __bfloat162float(up[i]), __bfloat162float(dh[i]));
+        out[i] = __float2bfloat16(r.x);
+        out[n + i] = __float2bfloat16(r.y);
+    }
+}
+
+// A projection's output as attention heads and back: x (B, T, n, E) <-> y (B, n, T, E), with
+// the rope on the way: cos, sin (T, E/2) rotate the first half of each head against the second
+// (rope_sign 1), by the opposite angle (-1: the rope's transpose, for gradients) or not at all (0).
+// to_heads: src is x and dst is y; else the reverse. One thread per two adjacent pairs
+// (E % 4 == 0), f32 arithmetic.
+extern "C" __global__ void heads_bf16(const __nv_bfloat16* src, __nv_bfloat16* dst, const __nv_bfloat16* cos,
+                                      const __nv_bfloat16* sin, int b, int t, int n, int e, int rope_sign,
+                                      int to_heads) {
+    int half = e / 2, quads = half / 2;
+    long total = (long)b * t * n * quads;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        int j = (int)(i % quads) * 2;
+        long rest = i / quads;
+        int h = (int)(rest % n);
+        rest /= n;
+        int tt = (int)(rest % t), bb = (int)(rest / t);
+        long x_at = (((long)bb * t + tt) * n + h) * e, y_at = (((long)bb * n + h) * t + tt) * e;
+        long from = to_heads ? x_at : y_at, to = to_heads ? y_at : x_at;
+        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(src + from + j);
+        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(src + from + half + j);
+        if (rope_sign != 0) {
+            float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
+            float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)tt * half + j));
+            float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)tt * half + j));
+            s.x *= rope_sign;
+            s.y *= rope_sign;
+            lo = __floats2bfloat162_rn(a.x * c.x - c2.x * s.x, a.y * c.y - c2.y * s.y);
+            hi = __floats2bfloat162_rn(a.x * s.x + c2.x * c.x, a.y * s.y + c2.y * c.y);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(dst + to + j) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(dst + to + half + j) = hi;
+    }
+}
+
+// d[r] = sum_i a[r][i] * b[r][i] in f32, for rows of width w: one warp per row. (Attention's
+// backward needs rowsum(dO * O) per query.)
+extern "C" __global__ void row_dot_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d, long rows,
+                                        int w) {
+    long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    float sum = 0.0f;
+    for (int i = lane; i < w; i += 32) sum += __bfloat162float(a[r * w + i]) * __bfloat162float(b[r * w + i]);
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) d[r] = sum;
 }
 
 // Attention of one new token per row against the KV cache (decoding), bf16. One block of E

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use super::decoder::Dropout;
-use super::ops::{attach, Backward};
+use super::ops::{accumulates, add_matmul, attach, Backward};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
@@ -61,11 +61,7 @@ impl Projection<'_> {
             None => x.clone(),
         };
         let z = xin.matmul(&a.t()?)?; // (N, r)
-        let mut y = x.matmul(&self.weight.t()?)?; // (N, out)
-        if let Some(bias) = self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let y = (y + z.matmul(&b.t()?)?)?;
+        let y = plus_adapter(x.matmul(&self.weight.t()?)?, &z, &b, self.bias)?; // (N, out)
         let saved = Saved {
             weight: self.weight.detach(),
             a,
@@ -78,6 +74,28 @@ impl Projection<'_> {
             sink: sink.clone(),
         };
         Ok((y, saved))
+    }
+}
+
+/// `y + bias + z B^T` for y (N, out), z (N, r), B (out, r). On the GPU one product accumulates
+/// into y, the bias riding along as one more column: `[z | 1 | 0..] [B | bias | 0..]^T`, padded
+/// to a multiple of 8 columns (16-byte rows for the tensor cores).
+fn plus_adapter(y: Tensor, z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(bias) if accumulates(&y) => {
+            let (n, r) = z.dims2()?;
+            let pad = 8 - r % 8;
+            let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
+            let bias = bias.to_dtype(b.dtype())?.reshape((b.dim(0)?, 1))?;
+            let (mut zs, mut bs) = (vec![z.clone(), ones], vec![b.clone(), bias]);
+            if pad > 1 {
+                zs.push(Tensor::zeros((n, pad - 1), z.dtype(), z.device())?);
+                bs.push(Tensor::zeros((b.dim(0)?, pad - 1), b.dtype(), b.device())?);
+            }
+            add_matmul(y, &Tensor::cat(&zs, 1)?, &Tensor::cat(&bs, 1)?, true)
+        }
+        Some(bias) => add_matmul(y.broadcast_add(bias)?, z, b, true),
+        None => add_matmul(y, z, b, true),
     }
 }
 
@@ -98,6 +116,12 @@ impl Saved {
     /// The input's gradient (N, in) from the input x (N, in) and the output's gradient (N, out);
     /// the adapter's gradients go to the sink.
     fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        self.backward_into(x, grad, None)
+    }
+
+    /// [`Saved::backward`], added to `into`, the gradient of the same input from another
+    /// projection (in place on the GPU: `into` must be held by the caller alone).
+    fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         let grad = grad.contiguous()?;
         // The dropped input again, from its key: a mask kept from the forward pass would hold a
         // copy of every adapted input of the model until the backward pass.
@@ -112,12 +136,15 @@ impl Saved {
         self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
         self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
         // dX = dY W + mask * (dz A)
-        let through_adapter = dz.matmul(&self.a)?;
-        let through_adapter = match &self.dropout {
-            Some(d) => d.apply(&through_adapter)?,
-            None => through_adapter,
+        let weight = self.weight.to_dtype(grad.dtype())?;
+        let dx = match into {
+            Some(sum) => add_matmul(sum, &grad, &weight, false)?,
+            None => grad.matmul(&weight)?,
         };
-        grad.matmul(&self.weight.to_dtype(grad.dtype())?)? + through_adapter
+        match &self.dropout {
+            Some(d) => dx + d.apply(&dz.matmul(&self.a)?)?,
+            None => add_matmul(dx, &dz, &self.a, false),
+        }
     }
 }
 
@@ -169,7 +196,8 @@ impl Backward for MlpGrad {
         let x2 = x.detach().reshape((n, ()))?;
         let dh = self.down.backward(&self.h, &grad.reshape((n, ()))?)?;
         let (dg, du) = super::ops::silu_mul_backward(&self.g, &self.u, &dh)?;
-        let dx = (self.gate.backward(&x2, &dg)? + self.up.backward(&x2, &du)?)?;
+        let dx = self.gate.backward(&x2, &dg)?;
+        let dx = self.up.backward_into(&x2, &du, Some(dx))?;
         dx.reshape(x.shape())
     }
 }

@@ -15,6 +15,30 @@ fn fused(t: &Tensor) -> bool {
     super::cuda::applies(t)
 }
 
+/// Whether [`add_matmul`] accumulates in place (on the GPU in bf16) rather than adding a product.
+pub(crate) fn accumulates(t: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if fused(t) {
+        return true;
+    }
+    let _ = t;
+    false
+}
+
+/// `c + a b^T` (`b_transposed`: b is (M, K)) or `c + a b` (b is (K, M)), for c (N, M) and
+/// a (N, K), untracked. On the GPU in bf16 one product accumulates into `c` in place
+/// ([`super::cuda::add_matmul`]): `c` must be a tensor the caller has just computed and holds
+/// alone. Elsewhere the product is added.
+pub(crate) fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if accumulates(&c) && c.is_contiguous() {
+        super::cuda::add_matmul(&c, a, b, b_transposed)?;
+        return Ok(c);
+    }
+    let product = if b_transposed { a.matmul(&b.t()?)? } else { a.matmul(b)? };
+    c + product
+}
+
 /// `x @ W^T` for a frozen weight `W`: the backward pass returns the gradient of `x` only.
 ///
 /// candle's matmul backward computes the gradient of both operands, which for a frozen base
@@ -404,13 +428,12 @@ impl AttentionRule {
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
-            use candle_core::DType;
             let p = self.probs(q, k)?; // (B, K, M, S) bf16
             let dout = grad.contiguous()?;
             let dv = p.t()?.matmul(&dout)?;
             let dp = dout.matmul(&v.t()?)?;
-            let d = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum_keepdim(candle_core::D::Minus1)?;
-            let ds = super::cuda::softmax_backward(&p, &dp, &d, self.scale)?;
+            let d = super::cuda::row_dot(&dout, out)?; // (B * K * M,) f32
+            let ds = super::cuda::softmax_backward(&p, &dp, &d, q.dim(2)? / self.g, self.scale)?;
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
         }
         let _ = out;
@@ -501,33 +524,65 @@ struct Heads {
 }
 
 impl Heads {
+    /// Whether one fused kernel moves heads of size `e` (on the GPU in bf16, e a multiple of 4).
+    #[cfg(feature = "cuda")]
+    fn fused(&self, x: &Tensor, e: usize) -> bool {
+        fused(x) && e % 4 == 0 && fused(&self.cos)
+    }
+
+    /// x (B, T, n*E) -> (B, n, T, E), roped or not.
+    fn heads_of(&self, x: &Tensor, n: usize, roped: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused(x, x.dim(2)? / n) {
+            use super::cuda::{heads, Rope};
+            return heads(x, n, &self.cos, &self.sin, if roped { Rope::Forward } else { Rope::None }, true);
+        }
+        let h = split_heads(x, n)?;
+        if roped {
+            candle_nn::rotary_emb::rope(&h, &self.cos, &self.sin)
+        } else {
+            Ok(h)
+        }
+    }
+
+    /// (B, n, T, E) -> (B, T, n*E); `unroped`: the gradient of a roped head goes back through the
+    /// rope's transpose, the rope by the opposite angle.
+    fn joined(&self, x: &Tensor, unroped: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused(x, x.dim(3)?) {
+            use super::cuda::{heads, Rope};
+            return heads(x, x.dim(1)?, &self.cos, &self.sin, if unroped { Rope::Inverse } else { Rope::None }, false);
+        }
+        if unroped {
+            join_heads(&candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin.neg()?)?)
+        } else {
+            join_heads(x)
+        }
+    }
+
     /// q, k, v as attention takes them: q (B, K, G*T, E) and k (B, K, T, E) roped, v (B, K, T, E).
     fn split(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = q.dims3()?;
-        let qh = candle_nn::rotary_emb::rope(&split_heads(q, self.heads)?, &self.cos, &self.sin)?;
-        let e = qh.dim(3)?;
-        let qh = qh.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, e))?;
-        let kh = candle_nn::rotary_emb::rope(&split_heads(k, self.kv_heads)?, &self.cos, &self.sin)?;
-        Ok((qh, kh, split_heads(v, self.kv_heads)?))
+        let qh = self.heads_of(q, self.heads, true)?;
+        let qh = qh.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, ()))?;
+        Ok((qh, self.heads_of(k, self.kv_heads, true)?, self.heads_of(v, self.kv_heads, false)?))
     }
 
     /// Attention's output (B, K, G*T, E) -> (B, T, H*E).
     fn merge(&self, out: &Tensor) -> Result<Tensor> {
         let (b, _, m, e) = out.dims4()?;
-        join_heads(&out.reshape((b, self.heads, m * self.kv_heads / self.heads, e))?)
+        self.joined(&out.reshape((b, self.heads, m * self.kv_heads / self.heads, e))?, false)
     }
 
     /// The inverse of `merge`: (B, T, H*E) -> (B, K, G*T, E).
     fn unmerge(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let h = split_heads(x, self.heads)?;
-        h.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, ()))
+        self.heads_of(x, self.heads, false)?.reshape((b, self.kv_heads, self.heads / self.kv_heads * t, ()))
     }
 
-    /// A roped head gradient back to its projection's layout: the rope's transpose is the rope by
-    /// the opposite angle. (B, n, T, E) -> (B, T, n*E)
+    /// A roped head's gradient back to its projection's layout: (B, n, T, E) -> (B, T, n*E).
     fn unrope(&self, g: &Tensor) -> Result<Tensor> {
-        join_heads(&candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)?)
+        self.joined(g, true)
     }
 }
 
@@ -558,7 +613,7 @@ impl candle_core::CustomOp3 for SelfAttentionOp {
         let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
         let (b, _, m, e) = dq.dims4()?;
         let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
-        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(join_heads(&dv)?)))
+        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(hs.joined(&dv, false)?)))
     }
 }
 
