@@ -163,16 +163,11 @@ pub struct StepLog {
     pub seconds: f64,
 }
 
-/// AdamW moments of one variable.
-struct Moments {
-    m: Tensor,
-    v: Tensor,
-}
-
 /// PyTorch's AdamW (`torch.optim.AdamW`, non-fused maths).
 struct AdamW {
     vars: Vec<Var>,
-    moments: Vec<Moments>,
+    /// The first and second moments of each variable, stacked: (2, ...its shape).
+    moments: Vec<Tensor>,
     step: i32,
     beta1: f64,
     beta2: f64,
@@ -184,7 +179,7 @@ impl AdamW {
     fn new(vars: Vec<Var>, cfg: &TrainConfig) -> candle_core::Result<Self> {
         let moments = vars
             .iter()
-            .map(|v| Ok(Moments { m: v.zeros_like()?, v: v.zeros_like()? }))
+            .map(|v| Tensor::stack(&[v.zeros_like()?, v.zeros_like()?], 0))
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
             vars,
@@ -197,19 +192,41 @@ impl AdamW {
         })
     }
 
-    /// p <- p (1 - lr wd); m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
-    /// p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-    fn update(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+    /// With g scaled by `clip` first: p <- p (1 - lr wd); m <- b1 m + (1-b1) g;
+    /// v <- b2 v + (1-b2) g^2; p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    fn update(&mut self, grads: &[Tensor], lr: f64, clip: f64) -> candle_core::Result<()> {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
-        for ((var, mom), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
-            mom.m = ((&mom.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            mom.v = ((&mom.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        for ((var, mv), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
+            #[cfg(feature = "cuda")]
+            if var.device().is_cuda() && var.dtype() == DType::F32 {
+                // One kernel per variable: the optimizer's dozen small ops per variable were
+                // launches the GPU waited for, at every step.
+                let hyper = crate::model::cuda::AdamStep {
+                    clip,
+                    lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                    bias_correction1: bc1,
+                    bias_correction2: bc2,
+                };
+                let (value, moments) = crate::model::cuda::adamw(var.as_tensor(), mv, g, &hyper)?;
+                var.set(&value)?;
+                *mv = moments;
+                continue;
+            }
+            let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
+            let (m, v) = (mv.get(0)?, mv.get(1)?);
+            let m = ((&m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            let v = ((&v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            let denom = ((mom.v.sqrt()? / bc2.sqrt())? + self.eps)?;
-            let update = ((&mom.m / denom)? * (lr / bc1))?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + self.eps)?;
+            let update = ((&m / denom)? * (lr / bc1))?;
             var.set(&(decayed - update)?)?;
+            *mv = Tensor::stack(&[m, v], 0)?;
         }
         Ok(())
     }
@@ -248,7 +265,9 @@ pub fn train(
         let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
         let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut loss_sum = 0.0;
+        // The loss stays on the device until the step ends: reading it back after each
+        // micro-batch would stall the GPU's queue.
+        let mut losses = Vec::with_capacity(micro.len());
         if n_targets > 0 {
             for batch in &micro {
                 let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
@@ -261,7 +280,7 @@ pub fn train(
                     Some(&sink),
                     cfg.gradient_checkpointing,
                 )?;
-                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                losses.push(loss.detach().to_dtype(DType::F64)?);
                 if !loss.track_op() {
                     continue; // a micro-batch without trained tokens adds no gradient
                 }
@@ -282,12 +301,11 @@ pub fn train(
             .zip(&vars)
             .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
             .collect::<candle_core::Result<_>>()?;
+        let loss_sum = losses.iter().map(|l| l.to_scalar::<f64>()).sum::<candle_core::Result<f64>>()?;
         let norm = global_norm(&grads)?;
         let clip = if cfg.max_grad_norm > 0.0 { (cfg.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
-        let grads: Vec<Tensor> =
-            if clip < 1.0 { grads.iter().map(|g| g * clip).collect::<candle_core::Result<_>>()? } else { grads };
         let lr = cfg.lr_at(step, total);
-        opt.update(&grads, lr)?;
+        opt.update(&grads, lr, clip)?;
         let record = StepLog {
             step: step + 1,
             epoch: ((step + 1) * rows_per_step) as f64 / examples.len() as f64,

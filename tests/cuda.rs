@@ -454,3 +454,37 @@ fn self_attention_on_the_gpu_matches_the_plain_one_with_its_gradients() -> Resul
     }
     Ok(())
 }
+
+#[test]
+fn the_adamw_kernel_takes_pytorchs_step() -> Result<()> {
+    use loralab::model::cuda::{adamw, AdamStep};
+    let (_, p) = pair(&[6, 50], 61)?;
+    let (_, m) = pair(&[6, 50], 62)?;
+    let (_, v) = pair(&[6, 50], 63)?;
+    let v = v.abs()?;
+    let (_, g) = pair(&[6, 50], 64)?;
+    let h = AdamStep {
+        clip: 0.5,
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        bias_correction1: 1.0 - 0.9f64.powi(3),
+        bias_correction2: 1.0 - 0.999f64.powi(3),
+    };
+    let on_gpu = |t: &Tensor| t.to_device(&gpu());
+    let mv = Tensor::stack(&[on_gpu(&m)?, on_gpu(&v)?], 0)?;
+    let (p_new, mv_new) = adamw(&on_gpu(&p)?, &mv, &on_gpu(&g)?, &h)?;
+    // torch.optim.AdamW's single-tensor step, written out.
+    let g = (g * h.clip)?;
+    let m_want = ((&m * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
+    let v_want = ((&v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
+    let denom = ((v_want.sqrt()? / h.bias_correction2.sqrt())? + h.eps)?;
+    let p_want = ((&p * (1.0 - h.lr * h.weight_decay))? - ((&m_want / denom)? * (h.lr / h.bias_correction1))?)?;
+    assert!(rel_diff(&p_new, &p_want) < 1e-6, "value: {}", rel_diff(&p_new, &p_want));
+    assert!(rel_diff(&mv_new.get(0)?, &m_want) < 1e-6, "m");
+    assert!(rel_diff(&mv_new.get(1)?, &v_want) < 1e-6, "v");
+    assert_eq!(mv_new.dims(), &[2, 6, 50]);
+    Ok(())
+}

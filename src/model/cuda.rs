@@ -773,3 +773,51 @@ impl candle_core::CustomOp2 for RowDot {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
     }
 }
+
+/// AdamW's hyperparameters for one step, the bias corrections 1 - beta^t included.
+pub struct AdamStep {
+    pub clip: f64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+}
+
+/// One AdamW step of an f32 variable `p` on the GPU, with its moments stacked as `mv` (2, ...p's
+/// shape) and its gradient `g`: the new value and the new moments, from one kernel.
+pub fn adamw(p: &Tensor, mv: &Tensor, g: &Tensor, hyper: &AdamStep) -> Result<(Tensor, Tensor)> {
+    let n = p.elem_count();
+    if mv.elem_count() != 2 * n || g.elem_count() != n || mv.dtype() != DType::F32 || g.dtype() != DType::F32 {
+        return Err(disagree("adamw", &[p.shape(), mv.shape(), g.shape()]));
+    }
+    let out = p.contiguous()?.apply_op3_no_bwd(&mv.contiguous()?, &g.contiguous()?, &Adamw(hyper))?; // (3, n)
+    Ok((out.get(0)?.reshape(p.shape())?, out.narrow(0, 1, 2)?.reshape(mv.shape())?))
+}
+
+struct Adamw<'a>(&'a AdamStep);
+
+impl candle_core::CustomOp3 for Adamw<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+    gpu_only!(3);
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, p: &CudaStorage, pl: &Layout, mv: &CudaStorage, mvl: &Layout, g: &CudaStorage, gl: &Layout)
+        -> Result<(CudaStorage, Shape)> {
+        let dev = p.device().clone();
+        let n = pl.shape().elem_count();
+        let (pv, mvv, gv) = (view::<f32>(p, pl, "p")?, view::<f32>(mv, mvl, "m, v")?, view::<f32>(g, gl, "g")?);
+        let (mm, vv) = (mvv.slice(0..n), mvv.slice(n..2 * n));
+        let out = unsafe { dev.alloc::<f32>(3 * n)? };
+        let h = self.0;
+        let f = [h.clip, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction1, h.bias_correction2]
+            .map(|x| x as f32);
+        let n64 = n as i64;
+        launch!(dev, "adamw_f32", launch_elements(n), &pv, &mm, &vv, &gv, &out, &n64,
+                &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((3, n))))
+    }
+}

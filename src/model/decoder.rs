@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::config::Config;
-use super::ops::frozen_linear;
+use super::ops::{frozen_linear, SelfAttention};
 use super::packed::PackedMatrix;
 use super::sink::GradSink;
 use crate::adapter::{Adapter, LoraPair, Target};
@@ -144,19 +144,19 @@ impl Linear {
         if !pass.train || pass.constant_adapter || self.packed.is_some() {
             return Ok(None);
         }
-        let proj = self.projection(pair, pass, adapter)?;
+        let proj = self.projection(Some(pair), pass, adapter)?;
         super::lora::linear(x, proj, sink).map(Some)
     }
 
-    /// This projection and its adapter pair for [`super::lora`], with its input's dropout key
-    /// drawn.
+    /// This projection and its adapter pair, if any, for [`super::lora`], with its input's
+    /// dropout key drawn where it has a pair (as the composite path draws them).
     fn projection<'a>(
         &'a self,
-        pair: &'a LoraPair,
+        pair: Option<&'a LoraPair>,
         pass: Pass,
         adapter: &Adapter,
     ) -> Result<super::lora::Projection<'a>> {
-        let dropout = dropout_of(pass, adapter)?;
+        let dropout = if pair.is_some() { dropout_of(pass, adapter)? } else { None };
         Ok(super::lora::Projection {
             weight: &self.weight,
             bias: self.bias.as_ref(),
@@ -389,15 +389,7 @@ impl Attention {
             // One op from the projections to the merged heads (see `ops::self_attention`). Not on
             // the CPU's packed f32 path, where recomputing the split in the backward pass cost
             // more than the graph nodes it saves (examples/bench_train.lua).
-            let (cos, sin) = rope.tables(pos, t, x.dtype())?;
-            let causal = mask.is_some_and(|m| m.rank() == 2);
-            let mask = match mask {
-                Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, t))?),
-                Some(m) => Some(m.reshape((b, 1, 1, t, t))?),
-                None => None,
-            };
-            let scale = 1.0 / (e as f64).sqrt();
-            let out = super::ops::self_attention(&q, &kx, &vx, &cos, &sin, mask.as_ref(), causal, scale, h, k)?;
+            let out = self.for_training(x, rope, pos, mask)?.op(&q, &kx, &vx)?;
             return self.o_proj.forward(&out, pass, layer, Target::OProj);
         }
         let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
@@ -463,6 +455,23 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The self-attention of a training pass over x (B, T, D) at positions pos..pos+T, without
+    /// a cache: `mask` additive, (B, 1, T, T), or (T, T), which must be the causal mask.
+    fn for_training(&self, x: &Tensor, rope: &Rope, pos: usize, mask: Option<&Tensor>) -> Result<SelfAttention> {
+        let (b, t, _) = x.dims3()?;
+        let (cos, sin) = rope.tables(pos, t, x.dtype())?;
+        let causal = mask.is_some_and(|m| m.rank() == 2);
+        let mask = match mask {
+            Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, t))?),
+            Some(m) => Some(m.reshape((b, 1, 1, t, t))?),
+            None => None,
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        Ok(SelfAttention::new(&cos, &sin, mask.as_ref(), causal, scale, self.num_heads, self.num_kv_heads))
+    }
+}
+
 /// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
 /// tensors, where it applies (one new token per row, shapes the kernel takes). Otherwise None.
 /// q: (B, K, G, E) -> (B, K, G, E).
@@ -522,9 +531,9 @@ impl Mlp {
             return Ok(None);
         }
         // Dropout keys in the order the separate projections draw them: gate, up, down.
-        let gate = self.gate_proj.projection(g, pass, adapter)?;
-        let up = self.up_proj.projection(u, pass, adapter)?;
-        let down = self.down_proj.projection(d, pass, adapter)?;
+        let gate = self.gate_proj.projection(Some(g), pass, adapter)?;
+        let up = self.up_proj.projection(Some(u), pass, adapter)?;
+        let down = self.down_proj.projection(Some(d), pass, adapter)?;
         super::lora::mlp(x, [gate, up, down], sink).map(Some)
     }
 }
@@ -572,12 +581,54 @@ impl Layer {
         pass: Pass,
         index: usize,
     ) -> Result<Tensor> {
+        if cache.is_none() {
+            if let Some(y) = self.lora_op(x, rope, pos, mask, pass, index)? {
+                return Ok(y);
+            }
+        }
         let h = self.input_layernorm.forward(x, pass.train)?;
         let h = self.self_attn.forward(&h, rope, pos, mask, cache, pass, index)?;
         let x1 = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x1, pass.train)?;
         let h = self.mlp.forward(&h, pass, index)?;
         x1 + h
+    }
+
+    /// The whole layer as one op with a hand-written backward rule ([`super::lora::layer`]),
+    /// where its projections would be ops of their own (see `Linear::lora_op`): a training pass
+    /// with a gradient sink, weights not packed for the CPU, no cache (the caller's to check).
+    fn lora_op(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        pass: Pass,
+        index: usize,
+    ) -> Result<Option<Tensor>> {
+        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
+        if !pass.train || pass.constant_adapter || packed {
+            return Ok(None);
+        }
+        let attention = a.for_training(x, rope, pos, mask)?;
+        // Dropout keys in the order the separate projections draw them.
+        let mut projections = Vec::with_capacity(lins.len());
+        for (lin, target) in lins.iter().zip(Target::ALL) {
+            projections.push(lin.projection(adapter.pair(index, target), pass, adapter)?);
+        }
+        let mut p = projections.into_iter();
+        let mut next = || p.next().expect("seven projections");
+        let parts = super::lora::LayerParts {
+            norm1: (&self.input_layernorm.weight, self.input_layernorm.eps),
+            norm2: (&self.post_attention_layernorm.weight, self.post_attention_layernorm.eps),
+            attention_projections: [next(), next(), next(), next()],
+            attention,
+            mlp: [next(), next(), next()],
+        };
+        super::lora::layer(x, parts, sink).map(Some)
     }
 
     /// Rebuilds the fused inference weights after the projections changed (merge).

@@ -582,3 +582,21 @@ extern "C" __global__ void dropout_apply_bf16(const __nv_bfloat16* x, __nv_bfloa
         out[i] = __float2bfloat16((h >> 8) < threshold ? __bfloat162float(x[i]) * keep_value : 0.0f);
     }
 }
+
+// One AdamW step of an f32 variable of n elements (PyTorch's maths, torch.optim.AdamW), its
+// gradient first scaled by `clip`: out[0..n] is the new value, out[n..2n] the first moment and
+// out[2n..3n] the second. One launch per variable instead of a dozen candle ops.
+extern "C" __global__ void adamw_f32(const float* p, const float* m, const float* v, const float* g, float* out,
+                                     long n, float clip, float lr, float beta1, float beta2, float eps,
+                                     float weight_decay, float bc1, float bc2) {
+    const float step = lr / bc1, bc2_sqrt = sqrtf(bc2);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gi = g[i] * clip;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        float pi = p[i] * (1.0f - lr * weight_decay);
+        out[i] = pi - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        out[n + i] = mi;
+        out[2 * n + i] = vi;
+    }
+}

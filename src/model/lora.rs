@@ -1,25 +1,30 @@
 //! A frozen projection with its LoRA term as one differentiable op, for training:
 //! `y = x W^T + b + scale * (mask * x) A^T B^T`, whose backward rule computes the input's
-//! gradient and hands the adapter's gradients to a [`GradSink`] instead of candle's graph; and
-//! the MLP block, three such projections around SwiGLU, as one op in the same way.
+//! gradient and hands the adapter's gradients to a [`GradSink`] instead of candle's graph; the
+//! MLP block, three such projections around SwiGLU, as one op in the same way; and a whole
+//! decoder layer (norms, projections, self-attention, MLP, residuals) as one op.
 //!
 //! Why: composed from candle ops, the term is a chain of nodes (dropout, two products, the
 //! scaling, the sum, reshapes), and candle's backward pass zero-fills and adds a buffer for
 //! every gradient that reaches a node. For the MLP of a 7B model at 4 x 1024 tokens that is a
 //! dozen passes over (tokens x intermediate) tensors per layer, more GPU time than the layer's
 //! products. Here the projection is one node with one input: the backward pass runs the three
-//! small products of the adapter and one product with the frozen weight, nothing else.
+//! small products of the adapter and one product with the frozen weight, nothing else. The layer
+//! op goes further: the dozen (tokens x hidden) gradient edges between a layer's parts (the
+//! residual stream, the norms, the three projections of one input) become sums inside one rule,
+//! most of them accumulated by the products themselves.
 //!
 //! Shapes: x (..., in), flattened to (N, in) inside; W (out, in); A (r, in); B (out, r); the
-//! dropout mask (N, in), drawn from its key where it is applied, holds 0 or 1 / (1 - p). The op takes x as it comes (a reshape would be
-//! one more node, and one more zero-filled gradient buffer).
+//! dropout mask (N, in), drawn from its key where it is applied, holds 0 or 1 / (1 - p). The op
+//! takes x as it comes (a reshape would be one more node, and one more zero-filled gradient
+//! buffer).
 
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 
 use super::decoder::Dropout;
-use super::ops::{accumulates, add_matmul, attach, Backward};
+use super::ops::{self, accumulates, add_matmul, attach, Backward, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
@@ -43,7 +48,8 @@ fn tracked(x: &Tensor) -> Result<Tensor> {
 pub(crate) struct Projection<'a> {
     pub weight: &'a Tensor, // (out, in)
     pub bias: Option<&'a Tensor>,
-    pub pair: &'a LoraPair,
+    /// None: a frozen projection without an adapter pair (its target is not adapted).
+    pub pair: Option<&'a LoraPair>,
     pub scale: f64,
     /// LoRA dropout of the input.
     pub dropout: Option<Dropout>,
@@ -52,28 +58,35 @@ pub(crate) struct Projection<'a> {
 impl Projection<'_> {
     /// x (N, in), untracked -> (N, out), and what the backward pass needs.
     fn forward(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
+        let Some(pair) = self.pair else {
+            let y = x.matmul(&self.weight.t()?)?;
+            let y = match self.bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            };
+            return Ok((y, Saved { weight: self.weight.detach(), adapter: None }));
+        };
         let dtype = x.dtype();
         // The adapter in the activations' dtype, its scale folded into B (a small matrix).
-        let a = self.pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
-        let b = (self.pair.b.as_tensor().detach() * self.scale)?.to_dtype(dtype)?; // (out, r)
+        let a = pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
+        let b = (pair.b.as_tensor().detach() * self.scale)?.to_dtype(dtype)?; // (out, r)
         let xin = match &self.dropout {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
         let z = xin.matmul(&a.t()?)?; // (N, r)
         let y = plus_adapter(x.matmul(&self.weight.t()?)?, &z, &b, self.bias)?; // (N, out)
-        let saved = Saved {
-            weight: self.weight.detach(),
+        let adapter = SavedAdapter {
             a,
             b,
-            a_var: self.pair.a.clone(),
-            b_var: self.pair.b.clone(),
+            a_var: pair.a.clone(),
+            b_var: pair.b.clone(),
             scale: self.scale,
             dropout: self.dropout,
             z,
             sink: sink.clone(),
         };
-        Ok((y, saved))
+        Ok((y, Saved { weight: self.weight.detach(), adapter: Some(adapter) }))
     }
 }
 
@@ -102,8 +115,13 @@ fn plus_adapter(y: Tensor, z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Res
 /// What a projection's backward pass needs.
 struct Saved {
     weight: Tensor, // (out, in)
-    a: Tensor,      // (r, in)
-    b: Tensor,      // (out, r), scaled
+    adapter: Option<SavedAdapter>,
+}
+
+/// What the adapter's part of the backward pass needs.
+struct SavedAdapter {
+    a: Tensor, // (r, in)
+    b: Tensor, // (out, r), scaled
     a_var: Var,
     b_var: Var,
     scale: f64,
@@ -123,6 +141,21 @@ impl Saved {
     /// projection (in place on the GPU: `into` must be held by the caller alone).
     fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         let grad = grad.contiguous()?;
+        let weight = self.weight.to_dtype(grad.dtype())?;
+        let dx = match into {
+            Some(sum) => add_matmul(sum, &grad, &weight, false)?,
+            None => grad.matmul(&weight)?,
+        };
+        match &self.adapter {
+            Some(adapter) => adapter.backward_into(x, &grad, dx),
+            None => Ok(dx),
+        }
+    }
+}
+
+impl SavedAdapter {
+    /// `dx` plus the adapter's part of the input's gradient; A's and B's go to the sink.
+    fn backward_into(&self, x: &Tensor, grad: &Tensor, dx: Tensor) -> Result<Tensor> {
         // The dropped input again, from its key: a mask kept from the forward pass would hold a
         // copy of every adapted input of the model until the backward pass.
         let xin = match &self.dropout {
@@ -136,11 +169,6 @@ impl Saved {
         self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
         self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
         // dX = dY W + mask * (dz A)
-        let weight = self.weight.to_dtype(grad.dtype())?;
-        let dx = match into {
-            Some(sum) => add_matmul(sum, &grad, &weight, false)?,
-            None => grad.matmul(&weight)?,
-        };
         match &self.dropout {
             Some(d) => dx + d.apply(&dz.matmul(&self.a)?)?,
             None => add_matmul(dx, &dz, &self.a, false),
@@ -156,7 +184,7 @@ impl Backward for LinearGrad {
     }
 
     fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let n = self.0.z.dim(0)?;
+        let n = grad.elem_count() / grad.dim(candle_core::D::Minus1)?;
         let dx = self.0.backward(&x.detach().reshape((n, ()))?, &grad.reshape((n, ()))?)?;
         dx.reshape(x.shape())
     }
@@ -199,5 +227,100 @@ impl Backward for MlpGrad {
         let dx = self.gate.backward(&x2, &dg)?;
         let dx = self.up.backward_into(&x2, &du, Some(dx))?;
         dx.reshape(x.shape())
+    }
+}
+
+/// A decoder layer's parts for [`layer`]: its norms (weight, eps), its seven projections and its
+/// self-attention.
+pub(crate) struct LayerParts<'a> {
+    pub norm1: (&'a Tensor, f64),
+    pub norm2: (&'a Tensor, f64),
+    /// q, k, v, o
+    pub attention_projections: [Projection<'a>; 4],
+    pub attention: SelfAttention,
+    /// gate, up, down
+    pub mlp: [Projection<'a>; 3],
+}
+
+/// A whole decoder layer as one op: `x1 = x + o(attn(q, k, v of norm1(x)))`, then
+/// `x1 + down(silu(gate(h)) * up(h))` with `h = norm2(x1)`; x (B, T, D) -> (B, T, D).
+pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let n = b * t;
+    let x0 = x.detach();
+    let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
+    let h1 = ops::rms_norm_value(&x0, norm1.0, norm1.1)?.reshape((n, d))?;
+    let (qy, q) = q.forward(&h1, sink)?; // (N, H*E)
+    let (ky, k) = k.forward(&h1, sink)?; // (N, K*E)
+    let (vy, v) = v.forward(&h1, sink)?;
+    let qkv = [qy.reshape((b, t, ()))?, ky.reshape((b, t, ()))?, vy.reshape((b, t, ()))?];
+    let att = attention.forward(&qkv[0], &qkv[1], &qkv[2])?.reshape((n, ()))?; // (N, H*E)
+    let (oy, o) = o.forward(&att, sink)?;
+    let x1 = (&x0 + oy.reshape((b, t, d))?)?;
+    let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
+    let (g, gate) = gate.forward(&h2, sink)?; // (N, I)
+    let (u, up) = up.forward(&h2, sink)?;
+    let h = ops::silu_mul(&g, &u)?.detach();
+    let (y, down) = down.forward(&h, sink)?; // (N, D)
+    let out = (&x1 + y.reshape((b, t, d))?)?;
+    let rule = LayerGrad {
+        norm1: (norm1.0.clone(), norm1.1),
+        norm2: (norm2.0.clone(), norm2.1),
+        attention,
+        projections: [q, k, v, o, gate, up, down],
+        h1,
+        qkv,
+        att,
+        x1,
+        h2,
+        g,
+        u,
+        h,
+    };
+    attach(&tracked(x)?, out, rule)
+}
+
+/// What a layer's backward pass needs: the inputs of its parts.
+struct LayerGrad {
+    norm1: (Tensor, f64),
+    norm2: (Tensor, f64),
+    attention: SelfAttention,
+    /// q, k, v, o, gate, up, down
+    projections: [Saved; 7],
+    h1: Tensor,       // (N, D) norm1(x)
+    qkv: [Tensor; 3], // (B, T, H*E), (B, T, K*E) twice
+    att: Tensor,      // (N, H*E) the attention's merged heads
+    x1: Tensor,       // (B, T, D) the residual stream after the attention
+    h2: Tensor,       // (N, D) norm2(x1)
+    g: Tensor,        // (N, I) gate(h2)
+    u: Tensor,        // (N, I) up(h2)
+    h: Tensor,        // (N, I) silu(g) * u
+}
+
+impl Backward for LayerGrad {
+    fn name(&self) -> &'static str {
+        "lora-layer"
+    }
+
+    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let n = b * t;
+        let [q, k, v, o, gate, up, down] = &self.projections;
+        // The MLP and its residual: dx1 = grad + norm2'(dh2).
+        let dh = down.backward(&self.h, &grad.reshape((n, d))?)?;
+        let (dg, du) = ops::silu_mul_backward(&self.g, &self.u, &dh)?;
+        let dh2 = gate.backward(&self.h2, &dg)?;
+        let dh2 = up.backward_into(&self.h2, &du, Some(dh2))?;
+        let dx1 = (grad + ops::rms_norm_backward(&self.x1, &self.norm2.0, self.norm2.1, &dh2.reshape((b, t, d))?)?)?;
+        // The attention and its residual: dx = dx1 + norm1'(dh1), the three projections' input
+        // gradients accumulated into one.
+        let datt = o.backward(&self.att, &dx1.reshape((n, d))?)?;
+        let [qy, ky, vy] = &self.qkv;
+        let (dq, dk, dv) =
+            self.attention.backward(qy, ky, vy, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
+        let dh1 = q.backward(&self.h1, &dq.reshape((n, ()))?)?;
+        let dh1 = k.backward_into(&self.h1, &dk.reshape((n, ()))?, Some(dh1))?;
+        let dh1 = v.backward_into(&self.h1, &dv.reshape((n, ()))?, Some(dh1))?;
+        dx1 + ops::rms_norm_backward(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?)?
     }
 }

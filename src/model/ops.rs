@@ -219,6 +219,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     attach(x, y, RmsNormGrad { weight: weight.clone(), eps })
 }
 
+/// [`rms_norm`]'s value of an untracked x.
+pub(crate) fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == candle_core::DType::F64 {
+        return rms_norm(x, weight, eps);
+    }
+    candle_nn::ops::rms_norm(x, weight, eps as f32)
+}
+
+/// [`rms_norm`]'s input gradient from the output's, `g`.
+pub(crate) fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    RmsNormGrad { weight: weight.clone(), eps }.grad(x, x, g)
+}
+
 struct RmsNormGrad {
     weight: Tensor,
     eps: f64,
@@ -492,15 +505,64 @@ pub fn self_attention(
     heads: usize,
     kv_heads: usize,
 ) -> Result<Tensor> {
-    let g = heads / kv_heads;
-    let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
-    let heads = Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads };
-    let (qh, kh, vh) = heads.split(&q.detach(), &k.detach(), &v.detach())?;
-    let out = heads.merge(&rule.forward(&qh, &kh, &vh)?)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(out);
+    SelfAttention::new(cos, sin, mask, causal, scale, heads, kv_heads).op(q, k, v)
+}
+
+/// Self-attention from the projections' outputs to the merged heads, outside the graph: what
+/// [`self_attention`] and the whole-layer op of [`super::lora`] compute.
+pub(crate) struct SelfAttention {
+    rule: AttentionRule,
+    heads: Heads,
+}
+
+impl SelfAttention {
+    /// `mask`, `causal` and `scale` as [`attention`] takes them; cos/sin (T, E/2).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+        scale: f64,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
+        let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g: heads / kv_heads };
+        SelfAttention { rule, heads: Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads } }
     }
-    q.apply_op3(k, v, SelfAttentionOp { rule, heads, out: Handoff::new(out)? })
+
+    /// [`self_attention`]: the attention as one op in the graph.
+    pub(crate) fn op(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let out = self.forward(&q.detach(), &k.detach(), &v.detach())?;
+        if !(q.track_op() || k.track_op() || v.track_op()) {
+            return Ok(out);
+        }
+        q.apply_op3(k, v, SelfAttentionOp { attention: self, out: Handoff::new(out)? })
+    }
+
+    /// q (B, T, H*E), k and v (B, T, K*E), untracked -> (B, T, H*E).
+    pub(crate) fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (qh, kh, vh) = self.heads.split(q, k, v)?;
+        self.heads.merge(&self.rule.forward(&qh, &kh, &vh)?)
+    }
+
+    /// The gradients of q, k and v (their shapes) from the output `out` and its gradient.
+    pub(crate) fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hs = &self.heads;
+        let (qh, kh, vh) = hs.split(q, k, v)?;
+        let (out, dout) = (hs.unmerge(out)?, hs.unmerge(grad)?);
+        let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
+        let (b, _, m, e) = dq.dims4()?;
+        let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
+        Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?))
+    }
 }
 
 /// (B, T, n*E) -> (B, n, T, E)
@@ -587,8 +649,7 @@ impl Heads {
 }
 
 struct SelfAttentionOp {
-    rule: AttentionRule,
-    heads: Heads,
+    attention: SelfAttention,
     out: Handoff,
 }
 
@@ -607,13 +668,8 @@ impl candle_core::CustomOp3 for SelfAttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let hs = &self.heads;
-        let (qh, kh, vh) = hs.split(&q.detach(), &k.detach(), &v.detach())?;
-        let (out, dout) = (hs.unmerge(&res.detach())?, hs.unmerge(grad)?);
-        let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
-        let (b, _, m, e) = dq.dims4()?;
-        let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
-        Ok((Some(dq), Some(hs.unrope(&dk)?), Some(hs.joined(&dv, false)?)))
+        let (dq, dk, dv) = self.attention.backward(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
