@@ -3,7 +3,7 @@
 //! Without it, every layer keeps its activations (normalised inputs, q/k/v, the MLP's two
 //! (tokens x intermediate) products...) from the forward pass until the backward pass reaches
 //! it; for a 7B model at 4 x 2048 tokens that is most of a GPU. With it, the forward pass runs
-//! each layer with the adapter as constants, so nothing is kept but the layer's input and
+//! each layer and drops what it saved at once, so nothing is kept but the layer's input and
 //! output, and gives the output a backward rule that runs the layer again, this time tracked,
 //! and back-propagates through that second run alone. The cost is one more forward pass.
 //!
@@ -39,8 +39,11 @@ pub(crate) fn layer(
     let adapter =
         pass.adapter.ok_or_else(|| candle_core::Error::Msg("gradient checkpointing needs an adapter".into()))?;
     let rng_before = pass.dropout_rng.map(|r| r.borrow().clone());
-    let first = Pass { checkpoint: false, constant_adapter: true, ..pass };
-    let y = layer.forward(&x.detach(), rope, pos, mask, None, first, index)?;
+    // The first run as the second will run (the same ops, the layer's single op where it
+    // applies), its graph dropped as soon as the output is taken: the state it saved for a
+    // backward pass goes with it.
+    let first = Pass { checkpoint: false, ..pass };
+    let y = layer.forward(&x.detach(), rope, pos, mask, None, first, index)?.detach();
     // The first layer's input (the embedding) is not tracked: a variable makes the backward
     // pass reach the rule all the same.
     let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };

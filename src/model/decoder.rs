@@ -53,24 +53,15 @@ pub struct Pass<'a> {
     /// Gradient checkpointing: each layer keeps only its input for the backward pass and is run
     /// again there (needs `sink`).
     pub checkpoint: bool,
-    /// The adapter's weights enter as constants (the first run of a checkpointed layer).
-    pub constant_adapter: bool,
 }
 
 impl<'a> Pass<'a> {
     pub fn infer(adapter: Option<&'a Adapter>) -> Self {
-        Pass { train: false, adapter, dropout_rng: None, sink: None, checkpoint: false, constant_adapter: false }
+        Pass { train: false, adapter, dropout_rng: None, sink: None, checkpoint: false }
     }
 
     pub fn train(adapter: &'a Adapter, dropout_rng: Option<&'a RefCell<ChaCha8Rng>>) -> Self {
-        Pass {
-            train: true,
-            adapter: Some(adapter),
-            dropout_rng,
-            sink: None,
-            checkpoint: false,
-            constant_adapter: false,
-        }
+        Pass { train: true, adapter: Some(adapter), dropout_rng, sink: None, checkpoint: false }
     }
 
     /// The same pass with the adapter's gradients collected in `sink`.
@@ -141,7 +132,7 @@ impl Linear {
     fn lora_op(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Option<Tensor>> {
         let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
         let Some(pair) = adapter.pair(layer, target) else { return Ok(None) };
-        if !pass.train || pass.constant_adapter || self.packed.is_some() {
+        if !pass.train || self.packed.is_some() {
             return Ok(None);
         }
         let proj = self.projection(Some(pair), pass, adapter)?;
@@ -187,10 +178,7 @@ fn lora_delta(x2: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<O
         None => x2.clone(),
     };
     // (N, in) @ (in, r) -> (N, r); @ (r, out) -> (N, out)
-    let (mut a, mut bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
-    if pass.constant_adapter {
-        (a, bm) = (a.detach(), bm.detach());
-    }
+    let (a, bm) = (pair.a.as_tensor().to_dtype(dtype)?, pair.b.as_tensor().to_dtype(dtype)?);
     let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
     Ok(Some((delta * adapter.scale())?))
 }
@@ -523,11 +511,7 @@ impl Mlp {
         else {
             return Ok(None);
         };
-        if !pass.train
-            || pass.constant_adapter
-            || lins.iter().any(|l| l.packed.is_some())
-            || self.gate_up_packed.is_some()
-        {
+        if !pass.train || lins.iter().any(|l| l.packed.is_some()) || self.gate_up_packed.is_some() {
             return Ok(None);
         }
         // Dropout keys in the order the separate projections draw them: gate, up, down.
@@ -610,7 +594,7 @@ impl Layer {
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
         let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
-        if !pass.train || pass.constant_adapter || packed {
+        if !pass.train || packed {
             return Ok(None);
         }
         let attention = a.for_training(x, rope, pos, mask)?;
