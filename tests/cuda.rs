@@ -345,6 +345,12 @@ fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
     let plain = (xc.to_dtype(DType::BF16).unwrap() * mask).unwrap();
     let diff = (fused.to_dtype(DType::F32).unwrap() - plain.to_dtype(DType::F32).unwrap()).unwrap();
     assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    // Added in place in one kernel: the sum of the same product, to the bit.
+    let (sg, sc) = pair(&[37, 1001], 41).unwrap();
+    let fused = dropout.add_applied(sg.copy().unwrap(), &xg).unwrap().to_device(&Device::Cpu).unwrap();
+    let plain = (sc.to_dtype(DType::BF16).unwrap() + plain).unwrap();
+    let diff = (fused.to_dtype(DType::F32).unwrap() - plain.to_dtype(DType::F32).unwrap()).unwrap();
+    assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }
 
 #[test]

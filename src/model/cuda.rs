@@ -609,6 +609,39 @@ impl candle_core::CustomOp1 for DropoutApply {
     }
 }
 
+/// `acc += x * mask` in place, the mask of [`dropout_apply`] drawn in the same pass: `acc` must
+/// be held by the caller alone (see [`add_matmul`]).
+pub fn dropout_add(acc: &Tensor, x: &Tensor, key: u64, keep: f64) -> Result<()> {
+    let op = DropoutApply { key, threshold: super::decoder::keep_threshold(keep), keep };
+    acc.inplace_op2(&x.contiguous()?, &op)
+}
+
+impl candle_core::InplaceOp2 for DropoutApply {
+    fn name(&self) -> &'static str {
+        "dropout-add"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        no_cpu("dropout-add").map(|_| ())
+    }
+    fn cuda_fwd(&self, acc: &mut CudaStorage, al: &Layout, x: &CudaStorage, xl: &Layout) -> Result<()> {
+        let dev = x.device().clone();
+        let n = xl.shape().elem_count();
+        if al.shape() != xl.shape() {
+            return Err(disagree("dropout-add", &[al.shape(), xl.shape()]));
+        }
+        super::decoder::check_mask_len(n)?;
+        let xv = view::<bf16>(x, xl, "x")?;
+        let (a0, a1) = al
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout-add: the sum must be contiguous".into()))?;
+        let mut av = acc.as_cuda_slice_mut::<bf16>()?.slice_mut(a0..a1);
+        let (n64, lo, hi) = (n as i64, self.key as u32, (self.key >> 32) as u32);
+        let value = bf16::from_f64(1.0 / self.keep).to_f32();
+        launch!(dev, "dropout_add_bf16", launch_elements(n), &xv, &mut av, &n64, &lo, &hi, &self.threshold, &value);
+        Ok(())
+    }
+}
+
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cuda() && t.dtype() == DType::BF16

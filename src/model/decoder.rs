@@ -215,6 +215,17 @@ impl Dropout {
         }
         t.mul(&keyed_dropout_mask(t.shape(), self.key, self.keep, t)?)
     }
+
+    /// sum + t * mask; on the GPU in bf16 one kernel adds in place (`sum` must then be held by the
+    /// caller alone).
+    pub fn add_applied(&self, sum: Tensor, t: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::cuda::applies(&sum) && sum.is_contiguous() {
+            super::cuda::dropout_add(&sum, t, self.key, self.keep)?;
+            return Ok(sum);
+        }
+        sum + self.apply(t)?
+    }
 }
 
 /// The inverted-dropout mask of `shape` keyed `key`, on `like`'s device and in its dtype: element

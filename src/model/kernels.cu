@@ -583,6 +583,20 @@ extern "C" __global__ void dropout_apply_bf16(const __nv_bfloat16* x, __nv_bfloa
     }
 }
 
+// acc += x * mask, in place, with dropout_apply_bf16's mask and rounding (the product rounded to
+// bf16 before the sum, as a separate product and sum would round it).
+extern "C" __global__ void dropout_add_bf16(const __nv_bfloat16* x, __nv_bfloat16* acc, long n, unsigned int key_lo,
+                                            unsigned int key_hi, unsigned int threshold, float keep_value) {
+    const unsigned int stream = mix32(key_lo ^ mix32(key_hi));
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const unsigned int h = mix32(stream + mix32((unsigned int)i));
+        if ((h >> 8) < threshold) {
+            float product = __bfloat162float(__float2bfloat16(__bfloat162float(x[i]) * keep_value));
+            acc[i] = __float2bfloat16(__bfloat162float(acc[i]) + product);
+        }
+    }
+}
+
 // One AdamW step of an f32 variable of n elements (PyTorch's maths, torch.optim.AdamW), its
 // gradient first scaled by `clip`: out[0..n] is the new value, out[n..2n] the first moment and
 // out[2n..3n] the second. One launch per variable instead of a dozen candle ops.

@@ -170,7 +170,7 @@ impl SavedAdapter {
         self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
         // dX = dY W + mask * (dz A)
         match &self.dropout {
-            Some(d) => dx + d.apply(&dz.matmul(&self.a)?)?,
+            Some(d) => d.add_applied(dx, &dz.matmul(&self.a)?),
             None => add_matmul(dx, &dz, &self.a, false),
         }
     }
