@@ -2,8 +2,12 @@
 -- from measured throughputs: the work is counted from the profile's settings and data, and
 -- divided by the training and sampling rates that examples/bench_gpu.lua measured.
 --
---   loralab run examples/estimate_study.lua --set train_tokens_per_second=7892 \
---       --set sample_tokens_per_second=22157
+--   loralab run examples/estimate_study.lua --set train_tokens_per_second=7627 \
+--       --set phase1_train_tokens_per_second=10503 --set sample_tokens_per_second=22157
+--
+-- Training rates by row length: phases 2 and 3 train on the data rows (~113 tokens), Phase 1 on
+-- prompts with their on-policy completions (~570 tokens); the defaults are the H100's at 128- and
+-- 256-token rows with the study's LoRA dropout of 0.05 (7B shape, examples/bench_gpu.lua).
 --
 -- Completions are counted at `completion_tokens` each (default: the profile's max_tokens, 512,
 -- an upper bound: the study's answers end earlier). Token counts of the data rows use the
@@ -14,7 +18,7 @@ local lab = require("lab")
 local study = require("persona_marker")
 lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  train_tokens_per_second = 7892, sample_tokens_per_second = 22157,
+  train_tokens_per_second = 7627, phase1_train_tokens_per_second = 10503, sample_tokens_per_second = 22157,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
 })
 
@@ -56,19 +60,19 @@ local steps3, cells3, sampled3 = 2 * new_seeds * s.critical, 2 * new_seeds, 2 * 
 
 local rows = {
   { "phase 1: on-policy completions", 0, gen1 * phase1_completion },
-  { "phase 1: coupling adapter (" .. steps1 .. " steps)", train1, 0 },
+  { "phase 1: coupling adapter (" .. steps1 .. " steps)", train1, 0, s.phase1_train_tokens_per_second },
   { "phase 1: evaluation", 0, eval_cell * eval_completion },
   { string.format("phase 2: %d cells, %d steps", cells2, steps2), steps2 * rows_per_step * row2, sampled2 * eval_completion },
   { string.format("phase 3: %d cells, %d steps", cells3, steps3), steps3 * rows_per_step * row2, sampled3 * eval_completion },
 }
-print(string.format("paper profile on one GPU: training at %.0f tok/s, sampling at %.0f generated tok/s",
-  s.train_tokens_per_second, s.sample_tokens_per_second))
+print(string.format("paper profile on one GPU: training at %.0f tok/s (phase 1: %.0f), sampling at %.0f generated tok/s",
+  s.train_tokens_per_second, s.phase1_train_tokens_per_second, s.sample_tokens_per_second))
 print(string.format("completions of %d tokens (phase 1: %d); data rows of %.0f tokens on average",
   eval_completion, phase1_completion, row2))
 print(string.format("%-40s %14s %16s %10s", "", "trained tokens", "sampled tokens", "hours"))
 local total_h = 0
 for _, r in ipairs(rows) do
-  local h = (r[2] / s.train_tokens_per_second + r[3] / s.sample_tokens_per_second) / 3600
+  local h = (r[2] / (r[4] or s.train_tokens_per_second) + r[3] / s.sample_tokens_per_second) / 3600
   total_h = total_h + h
   print(string.format("%-40s %14.0f %16.0f %10.2f", r[1], r[2], r[3], h))
 end
