@@ -12,9 +12,8 @@
 //!   rope have no backward, so [`super::ops`] gives them one), frozen projections with a
 //!   backward rule for their input only, so that no weight-sized gradient is ever computed, LoRA
 //!   deltas with dropout, and optionally gradient checkpointing ([`super::checkpoint`]). With a
-//!   gradient sink in the pass, each adapted projection, the MLP block ([`super::lora`]) and the
-//!   self-attention ([`super::ops::self_attention`]) are single graph nodes with hand-written
-//!   backward rules (except on the CPU's packed f32 path).
+//!   gradient sink in the pass, each layer is a single graph node with a hand-written backward
+//!   rule ([`super::lora::layer`]), except on the CPU's packed f32 path.
 //!
 //! On the CPU in f32 the projections run through weights packed once ([`super::packed`]), q/k/v
 //! and gate/up as one product each; on the GPU in bf16 attention, the loss and SwiGLU run as
@@ -107,9 +106,6 @@ fn packed_for_cpu(weights: &[&Tensor]) -> Result<Option<Arc<PackedMatrix>>> {
 impl Linear {
     /// x: (B, T, in) -> (B, T, out), with the adapter's delta for (layer, target) if any.
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Tensor> {
-        if let Some(y) = self.lora_op(x, pass, layer, target)? {
-            return Ok(y);
-        }
         let (b, t, d_in) = x.dims3()?;
         let x2 = x.reshape((b * t, d_in))?;
         let mut y = match &self.packed {
@@ -124,19 +120,6 @@ impl Linear {
             y = (y + delta)?;
         }
         y.reshape((b, t, ()))
-    }
-
-    /// The projection and its adapter term as one op with a hand-written backward rule
-    /// ([`super::lora`]), where the pass trains an adapter with a pair for (layer, target), has a
-    /// sink for its gradients, and the weight is not packed for the CPU. x (B, T, in) -> (B, T, out).
-    fn lora_op(&self, x: &Tensor, pass: Pass, layer: usize, target: Target) -> Result<Option<Tensor>> {
-        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
-        let Some(pair) = adapter.pair(layer, target) else { return Ok(None) };
-        if !pass.train || self.packed.is_some() {
-            return Ok(None);
-        }
-        let proj = self.projection(Some(pair), pass, adapter)?;
-        super::lora::linear(x, proj, sink).map(Some)
     }
 
     /// This projection and its adapter pair, if any, for [`super::lora`], with its input's
@@ -384,13 +367,6 @@ impl Attention {
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
             ),
         };
-        if pass.train && pass.sink.is_some() && cache.is_none() && self.qkv_packed.is_none() {
-            // One op from the projections to the merged heads (see `ops::self_attention`). Not on
-            // the CPU's packed f32 path, where recomputing the split in the backward pass cost
-            // more than the graph nodes it saves (examples/bench_train.lua).
-            let out = self.for_training(x, rope, pos, mask)?.op(&q, &kx, &vx)?;
-            return self.o_proj.forward(&out, pass, layer, Target::OProj);
-        }
         let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
         let kx = kx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
         let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
@@ -494,9 +470,6 @@ fn gpu_decode_attention(
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
-        if let Some(y) = self.lora_op(x, pass, layer)? {
-            return Ok(y);
-        }
         let (gate, up) = match &self.gate_up_packed {
             Some(fused) => {
                 let parts = [(&self.gate_proj, Target::GateProj), (&self.up_proj, Target::UpProj)];
@@ -509,27 +482,6 @@ impl Mlp {
             ),
         };
         self.down_proj.forward(&super::ops::silu_mul(&gate, &up)?, pass, layer, Target::DownProj)
-    }
-
-    /// The whole block as one op with a hand-written backward rule ([`super::lora::mlp`]), where
-    /// all three projections would be ops of their own (see `Linear::lora_op`).
-    fn lora_op(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Option<Tensor>> {
-        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
-        let targets = [Target::GateProj, Target::UpProj, Target::DownProj];
-        let lins = [&self.gate_proj, &self.up_proj, &self.down_proj];
-        let (Some(g), Some(u), Some(d)) =
-            (adapter.pair(layer, targets[0]), adapter.pair(layer, targets[1]), adapter.pair(layer, targets[2]))
-        else {
-            return Ok(None);
-        };
-        if !pass.train || lins.iter().any(|l| l.packed.is_some()) || self.gate_up_packed.is_some() {
-            return Ok(None);
-        }
-        // Dropout keys in the order the separate projections draw them: gate, up, down.
-        let gate = self.gate_proj.projection(Some(g), pass, adapter)?;
-        let up = self.up_proj.projection(Some(u), pass, adapter)?;
-        let down = self.down_proj.projection(Some(d), pass, adapter)?;
-        super::lora::mlp(x, [gate, up, down], sink).map(Some)
     }
 }
 
@@ -589,9 +541,9 @@ impl Layer {
         x1 + h
     }
 
-    /// The whole layer as one op with a hand-written backward rule ([`super::lora::layer`]),
-    /// where its projections would be ops of their own (see `Linear::lora_op`): a training pass
-    /// with a gradient sink, weights not packed for the CPU, no cache (the caller's to check).
+    /// The whole layer as one op with a hand-written backward rule ([`super::lora::layer`]): in a
+    /// training pass with a gradient sink, with weights not packed for the CPU (whose own
+    /// kernels serve the composite path better), and no cache (the caller's to check).
     fn lora_op(
         &self,
         x: &Tensor,

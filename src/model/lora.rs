@@ -1,23 +1,19 @@
-//! A frozen projection with its LoRA term as one differentiable op, for training:
-//! `y = x W^T + b + scale * (mask * x) A^T B^T`, whose backward rule computes the input's
-//! gradient and hands the adapter's gradients to a [`GradSink`] instead of candle's graph; the
-//! MLP block, three such projections around SwiGLU, as one op in the same way; and a whole
-//! decoder layer (norms, projections, self-attention, MLP, residuals) as one op.
+//! A whole decoder layer as one differentiable op for training: RMSNorm, the seven projections
+//! each with its LoRA term `x W^T + b + scale * (mask * x) A^T B^T`, self-attention, SwiGLU and
+//! both residuals. Its backward rule computes the layer input's gradient and hands the adapter's
+//! gradients to a [`GradSink`] instead of candle's graph.
 //!
-//! Why: composed from candle ops, the term is a chain of nodes (dropout, two products, the
-//! scaling, the sum, reshapes), and candle's backward pass zero-fills and adds a buffer for
-//! every gradient that reaches a node. For the MLP of a 7B model at 4 x 1024 tokens that is a
-//! dozen passes over (tokens x intermediate) tensors per layer, more GPU time than the layer's
-//! products. Here the projection is one node with one input: the backward pass runs the three
-//! small products of the adapter and one product with the frozen weight, nothing else. The layer
-//! op goes further: the dozen (tokens x hidden) gradient edges between a layer's parts (the
-//! residual stream, the norms, the three projections of one input) become sums inside one rule,
-//! most of them accumulated by the products themselves.
+//! Why: composed from candle ops, a layer is some fifty graph nodes (each adapter term alone is
+//! a chain: dropout, two products, the scaling, the sum, reshapes), and candle's backward pass
+//! zero-fills and adds a buffer for every gradient that reaches a node. For a 7B model at
+//! 4 x 1024 tokens that is a dozen (tokens x hidden) and several (tokens x intermediate) passes
+//! per layer, once more GPU time than the layer's products. Here the layer is one node: the
+//! backward pass runs the products and a few fused kernels; the input gradients of projections
+//! that share an input, and each adapter's term, accumulate into the frozen product itself
+//! ([`super::ops::add_matmul`]).
 //!
-//! Shapes: x (..., in), flattened to (N, in) inside; W (out, in); A (r, in); B (out, r); the
-//! dropout mask (N, in), drawn from its key where it is applied, holds 0 or 1 / (1 - p). The op
-//! takes x as it comes (a reshape would be one more node, and one more zero-filled gradient
-//! buffer).
+//! Shapes: N = B*T rows; W (out, in); A (r, in); B (out, r); the dropout mask (N, in), drawn from
+//! its key where it is applied, holds 0 or 1 / (1 - p).
 
 use std::sync::Arc;
 
@@ -27,17 +23,6 @@ use super::decoder::Dropout;
 use super::ops::{self, accumulates, add_matmul, attach, Backward, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
-
-/// `x W^T + bias + scale * (mask * x) A^T B^T`, x (..., in) -> (..., out); the gradients of A
-/// and B go to `sink`, summed over the calls of a backward pass.
-pub(crate) fn linear(x: &Tensor, proj: Projection, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let d_in = x.dim(candle_core::D::Minus1)?;
-    let n = x.elem_count() / d_in;
-    let (y, saved) = proj.forward(&x.detach().reshape((n, d_in))?, sink)?;
-    let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("x has a last dimension") = y.dim(1)?;
-    attach(&tracked(x)?, y.reshape(out_shape)?, LinearGrad(saved))
-}
 
 /// An untracked input (the first layer's) still needs a node, for the adapter's sake.
 fn tracked(x: &Tensor) -> Result<Tensor> {
@@ -173,60 +158,6 @@ impl SavedAdapter {
             Some(d) => d.add_applied(dx, &dz.matmul(&self.a)?),
             None => add_matmul(dx, &dz, &self.a, false),
         }
-    }
-}
-
-struct LinearGrad(Saved);
-
-impl Backward for LinearGrad {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
-
-    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let n = grad.elem_count() / grad.dim(candle_core::D::Minus1)?;
-        let dx = self.0.backward(&x.detach().reshape((n, ()))?, &grad.reshape((n, ()))?)?;
-        dx.reshape(x.shape())
-    }
-}
-
-/// The MLP block `down(silu(gate(x)) * up(x))`, every projection with its adapter pair, as one
-/// op: x (B, T, D) -> (B, T, D). The (tokens x intermediate) products stay inside it, so the
-/// backward pass adds no zero-filled buffers of that size. `parts`: gate, up, down.
-pub(crate) fn mlp(x: &Tensor, parts: [Projection; 3], sink: &Arc<GradSink>) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    let x2 = x.detach().reshape((b * t, d))?;
-    let [gate, up, down] = parts;
-    let (g, gate) = gate.forward(&x2, sink)?;
-    let (u, up) = up.forward(&x2, sink)?;
-    let h = super::ops::silu_mul(&g, &u)?.detach();
-    let (y, down) = down.forward(&h, sink)?;
-    let rule = MlpGrad { gate, up, down, g, u, h };
-    attach(&tracked(x)?, y.reshape((b, t, d))?, rule)
-}
-
-struct MlpGrad {
-    gate: Saved,
-    up: Saved,
-    down: Saved,
-    g: Tensor, // (N, I) gate(x)
-    u: Tensor, // (N, I) up(x)
-    h: Tensor, // (N, I) silu(g) * u
-}
-
-impl Backward for MlpGrad {
-    fn name(&self) -> &'static str {
-        "lora-mlp"
-    }
-
-    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let n = self.g.dim(0)?;
-        let x2 = x.detach().reshape((n, ()))?;
-        let dh = self.down.backward(&self.h, &grad.reshape((n, ()))?)?;
-        let (dg, du) = super::ops::silu_mul_backward(&self.g, &self.u, &dh)?;
-        let dx = self.gate.backward(&x2, &dg)?;
-        let dx = self.up.backward_into(&x2, &du, Some(dx))?;
-        dx.reshape(x.shape())
     }
 }
 
