@@ -361,8 +361,8 @@ const LOGITS_PER_CHUNK: usize = 1 << 27;
 
 /// Sum of the cross-entropy of a micro-batch's target tokens, divided by `denominator`.
 ///
-/// With a `sink`, the adapter's projections run as single ops with hand-written backward rules
-/// that put the adapter's gradients there (and so does gradient checkpointing, which needs it);
+/// With a `sink`, each decoder layer runs as a single op with a hand-written backward rule
+/// that puts the adapter's gradients there (and so does gradient checkpointing, which needs it);
 /// without one, the loss's backward pass gives every gradient.
 pub fn batch_loss(
     decoder: &Decoder,
