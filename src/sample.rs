@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::adapter::Adapter;
+use crate::model::decoder::Mask;
 use crate::model::{KvCache, Model, Pass};
 
 /// Sampling settings, named as in transformers' `generate` / vLLM's `SamplingParams`.
@@ -185,7 +186,7 @@ fn sample_group(
         ids.extend_from_slice(x);
     }
     let ids = Tensor::from_vec(ids, (p, l), &device)?;
-    let mask = prefill_mask(&pads, l, &device)?;
+    let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
     let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
     let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
     let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
@@ -248,7 +249,7 @@ fn sample_group(
         // Decode: (B, 1) ids at position `pos` -> logits (B, V).
         let b = live.len();
         let ids = Tensor::from_vec(next.clone(), (b, 1), &device)?;
-        let mask = decode_mask(&row_pads, pos + 1, &device)?;
+        let mask = Mask::Rows(decode_mask(&row_pads, pos + 1, &device)?);
         let hidden = dec.forward_hidden(&ids, pos, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
         let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?;
         pos += 1;

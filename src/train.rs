@@ -394,7 +394,7 @@ pub fn batch_loss(
         return Ok(Tensor::zeros((), DType::F32, device)?); // nothing to learn from these rows
     }
     let ids = Tensor::from_vec(ids, (b, t), device)?;
-    let mask = crate::model::decoder::causal_mask(t, device)?;
+    let mask = crate::model::decoder::Mask::causal(t, device)?;
     let pass = Pass::train(adapter, Some(dropout_rng));
     let pass = match sink {
         Some(sink) if gradient_checkpointing => pass.checkpointed(sink),

@@ -61,7 +61,7 @@ fn left_padded_rows_give_the_logits_of_unpadded_rows() {
     let pads: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
     let ids = ids_tensor(&case["input_ids"]);
     let t = ids.dim(1).unwrap();
-    let attn = loralab::sample::prefill_mask(&pads, t, &Device::Cpu).unwrap();
+    let attn = loralab::model::decoder::Mask::Rows(loralab::sample::prefill_mask(&pads, t, &Device::Cpu).unwrap());
     let hidden = dec.forward_hidden(&ids, 0, Some(&attn), None, Pass::infer(None)).unwrap();
     let logits = dec.logits(&hidden).unwrap();
     for (row, &pad) in pads.iter().enumerate() {

@@ -19,19 +19,16 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use super::decoder::{Layer, Pass, Rope};
+use super::decoder::{Layer, Mask, Pass, Rope, Span};
 use super::ops::{attach, Backward};
 use super::sink::GradSink;
 use crate::adapter::Adapter;
 
 /// One decoder layer under gradient checkpointing: x (B, T, D) -> (B, T, D).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn layer(
     layer: &Layer,
     x: &Tensor,
-    rope: &Rope,
-    pos: usize,
-    mask: Option<&Tensor>,
+    span: Span,
     pass: Pass,
     index: usize,
     sink: &Arc<GradSink>,
@@ -43,15 +40,15 @@ pub(crate) fn layer(
     // applies), its graph dropped as soon as the output is taken: the state it saved for a
     // backward pass goes with it.
     let first = Pass { checkpoint: false, ..pass };
-    let y = layer.forward(&x.detach(), rope, pos, mask, None, first, index)?.detach();
+    let y = layer.forward(&x.detach(), span, None, first, index)?.detach();
     // The first layer's input (the embedding) is not tracked: a variable makes the backward
     // pass reach the rule all the same.
     let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };
     let rule = Recompute {
         layer: layer.clone(),
-        rope: rope.clone(),
-        pos,
-        mask: mask.cloned(),
+        rope: span.rope.clone(),
+        pos: span.pos,
+        mask: span.mask.cloned(),
         index,
         adapter: adapter.clone(),
         rng: rng_before,
@@ -65,7 +62,7 @@ struct Recompute {
     layer: Layer,
     rope: Rope,
     pos: usize,
-    mask: Option<Tensor>,
+    mask: Option<Mask>,
     index: usize,
     adapter: Adapter,
     rng: Option<ChaCha8Rng>,
@@ -81,8 +78,8 @@ impl Backward for Recompute {
         let input = Var::from_tensor(&x.detach())?;
         let rng = self.rng.clone().map(RefCell::new);
         let pass = Pass::train(&self.adapter, rng.as_ref()).with_sink(&self.sink);
-        let y =
-            self.layer.forward(input.as_tensor(), &self.rope, self.pos, self.mask.as_ref(), None, pass, self.index)?;
+        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref() };
+        let y = self.layer.forward(input.as_tensor(), span, None, pass, self.index)?;
         // d(sum(y * g))/dy = g: the backward pass of this run carries exactly `grad`.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         for pair in self.adapter.pairs.iter().filter(|((l, _), _)| *l == self.index).map(|(_, p)| p) {

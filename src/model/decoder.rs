@@ -339,18 +339,16 @@ impl KvCache {
 }
 
 impl Attention {
-    /// x: (B, T, D) -> (B, T, D). `mask`: additive, (B, 1, T, S) or (T, S).
-    #[allow(clippy::too_many_arguments)]
+    /// x: (B, T, D) -> (B, T, D) at `span`'s positions.
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        mask: Option<&Tensor>,
+        span: Span,
         cache: Option<(&mut KvCache, usize)>,
         pass: Pass,
         layer: usize,
     ) -> Result<Tensor> {
+        let Span { rope, pos, mask } = span;
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // (B, T, H*E) -> (B, H, T, E)
@@ -395,17 +393,11 @@ impl Attention {
         let g = h / k;
         let q = q.reshape((b, k, g * t, e))?;
         let scale = 1.0 / (e as f64).sqrt();
-        // The mask as (B or 1, 1, 1, T, S): shared by the G query heads of a kv head.
-        let causal = mask.is_some_and(|m| m.rank() == 2);
-        let mask = match mask {
-            Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, s))?),
-            Some(m) => Some(m.reshape((b, 1, 1, t, s))?),
-            None => None,
-        };
+        let causal = mask.is_some_and(Mask::is_causal);
+        let mask = mask.map(|m| m.for_heads(b, t, s)).transpose()?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
-            // A (T, S) mask is the causal one (see `forward_hidden`).
             super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
@@ -431,17 +423,13 @@ impl Attention {
 }
 
 impl Attention {
-    /// The self-attention of a training pass over x (B, T, D) at positions pos..pos+T, without
-    /// a cache: `mask` additive, (B, 1, T, T), or (T, T), which must be the causal mask.
-    fn for_training(&self, x: &Tensor, rope: &Rope, pos: usize, mask: Option<&Tensor>) -> Result<SelfAttention> {
+    /// The self-attention of a training pass over x (B, T, D) at `span`'s positions, without a
+    /// cache.
+    fn for_training(&self, x: &Tensor, span: Span) -> Result<SelfAttention> {
         let (b, t, _) = x.dims3()?;
-        let (cos, sin) = rope.tables(pos, t, x.dtype())?;
-        let causal = mask.is_some_and(|m| m.rank() == 2);
-        let mask = match mask {
-            Some(m) if m.rank() == 2 => Some(m.reshape((1, 1, 1, t, t))?),
-            Some(m) => Some(m.reshape((b, 1, 1, t, t))?),
-            None => None,
-        };
+        let (cos, sin) = span.rope.tables(span.pos, t, x.dtype())?;
+        let causal = span.mask.is_some_and(Mask::is_causal);
+        let mask = span.mask.map(|m| m.for_heads(b, t, t)).transpose()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         Ok(SelfAttention::new(&cos, &sin, mask.as_ref(), causal, scale, self.num_heads, self.num_kv_heads))
     }
@@ -517,24 +505,21 @@ fn fused_forward(
 
 impl Layer {
     /// x: (B, T, D) -> (B, T, D): `x + attn(norm(x))`, then `+ mlp(norm(.))`.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        mask: Option<&Tensor>,
+        span: Span,
         cache: Option<(&mut KvCache, usize)>,
         pass: Pass,
         index: usize,
     ) -> Result<Tensor> {
         if cache.is_none() {
-            if let Some(y) = self.lora_op(x, rope, pos, mask, pass, index)? {
+            if let Some(y) = self.lora_op(x, span, pass, index)? {
                 return Ok(y);
             }
         }
         let h = self.input_layernorm.forward(x, pass.train)?;
-        let h = self.self_attn.forward(&h, rope, pos, mask, cache, pass, index)?;
+        let h = self.self_attn.forward(&h, span, cache, pass, index)?;
         let x1 = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x1, pass.train)?;
         let h = self.mlp.forward(&h, pass, index)?;
@@ -544,15 +529,7 @@ impl Layer {
     /// The whole layer as one op with a hand-written backward rule ([`super::lora::layer`]): in a
     /// training pass with a gradient sink, with weights not packed for the CPU (whose own
     /// kernels serve the composite path better), and no cache (the caller's to check).
-    fn lora_op(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        pos: usize,
-        mask: Option<&Tensor>,
-        pass: Pass,
-        index: usize,
-    ) -> Result<Option<Tensor>> {
+    fn lora_op(&self, x: &Tensor, span: Span, pass: Pass, index: usize) -> Result<Option<Tensor>> {
         let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
@@ -560,7 +537,7 @@ impl Layer {
         if !pass.train || packed {
             return Ok(None);
         }
-        let attention = a.for_training(x, rope, pos, mask)?;
+        let attention = a.for_training(x, span)?;
         // Dropout keys in the order the separate projections draw them.
         let mut projections = Vec::with_capacity(lins.len());
         for (lin, target) in lins.iter().zip(Target::ALL) {
@@ -756,24 +733,23 @@ impl Decoder {
     }
 
     /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
-    /// `mask` is additive: (B, 1, T, S) for padded batches, or (T, S), which must be the causal
-    /// mask of [`causal_mask`] (the GPU kernels apply that one without reading it).
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
         pos: usize,
-        mask: Option<&Tensor>,
+        mask: Option<&Mask>,
         mut cache: Option<&mut KvCache>,
         pass: Pass,
     ) -> Result<Tensor> {
         let t = ids.dim(1)?;
+        let span = Span { rope: &self.rope, pos, mask };
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = match pass.sink {
                 Some(sink) if pass.train && pass.checkpoint => {
-                    super::checkpoint::layer(layer, &x, &self.rope, pos, mask, pass, i, sink)?
+                    super::checkpoint::layer(layer, &x, span, pass, i, sink)?
                 }
-                _ => layer.forward(&x, &self.rope, pos, mask, cache.as_deref_mut().map(|c| (c, i)), pass, i)?,
+                _ => layer.forward(&x, span, cache.as_deref_mut().map(|c| (c, i)), pass, i)?,
             };
         }
         if let Some(c) = cache {
@@ -807,7 +783,7 @@ impl Decoder {
     /// Logits of every position for unpadded rows: ids (B, T) -> (B, T, V).
     pub fn forward(&self, ids: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
         let t = ids.dim(1)?;
-        let mask = causal_mask(t, &self.device)?;
+        let mask = Mask::causal(t, &self.device)?;
         let hidden = self.forward_hidden(ids, 0, Some(&mask), None, Pass::infer(adapter))?;
         self.logits(&hidden)
     }
@@ -855,9 +831,42 @@ impl Decoder {
     }
 }
 
-/// Additive causal mask (T, T): 0 on and below the diagonal, -inf above.
-pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> =
-        (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Tensor::from_vec(data, (t, t), device)
+/// The attention mask of a forward pass, additive: 0 where a key is visible, -inf where not.
+#[derive(Clone)]
+pub enum Mask {
+    /// The causal mask (T, T) of [`Mask::causal`]: the GPU kernels apply it without reading it.
+    Causal(Tensor),
+    /// One per row, (B, 1, T, S): causal, with each row's left padding hidden as well (batched
+    /// prefill and decoding).
+    Rows(Tensor),
+}
+
+impl Mask {
+    /// 0 on and below the diagonal, -inf above: (T, T).
+    pub fn causal(t: usize, device: &Device) -> Result<Mask> {
+        let data: Vec<f32> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        Ok(Mask::Causal(Tensor::from_vec(data, (t, t), device)?))
+    }
+
+    fn is_causal(&self) -> bool {
+        matches!(self, Mask::Causal(_))
+    }
+
+    /// As attention takes it for B rows of T queries and S keys: (B or 1, 1, 1, T, S), shared
+    /// by the query heads of a kv head.
+    fn for_heads(&self, b: usize, t: usize, s: usize) -> Result<Tensor> {
+        match self {
+            Mask::Causal(m) => m.reshape((1, 1, 1, t, s)),
+            Mask::Rows(m) => m.reshape((b, 1, 1, t, s)),
+        }
+    }
+}
+
+/// Where a forward pass runs: positions pos..pos+T, their rotary tables, and the mask.
+#[derive(Clone, Copy)]
+pub(crate) struct Span<'a> {
+    pub rope: &'a Rope,
+    pub pos: usize,
+    pub mask: Option<&'a Mask>,
 }
