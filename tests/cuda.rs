@@ -433,18 +433,8 @@ fn self_attention_on_the_gpu_matches_the_plain_one_with_its_gradients() -> Resul
         let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
         let (cos, sin) = (cos_c.to_dtype(dtype)?.to_device(dev)?, sin_c.to_dtype(dtype)?.to_device(dev)?);
         let mask = mask_c.to_device(dev)?;
-        let out = ops::self_attention(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            &cos,
-            &sin,
-            Some(&mask),
-            true,
-            0.25,
-            h,
-            kv,
-        )?;
+        let attention = ops::SelfAttention::new(&cos, &sin, Some(&mask), true, 0.25, h, kv);
+        let out = attention.op(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
         let grads = (out.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
         Ok(vec![
             out,

@@ -483,34 +483,17 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 }
 
-/// Self-attention for training from the projections' outputs to the heads' merged output, as
-/// one op: q (B, T, H*E), k and v (B, T, K*E) -> (B, T, H*E). Inside: the heads split to
-/// (B, H, T, E), rope on q and k with cos/sin (T, E/2), [`attention`] with its `mask` and
-/// `causal`, and the heads merged back.
+/// Self-attention for training from the projections' outputs to the heads' merged output:
+/// q (B, T, H*E), k and v (B, T, K*E) -> (B, T, H*E). Inside: the heads split to (B, H, T, E),
+/// rope on q and k with cos/sin (T, E/2), [`attention`] with its `mask` and `causal`, and the
+/// heads merged back. The whole-layer op of [`super::lora`] runs its forward and backward
+/// passes; [`SelfAttention::op`] makes it one differentiable op.
 ///
-/// Why one op: composed, the reshapes, transposes, copies and ropes of q, k, v and the output are
-/// a dozen graph nodes, and candle's backward pass zero-fills and adds a (tokens x hidden) buffer
-/// for each. The backward rule here recomputes the split and the rope (a few passes) and runs
-/// the same attention backward.
-#[allow(clippy::too_many_arguments)]
-pub fn self_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    mask: Option<&Tensor>,
-    causal: bool,
-    scale: f64,
-    heads: usize,
-    kv_heads: usize,
-) -> Result<Tensor> {
-    SelfAttention::new(cos, sin, mask, causal, scale, heads, kv_heads).op(q, k, v)
-}
-
-/// Self-attention from the projections' outputs to the merged heads, outside the graph: what
-/// [`self_attention`] and the whole-layer op of [`super::lora`] compute.
-pub(crate) struct SelfAttention {
+/// Why one piece: composed, the reshapes, transposes, copies and ropes of q, k, v and the output
+/// are a dozen graph nodes, and candle's backward pass zero-fills and adds a (tokens x hidden)
+/// buffer for each. The backward pass here recomputes the split and the rope (one fused pass on
+/// the GPU) and runs the same attention backward.
+pub struct SelfAttention {
     rule: AttentionRule,
     heads: Heads,
 }
@@ -518,7 +501,7 @@ pub(crate) struct SelfAttention {
 impl SelfAttention {
     /// `mask`, `causal` and `scale` as [`attention`] takes them; cos/sin (T, E/2).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub fn new(
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
@@ -531,8 +514,8 @@ impl SelfAttention {
         SelfAttention { rule, heads: Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads } }
     }
 
-    /// [`self_attention`]: the attention as one op in the graph.
-    pub(crate) fn op(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// The attention as one op in the graph, differentiable in q, k and v.
+    pub fn op(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let out = self.forward(&q.detach(), &k.detach(), &v.detach())?;
         if !(q.track_op() || k.track_op() || v.track_op()) {
             return Ok(out);
