@@ -147,8 +147,8 @@ impl SavedAdapter {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        let dz = grad.matmul(&self.b)?; // (N, r) = scale * dY B
-                                        // dB = scale * dY^T z: (out, r); dA = dz^T (mask * x): (r, in)
+        // dz = scale * dY B: (N, r); dB = scale * dY^T z: (out, r); dA = dz^T (mask * x): (r, in)
+        let dz = grad.matmul(&self.b)?;
         let db = (grad.t()?.matmul(&self.z)? * self.scale)?;
         let da = dz.t()?.matmul(&xin)?;
         self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
