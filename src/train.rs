@@ -407,7 +407,7 @@ pub fn batch_loss(
     let hidden = decoder.forward_hidden(&ids, 0, Some(&mask), None, pass)?;
     // Logits only where a target is predicted: (B*T, D) -> (N, D) -> (N, V)
     let d = hidden.dim(2)?;
-    let picked = hidden.reshape((b * t, d))?.index_select(&Tensor::new(positions.as_slice(), device)?, 0)?;
+    let picked = crate::model::ops::gather_rows(&hidden.reshape((b * t, d))?, &positions)?;
     // The softmax runs in f32 at least (bf16 logits lose the loss's precision), a bounded chunk
     // of rows at a time: (N, V) f32 logits of a long batch would not fit beside a 7B model.
     let chunk = (LOGITS_PER_CHUNK / decoder.config.vocab_size).max(1);
