@@ -20,7 +20,7 @@ use candle_core::{Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use super::decoder::{Layer, Mask, Pass, Rope, Span};
-use super::ops::{attach, Backward};
+use super::ops::{attach, tracked, Backward};
 use super::sink::GradSink;
 use crate::adapter::Adapter;
 
@@ -41,9 +41,7 @@ pub(crate) fn layer(
     // backward pass goes with it.
     let first = Pass { checkpoint: false, ..pass };
     let y = layer.forward(&x.detach(), span, None, first, index)?.detach();
-    // The first layer's input (the embedding) is not tracked: a variable makes the backward
-    // pass reach the rule all the same.
-    let x = if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() };
+    let x = tracked(x)?;
     let rule = Recompute {
         layer: layer.clone(),
         rope: span.rope.clone(),

@@ -5,7 +5,7 @@
 //! [`BLOCK`] threads per row, or a grid-stride loop for elementwise kernels.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -28,10 +28,19 @@ fn launch_elements(n: usize) -> LaunchConfig {
 }
 
 fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("fused kernel: {what} must be contiguous")))?;
+    let (a, b) = offsets(l, what)?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// [`view`], writable: for the ops that update a tensor in place.
+fn view_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout, what: &str) -> Result<CudaViewMut<'a, T>> {
+    let (a, b) = offsets(l, what)?;
+    Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(a..b))
+}
+
+/// Where a contiguous layout's elements start and end in its storage.
+fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("fused kernel: {what} must be contiguous")))
 }
 
 /// Whether n bf16 elements at these (contiguous) layouts can be moved eight at a time: 16-byte
@@ -631,10 +640,7 @@ impl candle_core::InplaceOp2 for DropoutApply {
         }
         super::decoder::check_mask_len(n)?;
         let xv = view::<bf16>(x, xl, "x")?;
-        let (a0, a1) = al
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("dropout-add: the sum must be contiguous".into()))?;
-        let mut av = acc.as_cuda_slice_mut::<bf16>()?.slice_mut(a0..a1);
+        let mut av = view_mut::<bf16>(acc, al, "the sum")?;
         let (n64, lo, hi) = (n as i64, self.key as u32, (self.key >> 32) as u32);
         let value = bf16::from_f64(1.0 / self.keep).to_f32();
         launch!(dev, "dropout_add_bf16", launch_elements(n), &xv, &mut av, &n64, &lo, &hi, &self.threshold, &value);
@@ -702,10 +708,7 @@ impl candle_core::InplaceOp3 for AddMatmul {
         }
         let blas = c.device().cublas_handle();
         let (av, bv) = (view::<bf16>(a, al, "a")?, view::<bf16>(b, bl, "b")?);
-        let (c0, c1) = cl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("add-matmul: c must be contiguous".into()))?;
-        let mut cv = c.as_cuda_slice_mut::<bf16>()?.slice_mut(c0..c1);
+        let mut cv = view_mut::<bf16>(c, cl, "c")?;
         // Row-major c (N, M) is column-major c^T (M, N) = op(b) a^T: cuBLAS's first operand is b.
         let (m, n, k) = (m as i32, n as i32, k as i32);
         let cfg = GemmConfig {

@@ -20,14 +20,9 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use super::decoder::Dropout;
-use super::ops::{self, accumulates, add_matmul, attach, Backward, SelfAttention};
+use super::ops::{self, accumulates, add_matmul, attach, tracked, Backward, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
-
-/// An untracked input (the first layer's) still needs a node, for the adapter's sake.
-fn tracked(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.track_op() { x.clone() } else { Var::from_tensor(x)?.as_tensor().clone() })
-}
 
 /// A frozen projection and its adapter pair, as the forward pass is given them.
 pub(crate) struct Projection<'a> {

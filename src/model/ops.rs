@@ -158,6 +158,12 @@ pub(crate) trait Backward: Send + Sync {
     fn grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor>;
 }
 
+/// `x`, or where it is untracked (the first layer's input, the embedding) a variable holding it:
+/// a rule attached to it is then still reached by the backward pass, for the adapter's sake.
+pub(crate) fn tracked(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() { x.clone() } else { candle_core::Var::from_tensor(x)?.as_tensor().clone() })
+}
+
 /// Gives `y` (computed from `x` by a fused kernel without backward) the backward rule `rule`.
 /// The forward is a copy of `y`, one memory pass, instead of the several ops (each with its
 /// own backward) that the differentiable composite would take.
@@ -434,8 +440,30 @@ pub fn attention(
     scale: f64,
     g: usize,
 ) -> Result<Tensor> {
-    let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g };
-    let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
+    recomputed(AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g }, q, k, v)
+}
+
+/// An attention from q, k and v with its own backward rule: [`AttentionRule`] and
+/// [`SelfAttention`].
+trait Qkv: Send + Sync + 'static {
+    const NAME: &'static str;
+    /// The output of untracked q, k and v.
+    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// The gradients of q, k and v from the output `out` and its gradient.
+    fn gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+}
+
+/// `rule`'s attention as one op in the graph, differentiable in q, k and v: the output is computed
+/// before the op is applied and handed over, and the backward pass recomputes what it needs.
+fn recomputed<R: Qkv>(rule: R, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let out = rule.output(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -451,8 +479,8 @@ struct AttentionRule {
 }
 
 /// The attention op in the graph: its output, computed before it is applied, is handed over.
-struct AttentionOp {
-    rule: AttentionRule,
+struct AttentionOp<R> {
+    rule: R,
     out: Handoff,
 }
 
@@ -527,9 +555,9 @@ impl AttentionRule {
     }
 }
 
-impl candle_core::CustomOp3 for AttentionOp {
+impl<R: Qkv> candle_core::CustomOp3 for AttentionOp<R> {
     fn name(&self) -> &'static str {
-        "attention-recompute"
+        R::NAME
     }
 
     handed_over!(3);
@@ -542,8 +570,42 @@ impl candle_core::CustomOp3 for AttentionOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.rule.backward(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
+        let (dq, dk, dv) = self.rule.gradients(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl Qkv for AttentionRule {
+    const NAME: &'static str = "attention-recompute";
+    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.forward(q, k, v)
+    }
+    fn gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.backward(q, k, v, out, grad)
+    }
+}
+
+impl Qkv for SelfAttention {
+    const NAME: &'static str = "self-attention";
+    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.forward(q, k, v)
+    }
+    fn gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.backward(q, k, v, out, grad)
     }
 }
 
@@ -580,11 +642,7 @@ impl SelfAttention {
 
     /// The attention as one op in the graph, differentiable in q, k and v.
     pub fn op(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let out = self.forward(&q.detach(), &k.detach(), &v.detach())?;
-        if !(q.track_op() || k.track_op() || v.track_op()) {
-            return Ok(out);
-        }
-        q.apply_op3(k, v, SelfAttentionOp { attention: self, out: Handoff::new(out)? })
+        recomputed(self, q, k, v)
     }
 
     /// q (B, T, H*E), k and v (B, T, K*E), untracked -> (B, T, H*E).
@@ -692,31 +750,6 @@ impl Heads {
     /// A roped head's gradient back to its projection's layout: (B, n, T, E) -> (B, T, n*E).
     fn unrope(&self, g: &Tensor) -> Result<Tensor> {
         self.joined(g, true)
-    }
-}
-
-struct SelfAttentionOp {
-    attention: SelfAttention,
-    out: Handoff,
-}
-
-impl candle_core::CustomOp3 for SelfAttentionOp {
-    fn name(&self) -> &'static str {
-        "self-attention"
-    }
-
-    handed_over!(3);
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.attention.backward(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
