@@ -9,8 +9,8 @@
 //! 4 x 1024 tokens that is a dozen (tokens x hidden) and several (tokens x intermediate) passes
 //! per layer, once more GPU time than the layer's products. Here the layer is one node: the
 //! backward pass runs the products and a few fused kernels; the input gradients of projections
-//! that share an input, and each adapter's term, accumulate into the frozen product itself
-//! ([`super::ops::add_matmul`]).
+//! that share an input accumulate into one buffer, and each frozen product accumulates into its
+//! adapter's term ([`super::ops::add_matmul`]).
 //!
 //! Shapes: N = B*T rows; W (out, in); A (r, in); B (out, r); the dropout mask (N, in), drawn from
 //! its key where it is applied, holds 0 or 1 / (1 - p).
@@ -55,7 +55,10 @@ impl Projection<'_> {
             None => x.clone(),
         };
         let z = xin.matmul(&a.t()?)?; // (N, r)
-        let y = plus_adapter(x.matmul(&self.weight.t()?)?, &z, &b, self.bias)?; // (N, out)
+                                      // The adapter's term first, then the frozen product accumulated into it: a product that
+                                      // accumulates reads its output while it computes, at no cost; the other order would add
+                                      // the small product into the large one's output, a read and a write of (N, out).
+        let y = add_matmul(adapter_term(&z, &b, self.bias)?, x, self.weight, true)?; // (N, out)
         let adapter = SavedAdapter {
             a,
             b,
@@ -70,12 +73,12 @@ impl Projection<'_> {
     }
 }
 
-/// `y + bias + z B^T` for y (N, out), z (N, r), B (out, r). On the GPU one product accumulates
-/// into y, the bias riding along as one more column: `[z | 1 | 0..] [B | bias | 0..]^T`, padded
-/// to a multiple of 8 columns (16-byte rows for the tensor cores).
-fn plus_adapter(y: Tensor, z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `z B^T + bias` for z (N, r), B (out, r). On the GPU one product: the bias is one more
+/// column, `[z | 1 | 0..] [B | bias | 0..]^T`, padded to a multiple of 8 columns (16-byte rows
+/// for the tensor cores).
+fn adapter_term(z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
-        Some(bias) if accumulates(&y) => {
+        Some(bias) if accumulates(z) => {
             let (n, r) = z.dims2()?;
             let pad = 8 - r % 8;
             let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
@@ -85,10 +88,10 @@ fn plus_adapter(y: Tensor, z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Res
                 zs.push(Tensor::zeros((n, pad - 1), z.dtype(), z.device())?);
                 bs.push(Tensor::zeros((b.dim(0)?, pad - 1), b.dtype(), b.device())?);
             }
-            add_matmul(y, &Tensor::cat(&zs, 1)?, &Tensor::cat(&bs, 1)?, true)
+            Tensor::cat(&zs, 1)?.matmul(&Tensor::cat(&bs, 1)?.t()?)
         }
-        Some(bias) => add_matmul(y.broadcast_add(bias)?, z, b, true),
-        None => add_matmul(y, z, b, true),
+        Some(bias) => z.matmul(&b.t()?)?.broadcast_add(bias),
+        None => z.matmul(&b.t()?),
     }
 }
 
@@ -122,20 +125,23 @@ impl Saved {
     fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         let grad = grad.contiguous()?;
         let weight = self.weight.to_dtype(grad.dtype())?;
-        let dx = match into {
-            Some(sum) => add_matmul(sum, &grad, &weight, false)?,
-            None => grad.matmul(&weight)?,
+        // The adapter's (small) part first, the frozen product accumulated last (see
+        // `Projection::forward`).
+        let dx = match &self.adapter {
+            Some(adapter) => Some(adapter.backward_into(x, &grad, into)?),
+            None => into,
         };
-        match &self.adapter {
-            Some(adapter) => adapter.backward_into(x, &grad, dx),
-            None => Ok(dx),
+        match dx {
+            Some(sum) => add_matmul(sum, &grad, &weight, false),
+            None => grad.matmul(&weight),
         }
     }
 }
 
 impl SavedAdapter {
-    /// `dx` plus the adapter's part of the input's gradient; A's and B's go to the sink.
-    fn backward_into(&self, x: &Tensor, grad: &Tensor, dx: Tensor) -> Result<Tensor> {
+    /// The adapter's part of the input's gradient, added to `into` where given; A's and B's
+    /// gradients go to the sink.
+    fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         // The dropped input again, from its key: a mask kept from the forward pass would hold a
         // copy of every adapted input of the model until the backward pass.
         let xin = match &self.dropout {
@@ -148,10 +154,12 @@ impl SavedAdapter {
         let da = dz.t()?.matmul(&xin)?;
         self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
         self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
-        // dX = dY W + mask * (dz A)
-        match &self.dropout {
-            Some(d) => d.add_applied(dx, &dz.matmul(&self.a)?),
-            None => add_matmul(dx, &dz, &self.a, false),
+        // mask * (dz A)
+        match (&self.dropout, into) {
+            (Some(d), Some(sum)) => d.add_applied(sum, &dz.matmul(&self.a)?),
+            (Some(d), None) => d.apply(&dz.matmul(&self.a)?),
+            (None, Some(sum)) => add_matmul(sum, &dz, &self.a, false),
+            (None, None) => dz.matmul(&self.a),
         }
     }
 }

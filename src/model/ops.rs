@@ -793,7 +793,11 @@ mod attention_tests {
 
 /// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
 /// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
-/// any moment, in the forward pass and again in the backward pass, which recomputes them.
+/// any moment.
+///
+/// Where `h` is tracked, the gradient of `h` is computed eagerly, chunk by chunk beside the loss,
+/// and kept (N x D, the size of `h`): the backward pass then only scales it, where it would
+/// otherwise recompute every chunk's logits, the largest product of a small model's step.
 ///
 /// h: (N, D), weight: (V, D), targets: N ids -> a scalar.
 ///
@@ -812,20 +816,61 @@ pub fn linear_cross_entropy(
     let (weight, h_detached) = (weight.detach(), h.detach());
     let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
     let chunk = chunk.max(1);
+    let with_grad = h.track_op();
     #[cfg(feature = "cuda")]
     if fused(h) {
-        return fused_cross_entropy(h, &h_detached, weight, targets, chunk);
+        return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk);
     }
     let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
+    let mut dh = Vec::new();
     let sums = by_chunks(n, chunk, |start, rows| {
         let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref())?;
-        logp.gather(&targets.narrow(0, start, rows)?, 1)?.neg()?.sum_all()
+        let targets = targets.narrow(0, start, rows)?;
+        let nll = logp.gather(&targets, 1)?.neg()?.sum_all()?;
+        if with_grad {
+            // d nll / d logits = softmax - onehot(target); dh = dlogits @ W
+            let ones = Tensor::ones((rows, 1), logp.dtype(), logp.device())?;
+            let dlogits = logp.exp()?.scatter_add(&targets, &ones.neg()?, 1)?;
+            dh.push(match &packed {
+                // (rows, V) @ W (V, D) through the packed transpose
+                Some(p) => super::cpu::linear_packed(&dlogits, &p.transposed())?,
+                None => dlogits.to_dtype(h.dtype())?.matmul(&weight.to_dtype(h.dtype())?)?,
+            });
+        }
+        Ok(nll)
     })?;
     let total = match sums.is_empty() {
         true => Tensor::zeros((), loss_dtype(h.dtype()), h.device())?,
         false => Tensor::stack(&sums, 0)?.sum_all()?,
     };
-    attach(h, total, LinearCrossEntropyGrad { weight, packed, targets, chunk })
+    attach_gradient(h, total, dh)
+}
+
+/// Gives the scalar `total` (a function of `h`) the backward rule `dh * g`, with `dh` computed
+/// eagerly in chunks of rows.
+fn attach_gradient(h: &Tensor, total: Tensor, dh: Vec<Tensor>) -> Result<Tensor> {
+    if !h.track_op() {
+        return Ok(total);
+    }
+    let dh = match dh.len() {
+        0 => h.zeros_like()?,
+        _ => Tensor::cat(&dh, 0)?,
+    };
+    attach(h, total, EagerGrad { dh })
+}
+
+/// The backward rule of a scalar whose gradient `dh` was computed with it.
+struct EagerGrad {
+    dh: Tensor,
+}
+
+impl Backward for EagerGrad {
+    fn name(&self) -> &'static str {
+        "eager-gradient"
+    }
+    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        self.dh.broadcast_mul(&g.to_dtype(h.dtype())?)
+    }
 }
 
 /// `f(start, rows)` for consecutive chunks of at most `chunk` of `n` rows, in order.
@@ -851,47 +896,32 @@ fn chunk_log_softmax(h: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedMatr
     candle_nn::ops::log_softmax(&logits, 1)
 }
 
-/// The GPU path: bf16 logits, loss and gradient by fused kernels; the (loss, logsumexp) of each
-/// row, 8 bytes, is what the backward pass keeps.
+/// The GPU path: bf16 logits, each row's (loss, logsumexp) and, for a tracked `h`, the gradient
+/// by fused kernels.
 #[cfg(feature = "cuda")]
 fn fused_cross_entropy(
     h: &Tensor,
     h_detached: &Tensor,
-    weight: Tensor,
-    targets: Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
     chunk: usize,
 ) -> Result<Tensor> {
-    let stats = by_chunks(h.dim(0)?, chunk, |start, rows| {
+    let mut dh = Vec::new();
+    let sums = by_chunks(h.dim(0)?, chunk, |start, rows| {
         let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
-        super::cuda::cross_entropy_forward(&logits, &targets.narrow(0, start, rows)?)
+        let targets = targets.narrow(0, start, rows)?;
+        let stats = super::cuda::cross_entropy_forward(&logits, &targets)?; // (rows, 2): loss, lse
+        if h.track_op() {
+            let dlogits = super::cuda::cross_entropy_backward(&logits, &targets, &stats)?;
+            dh.push(dlogits.matmul(weight)?);
+        }
+        stats.narrow(1, 0, 1)?.sum_all()
     })?;
-    let stats = Tensor::cat(&stats, 0)?; // (N, 2): loss, logsumexp
-    let total = stats.narrow(1, 0, 1)?.sum_all()?;
-    attach(h, total, FusedCrossEntropyGrad { weight, targets, stats, chunk })
-}
-
-#[cfg(feature = "cuda")]
-struct FusedCrossEntropyGrad {
-    weight: Tensor,
-    targets: Tensor,
-    stats: Tensor,
-    chunk: usize,
-}
-
-#[cfg(feature = "cuda")]
-impl Backward for FusedCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy"
-    }
-    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        let parts = by_chunks(h.dim(0)?, self.chunk, |start, rows| {
-            let logits = h.narrow(0, start, rows)?.matmul(&self.weight.t()?)?;
-            let targets = self.targets.narrow(0, start, rows)?;
-            let dlogits = super::cuda::cross_entropy_backward(&logits, &targets, &self.stats.narrow(0, start, rows)?)?;
-            dlogits.matmul(&self.weight)
-        })?;
-        Tensor::cat(&parts, 0)?.broadcast_mul(&g.to_dtype(h.dtype())?)
-    }
+    let total = match sums.is_empty() {
+        true => Tensor::zeros((), candle_core::DType::F32, h.device())?,
+        false => Tensor::stack(&sums, 0)?.sum_all()?,
+    };
+    attach_gradient(h, total, dh)
 }
 
 /// silu(gate) * up, SwiGLU's product: one fused kernel each way on the GPU in bf16.
@@ -914,34 +944,6 @@ pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Ten
     let silu = (gate * &sig)?;
     let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
     Ok((((dh * up)? * dsilu)?, (dh * silu)?))
-}
-
-struct LinearCrossEntropyGrad {
-    weight: Tensor,
-    packed: Option<Arc<PackedMatrix>>,
-    targets: Tensor, // (N, 1) u32
-    chunk: usize,
-}
-
-impl Backward for LinearCrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "linear-cross-entropy"
-    }
-    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
-        // d/dlogits = (softmax - onehot(target)) * g, then dh = dlogits @ W.
-        let parts = by_chunks(h.dim(0)?, self.chunk, |start, rows| {
-            let probs = chunk_log_softmax(&h.narrow(0, start, rows)?, &self.weight, self.packed.as_ref())?.exp()?;
-            let targets = self.targets.narrow(0, start, rows)?;
-            let ones = Tensor::ones((rows, 1), probs.dtype(), probs.device())?;
-            let dlogits = probs.scatter_add(&targets, &ones.neg()?, 1)?.broadcast_mul(&g.to_dtype(probs.dtype())?)?;
-            match &self.packed {
-                // (rows, V) @ W (V, D) through the packed transpose
-                Some(p) => super::cpu::linear_packed(&dlogits, &p.transposed()),
-                None => dlogits.to_dtype(h.dtype())?.matmul(&self.weight.to_dtype(h.dtype())?),
-            }
-        })?;
-        Tensor::cat(&parts, 0)
-    }
 }
 
 #[cfg(test)]
