@@ -264,6 +264,7 @@ pub fn train(
             (0..cfg.gradient_accumulation_steps).map(|_| order.take(cfg.per_device_train_batch_size)).collect();
         let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
         let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
+        sink.new_step(); // the variables changed: the staged copies are stale
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         // The loss stays on the device until the step ends: reading it back after each
         // micro-batch would stall the GPU's queue.

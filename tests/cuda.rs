@@ -375,6 +375,26 @@ fn an_accumulating_product_adds_the_product_in_place() -> Result<()> {
 }
 
 #[test]
+fn a_gradient_product_is_written_then_summed_in_f32() -> Result<()> {
+    use loralab::model::cuda::grad_product;
+    let (n, m, p) = (37, 24, 40);
+    let (xg, xc) = pair(&[n, m], 25)?;
+    let (yg, yc) = pair(&[n, p], 26)?;
+    let product = xc.t()?.matmul(&yc)?; // (M, P)
+                                        // beta 0: whatever the sum held is not read (NaN here).
+    let acc = Tensor::full(f32::NAN, (m, p), &gpu())?;
+    grad_product(&acc, &xg, &yg, 0.5, 0.0)?;
+    let want = (&product * 0.5)?;
+    assert_eq!(acc.dtype(), DType::F32);
+    assert!(rel_diff(&acc, &want) < 1e-5, "0.5 x^T y: {}", rel_diff(&acc, &want));
+    grad_product(&acc, &xg, &yg, 2.0, 1.0)?;
+    let want = (&product * 2.5)?;
+    assert!(rel_diff(&acc, &want) < 1e-5, "then + 2 x^T y: {}", rel_diff(&acc, &want));
+    assert!(grad_product(&acc, &yg, &xg, 1.0, 1.0).is_err());
+    Ok(())
+}
+
+#[test]
 fn the_heads_kernel_splits_ropes_and_joins_as_the_plain_ops_do() -> Result<()> {
     use loralab::model::cuda::{heads, Rope};
     let (b, t, n, e) = (2, 13, 3, 16);

@@ -150,6 +150,30 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
 }
 
 #[test]
+fn the_layer_op_trains_as_the_composite_ops_do_step_after_step() {
+    // f64 weights are not packed for the CPU: training runs each layer as one op with its
+    // staged adapter weights (renewed every step); f32 runs the composite ops.
+    let run = |dtype: DType| {
+        let dec = tiny(dtype);
+        let adapter = Adapter::new(&dec, all_targets(4, 0.1), 13).unwrap();
+        let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 2e-2, ..fixture_config() };
+        let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
+        (log, adapter)
+    };
+    let (op_log, op) = run(DType::F64);
+    let (plain_log, plain) = run(DType::F32);
+    for (a, b) in plain_log.iter().zip(&op_log) {
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm, "step {}: grad norm", a.step);
+    }
+    for (key, p) in &plain.pairs {
+        let q = op.pairs.get(key).unwrap();
+        let (da, db) = (max_abs_diff(p.a.as_tensor(), q.a.as_tensor()), max_abs_diff(p.b.as_tensor(), q.b.as_tensor()));
+        assert!(da < WEIGHT_TOL && db < WEIGHT_TOL, "{key:?}: A differs by {da}, B by {db}");
+    }
+}
+
+#[test]
 fn hand_written_lora_backward_gives_the_gradients_of_autograd() {
     // Every projection adapted, and some frozen inside the layer's op.
     hand_written_rules_case(all_targets(4, 0.1));

@@ -730,6 +730,91 @@ impl candle_core::InplaceOp3 for AddMatmul {
     }
 }
 
+/// `acc = alpha * x^T y + beta * acc` for x (N, M) and y (N, P) in bf16 and acc (M, P) in f32,
+/// all contiguous on the GPU: an adapter's weight gradient as one cuBLAS product, scaled and
+/// summed over micro-batches in f32 where it is written. A bf16 product followed by a scaling,
+/// a cast to f32 and an addition would be four launches and three more passes per variable.
+/// With `beta` 0, acc's old content is not read. `acc` changes in place (see [`add_matmul`]).
+pub fn grad_product(acc: &Tensor, x: &Tensor, y: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+    acc.inplace_op3(&x.contiguous()?, &y.contiguous()?, &GradProduct { alpha, beta })
+}
+
+struct GradProduct {
+    alpha: f32,
+    beta: f32,
+}
+
+impl candle_core::InplaceOp3 for GradProduct {
+    fn name(&self) -> &'static str {
+        "grad-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        no_cpu(self.name()).map(|_| ())
+    }
+
+    fn cuda_fwd(
+        &self,
+        acc: &mut CudaStorage,
+        accl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let ((n, m), (yn, p), (am, ap)) = (rows_of(xl), rows_of(yl), rows_of(accl));
+        if yn != n || am != m || ap != p {
+            return Err(disagree(self.name(), &[accl.shape(), xl.shape(), yl.shape()]));
+        }
+        let dev = x.device().clone();
+        let (blas, stream) = (dev.cublas_handle(), dev.cuda_stream());
+        let (xv, yv) = (view::<bf16>(x, xl, "x")?, view::<bf16>(y, yl, "y")?);
+        let mut av = view_mut::<f32>(acc, accl, "the gradient")?;
+        let ((xp, _rx), (yp, _ry), (ap_, _ra)) =
+            (xv.device_ptr(&stream), yv.device_ptr(&stream), av.device_ptr_mut(&stream));
+        // Row-major acc (M, P) is column-major acc^T (P, M) = y^T x, where row-major y (N, P) is
+        // column-major (P, N) and row-major x (N, M) column-major (M, N), taken transposed.
+        let (m, n, p) = (m as i32, n as i32, p as i32);
+        // Safety: the views hold exactly the (N, M), (N, P) and (M, P) elements the product
+        // reads and writes; alpha and beta are host values read during the call.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                p,
+                m,
+                n,
+                (&self.alpha) as *const f32 as *const _,
+                yp as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                p,
+                xp as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                m,
+                (&self.beta) as *const f32 as *const _,
+                ap_ as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                p,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .w()?;
+        Ok(())
+    }
+}
+
 /// How [`heads`] treats the rope.
 #[derive(Clone, Copy)]
 pub enum Rope {

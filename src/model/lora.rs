@@ -46,19 +46,17 @@ impl Projection<'_> {
             };
             return Ok((y, Saved { weight: self.weight.detach(), adapter: None }));
         };
-        let dtype = x.dtype();
-        // The adapter in the activations' dtype, its scale folded into B (a small matrix).
-        let a = pair.a.as_tensor().detach().to_dtype(dtype)?; // (r, in)
-        let b = (pair.b.as_tensor().detach() * self.scale)?.to_dtype(dtype)?; // (out, r)
+        let staged = sink.staged(&pair.b, || Staged::new(pair, self.scale, self.bias, x))?;
         let xin = match &self.dropout {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        let z = xin.matmul(&a.t()?)?; // (N, r)
-                                      // The adapter's term first, then the frozen product accumulated into it: a product that
-                                      // accumulates reads its output while it computes, at no cost; the other order would add
-                                      // the small product into the large one's output, a read and a write of (N, out).
-        let y = add_matmul(adapter_term(&z, &b, self.bias)?, x, self.weight, true)?; // (N, out)
+        let z = xin.matmul(&staged.a.t()?)?; // (N, r)
+                                             // The adapter's term first, then the frozen product accumulated into it: a product that
+                                             // accumulates reads its output while it computes, at no cost; the other order would add
+                                             // the small product into the large one's output, a read and a write of (N, out).
+        let y = add_matmul(staged.term(&z, self.bias)?, x, self.weight, true)?; // (N, out)
+        let Staged { a, b, .. } = staged;
         let adapter = SavedAdapter {
             a,
             b,
@@ -73,26 +71,62 @@ impl Projection<'_> {
     }
 }
 
-/// `z B^T + bias` for z (N, r), B (out, r). On the GPU one product: the bias is one more
-/// column, `[z | 1 | 0..] [B | bias | 0..]^T`, padded to a multiple of 8 columns (16-byte rows
-/// for the tensor cores).
-fn adapter_term(z: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    match bias {
-        Some(bias) if accumulates(z) => {
-            let (n, r) = z.dims2()?;
-            let pad = 8 - r % 8;
-            let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
-            let bias = bias.to_dtype(b.dtype())?.reshape((b.dim(0)?, 1))?;
-            let (mut zs, mut bs) = (vec![z.clone(), ones], vec![b.clone(), bias]);
-            if pad > 1 {
-                zs.push(Tensor::zeros((n, pad - 1), z.dtype(), z.device())?);
-                bs.push(Tensor::zeros((b.dim(0)?, pad - 1), b.dtype(), b.device())?);
+/// An adapter pair's weights in the activations' dtype, as the products use them. They are made
+/// once per optimizer step ([`GradSink::staged`]): casting and scaling them for every
+/// micro-batch took a few launches per projection.
+#[derive(Clone)]
+pub(crate) struct Staged {
+    a: Tensor, // (r, in)
+    b: Tensor, // (out, r), scaled
+    /// On the GPU, for a projection with a bias: `[B | bias | 0..]` (out, r + pad), so that one
+    /// product gives the adapter's term and the bias.
+    b_bias: Option<Tensor>,
+}
+
+impl Staged {
+    fn new(pair: &LoraPair, scale: f64, bias: Option<&Tensor>, like: &Tensor) -> Result<Staged> {
+        let dtype = like.dtype();
+        let a = pair.a.as_tensor().detach().to_dtype(dtype)?;
+        let b = (pair.b.as_tensor().detach() * scale)?.to_dtype(dtype)?;
+        let b_bias = match bias {
+            Some(bias) if accumulates(like) => {
+                let (out, r) = b.dims2()?;
+                let bias = bias.to_dtype(dtype)?.reshape((out, 1))?;
+                Some(Tensor::cat(&padded(vec![b.clone(), bias], padding(r) - 1)?, 1)?)
             }
-            Tensor::cat(&zs, 1)?.matmul(&Tensor::cat(&bs, 1)?.t()?)
-        }
-        Some(bias) => z.matmul(&b.t()?)?.broadcast_add(bias),
-        None => z.matmul(&b.t()?),
+            _ => None,
+        };
+        Ok(Staged { a, b, b_bias })
     }
+
+    /// `z B^T + bias` for z (N, r). On the GPU one product: the bias is one more column,
+    /// `[z | 1 | 0..] [B | bias | 0..]^T`, padded to a multiple of 8 columns (16-byte rows for
+    /// the tensor cores).
+    fn term(&self, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match (&self.b_bias, bias) {
+            (Some(b_bias), _) => {
+                let (n, r) = z.dims2()?;
+                let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
+                Tensor::cat(&padded(vec![z.clone(), ones], padding(r) - 1)?, 1)?.matmul(&b_bias.t()?)
+            }
+            (None, Some(bias)) => z.matmul(&self.b.t()?)?.broadcast_add(bias),
+            (None, None) => z.matmul(&self.b.t()?),
+        }
+    }
+}
+
+/// Columns added to r for the bias column and a row length that is a multiple of 8 (>= 1).
+fn padding(r: usize) -> usize {
+    8 - r % 8
+}
+
+/// `parts` with `zeros` columns of zeros after them (rows as the first part's).
+fn padded(mut parts: Vec<Tensor>, zeros: usize) -> Result<Vec<Tensor>> {
+    if zeros > 0 {
+        let first = &parts[0];
+        parts.push(Tensor::zeros((first.dim(0)?, zeros), first.dtype(), first.device())?);
+    }
+    Ok(parts)
 }
 
 /// What a projection's backward pass needs.
@@ -150,10 +184,8 @@ impl SavedAdapter {
         };
         // dz = scale * dY B: (N, r); dB = scale * dY^T z: (out, r); dA = dz^T (mask * x): (r, in)
         let dz = grad.matmul(&self.b)?;
-        let db = (grad.t()?.matmul(&self.z)? * self.scale)?;
-        let da = dz.t()?.matmul(&xin)?;
-        self.sink.add(self.a_var.as_tensor().id(), da.to_dtype(self.a_var.dtype())?)?;
-        self.sink.add(self.b_var.as_tensor().id(), db.to_dtype(self.b_var.dtype())?)?;
+        self.sink.add_product(&self.b_var, grad, &self.z, self.scale)?;
+        self.sink.add_product(&self.a_var, &dz, &xin, 1.0)?;
         // mask * (dz A)
         match (&self.dropout, into) {
             (Some(d), Some(sum)) => d.add_applied(sum, &dz.matmul(&self.a)?),
