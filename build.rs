@@ -11,6 +11,7 @@ fn main() {
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,/usr/local/cuda/lib64");
     println!("cargo:rerun-if-changed=src/model/kernels.cu");
+    println!("cargo:rerun-if-changed=src/model/flash_attention.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let nvcc = match std::env::var_os("CUDA_HOME") {
         Some(home) => PathBuf::from(home).join("bin/nvcc"),

@@ -40,13 +40,25 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn fused_causal_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
     // An odd length (keys one at a time) and an even one (two at a time).
     for t in [37, 40] {
-        causal_attention_case(t)?;
+        causal_attention_case(t, 16)?;
     }
     Ok(())
 }
 
-fn causal_attention_case(t: usize) -> Result<()> {
-    let (b, k, g, e) = (2, 2, 3, 16);
+#[test]
+fn flash_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
+    // Head sizes the flash kernels take; lengths within one tile of 64, a whole tile, and over
+    // several tiles with a partial last one.
+    for e in [64, 128] {
+        for t in [37, 64, 150] {
+            causal_attention_case(t, e)?;
+        }
+    }
+    Ok(())
+}
+
+fn causal_attention_case(t: usize, e: usize) -> Result<()> {
+    let (b, k, g) = (2, 2, 3);
     let (qg, qc) = pair(&[b, k, g * t, e], 1)?;
     let (kg, kc) = pair(&[b, k, t, e], 2)?;
     let (vg, vc) = pair(&[b, k, t, e], 3)?;
@@ -70,7 +82,7 @@ fn causal_attention_case(t: usize) -> Result<()> {
     let plain = run(&qc, &kc, &vc, &wc, &mask_c)?;
     for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
         let d = rel_diff(a, b);
-        assert!(d < 2e-2, "{name}: relative difference {d}");
+        assert!(d < 2e-2, "{name} (T {t}, E {e}): relative difference {d}");
     }
     Ok(())
 }
@@ -126,7 +138,7 @@ fn silu_mul_case(width: usize) -> Result<()> {
     let plain = run(&gc, &uc, &wc)?;
     for (name, (a, b)) in ["h", "dgate", "dup"].iter().zip(fused.iter().zip(&plain)) {
         let d = rel_diff(a, b);
-        assert!(d < 2e-2, "{name}: relative difference {d}");
+        assert!(d < 2e-2, "{name} (T {t}, E {e}): relative difference {d}");
     }
     Ok(())
 }

@@ -95,6 +95,21 @@ macro_rules! launch {
     }};
 }
 
+/// [`launch!`] for a kernel that asks for more shared memory than the default 48 KiB.
+macro_rules! launch_with_shared {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+        let cfg: LaunchConfig = $cfg;
+        let func = $dev.get_or_load_custom_func($name, "loralab_kernels", PTX)?;
+        let limit = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        func.set_attribute(limit, cfg.shared_mem_bytes as i32).w()?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // Safety: the argument list matches the kernel's signature in kernels.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+    }};
+}
+
 /// Causal softmax of bf16 scores (rows, S), `scale` applied first; the query position of row r is
 /// r % t and its last visible key (r % t) + S - t.
 pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
@@ -941,4 +956,131 @@ impl candle_core::CustomOp3 for Adamw<'_> {
                 &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((3, n))))
     }
+}
+
+/// Head sizes the flash-attention kernels are built for.
+const FLASH_HEAD_SIZES: [usize; 2] = [64, 128];
+
+/// Whether [`flash_attention`] takes these: bf16 on the GPU, q (B, K, G*T, E) and k (B, K, T, E)
+/// with E 64 or 128, all contiguous from a 16-byte boundary.
+pub fn flash_fits(q: &Tensor, k: &Tensor, g: usize) -> bool {
+    let (Ok((b, kh, m, e)), Ok((kb, kk, t, ke))) = (q.dims4(), k.dims4()) else { return false };
+    applies(q)
+        && applies(k)
+        && FLASH_HEAD_SIZES.contains(&e)
+        && (b, kh, e) == (kb, kk, ke)
+        && m == g * t
+        && t > 0
+        && [q, k].iter().all(|x| x.is_contiguous() && x.layout().start_offset() % 8 == 0)
+}
+
+/// Causal attention of q (B, K, G*T, E), k and v (B, K, T, E), bf16 on the GPU, without the
+/// (T x T) scores in memory: the output (as q) and each row's base-2 log-sum-exp of its scaled
+/// scores, (B*K*G*T,) f32, which [`flash_attention_backward`] takes.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (b, kh, m, e) = q.dims4()?;
+    let t = m / g;
+    if !flash_fits(&q, &k, g) || v.dims() != k.dims() {
+        return Err(disagree("flash-attention", &[q.shape(), k.shape(), v.shape()]));
+    }
+    let dev = cuda_device(&q)?;
+    let out = unsafe { dev.alloc::<bf16>(q.elem_count())? };
+    let lse = unsafe { dev.alloc::<f32>(b * kh * m)? };
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (qv, kv, vv) = (bf16_view(&qs, ql, "q")?, bf16_view(&ks, kl, "k")?, bf16_view(&vs, vl, "v")?);
+        let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
+        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 2);
+        launch_with_shared!(dev, &format!("flash_forward_{e}"), grid, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32);
+    }
+    Ok((wrap(out, &dev, q.shape().clone()), wrap(lse, &dev, Shape::from(b * kh * m))))
+}
+
+/// The gradients of q, k and v of [`flash_attention`] from its inputs, its lse and `d`, each
+/// row's rowsum(dout * out) in f32 ([`row_dot`]), and the output's gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    d: &Tensor,
+    g: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v, dout) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dout.contiguous()?);
+    let (b, kh, m, e) = q.dims4()?;
+    let t = m / g;
+    if !flash_fits(&q, &k, g) || v.dims() != k.dims() || dout.dims() != q.dims() || d.elem_count() != b * kh * m
+        || lse.elem_count() != b * kh * m
+    {
+        return Err(disagree("flash-attention backward", &[q.shape(), k.shape(), dout.shape(), lse.shape()]));
+    }
+    let dev = cuda_device(&q)?;
+    let dq = unsafe { dev.alloc::<bf16>(q.elem_count())? };
+    let dk = unsafe { dev.alloc::<bf16>(k.elem_count())? };
+    let dv = unsafe { dev.alloc::<bf16>(v.elem_count())? };
+    {
+        let (lse, d) = (lse.contiguous()?, d.contiguous()?);
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = dout.storage_and_layout();
+        let (ls, ll) = lse.storage_and_layout();
+        let (ds, dl) = d.storage_and_layout();
+        let (qv, kv, vv) = (bf16_view(&qs, ql, "q")?, bf16_view(&ks, kl, "k")?, bf16_view(&vs, vl, "v")?);
+        let ov = bf16_view(&os, ol, "dout")?;
+        let (lv, dv_) = (f32_view(&ls, ll, "lse")?, f32_view(&ds, dl, "d")?);
+        let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
+        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 2);
+        launch_with_shared!(dev, &format!("flash_dq_{e}"), grid, &qv, &kv, &vv, &ov, &lv, &dv_, &dq, &t32, &g32, &s32);
+        let grid = flash_grid(t.div_ceil(64) as u32, b * kh, e, 4);
+        launch_with_shared!(dev, &format!("flash_dkv_{e}"), grid, &qv, &kv, &vv, &ov, &lv, &dv_, &dk, &dv, &t32, &g32, &s32);
+    }
+    Ok((wrap(dq, &dev, q.shape().clone()), wrap(dk, &dev, k.shape().clone()), wrap(dv, &dev, v.shape().clone())))
+}
+
+/// Shared memory of a flash kernel: `tiles` tiles of 64 rows of E + 8 bf16, and two rows of 64
+/// f32 for the key-side kernel.
+fn flash_shared(e: usize, tiles: usize) -> u32 {
+    (tiles * 64 * (e + 8) * 2 + if tiles == 4 { 2 * 64 * 4 } else { 0 }) as u32
+}
+
+fn flash_grid(x: u32, y: usize, e: usize, tiles: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x, y as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: flash_shared(e, tiles) }
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(dev) => Ok(dev.clone()),
+        _ => candle_core::bail!("a GPU kernel, called on the CPU"),
+    }
+}
+
+fn bf16_view<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<CudaView<'a, bf16>> {
+    match s {
+        candle_core::Storage::Cuda(c) => view::<bf16>(c, l, what),
+        _ => candle_core::bail!("{what}: not on the GPU"),
+    }
+}
+
+fn f32_view<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    match s {
+        candle_core::Storage::Cuda(c) => view::<f32>(c, l, what),
+        _ => candle_core::bail!("{what}: not on the GPU"),
+    }
+}
+
+/// A freshly written GPU buffer as an untracked tensor.
+fn wrap<T: CudaDType>(
+    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: Shape,
+) -> Tensor {
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
 }

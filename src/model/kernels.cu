@@ -614,3 +614,5 @@ extern "C" __global__ void adamw_f32(const float* p, const float* m, const float
         out[2 * n + i] = vi;
     }
 }
+
+#include "flash_attention.cu"

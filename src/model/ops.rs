@@ -440,7 +440,7 @@ pub fn attention(
     scale: f64,
     g: usize,
 ) -> Result<Tensor> {
-    recomputed(AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g }, q, k, v)
+    recomputed(AttentionRule::new(mask, causal, scale, g), q, k, v)
 }
 
 /// An attention from q, k and v with its own backward rule: [`AttentionRule`] and
@@ -476,6 +476,9 @@ struct AttentionRule {
     causal: bool,
     scale: f64,
     g: usize,
+    /// The forward pass's row statistics where the flash kernels ran, for the backward pass.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// The attention op in the graph: its output, computed before it is applied, is handed over.
@@ -485,10 +488,20 @@ struct AttentionOp<R> {
 }
 
 impl AttentionRule {
+    fn new(mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Self {
+        AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g, lse: Default::default() }
+    }
+
     /// Whether the fused GPU kernels compute this attention.
     #[cfg(feature = "cuda")]
     fn fused(&self, q: &Tensor) -> bool {
         self.causal && fused(q)
+    }
+
+    /// Whether the flash kernels compute it: fused, and shapes they take (a query per key).
+    #[cfg(feature = "cuda")]
+    fn flash(&self, q: &Tensor, k: &Tensor) -> bool {
+        self.fused(q) && super::cuda::flash_fits(q, k, self.g)
     }
 
     /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
@@ -518,6 +531,12 @@ impl AttentionRule {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.flash(q, k) {
+            let (out, lse) = super::cuda::flash_attention(q, k, v, self.g, self.scale)?;
+            *self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))? = Some(lse);
+            return Ok(out);
+        }
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
 
@@ -530,6 +549,16 @@ impl AttentionRule {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.flash(q, k) {
+            let lse = self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?.take();
+            let lse = match lse {
+                Some(lse) => lse,
+                None => super::cuda::flash_attention(q, k, v, self.g, self.scale)?.1,
+            };
+            let d = super::cuda::row_dot(grad, out)?; // (B * K * M,) f32
+            return super::cuda::flash_attention_backward(q, k, v, grad, &lse, &d, self.g, self.scale);
+        }
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
@@ -636,7 +665,7 @@ impl SelfAttention {
         heads: usize,
         kv_heads: usize,
     ) -> Self {
-        let rule = AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g: heads / kv_heads };
+        let rule = AttentionRule::new(mask, causal, scale, heads / kv_heads);
         SelfAttention { rule, heads: Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads } }
     }
 
