@@ -40,8 +40,9 @@ xz -T2 -6 -f dist/loralab-cuda
 ls -la dist/loralab-cuda.xz
 # With --tests: also the GPU kernel tests (tests/cuda.rs), to run there as dist/loralab-cuda-tests.
 if [ "${1:-}" = "--tests" ]; then
+  cargo test --release --features cuda --test cuda --no-run
   tests=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    grep '"name":"cuda"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
   strip -o dist/loralab-cuda-tests "$tests"
   xz -T2 -6 -f dist/loralab-cuda-tests
   ls -la dist/loralab-cuda-tests.xz

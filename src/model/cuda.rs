@@ -5,7 +5,7 @@
 //! [`BLOCK`] threads per row, or a grid-stride loop for elementwise kernels.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -993,7 +993,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: usize, scale: f64)
         let (vs, vl) = v.storage_and_layout();
         let (qv, kv, vv) = (bf16_view(&qs, ql, "q")?, bf16_view(&ks, kl, "k")?, bf16_view(&vs, vl, "v")?);
         let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
-        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 2);
+        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 4, 0);
         launch_with_shared!(dev, &format!("flash_forward_{e}"), grid, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32);
     }
     Ok((wrap(out, &dev, q.shape().clone()), wrap(lse, &dev, Shape::from(b * kh * m))))
@@ -1015,15 +1015,19 @@ pub fn flash_attention_backward(
     let (q, k, v, dout) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dout.contiguous()?);
     let (b, kh, m, e) = q.dims4()?;
     let t = m / g;
-    if !flash_fits(&q, &k, g) || v.dims() != k.dims() || dout.dims() != q.dims() || d.elem_count() != b * kh * m
+    if !flash_fits(&q, &k, g)
+        || v.dims() != k.dims()
+        || dout.dims() != q.dims()
+        || d.elem_count() != b * kh * m
         || lse.elem_count() != b * kh * m
     {
         return Err(disagree("flash-attention backward", &[q.shape(), k.shape(), dout.shape(), lse.shape()]));
     }
     let dev = cuda_device(&q)?;
     let dq = unsafe { dev.alloc::<bf16>(q.elem_count())? };
-    let dk = unsafe { dev.alloc::<bf16>(k.elem_count())? };
-    let dv = unsafe { dev.alloc::<bf16>(v.elem_count())? };
+    // dk and dv per query head, in f32, summed below.
+    let dk = unsafe { dev.alloc::<f32>(g * k.elem_count())? };
+    let dv = unsafe { dev.alloc::<f32>(g * v.elem_count())? };
     {
         let (lse, d) = (lse.contiguous()?, d.contiguous()?);
         let (qs, ql) = q.storage_and_layout();
@@ -1036,22 +1040,41 @@ pub fn flash_attention_backward(
         let ov = bf16_view(&os, ol, "dout")?;
         let (lv, dv_) = (f32_view(&ls, ll, "lse")?, f32_view(&ds, dl, "d")?);
         let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
-        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 2);
+        let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 4, 0);
         launch_with_shared!(dev, &format!("flash_dq_{e}"), grid, &qv, &kv, &vv, &ov, &lv, &dv_, &dq, &t32, &g32, &s32);
-        let grid = flash_grid(t.div_ceil(64) as u32, b * kh, e, 4);
-        launch_with_shared!(dev, &format!("flash_dkv_{e}"), grid, &qv, &kv, &vv, &ov, &lv, &dv_, &dk, &dv, &t32, &g32, &s32);
+        let grid = flash_grid(t.div_ceil(64) as u32, b * kh * g, e, 6, 4);
+        launch_with_shared!(
+            dev,
+            &format!("flash_dkv_{e}"),
+            grid,
+            &qv,
+            &kv,
+            &vv,
+            &ov,
+            &lv,
+            &dv_,
+            &dk,
+            &dv,
+            &t32,
+            &g32,
+            &s32
+        );
     }
-    Ok((wrap(dq, &dev, q.shape().clone()), wrap(dk, &dev, k.shape().clone()), wrap(dv, &dev, v.shape().clone())))
+    let summed = |parts: CudaSlice<f32>| -> Result<Tensor> {
+        let n = k.elem_count();
+        let out = unsafe { dev.alloc::<bf16>(n)? };
+        let (n64, g32) = (n as i64, g as i32);
+        launch!(dev, "sum_parts_bf16", launch_elements(n), &parts, &out, &n64, &g32);
+        Ok(wrap(out, &dev, k.shape().clone()))
+    };
+    Ok((wrap(dq, &dev, q.shape().clone()), summed(dk)?, summed(dv)?))
 }
 
-/// Shared memory of a flash kernel: `tiles` tiles of 64 rows of E + 8 bf16, and two rows of 64
-/// f32 for the key-side kernel.
-fn flash_shared(e: usize, tiles: usize) -> u32 {
-    (tiles * 64 * (e + 8) * 2 + if tiles == 4 { 2 * 64 * 4 } else { 0 }) as u32
-}
-
-fn flash_grid(x: u32, y: usize, e: usize, tiles: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (x, y as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: flash_shared(e, tiles) }
+/// The launch of a flash kernel with a grid (x, y) of 128-thread blocks, each with shared memory
+/// for `tiles` tiles of 64 rows of E + 8 bf16 and `rows` rows of 64 f32.
+fn flash_grid(x: u32, y: usize, e: usize, tiles: usize, rows: usize) -> LaunchConfig {
+    let shared = (tiles * 64 * (e + 8) * 2 + rows * 64 * 4) as u32;
+    LaunchConfig { grid_dim: (x, y as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: shared }
 }
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
@@ -1076,11 +1099,7 @@ fn f32_view<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<C
 }
 
 /// A freshly written GPU buffer as an untracked tensor.
-fn wrap<T: CudaDType>(
-    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    dev: &CudaDevice,
-    shape: Shape,
-) -> Tensor {
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: Shape) -> Tensor {
     let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
     Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
 }

@@ -83,6 +83,27 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat
     }
 }
 
+// load_tile by cp.async: the copy runs while the block computes; wait for it with
+// cp_async_wait and a barrier.
+template <int E, int P>
+__device__ __forceinline__ void fetch_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end) {
+    constexpr int PER_ROW = E / 8;
+    for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
+        int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+        bool in = first + r < end;
+        uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
+        const __nv_bfloat16* src = x + (in ? first + r : 0) * E + c;
+        // A source size of 0 fills the 16 bytes with zeros.
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+// Waits until at most N of this thread's committed copies are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // The block's tile of query rows: (g, t0..t0+63) of kv head bk.
 struct RowTile {
     long bk, g, t0;
@@ -94,14 +115,16 @@ __device__ __forceinline__ RowTile row_tile(int T) {
 }
 
 // Forward: out and lse2 of one tile of 64 query rows. Grid (G * ceil(T/64), BK), 128 threads,
-// shared memory 2 * 64 * (E + 8) bf16.
+// shared memory 4 * 64 * (E + 8) bf16: two buffers of key and value tiles, the next fetched
+// while the current is used.
 template <int E>
 __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                               __nv_bfloat16* out, float* lse2, int T, int G, float scale) {
     constexpr int P = E + 8;  // padded rows: ldmatrix reads 8 rows without bank conflicts
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);
-    __nv_bfloat16* vs = ks + FA_ROWS * P;
+    __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
+    __nv_bfloat16* vbuf = kbuf + 2 * FA_ROWS * P;
+    __nv_bfloat16 *ks = kbuf, *vs = vbuf;  // the tiles in use
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
     RowTile tile = row_tile(T);
     long row0 = (tile.bk * G + tile.g) * T;  // the head's first row in q / out
@@ -121,9 +144,20 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
     float o[E / 8][4];
     for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     int last = min((int)tile.t0 + FA_ROWS, T) - 1;  // the tile's last visible key
-    for (int s0 = 0; s0 <= last; s0 += FA_ROWS) {
-        load_tile<E, P>(ks, kh, s0, T);
-        load_tile<E, P>(vs, vh, s0, T);
+    int tiles = last / FA_ROWS + 1;
+    fetch_tile<E, P>(kbuf, kh, 0, T);
+    fetch_tile<E, P>(vbuf, vh, 0, T);
+    cp_async_commit();
+    for (int it = 0; it < tiles; ++it) {
+        int s0 = it * FA_ROWS;
+        ks = kbuf + (it & 1) * FA_ROWS * P;
+        vs = vbuf + (it & 1) * FA_ROWS * P;
+        if (it + 1 < tiles) {  // into the other buffer, whose last readers passed the barrier
+            fetch_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, s0 + FA_ROWS, T);
+            fetch_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, s0 + FA_ROWS, T);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
         // S = Q K^T: 16 rows x 64 keys per warp.
         float s[8][4];
@@ -209,14 +243,16 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
 
 // dq of one tile of 64 query rows: dq = scale * sum over keys of dS K, with
 // P = 2^(S * scale * log2e - lse2), dS = P * (dO V^T - D), D = rowsum(dO * O) given.
+// Grid and shared memory as the forward kernel's.
 template <int E>
 __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                          const __nv_bfloat16* dout, const float* lse2, const float* D, __nv_bfloat16* dq, int T,
                          int G, float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);
-    __nv_bfloat16* vs = ks + FA_ROWS * P;
+    __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
+    __nv_bfloat16* vbuf = kbuf + 2 * FA_ROWS * P;
+    __nv_bfloat16 *ks = kbuf, *vs = vbuf;  // the tiles in use
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
     RowTile tile = row_tile(T);
     long row0 = (tile.bk * G + tile.g) * T;
@@ -240,9 +276,20 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
     float acc[E / 8][4];
     for (int n = 0; n < E / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     int last = min((int)tile.t0 + FA_ROWS, T) - 1;
-    for (int s0 = 0; s0 <= last; s0 += FA_ROWS) {
-        load_tile<E, P>(ks, kh, s0, T);
-        load_tile<E, P>(vs, vh, s0, T);
+    int tiles = last / FA_ROWS + 1;
+    fetch_tile<E, P>(kbuf, kh, 0, T);
+    fetch_tile<E, P>(vbuf, vh, 0, T);
+    cp_async_commit();
+    for (int it = 0; it < tiles; ++it) {
+        int s0 = it * FA_ROWS;
+        ks = kbuf + (it & 1) * FA_ROWS * P;
+        vs = vbuf + (it & 1) * FA_ROWS * P;
+        if (it + 1 < tiles) {  // into the other buffer, whose last readers passed the barrier
+            fetch_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, s0 + FA_ROWS, T);
+            fetch_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, s0 + FA_ROWS, T);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
         float s[8][4], dp[8][4];
         for (int n = 0; n < 8; ++n)
@@ -289,24 +336,27 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
     }
 }
 
-// dk and dv of one tile of 64 keys, summed over the G query heads and the positions that see
-// them: dv = P^T dO, dk = scale * dS^T Q. Grid (ceil(T/64), BK), 128 threads, shared memory
-// 4 * 64 * (E + 8) bf16 + 2 * 64 f32. Each warp holds 16 keys; the rows come 64 at a time and
-// are taken 32 at a time.
+// dk and dv of one tile of 64 keys from one query head g, summed over the positions that see
+// them: dv = P^T dO, dk = scale * dS^T Q, written in f32 to (G, BK, T, E) parts that the caller
+// sums over g. One block per head rather than per kv head: the first key tiles are seen by many
+// more rows than the last, and G times more, smaller blocks keep the GPU evenly busy.
+// Grid (ceil(T/64), BK * G), 128 threads, shared memory 6 * 64 * (E + 8) bf16 + 4 * 64 f32:
+// the key and value tiles, and two buffers of the rows' tiles (q, dout, lse2, D).
+// Each warp holds 16 keys; the rows come 64 at a time and are taken 32 at a time.
 template <int E>
 __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                          const __nv_bfloat16* dout, const float* lse2, const float* D, __nv_bfloat16* dk,
-                          __nv_bfloat16* dv, int T, int G, float scale) {
+                          const __nv_bfloat16* dout, const float* lse2, const float* D, float* dk, float* dv,
+                          int T, int G, float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);
     __nv_bfloat16* vs = ks + FA_ROWS * P;
-    __nv_bfloat16* qs = vs + FA_ROWS * P;
-    __nv_bfloat16* dos = qs + FA_ROWS * P;
-    float* ls = reinterpret_cast<float*>(dos + FA_ROWS * P);
-    float* ds = ls + FA_ROWS;
+    __nv_bfloat16* qbuf = vs + FA_ROWS * P;
+    __nv_bfloat16* dobuf = qbuf + 2 * FA_ROWS * P;
+    float* lbuf = reinterpret_cast<float*>(dobuf + 2 * FA_ROWS * P);
+    float* dbuf = lbuf + 2 * FA_ROWS;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-    long bk = blockIdx.y;
+    long bk = blockIdx.y / G, g = blockIdx.y % G;
     int s0 = blockIdx.x * FA_ROWS;
     const __nv_bfloat16* kh = k + bk * T * E;
     const __nv_bfloat16* vh = v + bk * T * E;
@@ -318,18 +368,29 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
     float dka[E / 8][4], dva[E / 8][4];
     for (int n = 0; n < E / 8; ++n)
         for (int i = 0; i < 4; ++i) dka[n][i] = dva[n][i] = 0.f;
-    for (int g = 0; g < G; ++g) {
+    {
         long row0 = (bk * G + g) * T;
-        for (int t0 = s0; t0 < T; t0 += FA_ROWS) {
-            __syncthreads();  // the previous rows are no longer read
-            load_tile<E, P>(qs, q + row0 * E, t0, T);
-            load_tile<E, P>(dos, dout + row0 * E, t0, T);
+        // Rows t0.. into buffer b: q and dout by cp.async, lse2 and D by plain stores.
+        auto fetch = [&](int b, int t0) {
+            fetch_tile<E, P>(qbuf + b * FA_ROWS * P, q + row0 * E, t0, T);
+            fetch_tile<E, P>(dobuf + b * FA_ROWS * P, dout + row0 * E, t0, T);
             for (int i = threadIdx.x; i < FA_ROWS; i += FA_THREADS) {
                 bool in = t0 + i < T;
-                ls[i] = in ? lse2[row0 + t0 + i] : INFINITY;
-                ds[i] = in ? D[row0 + t0 + i] : 0.f;
+                lbuf[b * FA_ROWS + i] = in ? lse2[row0 + t0 + i] : INFINITY;
+                dbuf[b * FA_ROWS + i] = in ? D[row0 + t0 + i] : 0.f;
             }
+        };
+        int tiles = (T - s0 + FA_ROWS - 1) / FA_ROWS;
+        fetch(0, s0);
+        cp_async_commit();
+        for (int it = 0; it < tiles; ++it) {
+            int t0 = s0 + it * FA_ROWS, b = it & 1;
+            if (it + 1 < tiles) fetch(b ^ 1, t0 + FA_ROWS);  // its last readers passed the barrier
+            cp_async_commit();
+            cp_async_wait<1>();
             __syncthreads();
+            const __nv_bfloat16 *qs = qbuf + b * FA_ROWS * P, *dos = dobuf + b * FA_ROWS * P;
+            const float *ls = lbuf + b * FA_ROWS, *ds = dbuf + b * FA_ROWS;
             for (int half = 0; half < 2; ++half) {
                 int r0 = half * 32;  // rows r0..r0+31 of the tile
                 if (t0 + r0 + 31 < s0) continue;  // all hidden from this block's keys
@@ -388,18 +449,29 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
                     }
                 }
             }
+            __syncthreads();  // buffer b is fetched into next
         }
     }
+    long part = ((g * gridDim.y / G + bk) * T) * E;  // (g, bk) of the (G, BK, T, E) parts
     for (int n = 0; n < E / 8; ++n) {
         int col = n * 8 + 2 * tig;
         if (key_lo < T) {
-            *reinterpret_cast<uint32_t*>(dk + (bk * T + key_lo) * E + col) = pack_bf16(dka[n][0] * scale, dka[n][1] * scale);
-            *reinterpret_cast<uint32_t*>(dv + (bk * T + key_lo) * E + col) = pack_bf16(dva[n][0], dva[n][1]);
+            *reinterpret_cast<float2*>(dk + part + key_lo * E + col) = make_float2(dka[n][0] * scale, dka[n][1] * scale);
+            *reinterpret_cast<float2*>(dv + part + key_lo * E + col) = make_float2(dva[n][0], dva[n][1]);
         }
         if (key_hi < T) {
-            *reinterpret_cast<uint32_t*>(dk + (bk * T + key_hi) * E + col) = pack_bf16(dka[n][2] * scale, dka[n][3] * scale);
-            *reinterpret_cast<uint32_t*>(dv + (bk * T + key_hi) * E + col) = pack_bf16(dva[n][2], dva[n][3]);
+            *reinterpret_cast<float2*>(dk + part + key_hi * E + col) = make_float2(dka[n][2] * scale, dka[n][3] * scale);
+            *reinterpret_cast<float2*>(dv + part + key_hi * E + col) = make_float2(dva[n][2], dva[n][3]);
         }
+    }
+}
+
+// out[i] = sum over p < parts of x[p * n + i], in f32, written as bf16: the dk and dv parts.
+extern "C" __global__ void sum_parts_bf16(const float* x, __nv_bfloat16* out, long n, int parts) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float sum = 0.f;
+        for (int p = 0; p < parts; ++p) sum += x[p * n + i];
+        out[i] = __float2bfloat16(sum);
     }
 }
 
@@ -417,8 +489,8 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_dkv_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                 \
-                      const __nv_bfloat16* dout, const float* lse2, const float* D, __nv_bfloat16* dk,        \
-                      __nv_bfloat16* dv, int T, int G, float scale) {                                           \
+                      const __nv_bfloat16* dout, const float* lse2, const float* D, float* dk, float* dv,      \
+                      int T, int G, float scale) {                                                              \
         flash_dkv<E>(q, k, v, dout, lse2, D, dk, dv, T, G, scale);                                              \
     }
 

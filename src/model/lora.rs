@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use super::decoder::Dropout;
-use super::ops::{self, accumulates, add_matmul, attach, tracked, Backward, SelfAttention};
+use super::ops::{self, accumulates, add_matmul, attach, tracked, Backward, QkvHeads, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
@@ -219,8 +219,9 @@ pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Resu
     let (qy, q) = q.forward(&h1, sink)?; // (N, H*E)
     let (ky, k) = k.forward(&h1, sink)?; // (N, K*E)
     let (vy, v) = v.forward(&h1, sink)?;
-    let qkv = [qy.reshape((b, t, ()))?, ky.reshape((b, t, ()))?, vy.reshape((b, t, ()))?];
-    let att = attention.forward(&qkv[0], &qkv[1], &qkv[2])?.reshape((n, ()))?; // (N, H*E)
+    let (att, heads) =
+        attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
+    let att = att.reshape((n, ()))?; // (N, H*E)
     let (oy, o) = o.forward(&att, sink)?;
     let x1 = (&x0 + oy.reshape((b, t, d))?)?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
@@ -235,7 +236,7 @@ pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Resu
         attention,
         projections: [q, k, v, o, gate, up, down],
         h1,
-        qkv,
+        heads,
         att,
         x1,
         h2,
@@ -253,14 +254,14 @@ struct LayerGrad {
     attention: SelfAttention,
     /// q, k, v, o, gate, up, down
     projections: [Saved; 7],
-    h1: Tensor,       // (N, D) norm1(x)
-    qkv: [Tensor; 3], // (B, T, H*E), (B, T, K*E) twice
-    att: Tensor,      // (N, H*E) the attention's merged heads
-    x1: Tensor,       // (B, T, D) the residual stream after the attention
-    h2: Tensor,       // (N, D) norm2(x1)
-    g: Tensor,        // (N, I) gate(h2)
-    u: Tensor,        // (N, I) up(h2)
-    h: Tensor,        // (N, I) silu(g) * u
+    h1: Tensor,      // (N, D) norm1(x)
+    heads: QkvHeads, // q, k, v split into heads, roped
+    att: Tensor,     // (N, H*E) the attention's merged heads
+    x1: Tensor,      // (B, T, D) the residual stream after the attention
+    h2: Tensor,      // (N, D) norm2(x1)
+    g: Tensor,       // (N, I) gate(h2)
+    u: Tensor,       // (N, I) up(h2)
+    h: Tensor,       // (N, I) silu(g) * u
 }
 
 impl Backward for LayerGrad {
@@ -281,9 +282,8 @@ impl Backward for LayerGrad {
         // The attention and its residual: dx = dx1 + norm1'(dh1), the three projections' input
         // gradients accumulated into one.
         let datt = o.backward(&self.att, &dx1.reshape((n, d))?)?;
-        let [qy, ky, vy] = &self.qkv;
         let (dq, dk, dv) =
-            self.attention.backward(qy, ky, vy, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
+            self.attention.backward_heads(&self.heads, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
         let dh1 = q.backward(&self.h1, &dq.reshape((n, ()))?)?;
         let dh1 = k.backward_into(&self.h1, &dk.reshape((n, ()))?, Some(dh1))?;
         let dh1 = v.backward_into(&self.h1, &dv.reshape((n, ()))?, Some(dh1))?;

@@ -551,7 +551,8 @@ impl AttentionRule {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if self.flash(q, k) {
-            let lse = self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?.take();
+            let lse =
+                self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?.take();
             let lse = match lse {
                 Some(lse) => lse,
                 None => super::cuda::flash_attention(q, k, v, self.g, self.scale)?.1,
@@ -676,8 +677,15 @@ impl SelfAttention {
 
     /// q (B, T, H*E), k and v (B, T, K*E), untracked -> (B, T, H*E).
     pub(crate) fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_heads(q, k, v)?.0)
+    }
+
+    /// [`SelfAttention::forward`], and the heads it split q, k and v into (roped), which
+    /// [`SelfAttention::backward_heads`] takes instead of splitting them again.
+    pub(crate) fn forward_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, QkvHeads)> {
         let (qh, kh, vh) = self.heads.split(q, k, v)?;
-        self.heads.merge(&self.rule.forward(&qh, &kh, &vh)?)
+        let out = self.heads.merge(&self.rule.forward(&qh, &kh, &vh)?)?;
+        Ok((out, QkvHeads(qh, kh, vh)))
     }
 
     /// The gradients of q, k and v (their shapes) from the output `out` and its gradient.
@@ -689,15 +697,29 @@ impl SelfAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (qh, kh, vh) = self.heads.split(q, k, v)?;
+        self.backward_heads(&QkvHeads(qh, kh, vh), out, grad)
+    }
+
+    /// [`SelfAttention::backward`] from the heads of [`SelfAttention::forward_heads`].
+    pub(crate) fn backward_heads(
+        &self,
+        heads: &QkvHeads,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let hs = &self.heads;
-        let (qh, kh, vh) = hs.split(q, k, v)?;
+        let QkvHeads(qh, kh, vh) = heads;
         let (out, dout) = (hs.unmerge(out)?, hs.unmerge(grad)?);
-        let (dq, dk, dv) = self.rule.backward(&qh, &kh, &vh, &out, &dout)?;
+        let (dq, dk, dv) = self.rule.backward(qh, kh, vh, &out, &dout)?;
         let (b, _, m, e) = dq.dims4()?;
         let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
         Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?))
     }
 }
+
+/// q, k and v as attention heads: q (B, K, G*T, E) and k (B, K, T, E) roped, v (B, K, T, E).
+pub(crate) struct QkvHeads(Tensor, Tensor, Tensor);
 
 /// (B, T, n*E) -> (B, n, T, E)
 fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
