@@ -266,7 +266,8 @@ impl candle_core::CustomOp3 for RmsNormBackward {
         let (xv, gv, wv) = (view::<bf16>(x, xl, "x")?, view::<bf16>(g, gl, "grad")?, view::<bf16>(w, wl, "weight")?);
         let out = unsafe { dev.alloc::<bf16>(rows * d)? };
         let d32 = d as i32;
-        launch!(dev, "rms_norm_backward_bf16", launch_rows(rows), &xv, &gv, &wv, &out, &d32, &self.eps);
+        let none = 0u64; // no residual gradient to add
+        launch!(dev, "rms_norm_backward_bf16", launch_rows(rows), &xv, &gv, &wv, &none, &out, &d32, &self.eps);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
@@ -956,6 +957,27 @@ impl candle_core::CustomOp3 for Adamw<'_> {
                 &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((3, n))))
     }
+}
+
+/// `plus` + RMSNorm's input gradient for bf16 x, g and plus (rows, D) and weight (D), in one pass:
+/// a residual stream's gradient where the norm branches off it.
+pub fn rms_norm_backward_plus(x: &Tensor, g: &Tensor, weight: &Tensor, plus: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, g, weight, plus) = (x.contiguous()?, g.contiguous()?, weight.contiguous()?, plus.contiguous()?);
+    let (rows, d) = rows_of(x.layout());
+    if g.shape() != x.shape() || plus.shape() != x.shape() || weight.elem_count() != d {
+        return Err(disagree("rms-norm-backward", &[x.shape(), g.shape(), plus.shape(), weight.shape()]));
+    }
+    let dev = cuda_device(&x)?;
+    let out = unsafe { dev.alloc::<bf16>(rows * d)? };
+    {
+        let ((xs, xl), (gs, gl)) = (x.storage_and_layout(), g.storage_and_layout());
+        let ((ws, wl), (ps, pl)) = (weight.storage_and_layout(), plus.storage_and_layout());
+        let (xv, gv) = (bf16_view(&xs, xl, "x")?, bf16_view(&gs, gl, "grad")?);
+        let (wv, pv) = (bf16_view(&ws, wl, "weight")?, bf16_view(&ps, pl, "plus")?);
+        let (d32, eps) = (d as i32, eps as f32);
+        launch!(dev, "rms_norm_backward_bf16", launch_rows(rows), &xv, &gv, &wv, &pv, &out, &d32, &eps);
+    }
+    Ok(wrap(out, &dev, x.shape().clone()))
 }
 
 /// Head sizes the flash-attention kernels are built for.

@@ -134,8 +134,11 @@ extern "C" __global__ void cross_entropy_backward_bf16(const __nv_bfloat16* logi
 
 // RMSNorm's input gradient, one row of D per block: with r = 1 / sqrt(mean(x^2) + eps) and
 // gw = g * w, dx = r * gw - x * r^3 * mean(gw * x).
+// `plus`, where not null, is added to the result: the residual branch's gradient, which would
+// otherwise take a pass of its own.
 extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g,
-                                                  const __nv_bfloat16* w, __nv_bfloat16* dx, int d, float eps) {
+                                                  const __nv_bfloat16* w, const __nv_bfloat16* plus,
+                                                  __nv_bfloat16* dx, int d, float eps) {
     __shared__ float shared[32];
     const long base = (long)blockIdx.x * d;
     float squares = 0.0f, dot = 0.0f;
@@ -150,7 +153,9 @@ extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const 
     const float c = r * r * r * dot / d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         const float gw = __bfloat162float(g[base + i]) * __bfloat162float(w[i]);
-        dx[base + i] = __float2bfloat16(r * gw - __bfloat162float(x[base + i]) * c);
+        float v = r * gw - __bfloat162float(x[base + i]) * c;
+        if (plus) v = __bfloat162float(__float2bfloat16(v)) + __bfloat162float(plus[base + i]);
+        dx[base + i] = __float2bfloat16(v);
     }
 }
 

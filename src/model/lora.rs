@@ -38,8 +38,18 @@ pub(crate) struct Projection<'a> {
 impl Projection<'_> {
     /// x (N, in), untracked -> (N, out), and what the backward pass needs.
     fn forward(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
+        self.forward_onto(x, None, sink)
+    }
+
+    /// [`Projection::forward`] added to `onto` (N, out), a residual stream: on the GPU the
+    /// products accumulate into it (it must then be a fresh copy held by the caller alone), where
+    /// adding the output afterwards would take a pass of its own.
+    fn forward_onto(self, x: &Tensor, onto: Option<Tensor>, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
         let Some(pair) = self.pair else {
-            let y = x.matmul(&self.weight.t()?)?;
+            let y = match onto {
+                Some(onto) => add_matmul(onto, x, self.weight, true)?,
+                None => x.matmul(&self.weight.t()?)?,
+            };
             let y = match self.bias {
                 Some(bias) => y.broadcast_add(bias)?,
                 None => y,
@@ -55,7 +65,11 @@ impl Projection<'_> {
                                              // The adapter's term first, then the frozen product accumulated into it: a product that
                                              // accumulates reads its output while it computes, at no cost; the other order would add
                                              // the small product into the large one's output, a read and a write of (N, out).
-        let y = add_matmul(staged.term(&z, self.bias)?, x, self.weight, true)?; // (N, out)
+        let term = match onto {
+            Some(onto) => staged.term_onto(onto, &z, self.bias)?,
+            None => staged.term(&z, self.bias)?,
+        };
+        let y = add_matmul(term, x, self.weight, true)?; // (N, out)
         let Staged { a, b, .. } = staged;
         let adapter = SavedAdapter {
             a,
@@ -104,15 +118,29 @@ impl Staged {
     /// the tensor cores).
     fn term(&self, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match (&self.b_bias, bias) {
-            (Some(b_bias), _) => {
-                let (n, r) = z.dims2()?;
-                let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
-                Tensor::cat(&padded(vec![z.clone(), ones], padding(r) - 1)?, 1)?.matmul(&b_bias.t()?)
-            }
+            (Some(b_bias), _) => augmented(z)?.matmul(&b_bias.t()?),
             (None, Some(bias)) => z.matmul(&self.b.t()?)?.broadcast_add(bias),
             (None, None) => z.matmul(&self.b.t()?),
         }
     }
+}
+
+impl Staged {
+    /// `onto + z B^T + bias`, accumulated into `onto` on the GPU (see [`add_matmul`]).
+    fn term_onto(&self, onto: Tensor, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match (&self.b_bias, bias) {
+            (Some(b_bias), _) => add_matmul(onto, &augmented(z)?, b_bias, true),
+            (None, Some(bias)) => add_matmul(onto.broadcast_add(bias)?, z, &self.b, true),
+            (None, None) => add_matmul(onto, z, &self.b, true),
+        }
+    }
+}
+
+/// `[z | 1 | 0..]` for z (N, r), beside `[B | bias | 0..]` (see [`Staged::term`]).
+fn augmented(z: &Tensor) -> Result<Tensor> {
+    let (n, r) = z.dims2()?;
+    let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
+    Tensor::cat(&padded(vec![z.clone(), ones], padding(r) - 1)?, 1)
 }
 
 /// Columns added to r for the bias column and a row length that is a multiple of 8 (>= 1).
@@ -222,14 +250,15 @@ pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Resu
     let (att, heads) =
         attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
     let att = att.reshape((n, ()))?; // (N, H*E)
-    let (oy, o) = o.forward(&att, sink)?;
-    let x1 = (&x0 + oy.reshape((b, t, d))?)?;
+                                     // The residual stream x1 = x + o(att): o's products accumulate into a copy of x.
+    let (x1, o) = o.forward_onto(&att, Some(onto(&x0, n, d)?), sink)?;
+    let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
     let (g, gate) = gate.forward(&h2, sink)?; // (N, I)
     let (u, up) = up.forward(&h2, sink)?;
     let h = ops::silu_mul(&g, &u)?.detach();
-    let (y, down) = down.forward(&h, sink)?; // (N, D)
-    let out = (&x1 + y.reshape((b, t, d))?)?;
+    let (out, down) = down.forward_onto(&h, Some(onto(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
+    let out = out.reshape((b, t, d))?;
     let rule = LayerGrad {
         norm1: (norm1.0.clone(), norm1.1),
         norm2: (norm2.0.clone(), norm2.1),
@@ -245,6 +274,17 @@ pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Resu
         h,
     };
     attach(&tracked(x)?, out, rule)
+}
+
+/// A residual stream (B, T, D) as (N, D), for a projection to add its output to: a copy of it on
+/// the GPU, where the products accumulate in place; elsewhere the stream itself, added to.
+fn onto(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let x = x.reshape((n, d))?;
+    if accumulates(&x) {
+        x.copy()
+    } else {
+        Ok(x)
+    }
 }
 
 /// What a layer's backward pass needs: the inputs of its parts.
@@ -278,7 +318,7 @@ impl Backward for LayerGrad {
         let (dg, du) = ops::silu_mul_backward(&self.g, &self.u, &dh)?;
         let dh2 = gate.backward(&self.h2, &dg)?;
         let dh2 = up.backward_into(&self.h2, &du, Some(dh2))?;
-        let dx1 = (grad + ops::rms_norm_backward(&self.x1, &self.norm2.0, self.norm2.1, &dh2.reshape((b, t, d))?)?)?;
+        let dx1 = ops::rms_norm_backward_plus(&self.x1, &self.norm2.0, self.norm2.1, &dh2.reshape((b, t, d))?, grad)?;
         // The attention and its residual: dx = dx1 + norm1'(dh1), the three projections' input
         // gradients accumulated into one.
         let datt = o.backward(&self.att, &dx1.reshape((n, d))?)?;
@@ -287,6 +327,6 @@ impl Backward for LayerGrad {
         let dh1 = q.backward(&self.h1, &dq.reshape((n, ()))?)?;
         let dh1 = k.backward_into(&self.h1, &dk.reshape((n, ()))?, Some(dh1))?;
         let dh1 = v.backward_into(&self.h1, &dv.reshape((n, ()))?, Some(dh1))?;
-        dx1 + ops::rms_norm_backward(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?)?
+        ops::rms_norm_backward_plus(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?, &dx1)
     }
 }

@@ -302,6 +302,22 @@ pub(crate) fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tenso
     RmsNormGrad { weight: weight.clone(), eps }.grad(x, x, g)
 }
 
+/// `plus` + [`rms_norm_backward`]: the gradient of a residual stream x that also feeds a norm (one
+/// fused pass on the GPU in bf16).
+pub(crate) fn rms_norm_backward_plus(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    g: &Tensor,
+    plus: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) && weight.dtype() == candle_core::DType::BF16 {
+        return super::cuda::rms_norm_backward_plus(x, g, weight, plus, eps);
+    }
+    plus + rms_norm_backward(x, weight, eps, g)?
+}
+
 struct RmsNormGrad {
     weight: Tensor,
     eps: f64,
