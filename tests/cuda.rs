@@ -156,6 +156,11 @@ fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
     };
     let d = rel_diff(&run(&xg, &wg, &gg)?, &run(&xc, &wc, &gc)?);
     assert!(d < 2e-2, "dx: relative difference {d}");
+    // With a residual gradient added in the same pass.
+    let (pg, pc) = pair(&[4, 7, 896], 33)?;
+    let fused = loralab::model::cuda::rms_norm_backward_plus(&xg, &gg, &wg, &pg, 1e-6)?;
+    let d = rel_diff(&fused, &(&pc + run(&xc, &wc, &gc)?)?);
+    assert!(d < 2e-2, "plus + dx: relative difference {d}");
     Ok(())
 }
 
