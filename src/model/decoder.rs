@@ -530,7 +530,20 @@ impl Layer {
     /// training pass with a gradient sink, with weights not packed for the CPU (whose own
     /// kernels serve the composite path better), and no cache (the caller's to check).
     fn lora_op(&self, x: &Tensor, span: Span, pass: Pass, index: usize) -> Result<Option<Tensor>> {
-        let (Some(adapter), Some(sink)) = (pass.adapter, pass.sink) else { return Ok(None) };
+        let Some(sink) = pass.sink else { return Ok(None) };
+        let Some(parts) = self.lora_parts(x, span, pass, index)? else { return Ok(None) };
+        super::lora::layer(x, parts, sink).map(Some)
+    }
+
+    /// The parts of [`super::lora::layer`] for this layer, where it applies (see `lora_op`).
+    fn lora_parts<'a>(
+        &'a self,
+        x: &Tensor,
+        span: Span,
+        pass: Pass<'a>,
+        index: usize,
+    ) -> Result<Option<super::lora::LayerParts<'a>>> {
+        let (Some(adapter), Some(_)) = (pass.adapter, pass.sink) else { return Ok(None) };
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
         let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
@@ -552,7 +565,7 @@ impl Layer {
             attention,
             mlp: [next(), next(), next()],
         };
-        super::lora::layer(x, parts, sink).map(Some)
+        Ok(Some(parts))
     }
 
     /// Rebuilds the fused inference weights after the projections changed (merge).
@@ -744,6 +757,9 @@ impl Decoder {
         let t = ids.dim(1)?;
         let span = Span { rope: &self.rope, pos, mask };
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        if let Some(h) = self.lora_stack(&x, span, cache.is_some(), pass)? {
+            return self.norm.forward(&h, pass.train);
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             x = match pass.sink {
                 Some(sink) if pass.train && pass.checkpoint => {
@@ -756,6 +772,23 @@ impl Decoder {
             c.len = pos + t;
         }
         self.norm.forward(&x, pass.train)
+    }
+
+    /// All layers as one op ([`super::lora::stack`]) where each would run as one (see
+    /// `Layer::lora_op`) and the pass does not checkpoint them; otherwise None.
+    fn lora_stack(&self, x: &Tensor, span: Span, cached: bool, pass: Pass) -> Result<Option<Tensor>> {
+        let Some(sink) = pass.sink else { return Ok(None) };
+        if cached || pass.checkpoint {
+            return Ok(None);
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer.lora_parts(x, span, pass, i)? {
+                Some(parts) => layers.push(parts),
+                None => return Ok(None),
+            }
+        }
+        super::lora::stack(x, layers, sink).map(Some)
     }
 
     /// lm_head packed for the CPU in f32, where the model has it.

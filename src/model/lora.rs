@@ -239,9 +239,50 @@ pub(crate) struct LayerParts<'a> {
 /// A whole decoder layer as one op: `x1 = x + o(attn(q, k, v of norm1(x)))`, then
 /// `x1 + down(silu(gate(h)) * up(h))` with `h = norm2(x1)`; x (B, T, D) -> (B, T, D).
 pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
+    let (out, rule) = layer_forward(&x.detach(), parts, sink)?;
+    attach(&tracked(x)?, out, rule)
+}
+
+/// Consecutive decoder layers as one op, x (B, T, D) -> (B, T, D): each layer as [`layer`]
+/// computes it, the backward pass running their rules from the last to the first.
+///
+/// Why: candle's backward pass zero-fills a gradient buffer for every op's input and adds the
+/// op's gradient into it, two passes over (tokens x hidden) per layer that one op saves.
+pub(crate) fn stack(x: &Tensor, layers: Vec<LayerParts>, sink: &Arc<GradSink>) -> Result<Tensor> {
+    let mut h = x.detach();
+    let mut rules = Vec::with_capacity(layers.len());
+    for parts in layers {
+        let (out, rule) = layer_forward(&h, parts, sink)?;
+        rules.push((h, rule));
+        h = out;
+    }
+    attach(&tracked(x)?, h, StackGrad(std::sync::Mutex::new(rules)))
+}
+
+/// The layers' rules with the input of each, consumed by the backward pass (each layer's saved
+/// tensors are freed once its gradient is computed).
+struct StackGrad(std::sync::Mutex<Vec<(Tensor, LayerGrad)>>);
+
+impl Backward for StackGrad {
+    fn name(&self) -> &'static str {
+        "lora-layers"
+    }
+
+    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let mut rules = self.0.lock().map_err(|_| candle_core::Error::Msg("layer rules poisoned".into()))?;
+        let mut grad = grad.clone();
+        while let Some((input, rule)) = rules.pop() {
+            grad = rule.grad(&input, &input, &grad)?;
+        }
+        Ok(grad)
+    }
+}
+
+/// One layer's output from its untracked input x0 (B, T, D), and its backward rule.
+fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<(Tensor, LayerGrad)> {
+    let (b, t, d) = x0.dims3()?;
     let n = b * t;
-    let x0 = x.detach();
+    let x0 = x0.clone();
     let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
     let h1 = ops::rms_norm_value(&x0, norm1.0, norm1.1)?.reshape((n, d))?;
     let (qy, q) = q.forward(&h1, sink)?; // (N, H*E)
@@ -273,7 +314,7 @@ pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Resu
         u,
         h,
     };
-    attach(&tracked(x)?, out, rule)
+    Ok((out, rule))
 }
 
 /// A residual stream (B, T, D) as (N, D), for a projection to add its output to: a copy of it on
