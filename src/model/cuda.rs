@@ -983,32 +983,74 @@ pub fn rms_norm_backward_plus(x: &Tensor, g: &Tensor, weight: &Tensor, plus: &Te
 /// Head sizes the flash-attention kernels are built for.
 const FLASH_HEAD_SIZES: [usize; 2] = [64, 128];
 
-/// Whether [`flash_attention`] takes these: bf16 on the GPU, q (B, K, G*T, E) and k (B, K, T, E)
-/// with E 64 or 128, all contiguous from a 16-byte boundary.
-pub fn flash_fits(q: &Tensor, k: &Tensor, g: usize) -> bool {
-    let (Ok((b, kh, m, e)), Ok((kb, kk, t, ke))) = (q.dims4(), k.dims4()) else { return false };
-    applies(q)
-        && applies(k)
-        && FLASH_HEAD_SIZES.contains(&e)
-        && (b, kh, e) == (kb, kk, ke)
-        && m == g * t
-        && t > 0
-        && [q, k].iter().all(|x| x.is_contiguous() && x.layout().start_offset() % 8 == 0)
+/// How the query side (q, the output, their gradients) of [`flash_attention`] is laid out.
+#[derive(Clone, Copy)]
+pub enum QueryLayout<'a> {
+    /// (B, K, G*T, E), the G query heads of each kv head stacked, q roped.
+    Heads,
+    /// (B, T, H*E) as the projections make and take them, q not roped: the kernels rope it with
+    /// cos, sin (T, E/2) as they read it, and its gradient by the opposite angle.
+    Merged { cos: &'a Tensor, sin: &'a Tensor },
 }
 
-/// Causal attention of q (B, K, G*T, E), k and v (B, K, T, E), bf16 on the GPU, without the
-/// (T x T) scores in memory: the output (as q) and each row's base-2 log-sum-exp of its scaled
-/// scores, (B*K*G*T,) f32, which [`flash_attention_backward`] takes.
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+/// The shape of a flash attention: (B, K, G, T, E).
+fn flash_shape(q: &Tensor, k: &Tensor, g: usize, layout: QueryLayout) -> Option<(usize, usize, usize, usize, usize)> {
+    let (b, kh, t, e) = k.dims4().ok()?;
+    let fits_q = match layout {
+        QueryLayout::Heads => q.dims4().ok()? == (b, kh, g * t, e),
+        QueryLayout::Merged { cos, sin } => {
+            q.dims3().ok()? == (b, t, kh * g * e)
+                && cos.dims2().ok()? == (t, e / 2)
+                && sin.dims() == cos.dims()
+                && [cos, sin].iter().all(|x| applies(x) && x.is_contiguous())
+        }
+    };
+    let aligned = [q, k].iter().all(|x| applies(x) && x.is_contiguous() && x.layout().start_offset() % 8 == 0);
+    (fits_q && aligned && t > 0 && FLASH_HEAD_SIZES.contains(&e)).then_some((b, kh, g, t, e))
+}
+
+/// Whether [`flash_attention`] takes these: bf16 on the GPU, k (B, K, T, E) with E 64 or 128, q
+/// as `layout` says, all contiguous from a 16-byte boundary.
+pub fn flash_fits(q: &Tensor, k: &Tensor, g: usize, layout: QueryLayout) -> bool {
+    flash_shape(q, k, g, layout).is_some()
+}
+
+/// The arguments the flash kernels share after their own: kv heads, whether merged, cos, sin.
+macro_rules! launch_flash {
+    ($dev:expr, $name:expr, $grid:expr, $kv:expr, $layout:expr, $($arg:expr),+ $(,)?) => {{
+        let kv = $kv as i32;
+        match $layout {
+            QueryLayout::Heads => {
+                let none = 0u64; // cos and sin are not read
+                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &0i32, &none, &none);
+            }
+            QueryLayout::Merged { cos, sin } => {
+                let ((cs, cl), (ss, sl)) = (cos.storage_and_layout(), sin.storage_and_layout());
+                let (cv, sv) = (bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
+                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &1i32, &cv, &sv);
+            }
+        }
+    }};
+}
+
+/// Causal attention of q (as `layout` says) against k and v (B, K, T, E), bf16 on the GPU,
+/// without the (T x T) scores in memory: the output (as q) and each row's base-2 log-sum-exp of
+/// its scaled scores (f32, one per query row), which [`flash_attention_backward`] takes.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: usize,
+    scale: f64,
+    layout: QueryLayout,
+) -> Result<(Tensor, Tensor)> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (b, kh, m, e) = q.dims4()?;
-    let t = m / g;
-    if !flash_fits(&q, &k, g) || v.dims() != k.dims() {
+    let Some((b, kh, _, t, e)) = flash_shape(&q, &k, g, layout).filter(|_| v.dims() == k.dims()) else {
         return Err(disagree("flash-attention", &[q.shape(), k.shape(), v.shape()]));
-    }
+    };
     let dev = cuda_device(&q)?;
     let out = unsafe { dev.alloc::<bf16>(q.elem_count())? };
-    let lse = unsafe { dev.alloc::<f32>(b * kh * m)? };
+    let lse = unsafe { dev.alloc::<f32>(q.elem_count() / e)? };
     {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -1016,13 +1058,15 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, g: usize, scale: f64)
         let (qv, kv, vv) = (bf16_view(&qs, ql, "q")?, bf16_view(&ks, kl, "k")?, bf16_view(&vs, vl, "v")?);
         let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
         let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 4, 0);
-        launch_with_shared!(dev, &format!("flash_forward_{e}"), grid, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32);
+        let name = format!("flash_forward_{e}");
+        launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32);
     }
-    Ok((wrap(out, &dev, q.shape().clone()), wrap(lse, &dev, Shape::from(b * kh * m))))
+    Ok((wrap(out, &dev, q.shape().clone()), wrap(lse, &dev, Shape::from(q.elem_count() / e))))
 }
 
-/// The gradients of q, k and v of [`flash_attention`] from its inputs, its lse and `d`, each
-/// row's rowsum(dout * out) in f32 ([`row_dot`]), and the output's gradient `dout`.
+/// The gradients of q, k and v of [`flash_attention`] (dq as q, dk and dv (B, K, T, E)) from its
+/// inputs, its lse and `d`, each query row's rowsum(dout * out) in f32 ([`row_dot`] over the
+/// rows of E), and the output's gradient `dout`.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     q: &Tensor,
@@ -1033,18 +1077,16 @@ pub fn flash_attention_backward(
     d: &Tensor,
     g: usize,
     scale: f64,
+    layout: QueryLayout,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, dout) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dout.contiguous()?);
-    let (b, kh, m, e) = q.dims4()?;
-    let t = m / g;
-    if !flash_fits(&q, &k, g)
-        || v.dims() != k.dims()
-        || dout.dims() != q.dims()
-        || d.elem_count() != b * kh * m
-        || lse.elem_count() != b * kh * m
-    {
+    let shape = flash_shape(&q, &k, g, layout);
+    let rows = q.elem_count() / k.dim(3)?;
+    let Some((b, kh, _, t, e)) = shape.filter(|_| {
+        v.dims() == k.dims() && dout.dims() == q.dims() && d.elem_count() == rows && lse.elem_count() == rows
+    }) else {
         return Err(disagree("flash-attention backward", &[q.shape(), k.shape(), dout.shape(), lse.shape()]));
-    }
+    };
     let dev = cuda_device(&q)?;
     let dq = unsafe { dev.alloc::<bf16>(q.elem_count())? };
     // dk and dv per query head, in f32, summed below.
@@ -1063,24 +1105,11 @@ pub fn flash_attention_backward(
         let (lv, dv_) = (f32_view(&ls, ll, "lse")?, f32_view(&ds, dl, "d")?);
         let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
         let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 4, 0);
-        launch_with_shared!(dev, &format!("flash_dq_{e}"), grid, &qv, &kv, &vv, &ov, &lv, &dv_, &dq, &t32, &g32, &s32);
+        let name = format!("flash_dq_{e}");
+        launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &ov, &lv, &dv_, &dq, &t32, &g32, &s32);
         let grid = flash_grid(t.div_ceil(64) as u32, b * kh * g, e, 6, 4);
-        launch_with_shared!(
-            dev,
-            &format!("flash_dkv_{e}"),
-            grid,
-            &qv,
-            &kv,
-            &vv,
-            &ov,
-            &lv,
-            &dv_,
-            &dk,
-            &dv,
-            &t32,
-            &g32,
-            &s32
-        );
+        let name = format!("flash_dkv_{e}");
+        launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &ov, &lv, &dv_, &dk, &dv, &t32, &g32, &s32);
     }
     let summed = |parts: CudaSlice<f32>| -> Result<Tensor> {
         let n = k.elem_count();

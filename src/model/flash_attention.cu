@@ -2,9 +2,11 @@
 // rows in registers and streams the other side's tiles through shared memory, the products on
 // the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulators). Included by kernels.cu.
 //
-// Layout, as the rest of the attention code: q, out, dout (BK, G*T, E), the G query heads of one
-// kv head stacked, so that row m is position m % T; k, v (BK, T, E); key s is visible to
-// position t when s <= t. E is 64 or 128.
+// Layout: k, v (BK, T, E) roped (k), BK = B * KV; key s is visible to position t when s <= t.
+// E is 64 or 128. The query side (q, out, dout, dq) comes in one of two layouts:
+//   heads:  (BK, G*T, E), the G query heads of one kv head stacked, q roped;
+//   merged: (B, T, H*E) with H = KV * G, as the projections make and take them, q not roped:
+//           the kernels rope q as they load it (cos, sin (T, E/2)) and dq on its way out.
 //
 // The forward kernel also writes lse2 (BK, G*T) f32, each row's log2(sum 2^(s * log2e)) of its
 // scaled scores, from which the backward kernels recompute the probabilities exactly:
@@ -71,28 +73,52 @@ __device__ __forceinline__ void load_b_cols(uint32_t* b, const __nv_bfloat16* y,
     ldsm_x4_trans(b, y + (k0 + r + 8 * (j & 1)) * P + n0 + 8 * (j >> 1));
 }
 
-// Rows first..first+63 of a (rows, E) matrix into a shared tile; rows at or past `end` are zeros.
+// Rows first..first+63 of rows of E elements, `stride` apart, into a shared tile; rows at or
+// past `end` are zeros.
 template <int E, int P>
-__device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end) {
+__device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end,
+                                          long stride = E) {
     constexpr int PER_ROW = E / 8;  // 16-byte pieces
     for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
         int r = i / PER_ROW, c = (i % PER_ROW) * 8;
         uint4 v = make_uint4(0, 0, 0, 0);
-        if (first + r < end) v = *reinterpret_cast<const uint4*>(x + (first + r) * E + c);
+        if (first + r < end) v = *reinterpret_cast<const uint4*>(x + (first + r) * stride + c);
         *reinterpret_cast<uint4*>(tile + r * P + c) = v;
+    }
+}
+
+// The rope of positions t0.. applied to a shared tile of rows (rows at or past T untouched):
+// element j of each row's first half turns against element j of its second half by the angle
+// whose cos and sin are at (t, j) of the (T, E/2) tables, as the heads kernel does.
+template <int E, int P>
+__device__ __forceinline__ void rope_tile(__nv_bfloat16* tile, const __nv_bfloat16* cos, const __nv_bfloat16* sin,
+                                          long t0, long T) {
+    constexpr int HALF = E / 2;
+    for (int i = threadIdx.x; i < FA_ROWS * HALF / 2; i += FA_THREADS) {
+        int r = i / (HALF / 2), j = (i % (HALF / 2)) * 2;
+        long t = t0 + r;
+        if (t >= T) continue;
+        __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(tile + r * P + j);
+        __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(tile + r * P + HALF + j);
+        float2 a = __bfloat1622float2(*lo), b = __bfloat1622float2(*hi);
+        float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + t * HALF + j));
+        float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + t * HALF + j));
+        *lo = __floats2bfloat162_rn(a.x * c.x - b.x * s.x, a.y * c.y - b.y * s.y);
+        *hi = __floats2bfloat162_rn(a.x * s.x + b.x * c.x, a.y * s.y + b.y * c.y);
     }
 }
 
 // load_tile by cp.async: the copy runs while the block computes; wait for it with
 // cp_async_wait and a barrier.
 template <int E, int P>
-__device__ __forceinline__ void fetch_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end) {
+__device__ __forceinline__ void fetch_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end,
+                                           long stride = E) {
     constexpr int PER_ROW = E / 8;
     for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
         int r = i / PER_ROW, c = (i % PER_ROW) * 8;
         bool in = first + r < end;
         uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
-        const __nv_bfloat16* src = x + (in ? first + r : 0) * E + c;
+        const __nv_bfloat16* src = x + (in ? first + r : 0) * stride + c;
         // A source size of 0 fills the 16 bytes with zeros.
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
     }
@@ -114,12 +140,25 @@ __device__ __forceinline__ RowTile row_tile(int T) {
     return RowTile{(long)blockIdx.y, (long)(blockIdx.x / tiles), (long)(blockIdx.x % tiles) * FA_ROWS};
 }
 
+// Where query head (bk, g)'s rows are: row t at element first + t * step of q, out, dout and dq,
+// and at (first + t * step) / E of lse2 and D.
+struct QRows {
+    long first, step;
+};
+
+__device__ __forceinline__ QRows q_rows(long bk, long g, int T, int G, int KV, int merged, int E) {
+    if (!merged) return QRows{(bk * G + g) * T * E, E};
+    long b = bk / KV, kvh = bk % KV, h = kvh * G + g, H = (long)KV * G;
+    return QRows{(b * T * H + h) * E, H * E};
+}
+
 // Forward: out and lse2 of one tile of 64 query rows. Grid (G * ceil(T/64), BK), 128 threads,
 // shared memory 4 * 64 * (E + 8) bf16: two buffers of key and value tiles, the next fetched
 // while the current is used.
 template <int E>
 __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                              __nv_bfloat16* out, float* lse2, int T, int G, float scale) {
+                              __nv_bfloat16* out, float* lse2, int T, int G, float scale, int KV, int merged,
+                              const __nv_bfloat16* cos, const __nv_bfloat16* sin) {
     constexpr int P = E + 8;  // padded rows: ldmatrix reads 8 rows without bank conflicts
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
@@ -127,14 +166,18 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
     __nv_bfloat16 *ks = kbuf, *vs = vbuf;  // the tiles in use
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
     RowTile tile = row_tile(T);
-    long row0 = (tile.bk * G + tile.g) * T;  // the head's first row in q / out
+    QRows rows = q_rows(tile.bk, tile.g, T, G, KV, merged, E);
     const __nv_bfloat16* kh = k + tile.bk * T * E;
     const __nv_bfloat16* vh = v + tile.bk * T * E;
 
     // The warp's 16 query rows as A fragments, staged through the key tile's space.
     uint32_t qa[E / 16][4];
-    load_tile<E, P>(ks, q + row0 * E, tile.t0, T);
+    load_tile<E, P>(ks, q + rows.first, tile.t0, T, rows.step);
     __syncthreads();
+    if (merged) {
+        rope_tile<E, P>(ks, cos, sin, tile.t0, T);
+        __syncthreads();
+    }
     for (int kk = 0; kk < E / 16; ++kk) load_a<P>(qa[kk], ks, warp * 16, kk * 16, lane);
     __syncthreads();
 
@@ -231,13 +274,15 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
     for (int n = 0; n < E / 8; ++n) {
         int col = n * 8 + 2 * tig;
         if (t_lo < T)
-            *reinterpret_cast<uint32_t*>(out + (row0 + t_lo) * E + col) = pack_bf16(o[n][0] * inv_lo, o[n][1] * inv_lo);
+            *reinterpret_cast<uint32_t*>(out + rows.first + t_lo * rows.step + col) =
+                pack_bf16(o[n][0] * inv_lo, o[n][1] * inv_lo);
         if (t_hi < T)
-            *reinterpret_cast<uint32_t*>(out + (row0 + t_hi) * E + col) = pack_bf16(o[n][2] * inv_hi, o[n][3] * inv_hi);
+            *reinterpret_cast<uint32_t*>(out + rows.first + t_hi * rows.step + col) =
+                pack_bf16(o[n][2] * inv_hi, o[n][3] * inv_hi);
     }
     if (tig == 0) {
-        if (t_lo < T) lse2[row0 + t_lo] = m_lo + log2f(l_lo);
-        if (t_hi < T) lse2[row0 + t_hi] = m_hi + log2f(l_hi);
+        if (t_lo < T) lse2[(rows.first + t_lo * rows.step) / E] = m_lo + log2f(l_lo);
+        if (t_hi < T) lse2[(rows.first + t_hi * rows.step) / E] = m_hi + log2f(l_hi);
     }
 }
 
@@ -247,7 +292,8 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
 template <int E>
 __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                          const __nv_bfloat16* dout, const float* lse2, const float* D, __nv_bfloat16* dq, int T,
-                         int G, float scale) {
+                         int G, float scale, int KV, int merged, const __nv_bfloat16* cos,
+                         const __nv_bfloat16* sin) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
@@ -255,14 +301,18 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
     __nv_bfloat16 *ks = kbuf, *vs = vbuf;  // the tiles in use
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
     RowTile tile = row_tile(T);
-    long row0 = (tile.bk * G + tile.g) * T;
+    QRows rows = q_rows(tile.bk, tile.g, T, G, KV, merged, E);
     const __nv_bfloat16* kh = k + tile.bk * T * E;
     const __nv_bfloat16* vh = v + tile.bk * T * E;
 
     uint32_t qa[E / 16][4], da[E / 16][4];
-    load_tile<E, P>(ks, q + row0 * E, tile.t0, T);
-    load_tile<E, P>(vs, dout + row0 * E, tile.t0, T);
+    load_tile<E, P>(ks, q + rows.first, tile.t0, T, rows.step);
+    load_tile<E, P>(vs, dout + rows.first, tile.t0, T, rows.step);
     __syncthreads();
+    if (merged) {
+        rope_tile<E, P>(ks, cos, sin, tile.t0, T);
+        __syncthreads();
+    }
     for (int kk = 0; kk < E / 16; ++kk) {
         load_a<P>(qa[kk], ks, warp * 16, kk * 16, lane);
         load_a<P>(da[kk], vs, warp * 16, kk * 16, lane);
@@ -271,8 +321,9 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
 
     const float s2 = scale * LOG2E;
     int t_lo = (int)tile.t0 + warp * 16 + gid, t_hi = t_lo + 8;
-    float l_lo = t_lo < T ? lse2[row0 + t_lo] : INFINITY, l_hi = t_hi < T ? lse2[row0 + t_hi] : INFINITY;
-    float d_lo = t_lo < T ? D[row0 + t_lo] : 0.f, d_hi = t_hi < T ? D[row0 + t_hi] : 0.f;
+    long r_lo = (rows.first + t_lo * rows.step) / E, r_hi = (rows.first + t_hi * rows.step) / E;
+    float l_lo = t_lo < T ? lse2[r_lo] : INFINITY, l_hi = t_hi < T ? lse2[r_hi] : INFINITY;
+    float d_lo = t_lo < T ? D[r_lo] : 0.f, d_hi = t_hi < T ? D[r_hi] : 0.f;
     float acc[E / 8][4];
     for (int n = 0; n < E / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     int last = min((int)tile.t0 + FA_ROWS, T) - 1;
@@ -327,12 +378,31 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
         }
         __syncthreads();
     }
+    if (merged) {
+        // The rope's transpose (the opposite angle) on dq: column c of the first half pairs with
+        // c + E/2, held by this thread in tile n + E/16.
+        constexpr int HALF = E / 2;
+        for (int n = 0; n < E / 16; ++n) {
+            int c = n * 8 + 2 * tig;
+            for (int i = 0; i < 4; ++i) {
+                long t = i < 2 ? t_lo : t_hi;
+                if (t >= T) continue;
+                float cs = __bfloat162float(cos[t * HALF + c + (i & 1)]);
+                float sn = __bfloat162float(sin[t * HALF + c + (i & 1)]);
+                float a = acc[n][i], b = acc[n + E / 16][i];
+                acc[n][i] = a * cs + b * sn;
+                acc[n + E / 16][i] = b * cs - a * sn;
+            }
+        }
+    }
     for (int n = 0; n < E / 8; ++n) {
         int col = n * 8 + 2 * tig;
         if (t_lo < T)
-            *reinterpret_cast<uint32_t*>(dq + (row0 + t_lo) * E + col) = pack_bf16(acc[n][0] * scale, acc[n][1] * scale);
+            *reinterpret_cast<uint32_t*>(dq + rows.first + t_lo * rows.step + col) =
+                pack_bf16(acc[n][0] * scale, acc[n][1] * scale);
         if (t_hi < T)
-            *reinterpret_cast<uint32_t*>(dq + (row0 + t_hi) * E + col) = pack_bf16(acc[n][2] * scale, acc[n][3] * scale);
+            *reinterpret_cast<uint32_t*>(dq + rows.first + t_hi * rows.step + col) =
+                pack_bf16(acc[n][2] * scale, acc[n][3] * scale);
     }
 }
 
@@ -346,7 +416,8 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
 template <int E>
 __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                           const __nv_bfloat16* dout, const float* lse2, const float* D, float* dk, float* dv,
-                          int T, int G, float scale) {
+                          int T, int G, float scale, int KV, int merged, const __nv_bfloat16* cos,
+                          const __nv_bfloat16* sin) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(fa_smem);
@@ -369,15 +440,16 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
     for (int n = 0; n < E / 8; ++n)
         for (int i = 0; i < 4; ++i) dka[n][i] = dva[n][i] = 0.f;
     {
-        long row0 = (bk * G + g) * T;
+        QRows rows = q_rows(bk, g, T, G, KV, merged, E);
         // Rows t0.. into buffer b: q and dout by cp.async, lse2 and D by plain stores.
         auto fetch = [&](int b, int t0) {
-            fetch_tile<E, P>(qbuf + b * FA_ROWS * P, q + row0 * E, t0, T);
-            fetch_tile<E, P>(dobuf + b * FA_ROWS * P, dout + row0 * E, t0, T);
+            fetch_tile<E, P>(qbuf + b * FA_ROWS * P, q + rows.first, t0, T, rows.step);
+            fetch_tile<E, P>(dobuf + b * FA_ROWS * P, dout + rows.first, t0, T, rows.step);
             for (int i = threadIdx.x; i < FA_ROWS; i += FA_THREADS) {
                 bool in = t0 + i < T;
-                lbuf[b * FA_ROWS + i] = in ? lse2[row0 + t0 + i] : INFINITY;
-                dbuf[b * FA_ROWS + i] = in ? D[row0 + t0 + i] : 0.f;
+                long r = (rows.first + (t0 + i) * rows.step) / E;
+                lbuf[b * FA_ROWS + i] = in ? lse2[r] : INFINITY;
+                dbuf[b * FA_ROWS + i] = in ? D[r] : 0.f;
             }
         };
         int tiles = (T - s0 + FA_ROWS - 1) / FA_ROWS;
@@ -389,6 +461,10 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
+            if (merged) {
+                rope_tile<E, P>(qbuf + b * FA_ROWS * P, cos, sin, t0, T);
+                __syncthreads();
+            }
             const __nv_bfloat16 *qs = qbuf + b * FA_ROWS * P, *dos = dobuf + b * FA_ROWS * P;
             const float *ls = lbuf + b * FA_ROWS, *ds = dbuf + b * FA_ROWS;
             for (int half = 0; half < 2; ++half) {
@@ -475,23 +551,24 @@ extern "C" __global__ void sum_parts_bf16(const float* x, __nv_bfloat16* out, lo
     }
 }
 
+#define FLASH_ROPE int KV, int merged, const __nv_bfloat16 *cos, const __nv_bfloat16 *sin
 #define FLASH_KERNELS(E)                                                                                         \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_forward_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,             \
-                          __nv_bfloat16* out, float* lse2, int T, int G, float scale) {                        \
-        flash_forward<E>(q, k, v, out, lse2, T, G, scale);                                                      \
+                          __nv_bfloat16* out, float* lse2, int T, int G, float scale, FLASH_ROPE) {            \
+        flash_forward<E>(q, k, v, out, lse2, T, G, scale, KV, merged, cos, sin);                               \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_dq_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                  \
                      const __nv_bfloat16* dout, const float* lse2, const float* D, __nv_bfloat16* dq, int T,   \
-                     int G, float scale) {                                                                       \
-        flash_dq<E>(q, k, v, dout, lse2, D, dq, T, G, scale);                                                   \
+                     int G, float scale, FLASH_ROPE) {                                                           \
+        flash_dq<E>(q, k, v, dout, lse2, D, dq, T, G, scale, KV, merged, cos, sin);                            \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_dkv_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                 \
                       const __nv_bfloat16* dout, const float* lse2, const float* D, float* dk, float* dv,      \
-                      int T, int G, float scale) {                                                              \
-        flash_dkv<E>(q, k, v, dout, lse2, D, dk, dv, T, G, scale);                                              \
+                      int T, int G, float scale, FLASH_ROPE) {                                                  \
+        flash_dkv<E>(q, k, v, dout, lse2, D, dk, dv, T, G, scale, KV, merged, cos, sin);                       \
     }
 
 FLASH_KERNELS(64)

@@ -517,7 +517,7 @@ impl AttentionRule {
     /// Whether the flash kernels compute it: fused, and shapes they take (a query per key).
     #[cfg(feature = "cuda")]
     fn flash(&self, q: &Tensor, k: &Tensor) -> bool {
-        self.fused(q) && super::cuda::flash_fits(q, k, self.g)
+        self.fused(q) && super::cuda::flash_fits(q, k, self.g, super::cuda::QueryLayout::Heads)
     }
 
     /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
@@ -549,7 +549,8 @@ impl AttentionRule {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.flash(q, k) {
-            let (out, lse) = super::cuda::flash_attention(q, k, v, self.g, self.scale)?;
+            let (out, lse) =
+                super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?;
             *self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))? = Some(lse);
             return Ok(out);
         }
@@ -571,10 +572,20 @@ impl AttentionRule {
                 self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?.take();
             let lse = match lse {
                 Some(lse) => lse,
-                None => super::cuda::flash_attention(q, k, v, self.g, self.scale)?.1,
+                None => super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?.1,
             };
             let d = super::cuda::row_dot(grad, out)?; // (B * K * M,) f32
-            return super::cuda::flash_attention_backward(q, k, v, grad, &lse, &d, self.g, self.scale);
+            return super::cuda::flash_attention_backward(
+                q,
+                k,
+                v,
+                grad,
+                &lse,
+                &d,
+                self.g,
+                self.scale,
+                super::cuda::QueryLayout::Heads,
+            );
         }
         #[cfg(feature = "cuda")]
         if self.fused(q) {
@@ -696,12 +707,48 @@ impl SelfAttention {
         Ok(self.forward_heads(q, k, v)?.0)
     }
 
-    /// [`SelfAttention::forward`], and the heads it split q, k and v into (roped), which
+    /// [`SelfAttention::forward`], and the heads it split q, k and v into, which
     /// [`SelfAttention::backward_heads`] takes instead of splitting them again.
     pub(crate) fn forward_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, QkvHeads)> {
-        let (qh, kh, vh) = self.heads.split(q, k, v)?;
-        let out = self.heads.merge(&self.rule.forward(&qh, &kh, &vh)?)?;
-        Ok((out, QkvHeads(qh, kh, vh)))
+        let heads = self.split(q, k, v)?;
+        #[cfg(feature = "cuda")]
+        if let Some(layout) = self.merged_layout(&heads) {
+            let g = self.rule.g;
+            let (out, lse) = super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, self.rule.scale, layout)?;
+            *self.rule.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))? =
+                Some(lse);
+            return Ok((out, heads));
+        }
+        let out = self.heads.merge(&self.rule.forward(&heads.q, &heads.k, &heads.v)?)?;
+        Ok((out, heads))
+    }
+
+    /// q, k and v as the attention takes them: where the flash kernels run, q stays as the
+    /// projection made it (they rope it and merge the output themselves: four passes over
+    /// (tokens x hidden) fewer); otherwise every one split into heads.
+    fn split(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<QkvHeads> {
+        #[cfg(feature = "cuda")]
+        if self.rule.causal && fused(q) {
+            let hs = &self.heads;
+            let (k, v) = (hs.heads_of(k, hs.kv_heads, true)?, hs.heads_of(v, hs.kv_heads, false)?);
+            let heads = QkvHeads { q: q.clone(), k, v, merged: true };
+            if self.merged_layout(&heads).is_some() {
+                return Ok(heads);
+            }
+            let (b, t, _) = q.dims3()?;
+            let qh = hs.heads_of(q, hs.heads, true)?.reshape((b, hs.kv_heads, hs.heads / hs.kv_heads * t, ()))?;
+            return Ok(QkvHeads { q: qh, merged: false, ..heads });
+        }
+        let (q, k, v) = self.heads.split(q, k, v)?;
+        Ok(QkvHeads { q, k, v, merged: false })
+    }
+
+    /// The flash kernels' layout for merged heads, where they take these.
+    #[cfg(feature = "cuda")]
+    fn merged_layout<'a>(&'a self, heads: &QkvHeads) -> Option<super::cuda::QueryLayout<'a>> {
+        let layout = super::cuda::QueryLayout::Merged { cos: &self.heads.cos, sin: &self.heads.sin };
+        let fits = heads.merged && super::cuda::flash_fits(&heads.q, &heads.k, self.rule.g, layout);
+        fits.then_some(layout)
     }
 
     /// The gradients of q, k and v (their shapes) from the output `out` and its gradient.
@@ -713,8 +760,7 @@ impl SelfAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (qh, kh, vh) = self.heads.split(q, k, v)?;
-        self.backward_heads(&QkvHeads(qh, kh, vh), out, grad)
+        self.backward_heads(&self.split(q, k, v)?, out, grad)
     }
 
     /// [`SelfAttention::backward`] from the heads of [`SelfAttention::forward_heads`].
@@ -725,17 +771,43 @@ impl SelfAttention {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let hs = &self.heads;
-        let QkvHeads(qh, kh, vh) = heads;
+        #[cfg(feature = "cuda")]
+        if let Some(layout) = self.merged_layout(heads) {
+            let (g, scale) = (self.rule.g, self.rule.scale);
+            let lse = self
+                .rule
+                .lse
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?
+                .take();
+            let lse = match lse {
+                Some(lse) => lse,
+                None => super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, scale, layout)?.1,
+            };
+            // rowsum(dout * out) per query head: rows of E.
+            let e = heads.k.dim(3)?;
+            let d = super::cuda::row_dot(&grad.reshape(((), e))?, &out.reshape(((), e))?)?;
+            let (dq, dk, dv) =
+                super::cuda::flash_attention_backward(&heads.q, &heads.k, &heads.v, grad, &lse, &d, g, scale, layout)?;
+            return Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?));
+        }
         let (out, dout) = (hs.unmerge(out)?, hs.unmerge(grad)?);
-        let (dq, dk, dv) = self.rule.backward(qh, kh, vh, &out, &dout)?;
+        let (dq, dk, dv) = self.rule.backward(&heads.q, &heads.k, &heads.v, &out, &dout)?;
         let (b, _, m, e) = dq.dims4()?;
         let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
         Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?))
     }
 }
 
-/// q, k and v as attention heads: q (B, K, G*T, E) and k (B, K, T, E) roped, v (B, K, T, E).
-pub(crate) struct QkvHeads(Tensor, Tensor, Tensor);
+/// q, k and v as the attention takes them: k (B, K, T, E) roped, v (B, K, T, E), and q either
+/// as heads (B, K, G*T, E), roped, or (`merged`) as the projection made it, (B, T, H*E).
+pub(crate) struct QkvHeads {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    merged: bool,
+}
 
 /// (B, T, n*E) -> (B, n, T, E)
 fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
