@@ -1015,27 +1015,37 @@ pub fn flash_fits(q: &Tensor, k: &Tensor, g: usize, layout: QueryLayout) -> bool
     flash_shape(q, k, g, layout).is_some()
 }
 
-/// The arguments the flash kernels share after their own: kv heads, whether merged, cos, sin.
+/// A flash kernel's launch: its own arguments, then those they share (kv heads, whether merged,
+/// cos, sin), then any after `;`.
 macro_rules! launch_flash {
-    ($dev:expr, $name:expr, $grid:expr, $kv:expr, $layout:expr, $($arg:expr),+ $(,)?) => {{
+    ($dev:expr, $name:expr, $grid:expr, $kv:expr, $layout:expr, $($arg:expr),+ $(; $($tail:expr),+)?) => {{
         let kv = $kv as i32;
         match $layout {
             QueryLayout::Heads => {
                 let none = 0u64; // cos and sin are not read
-                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &0i32, &none, &none);
+                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &0i32, &none, &none $($(, $tail)+)?);
             }
             QueryLayout::Merged { cos, sin } => {
                 let ((cs, cl), (ss, sl)) = (cos.storage_and_layout(), sin.storage_and_layout());
                 let (cv, sv) = (bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
-                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &1i32, &cv, &sv);
+                launch_with_shared!($dev, $name, $grid, $($arg),+, &kv, &1i32, &cv, &sv $($(, $tail)+)?);
             }
         }
     }};
 }
 
+/// What [`flash_attention`] gives, and its backward pass takes.
+pub struct FlashOutput {
+    /// The attention's output, laid out as q.
+    pub out: Tensor,
+    /// Each query row's base-2 log-sum-exp of its scaled scores, f32.
+    pub lse: Tensor,
+    /// For [`QueryLayout::Merged`], q roped (as q): the backward pass's q.
+    pub q_roped: Option<Tensor>,
+}
+
 /// Causal attention of q (as `layout` says) against k and v (B, K, T, E), bf16 on the GPU,
-/// without the (T x T) scores in memory: the output (as q) and each row's base-2 log-sum-exp of
-/// its scaled scores (f32, one per query row), which [`flash_attention_backward`] takes.
+/// without the (T x T) scores in memory.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -1043,7 +1053,7 @@ pub fn flash_attention(
     g: usize,
     scale: f64,
     layout: QueryLayout,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<FlashOutput> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let Some((b, kh, _, t, e)) = flash_shape(&q, &k, g, layout).filter(|_| v.dims() == k.dims()) else {
         return Err(disagree("flash-attention", &[q.shape(), k.shape(), v.shape()]));
@@ -1051,6 +1061,10 @@ pub fn flash_attention(
     let dev = cuda_device(&q)?;
     let out = unsafe { dev.alloc::<bf16>(q.elem_count())? };
     let lse = unsafe { dev.alloc::<f32>(q.elem_count() / e)? };
+    let q_roped = match layout {
+        QueryLayout::Merged { .. } => Some(unsafe { dev.alloc::<bf16>(q.elem_count())? }),
+        QueryLayout::Heads => None,
+    };
     {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -1059,14 +1073,24 @@ pub fn flash_attention(
         let (t32, g32, s32) = (t as i32, g as i32, scale as f32);
         let grid = flash_grid((g * t.div_ceil(64)) as u32, b * kh, e, 4, 0);
         let name = format!("flash_forward_{e}");
-        launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32);
+        match &q_roped {
+            Some(roped) => {
+                launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32; roped)
+            }
+            None => launch_flash!(dev, &name, grid, kh, layout, &qv, &kv, &vv, &out, &lse, &t32, &g32, &s32; &0u64),
+        }
     }
-    Ok((wrap(out, &dev, q.shape().clone()), wrap(lse, &dev, Shape::from(q.elem_count() / e))))
+    Ok(FlashOutput {
+        out: wrap(out, &dev, q.shape().clone()),
+        lse: wrap(lse, &dev, Shape::from(q.elem_count() / e)),
+        q_roped: q_roped.map(|r| wrap(r, &dev, q.shape().clone())),
+    })
 }
 
 /// The gradients of q, k and v of [`flash_attention`] (dq as q, dk and dv (B, K, T, E)) from its
-/// inputs, its lse and `d`, each query row's rowsum(dout * out) in f32 ([`row_dot`] over the
-/// rows of E), and the output's gradient `dout`.
+/// inputs (for [`QueryLayout::Merged`], q roped: [`FlashOutput::q_roped`]), its lse and `d`,
+/// each query row's rowsum(dout * out) in f32 ([`row_dot`] over the rows of E), and the
+/// output's gradient `dout`. For the merged layout dq is that of the unroped q.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     q: &Tensor,

@@ -5,8 +5,10 @@
 // Layout: k, v (BK, T, E) roped (k), BK = B * KV; key s is visible to position t when s <= t.
 // E is 64 or 128. The query side (q, out, dout, dq) comes in one of two layouts:
 //   heads:  (BK, G*T, E), the G query heads of one kv head stacked, q roped;
-//   merged: (B, T, H*E) with H = KV * G, as the projections make and take them, q not roped:
-//           the kernels rope q as they load it (cos, sin (T, E/2)) and dq on its way out.
+//   merged: (B, T, H*E) with H = KV * G, as the projections make and take them. The forward
+//           kernel takes q unroped, ropes it as it loads it (cos, sin (T, E/2)) and writes the
+//           roped q (q_roped) for the backward kernels, which take that; dq is given the rope's
+//           transpose on its way out.
 //
 // The forward kernel also writes lse2 (BK, G*T) f32, each row's log2(sum 2^(s * log2e)) of its
 // scaled scores, from which the backward kernels recompute the probabilities exactly:
@@ -87,6 +89,19 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat
     }
 }
 
+// The inverse of load_tile: a shared tile's rows first.. (those before `end`) to rows `stride`
+// apart.
+template <int E, int P>
+__device__ __forceinline__ void store_tile(__nv_bfloat16* x, const __nv_bfloat16* tile, long first, long end,
+                                           long stride) {
+    constexpr int PER_ROW = E / 8;
+    for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
+        int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+        if (first + r < end)
+            *reinterpret_cast<uint4*>(x + (first + r) * stride + c) = *reinterpret_cast<const uint4*>(tile + r * P + c);
+    }
+}
+
 // The rope of positions t0.. applied to a shared tile of rows (rows at or past T untouched):
 // element j of each row's first half turns against element j of its second half by the angle
 // whose cos and sin are at (t, j) of the (T, E/2) tables, as the heads kernel does.
@@ -158,7 +173,7 @@ __device__ __forceinline__ QRows q_rows(long bk, long g, int T, int G, int KV, i
 template <int E>
 __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                               __nv_bfloat16* out, float* lse2, int T, int G, float scale, int KV, int merged,
-                              const __nv_bfloat16* cos, const __nv_bfloat16* sin) {
+                              const __nv_bfloat16* cos, const __nv_bfloat16* sin, __nv_bfloat16* q_roped) {
     constexpr int P = E + 8;  // padded rows: ldmatrix reads 8 rows without bank conflicts
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
@@ -177,6 +192,7 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
     if (merged) {
         rope_tile<E, P>(ks, cos, sin, tile.t0, T);
         __syncthreads();
+        store_tile<E, P>(q_roped + rows.first, ks, tile.t0, T, rows.step);
     }
     for (int kk = 0; kk < E / 16; ++kk) load_a<P>(qa[kk], ks, warp * 16, kk * 16, lane);
     __syncthreads();
@@ -309,10 +325,6 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
     load_tile<E, P>(ks, q + rows.first, tile.t0, T, rows.step);
     load_tile<E, P>(vs, dout + rows.first, tile.t0, T, rows.step);
     __syncthreads();
-    if (merged) {
-        rope_tile<E, P>(ks, cos, sin, tile.t0, T);
-        __syncthreads();
-    }
     for (int kk = 0; kk < E / 16; ++kk) {
         load_a<P>(qa[kk], ks, warp * 16, kk * 16, lane);
         load_a<P>(da[kk], vs, warp * 16, kk * 16, lane);
@@ -461,10 +473,6 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
             cp_async_commit();
             cp_async_wait<1>();
             __syncthreads();
-            if (merged) {
-                rope_tile<E, P>(qbuf + b * FA_ROWS * P, cos, sin, t0, T);
-                __syncthreads();
-            }
             const __nv_bfloat16 *qs = qbuf + b * FA_ROWS * P, *dos = dobuf + b * FA_ROWS * P;
             const float *ls = lbuf + b * FA_ROWS, *ds = dbuf + b * FA_ROWS;
             for (int half = 0; half < 2; ++half) {
@@ -555,8 +563,9 @@ extern "C" __global__ void sum_parts_bf16(const float* x, __nv_bfloat16* out, lo
 #define FLASH_KERNELS(E)                                                                                         \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_forward_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,             \
-                          __nv_bfloat16* out, float* lse2, int T, int G, float scale, FLASH_ROPE) {            \
-        flash_forward<E>(q, k, v, out, lse2, T, G, scale, KV, merged, cos, sin);                               \
+                          __nv_bfloat16* out, float* lse2, int T, int G, float scale, FLASH_ROPE,              \
+                          __nv_bfloat16* q_roped) {                                                             \
+        flash_forward<E>(q, k, v, out, lse2, T, G, scale, KV, merged, cos, sin, q_roped);                      \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                    \
         flash_dq_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                  \

@@ -492,9 +492,10 @@ struct AttentionRule {
     causal: bool,
     scale: f64,
     g: usize,
-    /// The forward pass's row statistics where the flash kernels ran, for the backward pass.
+    /// Where the flash kernels ran, what the forward pass keeps for the backward pass: the row
+    /// statistics, with the roped q of the merged layout (otherwise q itself).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    lse: std::sync::Mutex<Option<Tensor>>,
+    lse: std::sync::Mutex<Option<(Tensor, Tensor)>>,
 }
 
 /// The attention op in the graph: its output, computed before it is applied, is handed over.
@@ -512,6 +513,12 @@ impl AttentionRule {
     #[cfg(feature = "cuda")]
     fn fused(&self, q: &Tensor) -> bool {
         self.causal && fused(q)
+    }
+
+    /// What the forward pass of the flash kernels keeps for the backward pass.
+    #[cfg(feature = "cuda")]
+    fn saved(&self) -> Result<std::sync::MutexGuard<'_, Option<(Tensor, Tensor)>>> {
+        self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))
     }
 
     /// Whether the flash kernels compute it: fused, and shapes they take (a query per key).
@@ -549,10 +556,9 @@ impl AttentionRule {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.flash(q, k) {
-            let (out, lse) =
-                super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?;
-            *self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))? = Some(lse);
-            return Ok(out);
+            let flash = super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?;
+            *self.saved()? = Some((flash.lse, q.clone()));
+            return Ok(flash.out);
         }
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
@@ -568,11 +574,9 @@ impl AttentionRule {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if self.flash(q, k) {
-            let lse =
-                self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?.take();
-            let lse = match lse {
-                Some(lse) => lse,
-                None => super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?.1,
+            let lse = match self.saved()?.take() {
+                Some((lse, _)) => lse,
+                None => super::cuda::flash_attention(q, k, v, self.g, self.scale, super::cuda::QueryLayout::Heads)?.lse,
             };
             let d = super::cuda::row_dot(grad, out)?; // (B * K * M,) f32
             return super::cuda::flash_attention_backward(
@@ -714,10 +718,10 @@ impl SelfAttention {
         #[cfg(feature = "cuda")]
         if let Some(layout) = self.merged_layout(&heads) {
             let g = self.rule.g;
-            let (out, lse) = super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, self.rule.scale, layout)?;
-            *self.rule.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))? =
-                Some(lse);
-            return Ok((out, heads));
+            let flash = super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, self.rule.scale, layout)?;
+            let q_roped = flash.q_roped.ok_or_else(|| candle_core::Error::Msg("flash attention: no roped q".into()))?;
+            *self.rule.saved()? = Some((flash.lse, q_roped.clone()));
+            return Ok((flash.out, QkvHeads { q: q_roped, roped: true, ..heads }));
         }
         let out = self.heads.merge(&self.rule.forward(&heads.q, &heads.k, &heads.v)?)?;
         Ok((out, heads))
@@ -731,16 +735,16 @@ impl SelfAttention {
         if self.rule.causal && fused(q) {
             let hs = &self.heads;
             let (k, v) = (hs.heads_of(k, hs.kv_heads, true)?, hs.heads_of(v, hs.kv_heads, false)?);
-            let heads = QkvHeads { q: q.clone(), k, v, merged: true };
+            let heads = QkvHeads { q: q.clone(), k, v, merged: true, roped: false };
             if self.merged_layout(&heads).is_some() {
                 return Ok(heads);
             }
             let (b, t, _) = q.dims3()?;
             let qh = hs.heads_of(q, hs.heads, true)?.reshape((b, hs.kv_heads, hs.heads / hs.kv_heads * t, ()))?;
-            return Ok(QkvHeads { q: qh, merged: false, ..heads });
+            return Ok(QkvHeads { q: qh, merged: false, roped: true, ..heads });
         }
         let (q, k, v) = self.heads.split(q, k, v)?;
-        Ok(QkvHeads { q, k, v, merged: false })
+        Ok(QkvHeads { q, k, v, merged: false, roped: true })
     }
 
     /// The flash kernels' layout for merged heads, where they take these.
@@ -774,21 +778,22 @@ impl SelfAttention {
         #[cfg(feature = "cuda")]
         if let Some(layout) = self.merged_layout(heads) {
             let (g, scale) = (self.rule.g, self.rule.scale);
-            let lse = self
-                .rule
-                .lse
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))?
-                .take();
-            let lse = match lse {
-                Some(lse) => lse,
-                None => super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, scale, layout)?.1,
+            // The forward pass's statistics and roped q, or (a second backward pass) again.
+            let (lse, q_roped) = match (self.rule.saved()?.take(), heads.roped) {
+                (Some(saved), _) => saved,
+                (None, true) => candle_core::bail!("self-attention: a second backward pass over its roped heads"),
+                (None, false) => {
+                    let flash = super::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, scale, layout)?;
+                    let roped =
+                        flash.q_roped.ok_or_else(|| candle_core::Error::Msg("flash attention: no roped q".into()))?;
+                    (flash.lse, roped)
+                }
             };
             // rowsum(dout * out) per query head: rows of E.
             let e = heads.k.dim(3)?;
             let d = super::cuda::row_dot(&grad.reshape(((), e))?, &out.reshape(((), e))?)?;
             let (dq, dk, dv) =
-                super::cuda::flash_attention_backward(&heads.q, &heads.k, &heads.v, grad, &lse, &d, g, scale, layout)?;
+                super::cuda::flash_attention_backward(&q_roped, &heads.k, &heads.v, grad, &lse, &d, g, scale, layout)?;
             return Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?));
         }
         let (out, dout) = (hs.unmerge(out)?, hs.unmerge(grad)?);
@@ -800,13 +805,16 @@ impl SelfAttention {
 }
 
 /// q, k and v as the attention takes them: k (B, K, T, E) roped, v (B, K, T, E), and q either
-/// as heads (B, K, G*T, E), roped, or (`merged`) as the projection made it, (B, T, H*E).
+/// as heads (B, K, G*T, E), roped, or (`merged`) in the projection's layout (B, T, H*E), roped
+/// by the flash kernels (`roped` tells whether it is yet).
 pub(crate) struct QkvHeads {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     merged: bool,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    roped: bool,
 }
 
 /// (B, T, n*E) -> (B, n, T, E)
