@@ -144,6 +144,20 @@ fn silu_mul_case(width: usize) -> Result<()> {
 }
 
 #[test]
+fn the_rms_norm_kernel_matches_the_plain_norm() -> Result<()> {
+    // Rows of 896 (one eight-wide load per thread) and of 3584 (two).
+    for d in [896, 3584] {
+        let (xg, xc) = pair(&[5, d], 34)?;
+        let (wg, wc) = pair(&[d], 35)?;
+        let fused = loralab::model::cuda::rms_norm(&xg, &wg, 1e-6)?;
+        let plain = candle_nn::ops::rms_norm(&xc, &wc, 1e-6)?;
+        let diff = rel_diff(&fused, &plain);
+        assert!(diff < 1e-2, "d {d}: relative difference {diff}");
+    }
+    Ok(())
+}
+
+#[test]
 fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
     let (xg, xc) = pair(&[4, 7, 896], 30)?;
     let (wg, wc) = pair(&[896], 31)?;
