@@ -203,6 +203,55 @@ impl candle_core::CustomOp2 for CrossEntropyForward {
     }
 }
 
+/// Per row of bf16 logits (N, V) and u32 targets (N,): (loss, logsumexp) as f32 (N, 2), and the
+/// logits replaced in place by softmax - onehot(target), in one kernel (V a multiple of 8; see
+/// [`cross_entropy_fused_fits`]). `logits` must be held by the caller alone (see [`add_matmul`]).
+pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let op = CrossEntropyFused { stats: std::sync::Mutex::new(None) };
+    logits.inplace_op2(&targets.contiguous()?, &op)?;
+    let (stats, dev) = op
+        .stats
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("cross-entropy statistics poisoned".into()))?
+        .ok_or_else(|| candle_core::Error::Msg("cross-entropy: the kernel did not run".into()))?;
+    let n = stats.len() / 2;
+    Ok(wrap(stats, &dev, Shape::from((n, 2))))
+}
+
+/// Whether [`cross_entropy_fused`] takes these logits.
+pub fn cross_entropy_fused_fits(logits: &Tensor) -> bool {
+    applies(logits) && logits.is_contiguous() && logits.layout().start_offset() % 8 == 0
+        && logits.dims2().is_ok_and(|(_, v)| v % 8 == 0)
+}
+
+struct CrossEntropyFused {
+    stats: std::sync::Mutex<Option<(CudaSlice<f32>, CudaDevice)>>,
+}
+
+impl candle_core::InplaceOp2 for CrossEntropyFused {
+    fn name(&self) -> &'static str {
+        "cross-entropy-fused"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        no_cpu(self.name()).map(|_| ())
+    }
+    fn cuda_fwd(&self, x: &mut CudaStorage, xl: &Layout, t: &CudaStorage, tl: &Layout) -> Result<()> {
+        let dev = x.device().clone();
+        let (n, v) = xl.shape().dims2()?;
+        if tl.shape().elem_count() != n || v % 8 != 0 || !packed8(v, &[xl]) {
+            return Err(disagree(self.name(), &[xl.shape(), tl.shape()]));
+        }
+        let tv = view::<u32>(t, tl, "targets")?;
+        let mut xv = view_mut::<bf16>(x, xl, "logits")?;
+        let out = unsafe { dev.alloc::<f32>(n * 2)? };
+        let v32 = v as i32;
+        launch!(dev, "cross_entropy_fused_bf16", launch_rows(n), &mut xv, &tv, &out, &v32);
+        *self.stats.lock().map_err(|_| candle_core::Error::Msg("cross-entropy statistics poisoned".into()))? =
+            Some((out, dev));
+        Ok(())
+    }
+}
+
 /// softmax(logits) - onehot(targets), bf16 (N, V), from the forward pass's (loss, lse) rows.
 pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, stats: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &stats.contiguous()?, &CrossEntropyBackward)

@@ -26,6 +26,12 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* share
     return v;
 }
 
+// Eight bf16 at once, for the elementwise kernels (16-byte loads and stores).
+union Pack8 {
+    uint4 raw;
+    __nv_bfloat162 pairs[4];
+};
+
 // Max or sum over a warp; every lane gets the result.
 __device__ __forceinline__ float warp_reduce(float v, bool is_max) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -118,6 +124,51 @@ extern "C" __global__ void cross_entropy_forward_bf16(const __nv_bfloat16* logit
     }
 }
 
+// Both at once, in place, for rows of V % 8 == 0 (16-byte aligned): stats[r] = (loss, lse) and
+// logits[r] becomes softmax - onehot(target). The row is read twice (an online max and sum, then
+// the gradient) and written once, eight elements at a time.
+extern "C" __global__ void cross_entropy_fused_bf16(__nv_bfloat16* logits, const uint32_t* targets, float* stats,
+                                                    int v) {
+    __shared__ float shared[BLOCK / 32];
+    const long row = blockIdx.x;
+    __nv_bfloat16* x = logits + row * v;
+    const int packs = v / 8;
+    const uint32_t target = targets[row];
+    const float at_target = __bfloat162float(x[target]);  // read before any thread writes
+    float m = -INFINITY, sum = 0.0f;
+    for (int p = threadIdx.x; p < packs; p += BLOCK) {
+        Pack8 a;
+        a.raw = reinterpret_cast<const uint4*>(x)[p];
+        float2 f[4];
+        float mx = m;
+        for (int j = 0; j < 4; ++j) {
+            f[j] = __bfloat1622float2(a.pairs[j]);
+            mx = fmaxf(mx, fmaxf(f[j].x, f[j].y));
+        }
+        sum *= __expf(m - mx);  // (0 while m is -inf)
+        for (int j = 0; j < 4; ++j) sum += __expf(f[j].x - mx) + __expf(f[j].y - mx);
+        m = mx;
+    }
+    const float row_max = block_reduce(m, true, shared);
+    sum = m == -INFINITY ? 0.0f : sum * __expf(m - row_max);
+    const float lse = row_max + __logf(block_reduce(sum, false, shared));
+    if (threadIdx.x == 0) {
+        stats[2 * row] = lse - at_target;
+        stats[2 * row + 1] = lse;
+    }
+    for (int p = threadIdx.x; p < packs; p += BLOCK) {
+        Pack8 a, o;
+        a.raw = reinterpret_cast<const uint4*>(x)[p];
+        for (int j = 0; j < 4; ++j) {
+            float2 f = __bfloat1622float2(a.pairs[j]);
+            int i = p * 8 + 2 * j;
+            o.pairs[j] = __floats2bfloat162_rn(__expf(f.x - lse) - (i == (int)target ? 1.0f : 0.0f),
+                                               __expf(f.y - lse) - (i + 1 == (int)target ? 1.0f : 0.0f));
+        }
+        reinterpret_cast<uint4*>(x)[p] = o.raw;
+    }
+}
+
 // Gradient of the summed cross-entropy: dlogits = softmax - onehot(target) (the caller scales
 // the product with the weight by the incoming gradient).
 extern "C" __global__ void cross_entropy_backward_bf16(const __nv_bfloat16* logits, const uint32_t* targets,
@@ -161,11 +212,6 @@ extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const 
 
 __device__ __forceinline__ float silu_of(float g) { return g / (1.0f + __expf(-g)); }
 
-// Eight bf16 at once, for the elementwise kernels (16-byte loads and stores).
-union Pack8 {
-    uint4 raw;
-    __nv_bfloat162 pairs[4];
-};
 
 // RMSNorm of rows of D (D % 8 == 0, D <= 8 * RMS_PACKS * BLOCK, 16-byte aligned rows), one row
 // per block, eight elements per load, each row read once: out = x * w / sqrt(mean(x^2) + eps).

@@ -1061,11 +1061,19 @@ fn fused_cross_entropy(
     let sums = by_chunks(h.dim(0)?, chunk, |start, rows| {
         let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
         let targets = targets.narrow(0, start, rows)?;
-        let stats = super::cuda::cross_entropy_forward(&logits, &targets)?; // (rows, 2): loss, lse
-        if h.track_op() {
-            let dlogits = super::cuda::cross_entropy_backward(&logits, &targets, &stats)?;
-            dh.push(dlogits.matmul(weight)?);
-        }
+        let stats = if h.track_op() && super::cuda::cross_entropy_fused_fits(&logits) {
+            // One kernel: the statistics, and the logits turned into their gradient in place.
+            let stats = super::cuda::cross_entropy_fused(&logits, &targets)?;
+            dh.push(logits.matmul(weight)?);
+            stats
+        } else {
+            let stats = super::cuda::cross_entropy_forward(&logits, &targets)?; // (rows, 2): loss, lse
+            if h.track_op() {
+                let dlogits = super::cuda::cross_entropy_backward(&logits, &targets, &stats)?;
+                dh.push(dlogits.matmul(weight)?);
+            }
+            stats
+        };
         stats.narrow(1, 0, 1)?.sum_all()
     })?;
     let total = match sums.is_empty() {
