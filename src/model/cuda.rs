@@ -220,7 +220,9 @@ pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> 
 
 /// Whether [`cross_entropy_fused`] takes these logits.
 pub fn cross_entropy_fused_fits(logits: &Tensor) -> bool {
-    applies(logits) && logits.is_contiguous() && logits.layout().start_offset() % 8 == 0
+    applies(logits)
+        && logits.is_contiguous()
+        && logits.layout().start_offset() % 8 == 0
         && logits.dims2().is_ok_and(|(_, v)| v % 8 == 0)
 }
 

@@ -61,10 +61,11 @@ impl Projection<'_> {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        let z = xin.matmul(&staged.a.t()?)?; // (N, r)
-                                             // The adapter's term first, then the frozen product accumulated into it: a product that
-                                             // accumulates reads its output while it computes, at no cost; the other order would add
-                                             // the small product into the large one's output, a read and a write of (N, out).
+        // z (N, r). The adapter's term first, then the frozen product accumulated into it: a
+        // product that accumulates reads its output while it computes, at no cost; the other
+        // order would add the small product into the large one's output, a read and a write of
+        // (N, out).
+        let z = xin.matmul(&staged.a.t()?)?;
         let term = match onto {
             Some(onto) => staged.term_onto(onto, &z, self.bias)?,
             None => staged.term(&z, self.bias)?,

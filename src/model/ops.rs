@@ -295,7 +295,10 @@ pub(crate) fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Te
         return rms_norm(x, weight, eps);
     }
     #[cfg(feature = "cuda")]
-    if fused(x) && weight.dtype() == candle_core::DType::BF16 && super::cuda::rms_norm_fits(x.dim(candle_core::D::Minus1)?) {
+    if fused(x)
+        && weight.dtype() == candle_core::DType::BF16
+        && super::cuda::rms_norm_fits(x.dim(candle_core::D::Minus1)?)
+    {
         return super::cuda::rms_norm(x, weight, eps);
     }
     candle_nn::ops::rms_norm(x, weight, eps as f32)
