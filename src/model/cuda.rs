@@ -64,8 +64,21 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name}: a GPU kernel, called on the CPU")
 }
 
-/// The CPU side of a GPU-only custom op of 1, 2 or 3 inputs: an error naming the op.
+/// The CPU side of a GPU-only custom op of 1, 2 or 3 inputs, or of an in-place op
+/// (`inplace 2`, `inplace 3`): an error naming the op.
 macro_rules! gpu_only {
+    (inplace 2) => {
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+            no_cpu(self.name()).map(|_| ())
+        }
+    };
+    (inplace 3) => {
+#[rustfmt::skip]
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
+            -> Result<()> {
+            no_cpu(self.name()).map(|_| ())
+        }
+    };
     (1) => {
         fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
             no_cpu(self.name())
@@ -234,9 +247,7 @@ impl candle_core::InplaceOp2 for CrossEntropyFused {
     fn name(&self) -> &'static str {
         "cross-entropy-fused"
     }
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        no_cpu(self.name()).map(|_| ())
-    }
+    gpu_only!(inplace 2);
     fn cuda_fwd(&self, x: &mut CudaStorage, xl: &Layout, t: &CudaStorage, tl: &Layout) -> Result<()> {
         let dev = x.device().clone();
         let (n, v) = xl.shape().dims2()?;
@@ -740,9 +751,7 @@ impl candle_core::InplaceOp2 for DropoutApply {
     fn name(&self) -> &'static str {
         "dropout-add"
     }
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        no_cpu("dropout-add").map(|_| ())
-    }
+    gpu_only!(inplace 2);
     fn cuda_fwd(&self, acc: &mut CudaStorage, al: &Layout, x: &CudaStorage, xl: &Layout) -> Result<()> {
         let dev = x.device().clone();
         let n = xl.shape().elem_count();
@@ -790,17 +799,7 @@ impl candle_core::InplaceOp3 for AddMatmul {
         "add-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        no_cpu(self.name()).map(|_| ())
-    }
+    gpu_only!(inplace 3);
 
     fn cuda_fwd(
         &self,
@@ -860,17 +859,7 @@ impl candle_core::InplaceOp3 for GradProduct {
         "grad-product"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        no_cpu(self.name()).map(|_| ())
-    }
+    gpu_only!(inplace 3);
 
     fn cuda_fwd(
         &self,
