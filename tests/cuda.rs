@@ -334,7 +334,8 @@ fn top_k_and_top_p_cuts_on_the_gpu_keep_the_right_tokens_in_proportion() {
     let logits = vec![row; n];
     let keys: Vec<i64> = (0..n as i64).map(|i| i * 31 + 7).collect();
     // (top_k, top_p) -> the kept tokens' renormalised probabilities
-    let cases: [(usize, f64, &[(u32, f64)]); 4] = [
+    type Case<'a> = (usize, f64, &'a [(u32, f64)]);
+    let cases: [Case; 4] = [
         (0, 0.65, &[(4999, 0.4 / 0.7), (3000, 0.3 / 0.7)]), // 0.4 + 0.3 reach 0.65
         (0, 0.75, &[(4999, 0.4 / 0.9), (3000, 0.3 / 0.9), (2000, 0.2 / 0.9)]),
         (2, 1.0, &[(4999, 0.4 / 0.7), (3000, 0.3 / 0.7)]),

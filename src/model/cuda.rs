@@ -46,7 +46,7 @@ fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
 /// Whether n bf16 elements at these (contiguous) layouts can be moved eight at a time: 16-byte
 /// aligned (allocations are; a view's offset may not be) and a multiple of 8.
 fn packed8(n: usize, layouts: &[&Layout]) -> bool {
-    n % 8 == 0 && layouts.iter().all(|l| l.start_offset() % 8 == 0)
+    n.is_multiple_of(8) && layouts.iter().all(|l| l.start_offset().is_multiple_of(8))
 }
 
 /// (rows, width) of a layout taken as rows of its last dimension.
@@ -235,8 +235,8 @@ pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> 
 pub fn cross_entropy_fused_fits(logits: &Tensor) -> bool {
     applies(logits)
         && logits.is_contiguous()
-        && logits.layout().start_offset() % 8 == 0
-        && logits.dims2().is_ok_and(|(_, v)| v % 8 == 0)
+        && logits.layout().start_offset().is_multiple_of(8)
+        && logits.dims2().is_ok_and(|(_, v)| v.is_multiple_of(8))
 }
 
 struct CrossEntropyFused {
@@ -305,7 +305,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Whether [`rms_norm`] takes rows of `d`.
 pub fn rms_norm_fits(d: usize) -> bool {
-    d % 8 == 0 && d <= 8 * 4 * BLOCK as usize
+    d.is_multiple_of(8) && d <= 8 * 4 * BLOCK as usize
 }
 
 struct RmsNorm {
@@ -507,7 +507,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let (b, heads, r, e) = ql.shape().dims4()?;
         let c = kl.shape().dims4()?.2;
         // The kernel reads keys with 16-byte loads.
-        let aligned = kl.start_offset() % 8 == 0;
+        let aligned = kl.start_offset().is_multiple_of(8);
         if r > DECODE_MAX_GROUP
             || e % 32 != 0
             || e > DECODE_MAX_HEAD_DIM
@@ -1090,7 +1090,7 @@ fn flash_shape(q: &Tensor, k: &Tensor, g: usize, layout: QueryLayout) -> Option<
                 && [cos, sin].iter().all(|x| applies(x) && x.is_contiguous())
         }
     };
-    let aligned = [q, k].iter().all(|x| applies(x) && x.is_contiguous() && x.layout().start_offset() % 8 == 0);
+    let aligned = [q, k].iter().all(|x| applies(x) && x.is_contiguous() && x.layout().start_offset().is_multiple_of(8));
     (fits_q && aligned && t > 0 && FLASH_HEAD_SIZES.contains(&e)).then_some((b, kh, g, t, e))
 }
 

@@ -848,7 +848,7 @@ impl Heads {
     /// Whether one fused kernel moves heads of size `e` (on the GPU in bf16, e a multiple of 4).
     #[cfg(feature = "cuda")]
     fn fused(&self, x: &Tensor, e: usize) -> bool {
-        fused(x) && e % 4 == 0 && fused(&self.cos)
+        fused(x) && e.is_multiple_of(4) && fused(&self.cos)
     }
 
     /// x (B, T, n*E) -> (B, n, T, E), roped or not.
