@@ -530,26 +530,30 @@ impl Layer {
     /// training pass with a gradient sink, with weights not packed for the CPU (whose own
     /// kernels serve the composite path better), and no cache (the caller's to check).
     fn lora_op(&self, x: &Tensor, span: Span, pass: Pass, index: usize) -> Result<Option<Tensor>> {
-        let Some(sink) = pass.sink else { return Ok(None) };
-        let Some(parts) = self.lora_parts(x, span, pass, index)? else { return Ok(None) };
-        super::lora::layer(x, parts, sink).map(Some)
+        let (Some(sink), true) = (pass.sink, self.runs_as_one_op(pass)) else { return Ok(None) };
+        super::lora::layer(x, self.lora_parts(x, span, pass, index)?, sink).map(Some)
     }
 
-    /// The parts of [`super::lora::layer`] for this layer, where it applies (see `lora_op`).
+    /// Whether the pass runs this layer as one op (see `lora_op`; the cache is the caller's).
+    fn runs_as_one_op(&self, pass: Pass) -> bool {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
+        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed
+    }
+
+    /// The parts of [`super::lora::layer`] for this layer, for a pass that runs it as one op.
+    /// Draws the layer's dropout keys.
     fn lora_parts<'a>(
         &'a self,
         x: &Tensor,
         span: Span,
         pass: Pass<'a>,
         index: usize,
-    ) -> Result<Option<super::lora::LayerParts<'a>>> {
-        let (Some(adapter), Some(_)) = (pass.adapter, pass.sink) else { return Ok(None) };
+    ) -> Result<super::lora::LayerParts<'a>> {
+        let Some(adapter) = pass.adapter else { candle_core::bail!("a layer op needs an adapter") };
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
-        if !pass.train || packed {
-            return Ok(None);
-        }
         let attention = a.for_training(x, span)?;
         // Dropout keys in the order the separate projections draw them.
         let mut projections = Vec::with_capacity(lins.len());
@@ -565,7 +569,7 @@ impl Layer {
             attention,
             mlp: [next(), next(), next()],
         };
-        Ok(Some(parts))
+        Ok(parts)
     }
 
     /// Rebuilds the fused inference weights after the projections changed (merge).
@@ -778,17 +782,12 @@ impl Decoder {
     /// `Layer::lora_op`) and the pass does not checkpoint them; otherwise None.
     fn lora_stack(&self, x: &Tensor, span: Span, cached: bool, pass: Pass) -> Result<Option<Tensor>> {
         let Some(sink) = pass.sink else { return Ok(None) };
-        if cached || pass.checkpoint {
+        // Decided before any layer draws its dropout keys, so that the keys are the same either way.
+        if cached || pass.checkpoint || !self.layers.iter().all(|l| l.runs_as_one_op(pass)) {
             return Ok(None);
         }
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            match layer.lora_parts(x, span, pass, i)? {
-                Some(parts) => layers.push(parts),
-                None => return Ok(None),
-            }
-        }
-        super::lora::stack(x, layers, sink).map(Some)
+        let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(x, span, pass, i));
+        super::lora::stack(x, layers.collect::<Result<_>>()?, sink).map(Some)
     }
 
     /// lm_head packed for the CPU in f32, where the model has it.

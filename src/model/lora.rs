@@ -66,11 +66,7 @@ impl Projection<'_> {
         // order would add the small product into the large one's output, a read and a write of
         // (N, out).
         let z = xin.matmul(&staged.a.t()?)?;
-        let term = match onto {
-            Some(onto) => staged.term_onto(onto, &z, self.bias)?,
-            None => staged.term(&z, self.bias)?,
-        };
-        let y = add_matmul(term, x, self.weight, true)?; // (N, out)
+        let y = add_matmul(staged.term(onto, &z, self.bias)?, x, self.weight, true)?; // (N, out)
         let Staged { a, b, .. } = staged;
         let adapter = SavedAdapter {
             a,
@@ -114,25 +110,22 @@ impl Staged {
         Ok(Staged { a, b, b_bias })
     }
 
-    /// `z B^T + bias` for z (N, r). On the GPU one product: the bias is one more column,
-    /// `[z | 1 | 0..] [B | bias | 0..]^T`, padded to a multiple of 8 columns (16-byte rows for
-    /// the tensor cores).
-    fn term(&self, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        match (&self.b_bias, bias) {
-            (Some(b_bias), _) => augmented(z)?.matmul(&b_bias.t()?),
-            (None, Some(bias)) => z.matmul(&self.b.t()?)?.broadcast_add(bias),
-            (None, None) => z.matmul(&self.b.t()?),
-        }
-    }
-}
-
-impl Staged {
-    /// `onto + z B^T + bias`, accumulated into `onto` on the GPU (see [`add_matmul`]).
-    fn term_onto(&self, onto: Tensor, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        match (&self.b_bias, bias) {
-            (Some(b_bias), _) => add_matmul(onto, &augmented(z)?, b_bias, true),
-            (None, Some(bias)) => add_matmul(onto.broadcast_add(bias)?, z, &self.b, true),
-            (None, None) => add_matmul(onto, z, &self.b, true),
+    /// `onto + z B^T + bias` for z (N, r), accumulated into `onto` on the GPU (see
+    /// [`add_matmul`]), or without `onto` a new tensor. On the GPU one product: the bias is one
+    /// more column, `[z | 1 | 0..] [B | bias | 0..]^T`, padded to a multiple of 8 columns (16-byte
+    /// rows for the tensor cores).
+    fn term(&self, onto: Option<Tensor>, z: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (z, b, bias) = match &self.b_bias {
+            Some(b_bias) => (augmented(z)?, b_bias, None),
+            None => (z.clone(), &self.b, bias),
+        };
+        let y = match onto {
+            Some(onto) => add_matmul(onto, &z, b, true)?,
+            None => z.matmul(&b.t()?)?,
+        };
+        match bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
         }
     }
 }
@@ -283,9 +276,8 @@ impl Backward for StackGrad {
 fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<(Tensor, LayerGrad)> {
     let (b, t, d) = x0.dims3()?;
     let n = b * t;
-    let x0 = x0.clone();
     let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
-    let h1 = ops::rms_norm_value(&x0, norm1.0, norm1.1)?.reshape((n, d))?;
+    let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
     let (qy, q) = q.forward(&h1, sink)?; // (N, H*E)
     let (ky, k) = k.forward(&h1, sink)?; // (N, K*E)
     let (vy, v) = v.forward(&h1, sink)?;
@@ -293,13 +285,13 @@ fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result
         attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
     let att = att.reshape((n, ()))?; // (N, H*E)
                                      // The residual stream x1 = x + o(att): o's products accumulate into a copy of x.
-    let (x1, o) = o.forward_onto(&att, Some(onto(&x0, n, d)?), sink)?;
+    let (x1, o) = o.forward_onto(&att, Some(residual(x0, n, d)?), sink)?;
     let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
     let (g, gate) = gate.forward(&h2, sink)?; // (N, I)
     let (u, up) = up.forward(&h2, sink)?;
     let h = ops::silu_mul(&g, &u)?.detach();
-    let (out, down) = down.forward_onto(&h, Some(onto(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
+    let (out, down) = down.forward_onto(&h, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
     let out = out.reshape((b, t, d))?;
     let rule = LayerGrad {
         norm1: (norm1.0.clone(), norm1.1),
@@ -320,7 +312,7 @@ fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result
 
 /// A residual stream (B, T, D) as (N, D), for a projection to add its output to: a copy of it on
 /// the GPU, where the products accumulate in place; elsewhere the stream itself, added to.
-fn onto(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+fn residual(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
     let x = x.reshape((n, d))?;
     if accumulates(&x) {
         x.copy()

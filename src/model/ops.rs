@@ -502,7 +502,7 @@ struct AttentionRule {
     /// Where the flash kernels ran, what the forward pass keeps for the backward pass: the row
     /// statistics, with the roped q of the merged layout (otherwise q itself).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    lse: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+    saved: std::sync::Mutex<Option<(Tensor, Tensor)>>,
 }
 
 /// The attention op in the graph: its output, computed before it is applied, is handed over.
@@ -513,7 +513,7 @@ struct AttentionOp<R> {
 
 impl AttentionRule {
     fn new(mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Self {
-        AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g, lse: Default::default() }
+        AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g, saved: Default::default() }
     }
 
     /// Whether the fused GPU kernels compute this attention.
@@ -525,7 +525,7 @@ impl AttentionRule {
     /// What the forward pass of the flash kernels keeps for the backward pass.
     #[cfg(feature = "cuda")]
     fn saved(&self) -> Result<std::sync::MutexGuard<'_, Option<(Tensor, Tensor)>>> {
-        self.lse.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))
+        self.saved.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))
     }
 
     /// Whether the flash kernels compute it: fused, and shapes they take (a query per key).
@@ -993,11 +993,15 @@ pub fn linear_cross_entropy(
         }
         Ok(nll)
     })?;
-    let total = match sums.is_empty() {
-        true => Tensor::zeros((), loss_dtype(h.dtype()), h.device())?,
-        false => Tensor::stack(&sums, 0)?.sum_all()?,
-    };
-    attach_gradient(h, total, dh)
+    attach_gradient(h, total_of(&sums, loss_dtype(h.dtype()), h.device())?, dh)
+}
+
+/// The sum of the chunks' scalars (0 for none, in `dtype`).
+fn total_of(sums: &[Tensor], dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    match sums.is_empty() {
+        true => Tensor::zeros((), dtype, device),
+        false => Tensor::stack(sums, 0)?.sum_all(),
+    }
 }
 
 /// Gives the scalar `total` (a function of `h`) the backward rule `dh * g`, with `dh` computed
@@ -1079,11 +1083,7 @@ fn fused_cross_entropy(
         };
         stats.narrow(1, 0, 1)?.sum_all()
     })?;
-    let total = match sums.is_empty() {
-        true => Tensor::zeros((), candle_core::DType::F32, h.device())?,
-        false => Tensor::stack(&sums, 0)?.sum_all()?,
-    };
-    attach_gradient(h, total, dh)
+    attach_gradient(h, total_of(&sums, candle_core::DType::F32, h.device())?, dh)
 }
 
 /// silu(gate) * up, SwiGLU's product: one fused kernel each way on the GPU in bf16.

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor, TensorId, Var};
 
+use super::lora::Staged;
+
 /// Gradients of variables computed outside the main backward pass, summed per variable.
 #[derive(Default)]
 pub struct GradSink {
@@ -16,8 +18,6 @@ pub struct GradSink {
     /// optimizer step for all its micro-batches (and a checkpointed layer's second run).
     staged: Mutex<HashMap<TensorId, Staged>>,
 }
-
-use super::lora::Staged;
 
 fn poisoned<T>(_: T) -> candle_core::Error {
     candle_core::Error::Msg("gradient sink poisoned".into())
