@@ -121,7 +121,15 @@ fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
 
 #[test]
 fn gradient_checkpointing_trains_to_the_same_weights() {
-    let dec = tiny(DType::F32);
+    // f32 checkpoints layer by layer through candle's graph (the CPU's packed path); f64 runs
+    // every layer as one op, so that all layers are one checkpointed op.
+    for dtype in [DType::F32, DType::F64] {
+        checkpointing_case(dtype);
+    }
+}
+
+fn checkpointing_case(dtype: DType) {
+    let dec = tiny(dtype);
     let run = |gradient_checkpointing: bool| {
         // Dropout on: both runs of a checkpointed layer must draw the same masks.
         let cfg = all_targets(4, 0.1);

@@ -7,6 +7,13 @@
 //! output, and gives the output a backward rule that runs the layer again, this time tracked,
 //! and back-propagates through that second run alone. The cost is one more forward pass.
 //!
+//! Two forms:
+//! - [`stack`], where every layer runs as one op ([`super::lora::layer`]; the GPU, and the CPU
+//!   outside its packed f32 path): all layers are one graph node, whose backward rule reruns
+//!   each layer just before its gradient, without the layer's last product, whose output the
+//!   backward pass never reads;
+//! - [`layer`] otherwise: each layer is a node whose rule reruns it through candle's graph.
+//!
 //! The input's gradient goes back to the outer graph through the rule; the adapter's gradients
 //! of the second run go to the pass's [`GradSink`], which the trainer reads after each backward
 //! pass.
@@ -14,7 +21,7 @@
 //! before the first.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
@@ -23,6 +30,71 @@ use super::decoder::{Layer, Mask, Pass, Rope, Span};
 use super::ops::{attach, tracked, Backward};
 use super::sink::GradSink;
 use crate::adapter::Adapter;
+
+/// All decoder layers under gradient checkpointing as one op, each run as one op itself:
+/// x (B, T, D) -> (B, T, D). The caller checks that every layer runs as one (see
+/// `Layer::runs_as_one_op`).
+pub(crate) fn stack(layers: &[Layer], x: &Tensor, span: Span, pass: Pass, sink: &Arc<GradSink>) -> Result<Tensor> {
+    let adapter =
+        pass.adapter.ok_or_else(|| candle_core::Error::Msg("gradient checkpointing needs an adapter".into()))?;
+    let mut h = x.detach();
+    let mut inputs = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let rng = pass.dropout_rng.map(|r| r.borrow().clone());
+        let out = super::lora::layer_output(&h, layer.lora_parts(&h, span, pass, i)?, sink)?;
+        inputs.push(LayerInput { x: h, rng });
+        h = out;
+    }
+    let rule = RerunLayers {
+        layers: layers.to_vec(),
+        inputs: Mutex::new(inputs),
+        rope: span.rope.clone(),
+        pos: span.pos,
+        mask: span.mask.cloned(),
+        adapter: adapter.clone(),
+        sink: sink.clone(),
+    };
+    attach(&tracked(x)?, h, rule)
+}
+
+/// A layer's input, and the dropout stream's state before the layer drew its keys.
+struct LayerInput {
+    x: Tensor,
+    rng: Option<ChaCha8Rng>,
+}
+
+/// What [`stack`]'s backward pass needs: the layers and their inputs (each freed once its
+/// layer's gradient is computed).
+struct RerunLayers {
+    layers: Vec<Layer>,
+    inputs: Mutex<Vec<LayerInput>>,
+    rope: Rope,
+    pos: usize,
+    mask: Option<Mask>,
+    adapter: Adapter,
+    sink: Arc<GradSink>,
+}
+
+impl Backward for RerunLayers {
+    fn name(&self) -> &'static str {
+        "checkpointed-layers"
+    }
+
+    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let mut inputs = self.inputs.lock().map_err(|_| candle_core::Error::Msg("layer inputs poisoned".into()))?;
+        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref() };
+        let mut grad = grad.clone();
+        while let Some(LayerInput { x, rng }) = inputs.pop() {
+            let index = inputs.len();
+            let rng = rng.map(RefCell::new);
+            let pass = Pass::train(&self.adapter, rng.as_ref()).with_sink(&self.sink);
+            let parts = self.layers[index].lora_parts(&x, span, pass, index)?;
+            let rule = super::lora::layer_rerun(&x, parts, &self.sink)?;
+            grad = rule.grad(&x, &x, &grad)?;
+        }
+        Ok(grad)
+    }
+}
 
 /// One decoder layer under gradient checkpointing: x (B, T, D) -> (B, T, D).
 pub(crate) fn layer(

@@ -544,7 +544,7 @@ impl Layer {
 
     /// The parts of [`super::lora::layer`] for this layer, for a pass that runs it as one op.
     /// Draws the layer's dropout keys.
-    fn lora_parts<'a>(
+    pub(crate) fn lora_parts<'a>(
         &'a self,
         x: &Tensor,
         span: Span,
@@ -778,13 +778,16 @@ impl Decoder {
         self.norm.forward(&x, pass.train)
     }
 
-    /// All layers as one op ([`super::lora::stack`]) where each would run as one (see
-    /// `Layer::lora_op`) and the pass does not checkpoint them; otherwise None.
+    /// All layers as one op ([`super::lora::stack`], or [`super::checkpoint::stack`] with
+    /// checkpointing) where each would run as one (see `Layer::lora_op`); otherwise None.
     fn lora_stack(&self, x: &Tensor, span: Span, cached: bool, pass: Pass) -> Result<Option<Tensor>> {
         let Some(sink) = pass.sink else { return Ok(None) };
         // Decided before any layer draws its dropout keys, so that the keys are the same either way.
-        if cached || pass.checkpoint || !self.layers.iter().all(|l| l.runs_as_one_op(pass)) {
+        if cached || !self.layers.iter().all(|l| l.runs_as_one_op(pass)) {
             return Ok(None);
+        }
+        if pass.checkpoint {
+            return super::checkpoint::stack(&self.layers, x, span, pass, sink).map(Some);
         }
         let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(x, span, pass, i));
         super::lora::stack(x, layers.collect::<Result<_>>()?, sink).map(Some)

@@ -54,21 +54,43 @@ impl Projection<'_> {
                 Some(bias) => y.broadcast_add(bias)?,
                 None => y,
             };
-            return Ok((y, Saved { weight: self.weight.detach(), adapter: None }));
+            return Ok((y, self.saved(None)));
         };
+        let (staged, z) = self.adapter_input(pair, x, sink)?;
+        // The adapter's term first, then the frozen product accumulated into it: a product that
+        // accumulates reads its output while it computes, at no cost; the other order would add
+        // the small product into the large one's output, a read and a write of (N, out).
+        let y = add_matmul(staged.term(onto, &z, self.bias)?, x, self.weight, true)?; // (N, out)
+        Ok((y, self.saved(Some((pair, staged, z, sink)))))
+    }
+
+    /// What the backward pass needs without the output: the last projection of a layer run
+    /// again by gradient checkpointing, whose output nothing reads.
+    fn saved_only(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<Saved> {
+        let adapter = match self.pair {
+            Some(pair) => {
+                let (staged, z) = self.adapter_input(pair, x, sink)?;
+                Some((pair, staged, z, sink))
+            }
+            None => None,
+        };
+        Ok(self.saved(adapter))
+    }
+
+    /// The step's staged adapter weights and the adapter's input product z = (mask * x) A^T (N, r).
+    fn adapter_input(&self, pair: &LoraPair, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Staged, Tensor)> {
         let staged = sink.staged(&pair.b, || Staged::new(pair, self.scale, self.bias, x))?;
         let xin = match &self.dropout {
             Some(d) => d.apply(x)?,
             None => x.clone(),
         };
-        // z (N, r). The adapter's term first, then the frozen product accumulated into it: a
-        // product that accumulates reads its output while it computes, at no cost; the other
-        // order would add the small product into the large one's output, a read and a write of
-        // (N, out).
         let z = xin.matmul(&staged.a.t()?)?;
-        let y = add_matmul(staged.term(onto, &z, self.bias)?, x, self.weight, true)?; // (N, out)
-        let Staged { a, b, .. } = staged;
-        let adapter = SavedAdapter {
+        Ok((staged, z))
+    }
+
+    /// The backward pass's state, with the adapter's (pair, staged weights, z, sink) where adapted.
+    fn saved(self, adapter: Option<(&LoraPair, Staged, Tensor, &Arc<GradSink>)>) -> Saved {
+        let adapter = adapter.map(|(pair, Staged { a, b, .. }, z, sink)| SavedAdapter {
             a,
             b,
             a_var: pair.a.clone(),
@@ -77,8 +99,8 @@ impl Projection<'_> {
             dropout: self.dropout,
             z,
             sink: sink.clone(),
-        };
-        Ok((y, Saved { weight: self.weight.detach(), adapter: Some(adapter) }))
+        });
+        Saved { weight: self.weight.detach(), adapter }
     }
 }
 
@@ -233,8 +255,29 @@ pub(crate) struct LayerParts<'a> {
 /// A whole decoder layer as one op: `x1 = x + o(attn(q, k, v of norm1(x)))`, then
 /// `x1 + down(silu(gate(h)) * up(h))` with `h = norm2(x1)`; x (B, T, D) -> (B, T, D).
 pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let (out, rule) = layer_forward(&x.detach(), parts, sink)?;
-    attach(&tracked(x)?, out, rule)
+    let (out, rule) = layer_forward(&x.detach(), parts, sink, Run::Output)?;
+    attach(&tracked(x)?, out.expect("a layer's output"), rule)
+}
+
+/// A layer's output from its untracked input x (B, T, D), nothing kept for a backward pass (the
+/// first run of a checkpointed layer).
+pub(crate) fn layer_output(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
+    let (out, _) = layer_forward(x, parts, sink, Run::Output)?;
+    Ok(out.expect("a layer's output"))
+}
+
+/// A checkpointed layer run again for its backward rule, from its untracked input x (B, T, D):
+/// everything but the output, which the backward pass does not read: the down product, nearly
+/// a third of the layer's forward products, is skipped.
+pub(crate) fn layer_rerun(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<LayerGrad> {
+    Ok(layer_forward(x, parts, sink, Run::Rerun)?.1)
+}
+
+/// Why a layer runs: for its output, or again for its backward rule alone.
+#[derive(Clone, Copy)]
+enum Run {
+    Output,
+    Rerun,
 }
 
 /// Consecutive decoder layers as one op, x (B, T, D) -> (B, T, D): each layer as [`layer`]
@@ -246,9 +289,9 @@ pub(crate) fn stack(x: &Tensor, layers: Vec<LayerParts>, sink: &Arc<GradSink>) -
     let mut h = x.detach();
     let mut rules = Vec::with_capacity(layers.len());
     for parts in layers {
-        let (out, rule) = layer_forward(&h, parts, sink)?;
+        let (out, rule) = layer_forward(&h, parts, sink, Run::Output)?;
         rules.push((h, rule));
-        h = out;
+        h = out.expect("a layer's output");
     }
     attach(&tracked(x)?, h, StackGrad(std::sync::Mutex::new(rules)))
 }
@@ -272,8 +315,14 @@ impl Backward for StackGrad {
     }
 }
 
-/// One layer's output from its untracked input x0 (B, T, D), and its backward rule.
-fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<(Tensor, LayerGrad)> {
+/// One layer's output (for `Run::Output`) from its untracked input x0 (B, T, D), and its
+/// backward rule.
+fn layer_forward(
+    x0: &Tensor,
+    parts: LayerParts,
+    sink: &Arc<GradSink>,
+    run: Run,
+) -> Result<(Option<Tensor>, LayerGrad)> {
     let (b, t, d) = x0.dims3()?;
     let n = b * t;
     let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
@@ -291,8 +340,13 @@ fn layer_forward(x0: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result
     let (g, gate) = gate.forward(&h2, sink)?; // (N, I)
     let (u, up) = up.forward(&h2, sink)?;
     let h = ops::silu_mul(&g, &u)?.detach();
-    let (out, down) = down.forward_onto(&h, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
-    let out = out.reshape((b, t, d))?;
+    let (out, down) = match run {
+        Run::Output => {
+            let (out, down) = down.forward_onto(&h, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
+            (Some(out.reshape((b, t, d))?), down)
+        }
+        Run::Rerun => (None, down.saved_only(&h, sink)?),
+    };
     let rule = LayerGrad {
         norm1: (norm1.0.clone(), norm1.1),
         norm2: (norm2.0.clone(), norm2.1),
@@ -322,7 +376,7 @@ fn residual(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
 }
 
 /// What a layer's backward pass needs: the inputs of its parts.
-struct LayerGrad {
+pub(crate) struct LayerGrad {
     norm1: (Tensor, f64),
     norm2: (Tensor, f64),
     attention: SelfAttention,
