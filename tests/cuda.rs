@@ -474,6 +474,34 @@ fn row_dot_on_the_gpu_is_the_rowwise_sum_of_products() -> Result<()> {
 }
 
 #[test]
+fn the_augment_kernel_puts_a_ones_column_and_zeros_beside_z_read_in_place_from_a_view() -> Result<()> {
+    let (zg, zc) = pair(&[37, 20], 43)?;
+    // The first 12 columns of each row: a view whose rows are 20 elements apart, read in place.
+    let got = loralab::model::cuda::augment(&zg.narrow(1, 2, 12)?, 16)?;
+    let z = zc.narrow(1, 2, 12)?;
+    let want = Tensor::cat(
+        &[z, Tensor::ones((37, 1), DType::F32, &Device::Cpu)?, Tensor::zeros((37, 3), DType::F32, &Device::Cpu)?],
+        1,
+    )?;
+    assert_eq!(got.dims(), &[37, 16]);
+    assert_eq!(rel_diff(&got, &want), 0.0);
+    assert!(loralab::model::cuda::augment(&zg, 20).is_err(), "no room for the ones column");
+    Ok(())
+}
+
+#[test]
+fn scaling_by_a_scalar_on_the_gpu_multiplies_every_element() -> Result<()> {
+    for n in [4096 * 8, 1001] {
+        let (xg, xc) = pair(&[n], 44)?;
+        let s = Tensor::new(0.37f32, &gpu())?;
+        let got = loralab::model::cuda::scale_by(&xg, &s)?;
+        let want = (xc * 0.37)?;
+        assert!(rel_diff(&got, &want) < 1e-2, "n {n}: {}", rel_diff(&got, &want));
+    }
+    Ok(())
+}
+
+#[test]
 fn self_attention_on_the_gpu_matches_the_plain_one_with_its_gradients() -> Result<()> {
     // Head size 16: heads split by the heads kernel; 64 and 128: the flash kernels on the
     // projections' layout, roping q themselves (one tile, and several with a partial last one).

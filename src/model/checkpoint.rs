@@ -27,7 +27,7 @@ use candle_core::{Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
 use super::decoder::{Layer, Mask, Pass, Rope, Span};
-use super::ops::{attach, tracked, Backward};
+use super::ops::{self, attach, tracked, Backward};
 use super::sink::GradSink;
 use crate::adapter::Adapter;
 
@@ -45,7 +45,9 @@ pub(crate) fn stack(layers: &[Layer], x: &Tensor, span: Span, pass: Pass, sink: 
         inputs.push(LayerInput { x: h, rng });
         h = out;
     }
+    let (anchor, input_grad) = ops::anchor(x)?;
     let rule = RerunLayers {
+        input_grad,
         layers: layers.to_vec(),
         inputs: Mutex::new(inputs),
         rope: span.rope.clone(),
@@ -54,7 +56,7 @@ pub(crate) fn stack(layers: &[Layer], x: &Tensor, span: Span, pass: Pass, sink: 
         adapter: adapter.clone(),
         sink: sink.clone(),
     };
-    attach(&tracked(x)?, h, rule)
+    attach(&anchor, h, rule)
 }
 
 /// A layer's input, and the dropout stream's state before the layer drew its keys.
@@ -64,8 +66,10 @@ struct LayerInput {
 }
 
 /// What [`stack`]'s backward pass needs: the layers and their inputs (each freed once its
-/// layer's gradient is computed).
+/// layer's gradient is computed), and whether the first input's gradient is wanted (see
+/// [`ops::anchor`]).
 struct RerunLayers {
+    input_grad: bool,
     layers: Vec<Layer>,
     inputs: Mutex<Vec<LayerInput>>,
     rope: Rope,
@@ -80,7 +84,7 @@ impl Backward for RerunLayers {
         "checkpointed-layers"
     }
 
-    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn grad(&self, anchor: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let mut inputs = self.inputs.lock().map_err(|_| candle_core::Error::Msg("layer inputs poisoned".into()))?;
         let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref() };
         let mut grad = grad.clone();
@@ -90,7 +94,10 @@ impl Backward for RerunLayers {
             let pass = Pass::train(&self.adapter, rng.as_ref()).with_sink(&self.sink);
             let parts = self.layers[index].lora_parts(&x, span, pass, index)?;
             let rule = super::lora::layer_rerun(&x, parts, &self.sink)?;
-            grad = rule.grad(&x, &x, &grad)?;
+            match rule.backward(&x, &grad, self.input_grad || index > 0)? {
+                Some(g) => grad = g,
+                None => return anchor.zeros_like(),
+            }
         }
         Ok(grad)
     }

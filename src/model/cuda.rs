@@ -378,6 +378,65 @@ impl candle_core::CustomOp3 for RmsNormBackward {
     }
 }
 
+/// `[z | 1 | 0..]` (N, width) for bf16 z (N, r), r < width, in one pass: an adapter's input
+/// product beside its bias column. Where z is a view of every row's first r columns of a wider
+/// tensor it is read in place.
+pub fn augment(z: &Tensor, width: usize) -> Result<Tensor> {
+    z.apply_op1_no_bwd(&Augment { width })
+}
+
+struct Augment {
+    width: usize,
+}
+
+impl candle_core::CustomOp1 for Augment {
+    fn name(&self) -> &'static str {
+        "augment"
+    }
+    gpu_only!(1);
+    fn cuda_fwd(&self, z: &CudaStorage, zl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = z.device().clone();
+        let (&[n, r], &[zs, 1]) = (zl.dims(), zl.stride()) else {
+            return Err(disagree(self.name(), &[zl.shape()]));
+        };
+        if r >= self.width || zs < r {
+            return Err(disagree(self.name(), &[zl.shape(), &Shape::from((n, self.width))]));
+        }
+        // Rows n - 1 of zs elements and one of r: the view's extent.
+        let start = zl.start_offset();
+        let zv = z.as_cuda_slice::<bf16>()?.slice(start..start + n.saturating_sub(1) * zs + r);
+        let out = unsafe { dev.alloc::<bf16>(n * self.width)? };
+        let (zs64, n64, r32, w32) = (zs as i64, n as i64, r as i32, self.width as i32);
+        launch!(dev, "augment_bf16", launch_elements(n * self.width), &zv, &zs64, &out, &n64, &r32, &w32);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, self.width))))
+    }
+}
+
+/// `x * s` for bf16 x and an f32 scalar s, both on the GPU, in one pass (candle's broadcasting
+/// product takes ten times as long).
+pub fn scale_by(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&s.to_dtype(DType::F32)?.reshape(1)?, &ScaleBy)
+}
+
+struct ScaleBy;
+
+impl candle_core::CustomOp2 for ScaleBy {
+    fn name(&self) -> &'static str {
+        "scale-by"
+    }
+    gpu_only!(2);
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, s: &CudaStorage, sl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let n = xl.shape().elem_count();
+        let (xv, sv) = (view::<bf16>(x, xl, "x")?, view::<f32>(s, sl, "the scale")?);
+        let out = unsafe { dev.alloc::<bf16>(n)? };
+        let (n64, packed) = (n as i64, packed8(n, &[xl]));
+        let (cfg, packed) = (launch_elements(n / if packed { 8 } else { 1 }), packed as i32);
+        launch!(dev, "scale_by_bf16", cfg, &xv, &sv, &out, &n64, &packed);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
 /// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)

@@ -296,6 +296,38 @@ extern "C" __global__ void rms_norm_backward_packed_bf16(const __nv_bfloat16* x,
     }
 }
 
+// An adapter's input product beside its bias column: out (n, w) = [z | 1 | 0..] for z (n, r),
+// r < w, whose rows are `zs` elements apart.
+extern "C" __global__ void augment_bf16(const __nv_bfloat16* z, long zs, __nv_bfloat16* out, long n, int r,
+                                        int w) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n * w; i += (long)gridDim.x * blockDim.x) {
+        long row = i / w;
+        int col = (int)(i % w);
+        out[i] = col < r ? z[row * zs + col] : __float2bfloat16(col == r ? 1.f : 0.f);
+    }
+}
+
+// x * s[0] for a scalar s held on the GPU (a gradient's scale, known only there).
+extern "C" __global__ void scale_by_bf16(const __nv_bfloat16* x, const float* s, __nv_bfloat16* out, long n,
+                                         int packed) {
+    const float f = s[0];
+    const long stride = (long)gridDim.x * blockDim.x;
+    if (packed) {
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 8; i += stride) {
+            Pack8 v, o;
+            v.raw = reinterpret_cast<const uint4*>(x)[i];
+            for (int k = 0; k < 4; k++) {
+                float2 a = __bfloat1622float2(v.pairs[k]);
+                o.pairs[k] = __floats2bfloat162_rn(a.x * f, a.y * f);
+            }
+            reinterpret_cast<uint4*>(out)[i] = o.raw;
+        }
+    } else {
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride)
+            out[i] = __float2bfloat16(__bfloat162float(x[i]) * f);
+    }
+}
+
 // SwiGLU's product h = silu(gate) * up, elementwise. `packed`: n % 8 == 0 and 16-byte aligned
 // pointers (the launcher checks), eight elements per load.
 extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,

@@ -155,6 +155,10 @@ impl Staged {
 /// `[z | 1 | 0..]` for z (N, r), beside `[B | bias | 0..]` (see [`Staged::term`]).
 fn augmented(z: &Tensor) -> Result<Tensor> {
     let (n, r) = z.dims2()?;
+    #[cfg(feature = "cuda")]
+    if accumulates(z) {
+        return super::cuda::augment(z, r + padding(r)); // one kernel for the four ops below
+    }
     let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
     Tensor::cat(&padded(vec![z.clone(), ones], padding(r) - 1)?, 1)
 }
@@ -192,6 +196,14 @@ struct SavedAdapter {
 }
 
 impl Saved {
+    /// The adapter's gradients alone (into the sink), where the input's is not wanted.
+    fn adapter_grads(&self, x: &Tensor, grad: &Tensor) -> Result<()> {
+        match &self.adapter {
+            Some(adapter) => adapter.weight_grads(x, &grad.contiguous()?).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     /// The input's gradient (N, in) from the input x (N, in) and the output's gradient (N, out);
     /// the adapter's gradients go to the sink.
     fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
@@ -217,9 +229,9 @@ impl Saved {
 }
 
 impl SavedAdapter {
-    /// The adapter's part of the input's gradient, added to `into` where given; A's and B's
-    /// gradients go to the sink.
-    fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
+    /// A's and B's gradients into the sink, from the input x (N, in) and the output's gradient
+    /// (N, out); returns dz (N, r), the gradient of the adapter's input product.
+    fn weight_grads(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         // The dropped input again, from its key: a mask kept from the forward pass would hold a
         // copy of every adapted input of the model until the backward pass.
         let xin = match &self.dropout {
@@ -230,6 +242,13 @@ impl SavedAdapter {
         let dz = grad.matmul(&self.b)?;
         self.sink.add_product(&self.b_var, grad, &self.z, self.scale)?;
         self.sink.add_product(&self.a_var, &dz, &xin, 1.0)?;
+        Ok(dz)
+    }
+
+    /// The adapter's part of the input's gradient, added to `into` where given; A's and B's
+    /// gradients go to the sink.
+    fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
+        let dz = self.weight_grads(x, grad)?;
         // mask * (dz A)
         match (&self.dropout, into) {
             (Some(d), Some(sum)) => d.add_applied(sum, &dz.matmul(&self.a)?),
@@ -293,23 +312,32 @@ pub(crate) fn stack(x: &Tensor, layers: Vec<LayerParts>, sink: &Arc<GradSink>) -
         rules.push((h, rule));
         h = out.expect("a layer's output");
     }
-    attach(&tracked(x)?, h, StackGrad(std::sync::Mutex::new(rules)))
+    let (anchor, input_grad) = ops::anchor(x)?;
+    attach(&anchor, h, StackGrad { rules: std::sync::Mutex::new(rules), input_grad })
 }
 
 /// The layers' rules with the input of each, consumed by the backward pass (each layer's saved
-/// tensors are freed once its gradient is computed).
-struct StackGrad(std::sync::Mutex<Vec<(Tensor, LayerGrad)>>);
+/// tensors are freed once its gradient is computed), and whether the first input's gradient is
+/// wanted (see [`ops::anchor`]).
+struct StackGrad {
+    rules: std::sync::Mutex<Vec<(Tensor, LayerGrad)>>,
+    input_grad: bool,
+}
 
 impl Backward for StackGrad {
     fn name(&self) -> &'static str {
         "lora-layers"
     }
 
-    fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let mut rules = self.0.lock().map_err(|_| candle_core::Error::Msg("layer rules poisoned".into()))?;
+    fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let mut rules = self.rules.lock().map_err(|_| candle_core::Error::Msg("layer rules poisoned".into()))?;
         let mut grad = grad.clone();
         while let Some((input, rule)) = rules.pop() {
-            grad = rule.grad(&input, &input, &grad)?;
+            let wanted = self.input_grad || !rules.is_empty();
+            match rule.backward(&input, &grad, wanted)? {
+                Some(g) => grad = g,
+                None => return x.zeros_like(), // the anchor's
+            }
         }
         Ok(grad)
     }
@@ -398,6 +426,14 @@ impl Backward for LayerGrad {
     }
 
     fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        self.backward(x, grad, true)?.ok_or_else(|| candle_core::Error::Msg("lora-layer: no input gradient".into()))
+    }
+}
+
+impl LayerGrad {
+    /// The gradient of the layer's input x (B, T, D) from the output's, where `input_grad`;
+    /// the adapter's gradients go to the sink either way.
+    pub(crate) fn backward(&self, x: &Tensor, grad: &Tensor, input_grad: bool) -> Result<Option<Tensor>> {
         let (b, t, d) = x.dims3()?;
         let n = b * t;
         let [q, k, v, o, gate, up, down] = &self.projections;
@@ -412,9 +448,16 @@ impl Backward for LayerGrad {
         let datt = o.backward(&self.att, &dx1.reshape((n, d))?)?;
         let (dq, dk, dv) =
             self.attention.backward_heads(&self.heads, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
-        let dh1 = q.backward(&self.h1, &dq.reshape((n, ()))?)?;
-        let dh1 = k.backward_into(&self.h1, &dk.reshape((n, ()))?, Some(dh1))?;
-        let dh1 = v.backward_into(&self.h1, &dv.reshape((n, ()))?, Some(dh1))?;
-        ops::rms_norm_backward_plus(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?, &dx1)
+        let (dq, dk, dv) = (dq.reshape((n, ()))?, dk.reshape((n, ()))?, dv.reshape((n, ()))?);
+        if !input_grad {
+            for (projection, grad) in [(q, &dq), (k, &dk), (v, &dv)] {
+                projection.adapter_grads(&self.h1, grad)?;
+            }
+            return Ok(None);
+        }
+        let dh1 = q.backward(&self.h1, &dq)?;
+        let dh1 = k.backward_into(&self.h1, &dk, Some(dh1))?;
+        let dh1 = v.backward_into(&self.h1, &dv, Some(dh1))?;
+        ops::rms_norm_backward_plus(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?, &dx1).map(Some)
     }
 }

@@ -164,6 +164,17 @@ pub(crate) fn tracked(x: &Tensor) -> Result<Tensor> {
     Ok(if x.track_op() { x.clone() } else { candle_core::Var::from_tensor(x)?.as_tensor().clone() })
 }
 
+/// What an op over several layers attaches its backward rule to, and whether its input's
+/// gradient is wanted: `x` itself where it is tracked; otherwise (the first layer's input, the
+/// frozen embedding's output) a one-element variable, so that the rule runs without computing
+/// a (tokens x hidden) gradient, and the products behind it, that no one reads.
+pub(crate) fn anchor(x: &Tensor) -> Result<(Tensor, bool)> {
+    match x.track_op() {
+        true => Ok((x.clone(), true)),
+        false => Ok((candle_core::Var::zeros(1, x.dtype(), x.device())?.as_tensor().clone(), false)),
+    }
+}
+
 /// Gives `y` (computed from `x` by a fused kernel without backward) the backward rule `rule`.
 /// The forward is a copy of `y`, one memory pass, instead of the several ops (each with its
 /// own backward) that the differentiable composite would take.
@@ -1027,6 +1038,10 @@ impl Backward for EagerGrad {
         "eager-gradient"
     }
     fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(&self.dh) {
+            return super::cuda::scale_by(&self.dh, g);
+        }
         self.dh.broadcast_mul(&g.to_dtype(h.dtype())?)
     }
 }
