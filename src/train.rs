@@ -357,8 +357,21 @@ impl Order {
     }
 }
 
-/// Logits held at once by the loss: 2^27 f32 values (512 MiB), 880 rows of Qwen2.5's vocabulary.
-const LOGITS_PER_CHUNK: usize = 1 << 27;
+/// Bytes of logits held at once by the loss: 512 MiB, 880 rows of Qwen2.5's vocabulary in f32
+/// (the CPU), 1,765 in bf16 (the GPU's fused loss).
+const LOGIT_BYTES_PER_CHUNK: usize = 1 << 29;
+
+/// Rows per chunk of the loss for n rows: as many as [`LOGIT_BYTES_PER_CHUNK`] holds, spread
+/// evenly over the chunks and rounded up to whole 128-row tiles of the GPU's products (882-row
+/// chunks left a seventh of a tile idle in every chunk's two products).
+fn chunk_rows(n: usize, vocab: usize, bytes_per_logit: usize) -> usize {
+    let most = (LOGIT_BYTES_PER_CHUNK / (vocab * bytes_per_logit).max(1)).max(1);
+    let even = n.div_ceil(n.div_ceil(most).max(1)).max(1);
+    match most >= 128 {
+        true => (even.div_ceil(128) * 128).min(most),
+        false => even,
+    }
+}
 
 /// Sum of the cross-entropy of a micro-batch's target tokens, divided by `denominator`.
 ///
@@ -411,7 +424,11 @@ pub fn batch_loss(
     let picked = crate::model::ops::gather_rows(&hidden.reshape((b * t, d))?, &positions)?;
     // The softmax runs in f32 at least (bf16 logits lose the loss's precision), a bounded chunk
     // of rows at a time: (N, V) f32 logits of a long batch would not fit beside a 7B model.
-    let chunk = (LOGITS_PER_CHUNK / decoder.config.vocab_size).max(1);
+    let bytes_per_logit = match device.is_cuda() && hidden.dtype() == DType::BF16 {
+        true => 2, // bf16 logits, turned into their gradient in place
+        false => hidden.dtype().size_in_bytes().max(4),
+    };
+    let chunk = chunk_rows(targets.len(), decoder.config.vocab_size, bytes_per_logit);
     let nll =
         crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, decoder.lm_head_packed(), &targets, chunk)?;
     Ok((nll / denominator as f64)?)
@@ -428,6 +445,18 @@ fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loss_chunks_are_even_whole_tiles_within_the_memory_bound() {
+        // Qwen2.5's vocabulary: 1,765 bf16 rows fit; 4,092 rows -> three chunks of 1,408.
+        assert_eq!(chunk_rows(4092, 152_064, 2), 1408);
+        // In f32, 882 rows fit: whole tiles would be 896, so the bound wins.
+        assert_eq!(chunk_rows(4092, 152_064, 4), 882);
+        // Few rows: one chunk of them all.
+        assert_eq!(chunk_rows(300, 49_152, 4), 384);
+        // A vocabulary too large for 128 rows (two fit): even chunks, untiled.
+        assert_eq!(chunk_rows(1000, 1 << 26, 4), 2);
+    }
 
     #[test]
     fn a_warmed_up_linear_schedule_starts_at_zero_and_decays_to_zero() {

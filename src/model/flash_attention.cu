@@ -150,9 +150,11 @@ struct RowTile {
     long bk, g, t0;
 };
 
+// The last tiles first: they see the most keys, and the short work of the first tiles then fills
+// the GPU's last wave of blocks.
 __device__ __forceinline__ RowTile row_tile(int T) {
     int tiles = (T + FA_ROWS - 1) / FA_ROWS;
-    return RowTile{(long)blockIdx.y, (long)(blockIdx.x / tiles), (long)(blockIdx.x % tiles) * FA_ROWS};
+    return RowTile{(long)blockIdx.y, (long)(blockIdx.x / tiles), (long)(tiles - 1 - blockIdx.x % tiles) * FA_ROWS};
 }
 
 // Where query head (bk, g)'s rows are: row t at element first + t * step of q, out, dout and dq,
