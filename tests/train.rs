@@ -159,11 +159,19 @@ fn checkpointing_case(dtype: DType) {
 
 #[test]
 fn the_layer_op_trains_as_the_composite_ops_do_step_after_step() {
+    // With dropout and without (where q/k/v and gate/up share their stacked A's, renewed
+    // every step as well).
+    for dropout in [0.1, 0.0] {
+        layer_op_case(dropout);
+    }
+}
+
+fn layer_op_case(dropout: f64) {
     // f64 weights are not packed for the CPU: training runs each layer as one op with its
     // staged adapter weights (renewed every step); f32 runs the composite ops.
     let run = |dtype: DType| {
         let dec = tiny(dtype);
-        let adapter = Adapter::new(&dec, all_targets(4, 0.1), 13).unwrap();
+        let adapter = Adapter::new(&dec, all_targets(4, dropout), 13).unwrap();
         let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 2e-2, ..fixture_config() };
         let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
         (log, adapter)
@@ -185,6 +193,8 @@ fn the_layer_op_trains_as_the_composite_ops_do_step_after_step() {
 fn hand_written_lora_backward_gives_the_gradients_of_autograd() {
     // Every projection adapted, and some frozen inside the layer's op.
     hand_written_rules_case(all_targets(4, 0.1));
+    // Without dropout, q/k/v and gate/up each share one product of their common input.
+    hand_written_rules_case(all_targets(4, 0.0));
     let some = vec![Target::QProj, Target::VProj, Target::DownProj];
     hand_written_rules_case(LoraConfig { target_modules: some, ..all_targets(4, 0.1) });
 }

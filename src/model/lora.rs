@@ -36,15 +36,22 @@ pub(crate) struct Projection<'a> {
 }
 
 impl Projection<'_> {
-    /// x (N, in), untracked -> (N, out), and what the backward pass needs.
-    fn forward(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
-        self.forward_onto(x, None, sink)
+    /// x (N, in), untracked -> (N, out), and what the backward pass needs. `z`: the adapter's
+    /// input product where it is already computed (see [`shared_input_products`]).
+    fn forward(self, x: &Tensor, z: Option<Tensor>, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
+        self.forward_onto(x, z, None, sink)
     }
 
     /// [`Projection::forward`] added to `onto` (N, out), a residual stream: on the GPU the
     /// products accumulate into it (it must then be a fresh copy held by the caller alone), where
     /// adding the output afterwards would take a pass of its own.
-    fn forward_onto(self, x: &Tensor, onto: Option<Tensor>, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
+    fn forward_onto(
+        self,
+        x: &Tensor,
+        z: Option<Tensor>,
+        onto: Option<Tensor>,
+        sink: &Arc<GradSink>,
+    ) -> Result<(Tensor, Saved)> {
         let Some(pair) = self.pair else {
             let y = match onto {
                 Some(onto) => add_matmul(onto, x, self.weight, true)?,
@@ -56,7 +63,7 @@ impl Projection<'_> {
             };
             return Ok((y, self.saved(None)));
         };
-        let (staged, z) = self.adapter_input(pair, x, sink)?;
+        let (staged, z) = self.adapter_input(pair, x, z, sink)?;
         // The adapter's term first, then the frozen product accumulated into it: a product that
         // accumulates reads its output while it computes, at no cost; the other order would add
         // the small product into the large one's output, a read and a write of (N, out).
@@ -69,7 +76,7 @@ impl Projection<'_> {
     fn saved_only(self, x: &Tensor, sink: &Arc<GradSink>) -> Result<Saved> {
         let adapter = match self.pair {
             Some(pair) => {
-                let (staged, z) = self.adapter_input(pair, x, sink)?;
+                let (staged, z) = self.adapter_input(pair, x, None, sink)?;
                 Some((pair, staged, z, sink))
             }
             None => None,
@@ -77,15 +84,34 @@ impl Projection<'_> {
         Ok(self.saved(adapter))
     }
 
-    /// The step's staged adapter weights and the adapter's input product z = (mask * x) A^T (N, r).
-    fn adapter_input(&self, pair: &LoraPair, x: &Tensor, sink: &Arc<GradSink>) -> Result<(Staged, Tensor)> {
-        let staged = sink.staged(&pair.b, || Staged::new(pair, self.scale, self.bias, x))?;
-        let xin = match &self.dropout {
-            Some(d) => d.apply(x)?,
-            None => x.clone(),
+    /// The step's staged adapter weights and the adapter's input product z = (mask * x) A^T
+    /// (N, r), unless given. Contiguous unless a bias column is put beside it, which reads it in
+    /// place.
+    fn adapter_input(
+        &self,
+        pair: &LoraPair,
+        x: &Tensor,
+        z: Option<Tensor>,
+        sink: &Arc<GradSink>,
+    ) -> Result<(Staged, Tensor)> {
+        let staged = self.staged(pair, x, sink)?;
+        let z = match z {
+            Some(z) if staged.b_bias.is_some() => z,
+            Some(z) => z.contiguous()?,
+            None => {
+                let xin = match &self.dropout {
+                    Some(d) => d.apply(x)?,
+                    None => x.clone(),
+                };
+                xin.matmul(&staged.a.t()?)?
+            }
         };
-        let z = xin.matmul(&staged.a.t()?)?;
         Ok((staged, z))
+    }
+
+    /// The pair's weights as the products use them this optimizer step.
+    fn staged(&self, pair: &LoraPair, like: &Tensor, sink: &Arc<GradSink>) -> Result<Staged> {
+        sink.staged(&pair.b, || Staged::new(pair, self.scale, self.bias, like))
     }
 
     /// The backward pass's state, with the adapter's (pair, staged weights, z, sink) where adapted.
@@ -102,6 +128,34 @@ impl Projection<'_> {
         });
         Saved { weight: self.weight.detach(), adapter }
     }
+}
+
+/// The adapter input products z = x A^T of projections that share their input x (N, in), as
+/// views of the columns of one product `x [A1; A2; ..]^T` (N, sum r); None for each where one of
+/// them has no adapter pair or draws dropout (each then masks x its own way).
+///
+/// Why: each product reads all of x for a few dozen columns of output; one product reads it once.
+fn shared_input_products<const K: usize>(
+    projections: [&Projection; K],
+    x: &Tensor,
+    sink: &Arc<GradSink>,
+) -> Result<[Option<Tensor>; K]> {
+    let mut out = std::array::from_fn(|_| None);
+    let pairs: Option<Vec<&LoraPair>> = projections.iter().map(|p| p.pair.filter(|_| p.dropout.is_none())).collect();
+    let Some(pairs) = pairs else { return Ok(out) };
+    let stacked = sink.stacked(&pairs[0].a, || {
+        let a: Vec<Tensor> =
+            projections.iter().zip(&pairs).map(|(p, pair)| Ok(p.staged(pair, x, sink)?.a)).collect::<Result<_>>()?;
+        Tensor::cat(&a, 0)
+    })?; // (sum r, in)
+    let z = x.matmul(&stacked.t()?)?; // (N, sum r)
+    let mut offset = 0;
+    for (slot, pair) in out.iter_mut().zip(&pairs) {
+        let r = pair.a.dim(0)?;
+        *slot = Some(z.narrow(1, offset, r)?);
+        offset += r;
+    }
+    Ok(out)
 }
 
 /// An adapter pair's weights in the activations' dtype, as the products use them. They are made
@@ -355,22 +409,24 @@ fn layer_forward(
     let n = b * t;
     let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
     let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
-    let (qy, q) = q.forward(&h1, sink)?; // (N, H*E)
-    let (ky, k) = k.forward(&h1, sink)?; // (N, K*E)
-    let (vy, v) = v.forward(&h1, sink)?;
+    let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink)?;
+    let (qy, q) = q.forward(&h1, zq, sink)?; // (N, H*E)
+    let (ky, k) = k.forward(&h1, zk, sink)?; // (N, K*E)
+    let (vy, v) = v.forward(&h1, zv, sink)?;
     let (att, heads) =
         attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
     let att = att.reshape((n, ()))?; // (N, H*E)
                                      // The residual stream x1 = x + o(att): o's products accumulate into a copy of x.
-    let (x1, o) = o.forward_onto(&att, Some(residual(x0, n, d)?), sink)?;
+    let (x1, o) = o.forward_onto(&att, None, Some(residual(x0, n, d)?), sink)?;
     let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
-    let (g, gate) = gate.forward(&h2, sink)?; // (N, I)
-    let (u, up) = up.forward(&h2, sink)?;
+    let [zg, zu] = shared_input_products([&gate, &up], &h2, sink)?;
+    let (g, gate) = gate.forward(&h2, zg, sink)?; // (N, I)
+    let (u, up) = up.forward(&h2, zu, sink)?;
     let h = ops::silu_mul(&g, &u)?.detach();
     let (out, down) = match run {
         Run::Output => {
-            let (out, down) = down.forward_onto(&h, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
+            let (out, down) = down.forward_onto(&h, None, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
             (Some(out.reshape((b, t, d))?), down)
         }
         Run::Rerun => (None, down.saved_only(&h, sink)?),

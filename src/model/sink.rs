@@ -17,6 +17,9 @@ pub struct GradSink {
     /// Per adapter pair (keyed by its B): its weights in the activations' dtype, made once per
     /// optimizer step for all its micro-batches (and a checkpointed layer's second run).
     staged: Mutex<HashMap<TensorId, Staged>>,
+    /// Per group of pairs that share their input (keyed by the first one's A): their staged A's
+    /// stacked, (sum r, in), made once per optimizer step.
+    stacked: Mutex<HashMap<TensorId, Tensor>>,
 }
 
 fn poisoned<T>(_: T) -> candle_core::Error {
@@ -69,10 +72,24 @@ impl GradSink {
         Ok(s)
     }
 
+    /// The stacked A's of the group whose first A is `a`, made by `make` the first time in a step.
+    pub(crate) fn stacked(&self, a: &Var, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let id = a.as_tensor().id();
+        if let Some(t) = self.stacked.lock().map_err(poisoned)?.get(&id) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        self.stacked.lock().map_err(poisoned)?.insert(id, t.clone());
+        Ok(t)
+    }
+
     /// Forgets the staged weights: the trainer calls it when the variables change.
     pub fn new_step(&self) {
         if let Ok(mut staged) = self.staged.lock() {
             staged.clear();
+        }
+        if let Ok(mut stacked) = self.stacked.lock() {
+            stacked.clear();
         }
     }
 
