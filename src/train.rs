@@ -436,6 +436,10 @@ pub fn batch_loss(
 
 /// Global L2 norm of all gradients, read back from the device once.
 fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads.iter().all(|g| g.device().is_cuda() && g.dtype() == DType::F32) && !grads.is_empty() {
+        return Ok(crate::model::cuda::sum_squares(grads)?.to_scalar::<f64>()?.sqrt());
+    }
     let squares =
         grads.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
     let total = Tensor::stack(&squares, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;

@@ -490,6 +490,22 @@ fn the_augment_kernel_puts_a_ones_column_and_zeros_beside_z_read_in_place_from_a
 }
 
 #[test]
+fn the_sum_of_squares_of_many_tensors_is_summed_once_and_the_same_every_time() -> Result<()> {
+    let shapes: [&[usize]; 3] = [&[18944, 32], &[7], &[32, 3584]];
+    let (mut gpu_xs, mut total) = (Vec::new(), 0f64);
+    for (i, shape) in shapes.iter().enumerate() {
+        let (_, xc) = pair(shape, 50 + i as u64)?;
+        total += xc.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        gpu_xs.push(xc.to_device(&gpu())?);
+    }
+    let got = loralab::model::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
+    assert!((got - total).abs() < 1e-5 * total, "{got} vs {total}");
+    let again = loralab::model::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
+    assert_eq!(got.to_bits(), again.to_bits());
+    Ok(())
+}
+
+#[test]
 fn scaling_by_a_scalar_on_the_gpu_multiplies_every_element() -> Result<()> {
     for n in [4096 * 8, 1001] {
         let (xg, xc) = pair(&[n], 44)?;

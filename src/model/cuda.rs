@@ -437,6 +437,47 @@ impl candle_core::CustomOp2 for ScaleBy {
     }
 }
 
+/// The sum of the squares of all elements of f32 tensors on the GPU, as an f64 scalar there: a
+/// gradient norm from one kernel per tensor and one sum, in a fixed order (deterministic),
+/// where squaring and summing each tensor, then stacking the sums, took four launches each.
+pub fn sum_squares(xs: &[Tensor]) -> Result<Tensor> {
+    let Some(first) = xs.first() else { candle_core::bail!("sum-squares: no tensors") };
+    let partials = Tensor::zeros(xs.len() * SUM_SQUARES_PARTS, DType::F32, first.device())?;
+    for (slot, x) in xs.iter().enumerate() {
+        partials.inplace_op2(&x.contiguous()?, &SumSquares { slot })?;
+    }
+    partials.to_dtype(DType::F64)?.sum_all()
+}
+
+/// Blocks of the sum-squares kernel: partial sums per tensor (SUM_SQUARES_PARTS in kernels.cu).
+const SUM_SQUARES_PARTS: usize = 32;
+
+struct SumSquares {
+    slot: usize,
+}
+
+impl candle_core::InplaceOp2 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum-squares"
+    }
+    gpu_only!(inplace 2);
+    fn cuda_fwd(&self, p: &mut CudaStorage, pl: &Layout, x: &CudaStorage, xl: &Layout) -> Result<()> {
+        let dev = x.device().clone();
+        let n = xl.shape().elem_count();
+        let xv = view::<f32>(x, xl, "x")?;
+        let mut pv = view_mut::<f32>(p, pl, "the partial sums")?;
+        let first = self.slot * SUM_SQUARES_PARTS;
+        if first + SUM_SQUARES_PARTS > pv.len() {
+            return Err(disagree(self.name(), &[pl.shape(), xl.shape()]));
+        }
+        let mut parts = pv.slice_mut(first..first + SUM_SQUARES_PARTS);
+        let cfg = LaunchConfig { grid_dim: (SUM_SQUARES_PARTS as u32, 1, 1), ..launch_rows(1) };
+        let n64 = n as i64;
+        launch!(dev, "sum_squares_f32", cfg, &xv, &n64, &mut parts);
+        Ok(())
+    }
+}
+
 /// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)

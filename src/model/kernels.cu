@@ -328,6 +328,24 @@ extern "C" __global__ void scale_by_bf16(const __nv_bfloat16* x, const float* s,
     }
 }
 
+// The sum of squares of x (n f32) as SUM_SQUARES_PARTS partial sums, one per block, in a fixed
+// order: the same gradients always give the same norm.
+#define SUM_SQUARES_PARTS 32
+extern "C" __global__ void sum_squares_f32(const float* x, long n, float* partials) {
+    __shared__ float warp_sums[32];
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        s += x[i] * x[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        s = threadIdx.x < blockDim.x / 32 ? warp_sums[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (threadIdx.x == 0) partials[blockIdx.x] = s;
+    }
+}
+
 // SwiGLU's product h = silu(gate) * up, elementwise. `packed`: n % 8 == 0 and 16-byte aligned
 // pointers (the launcher checks), eight elements per load.
 extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
