@@ -198,26 +198,25 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
+        #[cfg(feature = "cuda")]
+        if self.vars.iter().all(|v| v.device().is_cuda() && v.dtype() == DType::F32) {
+            // One launch for all variables, in place (see `cuda::adamw_many`).
+            let hyper = crate::model::cuda::AdamStep {
+                clip,
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                bias_correction1: bc1,
+                bias_correction2: bc2,
+            };
+            let grads: Vec<Tensor> = grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<_>>()?;
+            let ps: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
+            let mvs: Vec<&Tensor> = self.moments.iter().collect();
+            return crate::model::cuda::adamw_many(&ps, &mvs, &grads.iter().collect::<Vec<_>>(), &hyper);
+        }
         for ((var, mv), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
-            #[cfg(feature = "cuda")]
-            if var.device().is_cuda() && var.dtype() == DType::F32 {
-                // One kernel per variable: the optimizer's dozen small ops per variable were
-                // launches the GPU waited for, at every step.
-                let hyper = crate::model::cuda::AdamStep {
-                    clip,
-                    lr,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    eps: self.eps,
-                    weight_decay: self.weight_decay,
-                    bias_correction1: bc1,
-                    bias_correction2: bc2,
-                };
-                let (value, moments) = crate::model::cuda::adamw(var.as_tensor(), mv, g, &hyper)?;
-                var.set(&value)?;
-                *mv = moments;
-                continue;
-            }
             let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
             let (m, v) = (mv.get(0)?, mv.get(1)?);
             let m = ((&m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;

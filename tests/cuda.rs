@@ -565,8 +565,8 @@ fn self_attention_case(t: usize, e: usize) -> Result<()> {
 }
 
 #[test]
-fn the_adamw_kernel_takes_pytorchs_step() -> Result<()> {
-    use loralab::model::cuda::{adamw, AdamStep};
+fn the_adamw_kernel_takes_pytorchs_step_for_every_variable_in_place() -> Result<()> {
+    use loralab::model::cuda::{adamw_many, AdamStep};
     let (_, p) = pair(&[6, 50], 61)?;
     let (_, m) = pair(&[6, 50], 62)?;
     let (_, v) = pair(&[6, 50], 63)?;
@@ -583,8 +583,11 @@ fn the_adamw_kernel_takes_pytorchs_step() -> Result<()> {
         bias_correction2: 1.0 - 0.999f64.powi(3),
     };
     let on_gpu = |t: &Tensor| t.to_device(&gpu());
-    let mv = Tensor::stack(&[on_gpu(&m)?, on_gpu(&v)?], 0)?;
-    let (p_new, mv_new) = adamw(&on_gpu(&p)?, &mv, &on_gpu(&g)?, &h)?;
+    let mv_new = Tensor::stack(&[on_gpu(&m)?, on_gpu(&v)?], 0)?;
+    let p_new = on_gpu(&p)?;
+    // A second variable in the same launch, left unchanged by a zero rate and gradient.
+    let (q, q_moments, q_grad) = (on_gpu(&m)?, Tensor::zeros((2, 6, 50), DType::F32, &gpu())?, on_gpu(&(&g * 0.0)?)?);
+    adamw_many(&[&p_new, &q], &[&mv_new, &q_moments], &[&on_gpu(&g)?, &q_grad], &h)?;
     // torch.optim.AdamW's single-tensor step, written out.
     let g = (g * h.clip)?;
     let m_want = ((&m * h.beta1)? + (&g * (1.0 - h.beta1))?)?;
@@ -595,5 +598,8 @@ fn the_adamw_kernel_takes_pytorchs_step() -> Result<()> {
     assert!(rel_diff(&mv_new.get(0)?, &m_want) < 1e-6, "m");
     assert!(rel_diff(&mv_new.get(1)?, &v_want) < 1e-6, "v");
     assert_eq!(mv_new.dims(), &[2, 6, 50]);
+    // q: decayed by lr * weight decay only.
+    let q_want = (&m * (1.0 - h.lr * h.weight_decay))?;
+    assert!(rel_diff(&q, &q_want) < 1e-6, "second variable: {}", rel_diff(&q, &q_want));
     Ok(())
 }

@@ -437,45 +437,43 @@ impl candle_core::CustomOp2 for ScaleBy {
     }
 }
 
-/// The sum of the squares of all elements of f32 tensors on the GPU, as an f64 scalar there: a
-/// gradient norm from one kernel per tensor and one sum, in a fixed order (deterministic),
-/// where squaring and summing each tensor, then stacking the sums, took four launches each.
+/// The sum of the squares of all elements of contiguous f32 tensors on the GPU, as an f64 scalar
+/// there: a gradient norm from one launch and one sum, in a fixed order (deterministic), where
+/// squaring and summing each tensor, then stacking the sums, took four launches per tensor.
 pub fn sum_squares(xs: &[Tensor]) -> Result<Tensor> {
     let Some(first) = xs.first() else { candle_core::bail!("sum-squares: no tensors") };
-    let partials = Tensor::zeros(xs.len() * SUM_SQUARES_PARTS, DType::F32, first.device())?;
-    for (slot, x) in xs.iter().enumerate() {
-        partials.inplace_op2(&x.contiguous()?, &SumSquares { slot })?;
+    let dev = cuda_device(first)?;
+    let mut table = Vec::with_capacity(2 * xs.len());
+    for x in xs {
+        table.extend([address(x, "sum-squares")?, x.elem_count() as u64]);
     }
+    let table = dev.clone_htod(&table)?;
+    let partials = dev.alloc_zeros::<f32>(xs.len() * SUM_SQUARES_PARTS)?;
+    let cfg = LaunchConfig { grid_dim: (SUM_SQUARES_PARTS as u32, xs.len() as u32, 1), ..launch_rows(1) };
+    launch!(dev, "sum_squares_many_f32", cfg, &table, &partials);
+    let partials = wrap(partials, &dev, Shape::from(xs.len() * SUM_SQUARES_PARTS));
+    // The addresses were read by the launch above; the tensors outlive it in the caller.
+    drop(table);
     partials.to_dtype(DType::F64)?.sum_all()
 }
 
 /// Blocks of the sum-squares kernel: partial sums per tensor (SUM_SQUARES_PARTS in kernels.cu).
 const SUM_SQUARES_PARTS: usize = 32;
 
-struct SumSquares {
-    slot: usize,
-}
-
-impl candle_core::InplaceOp2 for SumSquares {
-    fn name(&self) -> &'static str {
-        "sum-squares"
-    }
-    gpu_only!(inplace 2);
-    fn cuda_fwd(&self, p: &mut CudaStorage, pl: &Layout, x: &CudaStorage, xl: &Layout) -> Result<()> {
-        let dev = x.device().clone();
-        let n = xl.shape().elem_count();
-        let xv = view::<f32>(x, xl, "x")?;
-        let mut pv = view_mut::<f32>(p, pl, "the partial sums")?;
-        let first = self.slot * SUM_SQUARES_PARTS;
-        if first + SUM_SQUARES_PARTS > pv.len() {
-            return Err(disagree(self.name(), &[pl.shape(), xl.shape()]));
-        }
-        let mut parts = pv.slice_mut(first..first + SUM_SQUARES_PARTS);
-        let cfg = LaunchConfig { grid_dim: (SUM_SQUARES_PARTS as u32, 1, 1), ..launch_rows(1) };
-        let n64 = n as i64;
-        launch!(dev, "sum_squares_f32", cfg, &xv, &n64, &mut parts);
-        Ok(())
-    }
+/// The device address of a contiguous f32 tensor's first element, for kernels that take many
+/// tensors through a table. The tensor must outlive the launches that use it (allocations are
+/// freed in stream order, so a tensor dropped after the launch is).
+fn address(t: &Tensor, op: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cuda(cs), Some((start, _)), DType::F32) =
+        (&*storage, layout.contiguous_offsets(), t.dtype())
+    else {
+        candle_core::bail!("{op}: {:?} must be a contiguous f32 tensor on the GPU", t.shape())
+    };
+    let slice = cs.as_cuda_slice::<f32>()?;
+    let (ptr, _sync) = slice.device_ptr(slice.stream());
+    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
 }
 
 /// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
@@ -1107,41 +1105,35 @@ pub struct AdamStep {
     pub bias_correction2: f64,
 }
 
-/// One AdamW step of an f32 variable `p` on the GPU, with its moments stacked as `mv` (2, ...p's
-/// shape) and its gradient `g`: the new value and the new moments, from one kernel.
-pub fn adamw(p: &Tensor, mv: &Tensor, g: &Tensor, hyper: &AdamStep) -> Result<(Tensor, Tensor)> {
-    let n = p.elem_count();
-    if mv.elem_count() != 2 * n || g.elem_count() != n || mv.dtype() != DType::F32 || g.dtype() != DType::F32 {
-        return Err(disagree("adamw", &[p.shape(), mv.shape(), g.shape()]));
+/// One AdamW step of many f32 variables on the GPU in one launch, in place: each value `ps[i]`,
+/// its moments `mvs[i]` stacked (2, ...its shape) and its gradient `gs[i]`, all contiguous.
+/// One launch per variable, with its output copied back into the variable, left the GPU idle
+/// while the host issued them: a few milliseconds per step for a 7B model's adapter.
+pub fn adamw_many(ps: &[&Tensor], mvs: &[&Tensor], gs: &[&Tensor], hyper: &AdamStep) -> Result<()> {
+    let Some(first) = ps.first() else { return Ok(()) };
+    if mvs.len() != ps.len() || gs.len() != ps.len() {
+        candle_core::bail!("adamw: {} values, {} moments, {} gradients", ps.len(), mvs.len(), gs.len());
     }
-    let out = p.contiguous()?.apply_op3_no_bwd(&mv.contiguous()?, &g.contiguous()?, &Adamw(hyper))?; // (3, n)
-    Ok((out.get(0)?.reshape(p.shape())?, out.narrow(0, 1, 2)?.reshape(mv.shape())?))
+    let dev = cuda_device(first)?;
+    let mut table = Vec::with_capacity(4 * ps.len());
+    for ((p, mv), g) in ps.iter().zip(mvs).zip(gs) {
+        let n = p.elem_count();
+        if mv.elem_count() != 2 * n || g.elem_count() != n {
+            return Err(disagree("adamw", &[p.shape(), mv.shape(), g.shape()]));
+        }
+        table.extend([address(p, "adamw")?, address(mv, "adamw")?, address(g, "adamw")?, n as u64]);
+    }
+    let table = dev.clone_htod(&table)?;
+    let h = hyper;
+    let f = [h.clip, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction1, h.bias_correction2]
+        .map(|x| x as f32);
+    let cfg = LaunchConfig { grid_dim: (ADAMW_BLOCKS, ps.len() as u32, 1), ..launch_rows(1) };
+    launch!(dev, "adamw_many_f32", cfg, &table, &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
+    Ok(())
 }
 
-struct Adamw<'a>(&'a AdamStep);
-
-impl candle_core::CustomOp3 for Adamw<'_> {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
-    gpu_only!(3);
-    #[rustfmt::skip]
-    fn cuda_fwd(&self, p: &CudaStorage, pl: &Layout, mv: &CudaStorage, mvl: &Layout, g: &CudaStorage, gl: &Layout)
-        -> Result<(CudaStorage, Shape)> {
-        let dev = p.device().clone();
-        let n = pl.shape().elem_count();
-        let (pv, mvv, gv) = (view::<f32>(p, pl, "p")?, view::<f32>(mv, mvl, "m, v")?, view::<f32>(g, gl, "g")?);
-        let (mm, vv) = (mvv.slice(0..n), mvv.slice(n..2 * n));
-        let out = unsafe { dev.alloc::<f32>(3 * n)? };
-        let h = self.0;
-        let f = [h.clip, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction1, h.bias_correction2]
-            .map(|x| x as f32);
-        let n64 = n as i64;
-        launch!(dev, "adamw_f32", launch_elements(n), &pv, &mm, &vv, &gv, &out, &n64,
-                &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6], &f[7]);
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((3, n))))
-    }
-}
+/// Blocks per variable of the AdamW kernel (each strides over its variable).
+const ADAMW_BLOCKS: u32 = 32;
 
 /// `plus` + RMSNorm's input gradient for bf16 x, g and plus (rows, D) and weight (D), in one pass:
 /// a residual stream's gradient where the norm branches off it.
