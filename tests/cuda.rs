@@ -5,7 +5,11 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use loralab::adapter::Adapter;
 use loralab::model::ops;
+use loralab::train::{self, TrainConfig};
+
+mod common;
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device")
@@ -602,4 +606,31 @@ fn the_adamw_kernel_takes_pytorchs_step_for_every_variable_in_place() -> Result<
     let q_want = (&m * (1.0 - h.lr * h.weight_decay))?;
     assert!(rel_diff(&q, &q_want) < 1e-6, "second variable: {}", rel_diff(&q, &q_want));
     Ok(())
+}
+
+#[test]
+fn training_on_the_gpu_takes_the_cpus_steps() {
+    // f32 on the GPU runs the trainer's GPU paths (one AdamW launch for all variables in place,
+    // the gradient norm's kernel) around the layer op's plain products; f64 on the CPU is the
+    // reference. No dropout: q/k/v and gate/up share their stacked A's.
+    let run = |dtype: DType, device: Device| {
+        let dec = common::tiny_on(dtype, device);
+        let adapter = Adapter::new(&dec, common::all_targets(4, 0.0), 13).unwrap();
+        let config = TrainConfig { shuffle: true, max_steps: Some(3), learning_rate: 2e-2, ..common::fixture_config() };
+        let log = train::train(&dec, &adapter, &common::fixture_rows(), &config, |_| Ok(())).unwrap();
+        (log, adapter)
+    };
+    let (gpu_log, on_gpu) = run(DType::F32, gpu());
+    let (cpu_log, on_cpu) = run(DType::F64, Device::Cpu);
+    for (a, b) in cpu_log.iter().zip(&gpu_log) {
+        assert!((a.loss - b.loss).abs() < 1e-4 * a.loss, "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-3 * a.grad_norm, "step {}: grad norm", a.step);
+    }
+    for (key, p) in &on_cpu.pairs {
+        let q = on_gpu.pairs.get(key).unwrap();
+        for (a, b) in [(&p.a, &q.a), (&p.b, &q.b)] {
+            let d = common::max_abs_diff(a.as_tensor(), &b.as_tensor().to_device(&Device::Cpu).unwrap());
+            assert!(d < 1e-3, "{key:?}: differs by {d}");
+        }
+    }
 }

@@ -2,70 +2,18 @@
 //! made by tests/fixtures/make_fixtures.py), and its gradients.
 
 use std::cell::RefCell;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use loralab::adapter::{Adapter, LoraConfig, Target};
 use loralab::data::Example;
 use loralab::model::sink::GradSink;
-use loralab::model::{load::read_decoder, Decoder, LoadOptions};
-use loralab::train::{self, Schedule, TrainConfig};
+use loralab::model::{Decoder, LoadOptions};
+use loralab::train::{self, TrainConfig};
 use rand::SeedableRng;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn json(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
-}
-
-fn tiny(dtype: DType) -> Decoder {
-    read_decoder(&fixtures().join("tiny-qwen2"), &LoadOptions { dtype, device: Device::Cpu }).unwrap()
-}
-
-fn fixture_rows() -> Vec<Example> {
-    rows_of(&json("tiny-lora/rows.json"))
-}
-
-/// Examples from a rows.json fixture: `labels` -100 marks a position without loss.
-fn rows_of(rows: &Value) -> Vec<Example> {
-    rows["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let ids: Vec<u32> = serde_json::from_value(r["input_ids"].clone()).unwrap();
-            let labels: Vec<i64> = serde_json::from_value(r["labels"].clone()).unwrap();
-            Example { ids, target: labels.iter().map(|&l| l != -100).collect() }
-        })
-        .collect()
-}
-
-fn fixture_config() -> TrainConfig {
-    TrainConfig {
-        max_steps: Some(4),
-        learning_rate: 1e-2,
-        lr_scheduler_type: Schedule::Linear,
-        warmup_steps: Some(1),
-        weight_decay: 0.01,
-        max_grad_norm: 1.0,
-        per_device_train_batch_size: 2,
-        gradient_accumulation_steps: 2,
-        shuffle: false,
-        ..Default::default()
-    }
-}
-
-/// LoRA of rank r on all 7 projections, alpha 2r.
-fn all_targets(r: usize, lora_dropout: f64) -> LoraConfig {
-    LoraConfig { r, lora_alpha: 2.0 * r as f64, lora_dropout, target_modules: Target::ALL.to_vec(), use_rslora: false }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+mod common;
+use common::*;
 
 /// Trained A/B after 4 steps at lr 1e-2 (|A| ~ 0.1): Adam's normalised updates amplify f32
 /// rounding differences in tiny gradient components.
