@@ -510,6 +510,24 @@ fn the_sum_of_squares_of_many_tensors_is_summed_once_and_the_same_every_time() -
 }
 
 #[test]
+fn gathered_rows_on_the_gpu_and_their_gradient_are_the_cpus() -> Result<()> {
+    let (xg, xc) = pair(&[9, 24], 45)?;
+    let (wg, wc) = pair(&[4, 24], 46)?;
+    let rows = [5u32, 0, 8, 3];
+    let grad_of = |x: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+        let x = Var::from_tensor(x)?;
+        let y = ops::gather_rows(x.as_tensor(), &rows)?;
+        let g = (y.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        Ok((y, g.get(x.as_tensor()).unwrap().clone()))
+    };
+    let (yg, gg) = grad_of(&xg, &wg)?;
+    let (yc, gc) = grad_of(&xc, &wc)?;
+    assert_eq!(rel_diff(&yg, &yc), 0.0);
+    assert_eq!(rel_diff(&gg, &gc), 0.0, "rows not picked get zeros, the others w's rows");
+    Ok(())
+}
+
+#[test]
 fn scaling_by_a_scalar_on_the_gpu_multiplies_every_element() -> Result<()> {
     for n in [4096 * 8, 1001] {
         let (xg, xc) = pair(&[n], 44)?;

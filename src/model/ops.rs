@@ -105,8 +105,27 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
             None => candle_core::bail!("gather_rows: row {r} of {m} rows"),
         }
     }
-    let y = x.detach().index_select(&Tensor::new(rows, x.device())?, 0)?;
+    let y = select_rows(&x.detach(), &Tensor::new(rows, x.device())?)?;
     attach(x, y, GatherRowsGrad { inverse: Tensor::new(inverse, x.device())? })
+}
+
+/// Rows idx (all below M) of x (M, D): one kernel on the GPU.
+fn select_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::take_rows_fits(x) {
+        return super::cuda::take_rows(x, idx);
+    }
+    x.index_select(idx, 0)
+}
+
+/// Rows idx of x (M, D), or zero rows where an index is M: one kernel on the GPU.
+fn take_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::take_rows_fits(x) {
+        return super::cuda::take_rows(x, idx);
+    }
+    let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
+    Tensor::cat(&[x, &zero], 0)?.index_select(idx, 0)
 }
 
 struct GatherRowsGrad {
@@ -118,8 +137,7 @@ impl Backward for GatherRowsGrad {
         "gather-rows"
     }
     fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let zero = Tensor::zeros((1, grad.dim(1)?), grad.dtype(), grad.device())?;
-        Tensor::cat(&[grad, &zero], 0)?.index_select(&self.inverse, 0)
+        take_rows(grad, &self.inverse)
     }
 }
 
