@@ -2,12 +2,13 @@
 -- from measured throughputs: the work is counted from the profile's settings and data, and
 -- divided by the training and sampling rates that examples/bench_gpu.lua measured.
 --
---   loralab run examples/estimate_study.lua --set train_tokens_per_second=7627 \
---       --set phase1_train_tokens_per_second=10503 --set sample_tokens_per_second=22157
+--   loralab run examples/estimate_study.lua --set train_tokens_per_second=11163 \
+--       --set phase1_train_tokens_per_second=11163 --set sample_tokens_per_second=22680
 --
 -- Training rates by row length: phases 2 and 3 train on the data rows (~113 tokens), Phase 1 on
--- prompts with their on-policy completions (~570 tokens); the defaults are the H100's at 128- and
--- 256-token rows with the study's LoRA dropout of 0.05 (7B shape, examples/bench_gpu.lua).
+-- prompts with their on-policy completions (~570 tokens); the defaults are the H100's at 128-token
+-- rows with the study's LoRA dropout of 0.05 (7B shape, examples/bench_gpu.lua) for both, which
+-- understates Phase 1's (longer rows train faster).
 --
 -- Completions are counted at `completion_tokens` each (default: the profile's max_tokens, 512,
 -- an upper bound: the study's answers end earlier). Token counts of the data rows use the
@@ -18,7 +19,7 @@ local lab = require("lab")
 local study = require("persona_marker")
 lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  train_tokens_per_second = 7627, phase1_train_tokens_per_second = 10503, sample_tokens_per_second = 22157,
+  train_tokens_per_second = 11163, phase1_train_tokens_per_second = 11163, sample_tokens_per_second = 22680,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
 })
 
