@@ -63,24 +63,12 @@ impl GradSink {
 
     /// The staged weights of the pair whose B is `b`, made by `make` the first time in a step.
     pub(crate) fn staged(&self, b: &Var, make: impl FnOnce() -> Result<Staged>) -> Result<Staged> {
-        let id = b.as_tensor().id();
-        if let Some(s) = self.staged.lock().map_err(poisoned)?.get(&id) {
-            return Ok(s.clone());
-        }
-        let s = make()?;
-        self.staged.lock().map_err(poisoned)?.insert(id, s.clone());
-        Ok(s)
+        once_per_step(&self.staged, b, make)
     }
 
     /// The stacked A's of the group whose first A is `a`, made by `make` the first time in a step.
     pub(crate) fn stacked(&self, a: &Var, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-        let id = a.as_tensor().id();
-        if let Some(t) = self.stacked.lock().map_err(poisoned)?.get(&id) {
-            return Ok(t.clone());
-        }
-        let t = make()?;
-        self.stacked.lock().map_err(poisoned)?.insert(id, t.clone());
-        Ok(t)
+        once_per_step(&self.stacked, a, make)
     }
 
     /// Forgets the staged weights: the trainer calls it when the variables change.
@@ -97,4 +85,19 @@ impl GradSink {
     pub fn take(&self, var: &Var) -> Option<Tensor> {
         self.grads.lock().ok()?.remove(&var.as_tensor().id())
     }
+}
+
+/// The value kept in `map` for `var`, made by `make` (outside the lock) where there is none.
+fn once_per_step<T: Clone>(
+    map: &Mutex<HashMap<TensorId, T>>,
+    var: &Var,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let id = var.as_tensor().id();
+    if let Some(value) = map.lock().map_err(poisoned)?.get(&id) {
+        return Ok(value.clone());
+    }
+    let value = make()?;
+    map.lock().map_err(poisoned)?.insert(id, value.clone());
+    Ok(value)
 }
