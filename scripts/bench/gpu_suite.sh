@@ -41,6 +41,9 @@ for part in $parts; do
       run q7_1024_loralab_ckpt --set config=$Q7 --set seq=1024 --set skip=sample --set python=none --set steps=2 --set gradient_checkpointing=true
       run q7_1024_reference --set config=$Q7 --set seq=1024 --set skip=sample --set reference_only=true --set steps=2
       run q7_2048_loralab_ckpt --set config=$Q7 --set seq=2048 --set skip=sample --set python=none --set steps=1 --set gradient_checkpointing=true
+      # The study's own rows: short, with LoRA dropout 0.05.
+      run q7_128_dropout_loralab --set config=$Q7 --set seq=128 --set skip=sample --set python=none --set lora_dropout=0.05
+      run q7_128_dropout_reference --set config=$Q7 --set seq=128 --set skip=sample --set reference_only=true --set lora_dropout=0.05
       ;;
     sample7b) # the study's evaluation: 28 questions x 12 personas, 10 completions, 512 tokens
       run q7_sample_loralab --set config=$Q7 --set skip=train --set python=none --set prompts=336 --set max_tokens=512 --set sample_batch=840
