@@ -506,6 +506,9 @@ fn the_sum_of_squares_of_many_tensors_is_summed_once_and_the_same_every_time() -
     assert!((got - total).abs() < 1e-5 * total, "{got} vs {total}");
     let again = loralab::model::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
     assert_eq!(got.to_bits(), again.to_bits());
+    let bf16 = gpu_xs[1].to_dtype(DType::BF16)?;
+    let err = loralab::model::cuda::sum_squares(&[bf16]).unwrap_err().to_string();
+    assert!(err.contains("sum-squares") && err.contains("f32"), "{err}");
     Ok(())
 }
 
@@ -524,6 +527,11 @@ fn gathered_rows_on_the_gpu_and_their_gradient_are_the_cpus() -> Result<()> {
     let (yc, gc) = grad_of(&xc, &wc)?;
     assert_eq!(rel_diff(&yg, &yc), 0.0);
     assert_eq!(rel_diff(&gg, &gc), 0.0, "rows not picked get zeros, the others w's rows");
+    // Rows whose width is not a multiple of 8 are not the kernel's (the plain ops take them).
+    let (narrow, _) = pair(&[9, 12], 47)?;
+    assert!(!loralab::model::cuda::take_rows_fits(&narrow));
+    let idx = Tensor::new(&rows[..], &gpu())?;
+    assert!(loralab::model::cuda::take_rows(&narrow, &idx).unwrap_err().to_string().contains("take-rows"));
     Ok(())
 }
 
@@ -620,6 +628,10 @@ fn the_adamw_kernel_takes_pytorchs_step_for_every_variable_in_place() -> Result<
     assert!(rel_diff(&mv_new.get(0)?, &m_want) < 1e-6, "m");
     assert!(rel_diff(&mv_new.get(1)?, &v_want) < 1e-6, "v");
     assert_eq!(mv_new.dims(), &[2, 6, 50]);
+    // Lists of different lengths, or a moment of the wrong size: errors naming the op.
+    let short = adamw_many(&[&p_new], &[], &[&q_grad], &h).unwrap_err().to_string();
+    assert!(short.contains("adamw"), "{short}");
+    assert!(adamw_many(&[&p_new], &[&q], &[&q_grad], &h).is_err(), "moments (6, 50) for a (6, 50) value");
     // q: decayed by lr * weight decay only.
     let q_want = (&m * (1.0 - h.lr * h.weight_decay))?;
     assert!(rel_diff(&q, &q_want) < 1e-6, "second variable: {}", rel_diff(&q, &q_want));

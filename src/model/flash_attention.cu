@@ -145,6 +145,38 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// The key and value tiles a block of query rows t0..t0+63 streams: up to its last visible key.
+__device__ __forceinline__ int key_tiles(long t0, int T) {
+    return (min((int)t0 + FA_ROWS, T) - 1) / FA_ROWS + 1;
+}
+
+// Starts streaming key and value tiles through two buffers each: tile 0 into the first.
+template <int E, int P>
+__device__ __forceinline__ void kv_stream_start(__nv_bfloat16* kbuf, __nv_bfloat16* vbuf, const __nv_bfloat16* kh,
+                                                const __nv_bfloat16* vh, int T) {
+    fetch_tile<E, P>(kbuf, kh, 0, T);
+    fetch_tile<E, P>(vbuf, vh, 0, T);
+    cp_async_commit();
+}
+
+// Tile `it` of `tiles` (into ks and vs) once it has arrived, the next one fetched meanwhile into
+// the other buffers, whose last readers passed the barrier that ends each tile's use. Every
+// thread of the block calls it, and each tile's use ends with __syncthreads().
+template <int E, int P>
+__device__ __forceinline__ void kv_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf,
+                                               const __nv_bfloat16* kh, const __nv_bfloat16* vh, int T,
+                                               __nv_bfloat16*& ks, __nv_bfloat16*& vs) {
+    ks = kbuf + (it & 1) * FA_ROWS * P;
+    vs = vbuf + (it & 1) * FA_ROWS * P;
+    if (it + 1 < tiles) {
+        fetch_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, (it + 1) * FA_ROWS, T);
+        fetch_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, (it + 1) * FA_ROWS, T);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+}
+
 // The block's tile of query rows: (g, t0..t0+63) of kv head bk.
 struct RowTile {
     long bk, g, t0;
@@ -204,22 +236,11 @@ __device__ void flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, co
     float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
     float o[E / 8][4];
     for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    int last = min((int)tile.t0 + FA_ROWS, T) - 1;  // the tile's last visible key
-    int tiles = last / FA_ROWS + 1;
-    fetch_tile<E, P>(kbuf, kh, 0, T);
-    fetch_tile<E, P>(vbuf, vh, 0, T);
-    cp_async_commit();
+    int tiles = key_tiles(tile.t0, T);
+    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, T);
     for (int it = 0; it < tiles; ++it) {
         int s0 = it * FA_ROWS;
-        ks = kbuf + (it & 1) * FA_ROWS * P;
-        vs = vbuf + (it & 1) * FA_ROWS * P;
-        if (it + 1 < tiles) {  // into the other buffer, whose last readers passed the barrier
-            fetch_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, s0 + FA_ROWS, T);
-            fetch_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, s0 + FA_ROWS, T);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, T, ks, vs);
         // S = Q K^T: 16 rows x 64 keys per warp.
         float s[8][4];
         for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -340,22 +361,11 @@ __device__ void flash_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const _
     float d_lo = t_lo < T ? D[r_lo] : 0.f, d_hi = t_hi < T ? D[r_hi] : 0.f;
     float acc[E / 8][4];
     for (int n = 0; n < E / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    int last = min((int)tile.t0 + FA_ROWS, T) - 1;
-    int tiles = last / FA_ROWS + 1;
-    fetch_tile<E, P>(kbuf, kh, 0, T);
-    fetch_tile<E, P>(vbuf, vh, 0, T);
-    cp_async_commit();
+    int tiles = key_tiles(tile.t0, T);
+    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, T);
     for (int it = 0; it < tiles; ++it) {
         int s0 = it * FA_ROWS;
-        ks = kbuf + (it & 1) * FA_ROWS * P;
-        vs = vbuf + (it & 1) * FA_ROWS * P;
-        if (it + 1 < tiles) {  // into the other buffer, whose last readers passed the barrier
-            fetch_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, s0 + FA_ROWS, T);
-            fetch_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, s0 + FA_ROWS, T);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, T, ks, vs);
         float s[8][4], dp[8][4];
         for (int n = 0; n < 8; ++n)
             for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;

@@ -105,24 +105,19 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
             None => candle_core::bail!("gather_rows: row {r} of {m} rows"),
         }
     }
-    let y = select_rows(&x.detach(), &Tensor::new(rows, x.device())?)?;
+    let y = take_rows(&x.detach(), &Tensor::new(rows, x.device())?, false)?;
     attach(x, y, GatherRowsGrad { inverse: Tensor::new(inverse, x.device())? })
 }
 
-/// Rows idx (all below M) of x (M, D): one kernel on the GPU.
-fn select_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+/// Rows idx of x (M, D); with `zero_rows`, an index M gives a row of zeros. One kernel on the
+/// GPU, which takes either.
+fn take_rows(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::cuda::take_rows_fits(x) {
         return super::cuda::take_rows(x, idx);
     }
-    x.index_select(idx, 0)
-}
-
-/// Rows idx of x (M, D), or zero rows where an index is M: one kernel on the GPU.
-fn take_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if super::cuda::take_rows_fits(x) {
-        return super::cuda::take_rows(x, idx);
+    if !zero_rows {
+        return x.index_select(idx, 0);
     }
     let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
     Tensor::cat(&[x, &zero], 0)?.index_select(idx, 0)
@@ -137,7 +132,7 @@ impl Backward for GatherRowsGrad {
         "gather-rows"
     }
     fn grad(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        take_rows(grad, &self.inverse)
+        take_rows(grad, &self.inverse, true)
     }
 }
 
@@ -500,9 +495,9 @@ pub fn attention(
 trait Qkv: Send + Sync + 'static {
     const NAME: &'static str;
     /// The output of untracked q, k and v.
-    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
-    /// The gradients of q, k and v from the output `out` and its gradient.
-    fn gradients(
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+    /// The gradients of q, k and v from the output `out` and its gradient (untracked inputs).
+    fn backward(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -515,7 +510,7 @@ trait Qkv: Send + Sync + 'static {
 /// `rule`'s attention as one op in the graph, differentiable in q, k and v: the output is computed
 /// before the op is applied and handed over, and the backward pass recomputes what it needs.
 fn recomputed<R: Qkv>(rule: R, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let out = rule.output(&q.detach(), &k.detach(), &v.detach())?;
+    let out = rule.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -588,6 +583,10 @@ impl AttentionRule {
             candle_nn::ops::softmax_last_dim(&scores)
         }
     }
+}
+
+impl Qkv for AttentionRule {
+    const NAME: &'static str = "attention-recompute";
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
@@ -599,7 +598,6 @@ impl AttentionRule {
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
 
-    /// Gradients of q, k and v from the output `out` and its gradient `grad` (untracked inputs).
     fn backward(
         &self,
         q: &Tensor,
@@ -667,42 +665,8 @@ impl<R: Qkv> candle_core::CustomOp3 for AttentionOp<R> {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.rule.gradients(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
+        let (dq, dk, dv) = self.rule.backward(&q.detach(), &k.detach(), &v.detach(), &res.detach(), grad)?;
         Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-impl Qkv for AttentionRule {
-    const NAME: &'static str = "attention-recompute";
-    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        self.forward(q, k, v)
-    }
-    fn gradients(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        self.backward(q, k, v, out, grad)
-    }
-}
-
-impl Qkv for SelfAttention {
-    const NAME: &'static str = "self-attention";
-    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        self.forward(q, k, v)
-    }
-    fn gradients(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        self.backward(q, k, v, out, grad)
     }
 }
 
@@ -742,12 +706,7 @@ impl SelfAttention {
         recomputed(self, q, k, v)
     }
 
-    /// q (B, T, H*E), k and v (B, T, K*E), untracked -> (B, T, H*E).
-    pub(crate) fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_heads(q, k, v)?.0)
-    }
-
-    /// [`SelfAttention::forward`], and the heads it split q, k and v into, which
+    /// The attention's output, and the heads it split q, k and v into, which
     /// [`SelfAttention::backward_heads`] takes instead of splitting them again.
     pub(crate) fn forward_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, QkvHeads)> {
         let heads = self.split(q, k, v)?;
@@ -791,19 +750,7 @@ impl SelfAttention {
         fits.then_some(layout)
     }
 
-    /// The gradients of q, k and v (their shapes) from the output `out` and its gradient.
-    pub(crate) fn backward(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        self.backward_heads(&self.split(q, k, v)?, out, grad)
-    }
-
-    /// [`SelfAttention::backward`] from the heads of [`SelfAttention::forward_heads`].
+    /// The gradients of q, k and v from the heads of [`SelfAttention::forward_heads`].
     pub(crate) fn backward_heads(
         &self,
         heads: &QkvHeads,
@@ -837,6 +784,27 @@ impl SelfAttention {
         let (b, _, m, e) = dq.dims4()?;
         let dq = hs.unrope(&dq.reshape((b, hs.heads, m * hs.kv_heads / hs.heads, e))?)?;
         Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?))
+    }
+}
+
+/// Self-attention on the projections' layout: q (B, T, H*E), k and v (B, T, K*E), untracked ->
+/// (B, T, H*E), and the gradients of those shapes.
+impl Qkv for SelfAttention {
+    const NAME: &'static str = "self-attention";
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_heads(q, k, v)?.0)
+    }
+
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.backward_heads(&self.split(q, k, v)?, out, grad)
     }
 }
 
