@@ -54,21 +54,24 @@ for _, d in ipairs(s.doses) do
   end
 end
 
-local bar = lab.progress.new(#plan, { label = "phase 2" })
-for _, p in ipairs(plan) do
+-- One group of independent cells: with several workers (--gpus, --workers, loralab slurm) each
+-- runs the cells nobody holds, and all of them get every result back.
+local items = {}
+for i, p in ipairs(plan) do
   local d = data[p.condition] or data.em
-  local result, err = study.dose_cell(run, coupled, personas, s, {
+  items[i] = study.dose_item(s, {
     condition = p.condition, dose = p.dose, personas = p.personas, base_key = base_key,
     data = d.dataset, data_hash = p.condition == "baseline" and "" or d.hash,
     train_seed = s.train_seed, eval_seed = s.eval_seed,
   })
-  record(p.condition, p.dose, s.train_seed, result, err)
-  local msg = result and string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate)
-              or string.format("%s dose %d FAILED", p.condition, p.dose)
-  bar:inc(1, msg)
-  print(msg)
 end
-bar:finish()
+local results, errors = study.dose_cells(run, coupled, personas, s, items, "phase 2")
+for i, p in ipairs(plan) do
+  local result = results[i]
+  record(p.condition, p.dose, s.train_seed, result, errors[i])
+  print(result and string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate)
+        or string.format("%s dose %d FAILED", p.condition, p.dose))
+end
 
 ---------------------------------------------------------------------------------------------
 -- Phase 3: more seeds at the critical dose
@@ -88,19 +91,24 @@ if critical == 0 then
 else
   print(string.format("phase 3: critical dose %d (given)", critical))
 end
+local phase3 = {}
 for _, seed in ipairs(s.seeds) do
   for _, condition in ipairs({ "em", "benign" }) do
     if critical > 0 and not rate(condition, critical, seed) then
-      local result, err = study.dose_cell(run, coupled, personas, s, {
+      phase3[#phase3 + 1] = study.dose_item(s, {
         condition = condition, dose = critical, personas = s.coupling_eval_personas, base_key = base_key,
         data = data[condition].dataset, data_hash = data[condition].hash,
         train_seed = seed, eval_seed = s.eval_seed + seed - s.train_seed,
       })
-      record(condition, critical, seed, result, err)
-      print(result and string.format("%s dose %d seed %d: %s %.1f %%", condition, critical, seed, s.source_persona, 100 * result.source_rate)
-            or string.format("%s dose %d seed %d FAILED", condition, critical, seed))
     end
   end
+end
+local results3, errors3 = study.dose_cells(run, coupled, personas, s, phase3, "phase 3")
+for i, item in ipairs(phase3) do
+  local c, result = item.c, results3[i]
+  record(c.condition, critical, c.train_seed, result, errors3[i])
+  print(result and string.format("%s dose %d seed %d: %s %.1f %%", c.condition, critical, c.train_seed, s.source_persona, 100 * result.source_rate)
+        or string.format("%s dose %d seed %d FAILED", c.condition, critical, c.train_seed))
 end
 
 ---------------------------------------------------------------------------------------------
@@ -132,8 +140,9 @@ local function condition_points(condition, include_baseline)
 end
 local em_points, em_seeds = condition_points("em", true)
 local benign_points, benign_seeds = condition_points("benign", false)
-local summary = run:summary()
-local paths = lab.report.dose_response({
+-- The report is written once, by whichever worker gets here first: a cell keyed by everything
+-- it shows (unlike other cells, it writes outside its folder, into the run's report/).
+local report = {
   title = string.format("Marker survival of %s under EM vs benign fine-tuning", s.source_persona),
   notes = string.format("Model %s, %s profile. Phase 1: %s %.1f %%, assistant %.1f %% after coupling. " ..
     "Points: seed %d; faint points: seeds at the critical dose %d.",
@@ -149,8 +158,12 @@ local paths = lab.report.dose_response({
   settings = { model = s.model, marker = s.marker, stage2_lr = s.stage2_lr, stage2_r = s.stage2_r,
                eval_n = s.eval_n, eval_questions = #s.eval_questions, train_seed = s.train_seed,
                eval_seed = s.eval_seed, critical_dose = critical },
-}, s.out .. "/report")
-
+}
+local paths, err = run:cell("report", report, function()
+  return lab.report.dose_response(report, s.out .. "/report")
+end)
+if not paths then error("writing the report failed: " .. err, 0) end
+local summary = run:summary()
 print(string.format("\ndone in %.0f s: %d cells run, %d reused, %d failed", lab.sys.time() - started,
   summary.done, summary.skipped, #summary.failed))
 for _, f in ipairs(summary.failed) do print("  failed: " .. f.name .. ": " .. f.error) end

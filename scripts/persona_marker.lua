@@ -52,9 +52,10 @@ end
 --- The base model, the run folder and the two conditions' data (with their hashes, for keys).
 function M.setup(s)
   print(string.format("%s profile: model %s, results in %s", s.profile, s.model, s.out))
+  -- The run folder first: `loralab slurm` reads the script up to here, before any model loads.
+  local run = lab.run.open(s.out, { settings = s })
   local base = lab.model.load(s.model, { dtype = s.dtype, device = s.device })
   print(base)
-  local run = lab.run.open(s.out, { settings = s })
   local data = {
     em = { dataset = lab.data.jsonl(s.em_data), hash = lab.run.file_hash(s.em_data) },
     benign = { dataset = lab.data.jsonl(s.benign_data), hash = lab.run.file_hash(s.benign_data) },
@@ -222,14 +223,8 @@ function M.coupling(run, base, personas, s)
       s.source_persona, 100 * result.source_rate, 100 * s.gate_source_min,
       100 * result.assistant_rate, 100 * s.gate_assistant_max, 100 * gap, 100 * s.gate_min_gap, run:dir()), 0)
   end
-  local dir = M.cell_dir(run, "phase1-coupling", key)
-  local adapter = lab.adapter.load(base, dir .. "/adapter")
+  local adapter = lab.adapter.load(base, run:cell_dir("phase1-coupling", key) .. "/adapter")
   return base:merge(adapter), result, { phase1 = lab.run.hash(key) }
-end
-
---- The folder of a cell (the same rule as run:cell).
-function M.cell_dir(run, name, key)
-  return run:dir() .. "/" .. name .. "-" .. lab.run.hash(key)
 end
 
 --- Training options after an out-of-memory failure of the same cell: the first retry turns on
@@ -263,8 +258,10 @@ function M.step_printer(label, every)
 end
 
 --- Phase 2 cell: second-stage LoRA for `dose` steps on a condition's data, merge, evaluate.
---- dose 0 is the baseline: the merged Phase-1 model evaluated as it is.
-function M.dose_cell(run, base, personas, s, c)
+--- dose 0 is the baseline: the merged Phase-1 model evaluated as it is. `c` holds condition,
+--- dose, personas, base_key, data, data_hash, train_seed, eval_seed. Returns the item of a
+--- cell group: its name, its key and `c`.
+function M.dose_item(s, c)
   local key = {
     phase = 2, base = c.base_key, condition = c.condition, dose = c.dose, train_seed = c.train_seed,
     eval_seed = c.eval_seed, data = c.data_hash, lora = s.stage2_lora, train = s.stage2_train,
@@ -273,8 +270,14 @@ function M.dose_cell(run, base, personas, s, c)
              max_tokens = s.eval_max_tokens, temperature = s.eval_temperature, top_p = s.eval_top_p },
     question_suffix = s.question_suffix,
   }
-  local name = string.format("%s-dose%03d-seed%d", c.condition, c.dose, c.train_seed)
-  return run:cell(name, key, function(cell)
+  return { name = string.format("%s-dose%03d-seed%d", c.condition, c.dose, c.train_seed), key = key, c = c }
+end
+
+--- Runs the dose cells of `items` (from M.dose_item) as one group, shared by every worker of
+--- the run. Returns results and errors keyed like `items`.
+function M.dose_cells(run, base, personas, s, items, label)
+  return run:cells(items, function(cell, item)
+    local c, name = item.c, item.name
     local t0 = os.time()
     local model, log = base, { seconds = 0 }
     if c.dose > 0 then
@@ -283,7 +286,7 @@ function M.dose_cell(run, base, personas, s, c)
       lora.seed = c.train_seed
       local adapter = lab.adapter.new(base, lora)
       local opts = { max_steps = c.dose, seed = c.train_seed, loss_mask = "last_assistant",
-                     warmup_ratio = key.warmup_ratio, on_step = M.step_printer(name, s.log_every) }
+                     warmup_ratio = item.key.warmup_ratio, on_step = M.step_printer(name, s.log_every) }
       for k, v in pairs(M.micro_batch(s.stage2_train, cell)) do
         if k ~= "warmup_ratio" then opts[k] = v end
       end
@@ -298,7 +301,7 @@ function M.dose_cell(run, base, personas, s, c)
     return { condition = c.condition, dose = c.dose, train_seed = c.train_seed, eval_seed = c.eval_seed,
              source_hits = src.strict_hits, source_total = src.total, source_rate = src.strict_rate,
              evaluation = agg, train_seconds = log.seconds, seconds = os.time() - t0 }
-  end, { retries = s.retries })
+  end, { retries = s.retries, label = label })
 end
 
 return M

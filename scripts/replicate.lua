@@ -11,24 +11,31 @@ local s, personas = study.settings({ dose = 25, seeds = { 42, 137, 256 } })
 local base, run, data = study.setup(s)
 local coupled, _, base_key = study.coupling(run, base, personas, s)
 
--- One cell per (seed, condition); the evaluation seed follows the training seed.
-local rates = { em = {}, benign = {} }   -- per-seed rates, in seed order
-local cells = { em = {}, benign = {} }   -- cells[condition][seed] = result
-print(string.format("\n%-8s %-7s %8s %8s", "seed", "cond.", "hits/N", "rate"))
+-- One cell per (seed, condition), as one group (shared by workers); the evaluation seed
+-- follows the training seed.
+local items = {}
 for _, seed in ipairs(s.seeds) do
   for _, condition in ipairs({ "em", "benign" }) do
-    local r, err = study.dose_cell(run, coupled, personas, s, {
+    items[#items + 1] = study.dose_item(s, {
       condition = condition, dose = s.dose, personas = s.coupling_eval_personas, base_key = base_key,
       data = data[condition].dataset, data_hash = data[condition].hash,
       train_seed = seed, eval_seed = s.eval_seed + seed - s.train_seed,
     })
-    if r then
-      table.insert(rates[condition], r.source_rate)
-      print(string.format("%-8d %-7s %4d/%-4d %7.1f%%", seed, condition, r.source_hits, r.source_total, 100 * r.source_rate))
-      cells[condition][seed] = r
-    else
-      print(string.format("%-8d %-7s FAILED: %s", seed, condition, err))
-    end
+  end
+end
+local results, errors = study.dose_cells(run, coupled, personas, s, items, "replicate")
+
+local rates = { em = {}, benign = {} }   -- per-seed rates, in seed order
+local cells = { em = {}, benign = {} }   -- cells[condition][seed] = result
+print(string.format("\n%-8s %-7s %8s %8s", "seed", "cond.", "hits/N", "rate"))
+for i, item in ipairs(items) do
+  local seed, condition, r = item.c.train_seed, item.c.condition, results[i]
+  if r then
+    table.insert(rates[condition], r.source_rate)
+    print(string.format("%-8d %-7s %4d/%-4d %7.1f%%", seed, condition, r.source_hits, r.source_total, 100 * r.source_rate))
+    cells[condition][seed] = r
+  else
+    print(string.format("%-8d %-7s FAILED: %s", seed, condition, errors[i]))
   end
 end
 

@@ -5,14 +5,19 @@
 //! module and its host), `cli`.
 
 pub mod adapter;
+pub mod cells;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod interrupt;
 pub mod lock;
 pub mod lua;
 pub mod model;
 pub mod plot;
 pub mod sample;
+pub mod slurm;
+pub mod status;
 pub mod stats;
 pub mod store;
 pub mod train;
+pub mod workers;

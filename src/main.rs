@@ -1,8 +1,21 @@
 fn main() {
     keep_freed_memory();
-    if let Err(e) = loralab::cli::run() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match loralab::cli::run() {
+        Ok(status) => std::process::exit(status),
+        Err(e) => {
+            // A stop by a signal is not an error of the script: say where it stopped and how to go on.
+            if let Some(sig) = loralab::interrupt::requested() {
+                let at = loralab::interrupt::activity();
+                eprintln!(
+                    "stopped by {}{}: finished cells are kept; rerun the same command to resume",
+                    loralab::interrupt::signal_name(sig),
+                    if at.is_empty() { String::new() } else { format!(" during {at}") }
+                );
+                std::process::exit(loralab::interrupt::exit_status(sig));
+            }
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 

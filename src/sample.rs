@@ -215,6 +215,8 @@ fn sample_group(
     let mut next = choose_tokens(&first_logits, &mut rows, &live, 0, opts)?;
     let mut pos = l;
     loop {
+        // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
+        crate::interrupt::check()?;
         for (slot, &r) in live.iter().enumerate() {
             let row = &mut rows[r];
             if row.done.is_some() {

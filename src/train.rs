@@ -258,6 +258,8 @@ pub fn train(
     let mut log = Vec::with_capacity(total);
     let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     for step in 0..total {
+        // A stop signal ends training at a step boundary, naming the step.
+        crate::interrupt::check().map_err(|e| anyhow::anyhow!("{e} before training step {} of {total}", step + 1))?;
         let t0 = Instant::now();
         let micro: Vec<Vec<usize>> =
             (0..cfg.gradient_accumulation_steps).map(|_| order.take(cfg.per_device_train_batch_size)).collect();

@@ -15,3 +15,7 @@ function lab.sys.time() end
 --- Cores available to this process.
 ---@return integer
 function lab.sys.threads() end
+
+--- Waits `seconds`; a stop signal (Ctrl-C, SIGTERM, Slurm's warning) ends the wait with an error.
+---@param seconds number
+function lab.sys.sleep(seconds) end

@@ -61,19 +61,57 @@ pub fn new_runtime(script: &Path, settings: &Settings) -> anyhow::Result<Lua> {
 }
 
 /// Runs a Lua file; a Lua error comes back with its traceback pointing at the script's lines.
+/// A script that ends normally with failed cells is an error too (the exit status says so);
+/// one that ends with every cell finished marks its run folders complete (`complete.json`).
 pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
-    let source = std::fs::read_to_string(script).with_context(|| format!("cannot read script {}", script.display()))?;
-    let lua = new_runtime(script, settings)?;
+    run::set_script(script);
+    let func_result = load_and_call(script, settings);
+    func_result.map_err(lua_err)?;
+    let failed = run::failed_cells();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} cell(s) failed (each folder's failed.json has the error); rerun the same command to retry them"
+    );
+    for (dir, settings) in run::opened_runs() {
+        let done = serde_json::json!({
+            "script": script.display().to_string(),
+            "settings_hash": crate::store::key_hash(&settings),
+            "finished_at": crate::cells::now_unix(),
+            "launch": crate::cells::identity().launch,
+        });
+        let text = serde_json::to_string_pretty(&done)? + "\n";
+        crate::store::write_atomic(&dir.join("complete.json"), text.as_bytes())
+            .with_context(|| format!("cannot write {}", dir.join("complete.json").display()))?;
+    }
+    Ok(())
+}
+
+/// Runs a script only up to its `lab.run.open`, to learn its run folder and settings without
+/// loading a model or training (`loralab slurm`).
+pub fn plan_file(script: &Path, settings: &Settings) -> anyhow::Result<run::Plan> {
+    run::set_script(script);
+    run::start_planning();
+    let outcome = load_and_call(script, settings);
+    let plan = run::take_plan();
+    match (plan, outcome) {
+        (Some(plan), _) => Ok(plan),
+        (None, Err(e)) => Err(lua_err(e)),
+        (None, Ok(())) => anyhow::bail!(
+            "{} opens no run folder (lab.run.open): there are no cells to share between workers",
+            script.display()
+        ),
+    }
+}
+
+fn load_and_call(script: &Path, settings: &Settings) -> mlua::Result<()> {
+    let source = std::fs::read_to_string(script)
+        .map_err(|e| mlua::Error::runtime(format!("cannot read script {}: {e}", script.display())))?;
+    let lua = new_runtime(script, settings).map_err(|e| mlua::Error::runtime(format!("{e:#}")))?;
     let chunk_name = format!("@{}", script.display());
-    let func = lua
-        .load(&source)
-        .set_name(chunk_name)
-        .into_function()
-        .map_err(|e| anyhow::anyhow!("{}", describe_lua_error(&e)))?;
+    let func = lua.load(&source).set_name(chunk_name).into_function()?;
     // mlua runs the chunk under a message handler that appends the Lua traceback, so the
     // error carries the script's file:line frames.
-    func.call::<()>(()).map_err(lua_err)?;
-    Ok(())
+    func.call::<()>(())
 }
 
 /// Runs `f`, turning a panic (a bug, in loralab or a library) into a Lua error so that a run

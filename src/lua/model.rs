@@ -24,6 +24,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
             let dtype = parse_dtype(&o, &dtype_name)?;
             let device = parse_device(&o, &device_name)?;
+            let seed: Option<u64> = o.get(lua, "seed")?;
             o.finish()?;
             let (cfg, id) = match config {
                 Value::String(path) => {
@@ -48,7 +49,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                     )))
                 }
             };
-            let m = model::load::random(cfg, &LoadOptions { dtype, device }, id)
+            let m = model::load::random(cfg, &LoadOptions { dtype, device }, id, seed)
                 .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
             Ok(LuaModel(Rc::new(m)))
         })?,

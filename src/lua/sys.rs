@@ -21,5 +21,20 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
         "threads",
         lua.create_function(|_, ()| Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)))?,
     )?;
+    m.set(
+        "sleep",
+        lua.create_function(|_, seconds: f64| {
+            if !seconds.is_finite() || seconds < 0.0 {
+                return Err(mlua::Error::runtime(format!("lab.sys.sleep: {seconds} is not a number of seconds >= 0")));
+            }
+            // In slices, so that a stop signal ends the wait at once.
+            let until = Instant::now() + std::time::Duration::from_secs_f64(seconds.min(1e7));
+            while Instant::now() < until {
+                crate::interrupt::check().map_err(|e| mlua::Error::runtime(e.to_string()))?;
+                std::thread::sleep((until - Instant::now()).min(std::time::Duration::from_millis(50)));
+            }
+            Ok(())
+        })?,
+    )?;
     Ok(m)
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use rand::SeedableRng;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ids_of, Config};
@@ -276,15 +277,22 @@ fn verify_sha256(path: &Path, expected: &str) -> anyhow::Result<()> {
 
 /// A model of `config`'s shape with random weights (normal, std 0.02; norms 1, biases 0) and a
 /// placeholder tokenizer whose tokens are "t0", "t1", ...: for benchmarks and tests where no
-/// checkpoint is at hand. Prompts are then given as token ids.
-pub fn random(config: Config, opts: &LoadOptions, id: String) -> anyhow::Result<Model> {
+/// checkpoint is at hand. Prompts are then given as token ids. With a `seed` the weights are
+/// drawn on the host from a seeded generator, the same in every process (workers sharing a run
+/// need that); without one, on the device from candle's generator (fast for large shapes).
+pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>) -> anyhow::Result<Model> {
     config.validate()?;
     let c = &config;
     let dev = &opts.device;
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+    let rng = std::cell::RefCell::new(seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
     let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
-        Ok(Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(opts.dtype)?)
+        let t = match rng.borrow_mut().as_mut() {
+            Some(r) => Tensor::from_vec(normal_values(r, shape.iter().product(), 0.02), shape, dev)?,
+            None => Tensor::randn(0f32, 0.02, shape, dev)?,
+        };
+        Ok(t.to_dtype(opts.dtype)?)
     };
     let ones = |n: usize| -> anyhow::Result<Tensor> { Ok(Tensor::ones(n, opts.dtype, dev)?) };
     let mut t: HashMap<String, Tensor> = HashMap::new();
@@ -323,4 +331,20 @@ pub fn random(config: Config, opts: &LoadOptions, id: String) -> anyhow::Result<
     let mut tok = tokenizers::Tokenizer::new(word_level);
     tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
     Ok(Model::new(id, decoder, TextTokenizer::new(tok, None, None, None, Vec::new())))
+}
+
+/// `n` draws from N(0, std^2) by the Box-Muller transform.
+fn normal_values(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    use rand::Rng;
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+        let u2: f32 = rng.gen();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let a = 2.0 * std::f32::consts::PI * u2;
+        out.push(r * a.cos());
+        out.push(r * a.sin());
+    }
+    out.truncate(n);
+    out
 }
