@@ -61,7 +61,10 @@ pub fn print(dir: &Path) -> anyhow::Result<Totals> {
             }
             State::NotStarted => {
                 totals.not_started += 1;
-                format!("not started  {name}")
+                match cells::read_claims(cell).len() {
+                    0 => format!("not started  {name}"),
+                    n => format!("interrupted  {name}  (started {n} time(s)); the next worker resumes it"),
+                }
             }
         };
         println!("{line}");
