@@ -1,9 +1,14 @@
--- Wall time of the whole `paper` profile (phases 1-3 of scripts/dose_response.lua) on one GPU,
--- from measured throughputs: the work is counted from the profile's settings and data, and
--- divided by the training and sampling rates that examples/bench_gpu.lua measured.
+-- Wall time of the whole `paper` profile (phases 1-3 of scripts/dose_response.lua) on one GPU
+-- or on N (`--set gpus=4`: one worker per GPU, `loralab run --gpus` or a Slurm array), from
+-- measured throughputs: the work is counted from the profile's settings and data, and divided
+-- by the training and sampling rates that examples/bench_gpu.lua measured.
 --
 --   loralab run examples/estimate_study.lua --set train_tokens_per_second=11163 \
---       --set phase1_train_tokens_per_second=11163 --set sample_tokens_per_second=22680
+--       --set phase1_train_tokens_per_second=11163 --set sample_tokens_per_second=22680 --set gpus=4
+--
+-- With N workers, Phase 1 is one cell and runs alone; the cells of Phase 2, then those of Phase
+-- 3, are claimed in the script's order by whichever worker is free, which is what is simulated
+-- here (each worker also loads the model once: `load_seconds`).
 --
 -- Training rates by row length: phases 2 and 3 train on the data rows (~113 tokens), Phase 1 on
 -- prompts with their on-policy completions (~570 tokens); the defaults are the H100's at 128-token
@@ -21,6 +26,7 @@ lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
   train_tokens_per_second = 11163, phase1_train_tokens_per_second = 11163, sample_tokens_per_second = 22680,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
+  gpus = 1, load_seconds = 0,
 })
 
 local tok = lab.model.load()
@@ -59,23 +65,48 @@ local new_seeds = 0
 for _, seed in ipairs(s.seeds) do if seed ~= s.train_seed then new_seeds = new_seeds + 1 end end
 local steps3, cells3, sampled3 = 2 * new_seeds * s.critical, 2 * new_seeds, 2 * new_seeds * eval_cell
 
+local function seconds(train_tokens, sampled_tokens, train_rate)
+  return train_tokens / (train_rate or s.train_tokens_per_second) + sampled_tokens / s.sample_tokens_per_second
+end
+
+-- The cells of phases 2 and 3, in the script's order, as seconds each.
+local cells_p2 = { seconds(0, eval_cell * eval_completion) }
+for _, d in ipairs(s.pilot_doses) do cells_p2[#cells_p2 + 1] = seconds(d * rows_per_step * row2, pilot_cell * eval_completion) end
+for _, d in ipairs(s.doses) do
+  for _ = 1, 2 do cells_p2[#cells_p2 + 1] = seconds(d * rows_per_step * row2, eval_cell * eval_completion) end
+end
+local cells_p3 = {}
+for _ = 1, 2 * new_seeds do cells_p3[#cells_p3 + 1] = seconds(s.critical * rows_per_step * row2, eval_cell * eval_completion) end
+
+-- Wall time of a group on `n` workers: each cell goes, in order, to the worker free first.
+local function makespan(cells, n)
+  local free = {}
+  for i = 1, n do free[i] = 0 end
+  for _, c in ipairs(cells) do
+    table.sort(free)
+    free[1] = free[1] + c
+  end
+  return math.max(table.unpack(free))
+end
+
 local rows = {
   { "phase 1: on-policy completions", 0, gen1 * phase1_completion },
   { "phase 1: coupling adapter (" .. steps1 .. " steps)", train1, 0, s.phase1_train_tokens_per_second },
   { "phase 1: evaluation", 0, eval_cell * eval_completion },
-  { string.format("phase 2: %d cells, %d steps", cells2, steps2), steps2 * rows_per_step * row2, sampled2 * eval_completion },
-  { string.format("phase 3: %d cells, %d steps", cells3, steps3), steps3 * rows_per_step * row2, sampled3 * eval_completion },
+  { string.format("phase 2: %d cells, %d steps", cells2, steps2), steps2 * rows_per_step * row2, sampled2 * eval_completion, group = cells_p2 },
+  { string.format("phase 3: %d cells, %d steps", cells3, steps3), steps3 * rows_per_step * row2, sampled3 * eval_completion, group = cells_p3 },
 }
-print(string.format("paper profile on one GPU: training at %.0f tok/s (phase 1: %.0f), sampling at %.0f generated tok/s",
-  s.train_tokens_per_second, s.phase1_train_tokens_per_second, s.sample_tokens_per_second))
+print(string.format("paper profile on %d GPU(s): training at %.0f tok/s (phase 1: %.0f), sampling at %.0f generated tok/s",
+  s.gpus, s.train_tokens_per_second, s.phase1_train_tokens_per_second, s.sample_tokens_per_second))
 print(string.format("completions of %d tokens (phase 1: %d); data rows of %.0f tokens on average",
   eval_completion, phase1_completion, row2))
-print(string.format("%-40s %14s %16s %10s", "", "trained tokens", "sampled tokens", "hours"))
-local total_h = 0
+print(string.format("%-40s %14s %16s %10s %10s", "", "trained tokens", "sampled tokens", "GPU-hours", "hours"))
+local total_h, total_gpu_h = s.load_seconds / 3600, s.load_seconds / 3600
 for _, r in ipairs(rows) do
-  local h = (r[2] / (r[4] or s.train_tokens_per_second) + r[3] / s.sample_tokens_per_second) / 3600
-  total_h = total_h + h
-  print(string.format("%-40s %14.0f %16.0f %10.2f", r[1], r[2], r[3], h))
+  local gpu_h = seconds(r[2], r[3], r[4]) / 3600
+  local h = r.group and makespan(r.group, s.gpus) / 3600 or gpu_h
+  total_h, total_gpu_h = total_h + h, total_gpu_h + gpu_h
+  print(string.format("%-40s %14.0f %16.0f %10.2f %10.2f", r[1], r[2], r[3], gpu_h, h))
 end
-print(string.format("%-40s %14s %16s %10.2f", "total", "", "", total_h))
+print(string.format("%-40s %14s %16s %10.2f %10.2f  (%.1f minutes)", "total", "", "", total_gpu_h, total_h, 60 * total_h))
 print(string.format("the study's pipeline: ~%g H100-hours; ratio %.1fx", s.reference_hours, s.reference_hours / total_h))

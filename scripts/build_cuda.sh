@@ -25,7 +25,10 @@ CU=$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__
   [ -e "lib$l" ] && ln -sf "lib$l" "lib${l%.*}"; done)
 
 # A link-only stub of the driver library: one empty function per driver symbol cudarc declares.
-CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | head -n 1)
+# cudarc's source must be unpacked first: on a fresh machine nothing has fetched it yet.
+cargo fetch --locked
+CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | head -n 1)
+[ -n "$CUDARC" ] || { echo "cudarc 0.19 not found in the cargo registry after cargo fetch" >&2; exit 1; }
 mkdir -p "$CU/lib/stubs"
 grep -o 'pub unsafe fn cu[A-Za-z0-9_]*' "$CUDARC/src/driver/sys/mod.rs" | awk '{print "void " $4 "(void) {}"}' | sort -u > "$CU/lib/stubs/stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" "$CU/lib/stubs/stub.c"
