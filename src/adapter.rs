@@ -79,6 +79,35 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Checks the values against each other and the model's projection shapes, before anything
+    /// is allocated: a rank of 1e9 would otherwise abort the process on allocation.
+    pub fn validate(&self, decoder: &crate::model::Decoder) -> anyhow::Result<()> {
+        anyhow::ensure!(self.r >= 1, "r must be >= 1 (got {})", self.r);
+        anyhow::ensure!(!self.target_modules.is_empty(), "target_modules must name at least one projection");
+        anyhow::ensure!(
+            self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
+            "lora_alpha must be a finite number > 0 (got {})",
+            self.lora_alpha
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "lora_dropout must be in [0, 1) (got {})",
+            self.lora_dropout
+        );
+        for &t in &self.target_modules {
+            let (out, inp) = decoder.projection_shape(t);
+            anyhow::ensure!(
+                self.r <= out.min(inp),
+                "r = {} is larger than {}'s smaller side ({out} x {inp}): a LoRA of rank r adds r x ({out} + {inp}) \
+                 weights per layer and gains nothing past {}; lower r",
+                self.r,
+                t.module_path(),
+                out.min(inp)
+            );
+        }
+        Ok(())
+    }
+
     /// The factor applied to `B @ A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
@@ -130,13 +159,7 @@ impl Adapter {
     /// (`kaiming_uniform_(a=sqrt(5))`, i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero, from `seed`.
     pub fn new(decoder: &crate::model::Decoder, config: LoraConfig, seed: u64) -> anyhow::Result<Adapter> {
         use rand::{Rng, SeedableRng};
-        anyhow::ensure!(config.r >= 1, "r must be >= 1 (got {})", config.r);
-        anyhow::ensure!(!config.target_modules.is_empty(), "target_modules must name at least one projection");
-        anyhow::ensure!(
-            (0.0..1.0).contains(&config.lora_dropout),
-            "lora_dropout must be in [0, 1) (got {})",
-            config.lora_dropout
-        );
+        config.validate(decoder)?;
         let device = decoder.device.clone();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut pairs = BTreeMap::new();
@@ -156,16 +179,21 @@ impl Adapter {
     /// Writes PEFT's format: `adapter_config.json` and `adapter_model.safetensors` with
     /// tensors `base_model.model.model.layers.{i}.<module>.lora_A.weight` / `lora_B.weight`.
     pub fn save(&self, dir: &std::path::Path, base_model: &str) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir)?;
+        use anyhow::Context;
+        anyhow::ensure!(!dir.is_file(), "{} is a file; an adapter is saved as a folder", dir.display());
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {}", dir.display()))?;
         let mut tensors = std::collections::HashMap::new();
         for ((layer, target), p) in &self.pairs {
             let prefix = peft_prefix(*layer, *target);
             tensors.insert(format!("{prefix}.lora_A.weight"), p.a.as_tensor().to_device(&Device::Cpu)?);
             tensors.insert(format!("{prefix}.lora_B.weight"), p.b.as_tensor().to_device(&Device::Cpu)?);
         }
-        let tmp = dir.join(".adapter_model.safetensors.partial");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
+        // Written like every result (atomically, with the umask's mode, so groups share runs).
+        let weights = dir.join("adapter_model.safetensors");
+        crate::store::write_atomic_with(&weights, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+        })
+        .with_context(|| format!("cannot write {}", weights.display()))?;
         let cfg = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -183,7 +211,9 @@ impl Adapter {
             "layers_to_transform": null,
             "use_dora": false,
         });
-        crate::store::write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        let cfg_path = dir.join("adapter_config.json");
+        crate::store::write_atomic(&cfg_path, serde_json::to_string_pretty(&cfg)?.as_bytes())
+            .with_context(|| format!("cannot write {}", cfg_path.display()))?;
         Ok(())
     }
 
@@ -201,8 +231,14 @@ impl Adapter {
             "{}: peft_type must be LORA",
             cfg_path.display()
         );
+        let names = match &cfg.target_modules {
+            // PEFT's shorthand for every linear layer but the output head.
+            TargetModules::One(n) if n == "all-linear" => Target::ALL.iter().map(|t| t.name().to_string()).collect(),
+            TargetModules::One(n) => vec![n.clone()],
+            TargetModules::Many(v) => v.clone(),
+        };
         let mut targets = Vec::new();
-        for name in &cfg.target_modules {
+        for name in &names {
             let t = Target::from_name(name)
                 .with_context(|| format!("{}: unsupported target module '{name}'", cfg_path.display()))?;
             targets.push(t);
@@ -214,6 +250,7 @@ impl Adapter {
             target_modules: targets,
             use_rslora: cfg.use_rslora,
         };
+        config.validate(decoder).with_context(|| format!("{}", cfg_path.display()))?;
         let st = dir.join("adapter_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&st, &decoder.device)
             .map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", st.display()))?;
@@ -239,7 +276,12 @@ impl Adapter {
                         let b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
                         pairs.insert((layer, target), LoraPair { a, b });
                     }
-                    (None, None) => {}
+                    (None, None) => anyhow::bail!(
+                        "{}: {prefix} has no lora_A / lora_B, but {} lists {} among target_modules",
+                        st.display(),
+                        cfg_path.display(),
+                        target.name()
+                    ),
                     _ => anyhow::bail!("{}: {prefix} has only one of lora_A / lora_B", st.display()),
                 }
             }
@@ -267,7 +309,15 @@ struct PeftConfig {
     lora_alpha: f64,
     #[serde(default)]
     lora_dropout: f64,
-    target_modules: Vec<String>,
+    target_modules: TargetModules,
     #[serde(default)]
     use_rslora: bool,
+}
+
+/// `target_modules` as PEFT writes it: a list of names, or one string (`"all-linear"`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    One(String),
+    Many(Vec<String>),
 }

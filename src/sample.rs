@@ -139,14 +139,27 @@ pub fn sample(
     stop_ids.extend(&opts.stop_token_ids);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
-    let per_group = (opts.batch_size / opts.n).max(1);
     let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
     let mut stats = SampleStats::default();
-    for group in order.chunks(per_group) {
-        let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
-        let out = sample_group(model, adapter, &group_prompts, group, opts, &stop_ids, &mut stats)?;
-        for (k, &i) in group.iter().enumerate() {
-            results[i] = out[k].clone();
+    if opts.n <= opts.batch_size {
+        // Whole prompts together, `batch_size / n` of them at a time.
+        let per_group = (opts.batch_size / opts.n).max(1);
+        for group in order.chunks(per_group) {
+            let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
+            let out = sample_group(model, adapter, &group_prompts, group, 0..opts.n, opts, &stop_ids, &mut stats)?;
+            for (k, &i) in group.iter().enumerate() {
+                results[i] = out[k].clone();
+            }
+        }
+    } else {
+        // More completions of a prompt than rows allowed at once: its completions in slices of
+        // `batch_size` (each completion's random stream is its own, so the slicing changes no draw).
+        for &i in &order {
+            for start in (0..opts.n).step_by(opts.batch_size) {
+                let slice = start..(start + opts.batch_size).min(opts.n);
+                let out = sample_group(model, adapter, &[prompts[i].as_slice()], &[i], slice, opts, &stop_ids, &mut stats)?;
+                results[i].extend(out.into_iter().flatten());
+            }
         }
     }
     Ok((results, stats))
@@ -163,11 +176,14 @@ struct Row {
     text_len_checked: usize,
 }
 
+/// Samples the completions `completions` (indices in 0..n) of each prompt of a group at once.
+#[allow(clippy::too_many_arguments)]
 fn sample_group(
     model: &Model,
     adapter: Option<&Adapter>,
     prompts: &[&[u32]],
     prompt_ids: &[usize],
+    completions: std::ops::Range<usize>,
     opts: &SampleOptions,
     stop_ids: &[u32],
     stats: &mut SampleStats,
@@ -187,6 +203,7 @@ fn sample_group(
     }
     let ids = Tensor::from_vec(ids, (p, l), &device)?;
     let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
+    check_cache_fits(&dec.config, p * completions.len(), l + opts.max_tokens, dec.dtype, &device, opts)?;
     let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
     let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
     let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
@@ -195,9 +212,9 @@ fn sample_group(
 
     // n rows per prompt, each with its own random stream.
     let t1 = Instant::now();
-    let mut rows: Vec<Row> = Vec::with_capacity(p * opts.n);
+    let mut rows: Vec<Row> = Vec::with_capacity(p * completions.len());
     for (k, &pid) in prompt_ids.iter().enumerate() {
-        for j in 0..opts.n {
+        for j in completions.clone() {
             let seed = opts.seed
                 ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
@@ -272,6 +289,37 @@ fn sample_group(
         });
     }
     Ok(out)
+}
+
+/// On the CPU, refuses a KV cache larger than the memory available, naming the settings to
+/// lower: an allocation that fails aborts the process, losing the run.
+fn check_cache_fits(
+    cfg: &crate::model::Config,
+    rows: usize,
+    positions: usize,
+    dtype: DType,
+    device: &Device,
+    opts: &SampleOptions,
+) -> anyhow::Result<()> {
+    if !device.is_cpu() {
+        return Ok(()); // the GPU reports its own out-of-memory error, which a cell can retry
+    }
+    let bytes = 2.0 * (cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim()) as f64
+        * rows as f64
+        * positions as f64
+        * dtype.size_in_bytes() as f64;
+    if let Some(available) = crate::lua::sys::available_memory_bytes() {
+        anyhow::ensure!(
+            bytes <= available as f64,
+            "the KV cache of {rows} rows x {positions} positions needs {:.1} GiB, more than the {:.1} GiB of \
+             memory available; lower batch_size (now {}) or max_tokens (now {})",
+            bytes / 2f64.powi(30),
+            available as f64 / 2f64.powi(30),
+            opts.batch_size,
+            opts.max_tokens
+        );
+    }
+    Ok(())
 }
 
 /// Checks the tail of a row's text for a stop string (only the part not checked before).

@@ -32,7 +32,10 @@ where
     let folder = parent_folder(path);
     fs::create_dir_all(&folder)?;
     let tmp = temp_path_for(path)?;
-    let result = fill(&tmp).and_then(|()| sync_file(&tmp)).and_then(|()| fs::rename(&tmp, path));
+    let result = fill(&tmp)
+        .and_then(|()| give_default_mode(&tmp))
+        .and_then(|()| sync_file(&tmp))
+        .and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
         // The temporary file is ours and useless now; the target was never touched.
         let _ = fs::remove_file(&tmp);
@@ -40,6 +43,26 @@ where
     }
     sync_folder(&folder);
     Ok(())
+}
+
+/// Gives a file the mode a plain `create` would (0666 less the umask). Some producers write
+/// through a private temporary file (mode 0600), which would keep a group from reading a
+/// shared run folder.
+fn give_default_mode(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666 & !umask()))
+}
+
+/// The process's umask, read without changing it (changing it would race with other threads).
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("Umask:")).map(|l| l[6..].trim().to_string()))
+            .and_then(|m| u32::from_str_radix(&m, 8).ok())
+            .unwrap_or(0o022)
+    })
 }
 
 /// The folder a file lives in; `.` for a bare file name.
@@ -145,6 +168,20 @@ mod tests {
         let tmp = temp_path_for(Path::new("out/figure.png")).unwrap();
         assert_eq!(tmp.extension().unwrap(), "png");
         assert_eq!(tmp.parent().unwrap(), Path::new("out"));
+    }
+
+    #[test]
+    fn a_file_written_through_a_private_temporary_gets_the_umask_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter_model.safetensors");
+        write_atomic_with(&path, |tmp| {
+            fs::write(tmp, b"x")?;
+            fs::set_permissions(tmp, fs::Permissions::from_mode(0o600))
+        })
+        .unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask(), "{mode:o}");
     }
 
     #[test]

@@ -133,6 +133,22 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        let finite = |name: &str, v: f64| -> anyhow::Result<()> {
+            anyhow::ensure!(v.is_finite(), "{name} must be a finite number (got {v})");
+            Ok(())
+        };
+        for (name, v) in [
+            ("learning_rate", self.learning_rate),
+            ("num_train_epochs", self.num_train_epochs),
+            ("warmup_ratio", self.warmup_ratio),
+            ("weight_decay", self.weight_decay),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("adam_epsilon", self.adam_epsilon),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            finite(name, v)?;
+        }
         anyhow::ensure!(self.learning_rate >= 0.0, "learning_rate must be >= 0 (got {})", self.learning_rate);
         anyhow::ensure!(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1");
         anyhow::ensure!(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1");
@@ -144,9 +160,30 @@ impl TrainConfig {
         anyhow::ensure!(self.max_steps != Some(0), "max_steps must be >= 1");
         anyhow::ensure!(self.num_train_epochs > 0.0, "num_train_epochs must be > 0");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "max_grad_norm must be >= 0 (0 disables clipping)");
+        anyhow::ensure!(self.weight_decay >= 0.0, "weight_decay must be >= 0 (got {})", self.weight_decay);
+        anyhow::ensure!((0.0..1.0).contains(&self.adam_beta1), "adam_beta1 must be in [0, 1) (got {})", self.adam_beta1);
+        anyhow::ensure!((0.0..1.0).contains(&self.adam_beta2), "adam_beta2 must be in [0, 1) (got {})", self.adam_beta2);
+        anyhow::ensure!(self.adam_epsilon > 0.0, "adam_epsilon must be > 0 (got {})", self.adam_epsilon);
         Ok(())
     }
+
+    /// The total steps for `rows` examples, refused past [`MAX_STEPS`] (a mistyped epoch count
+    /// would otherwise run for ever).
+    pub fn checked_total_steps(&self, rows: usize) -> anyhow::Result<usize> {
+        let total = self.total_steps(rows);
+        anyhow::ensure!(
+            total <= MAX_STEPS,
+            "{total} optimizer steps (num_train_epochs = {}, max_steps = {:?}, {rows} rows) is more than {MAX_STEPS}; \
+             lower num_train_epochs or max_steps",
+            self.num_train_epochs,
+            self.max_steps
+        );
+        Ok(total)
+    }
 }
+
+/// More optimizer steps than any run here makes (weeks on a GPU at the study's shapes).
+pub const MAX_STEPS: usize = 100_000_000;
 
 /// One line of the training log.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -248,14 +285,16 @@ pub fn train(
         "none of the {} examples has a trained token (check the loss mask and max_length)",
         examples.len()
     );
-    let total = cfg.total_steps(examples.len());
+    let total = cfg.checked_total_steps(examples.len())?;
     let vars = adapter.vars();
     let mut opt = AdamW::new(vars.clone(), cfg)?;
     let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(cfg.seed));
     // Adapter gradients computed by hand-written backward rules (see `model::lora`).
     let sink = GradSink::new();
     let mut order = Order::new(examples.len(), cfg);
-    let mut log = Vec::with_capacity(total);
+    // The log grows as steps are taken: reserving every step up front would let a large step
+    // count exhaust memory before the first step.
+    let mut log = Vec::new();
     let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     for step in 0..total {
         // A stop signal ends training at a step boundary, naming the step.
@@ -305,6 +344,14 @@ pub fn train(
             .collect::<candle_core::Result<_>>()?;
         let loss_sum = losses.iter().map(|l| l.to_scalar::<f64>()).sum::<candle_core::Result<f64>>()?;
         let norm = global_norm(&grads)?;
+        // A non-finite loss or gradient would turn the adapter into NaN without a word.
+        anyhow::ensure!(
+            loss_sum.is_finite() && norm.is_finite(),
+            "training step {} of {total}: the loss is {loss_sum} and the gradient norm {norm}; the adapter \
+             was not updated. Lower learning_rate (now {}) or check the data and the model's weights",
+            step + 1,
+            cfg.learning_rate
+        );
         let clip = if cfg.max_grad_norm > 0.0 { (cfg.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
         let lr = cfg.lr_at(step, total);
         opt.update(&grads, lr, clip)?;

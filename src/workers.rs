@@ -4,12 +4,14 @@
 //! Each worker is `loralab run SCRIPT --worker wI` with the same settings; on GPUs it sees one
 //! device through `CUDA_VISIBLE_DEVICES` (a value already set, by Slurm or the user, is split,
 //! never overridden). The run folder coordinates them (see [`crate::cells`]): nothing here
-//! assigns cells. Their output is interleaved line by line with a `[wI]` prefix. A worker that
+//! assigns cells. Their output is interleaved line by line with a `[wI]` prefix, except the
+//! groups' progress lines, shown once for all workers with `[all]`. A worker that
 //! crashes stops no other: its cell's lock is freed and another worker takes the cell over.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +26,8 @@ pub struct Slot {
 }
 
 /// The slots for `--gpus LIST`: indices into `CUDA_VISIBLE_DEVICES` where it is set (`visible`),
-/// else into the machine's GPUs (`count` of them). An index that does not exist is an error.
+/// else into the machine's GPUs (`count` of them). An index that does not exist is an error. An
+/// index given twice puts two workers on that GPU (`0,0`: for models far smaller than the GPU).
 pub fn gpu_slots(list: &str, visible: Option<&str>, count: Option<usize>) -> anyhow::Result<Vec<Slot>> {
     let wanted: Vec<usize> = list
         .split(',')
@@ -32,10 +35,6 @@ pub fn gpu_slots(list: &str, visible: Option<&str>, count: Option<usize>) -> any
         .map(|s| s.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("--gpus {list}: '{s}' is not a GPU index")))
         .collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(!wanted.is_empty(), "--gpus {list}: no GPU index given (e.g. --gpus 0,1)");
-    let mut seen = std::collections::HashSet::new();
-    for w in &wanted {
-        anyhow::ensure!(seen.insert(*w), "--gpus {list}: GPU {w} is given twice");
-    }
     let devices: Vec<String> = match visible {
         Some(v) => v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         None => (0..count.unwrap_or(0)).map(|i| i.to_string()).collect(),
@@ -116,12 +115,45 @@ pub fn launch(script: &Path, settings: &[(String, String)], slots: &[Slot]) -> a
     Ok(overall_status(&statuses))
 }
 
+/// The progress of each group, as the furthest any worker has seen it: one display for all.
+static PROGRESS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+
+/// For a group's progress line ("phase 2: 5/16 cells finished or failed"), whether it is news:
+/// every worker prints its own view of the same group, the launch shows each step once.
+fn progress_is_new(line: &str) -> Option<bool> {
+    let rest = line.strip_suffix(" cells finished or failed")?;
+    let (label, counts) = rest.rsplit_once(": ")?;
+    let (done, total) = counts.split_once('/')?;
+    let (done, _total): (usize, usize) = (done.parse().ok()?, total.parse().ok()?);
+    let key = format!("{label}/{total}");
+    let mut seen = PROGRESS.lock().ok()?;
+    match seen.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, d)) if *d >= done => Some(false),
+        Some((_, d)) => {
+            *d = done;
+            Some(true)
+        }
+        None => {
+            seen.push((key, done));
+            Some(true)
+        }
+    }
+}
+
 /// Copies a worker's output to ours, a line at a time, with its name in front.
 fn pump(stream: impl std::io::Read + Send + 'static, name: String, is_err: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).split(b'\n') {
             let Ok(line) = line else { return };
             let text = String::from_utf8_lossy(&line);
+            match progress_is_new(&text) {
+                Some(true) => {
+                    let _ = writeln!(std::io::stdout().lock(), "[all] {text}");
+                    continue;
+                }
+                Some(false) => continue,
+                None => {}
+            }
             if is_err {
                 let _ = writeln!(std::io::stderr().lock(), "[{name}] {text}");
             } else {
@@ -216,8 +248,18 @@ mod tests {
         let err = gpu_slots("2", None, Some(2)).unwrap_err().to_string();
         assert!(err.contains("there is no GPU 2") && err.contains("2 NVIDIA GPU"), "{err}");
         assert!(gpu_slots("0", None, None).is_err());
-        assert!(gpu_slots("0,0", None, Some(2)).unwrap_err().to_string().contains("twice"));
+        let shared = gpu_slots("0,0", None, Some(1)).unwrap();
+        assert_eq!((shared[0].cuda_visible_devices.as_deref(), shared[1].cuda_visible_devices.as_deref()), (Some("0"), Some("0")));
         assert!(gpu_slots("x", None, Some(2)).unwrap_err().to_string().contains("not a GPU index"));
+    }
+
+    #[test]
+    fn a_groups_progress_is_shown_once_for_all_workers() {
+        assert_eq!(progress_is_new("unit-test group: 1/4 cells finished or failed"), Some(true));
+        assert_eq!(progress_is_new("unit-test group: 1/4 cells finished or failed"), Some(false));
+        assert_eq!(progress_is_new("unit-test group: 2/4 cells finished or failed"), Some(true));
+        assert_eq!(progress_is_new("unit-test group: 1/4 cells finished or failed"), Some(false));
+        assert_eq!(progress_is_new("cell c1: attempt 1 of 2 failed"), None);
     }
 
     #[test]

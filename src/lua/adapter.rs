@@ -86,8 +86,40 @@ impl UserData for LuaAdapter {
             ))
         });
         methods.add_method("save", |_, this, dir: String| {
-            this.0.borrow().save(std::path::Path::new(&dir), &this.1).map_err(mlua::Error::external)
+            this.0
+                .borrow()
+                .save(std::path::Path::new(&dir), &peft_base_model(&this.1))
+                .map_err(|e| mlua::Error::runtime(format!("adapter:save({dir}): {e:#}")))
         });
         methods.add_method("num_parameters", |_, this, ()| Ok(this.0.borrow().num_parameters()));
+    }
+}
+
+/// `base_model_name_or_path` for PEFT: what `AutoPeftModelForCausalLM` can load. The embedded
+/// default is a conversion of a hub model (named by its hub id); a local file or folder is
+/// written as its absolute path; anything else is a hub id already.
+pub fn peft_base_model(model_id: &str) -> String {
+    if model_id == crate::model::DEFAULT_MODEL {
+        return "HuggingFaceTB/SmolLM2-135M-Instruct".to_string();
+    }
+    match std::fs::canonicalize(model_id) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => model_id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_adapter_names_a_base_model_that_peft_can_load() {
+        assert_eq!(peft_base_model(crate::model::DEFAULT_MODEL), "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(peft_base_model("Qwen/Qwen2.5-7B-Instruct"), "Qwen/Qwen2.5-7B-Instruct");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.gguf");
+        std::fs::write(&file, b"x").unwrap();
+        let given = format!("{}/./m.gguf", dir.path().display());
+        assert_eq!(peft_base_model(&given), std::fs::canonicalize(&file).unwrap().display().to_string());
     }
 }

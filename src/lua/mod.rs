@@ -268,7 +268,15 @@ fn convert_setting(lua: &Lua, key: &str, raw: &str, default: &Value) -> mlua::Re
     let bad = |what: &str| mlua::Error::runtime(format!("--set {key}={raw}: expected {what}"));
     Ok(match default {
         Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
-        Value::Number(_) => Value::Number(raw.trim().parse().map_err(|_| bad("a number"))?),
+        Value::Number(d) => {
+            let v: f64 = raw.trim().parse().map_err(|_| bad("a number"))?;
+            // nan and inf parse as numbers but train to NaN; only a script whose default is not
+            // finite itself asks for them.
+            if !v.is_finite() && d.is_finite() {
+                return Err(bad("a finite number"));
+            }
+            Value::Number(v)
+        }
         Value::Boolean(_) => match raw.trim() {
             "true" | "1" | "yes" => Value::Boolean(true),
             "false" | "0" | "no" => Value::Boolean(false),

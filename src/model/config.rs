@@ -31,6 +31,9 @@ impl Architecture {
     }
 }
 
+/// The longest context a config may declare (Llama 3.1 declares 131,072).
+pub const MAX_POSITIONS: usize = 1 << 22;
+
 /// `config.json` as written by transformers (only the fields the decoder needs).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Config {
@@ -99,7 +102,35 @@ impl Config {
     /// Checks the shape arithmetic once so that the decoder can rely on it.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.architecture()?;
-        anyhow::ensure!(self.num_attention_heads > 0, "config: num_attention_heads must be > 0");
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            anyhow::ensure!(v > 0, "config: {name} must be > 0 (got {v})");
+        }
+        // Rotary tables are made for every position up front: a context length read from a
+        // damaged file (2^32 - 1) would ask for terabytes.
+        anyhow::ensure!(
+            self.max_position_embeddings <= MAX_POSITIONS,
+            "config: max_position_embeddings = {} is more than the {MAX_POSITIONS} positions loralab supports",
+            self.max_position_embeddings
+        );
+        anyhow::ensure!(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0,
+            "config: rms_norm_eps must be a finite number >= 0 (got {})",
+            self.rms_norm_eps
+        );
+        anyhow::ensure!(
+            self.rope_theta().is_finite() && self.rope_theta() > 0.0,
+            "config: rope_theta must be a finite number > 0 (got {})",
+            self.rope_theta()
+        );
         anyhow::ensure!(
             self.num_attention_heads.is_multiple_of(self.num_kv_heads()),
             "config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",

@@ -1,0 +1,232 @@
+//! Hostile input through the Lua API: every case ends in an error that names the setting, never
+//! in an abort, a panic or a silent NaN; the run store survives bad results and damaged files.
+
+use std::path::Path;
+use std::process::Command;
+
+fn loralab(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.code(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// Runs a Lua body after a prelude that defines `lab` and `tiny(overrides)`, a random Qwen2.
+fn run_lua(body: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("case.lua");
+    let prelude = r#"
+local lab = require("lab")
+local function tiny(over)
+  local c = { architectures = {"Qwen2ForCausalLM"}, vocab_size = 50, hidden_size = 16, intermediate_size = 32,
+    num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1, max_position_embeddings = 64 }
+  for k, v in pairs(over or {}) do c[k] = v end
+  return lab.model.random(c, { seed = 3 })
+end
+local rows = lab.data.rows({ { input_ids = {1, 2, 3, 4} }, { input_ids = {5, 6, 7} } })
+local function train(opts, lora)
+  local m = tiny()
+  local a = lab.adapter.new(m, lora or { r = 2, target_modules = {"all-linear"} })
+  local o = { max_steps = not opts.num_train_epochs and 2 or nil, per_device_train_batch_size = 2 }
+  for k, v in pairs(opts) do o[k] = v end
+  return lab.train.sft(m, a, rows, o)
+end
+"#;
+    std::fs::write(&path, format!("{prelude}\n{body}")).unwrap();
+    loralab(&["run", &path.display().to_string()])
+}
+
+/// Asserts a clean failure: exit status 1 (not an abort's 134 or a panic's 101) and `want` said.
+fn fails_naming(body: &str, want: &str) {
+    let (code, out) = run_lua(body);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(want), "wanted '{want}' in:\n{out}");
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
+fn a_huge_epoch_count_is_refused_before_anything_is_reserved() {
+    fails_naming("train({ num_train_epochs = 1e9 })", "is more than 100000000");
+    fails_naming("train({ num_train_epochs = math.huge })", "num_train_epochs must be a finite number");
+}
+
+#[test]
+fn optimizer_settings_out_of_range_are_errors_naming_them() {
+    fails_naming("train({ learning_rate = math.huge })", "learning_rate must be a finite number");
+    fails_naming("train({ weight_decay = 0/0 })", "weight_decay must be a finite number");
+    fails_naming("train({ adam_beta1 = 5 })", "adam_beta1 must be in [0, 1)");
+    fails_naming("train({ adam_beta2 = -1 })", "adam_beta2 must be in [0, 1)");
+    fails_naming("train({ adam_epsilon = 0 })", "adam_epsilon must be > 0");
+    fails_naming("train({}, { r = 2, lora_alpha = 0/0, target_modules = {'q_proj'} })", "lora_alpha must be a finite number");
+}
+
+#[test]
+fn a_step_whose_loss_or_gradient_is_not_finite_stops_training_naming_the_step() {
+    fails_naming("train({ learning_rate = 1e30, max_steps = 4 })", "training step ");
+    let (_, out) = run_lua("train({ learning_rate = 1e30, max_steps = 4 })");
+    assert!(out.contains("the adapter was not updated") && out.contains("Lower learning_rate"), "{out}");
+}
+
+#[test]
+fn set_refuses_nan_and_infinity_for_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.lua");
+    std::fs::write(&path, "local lab = require('lab')\nlocal s = lab.settings({ lr = 1e-4 })\nprint(s.lr)\n").unwrap();
+    for bad in ["lr=inf", "lr=nan", "lr=-inf"] {
+        let (code, out) = loralab(&["run", &path.display().to_string(), "--set", bad]);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("expected a finite number"), "{out}");
+    }
+}
+
+#[test]
+fn impossible_model_shapes_and_ranks_are_errors_not_panics() {
+    fails_naming("tiny({ hidden_size = 0 })", "hidden_size must be > 0");
+    fails_naming("tiny({ max_position_embeddings = 4294967295 })", "max_position_embeddings = 4294967295");
+    fails_naming("train({}, { r = 1000000000, target_modules = {'q_proj'} })", "r = 1000000000 is larger than");
+}
+
+#[test]
+fn sampling_more_completions_than_the_batch_gives_the_same_completions_in_slices() {
+    let (code, out) = run_lua(
+        r#"
+local m = tiny()
+local a = m:sample({ {1, 2, 3} }, { n = 6, max_tokens = 5, seed = 9, batch_size = 64, ignore_eos = true })
+local b = m:sample({ {1, 2, 3} }, { n = 6, max_tokens = 5, seed = 9, batch_size = 4, ignore_eos = true })
+for i = 1, 6 do assert(a[1][i].text == b[1][i].text, i .. ": " .. a[1][i].text .. " vs " .. b[1][i].text) end
+print("same", #b[1])
+"#,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("same\t6"), "{out}");
+}
+
+#[test]
+fn a_kv_cache_larger_than_memory_is_refused_naming_batch_size() {
+    fails_naming(
+        "tiny({ max_position_embeddings = 4000000 }):sample({ {1, 2} }, { n = 100000, batch_size = 100000, max_tokens = 3000000 })",
+        "lower batch_size (now 100000)",
+    );
+}
+
+#[test]
+fn a_result_that_is_not_json_fails_its_cell_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+local run = lab.run.open("{}")
+local cyc = {{}}; cyc.self = cyc
+local r1, e1 = run:cell("nan", {{}}, function() return {{ x = 0/0 }} end, {{ retries = 0 }})
+local r2, e2 = run:cell("fn", {{}}, function() return {{ f = print }} end, {{ retries = 0 }})
+local r3, e3 = run:cell("cycle", {{}}, function() return cyc end, {{ retries = 0 }})
+local r4 = run:cell("fine", {{}}, function() return {{ ok = true }} end)
+print(r1, r2, r3, r4.ok)
+print(e1)
+"#,
+        dir.path().join("run").display()
+    );
+    let (code, out) = run_lua(&body);
+    assert_eq!(code, Some(1), "three cells failed: {out}");
+    assert!(out.contains("nil\tnil\tnil\ttrue"), "{out}");
+    assert!(out.contains("the cell returned") && out.contains("NaN"), "{out}");
+    assert!(out.contains("3 cell(s) failed"), "{out}");
+}
+
+#[test]
+fn a_corrupt_result_is_moved_aside_and_the_cell_runs_again_and_dead_writers_files_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let body = format!(
+        r#"
+local run = lab.run.open("{}")
+local r = run:cell("c", {{ k = 1 }}, function() return {{ v = 42 }} end)
+print("value", r.v)
+"#,
+        run_dir.display()
+    );
+    let (code, out) = run_lua(&body);
+    assert_eq!(code, Some(0), "{out}");
+    let cell = std::fs::read_dir(&run_dir).unwrap().flatten().find(|e| e.path().is_dir()).unwrap().path();
+    std::fs::write(cell.join("result.json"), "{\"v\": 4").unwrap();
+    // A temporary file of a writer killed mid-write (its pid no longer exists).
+    let stray = cell.join(format!(".result.json.tmp-{}-0.json", i32::MAX - 7));
+    std::fs::write(&stray, "{").unwrap();
+    let (code, out) = run_lua(&body);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("is not valid JSON") && out.contains("value\t42"), "{out}");
+    assert!(!stray.exists(), "the dead writer's temporary file was removed");
+    let aside: Vec<_> = std::fs::read_dir(&cell)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("result.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+}
+
+fn write_adapter_case(dir: &Path, config_targets: &str) -> String {
+    format!(
+        r#"
+local m = tiny()
+local a = lab.adapter.new(m, {{ r = 2, target_modules = {{ "q_proj", "v_proj" }}, seed = 1 }})
+a:save("{d}/a")
+a:save("{d}/a") -- saving over an earlier save replaces it
+local cfg = lab.fs.read_json("{d}/a/adapter_config.json")
+print("base", cfg.base_model_name_or_path)
+cfg.target_modules = {config_targets}
+lab.fs.write_json("{d}/a/adapter_config.json", cfg)
+local b = lab.adapter.load(m, "{d}/a")
+print("loaded", b:num_parameters())
+"#,
+        d = dir.display()
+    )
+}
+
+#[test]
+fn an_adapter_config_must_match_its_file_and_may_say_all_linear() {
+    let dir = tempfile::tempdir().unwrap();
+    // The file holds q and v only: a config listing k as well is refused, naming k.
+    let (code, out) = run_lua(&write_adapter_case(dir.path(), r#"{ "q_proj", "k_proj", "v_proj" }"#));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("lists k_proj among target_modules"), "{out}");
+    // "all-linear" (a string, as PEFT writes it) is read as the seven projections.
+    let dir2 = tempfile::tempdir().unwrap();
+    let all = format!(
+        r#"
+local m = tiny()
+local a = lab.adapter.new(m, {{ r = 2, target_modules = {{ "all-linear" }}, seed = 1 }})
+a:save("{d}/a")
+local cfg = lab.fs.read_json("{d}/a/adapter_config.json")
+cfg.target_modules = "all-linear"
+lab.fs.write_json("{d}/a/adapter_config.json", cfg)
+print("loaded", lab.adapter.load(m, "{d}/a"):num_parameters() == a:num_parameters())
+"#,
+        d = dir2.path().display()
+    );
+    let (code, out) = run_lua(&all);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("loaded\ttrue"), "{out}");
+}
+
+#[test]
+fn a_saved_adapter_follows_the_umask_and_names_a_loadable_base_model() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = run_lua(&write_adapter_case(dir.path(), r#"{ "q_proj", "v_proj" }"#));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("loaded\t"), "{out}");
+    // A random model has no file: its id is written as it is; a file's is its absolute path.
+    assert!(out.contains("base\trandom"), "{out}");
+    let mode = std::fs::metadata(dir.path().join("a/adapter_model.safetensors")).unwrap().permissions().mode() & 0o777;
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Umask:"))
+        .map(|l| u32::from_str_radix(l[6..].trim(), 8).unwrap())
+        .unwrap();
+    assert_eq!(mode, 0o666 & !umask, "{mode:o}: a private mode keeps a group from reading a shared run");
+}
