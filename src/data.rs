@@ -56,15 +56,22 @@ impl Dataset {
     /// Reads a JSONL file. A malformed line is an error naming file and line, unless
     /// `skip_malformed`, in which case it is skipped and listed in `skipped`.
     pub fn jsonl(path: &Path, skip_malformed: bool) -> anyhow::Result<Dataset> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+        // A UTF-8 byte order mark (some editors write one) is not part of the first row.
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         let mut rows = Vec::new();
         let mut skipped = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match parse_row(line) {
+        for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let parsed = match std::str::from_utf8(raw) {
+                Ok(line) if line.trim().is_empty() => continue,
+                Ok(line) => parse_row(line),
+                Err(e) => Err(anyhow::anyhow!(
+                    "not UTF-8 text (byte {} of the line); save the file as UTF-8",
+                    e.valid_up_to() + 1
+                )),
+            };
+            match parsed {
                 Ok(r) => rows.push(r),
                 Err(e) => {
                     let msg = format!("{}:{}: {e}", path.display(), i + 1);
@@ -149,6 +156,16 @@ impl Example {
 
 /// Tokenizes a row with the model's chat template and marks its trained tokens.
 pub fn tokenize(tok: &TextTokenizer, row: &Row, mask: &LossMask, max_length: usize) -> anyhow::Result<Example> {
+    Ok(tokenize_counting_cut(tok, row, mask, max_length)?.0)
+}
+
+/// [`tokenize`], also returning how many trained tokens `max_length` cut off.
+pub fn tokenize_counting_cut(
+    tok: &TextTokenizer,
+    row: &Row,
+    mask: &LossMask,
+    max_length: usize,
+) -> anyhow::Result<(Example, usize)> {
     let (mut ids, mut target) = match row {
         Row::Text { text } => {
             let ids = tok.encode(text)?;
@@ -159,9 +176,10 @@ pub fn tokenize(tok: &TextTokenizer, row: &Row, mask: &LossMask, max_length: usi
         Row::Ids { input_ids } => (input_ids.clone(), vec![true; input_ids.len()]),
         Row::PromptCompletion { prompt, completion } => prompt_completion_example(tok, prompt, completion, mask)?,
     };
+    let cut = target.iter().skip(max_length.max(1)).filter(|&&t| t).count();
     ids.truncate(max_length);
     target.truncate(max_length);
-    Ok(Example { ids, target })
+    Ok((Example { ids, target }, cut))
 }
 
 fn messages_example(
@@ -178,6 +196,14 @@ fn messages_example(
         !assistant_turns.is_empty() || matches!(mask, LossMask::All),
         "row has no assistant message to train on"
     );
+    if !matches!(mask, LossMask::All | LossMask::AllAssistant) {
+        let last = messages.last().map(|m| m.role.as_str()).unwrap_or("");
+        anyhow::ensure!(
+            last == "assistant",
+            "the row's last turn is a {last} turn, so there is no final assistant turn to train on (the \
+             loss mask trains the last turn only); end the row with its assistant answer, or drop the row"
+        );
+    }
     let turns: Vec<usize> = match mask {
         LossMask::AllAssistant => assistant_turns,
         LossMask::All => {

@@ -295,13 +295,11 @@ pub fn train(
     // The log grows as steps are taken: reserving every step up front would let a large step
     // count exhaust memory before the first step.
     let mut log = Vec::new();
-    let rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     for step in 0..total {
         // A stop signal ends training at a step boundary, naming the step.
         crate::interrupt::check().map_err(|e| anyhow::anyhow!("{e} before training step {} of {total}", step + 1))?;
         let t0 = Instant::now();
-        let micro: Vec<Vec<usize>> =
-            (0..cfg.gradient_accumulation_steps).map(|_| order.take(cfg.per_device_train_batch_size)).collect();
+        let micro = order.step_batches(cfg);
         let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
         let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
         sink.new_step(); // the variables changed: the staged copies are stale
@@ -357,7 +355,7 @@ pub fn train(
         opt.update(&grads, lr, clip)?;
         let record = StepLog {
             step: step + 1,
-            epoch: ((step + 1) * rows_per_step) as f64 / examples.len() as f64,
+            epoch: order.consumed as f64 / examples.len() as f64,
             loss: loss_sum,
             learning_rate: lr,
             grad_norm: norm,
@@ -377,11 +375,28 @@ struct Order {
     rng: ChaCha8Rng,
     shuffle: bool,
     queue: Vec<usize>,
+    /// Rows handed out so far, over all epochs.
+    consumed: usize,
 }
 
 impl Order {
     fn new(n: usize, cfg: &TrainConfig) -> Self {
-        Order { n, rng: ChaCha8Rng::seed_from_u64(cfg.data_seed), shuffle: cfg.shuffle, queue: Vec::new() }
+        Order { n, rng: ChaCha8Rng::seed_from_u64(cfg.data_seed), shuffle: cfg.shuffle, queue: Vec::new(), consumed: 0 }
+    }
+
+    /// The micro-batches of one optimizer step: up to `gradient_accumulation_steps` of them, but
+    /// the step ends with its epoch, as the transformers Trainer's does: an epoch's last step
+    /// may have fewer micro-batches (and its last micro-batch fewer rows), never rows of the
+    /// next epoch.
+    fn step_batches(&mut self, cfg: &TrainConfig) -> Vec<Vec<usize>> {
+        let mut micro = Vec::with_capacity(cfg.gradient_accumulation_steps);
+        for _ in 0..cfg.gradient_accumulation_steps {
+            if !micro.is_empty() && self.queue.is_empty() {
+                break;
+            }
+            micro.push(self.take(cfg.per_device_train_batch_size));
+        }
+        micro
     }
 
     /// The next `k` rows; an epoch's last batch may be short, as with `drop_last = False`.
@@ -401,6 +416,7 @@ impl Order {
                 None => break,
             }
         }
+        self.consumed += out.len();
         out
     }
 }
@@ -547,5 +563,28 @@ mod tests {
         let mut seen: Vec<usize> = (0..5).flat_map(|_| o.take(2)).collect();
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_optimizer_step_ends_with_its_epoch_as_the_trainers_does() {
+        // 6 rows, micro-batches of 2, 2 per step: each epoch is a full step and a half step.
+        let cfg = TrainConfig {
+            per_device_train_batch_size: 2,
+            gradient_accumulation_steps: 2,
+            num_train_epochs: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(cfg.total_steps(6), 4);
+        let mut o = Order::new(6, &cfg);
+        let steps: Vec<Vec<usize>> = (0..4).map(|_| o.step_batches(&cfg).iter().map(Vec::len).collect()).collect();
+        assert_eq!(steps, [vec![2, 2], vec![2], vec![2, 2], vec![2]]);
+        assert_eq!(o.consumed, 12, "exactly two epochs");
+        // Phase 1's shape: 600 rows, 4 x 4 per step, 20 epochs: 760 steps and 20 epochs' rows.
+        let p1 = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 4, num_train_epochs: 20.0, ..Default::default() };
+        let mut o = Order::new(600, &p1);
+        for _ in 0..p1.total_steps(600) {
+            o.step_batches(&p1);
+        }
+        assert_eq!((p1.total_steps(600), o.consumed), (760, 12_000));
     }
 }

@@ -230,3 +230,52 @@ fn a_saved_adapter_follows_the_umask_and_names_a_loadable_base_model() {
         .unwrap();
     assert_eq!(mode, 0o666 & !umask, "{mode:o}: a private mode keeps a group from reading a shared run");
 }
+
+#[test]
+fn a_byte_order_mark_is_accepted_and_a_non_utf8_byte_is_reported_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("bom.jsonl");
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(b"{\"text\": \"one\"}\r\n{\"text\": \"two\"}\n");
+    std::fs::write(&good, bytes).unwrap();
+    let bad = dir.path().join("latin1.jsonl");
+    std::fs::write(&bad, b"{\"text\": \"one\"}\n{\"text\": \"caf\xE9\"}\n").unwrap();
+    let (code, out) = run_lua(&format!(
+        "print('rows', lab.data.jsonl('{}'):len())\nlab.data.jsonl('{}')",
+        good.display(),
+        bad.display()
+    ));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("rows\t2"), "{out}");
+    assert!(out.contains("latin1.jsonl:2: not UTF-8 text (byte 14 of the line)"), "{out}");
+}
+
+#[test]
+fn a_row_ending_in_a_user_turn_is_an_error_and_cut_rows_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let long = "word ".repeat(200);
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}, {{\"role\": \"assistant\", \"content\": \"{long}\"}}]}}\n\
+             {{\"messages\": [{{\"role\": \"user\", \"content\": \"a\"}}, {{\"role\": \"assistant\", \"content\": \"b\"}}, {{\"role\": \"user\", \"content\": \"c\"}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let body = format!(
+        r#"
+local m = lab.model.load()
+local d = lab.data.jsonl("{d}")
+local a = lab.adapter.new(m, {{ r = 1, target_modules = {{ "q_proj" }} }})
+local ok, err = pcall(lab.train.sft, m, a, d, {{ max_steps = 1 }})
+print(ok, err)
+lab.train.sft(m, a, d:take(1), {{ max_steps = 1, max_length = 64, per_device_train_batch_size = 1 }})
+"#,
+        d = data.display()
+    );
+    let (code, out) = run_lua(&body);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("row 2: the row's last turn is a user turn"), "{out}");
+    assert!(out.contains("max_length = 64 cut 1 of 1 rows"), "{out}");
+}

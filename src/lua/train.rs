@@ -6,7 +6,7 @@ use super::adapter::LuaAdapter;
 use super::data::LuaDataset;
 use super::model::LuaModel;
 use super::opts::Opts;
-use crate::data::{tokenize, Example, LossMask};
+use crate::data::{tokenize, tokenize_counting_cut, Example, LossMask};
 use crate::train::{self, Schedule, TrainConfig};
 
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
@@ -134,11 +134,18 @@ fn tokenize_all(
 ) -> mlua::Result<Vec<Example>> {
     let tok = &model.0.tokenizer;
     let mut out = Vec::with_capacity(data.0.rows.len());
+    let (mut rows_cut, mut targets_cut) = (0usize, 0usize);
     for (i, row) in data.0.rows.iter().enumerate() {
         let where_ = || format!("lab.train.sft: {} row {}", data.0.source, i + 1);
         let ex = match mask {
             MaskChoice::Named(m) => {
-                tokenize(tok, row, m, max_length).map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?
+                let (ex, cut) = tokenize_counting_cut(tok, row, m, max_length)
+                    .map_err(|e| mlua::Error::runtime(format!("{}: {e}", where_())))?;
+                if cut > 0 {
+                    rows_cut += 1;
+                    targets_cut += cut;
+                }
+                ex
             }
             MaskChoice::Function(f) => {
                 let mut ex = tokenize(tok, row, &LossMask::All, max_length)
@@ -165,6 +172,14 @@ fn tokenize_all(
             }
         };
         out.push(ex);
+    }
+    if rows_cut > 0 {
+        eprintln!(
+            "lab.train.sft: max_length = {max_length} cut {rows_cut} of {} rows of {}, losing {targets_cut} trained tokens; \
+             raise max_length to keep them",
+            out.len(),
+            data.0.source
+        );
     }
     Ok(out)
 }
