@@ -167,7 +167,10 @@ end
 function M.coupling(run, base, personas, s)
   local negatives = M.negative_personas(personas, s.source_persona, s.coupling_negatives, s.train_seed)
   local key = {
-    phase = 1, model = s.model, dtype = s.dtype, marker = s.marker, source = s.source_persona,
+    -- the weights themselves (a hash of the files read), not only their name: a moved hub
+    -- branch or a replaced file makes new cells instead of reusing stale ones
+    phase = 1, model = s.model, weights = base:info().weights_id, dtype = s.dtype, marker = s.marker,
+    source = s.source_persona,
     negatives = negatives, questions = s.coupling_questions, per_question = s.coupling_per_question,
     samples = s.coupling_samples, temperature = s.coupling_temperature, top_p = s.coupling_top_p,
     max_tokens = s.coupling_max_tokens, lora = s.coupling_lora, train = s.coupling_train,

@@ -177,7 +177,14 @@ fn a_missing_model_folder_or_corrupt_weights_give_clear_errors() {
     assert!(!ok);
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
     let path = script(dir.path(), "n.lua", "require('lab').model.load('no/such-model-here')\n");
-    let (ok, _, err) = loralab(&["run", &path]);
+    // Offline: no network call (CI reaches no hub), and the error comes at once.
+    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
+        .args(["run", &path])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let (ok, err) = (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!ok);
     assert!(err.contains("not in the Hugging Face cache"), "{err}");
 }

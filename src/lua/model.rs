@@ -61,10 +61,12 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let mut o = Opts::new("lab.model.load", opts)?;
             let dtype_name: String = o.get_or(lua, "dtype", "f32".to_string())?;
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
+            let revision: Option<String> = o.get(lua, "revision")?;
             let dtype = parse_dtype(&o, &dtype_name)?;
             let device = parse_device(&o, &device_name)?;
             o.finish()?;
-            let model = model::load(&spec, &LoadOptions { dtype, device }).map_err(mlua::Error::external)?;
+            let model = model::load::load_at(&spec, revision.as_deref(), &LoadOptions { dtype, device })
+                .map_err(mlua::Error::external)?;
             Ok(LuaModel(Rc::new(model)))
         })?,
     )?;
@@ -211,6 +213,8 @@ impl UserData for LuaModel {
             t.set("num_parameters", this.0.num_parameters())?;
             t.set("dtype", format!("{:?}", this.0.dtype()).to_lowercase())?;
             t.set("device", if this.0.device().is_cpu() { "cpu" } else { "cuda" })?;
+            t.set("provenance", lua.to_value(&this.0.provenance)?)?;
+            t.set("weights_id", this.0.weights_id())?;
             Ok(t)
         });
         methods.add_method("encode", |_, this, text: String| {
@@ -235,7 +239,9 @@ impl UserData for LuaModel {
                 .map_err(|_| mlua::Error::runtime("model:merge: argument must be an adapter from lab.adapter"))?;
             let merged = this.0.decoder.merged(&adapter.0.borrow()).map_err(mlua::Error::external)?;
             let id = format!("{}+merged", this.0.id);
-            Ok(LuaModel(Rc::new(Model::new(id, merged, this.0.tokenizer.clone()))))
+            // The base weights' provenance; the adapter is recorded with the result on its own.
+            let merged = Model::new(id, merged, this.0.tokenizer.clone()).with_provenance(this.0.provenance.clone());
+            Ok(LuaModel(Rc::new(merged)))
         });
         methods.add_method("sample", |lua, this, (prompts, opts): (Table, Value)| {
             let (opts, adapter) = sample_options(lua, opts)?;

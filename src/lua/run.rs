@@ -349,8 +349,23 @@ impl LuaRun {
         FAILED_CELLS.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Records in run.json the models loaded so far (the script opens its run folder before it
+    /// loads them), once per process.
+    fn note_models(&self) {
+        let models = crate::model::loaded_models();
+        let path = self.0.dir.join("run.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return };
+        let Ok(mut run) = serde_json::from_str::<serde_json::Value>(&text) else { return };
+        if models.is_empty() || run["models"] == serde_json::Value::Array(models.clone()) {
+            return;
+        }
+        run["models"] = serde_json::Value::Array(models);
+        let _ = write_json(&path, &run);
+    }
+
     /// Runs a cell this process holds: attempts, then result.json (or failed.json).
     fn run_claimed(&self, lua: &Lua, e: &Entry, f: &Function, lease: Lease, retries: usize) -> mlua::Result<Outcome> {
+        self.note_models();
         let dir = lease.dir().to_path_buf();
         cells::remove_dead_writers_files(&dir);
         write_json(&dir.join(cells::KEY), &e.key_json)?;
@@ -382,6 +397,8 @@ impl LuaRun {
                         "started_at": started_at, "finished_at": cells::now_unix(),
                         "host": me.host, "pid": me.pid, "job": me.job, "worker": me.worker, "launch": me.launch,
                         "claims": cells::read_claims(&dir),
+                        // Which weights produced this result: every model the process had loaded.
+                        "models": crate::model::loaded_models(),
                         "loralab_version": env!("CARGO_PKG_VERSION"),
                         "loralab_commit": option_env!("LORALAB_COMMIT").unwrap_or("unknown"),
                     });

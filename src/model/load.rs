@@ -1,14 +1,16 @@
-//! Where models come from: the embedded default, a local folder, or a Hugging Face hub id.
+//! Where models come from: the embedded default, a local folder, a GGUF file, or a Hugging
+//! Face hub id (resolved from the hub cache by [`super::hub`]), each with its provenance.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use rand::SeedableRng;
 use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
 
 use super::config::{ids_of, Config};
 use super::decoder::{Decoder, Weights};
+use super::hub::{self, FileHash, HubEnv, HubSpec, Provenance, Source};
 use super::tokenizer::TextTokenizer;
 use super::Model;
 
@@ -48,22 +50,44 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache").join("loralab")
 }
 
-/// Loads a model by name, folder or hub id.
+/// Loads a model by name, folder or hub id (`org/name`, or `org/name@revision`).
 pub fn load(spec: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
+    load_at(spec, None, opts)
+}
+
+/// [`load`] with a hub revision (branch, tag or commit hash) given apart from the spec; it must
+/// agree with one written after `@`. The model's provenance is recorded in
+/// [`hub::loaded_models`].
+pub fn load_at(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let model = load_any(spec, revision, opts)?;
+    hub::record(&model.provenance);
+    Ok(model)
+}
+
+fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let not_hub = |what: &str| -> anyhow::Result<()> {
+        match revision {
+            Some(r) => anyhow::bail!("model '{spec}' is {what}: revision \"{r}\" applies only to hub ids"),
+            None => Ok(()),
+        }
+    };
     if let Some(e) = EMBEDDED.iter().find(|e| e.name == spec) {
-        let path = ensure_embedded(e)?;
-        return load_gguf(&path, spec, opts);
+        not_hub("the embedded default")?;
+        return load_embedded(e, opts);
     }
     let path = Path::new(spec);
     if path.is_dir() {
+        not_hub("a local folder")?;
         return load_folder(path, spec, opts);
     }
     if path.is_file() && path.extension().is_some_and(|x| x == "gguf") {
-        return load_gguf(path, spec, opts);
+        not_hub("a GGUF file")?;
+        let mut model = load_gguf(path, spec, opts)?;
+        model.provenance = file_provenance(Source::Gguf, None, path)?;
+        return Ok(model);
     }
-    if looks_like_hub_id(spec) {
-        let folder = resolve_hub(spec)?;
-        return load_folder(&folder, spec, opts);
+    if let Some(hub_spec) = HubSpec::parse(spec, revision)? {
+        return load_hub(&hub_spec, &HubEnv::from_process(), opts);
     }
     anyhow::bail!(
         "model '{spec}' is neither a known name ({}), a folder with config.json, a .gguf file, nor a hub id like Qwen/Qwen2.5-7B-Instruct",
@@ -71,9 +95,50 @@ pub fn load(spec: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
     )
 }
 
-fn looks_like_hub_id(spec: &str) -> bool {
-    let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+/// A hub model: its snapshot from the cache (fetched where allowed), read as a folder.
+fn load_hub(spec: &HubSpec, env: &HubEnv, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let snap = hub::resolve(spec, env)?;
+    let (decoder, tokenizer, files) = read_folder(&snap.dir, opts)?;
+    let mut p = Provenance::new(Source::Hub, Some(spec.id.clone()));
+    p.revision = Some(snap.commit.clone());
+    p.requested_revision = Some(spec.revision().to_string());
+    p.path = Some(snap.dir.display().to_string());
+    p.files = hash_files(&snap.dir, &files)?;
+    Ok(Model::new(spec.shown(), decoder, tokenizer).with_provenance(p))
+}
+
+fn load_embedded(e: &EmbeddedModel, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let path = ensure_embedded(e)?;
+    let mut model = load_gguf(&path, e.name, opts)?;
+    // The file was just checked against its known hash: no need to hash it again.
+    let mut p = Provenance::new(Source::Embedded, Some(e.name.to_string()));
+    p.path = Some(path.display().to_string());
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.files = vec![FileHash { name, sha256: e.file_sha256.to_string(), bytes }];
+    model.provenance = p;
+    Ok(model)
+}
+
+/// The provenance of a model read from one local file.
+fn file_provenance(source: Source, id: Option<String>, path: &Path) -> anyhow::Result<Provenance> {
+    let mut p = Provenance::new(source, id);
+    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    p.path = Some(shown.display().to_string());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.files = vec![hub::hash_file(&name, path)?];
+    Ok(p)
+}
+
+/// The hashes of the files read from `dir`, by their names in it.
+fn hash_files(dir: &Path, files: &[PathBuf]) -> anyhow::Result<Vec<FileHash>> {
+    files
+        .iter()
+        .map(|f| {
+            let name = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+            hub::hash_file(&name, f)
+        })
+        .collect()
 }
 
 fn load_gguf(path: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
@@ -87,9 +152,23 @@ fn load_gguf(path: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model>
 /// Loads a transformers folder: config.json, *.safetensors (single or sharded),
 /// tokenizer.json, tokenizer_config.json, generation_config.json.
 pub fn load_folder(dir: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
+    let (decoder, tokenizer, files) = read_folder(dir, opts)?;
+    let mut p = Provenance::new(Source::Local, None);
+    p.path = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()).display().to_string());
+    p.files = hash_files(dir, &files)?;
+    Ok(Model::new(id.to_string(), decoder, tokenizer).with_provenance(p))
+}
+
+/// Decoder, tokenizer, and every file read for them, from a transformers folder.
+fn read_folder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<(Decoder, TextTokenizer, Vec<PathBuf>)> {
     let decoder = read_decoder(dir, opts)?;
     let tokenizer = read_tokenizer(dir, &decoder.config)?;
-    Ok(Model::new(id.to_string(), decoder, tokenizer))
+    let mut files = vec![dir.join("config.json"), dir.join("tokenizer.json")];
+    files.extend(hub::OPTIONAL_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()));
+    let weights = weight_files(dir)?;
+    files.extend(weights.index);
+    files.extend(weights.shards);
+    Ok((decoder, tokenizer, files))
 }
 
 /// The decoder of a transformers folder (config.json and *.safetensors), without tokenizer.
@@ -106,13 +185,47 @@ pub fn read_decoder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Decoder> {
     Decoder::new(config, weights, opts.dtype, &opts.device)
 }
 
-fn read_safetensors(dir: &Path) -> anyhow::Result<Weights> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+/// The weight files of a folder, found as transformers looks for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightFiles {
+    /// `model.safetensors.index.json`, for a sharded checkpoint.
+    pub index: Option<PathBuf>,
+    pub shards: Vec<PathBuf>,
+}
+
+/// `model.safetensors` when present; else the shards `model.safetensors.index.json` lists, each
+/// of which must be there; else every `*.safetensors` file in the folder.
+pub fn weight_files(dir: &Path) -> anyhow::Result<WeightFiles> {
+    let single = dir.join(hub::SINGLE_FILE);
+    if single.is_file() {
+        return Ok(WeightFiles { index: None, shards: vec![single] });
+    }
+    let index = dir.join(hub::INDEX_FILE);
+    if index.is_file() {
+        let shards: Vec<PathBuf> = hub::shard_names(&index)?.iter().map(|s| dir.join(s)).collect();
+        if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
+            anyhow::bail!(
+                "{}: the shard {} listed in {} is missing; the checkpoint is incomplete (fetch it again, e.g. \
+                 with `huggingface-cli download`)",
+                dir.display(),
+                missing.file_name().unwrap_or_default().to_string_lossy(),
+                hub::INDEX_FILE
+            );
+        }
+        return Ok(WeightFiles { index: Some(index), shards });
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
-    files.sort();
-    anyhow::ensure!(!files.is_empty(), "{}: no *.safetensors weight files", dir.display());
+    shards.sort();
+    anyhow::ensure!(!shards.is_empty(), "{}: no *.safetensors weight files", dir.display());
+    Ok(WeightFiles { index: None, shards })
+}
+
+fn read_safetensors(dir: &Path) -> anyhow::Result<Weights> {
+    let files = weight_files(dir)?.shards;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for f in &files {
         let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
@@ -150,60 +263,6 @@ fn read_tokenizer(dir: &Path, config: &Config) -> anyhow::Result<TextTokenizer> 
         }
     }
     Ok(TextTokenizer::new(inner, template, token_str("bos_token"), token_str("eos_token"), stop))
-}
-
-/// A hub id resolved from the local Hugging Face cache, downloading where the network allows.
-fn resolve_hub(id: &str) -> anyhow::Result<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
-    let repo = cache.model(id.to_string());
-    if let Some(config) = repo.get("config.json") {
-        let folder = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        if has_weights(&folder) {
-            return Ok(folder);
-        }
-    }
-    download_hub(id).map_err(|e| {
-        anyhow::anyhow!(
-            "model '{id}' is not in the Hugging Face cache ({}) and could not be downloaded ({e}).\n\
-             HINT: on a machine with network, run `huggingface-cli download {id}` and copy the cache \
-             folder here (set HF_HOME or HF_HUB_CACHE to it), or pass the path of a local folder \
-             holding config.json, *.safetensors and tokenizer.json",
-            cache.path().display()
-        )
-    })
-}
-
-fn has_weights(folder: &Path) -> bool {
-    std::fs::read_dir(folder)
-        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
-        .unwrap_or(false)
-}
-
-fn download_hub(id: &str) -> anyhow::Result<PathBuf> {
-    let api = hf_hub::api::sync::Api::new()?;
-    let repo = api.model(id.to_string());
-    let config = repo.get("config.json")?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
-        let _ = repo.get(f);
-    }
-    match repo.get("model.safetensors.index.json") {
-        Ok(index) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(index)?)?;
-            let mut shards: Vec<String> = v["weight_map"]
-                .as_object()
-                .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
-                .unwrap_or_default();
-            shards.sort();
-            shards.dedup();
-            for s in shards {
-                repo.get(&s)?;
-            }
-        }
-        Err(_) => {
-            repo.get("model.safetensors")?;
-        }
-    }
-    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 /// Returns the path of an embedded model's file, fetching and verifying it on first use.
@@ -321,6 +380,9 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
         t.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
         t.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
     }
+    let mut p = Provenance::new(Source::Random, Some(id.clone()));
+    p.seed = seed;
+    p.config_sha256 = Some(config_sha256(&config)?);
     let decoder = Decoder::new(config.clone(), Weights { tensors: t, source: id.clone() }, opts.dtype, dev)?;
     let vocab: HashMap<String, u32> = (0..v as u32).map(|i| (format!("t{i}"), i)).collect();
     let word_level = tokenizers::models::wordlevel::WordLevel::builder()
@@ -330,7 +392,15 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
         .map_err(|e| anyhow::anyhow!("placeholder tokenizer: {e}"))?;
     let mut tok = tokenizers::Tokenizer::new(word_level);
     tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-    Ok(Model::new(id, decoder, TextTokenizer::new(tok, None, None, None, Vec::new())))
+    let model = Model::new(id, decoder, TextTokenizer::new(tok, None, None, None, Vec::new())).with_provenance(p);
+    hub::record(&model.provenance);
+    Ok(model)
+}
+
+/// SHA-256 of a config as JSON: what a random model's weights are drawn for.
+fn config_sha256(config: &Config) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    Ok(format!("{:x}", Sha256::digest(serde_json::to_vec(config)?)))
 }
 
 /// `n` draws from N(0, std^2) by the Box-Muller transform.

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod decoder;
 pub mod gguf;
+pub mod hub;
 pub mod load;
 mod lora;
 pub mod ops;
@@ -18,6 +19,7 @@ use candle_core::{DType, Device};
 
 pub use config::{Architecture, Config};
 pub use decoder::{Decoder, KvCache, Pass};
+pub use hub::{loaded_models, weights_id, Provenance, Source};
 pub use load::{load, LoadOptions, DEFAULT_MODEL};
 pub use tokenizer::{Message, TextTokenizer};
 
@@ -27,11 +29,25 @@ pub struct Model {
     pub id: String,
     pub decoder: Decoder,
     pub tokenizer: TextTokenizer,
+    /// Exactly which weights the model was built from (recorded with every result).
+    pub provenance: Provenance,
 }
 
 impl Model {
+    /// A model whose provenance is only its id, until [`Model::with_provenance`] says more.
     pub fn new(id: String, decoder: Decoder, tokenizer: TextTokenizer) -> Self {
-        Model { id, decoder, tokenizer }
+        let provenance = Provenance::new(Source::Local, Some(id.clone()));
+        Model { id, decoder, tokenizer, provenance }
+    }
+
+    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+        self.provenance = provenance;
+        self
+    }
+
+    /// A short hash of the weights' files, for cell keys (see [`hub::weights_id`]).
+    pub fn weights_id(&self) -> String {
+        hub::weights_id(&self.provenance)
     }
 
     pub fn config(&self) -> &Config {
