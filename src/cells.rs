@@ -39,7 +39,11 @@ pub const DEFAULT_TTL: f64 = 300.0;
 
 /// The lease time-to-live: `LORALAB_LEASE_TTL` seconds, else [`DEFAULT_TTL`].
 pub fn lease_ttl() -> f64 {
-    std::env::var("LORALAB_LEASE_TTL").ok().and_then(|v| v.parse::<f64>().ok()).filter(|t| *t > 0.0).unwrap_or(DEFAULT_TTL)
+    std::env::var("LORALAB_LEASE_TTL")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(DEFAULT_TTL)
 }
 
 /// Who this process is, as leases and results record it.
@@ -120,10 +124,13 @@ impl Holder {
     /// "host pid 123 (job 4_1, worker w0)".
     pub fn describe(&self) -> String {
         let mut s = format!("{} pid {}", self.who.host, self.who.pid);
-        let extra: Vec<String> = [self.who.job.as_ref().map(|j| format!("job {j}")), self.who.worker.as_ref().map(|w| format!("worker {w}"))]
-            .into_iter()
-            .flatten()
-            .collect();
+        let extra: Vec<String> = [
+            self.who.job.as_ref().map(|j| format!("job {j}")),
+            self.who.worker.as_ref().map(|w| format!("worker {w}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if !extra.is_empty() {
             s.push_str(&format!(" ({})", extra.join(", ")));
         }
@@ -261,11 +268,7 @@ pub fn claim(dir: &Path, ttl: f64) -> anyhow::Result<Claim> {
                 return Ok(Claim::Held(Some(p.clone())));
             }
             if p.who != *identity() {
-                eprintln!(
-                    "cell {}: resuming it; it was started by {}, which is gone",
-                    cell_name(dir),
-                    p.describe()
-                );
+                eprintln!("cell {}: resuming it; it was started by {}, which is gone", cell_name(dir), p.describe());
             }
         }
         return Ok(Claim::Ours(Lease::start(dir, Some(file), ttl, previous.is_some())?));
@@ -348,7 +351,8 @@ fn next_counter() -> u64 {
 
 fn write_lease(dir: &Path, holder: &Holder) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(holder)? + "\n";
-    write_atomic(&dir.join(LEASE), text.as_bytes()).with_context(|| format!("cannot write {}", dir.join(LEASE).display()))
+    write_atomic(&dir.join(LEASE), text.as_bytes())
+        .with_context(|| format!("cannot write {}", dir.join(LEASE).display()))
 }
 
 fn append_claim(dir: &Path, holder: &Holder, resumed: bool) -> anyhow::Result<()> {
@@ -383,7 +387,7 @@ fn heartbeat(dir: PathBuf, mut holder: Holder, ttl: f64) -> (mpsc::Sender<()>, s
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return, // stopped, or the lease was dropped
         }
-        if !read_lease(&dir).is_some_and(|h| h.token == holder.token) {
+        if read_lease(&dir).is_none_or(|h| h.token != holder.token) {
             eprintln!("cell {}: another worker took this cell over; its result will be the same", cell_name(&dir));
             return;
         }

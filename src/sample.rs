@@ -157,7 +157,8 @@ pub fn sample(
         for &i in &order {
             for start in (0..opts.n).step_by(opts.batch_size) {
                 let slice = start..(start + opts.batch_size).min(opts.n);
-                let out = sample_group(model, adapter, &[prompts[i].as_slice()], &[i], slice, opts, &stop_ids, &mut stats)?;
+                let out =
+                    sample_group(model, adapter, &[prompts[i].as_slice()], &[i], slice, opts, &stop_ids, &mut stats)?;
                 results[i].extend(out.into_iter().flatten());
             }
         }
@@ -304,7 +305,8 @@ fn check_cache_fits(
     if !device.is_cpu() {
         return Ok(()); // the GPU reports its own out-of-memory error, which a cell can retry
     }
-    let bytes = 2.0 * (cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim()) as f64
+    let bytes = 2.0
+        * (cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim()) as f64
         * rows as f64
         * positions as f64
         * dtype.size_in_bytes() as f64;

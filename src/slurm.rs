@@ -40,8 +40,17 @@ pub struct Submission {
 }
 
 /// Task states in which a task will still run (or runs now).
-const LIVE_STATES: &[&str] =
-    &["PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "SIGNALING"];
+const LIVE_STATES: &[&str] = &[
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+];
 
 fn have_sbatch() -> anyhow::Result<()> {
     let found = std::env::var_os("PATH")
@@ -202,7 +211,8 @@ pub fn sbatch_script(
     }
     lines.push(String::new());
     lines.push(format!("export LORALAB_LAUNCH={}", shell_quote(launch)));
-    let mut cmd = format!("exec {} run {}", shell_quote(&exe.display().to_string()), shell_quote(&script.display().to_string()));
+    let mut cmd =
+        format!("exec {} run {}", shell_quote(&exe.display().to_string()), shell_quote(&script.display().to_string()));
     for (k, v) in settings {
         cmd.push_str(&format!(" --set {}", shell_quote(&format!("{k}={v}"))));
     }

@@ -161,8 +161,16 @@ impl TrainConfig {
         anyhow::ensure!(self.num_train_epochs > 0.0, "num_train_epochs must be > 0");
         anyhow::ensure!(self.max_grad_norm >= 0.0, "max_grad_norm must be >= 0 (0 disables clipping)");
         anyhow::ensure!(self.weight_decay >= 0.0, "weight_decay must be >= 0 (got {})", self.weight_decay);
-        anyhow::ensure!((0.0..1.0).contains(&self.adam_beta1), "adam_beta1 must be in [0, 1) (got {})", self.adam_beta1);
-        anyhow::ensure!((0.0..1.0).contains(&self.adam_beta2), "adam_beta2 must be in [0, 1) (got {})", self.adam_beta2);
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.adam_beta1),
+            "adam_beta1 must be in [0, 1) (got {})",
+            self.adam_beta1
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.adam_beta2),
+            "adam_beta2 must be in [0, 1) (got {})",
+            self.adam_beta2
+        );
         anyhow::ensure!(self.adam_epsilon > 0.0, "adam_epsilon must be > 0 (got {})", self.adam_epsilon);
         Ok(())
     }
@@ -580,7 +588,12 @@ mod tests {
         assert_eq!(steps, [vec![2, 2], vec![2], vec![2, 2], vec![2]]);
         assert_eq!(o.consumed, 12, "exactly two epochs");
         // Phase 1's shape: 600 rows, 4 x 4 per step, 20 epochs: 760 steps and 20 epochs' rows.
-        let p1 = TrainConfig { per_device_train_batch_size: 4, gradient_accumulation_steps: 4, num_train_epochs: 20.0, ..Default::default() };
+        let p1 = TrainConfig {
+            per_device_train_batch_size: 4,
+            gradient_accumulation_steps: 4,
+            num_train_epochs: 20.0,
+            ..Default::default()
+        };
         let mut o = Order::new(600, &p1);
         for _ in 0..p1.total_steps(600) {
             o.step_batches(&p1);

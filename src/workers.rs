@@ -249,7 +249,10 @@ mod tests {
         assert!(err.contains("there is no GPU 2") && err.contains("2 NVIDIA GPU"), "{err}");
         assert!(gpu_slots("0", None, None).is_err());
         let shared = gpu_slots("0,0", None, Some(1)).unwrap();
-        assert_eq!((shared[0].cuda_visible_devices.as_deref(), shared[1].cuda_visible_devices.as_deref()), (Some("0"), Some("0")));
+        assert_eq!(
+            (shared[0].cuda_visible_devices.as_deref(), shared[1].cuda_visible_devices.as_deref()),
+            (Some("0"), Some("0"))
+        );
         assert!(gpu_slots("x", None, Some(2)).unwrap_err().to_string().contains("not a GPU index"));
     }
 

@@ -10,10 +10,7 @@ fn loralab(args: &[&str]) -> (Option<i32>, String) {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("the binary runs");
-    (
-        out.status.code(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Runs a Lua body after a prelude that defines `lab` and `tiny(overrides)`, a random Qwen2.
@@ -62,7 +59,10 @@ fn optimizer_settings_out_of_range_are_errors_naming_them() {
     fails_naming("train({ adam_beta1 = 5 })", "adam_beta1 must be in [0, 1)");
     fails_naming("train({ adam_beta2 = -1 })", "adam_beta2 must be in [0, 1)");
     fails_naming("train({ adam_epsilon = 0 })", "adam_epsilon must be > 0");
-    fails_naming("train({}, { r = 2, lora_alpha = 0/0, target_modules = {'q_proj'} })", "lora_alpha must be a finite number");
+    fails_naming(
+        "train({}, { r = 2, lora_alpha = 0/0, target_modules = {'q_proj'} })",
+        "lora_alpha must be a finite number",
+    );
 }
 
 #[test]

@@ -35,7 +35,10 @@ fn results(dir: &Path) -> BTreeMap<String, String> {
         .flatten()
         .filter(|e| e.path().join("result.json").exists())
         .map(|e| {
-            (e.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(e.path().join("result.json")).unwrap())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read_to_string(e.path().join("result.json")).unwrap(),
+            )
         })
         .collect()
 }
@@ -86,7 +89,8 @@ fn group_lease(dir: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> Option<
         if !name.starts_with("dose") {
             return None;
         }
-        let lease: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.path().join("lease.json")).ok()?).ok()?;
+        let lease: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(e.path().join("lease.json")).ok()?).ok()?;
         pred(&lease).then_some((e.path(), lease))
     })
 }
@@ -196,7 +200,11 @@ fn a_stop_signal_releases_the_cell_says_where_and_a_rerun_resumes_it() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(&results(dir.path()), reference());
     let st = loralab().args(["status", &dir.path().display().to_string()]).output().unwrap();
-    assert!(st.status.success() && text(&st).contains("8 finished, 0 running, 0 failed, 0 not started"), "{}", text(&st));
+    assert!(
+        st.status.success() && text(&st).contains("8 finished, 0 running, 0 failed, 0 not started"),
+        "{}",
+        text(&st)
+    );
 }
 
 #[test]
@@ -209,14 +217,19 @@ fn other_settings_on_a_folder_in_use_are_refused_naming_both() {
     let _ = first.wait();
     let log = text(&out);
     assert!(!out.status.success());
-    assert!(log.contains("is in use by tests/scripts/scale_out.lua") && log.contains("steps: 4 there, 5 here"), "{log}");
+    assert!(
+        log.contains("is in use by tests/scripts/scale_out.lua") && log.contains("steps: 4 there, 5 here"),
+        "{log}"
+    );
 }
 
 #[test]
 fn a_cell_that_fails_fails_once_for_every_worker_and_the_exit_status_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let out =
-        loralab().args(run_args(dir.path(), &["--set", "pause=0", "--set", "fail=dose3", "--workers", "2"])).output().unwrap();
+    let out = loralab()
+        .args(run_args(dir.path(), &["--set", "pause=0", "--set", "fail=dose3", "--workers", "2"]))
+        .output()
+        .unwrap();
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("[w0] finished 5 of 6") && log.contains("[w1] finished 5 of 6"), "{log}");
@@ -229,11 +242,8 @@ fn a_cell_that_fails_fails_once_for_every_worker_and_the_exit_status_says_so() {
 #[test]
 fn a_gpu_index_that_does_not_exist_is_an_error_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let out = loralab()
-        .args(run_args(dir.path(), &["--gpus", "0,1"]))
-        .env("CUDA_VISIBLE_DEVICES", "3")
-        .output()
-        .unwrap();
+    let out =
+        loralab().args(run_args(dir.path(), &["--gpus", "0,1"])).env("CUDA_VISIBLE_DEVICES", "3").output().unwrap();
     let log = text(&out);
     assert!(!out.status.success());
     assert!(log.contains("there is no GPU 1: CUDA_VISIBLE_DEVICES=3 makes 1 visible"), "{log}");
@@ -263,7 +273,9 @@ fn slurm_is_up() -> bool {
             std::env::var_os("CI").is_none(),
             "CI must run the Slurm test, but no Slurm cluster answers (sinfo); .ci/run starts one with tests/slurm/start.sh"
         );
-        eprintln!("skipped: no Slurm cluster answers here (sinfo); start one with `bash tests/slurm/start.sh` (as root)");
+        eprintln!(
+            "skipped: no Slurm cluster answers here (sinfo); start one with `bash tests/slurm/start.sh` (as root)"
+        );
     }
     up
 }
@@ -287,12 +299,8 @@ fn a_slurm_array_matches_a_sequential_run_and_resumes_after_a_task_is_cancelled(
     }
     let dir = tempfile::tempdir().unwrap();
     let out_set = format!("out={}", dir.path().display());
-    let submit = || {
-        loralab()
-            .args(["slurm", SCRIPT, "--set", &out_set, "--set", "pause=0.6", "--tasks", "2"])
-            .output()
-            .unwrap()
-    };
+    let submit =
+        || loralab().args(["slurm", SCRIPT, "--set", &out_set, "--set", "pause=0.6", "--tasks", "2"]).output().unwrap();
     let first = submit();
     let job = submitted_job(&first);
     // Cancel task 1 while it runs a cell of the group.
@@ -307,7 +315,11 @@ fn a_slurm_array_matches_a_sequential_run_and_resumes_after_a_task_is_cancelled(
     // The same command again submits only the missing task.
     let again = submit();
     let job2 = submitted_job(&again);
-    assert!(text(&again).contains("submitting the 1 missing") && text(&again).contains("(1 task(s))"), "{}", text(&again));
+    assert!(
+        text(&again).contains("submitting the 1 missing") && text(&again).contains("(1 task(s))"),
+        "{}",
+        text(&again)
+    );
     wait_for("every task to end", 180, || (live_tasks(&job).is_empty() && live_tasks(&job2).is_empty()).then_some(()));
     let logs: String = std::fs::read_dir(dir.path().join("slurm"))
         .unwrap()

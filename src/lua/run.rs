@@ -286,7 +286,14 @@ impl LuaRun {
     }
 
     /// Runs a group of cells to the end (finished or failed), sharing it with other workers.
-    fn run_group(&self, lua: &Lua, entries: &[Entry], f: &Function, retries: usize, label: &str) -> mlua::Result<Vec<Outcome>> {
+    fn run_group(
+        &self,
+        lua: &Lua,
+        entries: &[Entry],
+        f: &Function,
+        retries: usize,
+        label: &str,
+    ) -> mlua::Result<Vec<Outcome>> {
         for e in entries {
             self.prepare(e)?;
         }
@@ -546,7 +553,8 @@ impl UserData for LuaRun {
         methods.add_method("cell", |lua, this, (name, key, f, opts): (String, Value, Function, Value)| {
             this.cell(lua, name, key, f, opts)
         });
-        methods.add_method("cells", |lua, this, (list, f, opts): (Table, Function, Value)| this.cells(lua, list, f, opts));
+        methods
+            .add_method("cells", |lua, this, (list, f, opts): (Table, Function, Value)| this.cells(lua, list, f, opts));
         methods.add_method("cell_dir", |lua, this, (name, key): (String, Value)| {
             let e = this.entry(lua, Value::Nil, name, key, Value::Nil, "run:cell_dir")?;
             Ok(e.dir.display().to_string())
