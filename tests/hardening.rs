@@ -279,3 +279,50 @@ lab.train.sft(m, a, d:take(1), {{ max_steps = 1, max_length = 64, per_device_tra
     assert!(out.contains("row 2: the row's last turn is a user turn"), "{out}");
     assert!(out.contains("max_length = 64 cut 1 of 1 rows"), "{out}");
 }
+
+/// A copy of the tiny Qwen2 fixture whose config.json is changed by `edit`, with its tensors
+/// changed by `tensors` (name -> tensor), then read: the error, if any.
+fn read_tiny_with(
+    edit: impl Fn(&mut serde_json::Value),
+    tensors: impl Fn(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) -> Option<String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    tensors(&mut t);
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
+    loralab::model::load::read_decoder(dir.path(), &opts).err().map(|e| format!("{e:#}"))
+}
+
+#[test]
+fn a_checkpoint_whose_tensors_and_config_disagree_is_refused_naming_the_tensors() {
+    assert_eq!(read_tiny_with(|_| {}, |_| {}), None, "the fixture itself loads");
+    // The config says one layer fewer than the file holds.
+    let err = read_tiny_with(|c| c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into(), |_| {})
+        .expect("refused");
+    assert!(err.contains("not part of a model of this config") && err.contains("model.layers.1."), "{err}");
+    // A stray tensor.
+    let err = read_tiny_with(
+        |_| {},
+        |t| {
+            t.insert("model.extra.weight".into(), candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+        },
+    )
+    .expect("refused");
+    assert!(err.contains("model.extra.weight") && err.contains("model.safetensors"), "{err}");
+    // A projection of the wrong shape names the tensor and the shape the config implies.
+    let err = read_tiny_with(
+        |_| {},
+        |t| {
+            let q = t["model.layers.0.self_attn.q_proj.weight"].narrow(0, 0, 2).unwrap();
+            t.insert("model.layers.0.self_attn.q_proj.weight".into(), q);
+        },
+    )
+    .expect("refused");
+    assert!(err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("the config implies"), "{err}");
+}

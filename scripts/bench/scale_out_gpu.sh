@@ -12,6 +12,7 @@
 # The study's gate is opened (the 135M model couples more weakly than the study's 7B).
 set -euo pipefail
 mode=$1 bin=$2 model=$3 out=$4
+mkdir -p "$out"
 study=(scripts/dose_response.lua --set profile=paper --set "model=$model"
        --set gate_source_min=0 --set gate_assistant_max=1 --set gate_min_gap=-1)
 
@@ -39,17 +40,27 @@ compare)
   echo "--gpus $gpus, phases 2-3 and report: $t s"
   t=$(wall "$out/single.log" timeout "$limit" "$bin" run "${study[@]}" --set "out=$out/single")
   echo "one process, phases 2-3 and report: $t s"
-  same=0 differ=0
-  for r in "$out"/many/*/result.json; do
-    cell=$(basename "$(dirname "$r")")
-    [ "$cell" = "${cell#report-}" ] || continue # the report cell holds run-specific paths
-    if [ -f "$out/single/$cell/result.json" ] && cmp -s "$r" "$out/single/$cell/result.json"; then
-      same=$((same + 1))
-    else
-      differ=$((differ + 1)); echo "differs or missing: $cell"
-    fi
-  done
-  echo "cells with the same result.json: $same, different or missing: $differ"
+  # Results and completions cell for cell, timings aside (each cell records its own seconds).
+  python3 - "$out" <<'EOF'
+import glob, json, sys
+out, same, differ = sys.argv[1], 0, 0
+for r in sorted(glob.glob(f"{out}/many/*/result.json")):
+    cell = r.split("/")[-2]
+    if cell.startswith("report-"):
+        continue  # the report cell's result holds the run's own paths
+    try:
+        a, b = json.load(open(r)), json.load(open(f"{out}/single/{cell}/result.json"))
+        ca, cb = (open(f"{out}/{d}/{cell}/completions.json").read() for d in ("many", "single"))
+    except OSError:
+        differ += 1; print("missing:", cell); continue
+    for x in (a, b):
+        x.pop("seconds", None); x.pop("train_seconds", None)
+    if a == b and ca == cb:
+        same += 1
+    else:
+        differ += 1; print("differs:", cell)
+print(f"cells with the same results and completions (timings aside): {same}, different or missing: {differ}")
+EOF
   grep -h "^\[all\]\|done in" "$out/many.log" | tail -n 4
   ;;
 esac

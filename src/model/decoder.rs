@@ -657,6 +657,30 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Every tensor of the file must have been used: a leftover means that the file and its
+    /// config disagree (a GGUF whose block_count is 2 beside 30 layers of tensors would
+    /// otherwise load as a 2-layer model and write garbage).
+    fn check_all_used(&self, c: &Config) -> anyhow::Result<()> {
+        // Buffers some exporters save beside the weights, recomputed here.
+        let derived = |n: &str| n.ends_with("rotary_emb.inv_freq");
+        let mut left: Vec<&String> = self.tensors.keys().filter(|n| !derived(n)).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        left.sort();
+        let shown: Vec<&str> = left.iter().take(6).map(|s| s.as_str()).collect();
+        anyhow::bail!(
+            "{}: {} tensor(s) are not part of a model of this config ({} layers, {}): {}{}; the file and \
+             its config disagree (num_hidden_layers, tie_word_embeddings or the architecture)",
+            self.source,
+            left.len(),
+            c.num_hidden_layers,
+            c.architectures.first().map(String::as_str).unwrap_or("?"),
+            shown.join(", "),
+            if left.len() > shown.len() { ", ..." } else { "" }
+        )
+    }
+
     fn take(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
         let t = self.tensors.remove(name).ok_or_else(|| {
             anyhow::anyhow!(
@@ -744,6 +768,7 @@ impl Decoder {
             Some(t) if !c.tie_word_embeddings => t,
             _ => embed_tokens.clone(),
         };
+        w.check_all_used(c)?;
         let rope = Rope::new(c, dtype, device)?;
         let lm_head_packed = packed_for_cpu(&[&lm_head])?;
         Ok(Decoder { config, embed_tokens, layers, norm, lm_head, lm_head_packed, rope, dtype, device: device.clone() })

@@ -142,18 +142,41 @@ fn read_weights(content: &Content, file: &mut std::fs::File, cfg: &Config, sourc
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    let mut unknown = Vec::new();
     for name in names {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = hf_name(name) else {
+            // rope_freqs: Llama 3's rope scaling factors, which the config's rope settings give.
+            if name != "rope_freqs.weight" {
+                unknown.push(name.as_str());
+            }
+            continue;
+        };
         let q = content
             .tensor(file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{source}: cannot read tensor '{name}' ({e}); the file may be truncated"))?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        if hf.ends_with("q_proj.weight") {
-            t = unpermute_rotary_rows(&t, cfg.num_attention_heads)?;
+        let e = cfg.head_dim();
+        let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let rows = if hf.ends_with("q_proj.weight") {
+            Some((heads, heads * e))
         } else if hf.ends_with("k_proj.weight") {
-            t = unpermute_rotary_rows(&t, cfg.num_kv_heads())?;
+            Some((cfg.num_kv_heads(), cfg.num_kv_heads() * e))
+        } else {
+            None
+        };
+        if let Some((h, want)) = rows {
+            // Checked before the permutation, whose reshape would fail without naming anything.
+            anyhow::ensure!(
+                t.dims() == [want, d],
+                "{source}: tensor '{name}' ({hf}) has shape {:?}, the metadata implies [{want}, {d}]",
+                t.dims()
+            );
+            t = unpermute_rotary_rows(&t, h)?;
         }
         tensors.insert(hf, t);
+    }
+    if !unknown.is_empty() {
+        eprintln!("warning: {source}: tensors loralab does not use: {}", unknown.join(", "));
     }
     Ok(Weights { tensors, source: source.to_string() })
 }
