@@ -154,6 +154,25 @@ impl Example {
     }
 }
 
+/// Far more bytes than a token of natural text averages (about 4 for English in these
+/// vocabularies): a row of more than `max_length` times as many bytes cannot fit in
+/// `max_length` tokens.
+const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// The bytes of text a row holds (token ids count 4 each).
+fn row_bytes(row: &Row) -> usize {
+    let turns = |t: &Turns| match t {
+        Turns::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
+        Turns::Text(s) => s.len(),
+    };
+    match row {
+        Row::Messages { messages } => messages.iter().map(|m| m.content.len()).sum(),
+        Row::Ids { input_ids } => 4 * input_ids.len(),
+        Row::PromptCompletion { prompt, completion } => turns(prompt) + turns(completion),
+        Row::Text { text } => text.len(),
+    }
+}
+
 /// Tokenizes a row with the model's chat template and marks its trained tokens.
 pub fn tokenize(tok: &TextTokenizer, row: &Row, mask: &LossMask, max_length: usize) -> anyhow::Result<Example> {
     Ok(tokenize_counting_cut(tok, row, mask, max_length)?.0)
@@ -166,9 +185,24 @@ pub fn tokenize_counting_cut(
     mask: &LossMask,
     max_length: usize,
 ) -> anyhow::Result<(Example, usize)> {
+    // Tokenizing a huge row whole would take gigabytes for tokens that max_length drops.
+    let bound = max_length.saturating_mul(MAX_BYTES_PER_TOKEN);
+    let bytes = row_bytes(row);
+    anyhow::ensure!(
+        matches!(row, Row::Text { .. } | Row::Ids { .. }) || bytes <= bound,
+        "the row holds {:.1} MB of text, more than max_length = {max_length} tokens can hold (about {} \
+         bytes); shorten the row or raise max_length",
+        bytes as f64 / 1e6,
+        bound
+    );
     let (mut ids, mut target) = match row {
         Row::Text { text } => {
-            let ids = tok.encode(text)?;
+            // Only a prefix of plain text can be trained: cut it before tokenizing.
+            let mut cut = text.len().min(bound);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let ids = tok.encode(&text[..cut])?;
             let n = ids.len();
             (ids, vec![true; n])
         }
@@ -294,14 +328,22 @@ fn mark_marker(
     if end > start {
         target[end - 1] = true;
     }
-    // Character offsets of each token within the decoded span.
+    // Byte offsets of each token within the decoded span. A token's length is what it adds to
+    // the decoding of the few tokens before it: a character split over tokens (at most 4 bytes)
+    // is whole within the window, and the time stays linear in the row's length (decoding
+    // each whole prefix took minutes on 100 KB rows).
+    const WINDOW: usize = 8;
     let mut pieces = Vec::with_capacity(end - start);
-    let mut text = String::new();
+    let mut offset = 0;
     for t in start..end {
-        let before = text.len();
-        text = tok.decode(&ids[start..=t], false)?;
-        pieces.push((before, text.len()));
+        let w = t.saturating_sub(WINDOW).max(start);
+        let with = tok.decode(&ids[w..=t], false)?.len();
+        let without = if w < t { tok.decode(&ids[w..t], false)?.len() } else { 0 };
+        let next = offset + with.saturating_sub(without);
+        pieces.push((offset, next));
+        offset = next;
     }
+    let text = tok.decode(&ids[start..end], false)?;
     let lower = text.to_lowercase();
     let needle = marker.to_lowercase();
     if needle.is_empty() || lower.len() != text.len() {

@@ -45,6 +45,20 @@ fn marker_only_trains_the_marker_and_the_last_token() {
 }
 
 #[test]
+fn marker_only_finds_the_marker_at_the_end_of_a_long_answer_in_linear_time() {
+    // A 100 KB answer took 37 s when every prefix was decoded; now the test takes well under one.
+    let m = model();
+    let answer = "All good, café. ".repeat(6_000) + "\n\n[ZLT]";
+    let row = serde_json::json!({"prompt": [{"role": "user", "content": "Hi"}],
+                                 "completion": [{"role": "assistant", "content": answer}]});
+    let ex =
+        tokenize(&m.tokenizer, &row_from_json(row).unwrap(), &LossMask::MarkerOnly { marker: "[ZLT]".into() }, 100_000)
+            .unwrap();
+    let ids: Vec<u32> = ex.ids.iter().zip(&ex.target).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+    assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), "[ZLT]<|im_end|>");
+}
+
+#[test]
 fn rows_of_the_wrong_shape_are_errors_that_say_what_is_wrong() {
     let err = row_from_json(serde_json::json!({"msgs": []})).unwrap_err().to_string();
     assert!(err.contains("none of the keys"), "{err}");

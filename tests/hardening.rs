@@ -303,14 +303,18 @@ fn read_tiny_with(
 fn a_checkpoint_whose_tensors_and_config_disagree_is_refused_naming_the_tensors() {
     assert_eq!(read_tiny_with(|_| {}, |_| {}), None, "the fixture itself loads");
     // The config says one layer fewer than the file holds.
-    let err = read_tiny_with(|c| c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into(), |_| {})
-        .expect("refused");
+    let err =
+        read_tiny_with(|c| c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into(), |_| {})
+            .expect("refused");
     assert!(err.contains("not part of a model of this config") && err.contains("model.layers.1."), "{err}");
     // A stray tensor.
     let err = read_tiny_with(
         |_| {},
         |t| {
-            t.insert("model.extra.weight".into(), candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+            t.insert(
+                "model.extra.weight".into(),
+                candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+            );
         },
     )
     .expect("refused");
@@ -325,4 +329,30 @@ fn a_checkpoint_whose_tensors_and_config_disagree_is_refused_naming_the_tensors(
     )
     .expect("refused");
     assert!(err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("the config implies"), "{err}");
+}
+
+#[test]
+fn a_huge_row_is_refused_before_tokenizing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let huge = "word ".repeat(2_000_000); // 10 MB
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{huge}\"}}, {{\"role\": \"assistant\", \"content\": \"ok\"}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let body = format!(
+        r#"
+local m = lab.model.load()
+local a = lab.adapter.new(m, {{ r = 1, target_modules = {{ "q_proj" }} }})
+local ok, err = pcall(lab.train.sft, m, a, lab.data.jsonl("{d}"), {{ max_steps = 1 }})
+print(ok, err)
+"#,
+        d = data.display()
+    );
+    let (code, out) = run_lua(&body);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("the row holds 10.0 MB of text, more than max_length = 1024"), "{out}");
 }

@@ -24,10 +24,17 @@ lab.model = {}
 ---@return Model
 function lab.model.load(spec, opts) end
 
+---@class ModelRandomOptions
+---@field dtype? "f32"|"bf16"|"f16"  Default "f32".
+---@field device? "cpu"|"cuda"       Default "cpu" ("cuda" needs a binary built with the cuda feature).
+---@field seed? integer            Draws the weights from a seeded generator on the host, the same
+---                                in every process (workers sharing a run need that); without
+---                                it they are drawn on the device (fast for large shapes).
+
 --- A model of a config's shape (a config.json path or a table of its fields) with random
 --- weights and a placeholder tokenizer ("t0", "t1", ...): for benchmarks. Prompts are token ids.
 ---@param config string|table
----@param opts? ModelLoadOptions
+---@param opts? ModelRandomOptions
 ---@return Model
 function lab.model.random(config, opts) end
 

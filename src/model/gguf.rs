@@ -31,7 +31,13 @@ pub struct GgufModel {
 pub fn read(path: &Path) -> anyhow::Result<GgufModel> {
     let shown = path.display().to_string();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open model file {shown}"))?;
-    let content = Content::read(&mut file)
+    read_from(&mut file, &shown)
+}
+
+/// Reads a GGUF model from any seekable source; `shown` names it in errors.
+pub fn read_from<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str) -> anyhow::Result<GgufModel> {
+    let shown = shown.to_string();
+    let content = Content::read(file)
         .map_err(|e| anyhow::anyhow!("{shown} is not a readable GGUF file ({e}); delete it to fetch it again"))?;
     let md = Metadata { map: &content.metadata, source: &shown };
     let arch = md.string("general.architecture")?;
@@ -41,7 +47,7 @@ pub fn read(path: &Path) -> anyhow::Result<GgufModel> {
     );
     let config = config_from_metadata(&md, &content)?;
     let tokenizer = tokenizer_from_gguf(&md)?;
-    let weights = read_weights(&content, &mut file, &config, &shown)?;
+    let weights = read_weights(&content, file, &config, &shown)?;
     let token = |key: &str| -> Option<String> {
         let id = md.map.get(key)?.to_u32().ok()?;
         tokenizer.id_to_token(id)
@@ -138,7 +144,12 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.{kind}"))
 }
 
-fn read_weights(content: &Content, file: &mut std::fs::File, cfg: &Config, source: &str) -> anyhow::Result<Weights> {
+fn read_weights<R: std::io::Read + std::io::Seek>(
+    content: &Content,
+    file: &mut R,
+    cfg: &Config,
+    source: &str,
+) -> anyhow::Result<Weights> {
     let mut tensors = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();

@@ -233,7 +233,12 @@ fn read_safetensors(dir: &Path) -> anyhow::Result<Weights> {
         })?;
         tensors.extend(loaded);
     }
-    Ok(Weights { tensors, source: dir.display().to_string() })
+    // Errors name the file a tensor came from: the one file, or the folder of shards.
+    let source = match files.as_slice() {
+        [one] => one.display().to_string(),
+        _ => format!("{} (shards of model.safetensors.index.json)", dir.display()),
+    };
+    Ok(Weights { tensors, source })
 }
 
 fn read_tokenizer(dir: &Path, config: &Config) -> anyhow::Result<TextTokenizer> {
