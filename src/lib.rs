@@ -9,6 +9,7 @@ pub mod cells;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod fuzzing;
 pub mod interrupt;
 pub mod lock;
 pub mod lua;

@@ -238,7 +238,7 @@ fn guess_value(lua: &Lua, raw: &str) -> mlua::Result<Value> {
 
 /// `lab.settings(defaults)`: a copy of `defaults` with the `--set` values applied, each converted
 /// to the type of its default. An unknown key or an unconvertible value is an error naming it.
-fn resolve_settings(lua: &Lua, defaults: &Table, given: &Settings) -> mlua::Result<Table> {
+pub fn resolve_settings(lua: &Lua, defaults: &Table, given: &Settings) -> mlua::Result<Table> {
     let out = lua.create_table()?;
     let mut known = Vec::new();
     for pair in defaults.pairs::<String, Value>() {

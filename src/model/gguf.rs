@@ -37,6 +37,7 @@ pub fn read(path: &Path) -> anyhow::Result<GgufModel> {
 /// Reads a GGUF model from any seekable source; `shown` names it in errors.
 pub fn read_from<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str) -> anyhow::Result<GgufModel> {
     let shown = shown.to_string();
+    header::check(file).map_err(|e| anyhow::anyhow!("{shown} is not a readable GGUF file ({e:#})"))?;
     let content = Content::read(file)
         .map_err(|e| anyhow::anyhow!("{shown} is not a readable GGUF file ({e}); delete it to fetch it again"))?;
     let md = Metadata { map: &content.metadata, source: &shown };
@@ -277,5 +278,121 @@ mod tests {
         let back = unpermute_rotary_rows(&permuted, heads)?;
         assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
         Ok(())
+    }
+}
+
+/// A bounded walk over a GGUF header before candle reads it. candle allocates whatever the
+/// header's counts and lengths ask for; a damaged or hostile file (a string "of" 2^60 bytes)
+/// would abort the process. Here every count and length is checked against the bytes that
+/// remain in the file, so that what candle then allocates is bounded by the file's size.
+mod header {
+    use std::io::{Read, Seek, SeekFrom};
+
+    const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
+    /// Arrays of arrays deeper than this are no model's metadata.
+    const MAX_DEPTH: usize = 4;
+
+    struct Walk<'a, R> {
+        r: std::io::BufReader<&'a mut R>,
+        left: u64,
+        version: u32,
+    }
+
+    pub fn check<R: Read + Seek>(file: &mut R) -> anyhow::Result<()> {
+        let len = file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(0))?;
+        let mut w = Walk { r: std::io::BufReader::new(&mut *file), left: len, version: 0 };
+        anyhow::ensure!(w.u32()? == MAGIC, "no GGUF magic number at the start");
+        w.version = w.u32()?;
+        anyhow::ensure!((1..=3).contains(&w.version), "GGUF version {} is not supported (1 to 3)", w.version);
+        let tensors = w.count(8 + 4 + 4 + 8)?; // the least a tensor's entry takes
+        let entries = w.count(8 + 4)?;
+        for _ in 0..entries {
+            w.string()?;
+            let kind = w.u32()?;
+            w.value(kind, 0)?;
+        }
+        for _ in 0..tensors {
+            w.string()?;
+            let dims = w.u32()?;
+            anyhow::ensure!((1..=4).contains(&dims), "a tensor has {dims} dimensions (1 to 4)");
+            let mut elements: u64 = 1;
+            for _ in 0..dims {
+                let d = w.u64_or_u32()?;
+                elements = elements.checked_mul(d).filter(|&e| e <= len.saturating_mul(8)).ok_or_else(|| {
+                    anyhow::anyhow!("a tensor's dimensions ask for more elements than the file can hold")
+                })?;
+            }
+            w.u32()?; // its type
+            w.u64()?; // its offset; candle checks the data it reads against the file
+        }
+        drop(w);
+        file.seek(SeekFrom::Start(0))?;
+        Ok(())
+    }
+
+    impl<R: Read> Walk<'_, R> {
+        fn take(&mut self, n: u64) -> anyhow::Result<()> {
+            anyhow::ensure!(n <= self.left, "the header runs past the end of the file");
+            self.left -= n;
+            Ok(())
+        }
+        fn bytes<const N: usize>(&mut self) -> anyhow::Result<[u8; N]> {
+            self.take(N as u64)?;
+            let mut b = [0u8; N];
+            self.r.read_exact(&mut b)?;
+            Ok(b)
+        }
+        fn u32(&mut self) -> anyhow::Result<u32> {
+            Ok(u32::from_le_bytes(self.bytes()?))
+        }
+        fn u64(&mut self) -> anyhow::Result<u64> {
+            Ok(u64::from_le_bytes(self.bytes()?))
+        }
+        /// Lengths and counts are u32 in version 1, u64 after.
+        fn u64_or_u32(&mut self) -> anyhow::Result<u64> {
+            if self.version == 1 {
+                Ok(self.u32()? as u64)
+            } else {
+                self.u64()
+            }
+        }
+        /// A count of items of at least `min_size` bytes each, checked against what is left.
+        fn count(&mut self, min_size: u64) -> anyhow::Result<u64> {
+            let n = self.u64_or_u32()?;
+            anyhow::ensure!(
+                n.saturating_mul(min_size) <= self.left,
+                "the header counts {n} items, more than the file can hold"
+            );
+            Ok(n)
+        }
+        fn skip(&mut self, n: u64) -> anyhow::Result<()> {
+            self.take(n)?;
+            std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
+            Ok(())
+        }
+        fn string(&mut self) -> anyhow::Result<()> {
+            let n = self.u64_or_u32()?;
+            self.skip(n)
+        }
+        fn value(&mut self, kind: u32, depth: usize) -> anyhow::Result<()> {
+            match kind {
+                0 | 1 | 7 => self.skip(1),
+                2 | 3 => self.skip(2),
+                4..=6 => self.skip(4),
+                10..=12 => self.skip(8),
+                8 => self.string(),
+                9 => {
+                    anyhow::ensure!(depth < MAX_DEPTH, "metadata arrays nested deeper than {MAX_DEPTH}");
+                    let item = self.u32()?;
+                    let n = self.count(1)?;
+                    for _ in 0..n {
+                        self.value(item, depth + 1)?;
+                    }
+                    Ok(())
+                }
+                other => anyhow::bail!("metadata value of unknown type {other}"),
+            }
+        }
     }
 }

@@ -243,8 +243,8 @@ fn read_safetensors(dir: &Path) -> anyhow::Result<Weights> {
 
 fn read_tokenizer(dir: &Path, config: &Config) -> anyhow::Result<TextTokenizer> {
     let tok_path = dir.join("tokenizer.json");
-    let inner = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read the tokenizer ({e})", tok_path.display()))?;
+    let bytes = std::fs::read(&tok_path).with_context(|| format!("cannot read {}", tok_path.display()))?;
+    let inner = super::tokenizer::parse_tokenizer_json(&bytes, &tok_path.display().to_string())?;
     let tc: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
         Ok(t) => serde_json::from_str(&t)
             .with_context(|| format!("{}/tokenizer_config.json is not valid JSON", dir.display()))?,
