@@ -356,3 +356,31 @@ print(ok, err)
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("the row holds 10.0 MB of text, more than max_length = 1024"), "{out}");
 }
+
+#[test]
+fn a_gguf_with_more_layers_of_tensors_than_its_block_count_is_refused_naming_them() {
+    use candle_core::quantized::gguf_file;
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/gguf/tiny-llama.gguf");
+    let mut file = std::fs::File::open(&seed).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    // The one layer's tensors again as a second layer, with block_count still 1.
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let t = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
+        if let Some(rest) = name.strip_prefix("blk.0.") {
+            let again = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
+            tensors.push((format!("blk.1.{rest}"), again));
+        }
+        tensors.push((name.clone(), t));
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two-layers-one-block.gguf");
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+    let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
+    let err = format!("{:#}", loralab::model::load(&path.display().to_string(), &opts).err().expect("refused"));
+    assert!(err.contains("two-layers-one-block.gguf") && err.contains("model.layers.1."), "{err}");
+    // The seed itself loads.
+    loralab::model::load(&seed.display().to_string(), &opts).expect("the seed loads");
+}
