@@ -46,7 +46,8 @@ pub fn config(bytes: &[u8]) -> bool {
     }
     // Only shapes a test can afford; the size bounds themselves are the loaders' to check.
     let params = cfg.vocab_size.saturating_mul(cfg.hidden_size).saturating_add(
-        cfg.num_hidden_layers.saturating_mul(cfg.hidden_size.saturating_mul(cfg.intermediate_size.max(cfg.hidden_size))),
+        cfg.num_hidden_layers
+            .saturating_mul(cfg.hidden_size.saturating_mul(cfg.intermediate_size.max(cfg.hidden_size))),
     );
     if params > 1 << 20 || cfg.max_position_embeddings > 1 << 12 {
         return true;
@@ -165,9 +166,8 @@ pub fn clean_scratch() {
 
 /// The seed inputs of a target: the files of `corpus/<target>/`.
 pub fn seeds(corpus: &Path, target: &str) -> Vec<Vec<u8>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus.join(target))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(corpus.join(target)).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     files.sort();
     files.into_iter().filter_map(|f| std::fs::read(f).ok()).collect()
 }

@@ -111,6 +111,8 @@ pub struct SampleStats {
     pub generated_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// The most rows decoded at once.
+    pub peak_rows: usize,
 }
 
 /// Generates `opts.n` completions for each prompt (token ids). Returns them per prompt, in order.
@@ -132,6 +134,7 @@ pub fn sample(
             opts.max_tokens
         );
     }
+    check_results_fit(prompts.len(), opts)?;
     if !model.device().is_cpu() {
         model.device().set_seed(opts.seed)?;
     }
@@ -205,6 +208,7 @@ fn sample_group(
     let ids = Tensor::from_vec(ids, (p, l), &device)?;
     let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
     check_cache_fits(&dec.config, p * completions.len(), l + opts.max_tokens, dec.dtype, &device, opts)?;
+    stats.peak_rows = stats.peak_rows.max(p * completions.len());
     let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
     let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
     let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
@@ -290,6 +294,25 @@ fn sample_group(
         });
     }
     Ok(out)
+}
+
+/// Refuses to start when the completions alone (their token ids and text, about 8 bytes a
+/// token at most) could not fit in memory: `n = 1e7` would otherwise run for hours and then
+/// abort the process.
+fn check_results_fit(prompts: usize, opts: &SampleOptions) -> anyhow::Result<()> {
+    let bytes = 8.0 * prompts as f64 * opts.n as f64 * opts.max_tokens as f64;
+    if let Some(available) = crate::lua::sys::available_memory_bytes() {
+        anyhow::ensure!(
+            bytes <= available as f64,
+            "{prompts} prompts x n = {} completions x max_tokens = {} could need {:.1} GiB for the completions \
+             alone, more than the {:.1} GiB of memory available; lower n or max_tokens",
+            opts.n,
+            opts.max_tokens,
+            bytes / 2f64.powi(30),
+            available as f64 / 2f64.powi(30)
+        );
+    }
+    Ok(())
 }
 
 /// On the CPU, refuses a KV cache larger than the memory available, naming the settings to

@@ -169,7 +169,8 @@ fn write_the_seed_corpus() {
     tensors.push(("blk.0.ffn_norm.weight".into(), Tensor::ones(d, DType::F32, &dev).unwrap()));
     let q: Vec<(String, QTensor)> =
         tensors.iter().map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap())).collect();
-    let strings = |xs: &[&str]| gguf_file::Value::Array(xs.iter().map(|s| gguf_file::Value::String(s.to_string())).collect());
+    let strings =
+        |xs: &[&str]| gguf_file::Value::Array(xs.iter().map(|s| gguf_file::Value::String(s.to_string())).collect());
     let meta: Vec<(&str, gguf_file::Value)> = vec![
         ("general.architecture", gguf_file::Value::String("llama".into())),
         ("llama.block_count", gguf_file::Value::U32(1)),
@@ -183,7 +184,10 @@ fn write_the_seed_corpus() {
         ("tokenizer.ggml.tokens", strings(&["a", "b", "ab", "c", "<s>", "</s>", "Ġ", "Ġa"])),
         ("tokenizer.ggml.merges", strings(&["a b", "Ġ a"])),
         ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(5)),
-        ("tokenizer.chat_template", gguf_file::Value::String("{% for m in messages %}{{ m.content }}{% endfor %}".into())),
+        (
+            "tokenizer.chat_template",
+            gguf_file::Value::String("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+        ),
     ];
     let mut buf = std::io::Cursor::new(Vec::new());
     let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();

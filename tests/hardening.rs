@@ -97,19 +97,22 @@ fn sampling_more_completions_than_the_batch_gives_the_same_completions_in_slices
         r#"
 local m = tiny()
 local a = m:sample({ {1, 2, 3} }, { n = 6, max_tokens = 5, seed = 9, batch_size = 64, ignore_eos = true })
-local b = m:sample({ {1, 2, 3} }, { n = 6, max_tokens = 5, seed = 9, batch_size = 4, ignore_eos = true })
+local b, st = m:sample({ {1, 2, 3} }, { n = 6, max_tokens = 5, seed = 9, batch_size = 4, ignore_eos = true })
 for i = 1, 6 do assert(a[1][i].text == b[1][i].text, i .. ": " .. a[1][i].text .. " vs " .. b[1][i].text) end
-print("same", #b[1])
+print("same", #b[1], "peak", st.peak_rows)
+local ok, err = pcall(m.sample, m, { {1, 2} }, { n = 10000000000, max_tokens = 60, batch_size = 4 })
+print(ok, err)
 "#,
     );
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("same\t6"), "{out}");
+    assert!(out.contains("same\t6\tpeak\t4"), "rows in flight bounded by batch_size: {out}");
+    assert!(out.contains("lower n or max_tokens"), "{out}");
 }
 
 #[test]
 fn a_kv_cache_larger_than_memory_is_refused_naming_batch_size() {
     fails_naming(
-        "tiny({ max_position_embeddings = 4000000 }):sample({ {1, 2} }, { n = 100000, batch_size = 100000, max_tokens = 3000000 })",
+        "tiny({ max_position_embeddings = 4000000 }):sample({ {1, 2} }, { n = 100000, batch_size = 100000, max_tokens = 3000 })",
         "lower batch_size (now 100000)",
     );
 }

@@ -60,6 +60,7 @@ function lab.model.random(config, opts) end
 ---@field generated_tokens integer
 ---@field prefill_seconds number
 ---@field decode_seconds number
+---@field peak_rows integer       The most completions decoded at once (at most batch_size).
 
 ---@class Completion
 ---@field text string

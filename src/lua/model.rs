@@ -269,6 +269,7 @@ impl UserData for LuaModel {
             st.set("generated_tokens", stats.generated_tokens)?;
             st.set("prefill_seconds", stats.prefill_seconds)?;
             st.set("decode_seconds", stats.decode_seconds)?;
+            st.set("peak_rows", stats.peak_rows)?;
             Ok((result, st))
         });
     }
