@@ -13,8 +13,11 @@ use candle_core::{DType, Device};
 
 use crate::model::{Decoder, LoadOptions};
 
+/// A fuzz target: takes any bytes, says whether they were accepted.
+pub type Target = fn(&[u8]) -> bool;
+
 /// The fuzz targets by name.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("config", config),

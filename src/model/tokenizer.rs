@@ -113,6 +113,16 @@ pub fn render_chat_template(
     Ok(out)
 }
 
+/// Parses a tokenizer.json. The tokenizers crate panics on some malformed files (a control
+/// character inside its decoder's JSON): that panic becomes an error naming the file.
+pub fn parse_tokenizer_json(bytes: &[u8], shown: &str) -> anyhow::Result<tokenizers::Tokenizer> {
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(anyhow::anyhow!("{shown}: cannot read the tokenizer ({e})")),
+        Err(_) => Err(anyhow::anyhow!("{shown}: cannot read the tokenizer (the file is malformed)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,15 +144,5 @@ mod tests {
         let src = "{{ messages[0].content.strip() }}";
         let msgs = vec![Message { role: "user".into(), content: "  x  ".into() }];
         assert_eq!(render_chat_template(src, &msgs, false, None, None).unwrap(), "x");
-    }
-}
-
-/// Parses a tokenizer.json. The tokenizers crate panics on some malformed files (a control
-/// character inside its decoder's JSON): that panic becomes an error naming the file.
-pub fn parse_tokenizer_json(bytes: &[u8], shown: &str) -> anyhow::Result<tokenizers::Tokenizer> {
-    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(anyhow::anyhow!("{shown}: cannot read the tokenizer ({e})")),
-        Err(_) => Err(anyhow::anyhow!("{shown}: cannot read the tokenizer (the file is malformed)")),
     }
 }
