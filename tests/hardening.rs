@@ -387,3 +387,33 @@ fn a_gguf_with_more_layers_of_tensors_than_its_block_count_is_refused_naming_the
     // The seed itself loads.
     loralab::model::load(&seed.display().to_string(), &opts).expect("the seed loads");
 }
+
+#[test]
+fn a_gguf_projection_with_too_few_rows_names_the_file_and_the_tensor() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/gguf/tiny-llama.gguf");
+    let mut file = std::fs::File::open(&seed).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let mut t = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
+        if name == "blk.0.attn_q.weight" {
+            let w = t.dequantize(&candle_core::Device::Cpu).unwrap();
+            let rows = w.dim(0).unwrap() - 2;
+            // A fresh tensor: quantizing a view would read its whole storage.
+            let values = w.narrow(0, 0, rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let fewer =
+                candle_core::Tensor::from_vec(values, (rows, w.dim(1).unwrap()), &candle_core::Device::Cpu).unwrap();
+            t = QTensor::quantize(&fewer, GgmlDType::F32).unwrap();
+        }
+        tensors.push((name.clone(), t));
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("short-q.gguf");
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+    let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
+    let err = format!("{:#}", loralab::model::load(&path.display().to_string(), &opts).err().expect("refused"));
+    assert!(err.contains("short-q.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("[6, 8]"), "{err}");
+}
