@@ -319,6 +319,8 @@ mod header {
             let mut elements: u64 = 1;
             for _ in 0..dims {
                 let d = w.u64_or_u32()?;
+                // An empty tensor makes candle build a slice from a dangling, misaligned pointer.
+                anyhow::ensure!(d > 0, "a tensor has a dimension of size 0");
                 elements = elements.checked_mul(d).filter(|&e| e <= len.saturating_mul(8)).ok_or_else(|| {
                     anyhow::anyhow!("a tensor's dimensions ask for more elements than the file can hold")
                 })?;
