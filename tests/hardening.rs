@@ -360,60 +360,70 @@ print(ok, err)
     assert!(out.contains("the row holds 10.0 MB of text, more than max_length = 1024"), "{out}");
 }
 
-#[test]
-fn a_gguf_with_more_layers_of_tensors_than_its_block_count_is_refused_naming_them() {
-    use candle_core::quantized::gguf_file;
+/// The tiny seed GGUF written again to `dir/name` with its tensors passed through `edit` (which
+/// returns the tensors to write for each one read), its metadata unchanged; and the seed's path.
+fn rewrite_seed_gguf(
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&str, candle_core::quantized::QTensor) -> Vec<(String, candle_core::quantized::QTensor)>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use candle_core::quantized::{gguf_file, QTensor};
     let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/gguf/tiny-llama.gguf");
     let mut file = std::fs::File::open(&seed).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    // The one layer's tensors again as a second layer, with block_count still 1.
     let mut tensors = Vec::new();
-    for name in content.tensor_infos.keys() {
-        let t = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
-        if let Some(rest) = name.strip_prefix("blk.0.") {
-            let again = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
-            tensors.push((format!("blk.1.{rest}"), again));
-        }
-        tensors.push((name.clone(), t));
+    for n in content.tensor_infos.keys() {
+        tensors.extend(edit(n, content.tensor(&mut file, n, &candle_core::Device::Cpu).unwrap()));
     }
     let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("two-layers-one-block.gguf");
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let path = dir.join(name);
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+    (path, seed)
+}
+
+fn load_error(path: &Path) -> String {
     let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
-    let err = format!("{:#}", loralab::model::load(&path.display().to_string(), &opts).err().expect("refused"));
+    format!("{:#}", loralab::model::load(&path.display().to_string(), &opts).err().expect("refused"))
+}
+
+#[test]
+fn a_gguf_with_more_layers_of_tensors_than_its_block_count_is_refused_naming_them() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = tempfile::tempdir().unwrap();
+    // The one layer's tensors again as a second layer, with block_count still 1.
+    let (path, seed) =
+        rewrite_seed_gguf(dir.path(), "two-layers-one-block.gguf", |n, t| match n.strip_prefix("blk.0.") {
+            Some(rest) => {
+                let again =
+                    QTensor::quantize(&t.dequantize(&candle_core::Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+                vec![(n.to_string(), t), (format!("blk.1.{rest}"), again)]
+            }
+            None => vec![(n.to_string(), t)],
+        });
+    let err = load_error(&path);
     assert!(err.contains("two-layers-one-block.gguf") && err.contains("model.layers.1."), "{err}");
     // The seed itself loads.
+    let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
     loralab::model::load(&seed.display().to_string(), &opts).expect("the seed loads");
 }
 
 #[test]
 fn a_gguf_projection_with_too_few_rows_names_the_file_and_the_tensor() {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/gguf/tiny-llama.gguf");
-    let mut file = std::fs::File::open(&seed).unwrap();
-    let content = gguf_file::Content::read(&mut file).unwrap();
-    let mut tensors = Vec::new();
-    for name in content.tensor_infos.keys() {
-        let mut t = content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap();
-        if name == "blk.0.attn_q.weight" {
-            let w = t.dequantize(&candle_core::Device::Cpu).unwrap();
-            let rows = w.dim(0).unwrap() - 2;
-            // A fresh tensor: quantizing a view would read its whole storage.
-            let values = w.narrow(0, 0, rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let fewer =
-                candle_core::Tensor::from_vec(values, (rows, w.dim(1).unwrap()), &candle_core::Device::Cpu).unwrap();
-            t = QTensor::quantize(&fewer, GgmlDType::F32).unwrap();
-        }
-        tensors.push((name.clone(), t));
-    }
-    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    use candle_core::quantized::{GgmlDType, QTensor};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("short-q.gguf");
-    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
-    let opts = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
-    let err = format!("{:#}", loralab::model::load(&path.display().to_string(), &opts).err().expect("refused"));
+    let (path, _) = rewrite_seed_gguf(dir.path(), "short-q.gguf", |n, t| {
+        if n != "blk.0.attn_q.weight" {
+            return vec![(n.to_string(), t)];
+        }
+        let w = t.dequantize(&candle_core::Device::Cpu).unwrap();
+        let rows = w.dim(0).unwrap() - 2;
+        // A fresh tensor: quantizing a view would read its whole storage.
+        let values = w.narrow(0, 0, rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fewer =
+            candle_core::Tensor::from_vec(values, (rows, w.dim(1).unwrap()), &candle_core::Device::Cpu).unwrap();
+        vec![(n.to_string(), QTensor::quantize(&fewer, GgmlDType::F32).unwrap())]
+    });
+    let err = load_error(&path);
     assert!(err.contains("short-q.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("[6, 8]"), "{err}");
 }
