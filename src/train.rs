@@ -75,6 +75,9 @@ pub struct TrainConfig {
     /// Keep only each layer's input and run the layer again in the backward pass: a third more
     /// compute for a fraction of the activation memory.
     pub gradient_checkpointing: bool,
+    /// A step whose loss or gradient norm is not finite is skipped (the adapter unchanged, no
+    /// log record) instead of stopping training with an error.
+    pub skip_nonfinite_steps: bool,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +100,7 @@ impl Default for TrainConfig {
             data_seed: 42,
             shuffle: true,
             gradient_checkpointing: false,
+            skip_nonfinite_steps: false,
         }
     }
 }
@@ -277,7 +281,7 @@ impl AdamW {
 }
 
 /// Trains `adapter` on `examples`; calls `on_step` after every optimizer step (an error from
-/// it stops training). Returns the log.
+/// it stops training). Returns the log: one record per step taken (skipped steps have none).
 pub fn train(
     decoder: &Decoder,
     adapter: &Adapter,
@@ -351,6 +355,14 @@ pub fn train(
         let loss_sum = losses.iter().map(|l| l.to_scalar::<f64>()).sum::<candle_core::Result<f64>>()?;
         let norm = global_norm(&grads)?;
         // A non-finite loss or gradient would turn the adapter into NaN without a word.
+        if !(loss_sum.is_finite() && norm.is_finite()) && cfg.skip_nonfinite_steps {
+            eprintln!(
+                "training step {} of {total}: the loss is {loss_sum} and the gradient norm {norm}; skipped \
+                 (skip_nonfinite_steps), the adapter unchanged",
+                step + 1
+            );
+            continue;
+        }
         anyhow::ensure!(
             loss_sum.is_finite() && norm.is_finite(),
             "training step {} of {total}: the loss is {loss_sum} and the gradient norm {norm}; the adapter \

@@ -70,6 +70,14 @@ fn a_step_whose_loss_or_gradient_is_not_finite_stops_training_naming_the_step() 
     fails_naming("train({ learning_rate = 1e30, max_steps = 4 })", "training step ");
     let (_, out) = run_lua("train({ learning_rate = 1e30, max_steps = 4 })");
     assert!(out.contains("the adapter was not updated") && out.contains("Lower learning_rate"), "{out}");
+    // Or, when asked, such steps are skipped and counted.
+    let (code, out) =
+        run_lua("local log = train({ learning_rate = 1e30, max_steps = 4, skip_nonfinite_steps = true })\nprint('taken', #log, 'skipped', log.skipped_steps)");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("skipped (skip_nonfinite_steps)"), "{out}");
+    let line = out.lines().find(|l| l.starts_with("taken")).unwrap();
+    let n: Vec<i64> = line.split('\t').filter_map(|x| x.parse().ok()).collect();
+    assert!(n[0] + n[1] == 4 && n[1] >= 1, "{line}");
 }
 
 #[test]

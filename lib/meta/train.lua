@@ -36,11 +36,13 @@ lab.train = {}
 ---@field gradient_checkpointing? boolean    Keep only each layer's input and recompute the layer in the backward pass: about a third more compute, much less memory. Default false.
 ---@field loss_mask? "last_assistant"|"all_assistant"|"completion"|"marker_only"|"all"|fun(info: {ids: integer[], row: table, index: integer}): integer[][]  Which tokens are trained; a function returns 1-based inclusive {from, to} token spans. Default "last_assistant".
 ---@field marker? string                     The marker of loss_mask = "marker_only".
+---@field skip_nonfinite_steps? boolean      Skip a step whose loss or gradient norm is not finite (the adapter unchanged, no record) instead of stopping with an error naming the step. Default false.
 ---@field on_step? fun(record: StepRecord)   Called after every optimizer step.
 
 ---@class SftLog: StepRecord[]
 ---@field rows integer
 ---@field rows_without_targets integer
+---@field skipped_steps integer              Steps skipped under skip_nonfinite_steps.
 ---@field seconds number
 ---@field tokens_per_second number
 

@@ -62,6 +62,7 @@ fn sft(
         data_seed: o.get_or(lua, "data_seed", seed)?,
         shuffle: o.get_or(lua, "shuffle", true)?,
         gradient_checkpointing: o.get_or(lua, "gradient_checkpointing", false)?,
+        skip_nonfinite_steps: o.get_or(lua, "skip_nonfinite_steps", false)?,
     };
     let max_length: usize = o.get_or(lua, "max_length", 1024)?;
     let marker: Option<String> = o.get(lua, "marker")?;
@@ -120,6 +121,7 @@ fn sft(
     }
     out.set("rows", examples.len())?;
     out.set("rows_without_targets", empty)?;
+    out.set("skipped_steps", cfg.checked_total_steps(examples.len()).unwrap_or(log.len()) - log.len())?;
     out.set("seconds", seconds)?;
     out.set("tokens_per_second", seen as f64 / seconds.max(1e-9))?;
     Ok(out)
