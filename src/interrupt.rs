@@ -85,7 +85,15 @@ pub fn signal_name(sig: i32) -> String {
     }
 }
 
-/// Whether an error message reads as a stop requested by a signal.
-pub fn is_interruption(message: &str) -> bool {
-    requested().is_some() && message.contains("interrupted by SIG")
+/// Sleeps `seconds` in short slices, returning early with [`Interrupted`] on a stop request.
+pub fn sleep(seconds: f64) -> Result<(), Interrupted> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds.clamp(0.0, 1e7));
+    loop {
+        check()?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+    }
 }

@@ -8,7 +8,7 @@
 //! cell at the next step boundary, so a requeued or resubmitted task resumes it. Running the
 //! command again submits only the tasks that are missing (neither queued nor running).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::Context;
@@ -228,14 +228,6 @@ pub fn submissions(dir: &Path) -> Vec<Submission> {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default()
-}
-
-pub fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
-    }
 }
 
 #[cfg(test)]

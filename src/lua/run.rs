@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mlua::{Function, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
 
@@ -308,7 +308,7 @@ impl LuaRun {
                 if outcomes[i].is_some() {
                     continue;
                 }
-                check_interrupt(lua)?;
+                check_interrupt()?;
                 match cells::claim(&e.dir, ttl).map_err(|err| mlua::Error::runtime(format!("{err:#}")))? {
                     Claim::Finished => {
                         if let Some(v) = read_result(&e.dir)? {
@@ -345,7 +345,7 @@ impl LuaRun {
                     eprintln!("{note}");
                     last_wait_note = note;
                 }
-                wait_a_little(lua, (ttl / 8.0).clamp(0.2, 2.0))?;
+                interrupt::sleep((ttl / 8.0).clamp(0.2, 2.0)).map_err(stopped)?;
             }
         }
         Ok(outcomes.into_iter().map(|o| o.expect("every cell ended")).collect())
@@ -375,14 +375,13 @@ impl LuaRun {
         self.note_models();
         let dir = lease.dir().to_path_buf();
         cells::remove_dead_writers_files(&dir);
-        write_json(&dir.join(cells::KEY), &e.key_json)?;
         interrupt::set_activity(format!("cell {}", e.name));
         let started = Instant::now();
         let started_at = cells::now_unix();
         let mut last_error = String::new();
         let mut oom = false;
         for attempt in 1..=retries + 1 {
-            check_interrupt(lua)?;
+            check_interrupt()?;
             let ctx = lua.create_table()?;
             ctx.set("name", e.name.clone())?;
             ctx.set("dir", dir.display().to_string())?;
@@ -525,8 +524,12 @@ fn list_items(list: &Table) -> mlua::Result<Vec<(Value, Value)>> {
     Ok(items)
 }
 
-fn check_interrupt(_lua: &Lua) -> mlua::Result<()> {
-    interrupt::check().map_err(|e| mlua::Error::runtime(format!("{e} while {}", describe_activity())))
+fn check_interrupt() -> mlua::Result<()> {
+    interrupt::check().map_err(stopped)
+}
+
+fn stopped(e: interrupt::Interrupted) -> mlua::Error {
+    mlua::Error::runtime(format!("{e} while {}", describe_activity()))
 }
 
 fn describe_activity() -> String {
@@ -534,16 +537,6 @@ fn describe_activity() -> String {
         a if a.is_empty() => "running the script".into(),
         a => a,
     }
-}
-
-/// Sleeps `seconds`, waking early for a stop request.
-fn wait_a_little(lua: &Lua, seconds: f64) -> mlua::Result<()> {
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
-    while Instant::now() < until {
-        check_interrupt(lua)?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 impl UserData for LuaRun {

@@ -35,13 +35,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             if !seconds.is_finite() || seconds < 0.0 {
                 return Err(mlua::Error::runtime(format!("lab.sys.sleep: {seconds} is not a number of seconds >= 0")));
             }
-            // In slices, so that a stop signal ends the wait at once.
-            let until = Instant::now() + std::time::Duration::from_secs_f64(seconds.min(1e7));
-            while Instant::now() < until {
-                crate::interrupt::check().map_err(|e| mlua::Error::runtime(e.to_string()))?;
-                std::thread::sleep((until - Instant::now()).min(std::time::Duration::from_millis(50)));
-            }
-            Ok(())
+            crate::interrupt::sleep(seconds).map_err(|e| mlua::Error::runtime(e.to_string()))
         })?,
     )?;
     Ok(m)
