@@ -391,3 +391,33 @@ print(pcall(lab.train.sft, m, a, rows, { max_steps = 1, gradient_checkpointing =
     assert!(out.contains("unknown option 'gradient_checkpoint' (did you mean 'gradient_checkpointing'?)"), "{out}");
     assert!(out.contains("option 'gradient_checkpointing' must be true or false, got a string"), "{out}");
 }
+
+#[test]
+fn a_cell_group_with_an_item_lacking_a_name_or_key_or_given_twice_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"
+local lab = require("lab")
+local run = lab.run.open("{}")
+local ran = 0
+local function try(list, opts)
+  local ok, err = pcall(run.cells, run, list, function() ran = ran + 1; return {{}} end, opts)
+  print(ok, (tostring(err):gsub("\n.*", "")))
+end
+try({{ {{ key = 1 }} }})
+try({{ {{ name = "a" }} }})
+try({{ {{ name = "a", key = 1 }}, {{ name = "a", key = 1 }} }})
+try({{ {{ name = "a", key = 1 }} }}, {{ retrys = 2 }})
+print("ran", ran)
+"#,
+        dir.path().join("run").display()
+    );
+    let path = script(dir.path(), "bad_group.lua", &body);
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{err}");
+    assert!(out.contains("item 1 has no name"), "{out}");
+    assert!(out.contains("item 1 (a) has no key"), "{out}");
+    assert!(out.contains("two items are the same cell (a with the same key)"), "{out}");
+    assert!(out.contains("retrys") && out.contains("retries"), "a misspelt option names the right one: {out}");
+    assert!(out.contains("ran\t0"), "{out}");
+}
