@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fuzzing;
 pub mod interrupt;
 pub mod lock;
+pub mod logprobs;
 pub mod lua;
 pub mod model;
 pub mod plot;

@@ -131,3 +131,44 @@ function Model:merge(adapter) end
 
 ---@return ModelInfo
 function Model:info() end
+
+---@class LogprobItem
+---@field prompt string|Message[]|integer[]      Text, a conversation (rendered with the generation prompt) or token ids.
+---@field completion string|Message[]|integer[]  The continuation scored. Text is tokenized on its own and
+---                                               follows the prompt's tokens; messages (with a conversation
+---                                               prompt) are rendered with it by the chat template and scored
+---                                               from the end of the prompt's tokens, end-of-turn tokens included.
+
+---@class LogprobOptions
+---@field adapter? Adapter     Applied on the fly (unmerged); a merged model gives the same scores.
+---@field batch_size? integer  Sequences run at once. Default 8.
+---@field top_k? integer       Alternatives kept per scored position and after the sequence. Default 0 (none).
+
+---@class TokenAlternative
+---@field id integer
+---@field token string   The token decoded alone.
+---@field logprob number Natural log.
+
+---@class Logprobs
+---@field token_ids integer[]  The continuation's tokens.
+---@field tokens string[]      Each decoded alone.
+---@field logprobs number[]    log p(token i | prompt, tokens before i), natural log, teacher forced.
+---@field num_tokens integer
+---@field sum number           Sum of logprobs: the continuation's log-probability.
+---@field mean? number         sum / num_tokens (absent for an empty continuation).
+---@field top? TokenAlternative[][]  With top_k: the top_k tokens at each scored position, most likely first.
+---@field next? TokenAlternative[]   With top_k: the top_k tokens after the whole sequence.
+
+--- Per-token log-probabilities of given continuations under teacher forcing, batched (the
+--- scores do not depend on the batch). For each item: its continuation's tokens and their
+--- log-probabilities, their sum and mean, and with `top_k` the most likely alternatives.
+---@param items LogprobItem[]
+---@param opts? LogprobOptions
+---@return Logprobs[]
+function Model:logprobs(items, opts) end
+
+--- The `top_k` (default 10) most likely next tokens after each prompt, most likely first.
+---@param prompts (string|Message[]|integer[])[]
+---@param opts? LogprobOptions
+---@return TokenAlternative[][]
+function Model:next_token_logprobs(prompts, opts) end

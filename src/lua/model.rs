@@ -7,6 +7,7 @@ use mlua::{Lua, LuaSerdeExt, Table, UserData, UserDataMethods, Value};
 
 use super::opts::Opts;
 use crate::model::{self, LoadOptions, Message, Model};
+use crate::logprobs::{self, LogprobOptions, Scored, Sequence};
 use crate::sample::{self, SampleOptions};
 
 /// The Lua handle of a loaded model.
@@ -123,6 +124,10 @@ pub fn messages_from_lua(value: &Table, context: &str) -> mlua::Result<Vec<Messa
 
 /// A prompt is either raw text or a conversation, rendered with the chat template.
 fn prompt_ids(model: &Model, value: Value, index: usize) -> mlua::Result<Vec<u32>> {
+    prompt_ids_for("model:sample", model, value, index)
+}
+
+fn prompt_ids_for(context: &str, model: &Model, value: Value, index: usize) -> mlua::Result<Vec<u32>> {
     let text = match value {
         Value::String(s) => s.to_str()?.to_string(),
         Value::Table(t) if matches!(t.raw_get::<Value>(1)?, Value::Integer(_)) => {
@@ -134,7 +139,7 @@ fn prompt_ids(model: &Model, value: Value, index: usize) -> mlua::Result<Vec<u32
                     Value::Integer(i) if (0..vocab).contains(&i) => ids.push(i as u32),
                     other => {
                         return Err(mlua::Error::runtime(format!(
-                            "model:sample: prompt {index}: {other:?} is not a token id of this model (0..{vocab})"
+                            "{context}: prompt {index}: {other:?} is not a token id of this model (0..{vocab})"
                         )))
                     }
                 }
@@ -142,12 +147,12 @@ fn prompt_ids(model: &Model, value: Value, index: usize) -> mlua::Result<Vec<u32
             return Ok(ids);
         }
         Value::Table(t) => {
-            let msgs = messages_from_lua(&t, &format!("model:sample: prompt {index}"))?;
-            model.tokenizer.chat_prompt(&msgs, true).map_err(mlua::Error::external)?
+            let msgs = messages_from_lua(&t, &format!("{context}: prompt {index}"))?;
+            model.tokenizer.chat_prompt(&msgs, true).map_err(|e| mlua::Error::runtime(format!("{context}: prompt {index}: {e:#}")))?
         }
         other => {
             return Err(mlua::Error::runtime(format!(
-                "model:sample: prompt {index} must be a string or a list of messages, got {}",
+                "{context}: prompt {index} must be a string, a list of token ids or a list of messages, got {}",
                 other.type_name()
             )))
         }
@@ -175,20 +180,139 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         batch_size: o.get_or(lua, "batch_size", d.batch_size)?,
         ignore_eos: o.get_or(lua, "ignore_eos", d.ignore_eos)?,
     };
-    let adapter = o.get::<mlua::AnyUserData>(lua, "adapter")?;
-    let adapter = match adapter {
-        Some(ud) => Some(
-            ud.borrow::<crate::lua::adapter::LuaAdapter>()
-                .map_err(|_| o.bad_value("adapter", "must be an adapter from lab.adapter"))?
-                .clone(),
-        ),
-        None => None,
-    };
+    let adapter = adapter_option(lua, &mut o)?;
     o.finish()?;
     if let Err(e) = opts.validate() {
         return Err(mlua::Error::runtime(format!("model:sample: {e}")));
     }
     Ok((opts, adapter))
+}
+
+/// The options of `model:logprobs` and `model:next_token_logprobs`.
+fn logprob_options(
+    lua: &Lua,
+    context: &str,
+    value: Value,
+) -> mlua::Result<(LogprobOptions, Option<crate::lua::adapter::LuaAdapter>)> {
+    let mut o = Opts::new(context, value)?;
+    let d = LogprobOptions::default();
+    let opts = LogprobOptions { batch_size: o.get_or(lua, "batch_size", d.batch_size)?, top_k: o.get_or(lua, "top_k", d.top_k)? };
+    let adapter = adapter_option(lua, &mut o)?;
+    if opts.batch_size == 0 {
+        return Err(o.bad_value("batch_size", "must be >= 1"));
+    }
+    o.finish()?;
+    Ok((opts, adapter))
+}
+
+/// The `adapter` option: an adapter applied on the fly (unmerged).
+fn adapter_option(lua: &Lua, o: &mut Opts) -> mlua::Result<Option<crate::lua::adapter::LuaAdapter>> {
+    match o.get::<mlua::AnyUserData>(lua, "adapter")? {
+        Some(ud) => Ok(Some(
+            ud.borrow::<crate::lua::adapter::LuaAdapter>()
+                .map_err(|_| o.bad_value("adapter", "must be an adapter from lab.adapter"))?
+                .clone(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// One `{prompt = ..., completion = ...}` item of `model:logprobs` as token ids. A text
+/// completion is tokenized on its own and follows the prompt's tokens (a chat prompt ends with
+/// the assistant's header); a completion given as messages is rendered with the prompt by the
+/// chat template, and its tokens are those after the prompt's (end-of-turn tokens included).
+fn logprob_sequence(lua: &Lua, model: &Model, item: Value, index: usize) -> mlua::Result<Sequence> {
+    const CONTEXT: &str = "model:logprobs";
+    if !matches!(item, Value::Table(_)) {
+        return Err(mlua::Error::runtime(format!(
+            "{CONTEXT}: item {index} must be a table {{prompt = ..., completion = ...}}, got a {}",
+            item.type_name()
+        )));
+    }
+    let mut o = Opts::new(&format!("{CONTEXT}: item {index}"), item)?;
+    let prompt: Option<Value> = o.get(lua, "prompt")?;
+    let completion: Option<Value> = o.get(lua, "completion")?;
+    // Unknown keys first: a misspelt 'completion' is reported as such, not as missing.
+    o.finish()?;
+    let (Some(prompt), Some(completion)) = (prompt, completion) else {
+        return Err(mlua::Error::runtime(format!(
+            "{CONTEXT}: item {index} needs both 'prompt' and 'completion' (text, token ids or messages)"
+        )));
+    };
+    let is_messages = |v: &Value| matches!(v, Value::Table(t) if matches!(t.raw_get::<Value>(1), Ok(Value::Table(_))));
+    if is_messages(&completion) {
+        let (Value::Table(p), Value::Table(c)) = (&prompt, &completion) else { unreachable!() };
+        if !is_messages(&prompt) {
+            return Err(mlua::Error::runtime(format!(
+                "{CONTEXT}: item {index}: a completion given as messages needs a prompt given as messages"
+            )));
+        }
+        let p = messages_from_lua(p, &format!("{CONTEXT}: item {index} prompt"))?;
+        let mut all = p.clone();
+        all.extend(messages_from_lua(c, &format!("{CONTEXT}: item {index} completion"))?);
+        let tok = &model.tokenizer;
+        let chat = |m: &[Message], add| -> anyhow::Result<Vec<u32>> { tok.encode(&tok.chat_prompt(m, add)?) };
+        let (prompt_ids, full) = (chat(&p, true), chat(&all, false));
+        let (prompt_ids, full) = (prompt_ids.map_err(mlua::Error::external)?, full.map_err(mlua::Error::external)?);
+        if !full.starts_with(&prompt_ids) {
+            return Err(mlua::Error::runtime(format!(
+                "{CONTEXT}: item {index}: the chat template renders the conversation so that it does not start \
+                 with the prompt's tokens; give the completion as text instead"
+            )));
+        }
+        let continuation = full[prompt_ids.len()..].to_vec();
+        return Ok(Sequence { prompt: prompt_ids, continuation });
+    }
+    let prompt = prompt_ids_for(CONTEXT, model, prompt, index)?;
+    let continuation = match completion {
+        Value::String(s) => model.tokenizer.encode(&s.to_str()?).map_err(mlua::Error::external)?,
+        Value::Table(t) => prompt_ids_for(&format!("{CONTEXT}: completion of"), model, Value::Table(t), index)?,
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "{CONTEXT}: item {index}: completion must be a string, token ids or messages, got a {}",
+                other.type_name()
+            )))
+        }
+    };
+    Ok(Sequence { prompt, continuation })
+}
+
+/// `{ {id = ..., token = ..., logprob = ...}, ... }`
+fn top_table(lua: &Lua, model: &Model, top: &[(u32, f32)]) -> mlua::Result<Table> {
+    let list = lua.create_table()?;
+    for (i, &(id, lp)) in top.iter().enumerate() {
+        let t = lua.create_table()?;
+        t.set("id", id)?;
+        t.set("token", model.tokenizer.decode(&[id], false).map_err(mlua::Error::external)?)?;
+        t.set("logprob", lp)?;
+        list.raw_set(i + 1, t)?;
+    }
+    Ok(list)
+}
+
+fn scored_table(lua: &Lua, model: &Model, seq: &Sequence, scored: &Scored, top_k: usize) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    let tokens = lua.create_table()?;
+    for (i, &id) in seq.continuation.iter().enumerate() {
+        tokens.raw_set(i + 1, model.tokenizer.decode(&[id], false).map_err(mlua::Error::external)?)?;
+    }
+    t.set("token_ids", seq.continuation.clone())?;
+    t.set("tokens", tokens)?;
+    t.set("logprobs", scored.logprobs.clone())?;
+    t.set("num_tokens", seq.continuation.len())?;
+    t.set("sum", scored.sum())?;
+    if !seq.continuation.is_empty() {
+        t.set("mean", scored.sum() / seq.continuation.len() as f64)?;
+    }
+    if top_k > 0 {
+        let top = lua.create_table()?;
+        for (i, alts) in scored.top.iter().enumerate() {
+            top.raw_set(i + 1, top_table(lua, model, alts)?)?;
+        }
+        t.set("top", top)?;
+        t.set("next", top_table(lua, model, &scored.next)?)?;
+    }
+    Ok(t)
 }
 
 impl UserData for LuaModel {
@@ -242,6 +366,41 @@ impl UserData for LuaModel {
             // The base weights' provenance; the adapter is recorded with the result on its own.
             let merged = Model::new(id, merged, this.0.tokenizer.clone()).with_provenance(this.0.provenance.clone());
             Ok(LuaModel(Rc::new(merged)))
+        });
+        methods.add_method("logprobs", |lua, this, (items, opts): (Table, Value)| {
+            let (opts, adapter) = logprob_options(lua, "model:logprobs", opts)?;
+            let mut seqs = Vec::new();
+            for (i, item) in items.sequence_values::<Value>().enumerate() {
+                seqs.push(logprob_sequence(lua, &this.0, item?, i + 1)?);
+            }
+            let adapter_ref = adapter.as_ref().map(|a| a.0.borrow().clone());
+            let scored =
+                super::guarded("model:logprobs", || logprobs::logprobs(&this.0, adapter_ref.as_ref(), &seqs, &opts))?;
+            let out = lua.create_table()?;
+            for (i, (seq, s)) in seqs.iter().zip(&scored).enumerate() {
+                out.raw_set(i + 1, scored_table(lua, &this.0, seq, s, opts.top_k)?)?;
+            }
+            Ok(out)
+        });
+        methods.add_method("next_token_logprobs", |lua, this, (prompts, opts): (Table, Value)| {
+            let (mut opts, adapter) = logprob_options(lua, "model:next_token_logprobs", opts)?;
+            if opts.top_k == 0 {
+                opts.top_k = 10;
+            }
+            let mut seqs = Vec::new();
+            for (i, p) in prompts.sequence_values::<Value>().enumerate() {
+                let prompt = prompt_ids_for("model:next_token_logprobs", &this.0, p?, i + 1)?;
+                seqs.push(Sequence { prompt, continuation: Vec::new() });
+            }
+            let adapter_ref = adapter.as_ref().map(|a| a.0.borrow().clone());
+            let scored = super::guarded("model:next_token_logprobs", || {
+                logprobs::logprobs(&this.0, adapter_ref.as_ref(), &seqs, &opts)
+            })?;
+            let out = lua.create_table()?;
+            for (i, s) in scored.iter().enumerate() {
+                out.raw_set(i + 1, top_table(lua, &this.0, &s.next)?)?;
+            }
+            Ok(out)
         });
         methods.add_method("sample", |lua, this, (prompts, opts): (Table, Value)| {
             let (opts, adapter) = sample_options(lua, opts)?;
