@@ -421,3 +421,55 @@ print("ran", ran)
     assert!(out.contains("retrys") && out.contains("retries"), "a misspelt option names the right one: {out}");
     assert!(out.contains("ran\t0"), "{out}");
 }
+
+#[test]
+fn checkpoints_during_one_training_equal_separate_runs_of_those_lengths_under_a_constant_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ckpt");
+    let path = script(
+        dir.path(),
+        "ckpt.lua",
+        &format!(
+            r#"
+local lab = require("lab")
+local function model()
+  return lab.model.random({{ architectures = {{"Qwen2ForCausalLM"}}, vocab_size = 60, hidden_size = 32,
+    intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2,
+    max_position_embeddings = 64 }}, {{ seed = 3 }})
+end
+local m = model()
+local data = lab.data.rows({{ {{ input_ids = {{1, 2, 3, 4, 5}} }}, {{ input_ids = {{6, 7, 8, 9}} }}, {{ input_ids = {{10, 11, 12}} }} }})
+local probe = {{ {{ prompt = {{1, 2, 3}}, completion = {{4, 5}} }} }}
+local opts = {{ learning_rate = 1e-2, lr_scheduler_type = "constant", per_device_train_batch_size = 2 }}
+local function train(steps, extra)
+  local a = lab.adapter.new(m, {{ r = 4, target_modules = {{"all-linear"}}, seed = 1 }})
+  local o = {{ max_steps = steps }}
+  for k, v in pairs(opts) do o[k] = v end
+  for k, v in pairs(extra or {{}}) do o[k] = v end
+  lab.train.sft(m, a, data, o)
+  return a
+end
+local during = {{}}
+local final = train(4, {{ save_steps = {{2, 3}}, output_dir = "{out}", on_save = function(adapter, rec)
+  during[rec.step] = m:logprobs(probe, {{ adapter = adapter }})[1].sum
+end }})
+for _, steps in ipairs({{2, 3}}) do
+  local alone = m:logprobs(probe, {{ adapter = train(steps) }})[1].sum
+  local saved = m:logprobs(probe, {{ adapter = lab.adapter.load(m, "{out}/checkpoint-" .. steps) }})[1].sum
+  print(steps, math.abs(during[steps] - alone) < 1e-5, math.abs(saved - alone) < 1e-5, during[steps] ~= m:logprobs(probe, {{ adapter = final }})[1].sum)
+end
+local ok, err = pcall(lab.train.sft, m, final, data, {{ max_steps = 1, on_save = function() end }})
+print(ok, err)
+"#,
+            out = out.display()
+        ),
+    );
+    let (ok, stdout, stderr) = loralab(&["run", &path]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "2\ttrue\ttrue\ttrue", "{stdout}");
+    assert_eq!(lines[1], "3\ttrue\ttrue\ttrue", "{stdout}");
+    assert!(lines[2].starts_with("false") && lines[2].contains("save_steps"), "{stdout}");
+    assert!(out.join("checkpoint-2/adapter_model.safetensors").exists());
+    assert!(!out.join("checkpoint-4").exists(), "only the listed steps are saved");
+}

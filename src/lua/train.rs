@@ -87,6 +87,12 @@ fn sft(
         Some(other) => return Err(o.bad_value("loss_mask", format!("must be a name or a function, got {}", other.type_name()))),
     };
     let on_step: Option<Function> = o.get(lua, "on_step")?;
+    let saves = read_save_steps(lua, &mut o)?;
+    let output_dir: Option<String> = o.get(lua, "output_dir")?;
+    let on_save: Option<Function> = o.get(lua, "on_save")?;
+    if saves.is_none() && (output_dir.is_some() || on_save.is_some()) {
+        return Err(o.bad_value("save_steps", "is needed with output_dir or on_save: when to save (every N steps, or a list of steps)"));
+    }
     o.finish()?;
     if max_length < 2 {
         return Err(mlua::Error::runtime(format!("{ctx}: option 'max_length' must be >= 2")));
@@ -109,6 +115,9 @@ fn sft(
                 let t = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
                 f.call::<()>(t).map_err(|e| anyhow::anyhow!("on_step: {}", super::describe_lua_error(&e)))?;
             }
+            if saves.as_ref().is_some_and(|s| s.includes(rec.step)) {
+                checkpoint(lua, &adapter, rec, output_dir.as_deref(), on_save.as_ref())?;
+            }
             Ok(())
         })
     })?;
@@ -125,6 +134,63 @@ fn sft(
     out.set("seconds", seconds)?;
     out.set("tokens_per_second", seen as f64 / seconds.max(1e-9))?;
     Ok(out)
+}
+
+/// When to save during training: every N steps, or at the listed steps.
+enum SaveSteps {
+    Every(usize),
+    At(Vec<usize>),
+}
+
+impl SaveSteps {
+    fn includes(&self, step: usize) -> bool {
+        match self {
+            SaveSteps::Every(n) => step % n == 0,
+            SaveSteps::At(list) => list.contains(&step),
+        }
+    }
+}
+
+fn read_save_steps(lua: &Lua, o: &mut Opts) -> mlua::Result<Option<SaveSteps>> {
+    match o.get::<Value>(lua, "save_steps")? {
+        None => Ok(None),
+        Some(Value::Integer(n)) if n >= 1 => Ok(Some(SaveSteps::Every(n as usize))),
+        Some(v @ Value::Table(_)) => {
+            let list = <Vec<i64> as mlua::FromLua>::from_lua(v, lua)
+                .map_err(|_| o.bad_value("save_steps", "must be a whole number >= 1 or a list of steps"))?;
+            if list.iter().any(|&s| s < 1) {
+                return Err(o.bad_value("save_steps", format!("lists steps from 1 on, got {list:?}")));
+            }
+            Ok(Some(SaveSteps::At(list.into_iter().map(|s| s as usize).collect())))
+        }
+        Some(other) => Err(o.bad_value("save_steps", format!("must be a whole number >= 1 or a list of steps, got {other:?}"))),
+    }
+}
+
+/// A checkpoint after step `rec.step`: the adapter saved to `output_dir/checkpoint-STEP` (as the
+/// transformers Trainer names them), then `on_save(adapter, step_record)` with the adapter as it
+/// is now (training goes on after the callback returns).
+fn checkpoint(
+    lua: &Lua,
+    adapter: &LuaAdapter,
+    rec: &train::StepLog,
+    output_dir: Option<&str>,
+    on_save: Option<&Function>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = output_dir {
+        let path = std::path::Path::new(dir).join(format!("checkpoint-{}", rec.step));
+        adapter
+            .0
+            .borrow()
+            .save(&path, &super::adapter::peft_base_model(&adapter.1))
+            .map_err(|e| anyhow::anyhow!("saving the checkpoint {}: {e:#}", path.display()))?;
+    }
+    if let Some(f) = on_save {
+        let record = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ud = lua.create_userdata(adapter.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        f.call::<()>((ud, record)).map_err(|e| anyhow::anyhow!("on_save: {}", super::describe_lua_error(&e)))?;
+    }
+    Ok(())
 }
 
 fn tokenize_all(
