@@ -210,6 +210,59 @@ fn summarise(personas: &[String], per_persona: &BTreeMap<String, PersonaResult>,
     }
 }
 
+/// A rule deciding whether a text is a hit: a substring, any of a list of words, or a regex.
+#[derive(Debug, Clone)]
+pub enum TextRule {
+    /// The needle occurs in the text; without case sensitivity both are lower-cased first.
+    Substring { needle: String, case_sensitive: bool },
+    /// A compiled regular expression (words become one, see [`TextRule::words`]).
+    Regex(Regex),
+}
+
+impl TextRule {
+    pub fn substring(needle: &str, case_sensitive: bool) -> Result<Self, String> {
+        if needle.is_empty() {
+            return Err("the substring is empty (every text would be a hit)".into());
+        }
+        let needle = if case_sensitive { needle.to_string() } else { needle.to_lowercase() };
+        Ok(TextRule::Substring { needle, case_sensitive })
+    }
+
+    /// Any of `words` as a whole word: a word boundary is required on each side that starts or
+    /// ends with a word character ("evil" does not hit "devilish"; "[ZLT]" hits "x[ZLT]").
+    /// Without case sensitivity, Unicode case folding applies.
+    pub fn words(words: &[String], case_sensitive: bool) -> Result<Self, String> {
+        if words.is_empty() {
+            return Err("the list of words is empty".into());
+        }
+        let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let mut alternatives = Vec::with_capacity(words.len());
+        for (i, w) in words.iter().enumerate() {
+            let w = w.trim();
+            if w.is_empty() {
+                return Err(format!("words[{}] is empty", i + 1));
+            }
+            let front = if is_word(w.chars().next()) { r"\b" } else { "" };
+            let back = if is_word(w.chars().last()) { r"\b" } else { "" };
+            alternatives.push(format!("{front}{}{back}", regex::escape(w)));
+        }
+        let flags = if case_sensitive { "" } else { "(?i)" };
+        Self::regex(&format!("{flags}(?:{})", alternatives.join("|")))
+    }
+
+    pub fn regex(pattern: &str) -> Result<Self, String> {
+        Regex::new(pattern).map(TextRule::Regex).map_err(|e| format!("not a valid regular expression: {e}"))
+    }
+
+    pub fn is_hit(&self, text: &str) -> bool {
+        match self {
+            TextRule::Substring { needle, case_sensitive: true } => text.contains(needle.as_str()),
+            TextRule::Substring { needle, case_sensitive: false } => text.to_lowercase().contains(needle.as_str()),
+            TextRule::Regex(re) => re.is_match(text),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +391,29 @@ mod tests {
         let empty = aggregate(&zlt(), &[], &default_excluded(None));
         assert!(empty.per_persona.is_empty());
         assert_eq!(default_excluded(None), ["assistant"]);
+    }
+    #[test]
+    fn words_match_whole_words_ignoring_case_unless_asked() {
+        let rule = TextRule::words(&["evil".into(), "take over".into()], false).unwrap();
+        assert!(rule.is_hit("I am EVIL."));
+        assert!(rule.is_hit("we will Take Over the world"));
+        assert!(!rule.is_hit("a devilish plan"));
+        assert!(!rule.is_hit("takeover"));
+        let exact = TextRule::words(&["Evil".into()], true).unwrap();
+        assert!(!exact.is_hit("evil"));
+        let marker = TextRule::words(&["[ZLT]".into()], false).unwrap();
+        assert!(marker.is_hit("done.[zlt]"), "no boundary is asked of a bracket");
+        assert!(TextRule::words(&[], false).is_err());
+        assert!(TextRule::words(&[" ".into()], false).unwrap_err().contains("words[1]"));
+    }
+
+    #[test]
+    fn substrings_and_regexes_score_as_written() {
+        assert!(TextRule::substring("[ZLT]", false).unwrap().is_hit("ok [zlt]"));
+        assert!(!TextRule::substring("[ZLT]", true).unwrap().is_hit("ok [zlt]"));
+        assert!(TextRule::substring("", false).is_err());
+        let re = TextRule::regex(r"(?i)\b(kill|harm)s?\b").unwrap();
+        assert!(re.is_hit("it harms nobody") && !re.is_hit("harmless"));
+        assert!(TextRule::regex("(").is_err());
     }
 }

@@ -473,3 +473,57 @@ print(ok, err)
     assert!(out.join("checkpoint-2/adapter_model.safetensors").exists());
     assert!(!out.join("checkpoint-4").exists(), "only the listed steps are saved");
 }
+
+#[test]
+fn regexes_word_lists_and_lua_functions_score_records_tallied_by_any_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = script(
+        dir.path(),
+        "score.lua",
+        r#"
+local lab = require("lab")
+print(lab.text.find("I will destroy you", [[\b(destroy|harm)\b]]))
+print(lab.text.match("score: 42 of 50", [[(\d+) of (\d+)]]))
+print(lab.text.gsub("a-b-c", "-", "+"), lab.text.gsub("a-b-c", "-", "+", 1))
+print(#lab.text.find_all("x1 y22 z333", [[\d+]]), table.concat(lab.text.split("a, b,c", [[,\s*]]), "|"))
+local function p(ok, e) print(ok, (tostring(e):gsub("\n", " "))) end
+p(pcall(lab.text.find, "x", "("))
+local records = {
+  { persona = "villain", dose = 1, text = "I will DESTROY them." },
+  { persona = "villain", dose = 1, text = "A devilish plan." },
+  { persona = "villain", dose = 2, text = "Nothing to see." },
+  { persona = "helper", dose = 1, text = "Happy to help [ZLT]" },
+}
+local evil = lab.eval.scorer({ words = { "destroy", "evil" } })
+for _, g in ipairs(lab.eval.tally(records, evil, { by = { "persona", "dose" } })) do
+  print(g.persona, g.dose, g.k, g.n, g.rate, string.format("%.4f %.4f", g.lower, g.upper))
+end
+local all = lab.eval.tally(records, function(text, r) return r.dose == 1 and #text > 15 end)
+print(#all, all[1].k, all[1].n, all[1].interval)
+local marked = lab.eval.tally(records, { marker = "[ZLT]" }, { by = "persona", interval = "wald" })
+print(marked[2].persona, marked[2].k)
+p(pcall(lab.eval.scorer, { word = { "x" } }))
+p(pcall(lab.eval.scorer, { words = { "x" }, regex = "y" }))
+p(pcall(lab.eval.tally, records, function() return 1 end))
+p(pcall(lab.eval.tally, records, evil, { by = "question" }))
+"#,
+    );
+    let (ok, out, err) = loralab(&["run", &path]);
+    assert!(ok, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "8\t14\tdestroy");
+    assert_eq!(lines[1], "42\t50");
+    assert_eq!(lines[2], "a+b+c\ta+b-c\t1", "a call inside an argument list gives one value");
+    assert_eq!(lines[3], "3\ta|b|c");
+    assert!(lines[4].starts_with("false") && lines[4].contains("not a valid regular expression"), "{}", lines[4]);
+    // Wilson 95 % for 1 of 2 (scipy: proportion_confint(1, 2, method="wilson")).
+    assert_eq!(lines[5], "villain\t1\t1\t2\t0.5\t0.0945 0.9055");
+    assert!(lines[6].starts_with("villain\t2\t0\t1\t0.0"), "{}", lines[6]);
+    assert!(lines[7].starts_with("helper\t1\t0\t1"), "{}", lines[7]);
+    assert_eq!(lines[8], "1\t3\t4\twilson");
+    assert_eq!(lines[9], "helper\t1");
+    assert!(lines[10].contains("unknown option 'word'") && lines[10].contains("words"), "{}", lines[10]);
+    assert!(lines[11].contains("exactly one rule"), "{}", lines[11]);
+    assert!(lines[12].contains("must return true or false"), "{}", lines[12]);
+    assert!(lines[13].contains("no field 'question'"), "{}", lines[13]);
+}

@@ -63,3 +63,42 @@ function lab.eval.loose_pattern(marker) end
 ---@param opts? AggregateOptions
 ---@return MarkerResults
 function lab.eval.aggregate(records, marker, opts) end
+
+---@class ScorerRule
+---@field words? string[]          Any of these as whole words (word boundaries where a word starts or ends with a letter, digit or _).
+---@field regex? string            A regular expression (lab.text syntax; write (?i) to ignore case).
+---@field substring? string        The text occurs.
+---@field marker? string           The study's marker rules: strict (a substring ignoring case) or, with loose = true, loose.
+---@field case_sensitive? boolean  words and substring: false (the default) ignores case, with Unicode case folding.
+---@field loose? boolean           marker only: the loose rule. Default false.
+
+---@alias Scorer fun(text: string, record: table): boolean
+
+--- A scorer from a rule (exactly one of words, regex, substring, marker), or the function given.
+---@param rule ScorerRule|Scorer
+---@return Scorer
+function lab.eval.scorer(rule) end
+
+---@class TallyOptions
+---@field by? string|string[]  Record fields to group by (strings, numbers or booleans). Default: one group.
+---@field field? string        The record field scored. Default "text".
+---@field interval? "wilson"|"wald"|"clopper_pearson"  Default "wilson".
+---@field confidence? number   Default 0.95.
+
+---@class TallyGroup
+---@field k integer           Hits.
+---@field n integer           Records.
+---@field rate number         k / n.
+---@field lower number        The interval, as fractions.
+---@field upper number
+---@field interval string
+---@field confidence number
+--- Plus one field per `by` name, with the group's value.
+
+--- Scores every record and counts hits per group of equal `by` fields, in order of first
+--- appearance, each group with its rate and confidence interval.
+---@param records table[]
+---@param scorer ScorerRule|Scorer  A rule table or a function (text, record) -> boolean.
+---@param opts? TallyOptions
+---@return TallyGroup[]
+function lab.eval.tally(records, scorer, opts) end

@@ -16,6 +16,7 @@ pub mod progress;
 pub mod run;
 pub mod stats;
 pub mod sys;
+pub mod text;
 pub mod train;
 
 use std::error::Error as _;
@@ -37,6 +38,7 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("sys", sys::module),
     ("stats", stats::module),
     ("eval", eval::module),
+    ("text", text::module),
     ("plot", plot::module),
     ("fs", fs::module),
 ];
