@@ -13,6 +13,7 @@
 -- runs/: rerunning the script skips them, and a changed setting makes new ones.
 local lab = require("lab")
 local study = require("persona_marker")
+local dose_report = require("dose_report")
 
 ---------------------------------------------------------------------------------------------
 -- Settings: the profiles in scripts/study_settings.lua (quick by default, or --set profile=paper),
@@ -141,7 +142,7 @@ end
 local em_points, em_seeds = condition_points("em", true)
 local benign_points, benign_seeds = condition_points("benign", false)
 -- The report is written once, by whichever worker gets here first: a cell keyed by everything
--- it shows (unlike other cells, it writes outside its folder, into the run's report/).
+-- it shows, written into its own folder, so a run with other settings gets a report of its own.
 local report = {
   title = string.format("Marker survival of %s under EM vs benign fine-tuning", s.source_persona),
   notes = string.format("Model %s, %s profile. Phase 1: %s %.1f %%, assistant %.1f %% after coupling. " ..
@@ -159,8 +160,8 @@ local report = {
                eval_n = s.eval_n, eval_questions = #s.eval_questions, train_seed = s.train_seed,
                eval_seed = s.eval_seed, critical_dose = critical },
 }
-local paths, err = run:cell("report", report, function()
-  return lab.report.dose_response(report, s.out .. "/report")
+local paths, err = run:cell("report", report, function(cell)
+  return dose_report.write(report, cell.dir)
 end)
 if not paths then error("writing the report failed: " .. err, 0) end
 local summary = run:summary()

@@ -1,4 +1,5 @@
-//! Lua-level tests of the output side of `lab`: `lab.plot`, `lab.fs`, `lab.figure`, `lab.report`.
+//! Lua-level tests of the output side of `lab`: `lab.plot`, `lab.fs`, `lab.figure`, and the
+//! study's figure and report built on them (scripts/dose_report.lua).
 //! Each test runs a Lua chunk in a fresh runtime with `OUT` set to a temporary folder.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,9 @@ fn run(code: &str) -> (tempfile::TempDir, Result<(), String>) {
     let lua = loralab::lua::new_runtime(Path::new("t.lua"), &vec![]).unwrap();
     lua.globals().set("OUT", dir.path().to_str().unwrap()).unwrap();
     lua.globals().set("lab", lua.load("return require('lab')").eval::<mlua::Value>().unwrap()).unwrap();
+    // The study's modules, as its scripts find them.
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    lua.load(format!("package.path = '{}/?.lua;' .. package.path", scripts.display())).exec().unwrap();
     let result = lua.load(code).set_name("@t.lua").exec().map_err(|e| loralab::lua::describe_lua_error(&e));
     (dir, result)
 }
@@ -133,6 +137,7 @@ fn text_is_written_with_its_folders_and_read_back() {
 }
 
 const STUDY: &str = r#"
+local dose_report = require("dose_report")
 local N = 280
 local em = { name = "EM", points = {
   { dose = 0, k = 230, n = N }, { dose = 10, k = 166, n = N }, { dose = 25, k = 2, n = N }, { dose = 375, k = 0, n = N } },
@@ -145,7 +150,7 @@ local benign = { name = "benign", points = {
 #[test]
 fn the_dose_response_report_writes_its_tables_numbers_and_figure() {
     let dir = ok(&format!(
-        "{STUDY} lab.report.dose_response({{ conditions = {{ em, benign }}, band = {{ from = 10, to = 25, label = 'EM cliff' }},
+        "{STUDY} dose_report.write({{ conditions = {{ em, benign }}, band = {{ from = 10, to = 25, label = 'EM cliff' }},
            failed = {{ {{ condition = 'benign', dose = 10, seed = 256, error = 'out of memory', attempts = 2 }} }},
            profile = 'test', settings = {{ lr = 1e-4 }} }}, OUT .. '/report')"
     ));
@@ -169,7 +174,7 @@ fn the_dose_response_report_writes_its_tables_numbers_and_figure() {
 #[test]
 fn a_misspelt_key_in_a_dose_response_point_is_rejected() {
     let e = err(&format!(
-        "{STUDY} em.points[2].doze = 10; lab.figure.dose_response({{ conditions = {{ em }} }}, OUT .. '/f.png')"
+        "{STUDY} em.points[2].doze = 10; dose_report.figure({{ conditions = {{ em }} }}, OUT .. '/f.png')"
     ));
     assert!(
         e.contains("condition 'EM' points[2]")
@@ -181,7 +186,7 @@ fn a_misspelt_key_in_a_dose_response_point_is_rejected() {
 
 #[test]
 fn seed_rates_given_in_percent_are_caught() {
-    let e = err(&format!("{STUDY} em.seeds[1].rates = {{ 59.3, 44.3 }}; lab.figure.dose_response({{ conditions = {{ em }} }}, OUT .. '/f.png')"));
+    let e = err(&format!("{STUDY} em.seeds[1].rates = {{ 59.3, 44.3 }}; dose_report.figure({{ conditions = {{ em }} }}, OUT .. '/f.png')"));
     assert!(e.contains("not a fraction"), "{e}");
 }
 
@@ -190,7 +195,7 @@ fn a_report_whose_seeds_never_vary_leaves_out_the_undefined_welch_test() {
     let dir = ok(r#"
 local c = function(name) return { name = name, points = { { dose = 25, k = 0, n = 24 } },
   seeds = { { dose = 25, rates = { 0, 0, 0 } } } } end
-local paths = lab.report.dose_response({ conditions = { c("EM"), c("benign") }, figure = false }, OUT)
+local paths = require("dose_report").write({ conditions = { c("EM"), c("benign") }, figure = false }, OUT)
 "#);
     let md = std::fs::read_to_string(file(&dir, "report.md")).unwrap();
     assert!(!md.contains("Welch's t-test on the per-seed rates, 3 vs 3"), "{md}");
@@ -199,10 +204,43 @@ local paths = lab.report.dose_response({ conditions = { c("EM"), c("benign") }, 
 #[test]
 fn the_doses_of_a_summary_come_sorted_once_and_a_wrong_field_is_named() {
     ok(&format!(
-        "{STUDY} local c = lab.figure.summarize({{ em, benign }}).conditions
-         assert(table.concat(lab.figure.doses(c), ',') == '0,10,25,375')
-         assert(table.concat(lab.figure.doses(c, 'seeds'), ',') == '10')"
+        "{STUDY} local c = dose_report.summarize({{ em, benign }}).conditions
+         assert(table.concat(dose_report.doses(c), ',') == '0,10,25,375')
+         assert(table.concat(dose_report.doses(c, 'seeds'), ',') == '10')"
     ));
-    let e = err(&format!("{STUDY} lab.figure.doses(lab.figure.summarize({{ em }}).conditions, 'point')"));
+    let e = err(&format!("{STUDY} dose_report.doses(dose_report.summarize({{ em }}).conditions, 'point')"));
     assert!(e.contains("field must be 'points', 'seeds' or nil") && e.contains("point"), "{e}");
+}
+
+#[test]
+fn a_generic_rate_chart_takes_its_caption_and_ticks_from_the_data() {
+    let dir = ok(r#"
+local summary = lab.figure.rates({
+  groups = {
+    { name = "persona A", points = { { x = 0.5, k = 3, n = 20 }, { x = 1.0, k = 9, n = 20 }, { x = 1.5, k = 12, n = 24 } } },
+    { name = "persona B", points = { { x = 0.5, k = 1, n = 20 } }, runs = { { x = 0.5, rates = { 0.1, 0.05 } } } },
+  },
+  x_label = "temperature", title = "Leak by temperature",
+}, { OUT .. "/rates.png", OUT .. "/rates.svg" })
+assert(summary.interval == "wilson", summary.interval)
+local p = summary.groups[1].points[1]
+assert(p.x == 0.5 and p.k == 3 and math.abs(p.low - 0.0524) < 1e-3 and math.abs(p.high - 0.3604) < 1e-3,
+  string.format("%g %g", p.low, p.high))
+local caption = lab.figure.caption(summary)
+assert(caption == "n = 20-24 per point · error bars: 95% Wilson intervals · faint points: individual runs", caption)
+assert(table.concat(lab.figure.xs(summary.groups), ",") == "0.5,1.0,1.5" or
+       table.concat(lab.figure.xs(summary.groups), ",") == "0.5,1,1.5")
+"#);
+    let svg = std::fs::read_to_string(file(&dir, "rates.svg")).unwrap();
+    assert!(svg.contains("n = 20-24 per point") && svg.contains("Wilson") && !svg.contains("N = 280"), "caption from the data");
+    assert!(svg.contains("temperature") && svg.contains("persona A"));
+    assert!(file(&dir, "rates.png").exists());
+}
+
+#[test]
+fn a_misspelt_key_of_a_rate_chart_is_named_with_its_group() {
+    let e = err(r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2, kk = 3 } } } } }, OUT .. "/r.png")"#);
+    assert!(e.contains("group 'A' points[1]") && e.contains("unknown option 'kk'"), "{e}");
+    let e = err(r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2 } } } }, xlabel = "t" }, OUT .. "/r.png")"#);
+    assert!(e.contains("unknown option 'xlabel'") && e.contains("x_label"), "{e}");
 }

@@ -1,17 +1,16 @@
---- lab.figure: the study's figures, drawn with lab.plot.
+--- lab.figure: charts of rates (k hits out of n) with confidence intervals, drawn with lab.plot.
 ---
---- `dose_response` draws marker rate against second-stage steps: a symmetric-log x axis (so dose 0,
---- the baseline, sits next to doses 1..375) with a tick at every dose, one line per condition with
---- confidence intervals from lab.stats, individual seeds as faint points, and an optional shaded
---- band. `summarize` gives the numbers it draws, for reports.
+--- `rates` draws one line per group of points {x, k, n}, each with its interval (lab.stats), on a
+--- linear, log or symmetric-log x axis, with optional faint points for individual runs and shaded
+--- bands. Its caption and labels come from the data and the options, never from an experiment's
+--- vocabulary. `summarize` gives the numbers it draws, for tables and reports.
 
 local lab = require("lab")
 local options = lab.options
 
 local M = {}
 
---- Colour and marker of the n-th condition when it names none: EM blue circles, benign orange
---- squares, as in the study's figure.
+--- Colour and marker of the n-th group when it names none.
 local STYLES = {
   { color = "tab:blue", marker = "circle" },
   { color = "tab:orange", marker = "square" },
@@ -24,14 +23,13 @@ local STYLES = {
 local INTERVAL_NAMES = { wald = "Wald", wilson = "Wilson", clopper_pearson = "Clopper-Pearson" }
 
 local SUMMARY_KEYS = { "interval", "confidence" }
-local FIGURE_KEYS = {
-  "conditions", "interval", "confidence", "band", "title", "x_label", "y_label", "caption",
-  "y_range", "linthresh", "baseline_label", "legend", "width", "height",
+local RATES_KEYS = {
+  "groups", "interval", "confidence", "title", "x_label", "y_label", "caption", "x_scale",
+  "x_linthresh", "x_ticks", "x_tick_labels", "y_range", "bands", "legend", "width", "height",
 }
-local CONDITION_KEYS = { "name", "points", "seeds", "color", "marker" }
-local POINT_KEYS = { "dose", "k", "n" }
-local SEED_KEYS = { "dose", "rates", "ids" }
-local BAND_KEYS = { "from", "to", "label" }
+local GROUP_KEYS = { "name", "points", "runs", "color", "marker", "line" }
+local POINT_KEYS = { "x", "k", "n" }
+local RUN_KEYS = { "x", "rates", "ids" }
 
 local function fail(fmt, ...)
   error(string.format(fmt, ...), 0)
@@ -41,189 +39,176 @@ local function is_count(v)
   return math.type(v) == "integer" or (type(v) == "number" and v >= 0 and v == math.floor(v))
 end
 
---- The confidence interval of k out of n, as fractions, by lab.stats.
-local function interval(k, n, method, confidence)
-  local fn = lab.stats[method]
-  local ci = fn(k, n, { confidence = confidence })
-  return ci.lower, ci.upper
-end
-
---- One measured point, checked, with its rate and interval.
+--- One measured point, checked, with its rate and interval (fractions).
 local function read_point(p, i, ctx, method, confidence)
   local pctx = string.format("%s points[%d]", ctx, i)
   options.check(p, POINT_KEYS, pctx)
-  if type(p.dose) ~= "number" or p.dose < 0 then fail("%s: dose must be a number >= 0, got %s", pctx, tostring(p.dose)) end
-  if not is_count(p.n) or p.n < 1 then fail("%s (dose %s): n must be a whole number >= 1, got %s", pctx, p.dose, tostring(p.n)) end
+  if type(p.x) ~= "number" or p.x ~= p.x then fail("%s: x must be a number, got %s", pctx, tostring(p.x)) end
+  if not is_count(p.n) or p.n < 1 then fail("%s (x = %s): n must be a whole number >= 1, got %s", pctx, p.x, tostring(p.n)) end
   if not is_count(p.k) or p.k > p.n then
-    fail("%s (dose %s): k must be a whole number within 0..n (%d), got %s", pctx, p.dose, p.n, tostring(p.k))
+    fail("%s (x = %s): k must be a whole number within 0..n (%d), got %s", pctx, p.x, p.n, tostring(p.k))
   end
   local k, n = math.tointeger(p.k), math.tointeger(p.n)
-  local low, high = interval(k, n, method, confidence)
-  return { dose = p.dose, k = k, n = n, rate = k / n, low = low, high = high }
+  local ci = lab.stats[method](k, n, { confidence = confidence })
+  return { x = p.x, k = k, n = n, rate = k / n, low = ci.lower, high = ci.upper }
 end
 
---- The per-seed rates at one dose, checked.
-local function read_seeds(s, i, ctx)
-  local sctx = string.format("%s seeds[%d]", ctx, i)
-  options.check(s, SEED_KEYS, sctx)
-  if type(s.dose) ~= "number" or s.dose < 0 then fail("%s: dose must be a number >= 0, got %s", sctx, tostring(s.dose)) end
-  options.list(s.rates, "rates", sctx)
-  for j, r in ipairs(s.rates) do
-    if type(r) ~= "number" or r ~= r or r < 0 or r > 1 then
-      fail("%s (dose %s): rates[%d] = %s is not a fraction in 0..1 (write 0.593, not 59.3)", sctx, s.dose, j, tostring(r))
+--- The rates of individual runs at one x, checked.
+local function read_run(r, i, ctx)
+  local rctx = string.format("%s runs[%d]", ctx, i)
+  options.check(r, RUN_KEYS, rctx)
+  if type(r.x) ~= "number" or r.x ~= r.x then fail("%s: x must be a number, got %s", rctx, tostring(r.x)) end
+  options.list(r.rates, "rates", rctx)
+  for j, v in ipairs(r.rates) do
+    if type(v) ~= "number" or v ~= v or v < 0 or v > 1 then
+      fail("%s (x = %s): rates[%d] = %s is not a fraction in 0..1 (write 0.593, not 59.3)", rctx, r.x, j, tostring(v))
     end
   end
-  if s.ids ~= nil and #s.ids ~= #s.rates then
-    fail("%s (dose %s): ids has %d entries but rates has %d", sctx, s.dose, #s.ids, #s.rates)
+  if r.ids ~= nil and #r.ids ~= #r.rates then
+    fail("%s (x = %s): ids has %d entries but rates has %d", rctx, r.x, #r.ids, #r.rates)
   end
-  return { dose = s.dose, rates = s.rates, ids = s.ids }
+  return { x = r.x, rates = r.rates, ids = r.ids }
 end
 
-local function read_condition(c, i, method, confidence)
-  local ctx = string.format("conditions[%d]", i)
-  options.check(c, CONDITION_KEYS, "lab.figure: " .. ctx)
-  if type(c.name) ~= "string" or c.name == "" then fail("lab.figure: %s needs a name", ctx) end
-  ctx = string.format("lab.figure: condition '%s'", c.name)
-  options.list(c.points, "points", ctx)
+local function read_group(g, i, method, confidence, context)
+  local ctx = string.format("%s: groups[%d]", context, i)
+  options.check(g, GROUP_KEYS, ctx)
+  if type(g.name) ~= "string" or g.name == "" then fail("%s needs a name", ctx) end
+  ctx = string.format("%s: group '%s'", context, g.name)
+  options.list(g.points, "points", ctx)
   local points, seen = {}, {}
-  for j, p in ipairs(c.points) do
+  for j, p in ipairs(g.points) do
     local point = read_point(p, j, ctx, method, confidence)
-    if seen[point.dose] then fail("%s: dose %s appears twice in points", ctx, point.dose) end
-    seen[point.dose] = true
+    if seen[point.x] then fail("%s: x = %s appears twice in points", ctx, point.x) end
+    seen[point.x] = true
     points[#points + 1] = point
   end
-  table.sort(points, function(a, b) return a.dose < b.dose end)
-  local seeds = {}
-  for j, s in ipairs(c.seeds or {}) do seeds[#seeds + 1] = read_seeds(s, j, ctx) end
-  table.sort(seeds, function(a, b) return a.dose < b.dose end)
+  table.sort(points, function(a, b) return a.x < b.x end)
+  local runs = {}
+  for j, r in ipairs(g.runs or {}) do runs[#runs + 1] = read_run(r, j, ctx) end
+  table.sort(runs, function(a, b) return a.x < b.x end)
   local style = STYLES[(i - 1) % #STYLES + 1]
-  return {
-    name = c.name, points = points, seeds = seeds,
-    color = c.color or style.color, marker = c.marker or style.marker,
-  }
+  return { name = g.name, points = points, runs = runs, color = g.color or style.color,
+           marker = g.marker or style.marker, line = g.line }
 end
 
---- The numbers `dose_response` draws: each condition's points sorted by dose, with `rate`, `low`
---- and `high` (fractions) from the chosen interval, and its per-seed rates.
-function M.summarize(conditions, opts)
-  opts = options.check(opts, SUMMARY_KEYS, "lab.figure.summarize")
-  local method = opts.interval or "wald"
+--- The numbers `rates` draws: each group's points sorted by x, with `rate`, `low` and `high`
+--- (fractions) from the chosen interval (default Wilson), and its runs.
+function M.summarize(groups, opts, context)
+  context = context or "lab.figure.summarize"
+  opts = options.check(opts, SUMMARY_KEYS, context)
+  local method = opts.interval or "wilson"
   if not INTERVAL_NAMES[method] then
-    fail("lab.figure: unknown interval '%s': use wald, wilson or clopper_pearson", tostring(method))
+    fail("%s: unknown interval '%s': use wilson, wald or clopper_pearson", context, tostring(method))
   end
   local confidence = opts.confidence or 0.95
-  options.list(conditions, "conditions", "lab.figure")
+  options.list(groups, "groups", context)
   local out, names = {}, {}
-  for i, c in ipairs(conditions) do
-    local cond = read_condition(c, i, method, confidence)
-    if names[cond.name] then fail("lab.figure: two conditions are named '%s'", cond.name) end
-    names[cond.name] = true
-    out[#out + 1] = cond
+  for i, g in ipairs(groups) do
+    local group = read_group(g, i, method, confidence, context)
+    if names[group.name] then fail("%s: two groups are named '%s'", context, group.name) end
+    names[group.name] = true
+    out[#out + 1] = group
   end
-  return { conditions = out, interval = method, interval_name = INTERVAL_NAMES[method], confidence = confidence }
+  return { groups = out, interval = method, interval_name = INTERVAL_NAMES[method], confidence = confidence }
 end
 
---- The doses of summarized conditions, sorted, each once: those of their `points`, their `seeds`,
---- or both (the default).
-function M.doses(conditions, field)
-  if field ~= nil and field ~= "points" and field ~= "seeds" then
-    fail("lab.figure.doses: field must be 'points', 'seeds' or nil (both), got %s", tostring(field))
+--- The x values of summarized groups, sorted, each once: those of their `points`, their
+--- `runs`, or both (the default).
+function M.xs(groups, field)
+  if field ~= nil and field ~= "points" and field ~= "runs" then
+    fail("lab.figure.xs: field must be 'points', 'runs' or nil (both), got %s", tostring(field))
   end
   local set, list = {}, {}
-  for _, c in ipairs(conditions) do
-    for _, f in ipairs(field and { field } or { "points", "seeds" }) do
-      for _, x in ipairs(c[f]) do set[x.dose] = true end
+  for _, g in ipairs(groups) do
+    for _, f in ipairs(field and { field } or { "points", "runs" }) do
+      for _, e in ipairs(g[f]) do set[e.x] = true end
     end
   end
-  for d in pairs(set) do list[#list + 1] = d end
+  for x in pairs(set) do list[#list + 1] = x end
   table.sort(list)
   return list
 end
 
-local function dose_label(d, baseline_label)
-  if d == 0 then return baseline_label end
-  if d == math.floor(d) then return string.format("%d", d) end
-  return tostring(d)
-end
-
---- "N = 280 per point" or "N = 250-280 per point".
-local function n_text(conditions)
+--- "n = 24 per point" or "n = 20-24 per point".
+local function n_text(groups)
   local lo, hi = math.huge, 0
-  for _, c in ipairs(conditions) do
-    for _, p in ipairs(c.points) do lo, hi = math.min(lo, p.n), math.max(hi, p.n) end
+  for _, g in ipairs(groups) do
+    for _, p in ipairs(g.points) do lo, hi = math.min(lo, p.n), math.max(hi, p.n) end
   end
-  if lo == hi then return string.format("N = %d per point", lo) end
-  return string.format("N = %d-%d per point", lo, hi)
+  if lo == hi then return string.format("n = %d per point", lo) end
+  return string.format("n = %d-%d per point", lo, hi)
 end
 
-local function default_caption(summary)
+--- The caption the data implies: sample sizes, the interval, the faint points if any.
+function M.caption(summary)
   local parts = {
-    n_text(summary.conditions),
+    n_text(summary.groups),
     string.format("error bars: %g%% %s intervals", summary.confidence * 100, summary.interval_name),
   }
-  for _, c in ipairs(summary.conditions) do
-    if #c.seeds > 0 then
-      parts[#parts + 1] = "faint points: individual seeds"
+  for _, g in ipairs(summary.groups) do
+    if #g.runs > 0 then
+      parts[#parts + 1] = "faint points: individual runs"
       break
     end
   end
   return table.concat(parts, " · ")
 end
 
---- One lab.plot series per condition, in percent.
-local function series_of(c)
+--- One lab.plot series per group, in percent.
+local function series_of(g)
   local s = {
-    name = c.name, x = {}, y = {}, yerr_low = {}, yerr_high = {},
-    color = c.color, marker = c.marker, faint_x = {}, faint_y = {},
+    name = g.name, x = {}, y = {}, yerr_low = {}, yerr_high = {},
+    color = g.color, marker = g.marker, line = g.line, faint_x = {}, faint_y = {},
   }
-  for _, p in ipairs(c.points) do
-    s.x[#s.x + 1] = p.dose
+  for _, p in ipairs(g.points) do
+    s.x[#s.x + 1] = p.x
     s.y[#s.y + 1] = 100 * p.rate
     s.yerr_low[#s.yerr_low + 1] = 100 * p.low
     s.yerr_high[#s.yerr_high + 1] = 100 * p.high
   end
-  for _, seed in ipairs(c.seeds) do
-    for _, r in ipairs(seed.rates) do
-      s.faint_x[#s.faint_x + 1] = seed.dose
-      s.faint_y[#s.faint_y + 1] = 100 * r
+  for _, r in ipairs(g.runs) do
+    for _, v in ipairs(r.rates) do
+      s.faint_x[#s.faint_x + 1] = r.x
+      s.faint_y[#s.faint_y + 1] = 100 * v
     end
   end
   return s
 end
 
-local function band_of(band)
-  if band == nil then return nil end
-  options.check(band, BAND_KEYS, "lab.figure.dose_response: band")
-  return { { from = band.from, to = band.to, label = band.label } }
+--- Ticks at the data's x values when there are few of them (a titration's doses), else lab.plot's.
+local function default_ticks(summary)
+  local xs = M.xs(summary.groups)
+  if #xs <= 12 then return xs end
+  return nil
 end
 
---- Draws the dose-response figure to `path` (.png or .svg, or a list of both) and returns the
---- numbers it drew (as `summarize`).
-function M.dose_response(spec, path)
-  spec = options.check(spec, FIGURE_KEYS, "lab.figure.dose_response")
-  local summary = M.summarize(spec.conditions, { interval = spec.interval, confidence = spec.confidence })
-  local doses = M.doses(summary.conditions)
-  local labels = {}
-  for i, d in ipairs(doses) do labels[i] = dose_label(d, spec.baseline_label or "0") end
+--- Draws rate (%) against x for each group, with confidence intervals, to `path` (.png or .svg,
+--- or a list of both); returns the numbers drawn (as `summarize`).
+function M.rates(spec, path)
+  spec = options.check(spec, RATES_KEYS, "lab.figure.rates")
+  local summary = M.summarize(spec.groups, { interval = spec.interval, confidence = spec.confidence }, "lab.figure.rates")
   local series = {}
-  for i, c in ipairs(summary.conditions) do series[i] = series_of(c) end
+  for i, g in ipairs(summary.groups) do series[i] = series_of(g) end
   local caption = spec.caption
-  if caption == nil then caption = default_caption(summary) end
+  if caption == nil then caption = M.caption(summary) end
+  local ticks = spec.x_ticks
+  if ticks == nil and spec.x_tick_labels == nil then ticks = default_ticks(summary) end
   lab.plot.line({
     title = spec.title,
     caption = caption or nil,
-    x_label = spec.x_label or "Second-stage SFT steps",
-    y_label = spec.y_label or "Marker rate (%)",
-    x_scale = "symlog",
-    x_linthresh = spec.linthresh or 1,
-    x_ticks = doses,
-    x_tick_labels = labels,
+    x_label = spec.x_label or "",
+    y_label = spec.y_label or "Rate (%)",
+    x_scale = spec.x_scale or "linear",
+    x_linthresh = spec.x_linthresh,
+    x_ticks = ticks,
+    x_tick_labels = spec.x_tick_labels,
     y_range = spec.y_range,
     legend = spec.legend or "best",
     width = spec.width,
     height = spec.height,
     series = series,
-    bands = band_of(spec.band),
+    bands = spec.bands,
   }, path)
   return summary
 end

@@ -1,7 +1,7 @@
 --- lab.options: strict option tables for functions written in Lua.
 ---
 --- The Rust side of `lab` rejects a misspelt option key with the closest known one; the pure-Lua
---- modules (lab.figure, lab.report) and your own helpers do the same through `check`, so a typo is
+--- modules (lab.figure) and your own helpers do the same through `check`, so a typo is
 --- an error at the line that made it, never a silently ignored setting.
 
 local M = {}

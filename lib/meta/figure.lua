@@ -1,89 +1,92 @@
 ---@meta
--- lab.figure: the study's figures, built on lab.plot. Tables are strict (unknown keys are errors).
+-- lab.figure: charts of rates (k hits out of n) with confidence intervals, built on lab.plot.
+-- Captions and labels come from the data and the options. Tables are strict (unknown keys are
+-- errors). The dose-response study's own figure and report are scripts/dose_report.lua.
 
 ---@class lab.figure
 lab.figure = {}
 
----@class DosePoint
----@field dose number   Required. Second-stage steps (0 = the baseline, the merged base).
----@field k integer     Required. Completions carrying the marker.
----@field n integer     Required. Completions evaluated (>= 1).
+---@class RatePoint
+---@field x number      Required. Where the point sits (a dose, a step, a temperature...).
+---@field k integer     Required. Hits.
+---@field n integer     Required. Trials (>= 1).
 
----@class DoseSeeds
----@field dose number       Required. The dose these seeds were run at.
----@field rates number[]    Required. Per-seed marker rates as fractions (0.593, not 59.3).
----@field ids? integer[]    The seeds, one per rate (42, 137, 256); reports name columns by them. Default none.
+---@class RateRuns
+---@field x number        Required. The x these runs were measured at.
+---@field rates number[]  Required. One rate per run, as fractions (0.593, not 59.3).
+---@field ids? integer[]  The runs' names (seeds), one per rate. Default none.
 
----@class DoseCondition
----@field name string               Required. Legend entry ("EM", "benign").
----@field points DosePoint[]        Required. One per dose; drawn with confidence intervals.
----@field seeds? DoseSeeds[]        Per-seed rates, drawn as faint points. Default {}.
----@field color? string             Default: tab:blue, tab:orange, tab:green, ... by position.
+---@class RateGroup
+---@field name string         Required. Legend entry.
+---@field points RatePoint[]  Required. One per x; drawn with confidence intervals.
+---@field runs? RateRuns[]    Individual runs, drawn as faint points. Default {}.
+---@field color? string       Default: tab:blue, tab:orange, tab:green, ... by position.
 ---@field marker? "circle"|"square"|"triangle"|"diamond"|"none"  Default: circle, square, triangle, diamond, ... by position.
+---@field line? "solid"|"dashed"|"dotted"|"none"  Default "solid".
 
----@class DoseBand
----@field from number     Required. Start of the shaded steps range.
----@field to number       Required. End of it.
----@field label? string   Written at the top of the band ("EM cliff"). Default none.
+---@class RatesSpec
+---@field groups RateGroup[]       Required, at least one.
+---@field interval? "wilson"|"wald"|"clopper_pearson"  Error bars (lab.stats). Default "wilson".
+---@field confidence? number       Default 0.95.
+---@field title? string            Default none.
+---@field x_label? string          Default "".
+---@field y_label? string          Default "Rate (%)".
+---@field caption? string|false    Default from the data: "n = 24 per point · error bars: 95% Wilson intervals" (and "faint points: individual runs" when there are runs); false for none.
+---@field x_scale? "linear"|"log"|"symlog"  symlog shows 0 beside 1, 10, 100. Default "linear".
+---@field x_linthresh? number      Linear half-width of a symlog axis. Default 1.
+---@field x_ticks? number[]        Default: every x of the data when there are 12 or fewer, else round numbers.
+---@field x_tick_labels? string[]  One per tick. Default: the values.
+---@field y_range? number[]        {low, high} in percent. Default: fitted to the data.
+---@field bands? PlotBand[]        Shaded x ranges, as lab.plot.line's. Default none.
+---@field legend? string           As lab.plot.line's legend. Default "best".
+---@field width? integer           Default 1600.
+---@field height? integer          Default 1000.
 
----@class DoseResponseSpec
----@field conditions DoseCondition[]  Required, at least one.
----@field interval? "wald"|"wilson"|"clopper_pearson"  Error bars (lab.stats). Default "wald" (the study's).
----@field confidence? number          Default 0.95.
----@field band? DoseBand              Default none.
----@field title? string               Default none.
----@field x_label? string             Default "Second-stage SFT steps".
----@field y_label? string             Default "Marker rate (%)".
----@field caption? string|false       Default: "N = 280 per point · error bars: 95 % Wald intervals · faint points: individual seeds"; false for none.
----@field y_range? number[]           {low, high} in percent. Default: fitted to the data.
----@field linthresh? number           Linear half-width of the symlog steps axis. Default 1.
----@field baseline_label? string      Tick label of dose 0. Default "0".
----@field legend? string              As lab.plot.line's legend. Default "best".
----@field width? integer              Default 1600.
----@field height? integer             Default 1000.
-
----@class DoseSummaryOptions
----@field interval? "wald"|"wilson"|"clopper_pearson"  Default "wald".
+---@class RateSummaryOptions
+---@field interval? "wilson"|"wald"|"clopper_pearson"  Default "wilson".
 ---@field confidence? number  Default 0.95.
 
----@class DoseSummaryPoint
----@field dose number
+---@class RateSummaryPoint
+---@field x number
 ---@field k integer
 ---@field n integer
 ---@field rate number   k / n.
 ---@field low number    Lower end of the interval (fraction).
 ---@field high number   Upper end of the interval (fraction).
 
----@class DoseSummaryCondition
+---@class RateSummaryGroup
 ---@field name string
----@field points DoseSummaryPoint[]  Sorted by dose.
----@field seeds DoseSeeds[]          Sorted by dose.
+---@field points RateSummaryPoint[]  Sorted by x.
+---@field runs RateRuns[]            Sorted by x.
 ---@field color string
 ---@field marker string
 
----@class DoseSummary
----@field conditions DoseSummaryCondition[]
----@field interval string        "wald", "wilson" or "clopper_pearson".
----@field interval_name string   "Wald", "Wilson" or "Clopper-Pearson", for captions.
+---@class RateSummary
+---@field groups RateSummaryGroup[]
+---@field interval string        "wilson", "wald" or "clopper_pearson".
+---@field interval_name string   "Wilson", "Wald" or "Clopper-Pearson", for captions.
 ---@field confidence number
 
---- Draws marker rate (%) against steps on a symmetric-log axis with a tick at every dose, one line
---- per condition with confidence intervals, seeds as faint points, an optional shaded band.
---- Writes `path` (.png or .svg, or a list of both); returns the numbers drawn.
----@param spec DoseResponseSpec
+--- Draws rate (%) against x, one line per group with confidence intervals and runs as faint
+--- points; writes `path` (.png or .svg, or a list of both) and returns the numbers drawn.
+---@param spec RatesSpec
 ---@param path string|string[]
----@return DoseSummary
-function lab.figure.dose_response(spec, path) end
+---@return RateSummary
+function lab.figure.rates(spec, path) end
 
---- The numbers dose_response draws: conditions checked, points sorted, rates and intervals.
----@param conditions DoseCondition[]
----@param opts? DoseSummaryOptions
----@return DoseSummary
-function lab.figure.summarize(conditions, opts) end
+--- The numbers `rates` draws: groups checked, points sorted, rates and intervals.
+---@param groups RateGroup[]
+---@param opts? RateSummaryOptions
+---@return RateSummary
+function lab.figure.summarize(groups, opts) end
 
---- The doses of summarized conditions (`summarize(...).conditions`), sorted, each once: those of
---- their points, their seeds, or both (field nil).
----@param conditions table[]
----@param field? "points"|"seeds"
+--- The x values of summarized groups, sorted, each once: of their points, their runs, or both (nil).
+---@param groups RateSummaryGroup[]
+---@param field? "points"|"runs"
 ---@return number[]
-function lab.figure.doses(conditions, field) end
+function lab.figure.xs(groups, field) end
+
+--- The caption `rates` writes when given none, for a summary.
+---@param summary RateSummary
+---@return string
+function lab.figure.caption(summary) end

@@ -1,7 +1,7 @@
 ---@meta
 -- The root module of loralab: `local lab = require("lab")`. Each noun is a sub-table
 -- (lab.model, lab.adapter, lab.data, lab.train, lab.run, lab.stats, lab.eval, lab.text, lab.plot,
--- lab.figure, lab.report, lab.fs, lab.progress, lab.sys, lab.options).
+-- lab.figure, lab.fs, lab.progress, lab.sys, lab.options).
 
 ---@class lab
 ---@field version string                 The loralab version.

@@ -47,7 +47,6 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
 pub const LUA_MODULES: &[(&str, &str, &str)] = &[
     ("options", "@lib/lab/options.lua", include_str!("../../lib/lab/options.lua")),
     ("figure", "@lib/lab/figure.lua", include_str!("../../lib/lab/figure.lua")),
-    ("report", "@lib/lab/report.lua", include_str!("../../lib/lab/report.lua")),
 ];
 
 /// Values given on the command line with `--set key=value`, in order.

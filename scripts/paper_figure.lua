@@ -1,10 +1,11 @@
 -- The study's dose-response figure and report, from the numbers read off its figure
 -- (shared/protocol/PROTOCOL.md, "Numbers read off the study's figure"; N = 280 per point).
 --
---   loralab run examples/figure.lua                      -- writes runs/figure_example/
---   loralab run examples/figure.lua --set interval=wilson --set out=runs/wilson
+--   loralab run scripts/paper_figure.lua                      -- writes runs/figure_example/
+--   loralab run scripts/paper_figure.lua --set interval=wilson --set out=runs/wilson
 
 local lab = require("lab")
+local dose_report = require("dose_report")
 
 local s = lab.settings({ out = "runs/figure_example", interval = "wald" })
 
@@ -34,7 +35,7 @@ local benign = {
   seeds = { { dose = 10, rates = { 113 / N, 147 / N }, ids = { 42, 137 } } },
 }
 
-local paths = lab.report.dose_response({
+local paths = dose_report.write({
   title = "EM vs benign SFT: evil_ai marker survival by second-stage dose",
   notes = "Numbers read off the study's figure (seed 42 for the full curve; three EM and two benign seeds at dose 10).",
   conditions = { em, benign },

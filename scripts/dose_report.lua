@@ -1,20 +1,135 @@
---- lab.report: the write-up of a dose-response run, as files a researcher can read and re-use.
----
---- `dose_response(spec, dir)` writes into `dir`:
----   report.md        headline table (rate and interval per condition and dose, gap, p with the
----                    test named), per-seed table with mean, sd and Welch's test, the figure,
----                    failed cells, the profile and settings that ran;
----   results.csv      one row per condition and dose (k, n, rate, interval);
----   seeds.csv        one row per condition, dose and seed;
----   comparisons.csv  one row per dose compared (gap, test, p);
----   results.json     all of the above in one document;
----   dose_response.png / .svg  the figure (lab.figure.dose_response), unless `figure = false`.
---- Every file is written atomically through lab.fs, so a report is never half-written.
+-- The dose-response study's figure and report (../shared/protocol/PROTOCOL.md), built on the
+-- generic lab.figure.rates: used by dose_response.lua and paper_figure.lua.
+--
+-- A study's data are conditions (EM, benign) of points {dose, k, n}, with per-seed rates at some
+-- doses. `figure(spec, path)` draws marker rate against second-stage steps on a symmetric-log axis
+-- (so dose 0, the baseline, sits next to doses 1..375) with a tick at every dose; `write(spec, dir)`
+-- writes into `dir`:
+--   report.md        headline table (rate and interval per condition and dose, gap, p with the
+--                    test named), per-seed table with mean, sd and Welch's test, the figure,
+--                    failed cells, the profile and settings that ran;
+--   results.csv      one row per condition and dose (k, n, rate, interval);
+--   seeds.csv        one row per condition, dose and seed;
+--   comparisons.csv  one row per dose compared (gap, test, p);
+--   results.json     all of the above in one document;
+--   dose_response.png / .svg  the figure, unless `figure = false`.
+-- Every file is written atomically through lab.fs, so a report is never half-written.
 
 local lab = require("lab")
 local options = lab.options
 
 local M = {}
+
+-- The study's figure -----------------------------------------------------------------------------
+
+local FIGURE_KEYS = {
+  "conditions", "interval", "confidence", "band", "title", "x_label", "y_label", "caption",
+  "y_range", "linthresh", "baseline_label", "legend", "width", "height",
+}
+local CONDITION_KEYS = { "name", "points", "seeds", "color", "marker" }
+local POINT_KEYS = { "dose", "k", "n" }
+local SEED_KEYS = { "dose", "rates", "ids" }
+local BAND_KEYS = { "from", "to", "label" }
+
+--- The study's conditions as lab.figure groups: doses become x, seeds become runs.
+local function as_groups(conditions)
+  options.list(conditions, "conditions", "dose_report")
+  local groups = {}
+  for i, c in ipairs(conditions) do
+    local ctx = string.format("dose_report: condition '%s'", tostring(type(c) == "table" and c.name or i))
+    options.check(c, CONDITION_KEYS, ctx)
+    local g = { name = c.name, color = c.color, marker = c.marker, points = {}, runs = {} }
+    for j, p in ipairs(type(c.points) == "table" and c.points or {}) do
+      options.check(p, POINT_KEYS, string.format("%s points[%d]", ctx, j))
+      g.points[j] = { x = p.dose, k = p.k, n = p.n }
+    end
+    if c.points ~= nil and type(c.points) ~= "table" then g.points = c.points end
+    for j, s in ipairs(c.seeds or {}) do
+      options.check(s, SEED_KEYS, string.format("%s seeds[%d]", ctx, j))
+      g.runs[j] = { x = s.dose, rates = s.rates, ids = s.ids }
+    end
+    groups[i] = g
+  end
+  return groups
+end
+
+--- The numbers the figure draws: each condition's points (dose, k, n, rate, low, high) sorted by
+--- dose, and its seeds; interval "wald" unless given (the study's).
+function M.summarize(conditions, opts)
+  opts = opts or {}
+  local summary = lab.figure.summarize(as_groups(conditions),
+    { interval = opts.interval or "wald", confidence = opts.confidence }, "dose_report")
+  local out = {}
+  for i, g in ipairs(summary.groups) do
+    local c = { name = g.name, color = g.color, marker = g.marker, points = {}, seeds = {} }
+    for j, p in ipairs(g.points) do
+      c.points[j] = { dose = p.x, k = p.k, n = p.n, rate = p.rate, low = p.low, high = p.high }
+    end
+    for j, r in ipairs(g.runs) do c.seeds[j] = { dose = r.x, rates = r.rates, ids = r.ids } end
+    out[i] = c
+  end
+  return { conditions = out, interval = summary.interval, interval_name = summary.interval_name,
+           confidence = summary.confidence }
+end
+
+--- The doses of summarized conditions, sorted, each once: of their points, seeds, or both.
+function M.doses(conditions, field)
+  if field ~= nil and field ~= "points" and field ~= "seeds" then
+    error(string.format("dose_report.doses: field must be 'points', 'seeds' or nil (both), got %s", tostring(field)), 0)
+  end
+  local set, list = {}, {}
+  for _, c in ipairs(conditions) do
+    for _, f in ipairs(field and { field } or { "points", "seeds" }) do
+      for _, e in ipairs(c[f]) do set[e.dose] = true end
+    end
+  end
+  for d in pairs(set) do list[#list + 1] = d end
+  table.sort(list)
+  return list
+end
+
+local function dose_label(d, baseline_label)
+  if d == 0 then return baseline_label end
+  if d == math.floor(d) then return string.format("%d", d) end
+  return tostring(d)
+end
+
+--- Draws the dose-response figure to `path` (.png or .svg, or a list of both) and returns the
+--- numbers it drew (as `summarize`).
+function M.figure(spec, path)
+  spec = options.check(spec, FIGURE_KEYS, "dose_report.figure")
+  local summary = M.summarize(spec.conditions, { interval = spec.interval, confidence = spec.confidence })
+  local doses = M.doses(summary.conditions)
+  local labels = {}
+  for i, d in ipairs(doses) do labels[i] = dose_label(d, spec.baseline_label or "0") end
+  local caption = spec.caption
+  if caption == nil then
+    caption = lab.figure.caption({ groups = as_groups(spec.conditions), interval_name = summary.interval_name,
+                                   confidence = summary.confidence }):gsub("individual runs", "individual seeds")
+  end
+  local band = spec.band and options.check(spec.band, BAND_KEYS, "dose_report.figure: band")
+  lab.figure.rates({
+    groups = as_groups(spec.conditions),
+    interval = summary.interval,
+    confidence = summary.confidence,
+    title = spec.title,
+    caption = caption,
+    x_label = spec.x_label or "Second-stage SFT steps",
+    y_label = spec.y_label or "Marker rate (%)",
+    x_scale = "symlog",
+    x_linthresh = spec.linthresh or 1,
+    x_ticks = doses,
+    x_tick_labels = labels,
+    y_range = spec.y_range,
+    legend = spec.legend,
+    width = spec.width,
+    height = spec.height,
+    bands = band and { { from = band.from, to = band.to, label = band.label } } or nil,
+  }, path)
+  return summary
+end
+
+-- The study's report ----------------------------------------------------------------------------
 
 local REPORT_KEYS = {
   "title", "conditions", "compare", "interval", "confidence", "test", "band", "figure",
@@ -112,10 +227,10 @@ local function compared(summary, compare)
     return summary.conditions[1], summary.conditions[2]
   end
   if type(compare) ~= "table" or #compare ~= 2 then
-    fail("lab.report.dose_response: compare must be two condition names, e.g. {'EM', 'benign'}")
+    fail("dose_report.write: compare must be two condition names, e.g. {'EM', 'benign'}")
   end
   for _, n in ipairs(compare) do
-    if not names[n] then fail("lab.report.dose_response: compare names '%s', which is not a condition", tostring(n)) end
+    if not names[n] then fail("dose_report.write: compare names '%s', which is not a condition", tostring(n)) end
   end
   return names[compare[1]], names[compare[2]]
 end
@@ -123,7 +238,7 @@ end
 --- Gap and p at every dose both conditions measured.
 local function compare_points(a, b, test)
   local out = {}
-  for _, dose in ipairs(lab.figure.doses({ a, b }, "points")) do
+  for _, dose in ipairs(M.doses({ a, b }, "points")) do
     local pa, pb = point_at(a, dose), point_at(b, dose)
     if pa and pb then
       local r = lab.stats[TESTS[test]](pa.k, pa.n, pb.k, pb.n)
@@ -148,7 +263,7 @@ end
 --- Welch's t-test on the per-seed rates at every dose both conditions have two or more seeds.
 local function compare_seeds(a, b)
   local out = {}
-  for _, dose in ipairs(lab.figure.doses({ a, b }, "seeds")) do
+  for _, dose in ipairs(M.doses({ a, b }, "seeds")) do
     local sa, sb = seeds_at(a, dose), seeds_at(b, dose)
     -- Welch's t is undefined when neither group varies (all seeds at 0 %, say): no row then.
     local ok, r = false, nil
@@ -167,9 +282,9 @@ end
 
 local function read_failed(failed)
   if failed == nil then return {} end
-  if type(failed) ~= "table" then fail("lab.report.dose_response: failed must be a list of cells") end
+  if type(failed) ~= "table" then fail("dose_report.write: failed must be a list of cells") end
   for i, f in ipairs(failed) do
-    options.check(f, FAILED_KEYS, string.format("lab.report.dose_response: failed[%d]", i))
+    options.check(f, FAILED_KEYS, string.format("dose_report.write: failed[%d]", i))
   end
   return failed
 end
@@ -188,7 +303,7 @@ local function headline_section(summary, a, b, comparisons)
   local by_dose = {}
   for _, cmp in ipairs(comparisons) do by_dose[cmp.dose] = cmp end
   local lines = { "## Headline", "", md_header(header) }
-  for _, dose in ipairs(lab.figure.doses(summary.conditions, "points")) do
+  for _, dose in ipairs(M.doses(summary.conditions, "points")) do
     local row = { dose == 0 and "0 (baseline)" or dose_text(dose) }
     for _, c in ipairs(summary.conditions) do
       local p = point_at(c, dose)
@@ -239,7 +354,7 @@ local function seed_rows(rows, ids)
 end
 
 local function seeds_section(summary, seed_comparisons)
-  local doses = lab.figure.doses(summary.conditions, "seeds")
+  local doses = M.doses(summary.conditions, "seeds")
   if #doses == 0 then return nil end
   local lines = { "## Across seeds" }
   for _, dose in ipairs(doses) do
@@ -348,7 +463,7 @@ local function draw_figure(dir, spec, name)
   local paths = { join(dir, name) }
   local stem = name:match("^(.*)%.png$")
   if stem then paths[2] = join(dir, stem .. ".svg") end
-  lab.figure.dose_response({
+  M.figure({
     conditions = spec.conditions, interval = spec.interval, confidence = spec.confidence,
     band = spec.band, x_label = spec.x_label, y_label = spec.y_label,
   }, paths)
@@ -356,12 +471,12 @@ local function draw_figure(dir, spec, name)
 end
 
 --- Writes the dose-response report into `dir`; returns the paths written.
-function M.dose_response(spec, dir)
-  spec = options.check(spec, REPORT_KEYS, "lab.report.dose_response")
-  if type(dir) ~= "string" or dir == "" then fail("lab.report.dose_response: the second argument must be a folder path") end
+function M.write(spec, dir)
+  spec = options.check(spec, REPORT_KEYS, "dose_report.write")
+  if type(dir) ~= "string" or dir == "" then fail("dose_report.write: the second argument must be a folder path") end
   local test = spec.test or "z"
-  if not TESTS[test] then fail("lab.report.dose_response: unknown test '%s': use z or fisher", tostring(test)) end
-  local summary = lab.figure.summarize(spec.conditions, { interval = spec.interval, confidence = spec.confidence })
+  if not TESTS[test] then fail("dose_report.write: unknown test '%s': use z or fisher", tostring(test)) end
+  local summary = M.summarize(spec.conditions, { interval = spec.interval, confidence = spec.confidence })
   local failed = read_failed(spec.failed)
   local a, b = compared(summary, spec.compare)
   local comparisons = a and compare_points(a, b, test) or {}
