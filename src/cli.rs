@@ -1,5 +1,6 @@
 //! The command line: `loralab run FILE.lua [--set key=value]... [--gpus LIST | --workers N]`,
-//! `loralab slurm FILE.lua --tasks N ...`, `loralab status RUN_DIR`.
+//! `loralab check FILE.lua [--set key=value]...`, `loralab slurm FILE.lua --tasks N ...`,
+//! `loralab status RUN_DIR`.
 
 use std::path::PathBuf;
 
@@ -32,6 +33,14 @@ enum Command {
         /// Run as the worker NAME of a launch (set by --gpus, --workers and `loralab slurm`).
         #[arg(long, value_name = "NAME")]
         worker: Option<String>,
+    },
+    /// Resolve a script's settings and list the cells it would run, which are finished, without
+    /// loading a model, training or sampling.
+    Check {
+        /// The script to check.
+        script: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        set: Vec<(String, String)>,
     },
     /// Submit the script to Slurm as an array of workers sharing its run folder.
     Slurm {
@@ -92,6 +101,10 @@ pub fn run() -> anyhow::Result<i32> {
                 crate::cells::set_worker_name(&name);
             }
             crate::lua::run_file(&script, &set)?;
+            Ok(0)
+        }
+        Command::Check { script, set } => {
+            crate::lua::check_file(&script, &set)?;
             Ok(0)
         }
         Command::Slurm { script, set, tasks, gpus_per_task, cpus_per_task, partition, time, account, sbatch_arg } => {

@@ -527,3 +527,76 @@ p(pcall(lab.eval.tally, records, evil, { by = "question" }))
     assert!(lines[12].contains("must return true or false"), "{}", lines[12]);
     assert!(lines[13].contains("no field 'question'"), "{}", lines[13]);
 }
+
+/// Every file under `dir` with its size, to see that a command wrote nothing.
+fn listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), e.metadata().unwrap().len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn check_lists_the_cells_a_script_would_run_and_which_are_finished_without_running_or_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let path = script(
+        dir.path(),
+        "plan.lua",
+        &format!(
+            r#"
+local lab = require("lab")
+local s = lab.settings({{ doses = {{ 1, 2 }}, lr = 0.01 }})
+local run = lab.run.open("{out}", {{ settings = s }})
+local m = lab.model.random({{ architectures = {{"Qwen2ForCausalLM"}}, vocab_size = 50, hidden_size = 16,
+  intermediate_size = 32, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1,
+  max_position_embeddings = 64 }}, {{ seed = 1 }})
+local items = {{}}
+for i, d in ipairs(s.doses) do
+  items[i] = {{ name = "dose" .. d, key = {{ dose = d, lr = s.lr, weights = m:info().weights_id }} }}
+end
+local results = run:cells(items, function(cell, item)
+  print("RAN " .. item.name)
+  return {{ rate = item.key.dose / 10 }}
+end, {{ label = "titration" }})
+local total = 0
+for _, r in pairs(results) do total = total + r.rate end
+print(string.format("total %.1f", total))
+local outs = m:sample({{ {{ 1, 2 }} }}, {{ max_tokens = 2 }})
+print("sampled", #outs)
+"#,
+            out = out.display()
+        ),
+    );
+    let (ok, stdout, stderr) = loralab(&["run", &path]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("RAN dose1") && stdout.contains("RAN dose2"));
+    let before = listing(&out);
+
+    let (ok, stdout, stderr) = loralab(&["check", &path, "--set", "doses=1,2,5"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(!stdout.contains("RAN"), "checking runs no cell:\n{stdout}");
+    assert!(stdout.contains("titration:"), "{stdout}");
+    let line = |name: &str| stdout.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or("").to_string();
+    assert!(line("dose1 ").contains("finished") && line("dose2 ").contains("finished"), "{stdout}");
+    assert!(line("dose5 ").contains("not started"), "{stdout}");
+    assert!(stdout.contains("3 cells: 2 finished, 1 to run"), "{stdout}");
+    assert!(stdout.contains("the plan ends here") && stdout.contains("model:sample"), "{stdout}");
+    assert!(stdout.contains("other settings set"), "the folder's earlier settings are mentioned:\n{stdout}");
+    assert_eq!(listing(&out), before, "checking writes nothing");
+
+    let (ok, _, stderr) = loralab(&["check", &path, "--set", "dozes=1"]);
+    assert!(!ok && stderr.contains("unknown setting 'dozes'") && stderr.contains("doses"), "{stderr}");
+    let (ok, _, stderr) = loralab(&["check", &path, "--set", "lr=fast"]);
+    assert!(!ok && stderr.contains("lr"), "a value of the wrong type is an error:\n{stderr}");
+}

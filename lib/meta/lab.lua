@@ -6,6 +6,11 @@
 ---@class lab
 ---@field version string                 The loralab version.
 ---@field args table<string, any>        Every `--set KEY=VALUE` of the command line; numbers and booleans converted.
+---@field script_dir string              The folder of the running script, as given on the command line. Relative
+---                                      paths (lab.data.jsonl("x.jsonl"), lab.fs...) resolve from the working
+---                                      directory; lab.script_dir .. "/x.jsonl" names a file beside the script.
+---@field checking boolean               True under `loralab check`: models are described, not loaded, and no
+---                                      cell runs (a script may skip its own summary then).
 lab = {}
 
 --- A copy of `defaults` with the command line's `--set` values applied, each converted to the

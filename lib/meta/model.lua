@@ -90,6 +90,7 @@ function lab.model.random(config, opts) end
 ---@field device string
 ---@field provenance ModelProvenance  Exactly which files the weights came from.
 ---@field weights_id string           16 hex digits over the files' SHA-256s: equal weights, equal id.
+---@field checking? boolean         True for a model described by `loralab check` (no weights; sampling and training stop the check).
 
 ---@class Model
 local Model = {}

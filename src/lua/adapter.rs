@@ -5,6 +5,7 @@ use std::rc::Rc;
 
 use mlua::{Lua, Table, UserData, UserDataMethods, Value};
 
+use super::check::{LuaAdapterPlan, LuaModelPlan};
 use super::model::LuaModel;
 use super::opts::Opts;
 use crate::adapter::{Adapter, LoraConfig, Target};
@@ -17,11 +18,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
     let m = lua.create_table()?;
     m.set(
         "new",
-        lua.create_function(|lua, (model, opts): (mlua::AnyUserData, Value)| {
-            let model = model
-                .borrow::<LuaModel>()
-                .map_err(|_| mlua::Error::runtime("lab.adapter.new: first argument must be a model"))?
-                .clone();
+        lua.create_function(|lua, (model_ud, opts): (mlua::AnyUserData, Value)| {
             let mut o = Opts::new("lab.adapter.new", opts)?;
             let r: usize = o.get_or(lua, "r", 8)?;
             let lora_alpha: f64 = o.get_or(lua, "lora_alpha", 8.0)?;
@@ -50,21 +47,38 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             if r == 0 {
                 return Err(mlua::Error::runtime("lab.adapter.new: option 'r' must be >= 1"));
             }
+            if let Ok(plan) = model_ud.borrow::<LuaModelPlan>() {
+                return lua.create_userdata(LuaAdapterPlan { model_id: plan.0.id.clone() }).map(Value::UserData);
+            }
+            let model = model_ud
+                .borrow::<LuaModel>()
+                .map_err(|_| mlua::Error::runtime("lab.adapter.new: first argument must be a model"))?
+                .clone();
             let cfg = LoraConfig { r, lora_alpha, lora_dropout, target_modules: targets, use_rslora };
             let a = Adapter::new(&model.0.decoder, cfg, seed)
                 .map_err(|e| mlua::Error::runtime(format!("lab.adapter.new: {e}")))?;
-            Ok(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone()))
+            lua.create_userdata(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone())).map(Value::UserData)
         })?,
     )?;
     m.set(
         "load",
-        lua.create_function(|_, (model, dir): (mlua::AnyUserData, String)| {
+        lua.create_function(|lua, (model, dir): (mlua::AnyUserData, String)| {
+            if let Ok(plan) = model.borrow::<LuaModelPlan>() {
+                // Checking: the folder must hold an adapter; its weights are not read.
+                let config = std::path::Path::new(&dir).join("adapter_config.json");
+                if !config.is_file() {
+                    return Err(mlua::Error::runtime(format!(
+                        "lab.adapter.load: {dir} holds no adapter (no adapter_config.json)"
+                    )));
+                }
+                return lua.create_userdata(LuaAdapterPlan { model_id: plan.0.id.clone() }).map(Value::UserData);
+            }
             let model = model
                 .borrow::<LuaModel>()
                 .map_err(|_| mlua::Error::runtime("lab.adapter.load: first argument must be a model"))?
                 .clone();
             let a = Adapter::load(std::path::Path::new(&dir), &model.0.decoder).map_err(mlua::Error::external)?;
-            Ok(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone()))
+            lua.create_userdata(LuaAdapter(Rc::new(RefCell::new(a)), model.0.id.clone())).map(Value::UserData)
         })?,
     )?;
     Ok(m)

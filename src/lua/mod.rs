@@ -6,6 +6,7 @@
 //! through `require("lab")`.
 
 pub mod adapter;
+pub mod check;
 pub mod data;
 pub mod eval;
 pub mod fs;
@@ -56,7 +57,7 @@ pub type Settings = Vec<(String, String)>;
 pub fn new_runtime(script: &Path, settings: &Settings) -> anyhow::Result<Lua> {
     let lua = Lua::new();
     set_package_path(&lua, script).map_err(lua_err)?;
-    build_lab(&lua, settings)
+    build_lab(&lua, script, settings)
         .map_err(|e| anyhow::anyhow!("could not set up the lab module: {}", describe_lua_error(&e)))?;
     Ok(lua)
 }
@@ -83,6 +84,24 @@ pub fn run_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&done)? + "\n";
         crate::store::write_atomic(&dir.join("complete.json"), text.as_bytes())
             .with_context(|| format!("cannot write {}", dir.join("complete.json").display()))?;
+    }
+    Ok(())
+}
+
+/// `loralab check`: runs the script without weights, training or sampling (see [`check`]) and
+/// prints the cells it would run. A script stopped only by work that checking skips is fine.
+pub fn check_file(script: &Path, settings: &Settings) -> anyhow::Result<()> {
+    run::set_script(script);
+    check::start();
+    match load_and_call(script, settings) {
+        Ok(()) => check::print_plan(None),
+        Err(e) => {
+            let message = describe_lua_error(&e);
+            if !message.contains(check::NOT_RUN) {
+                return Err(anyhow::anyhow!("{message}"));
+            }
+            check::print_plan(Some(&message));
+        }
     }
     Ok(())
 }
@@ -195,9 +214,17 @@ fn project_lib_dir() -> Option<PathBuf> {
     built.is_dir().then_some(built)
 }
 
-fn build_lab(lua: &Lua, settings: &Settings) -> mlua::Result<Table> {
+fn build_lab(lua: &Lua, script: &Path, settings: &Settings) -> mlua::Result<Table> {
     let lab = lua.create_table()?;
     lab.set("version", env!("CARGO_PKG_VERSION"))?;
+    // Relative paths in a script resolve from the working directory, as everywhere in Lua;
+    // `lab.script_dir .. "/data.jsonl"` names a file beside the script instead.
+    let script_dir = match script.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    lab.set("script_dir", script_dir.display().to_string())?;
+    lab.set("checking", check::checking())?;
     lab.set("args", args_table(lua, settings)?)?;
     let given = settings.clone();
     lab.set("settings", lua.create_function(move |lua, defaults: Table| resolve_settings(lua, &defaults, &given))?)?;

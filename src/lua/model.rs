@@ -24,8 +24,9 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let dtype_name: String = o.get_or(lua, "dtype", "f32".to_string())?;
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
             let dtype = parse_dtype(&o, &dtype_name)?;
-            let device = parse_device(&o, &device_name)?;
             let seed: Option<u64> = o.get(lua, "seed")?;
+            // No device is opened while checking: it runs where no GPU is.
+            let device = if super::check::checking() { Device::Cpu } else { parse_device(&o, &device_name)? };
             o.finish()?;
             let (cfg, id) = match config {
                 Value::String(path) => {
@@ -50,9 +51,14 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                     )))
                 }
             };
+            if super::check::checking() {
+                let plan = model::load::describe_random(cfg, id, seed)
+                    .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
+                return lua.create_userdata(super::check::LuaModelPlan(Rc::new(plan))).map(Value::UserData);
+            }
             let m = model::load::random(cfg, &LoadOptions { dtype, device }, id, seed)
                 .map_err(|e| mlua::Error::runtime(format!("lab.model.random: {e:#}")))?;
-            Ok(LuaModel(Rc::new(m)))
+            lua.create_userdata(LuaModel(Rc::new(m))).map(Value::UserData)
         })?,
     )?;
     m.set(
@@ -64,14 +70,27 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
             let revision: Option<String> = o.get(lua, "revision")?;
             let dtype = parse_dtype(&o, &dtype_name)?;
+            if super::check::checking() {
+                // No device is opened: checking runs where no GPU is.
+                o.finish()?;
+                if !matches!(device_name.as_str(), "cpu" | "cuda") {
+                    return Err(o_bad_device(&device_name));
+                }
+                let plan = model::load::describe_at(&spec, revision.as_deref()).map_err(mlua::Error::external)?;
+                return lua.create_userdata(super::check::LuaModelPlan(Rc::new(plan))).map(Value::UserData);
+            }
             let device = parse_device(&o, &device_name)?;
             o.finish()?;
             let model = model::load::load_at(&spec, revision.as_deref(), &LoadOptions { dtype, device })
                 .map_err(mlua::Error::external)?;
-            Ok(LuaModel(Rc::new(model)))
+            lua.create_userdata(LuaModel(Rc::new(model))).map(Value::UserData)
         })?,
     )?;
     Ok(m)
+}
+
+fn o_bad_device(name: &str) -> mlua::Error {
+    mlua::Error::runtime(format!("lab.model.load: option 'device' must be \"cpu\" or \"cuda\", got \"{name}\""))
 }
 
 pub fn parse_dtype(o: &Opts, s: &str) -> mlua::Result<DType> {

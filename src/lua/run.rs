@@ -122,6 +122,10 @@ fn open(lua: &Lua, (dir, opts): (String, Value)) -> mlua::Result<LuaRun> {
             return Err(mlua::Error::runtime(PLAN_STOP));
         }
     }
+    if super::check::checking() {
+        super::check::record_run(checked_run(&dir, &settings_json));
+        return Ok(LuaRun(Rc::new(Run { dir, started: Instant::now(), tally: RefCell::new(Tally::default()) })));
+    }
     std::fs::create_dir_all(&dir)
         .map_err(|e| mlua::Error::runtime(format!("lab.run.open: cannot create {}: {e}", dir.display())))?;
     if settings.is_some() {
@@ -129,6 +133,19 @@ fn open(lua: &Lua, (dir, opts): (String, Value)) -> mlua::Result<LuaRun> {
     }
     OPENED.lock().unwrap().push((dir.clone(), settings_json));
     Ok(LuaRun(Rc::new(Run { dir, started: Instant::now(), tally: RefCell::new(Tally::default()) })))
+}
+
+/// A run folder as checking finds it (nothing is written).
+fn checked_run(dir: &Path, settings: &serde_json::Value) -> super::check::CheckedRun {
+    let run: Option<serde_json::Value> =
+        std::fs::read_to_string(dir.join("run.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let mut sets: Vec<&serde_json::Value> = Vec::new();
+    if let Some(run) = &run {
+        sets.extend(run.get("settings"));
+        sets.extend(run.get("history").and_then(|h| h.as_array()).into_iter().flatten().filter_map(|h| h.get("settings")));
+    }
+    let other = sets.iter().filter(|s| **s != settings).count();
+    super::check::CheckedRun { dir: dir.to_path_buf(), exists: dir.is_dir(), other_settings: other }
 }
 
 /// Writes run.json (script, settings, launch), keeping earlier settings sets in `history`.
@@ -294,6 +311,9 @@ impl LuaRun {
         retries: usize,
         label: &str,
     ) -> mlua::Result<Vec<Outcome>> {
+        if super::check::checking() {
+            return entries.iter().map(|e| self.check_cell(e, label)).collect();
+        }
         for e in entries {
             self.prepare(e)?;
         }
@@ -349,6 +369,37 @@ impl LuaRun {
             }
         }
         Ok(outcomes.into_iter().map(|o| o.expect("every cell ended")).collect())
+    }
+
+    /// A cell as checking sees it: its stored result, or an error that says why it is missing.
+    fn check_cell(&self, e: &Entry, label: &str) -> mlua::Result<Outcome> {
+        use super::check::NOT_RUN;
+        let state = if e.dir.is_dir() {
+            cells::state(&e.dir, cells::lease_ttl()).map_err(|err| mlua::Error::runtime(format!("{err:#}")))?
+        } else {
+            cells::State::NotStarted
+        };
+        let (state, outcome) = match state {
+            cells::State::Finished => match read_result(&e.dir)? {
+                Some(v) => ("finished".to_string(), Outcome::Result(v, true)),
+                None => ("not started".to_string(), Outcome::Failed(format!("{}: {NOT_RUN}", e.name))),
+            },
+            cells::State::Failed(f) => (
+                format!("failed: {}", f.error.lines().next().unwrap_or("")),
+                Outcome::Failed(format!("{}: failed earlier, would be retried: {NOT_RUN}", e.name)),
+            ),
+            cells::State::Running(h) => {
+                (format!("running: {}", h.describe()), Outcome::Failed(format!("{}: running elsewhere: {NOT_RUN}", e.name)))
+            }
+            cells::State::Stale(h) => (
+                format!("interrupted: by {}", h.describe()),
+                Outcome::Failed(format!("{}: interrupted, would be resumed: {NOT_RUN}", e.name)),
+            ),
+            cells::State::NotStarted => ("not started".to_string(), Outcome::Failed(format!("{}: {NOT_RUN}", e.name))),
+        };
+        let group = if label.is_empty() { format!("cell {}", e.name) } else { label.to_string() };
+        super::check::record_cell(super::check::CheckedCell { group, name: e.name.clone(), dir: e.dir.clone(), state });
+        Ok(outcome)
     }
 
     fn count_failure(&self, name: &str, error: &str) {

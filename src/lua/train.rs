@@ -26,6 +26,9 @@ fn sft(
     (model, adapter, data, opts): (mlua::AnyUserData, mlua::AnyUserData, mlua::AnyUserData, Value),
 ) -> mlua::Result<Table> {
     let ctx = "lab.train.sft";
+    if model.borrow::<super::check::LuaModelPlan>().is_ok() {
+        return Err(super::check::not_run(ctx));
+    }
     let model = model
         .borrow::<LuaModel>()
         .map_err(|_| mlua::Error::runtime(format!("{ctx}: argument 1 must be a model")))?

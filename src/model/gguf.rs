@@ -34,8 +34,19 @@ pub fn read(path: &Path) -> anyhow::Result<GgufModel> {
     read_from(&mut file, &shown)
 }
 
+/// The config and tokenizer of a GGUF file, without its weights (`weights` is left empty).
+pub fn read_header(path: &Path) -> anyhow::Result<GgufModel> {
+    let shown = path.display().to_string();
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open model file {shown}"))?;
+    read_parts(&mut file, &shown, false)
+}
+
 /// Reads a GGUF model from any seekable source; `shown` names it in errors.
 pub fn read_from<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str) -> anyhow::Result<GgufModel> {
+    read_parts(file, shown, true)
+}
+
+fn read_parts<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str, with_weights: bool) -> anyhow::Result<GgufModel> {
     let shown = shown.to_string();
     header::check(file).map_err(|e| anyhow::anyhow!("{shown} is not a readable GGUF file ({e:#})"))?;
     let content = Content::read(file)
@@ -48,7 +59,11 @@ pub fn read_from<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str) ->
     );
     let config = config_from_metadata(&md, &content)?;
     let tokenizer = tokenizer_from_gguf(&md)?;
-    let weights = read_weights(&content, file, &config, &shown)?;
+    let weights = if with_weights {
+        read_weights(&content, file, &config, &shown)?
+    } else {
+        Weights { tensors: HashMap::new(), source: shown.clone() }
+    };
     let token = |key: &str| -> Option<String> {
         let id = md.map.get(key)?.to_u32().ok()?;
         tokenizer.id_to_token(id)

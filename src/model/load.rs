@@ -64,7 +64,17 @@ pub fn load_at(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow
     Ok(model)
 }
 
-fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::Result<Model> {
+/// Where a model spec points: found, not yet read.
+enum Located {
+    Embedded(&'static EmbeddedModel, PathBuf),
+    Folder(PathBuf),
+    Gguf(PathBuf),
+    Hub(hub::Snapshot),
+}
+
+/// Where `spec` points; `fetch` allows downloads (a hub model missing from the cache, the
+/// embedded default on first use).
+fn locate(spec: &str, revision: Option<&str>, fetch: bool) -> anyhow::Result<Located> {
     let not_hub = |what: &str| -> anyhow::Result<()> {
         match revision {
             Some(r) => anyhow::bail!("model '{spec}' is {what}: revision \"{r}\" applies only to hub ids"),
@@ -73,21 +83,28 @@ fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::R
     };
     if let Some(e) = EMBEDDED.iter().find(|e| e.name == spec) {
         not_hub("the embedded default")?;
-        return load_embedded(e, opts);
+        if !fetch {
+            let path = embedded_path(e);
+            anyhow::ensure!(path.is_file(), "the default model is not fetched yet ({}); a run fetches it", path.display());
+            return Ok(Located::Embedded(e, path));
+        }
+        return Ok(Located::Embedded(e, ensure_embedded(e)?));
     }
     let path = Path::new(spec);
     if path.is_dir() {
         not_hub("a local folder")?;
-        return load_folder(path, spec, opts);
+        return Ok(Located::Folder(path.to_path_buf()));
     }
     if path.is_file() && path.extension().is_some_and(|x| x == "gguf") {
         not_hub("a GGUF file")?;
-        let mut model = load_gguf(path, spec, opts)?;
-        model.provenance = file_provenance(Source::Gguf, None, path)?;
-        return Ok(model);
+        return Ok(Located::Gguf(path.to_path_buf()));
     }
     if let Some(hub_spec) = HubSpec::parse(spec, revision)? {
-        return load_hub(&hub_spec, &HubEnv::from_process(), opts);
+        let mut env = HubEnv::from_process();
+        if !fetch && env.offline.is_none() {
+            env.offline = Some("loralab check (which never downloads)".into());
+        }
+        return Ok(Located::Hub(hub::resolve(&hub_spec, &env)?));
     }
     anyhow::bail!(
         "model '{spec}' is neither a known name ({}), a folder with config.json, a .gguf file, nor a hub id like Qwen/Qwen2.5-7B-Instruct",
@@ -95,29 +112,81 @@ fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::R
     )
 }
 
-/// A hub model: its snapshot from the cache (fetched where allowed), read as a folder.
-fn load_hub(spec: &HubSpec, env: &HubEnv, opts: &LoadOptions) -> anyhow::Result<Model> {
-    let snap = hub::resolve(spec, env)?;
-    let (decoder, tokenizer, files) = read_folder(&snap.dir, opts)?;
-    let mut p = Provenance::new(Source::Hub, Some(spec.id.clone()));
-    p.revision = Some(snap.commit.clone());
-    p.requested_revision = Some(spec.revision().to_string());
-    p.path = Some(snap.dir.display().to_string());
-    p.files = hash_files(&snap.dir, &files)?;
-    Ok(Model::new(spec.shown(), decoder, tokenizer).with_provenance(p))
+fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::Result<Model> {
+    match locate(spec, revision, true)? {
+        Located::Embedded(e, path) => {
+            let model = load_gguf(&path, e.name, opts)?;
+            Ok(model.with_provenance(embedded_provenance(e, &path)))
+        }
+        Located::Folder(dir) => load_folder(&dir, spec, opts),
+        Located::Gguf(path) => Ok(load_gguf(&path, spec, opts)?.with_provenance(file_provenance(Source::Gguf, None, &path)?)),
+        Located::Hub(snap) => {
+            let (decoder, tokenizer, files) = read_folder(&snap.dir, opts)?;
+            let p = hub_provenance(&snap, &files)?;
+            Ok(Model::new(snap.spec.shown(), decoder, tokenizer).with_provenance(p))
+        }
+    }
 }
 
-fn load_embedded(e: &EmbeddedModel, opts: &LoadOptions) -> anyhow::Result<Model> {
-    let path = ensure_embedded(e)?;
-    let mut model = load_gguf(&path, e.name, opts)?;
-    // The file was just checked against its known hash: no need to hash it again.
+/// What a model is, read without its weights: `loralab check` plans a run with it.
+pub struct ModelPlan {
+    pub id: String,
+    pub config: Config,
+    pub tokenizer: TextTokenizer,
+    pub provenance: Provenance,
+}
+
+/// [`load_at`] without reading the weights and without downloading anything: config, tokenizer
+/// and provenance (a local weight file is hashed, once, as loading would).
+pub fn describe_at(spec: &str, revision: Option<&str>) -> anyhow::Result<ModelPlan> {
+    let plan = |id: String, config, tokenizer, provenance| ModelPlan { id, config, tokenizer, provenance };
+    match locate(spec, revision, false)? {
+        Located::Embedded(e, path) => {
+            let (config, tokenizer) = gguf_header(&path)?;
+            Ok(plan(e.name.to_string(), config, tokenizer, embedded_provenance(e, &path)))
+        }
+        Located::Gguf(path) => {
+            let (config, tokenizer) = gguf_header(&path)?;
+            Ok(plan(spec.to_string(), config, tokenizer, file_provenance(Source::Gguf, None, &path)?))
+        }
+        Located::Folder(dir) => {
+            let config = read_config(&dir)?;
+            let tokenizer = read_tokenizer(&dir, &config)?;
+            Ok(plan(spec.to_string(), config, tokenizer, folder_provenance(&dir, &folder_files(&dir)?)?))
+        }
+        Located::Hub(snap) => {
+            let config = read_config(&snap.dir)?;
+            let tokenizer = read_tokenizer(&snap.dir, &config)?;
+            let p = hub_provenance(&snap, &folder_files(&snap.dir)?)?;
+            Ok(plan(snap.spec.shown(), config, tokenizer, p))
+        }
+    }
+}
+
+fn gguf_header(path: &Path) -> anyhow::Result<(Config, TextTokenizer)> {
+    let g = super::gguf::read_header(path)?;
+    let stop = g.config.eos_token_ids();
+    let tokenizer = TextTokenizer::new(g.tokenizer, g.chat_template, g.bos_token, g.eos_token, stop);
+    Ok((g.config, tokenizer))
+}
+
+fn hub_provenance(snap: &hub::Snapshot, files: &[PathBuf]) -> anyhow::Result<Provenance> {
+    let mut p = Provenance::new(Source::Hub, Some(snap.spec.id.clone()));
+    p.revision = Some(snap.commit.clone());
+    p.requested_revision = Some(snap.spec.revision().to_string());
+    p.path = Some(snap.dir.display().to_string());
+    p.files = hash_files(&snap.dir, files)?;
+    Ok(p)
+}
+
+/// The embedded file was checked against its known hash when found: no need to hash it again.
+fn embedded_provenance(e: &EmbeddedModel, path: &Path) -> Provenance {
     let mut p = Provenance::new(Source::Embedded, Some(e.name.to_string()));
     p.path = Some(path.display().to_string());
-    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     p.files = vec![FileHash { name, sha256: e.file_sha256.to_string(), bytes }];
-    model.provenance = p;
-    Ok(model)
+    p
 }
 
 /// The provenance of a model read from one local file.
@@ -153,26 +222,42 @@ fn load_gguf(path: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model>
 /// tokenizer.json, tokenizer_config.json, generation_config.json.
 pub fn load_folder(dir: &Path, id: &str, opts: &LoadOptions) -> anyhow::Result<Model> {
     let (decoder, tokenizer, files) = read_folder(dir, opts)?;
+    Ok(Model::new(id.to_string(), decoder, tokenizer).with_provenance(folder_provenance(dir, &files)?))
+}
+
+fn folder_provenance(dir: &Path, files: &[PathBuf]) -> anyhow::Result<Provenance> {
     let mut p = Provenance::new(Source::Local, None);
     p.path = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()).display().to_string());
-    p.files = hash_files(dir, &files)?;
-    Ok(Model::new(id.to_string(), decoder, tokenizer).with_provenance(p))
+    p.files = hash_files(dir, files)?;
+    Ok(p)
 }
 
 /// Decoder, tokenizer, and every file read for them, from a transformers folder.
 fn read_folder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<(Decoder, TextTokenizer, Vec<PathBuf>)> {
     let decoder = read_decoder(dir, opts)?;
     let tokenizer = read_tokenizer(dir, &decoder.config)?;
+    Ok((decoder, tokenizer, folder_files(dir)?))
+}
+
+/// Every file a folder's model is read from: config, tokenizer files, the weights.
+fn folder_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = vec![dir.join("config.json"), dir.join("tokenizer.json")];
     files.extend(hub::OPTIONAL_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()));
     let weights = weight_files(dir)?;
     files.extend(weights.index);
     files.extend(weights.shards);
-    Ok((decoder, tokenizer, files))
+    Ok(files)
 }
 
 /// The decoder of a transformers folder (config.json and *.safetensors), without tokenizer.
 pub fn read_decoder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Decoder> {
+    let config = read_config(dir)?;
+    let weights = read_safetensors(dir)?;
+    Decoder::new(config, weights, opts.dtype, &opts.device)
+}
+
+/// A folder's config.json, checked.
+fn read_config(dir: &Path) -> anyhow::Result<Config> {
     let shown = dir.display();
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| {
@@ -181,8 +266,7 @@ pub fn read_decoder(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Decoder> {
     let config: Config =
         serde_json::from_str(&text).with_context(|| format!("{}: not a valid model config", config_path.display()))?;
     config.validate().with_context(|| format!("{}", config_path.display()))?;
-    let weights = read_safetensors(dir)?;
-    Decoder::new(config, weights, opts.dtype, &opts.device)
+    Ok(config)
 }
 
 /// The weight files of a folder, found as transformers looks for them.
@@ -271,10 +355,14 @@ fn read_tokenizer(dir: &Path, config: &Config) -> anyhow::Result<TextTokenizer> 
 }
 
 /// Returns the path of an embedded model's file, fetching and verifying it on first use.
+fn embedded_path(e: &EmbeddedModel) -> PathBuf {
+    cache_dir().join(e.name).join(Path::new(e.member).file_name().unwrap())
+}
+
 fn ensure_embedded(e: &EmbeddedModel) -> anyhow::Result<PathBuf> {
     let dir = cache_dir().join(e.name);
     let file_name = Path::new(e.member).file_name().unwrap();
-    let path = dir.join(file_name);
+    let path = embedded_path(e);
     if path.exists() {
         verify_sha256(&path, e.file_sha256)
             .with_context(|| format!("HINT: delete {} and run again to fetch it anew", path.display()))?;
@@ -385,11 +473,31 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
         t.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
         t.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
     }
-    let mut p = Provenance::new(Source::Random, Some(id.clone()));
-    p.seed = seed;
-    p.config_sha256 = Some(config_sha256(&config)?);
+    let p = random_provenance(&config, &id, seed)?;
     let decoder = Decoder::new(config.clone(), Weights { tensors: t, source: id.clone() }, opts.dtype, dev)?;
-    let vocab: HashMap<String, u32> = (0..v as u32).map(|i| (format!("t{i}"), i)).collect();
+    let model = Model::new(id, decoder, placeholder_tokenizer(v)?).with_provenance(p);
+    hub::record(&model.provenance);
+    Ok(model)
+}
+
+/// [`random`] without drawing the weights, for `loralab check`.
+pub fn describe_random(config: Config, id: String, seed: Option<u64>) -> anyhow::Result<ModelPlan> {
+    config.validate()?;
+    let provenance = random_provenance(&config, &id, seed)?;
+    let tokenizer = placeholder_tokenizer(config.vocab_size)?;
+    Ok(ModelPlan { id, config, tokenizer, provenance })
+}
+
+fn random_provenance(config: &Config, id: &str, seed: Option<u64>) -> anyhow::Result<Provenance> {
+    let mut p = Provenance::new(Source::Random, Some(id.to_string()));
+    p.seed = seed;
+    p.config_sha256 = Some(config_sha256(config)?);
+    Ok(p)
+}
+
+/// Tokens "t0", "t1", ... split at whitespace: random models take token ids.
+fn placeholder_tokenizer(vocab_size: usize) -> anyhow::Result<TextTokenizer> {
+    let vocab: HashMap<String, u32> = (0..vocab_size as u32).map(|i| (format!("t{i}"), i)).collect();
     let word_level = tokenizers::models::wordlevel::WordLevel::builder()
         .vocab(vocab.into_iter().collect())
         .unk_token("t0".into())
@@ -397,9 +505,7 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
         .map_err(|e| anyhow::anyhow!("placeholder tokenizer: {e}"))?;
     let mut tok = tokenizers::Tokenizer::new(word_level);
     tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-    let model = Model::new(id, decoder, TextTokenizer::new(tok, None, None, None, Vec::new())).with_provenance(p);
-    hub::record(&model.provenance);
-    Ok(model)
+    Ok(TextTokenizer::new(tok, None, None, None, Vec::new()))
 }
 
 /// SHA-256 of a config as JSON: what a random model's weights are drawn for.
