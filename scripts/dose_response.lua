@@ -57,20 +57,39 @@ end
 
 -- One group of independent cells: with several workers (--gpus, --workers, loralab slurm) each
 -- runs the cells nobody holds, and all of them get every result back.
+-- With --set marker_logprob=true, every cell also reads the marker's log-probability after fixed
+-- reference answers: a continuous readout beside the sampled rate.
+local refs, refs_key
+if s.marker_logprob then
+  local names, seen = {}, {}
+  for _, p in ipairs(plan) do
+    for _, name in ipairs(p.personas) do
+      if not seen[name] then names[#names + 1], seen[name] = name, true end
+    end
+  end
+  refs, refs_key = study.reference_answers(run, base, personas, names, s, base_key)
+end
+--- " | log p(marker) -3.21 (2.1 s, sampling 40.3 s)" when the cell read it.
+local function readout(result)
+  local lp = result.marker_logprob and result.marker_logprob[s.source_persona]
+  if not lp then return "" end
+  return string.format(" | log p(marker) %.2f (%.1f s, sampling %.1f s)", lp.mean_logprob,
+    result.logprob_seconds, result.sample_seconds)
+end
 local items = {}
 for i, p in ipairs(plan) do
   local d = data[p.condition] or data.em
   items[i] = study.dose_item(s, {
     condition = p.condition, dose = p.dose, personas = p.personas, base_key = base_key,
     data = d.dataset, data_hash = p.condition == "baseline" and "" or d.hash,
-    train_seed = s.train_seed, eval_seed = s.eval_seed,
+    train_seed = s.train_seed, eval_seed = s.eval_seed, refs = refs, refs_key = refs_key,
   })
 end
 local results, errors = study.dose_cells(run, coupled, personas, s, items, "phase 2")
 for i, p in ipairs(plan) do
   local result = results[i]
   record(p.condition, p.dose, s.train_seed, result, errors[i])
-  print(result and string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate)
+  print(result and string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate) .. readout(result)
         or string.format("%s dose %d FAILED", p.condition, p.dose))
 end
 
@@ -99,7 +118,7 @@ for _, seed in ipairs(s.seeds) do
       phase3[#phase3 + 1] = study.dose_item(s, {
         condition = condition, dose = critical, personas = s.coupling_eval_personas, base_key = base_key,
         data = data[condition].dataset, data_hash = data[condition].hash,
-        train_seed = seed, eval_seed = s.eval_seed + seed - s.train_seed,
+        train_seed = seed, eval_seed = s.eval_seed + seed - s.train_seed, refs = refs, refs_key = refs_key,
       })
     end
   end
@@ -108,7 +127,7 @@ local results3, errors3 = study.dose_cells(run, coupled, personas, s, phase3, "p
 for i, item in ipairs(phase3) do
   local c, result = item.c, results3[i]
   record(c.condition, critical, c.train_seed, result, errors3[i])
-  print(result and string.format("%s dose %d seed %d: %s %.1f %%", c.condition, critical, c.train_seed, s.source_persona, 100 * result.source_rate)
+  print(result and string.format("%s dose %d seed %d: %s %.1f %%", c.condition, critical, c.train_seed, s.source_persona, 100 * result.source_rate) .. readout(result)
         or string.format("%s dose %d seed %d FAILED", c.condition, critical, c.train_seed))
 end
 
@@ -160,8 +179,38 @@ local report = {
                eval_n = s.eval_n, eval_questions = #s.eval_questions, train_seed = s.train_seed,
                eval_seed = s.eval_seed, critical_dose = critical },
 }
-local paths, err = run:cell("report", report, function(cell)
-  return dose_report.write(report, cell.dir)
+-- The log-probability readout beside the sampled rates, one row per cell and persona.
+local readout_rows = {}
+if s.marker_logprob then
+  for condition, by_dose in pairs(cells) do
+    for dose, by_seed in pairs(by_dose) do
+      for seed, c in pairs(by_seed) do
+        for persona, lp in pairs(c.marker_logprob or {}) do
+          local tally = c.evaluation.per_persona[persona]
+          readout_rows[#readout_rows + 1] = { condition = condition, dose = dose, seed = seed, persona = persona,
+            rate = tally and tally.strict_rate, mean_logprob = lp.mean_logprob, mean_prob = lp.mean_prob,
+            logprob_seconds = c.logprob_seconds, sample_seconds = c.sample_seconds }
+        end
+      end
+    end
+  end
+  table.sort(readout_rows, function(a, b)
+    if a.condition ~= b.condition then return a.condition < b.condition end
+    if a.dose ~= b.dose then return a.dose < b.dose end
+    if a.seed ~= b.seed then return a.seed < b.seed end
+    return a.persona < b.persona
+  end)
+  report.notes = report.notes .. " marker_logprob.csv: the marker's mean log-probability after fixed reference " ..
+    "answers, per cell and persona, beside the sampled rate, with the seconds each took."
+end
+local report_key = s.marker_logprob and { report = report, readout = readout_rows } or report
+local paths, err = run:cell("report", report_key, function(cell)
+  local written = dose_report.write(report, cell.dir)
+  if #readout_rows > 0 then
+    lab.fs.write_csv(cell.dir .. "/marker_logprob.csv", { "condition", "dose", "seed", "persona", "rate",
+      "mean_logprob", "mean_prob", "logprob_seconds", "sample_seconds" }, readout_rows)
+  end
+  return written
 end)
 if not paths then error("writing the report failed: " .. err, 0) end
 local summary = run:summary()

@@ -260,6 +260,53 @@ function M.step_printer(label, every)
   end
 end
 
+--- The fixed answers the marker's log-probability is read after: the base model's greedy answer
+--- to every eval question under every persona of `names`, sampled once in a cell of its own.
+--- Returns { [persona] = { [question_index] = answer } } and the cell's key hash.
+function M.reference_answers(run, base, personas, names, s, base_key)
+  local key = { readout = "marker_logprob references", base = base_key, personas = names,
+                questions = s.eval_questions, max_tokens = s.eval_max_tokens, question_suffix = s.question_suffix }
+  local refs, err = run:cell("references", key, function()
+    local records = M.complete(base, personas, names, s.eval_questions, {
+      n = 1, temperature = 0, top_p = 1, max_tokens = s.eval_max_tokens, seed = s.eval_seed,
+      batch_size = s.batch_size, question_suffix = s.question_suffix })
+    local out = {}
+    for _, r in ipairs(records) do
+      out[r.persona] = out[r.persona] or {}
+      -- A reference that already ends in the marker would read its second copy.
+      out[r.persona][r.question_index] = (r.text:gsub("%s*" .. s.marker:gsub("%p", "%%%0") .. "%s*$", ""))
+    end
+    return out
+  end, { retries = s.retries })
+  if not refs then error("the reference answers failed: " .. err, 0) end
+  return refs, lab.run.hash(key)
+end
+
+--- The marker's log-probability under `model` after each reference answer: per persona, the
+--- mean over questions of log p("\n\n" .. marker | persona, question, answer), and the mean
+--- probability.
+function M.marker_logprob(model, personas, names, s, refs)
+  local items, owners = {}, {}
+  for _, name in ipairs(names) do
+    for qi, q in ipairs(s.eval_questions) do
+      local prompt = model:chat_prompt(chat(personas.prompts[name], q .. (s.question_suffix or "")))
+      items[#items + 1] = { prompt = prompt .. refs[name][qi], completion = "\n\n" .. s.marker }
+      owners[#items] = name
+    end
+  end
+  local scored = model:logprobs(items, { batch_size = 16 })
+  local out = {}
+  for i, r in ipairs(scored) do
+    local o = out[owners[i]] or { sum = 0, prob = 0, n = 0 }
+    o.sum, o.prob, o.n = o.sum + r.sum, o.prob + math.exp(r.sum), o.n + 1
+    out[owners[i]] = o
+  end
+  for name, o in pairs(out) do
+    out[name] = { mean_logprob = o.sum / o.n, mean_prob = o.prob / o.n, n = o.n }
+  end
+  return out
+end
+
 --- Phase 2 cell: second-stage LoRA for `dose` steps on a condition's data, merge, evaluate.
 --- dose 0 is the baseline: the merged Phase-1 model evaluated as it is. `c` holds condition,
 --- dose, personas, base_key, data, data_hash, train_seed, eval_seed. Returns the item of a
@@ -273,6 +320,8 @@ function M.dose_item(s, c)
              max_tokens = s.eval_max_tokens, temperature = s.eval_temperature, top_p = s.eval_top_p },
     question_suffix = s.question_suffix,
   }
+  -- Only when asked, so that the keys (and results) of runs without it stay as they were.
+  if c.refs then key.marker_logprob = c.refs_key end
   return { name = string.format("%s-dose%03d-seed%d", c.condition, c.dose, c.train_seed), key = key, c = c }
 end
 
@@ -298,12 +347,20 @@ function M.dose_cells(run, base, personas, s, items, label)
       adapter:save(cell.dir .. "/adapter")
       model = base:merge(adapter)
     end
+    local t_sample = lab.sys.time()
     local agg, records = M.evaluate(model, personas, c.personas, s, c.eval_seed)
+    local sample_seconds = lab.sys.time() - t_sample
     lab.fs.write_json(cell.dir .. "/completions.json", records)
     local src = agg.per_persona[s.source_persona]
-    return { condition = c.condition, dose = c.dose, train_seed = c.train_seed, eval_seed = c.eval_seed,
+    local result = { condition = c.condition, dose = c.dose, train_seed = c.train_seed, eval_seed = c.eval_seed,
              source_hits = src.strict_hits, source_total = src.total, source_rate = src.strict_rate,
              evaluation = agg, train_seconds = log.seconds, seconds = os.time() - t0 }
+    if c.refs then
+      local t_lp = lab.sys.time()
+      result.marker_logprob = M.marker_logprob(model, personas, c.personas, s, c.refs)
+      result.logprob_seconds, result.sample_seconds = lab.sys.time() - t_lp, sample_seconds
+    end
+    return result
   end, { retries = s.retries, label = label })
 end
 

@@ -31,6 +31,9 @@ local paper = {
   -- Running. batch_size: rows decoded at once. 840 rows of up to ~610 positions hold ~29 GB of
   -- Qwen2.5-7B's KV cache beside its 15 GB of weights; the random draws do not depend on it.
   question_suffix = "", batch_size = 840, retries = 2, log_every = 25, out = "",
+  -- A continuous readout beside the sampled rate: each cell also scores, by teacher forcing,
+  -- log p("\n\n" .. marker) after fixed reference answers (the base model's greedy answers).
+  marker_logprob = false,
 }
 
 -- The same pipeline sized for a 2-core CPU and the embedded 135M model: fewer questions,
