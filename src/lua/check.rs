@@ -185,8 +185,8 @@ pub fn print_plan(stopped_at: Option<&str>) {
     println!("{} cells: {finished} finished, {to_run} to run", cells.len());
     if let Some(why) = stopped_at {
         println!(
-            "the plan ends here: the script needs a result that is not there yet ({}); \
-             later cells depend on it and are listed once it is finished",
+            "the plan ends here ({}): what follows needs a result or work that checking does not \
+             produce; its cells are listed once that has run",
             why.lines().next().unwrap_or("")
         );
     }
