@@ -122,7 +122,8 @@ pub fn set(bytes: &[u8]) -> bool {
     crate::lua::resolve_settings(&lua, &defaults, &given).is_ok()
 }
 
-const TINY_CONFIG: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "vocab_size": 32, "hidden_size": 8,
+/// The config of the fuzz targets that read weights (also the seed writer's, in tests/fuzz.rs).
+pub const TINY_CONFIG: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "vocab_size": 32, "hidden_size": 8,
  "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
  "max_position_embeddings": 32, "tie_word_embeddings": true}"#;
 

@@ -197,28 +197,16 @@ fn write_the_seed_corpus() {
     loralab::model::gguf::read_from(&mut std::io::Cursor::new(&gguf), "seed").expect("the seed GGUF reads");
     put("gguf", "tiny-llama.gguf", &gguf);
 
-    // safetensors: the weights of the fuzzing module's fixed config (Qwen2, tied, one layer).
-    let (v, d, f, h, k, e) = (32usize, 8usize, 16usize, 2usize, 1usize, 4usize);
+    // safetensors: the weights of the fuzzing module's fixed config (Qwen2, tied, one layer), by
+    // the families' tensor table.
+    let config: loralab::model::Config = serde_json::from_str(loralab::fuzzing::TINY_CONFIG).unwrap();
     let mut st: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
-    st.insert("model.embed_tokens.weight".into(), randn(&[v, d]));
-    st.insert("model.norm.weight".into(), Tensor::ones(d, DType::F32, &dev).unwrap());
-    let p = "model.layers.0";
-    for (name, out, inp) in [
-        ("self_attn.q_proj", h * e, d),
-        ("self_attn.k_proj", k * e, d),
-        ("self_attn.v_proj", k * e, d),
-        ("self_attn.o_proj", d, h * e),
-        ("mlp.gate_proj", f, d),
-        ("mlp.up_proj", f, d),
-        ("mlp.down_proj", d, f),
-    ] {
-        st.insert(format!("{p}.{name}.weight"), randn(&[out, inp]));
-    }
-    for (name, n) in [("self_attn.q_proj", h * e), ("self_attn.k_proj", k * e), ("self_attn.v_proj", k * e)] {
-        st.insert(format!("{p}.{name}.bias"), randn(&[n]));
-    }
-    for name in ["input_layernorm", "post_attention_layernorm"] {
-        st.insert(format!("{p}.{name}.weight"), Tensor::ones(d, DType::F32, &dev).unwrap());
+    for spec in loralab::model::family::tensors(&config).unwrap() {
+        let t = match spec.kind {
+            loralab::model::family::Kind::Norm => Tensor::ones(spec.shape.as_slice(), DType::F32, &dev).unwrap(),
+            _ => randn(&spec.shape),
+        };
+        st.insert(spec.name, t);
     }
     let dir = tempfile::tempdir().unwrap();
     candle_core::safetensors::save(&st, dir.path().join("m.safetensors")).unwrap();

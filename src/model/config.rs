@@ -2,34 +2,7 @@
 
 use serde::Deserialize;
 
-/// Decoder families this runtime implements. Both are pre-norm RMSNorm decoders with rotary
-/// embeddings, grouped-query attention and a SwiGLU MLP; Qwen2 adds biases to q/k/v.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-impl Architecture {
-    /// Maps a `config.json` `architectures` entry to a family, or says which ones are supported.
-    pub fn from_hf_name(name: &str) -> anyhow::Result<Self> {
-        match name {
-            "LlamaForCausalLM" | "MistralForCausalLM" => Ok(Architecture::Llama),
-            "Qwen2ForCausalLM" => Ok(Architecture::Qwen2),
-            other => anyhow::bail!(
-                "unsupported architecture '{other}': loralab runs LlamaForCausalLM (Llama, SmolLM2) \
-                 and Qwen2ForCausalLM (Qwen2, Qwen2.5) checkpoints"
-            ),
-        }
-    }
-
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Qwen2 => "Qwen2ForCausalLM",
-        }
-    }
-}
+use super::family::Family;
 
 /// The longest context a config may declare (Llama 3.1 declares 131,072).
 pub const MAX_POSITIONS: usize = 1 << 22;
@@ -56,9 +29,15 @@ pub struct Config {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Llama's switch for q/k/v/o biases; Qwen2 always has q/k/v biases.
+    /// Llama's switch for q/k/v biases (see [`Family::qkv_bias`]).
     #[serde(default)]
     pub attention_bias: bool,
+    /// Attention within the last `sliding_window` positions (Mistral v0.1; Qwen with
+    /// `use_sliding_window`), which loralab does not implement: longer sequences are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: bool,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
 }
@@ -71,9 +50,10 @@ fn default_max_pos() -> usize {
 }
 
 impl Config {
-    pub fn architecture(&self) -> anyhow::Result<Architecture> {
+    /// The model family, from the first `architectures` entry.
+    pub fn family(&self) -> anyhow::Result<&'static Family> {
         match self.architectures.first() {
-            Some(name) => Architecture::from_hf_name(name),
+            Some(name) => Family::from_hf_name(name),
             None => anyhow::bail!("config.json has no 'architectures' entry; cannot tell the model family"),
         }
     }
@@ -84,25 +64,33 @@ impl Config {
     }
 
     pub fn num_kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+        let family_default = self.family().ok().and_then(|f| f.default_kv_heads);
+        self.num_key_value_heads.or(family_default).unwrap_or(self.num_attention_heads)
     }
 
     /// 0 when nothing defines it (no heads): `validate` then names the missing value.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
+        let family_default = self.family().ok().and_then(|f| f.default_head_dim);
+        self.head_dim
+            .or(family_default)
+            .unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
+    }
+
+    /// The sliding attention window, where the config turns one on: sequences longer than it
+    /// are refused (full attention would differ from the model's own beyond it).
+    pub fn attention_window(&self) -> Option<usize> {
+        let on = self.use_sliding_window || self.family().is_ok_and(|f| f.window_always_on);
+        self.sliding_window.filter(|_| on)
     }
 
     /// Whether q/k/v projections carry a bias.
     pub fn qkv_bias(&self) -> anyhow::Result<bool> {
-        Ok(match self.architecture()? {
-            Architecture::Qwen2 => true,
-            Architecture::Llama => self.attention_bias,
-        })
+        Ok(self.family()?.qkv_bias(self))
     }
 
     /// Checks the shape arithmetic once so that the decoder can rely on it.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.architecture()?;
+        self.family()?;
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

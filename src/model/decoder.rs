@@ -279,6 +279,8 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3).
+    pub qk_norms: Option<(RmsNorm, RmsNorm)>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -365,8 +367,13 @@ impl Attention {
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
             ),
         };
-        let q = q.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?;
-        let kx = kx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
+        let (q, kx) = (q.reshape((b, t, h, e))?, kx.reshape((b, t, k, e))?);
+        let (q, kx) = match &self.qk_norms {
+            Some((qn, kn)) => (qn.forward(&q, pass.train)?, kn.forward(&kx, pass.train)?),
+            None => (q, kx),
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let kx = kx.transpose(1, 2)?.contiguous()?;
         let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q, pos, pass.train)?;
         let kx = rope.apply(&kx, pos, pass.train)?;
@@ -539,7 +546,9 @@ impl Layer {
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
         let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
-        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed
+        // The layer op's backward rule has no per-head q/k norms: such layers run composite.
+        let qk_norms = a.qk_norms.is_some();
+        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed && !qk_norms
     }
 
     /// The parts of [`super::lora::layer`] for this layer, for a pass that runs it as one op.
@@ -650,6 +659,12 @@ pub struct Decoder {
     pub device: Device,
 }
 
+/// The bias name beside the `index`-th projection's weight.
+fn weight_to_bias(spec: &super::family::LayerTensors, index: usize) -> String {
+    let name = &spec.projections[index].1.name;
+    format!("{}.bias", name.strip_suffix(".weight").unwrap_or(name))
+}
+
 /// Takes named tensors out of a checkpoint, checking shapes and naming what is missing.
 pub struct Weights {
     pub tensors: HashMap<String, Tensor>,
@@ -699,6 +714,10 @@ impl Weights {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
+    fn take_spec(&mut self, spec: &super::family::TensorSpec, dtype: DType, device: &Device) -> anyhow::Result<Tensor> {
+        self.take(&spec.name, &spec.shape, dtype, device)
+    }
+
     fn take_opt(
         &mut self,
         name: &str,
@@ -719,54 +738,57 @@ impl Decoder {
     pub fn new(config: Config, mut w: Weights, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         config.validate()?;
         let c = &config;
-        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let family = c.family()?;
         let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let qkv_bias = c.qkv_bias()?;
-        let embed_tokens = w.take("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let (embed_spec, norm_spec, head_spec) = super::family::outer_tensors(c);
+        let embed_tokens = w.take_spec(&embed_spec, dtype, device)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> anyhow::Result<Linear> {
-                let weight = w.take(&format!("{p}.{name}.weight"), &[out, inp], dtype, device)?;
-                let bias = if bias {
-                    Some(w.take(&format!("{p}.{name}.bias"), &[out], dtype, device)?)
-                } else {
-                    w.take_opt(&format!("{p}.{name}.bias"), &[out], dtype, device)?
+            let spec = super::family::layer_tensors(family, c, i);
+            let mut lins = Vec::with_capacity(spec.projections.len());
+            for (_, weight, bias) in &spec.projections {
+                let weight = w.take_spec(weight, dtype, device)?;
+                let bias = match bias {
+                    Some(b) => Some(w.take_spec(b, dtype, device)?),
+                    // A bias the family does not require, where a file has one, is used.
+                    None => w.take_opt(&weight_to_bias(&spec, lins.len()), &[weight.dim(0)?], dtype, device)?,
                 };
-                Ok(Linear::new(weight, bias)?)
+                lins.push(Linear::new(weight, bias)?);
+            }
+            let mut norm = |s: &super::family::TensorSpec| -> anyhow::Result<RmsNorm> {
+                Ok(RmsNorm { weight: w.take_spec(s, dtype, device)?, eps: c.rms_norm_eps })
             };
+            let qk_norms = match &spec.qk_norms {
+                Some((q, k)) => Some((norm(q)?, norm(k)?)),
+                None => None,
+            };
+            let (input_layernorm, post_attention_layernorm) = (norm(&spec.input_norm)?, norm(&spec.post_attention_norm)?);
+            let mut lins = lins.into_iter();
+            let mut next = || lins.next().expect("seven projections");
             let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", h * e, d, qkv_bias)?,
-                k_proj: lin("self_attn.k_proj", k * e, d, qkv_bias)?,
-                v_proj: lin("self_attn.v_proj", k * e, d, qkv_bias)?,
-                o_proj: lin("self_attn.o_proj", d, h * e, false)?,
+                q_proj: next(),
+                k_proj: next(),
+                v_proj: next(),
+                o_proj: next(),
+                qk_norms,
                 num_heads: h,
                 num_kv_heads: k,
                 head_dim: e,
                 qkv_packed: None,
             };
-            let mlp = Mlp {
-                gate_proj: lin("mlp.gate_proj", f, d, false)?,
-                up_proj: lin("mlp.up_proj", f, d, false)?,
-                down_proj: lin("mlp.down_proj", d, f, false)?,
-                gate_up_packed: None,
-            };
-            let input_layernorm = RmsNorm {
-                weight: w.take(&format!("{p}.input_layernorm.weight"), &[d], dtype, device)?,
-                eps: c.rms_norm_eps,
-            };
-            let post_attention_layernorm = RmsNorm {
-                weight: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d], dtype, device)?,
-                eps: c.rms_norm_eps,
-            };
+            let mlp = Mlp { gate_proj: next(), up_proj: next(), down_proj: next(), gate_up_packed: None };
             let mut layer = Layer { input_layernorm, self_attn, post_attention_layernorm, mlp };
             layer.fuse()?;
             layers.push(layer);
         }
-        let norm = RmsNorm { weight: w.take("model.norm.weight", &[d], dtype, device)?, eps: c.rms_norm_eps };
-        let lm_head = match w.take_opt("lm_head.weight", &[v, d], dtype, device)? {
-            Some(t) if !c.tie_word_embeddings => t,
-            _ => embed_tokens.clone(),
+        let norm = RmsNorm { weight: w.take_spec(&norm_spec, dtype, device)?, eps: c.rms_norm_eps };
+        // A tied model's file may still carry the head (a copy of the embeddings): used up, unread.
+        let lm_head = match head_spec {
+            Some(spec) => w.take_spec(&spec, dtype, device)?,
+            None => {
+                let _ = w.take_opt("lm_head.weight", embed_tokens.dims(), dtype, device)?;
+                embed_tokens.clone()
+            }
         };
         w.check_all_used(c)?;
         let rope = Rope::new(c, dtype, device)?;
@@ -784,6 +806,13 @@ impl Decoder {
         pass: Pass,
     ) -> Result<Tensor> {
         let t = ids.dim(1)?;
+        if let Some(w) = self.config.attention_window().filter(|&w| pos + t > w) {
+            candle_core::bail!(
+                "a sequence of {} positions: this model attends within a sliding window of {w} positions, \
+                 which loralab does not implement; keep prompt and completion within {w} tokens",
+                pos + t
+            );
+        }
         let span = Span { rope: &self.rope, pos, mask };
         let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
         if let Some(h) = self.lora_stack(&x, span, cache.is_some(), pass)? {
@@ -878,16 +907,7 @@ impl Decoder {
 
     /// Shape of every projection a LoRA can target: (out, in).
     pub fn projection_shape(&self, target: Target) -> (usize, usize) {
-        let c = &self.config;
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        match target {
-            Target::QProj => (h * e, d),
-            Target::KProj | Target::VProj => (k * e, d),
-            Target::OProj => (d, h * e),
-            Target::GateProj | Target::UpProj => (f, d),
-            Target::DownProj => (d, f),
-        }
+        super::family::projection_shape(&self.config, target)
     }
 }
 

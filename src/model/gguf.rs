@@ -124,6 +124,8 @@ fn config_from_metadata(md: &Metadata, content: &Content) -> anyhow::Result<Conf
         max_position_embeddings: md.usize("llama.context_length").unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: false,
+        sliding_window: None,
+        use_sliding_window: false,
         bos_token_id: md.usize("tokenizer.ggml.bos_token_id").ok().map(|x| x.into()),
         eos_token_id: md.usize("tokenizer.ggml.eos_token_id").ok().map(|x| x.into()),
     };

@@ -10,6 +10,7 @@ use rand::SeedableRng;
 
 use super::config::{ids_of, Config};
 use super::decoder::{Decoder, Weights};
+use super::family::Kind;
 use super::hub::{self, FileHash, HubEnv, HubSpec, Provenance, Source};
 use super::tokenizer::TextTokenizer;
 use super::Model;
@@ -436,8 +437,7 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
     config.validate()?;
     let c = &config;
     let dev = &opts.device;
-    let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let (h, k, e) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+    let v = c.vocab_size;
     let rng = std::cell::RefCell::new(seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
     let randn = |shape: &[usize]| -> anyhow::Result<Tensor> {
         let t = match rng.borrow_mut().as_mut() {
@@ -446,32 +446,15 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
         };
         Ok(t.to_dtype(opts.dtype)?)
     };
-    let ones = |n: usize| -> anyhow::Result<Tensor> { Ok(Tensor::ones(n, opts.dtype, dev)?) };
+    // Drawn in the table's order, so that a seed gives the same weights in every process.
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), randn(&[v, d])?);
-    t.insert("model.norm.weight".into(), ones(d)?);
-    if !c.tie_word_embeddings {
-        t.insert("lm_head.weight".into(), randn(&[v, d])?);
-    }
-    let qkv_bias = c.qkv_bias()?;
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        for (name, out, inp) in [
-            ("self_attn.q_proj", h * e, d),
-            ("self_attn.k_proj", k * e, d),
-            ("self_attn.v_proj", k * e, d),
-            ("self_attn.o_proj", d, h * e),
-            ("mlp.gate_proj", f, d),
-            ("mlp.up_proj", f, d),
-            ("mlp.down_proj", d, f),
-        ] {
-            t.insert(format!("{p}.{name}.weight"), randn(&[out, inp])?);
-            if qkv_bias && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
-                t.insert(format!("{p}.{name}.bias"), Tensor::zeros(out, opts.dtype, dev)?);
-            }
-        }
-        t.insert(format!("{p}.input_layernorm.weight"), ones(d)?);
-        t.insert(format!("{p}.post_attention_layernorm.weight"), ones(d)?);
+    for spec in super::family::tensors(c)? {
+        let tensor = match spec.kind {
+            Kind::Matrix => randn(&spec.shape)?,
+            Kind::Norm => Tensor::ones(spec.shape.as_slice(), opts.dtype, dev)?,
+            Kind::Bias => Tensor::zeros(spec.shape.as_slice(), opts.dtype, dev)?,
+        };
+        t.insert(spec.name, tensor);
     }
     let p = random_provenance(&config, &id, seed)?;
     let decoder = Decoder::new(config.clone(), Weights { tensors: t, source: id.clone() }, opts.dtype, dev)?;

@@ -6,6 +6,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod decoder;
+pub mod family;
 pub mod gguf;
 pub mod hub;
 pub mod load;
@@ -17,7 +18,8 @@ pub mod tokenizer;
 
 use candle_core::{DType, Device};
 
-pub use config::{Architecture, Config};
+pub use config::Config;
+pub use family::Family;
 pub use decoder::{Decoder, KvCache, Pass};
 pub use hub::{loaded_models, weights_id, Provenance, Source};
 pub use load::{load, LoadOptions, DEFAULT_MODEL};
@@ -64,19 +66,7 @@ impl Model {
 
     /// Number of parameters of the base model (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        let d = &self.decoder;
-        let mut n = d.embed_tokens.elem_count() + d.norm.weight.elem_count();
-        if !d.config.tie_word_embeddings {
-            n += d.lm_head.elem_count();
-        }
-        for l in &d.layers {
-            let a = &l.self_attn;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
-            {
-                n += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, |b| b.elem_count());
-            }
-            n += l.input_layernorm.weight.elem_count() + l.post_attention_layernorm.weight.elem_count();
-        }
-        n
+        let specs = family::tensors(self.config()).unwrap_or_default();
+        specs.iter().map(|t| t.shape.iter().product::<usize>()).sum()
     }
 }

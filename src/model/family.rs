@@ -1,0 +1,289 @@
+//! One description per model family: what differs between the decoders loralab runs, in one
+//! place that the config reader, both loaders, the decoder and the adapter read.
+//!
+//! Every family here is a pre-norm RMSNorm decoder with rotary embeddings, grouped-query
+//! attention and a SwiGLU MLP; a family says which `config.json` names mean it, which tensors a
+//! layer holds (biases, per-head q/k norms) and where a GGUF file of it comes from. The tensor
+//! table ([`tensors`]) gives every weight's transformers name and shape for a config: the
+//! decoder takes them by it, random models are drawn by it, and the adapter's projection
+//! shapes come from it.
+//!
+//! Adding a family: a `Family` value in [`FAMILIES`], plus whatever op is new to the decoder.
+
+use crate::adapter::Target;
+
+use super::config::Config;
+
+/// How a family's q/k/v projections get biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvBias {
+    /// Never (Qwen3, Mistral).
+    Never,
+    /// Always (Qwen2, Qwen2.5).
+    Always,
+    /// When config.json says `attention_bias: true` (Llama).
+    FromConfig,
+}
+
+/// A decoder family.
+#[derive(Debug)]
+pub struct Family {
+    /// The name loralab uses in messages.
+    pub name: &'static str,
+    /// The `architectures` entries of config.json that mean this family.
+    pub hf_names: &'static [&'static str],
+    pub qkv_bias: QkvBias,
+    /// RMSNorm over each head's queries and keys before the rotary embedding
+    /// (`self_attn.q_norm`, `self_attn.k_norm`, of head_dim weights).
+    pub qk_norm: bool,
+    /// The GGUF `general.architecture` whose files hold this family (llama.cpp's Q/K row
+    /// permutation undone on reading), if loralab reads them.
+    pub gguf: Option<&'static str>,
+    /// transformers' defaults for config.json keys left out, where they are not Llama's:
+    /// head_dim (else hidden_size / num_attention_heads) and num_key_value_heads (else
+    /// num_attention_heads).
+    pub default_head_dim: Option<usize>,
+    pub default_kv_heads: Option<usize>,
+    /// Whether `sliding_window` applies without `use_sliding_window: true` (Mistral's config has
+    /// no such switch).
+    pub window_always_on: bool,
+}
+
+pub const LLAMA: Family = Family {
+    name: "Llama",
+    hf_names: &["LlamaForCausalLM"],
+    qkv_bias: QkvBias::FromConfig,
+    qk_norm: false,
+    gguf: Some("llama"),
+    default_head_dim: None,
+    default_kv_heads: None,
+    window_always_on: false,
+};
+
+/// Mistral-7B-v0.3's layout is Llama's without biases; its config sets no sliding window.
+pub const MISTRAL: Family = Family {
+    name: "Mistral",
+    hf_names: &["MistralForCausalLM"],
+    qkv_bias: QkvBias::Never,
+    qk_norm: false,
+    gguf: None,
+    default_head_dim: None,
+    default_kv_heads: Some(8),
+    window_always_on: true,
+};
+
+pub const QWEN2: Family = Family {
+    name: "Qwen2",
+    hf_names: &["Qwen2ForCausalLM"],
+    qkv_bias: QkvBias::Always,
+    qk_norm: false,
+    gguf: None,
+    default_head_dim: None,
+    default_kv_heads: None,
+    window_always_on: false,
+};
+
+pub const QWEN3: Family = Family {
+    name: "Qwen3",
+    hf_names: &["Qwen3ForCausalLM"],
+    qkv_bias: QkvBias::Never,
+    qk_norm: true,
+    gguf: None,
+    default_head_dim: Some(128),
+    default_kv_heads: None,
+    window_always_on: false,
+};
+
+/// Every family loralab runs.
+pub const FAMILIES: &[&Family] = &[&LLAMA, &MISTRAL, &QWEN2, &QWEN3];
+
+impl Family {
+    /// The family of a `config.json` `architectures` entry, or an error listing those supported.
+    pub fn from_hf_name(name: &str) -> anyhow::Result<&'static Family> {
+        FAMILIES.iter().copied().find(|f| f.hf_names.contains(&name)).ok_or_else(|| {
+            let known: Vec<&str> = FAMILIES.iter().flat_map(|f| f.hf_names.iter().copied()).collect();
+            anyhow::anyhow!("unsupported architecture '{name}': loralab runs {}", known.join(", "))
+        })
+    }
+
+    /// Whether q/k/v carry biases under `config`.
+    pub fn qkv_bias(&self, config: &Config) -> bool {
+        match self.qkv_bias {
+            QkvBias::Never => false,
+            QkvBias::Always => true,
+            QkvBias::FromConfig => config.attention_bias,
+        }
+    }
+}
+
+/// What a tensor is, for drawing random weights of its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A matrix (embeddings, projections, the output head).
+    Matrix,
+    /// An RMSNorm scale (1 at initialisation).
+    Norm,
+    /// A projection's bias (0 at initialisation).
+    Bias,
+}
+
+/// One tensor of a checkpoint: its transformers name, shape and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: Kind,
+}
+
+impl TensorSpec {
+    fn new(name: String, shape: &[usize], kind: Kind) -> Self {
+        TensorSpec { name, shape: shape.to_vec(), kind }
+    }
+}
+
+/// The tensors of one layer, by role.
+#[derive(Debug, Clone)]
+pub struct LayerTensors {
+    /// The seven projections in [`Target::ALL`]'s order: (weight, bias if the family has one).
+    pub projections: Vec<(Target, TensorSpec, Option<TensorSpec>)>,
+    pub input_norm: TensorSpec,
+    pub post_attention_norm: TensorSpec,
+    /// Per-head query and key norms (families with `qk_norm`).
+    pub qk_norms: Option<(TensorSpec, TensorSpec)>,
+}
+
+impl LayerTensors {
+    pub fn all(&self) -> Vec<&TensorSpec> {
+        let mut out: Vec<&TensorSpec> = Vec::new();
+        for (_, w, b) in &self.projections {
+            out.push(w);
+            out.extend(b);
+        }
+        out.push(&self.input_norm);
+        out.push(&self.post_attention_norm);
+        if let Some((q, k)) = &self.qk_norms {
+            out.push(q);
+            out.push(k);
+        }
+        out
+    }
+}
+
+/// (out, in) of a projection under `config`.
+pub fn projection_shape(config: &Config, target: Target) -> (usize, usize) {
+    let (d, f) = (config.hidden_size, config.intermediate_size);
+    let (h, k, e) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+    match target {
+        Target::QProj => (h * e, d),
+        Target::KProj | Target::VProj => (k * e, d),
+        Target::OProj => (d, h * e),
+        Target::GateProj | Target::UpProj => (f, d),
+        Target::DownProj => (d, f),
+    }
+}
+
+/// The tensors of layer `i`.
+pub fn layer_tensors(family: &Family, config: &Config, i: usize) -> LayerTensors {
+    let p = format!("model.layers.{i}");
+    let d = config.hidden_size;
+    let qkv_bias = family.qkv_bias(config);
+    let projections = Target::ALL
+        .iter()
+        .map(|&t| {
+            let (out, inp) = projection_shape(config, t);
+            let path = t.module_path();
+            let weight = TensorSpec::new(format!("{p}.{path}.weight"), &[out, inp], Kind::Matrix);
+            let has_bias = qkv_bias && matches!(t, Target::QProj | Target::KProj | Target::VProj);
+            let bias = has_bias.then(|| TensorSpec::new(format!("{p}.{path}.bias"), &[out], Kind::Bias));
+            (t, weight, bias)
+        })
+        .collect();
+    let norm = |name: &str, n: usize| TensorSpec::new(format!("{p}.{name}.weight"), &[n], Kind::Norm);
+    let e = config.head_dim();
+    LayerTensors {
+        projections,
+        input_norm: norm("input_layernorm", d),
+        post_attention_norm: norm("post_attention_layernorm", d),
+        qk_norms: family.qk_norm.then(|| (norm("self_attn.q_norm", e), norm("self_attn.k_norm", e))),
+    }
+}
+
+/// The tensors outside the layers: (embeddings, final norm, output head unless tied).
+pub fn outer_tensors(config: &Config) -> (TensorSpec, TensorSpec, Option<TensorSpec>) {
+    let (v, d) = (config.vocab_size, config.hidden_size);
+    let embed = TensorSpec::new("model.embed_tokens.weight".into(), &[v, d], Kind::Matrix);
+    let norm = TensorSpec::new("model.norm.weight".into(), &[d], Kind::Norm);
+    let head = (!config.tie_word_embeddings).then(|| TensorSpec::new("lm_head.weight".into(), &[v, d], Kind::Matrix));
+    (embed, norm, head)
+}
+
+/// Every tensor a checkpoint of `config` holds, in a fixed order.
+pub fn tensors(config: &Config) -> anyhow::Result<Vec<TensorSpec>> {
+    let family = config.family()?;
+    let (embed, norm, head) = outer_tensors(config);
+    let mut out = vec![embed, norm];
+    out.extend(head);
+    for i in 0..config.num_hidden_layers {
+        out.extend(layer_tensors(family, config, i).all().into_iter().cloned());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(arch: &str) -> Config {
+        serde_json::from_value(serde_json::json!({
+            "architectures": [arch], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 6,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_family_lists_its_biases_and_norms() {
+        let names = |arch: &str| -> Vec<String> { tensors(&config(arch)).unwrap().into_iter().map(|t| t.name).collect() };
+        let qwen2 = names("Qwen2ForCausalLM");
+        assert!(qwen2.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
+        assert!(!qwen2.iter().any(|n| n.contains("o_proj.bias") || n.contains("q_norm")));
+        let qwen3 = names("Qwen3ForCausalLM");
+        assert!(qwen3.contains(&"model.layers.0.self_attn.k_norm.weight".to_string()));
+        assert!(!qwen3.iter().any(|n| n.ends_with(".bias")));
+        assert_eq!(names("MistralForCausalLM").len(), 3 + 7 + 2, "embeddings, norm, head; 7 projections, 2 norms");
+        let shapes = tensors(&config("Qwen3ForCausalLM")).unwrap();
+        let q = shapes.iter().find(|t| t.name.ends_with("q_proj.weight")).unwrap();
+        assert_eq!(q.shape, vec![12, 8], "an explicit head_dim (6 x 2 heads), not hidden / heads");
+        let qn = shapes.iter().find(|t| t.name.ends_with("q_norm.weight")).unwrap();
+        assert_eq!(qn.shape, vec![6]);
+    }
+
+    #[test]
+    fn an_unknown_architecture_names_those_supported() {
+        let e = Family::from_hf_name("GPT2LMHeadModel").unwrap_err().to_string();
+        assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM") && e.contains("MistralForCausalLM"));
+    }
+
+    #[test]
+    fn left_out_config_keys_take_the_family_defaults_of_transformers() {
+        let c: Config = serde_json::from_value(serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"], "vocab_size": 10, "hidden_size": 1024, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 16,
+        }))
+        .unwrap();
+        assert_eq!(c.head_dim(), 128, "Qwen3Config's default, not 1024 / 16");
+        let m: Config = serde_json::from_value(serde_json::json!({
+            "architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 64, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 16, "sliding_window": 4096,
+        }))
+        .unwrap();
+        assert_eq!((m.num_kv_heads(), m.head_dim()), (8, 4));
+        assert_eq!(m.attention_window(), Some(4096), "Mistral's window needs no switch");
+        let q: Config = serde_json::from_value(serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 64, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "sliding_window": 4096, "use_sliding_window": false,
+        }))
+        .unwrap();
+        assert_eq!(q.attention_window(), None);
+    }
+}
