@@ -664,3 +664,77 @@ fn training_on_the_gpu_takes_the_cpus_steps() {
         }
     }
 }
+
+/// A fixture folder, from the repository root (the GPU machine's copy) or this crate's folder.
+fn fixture(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new("tests/fixtures").join(name);
+    if dir.exists() {
+        dir
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)
+    }
+}
+
+#[test]
+fn every_family_on_the_gpu_gives_the_logits_and_the_four_peft_steps_of_transformers() {
+    use loralab::model::{load::read_decoder, LoadOptions};
+    for name in ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
+        let opts = LoadOptions { dtype: DType::F32, device: gpu() };
+        let dec = read_decoder(&fixture(name), &opts).unwrap();
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}-logits.json"))).unwrap()).unwrap();
+        let case = &fx["cases"][0];
+        let rows: Vec<Vec<u32>> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let ids = Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), &gpu()).unwrap();
+        let got = dec.forward(&ids, None).unwrap().flatten_all().unwrap().to_device(&Device::Cpu).unwrap();
+        let want: Vec<f32> = case["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap().iter()))
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let want = Tensor::from_vec(want, got.shape(), &Device::Cpu).unwrap();
+        let d = rel_diff(&got, &want);
+        assert!(d < 1e-4, "{name}: logits differ by {d} (relative)");
+
+        // PEFT's four Trainer steps, in f32 on the GPU (the tiny-lora fixture is qwen2's).
+        let lora = if name == "tiny-qwen2" { "tiny-lora".to_string() } else { format!("{name}-lora") };
+        let adapter = Adapter::load(&fixture(&lora).join("initial"), &dec).unwrap();
+        let rows = common::rows_of(&serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("rows.json")).unwrap()).unwrap());
+        let log = train::train(&dec, &adapter, &rows, &common::fixture_config(), |_| Ok(())).unwrap();
+        let steps: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("steps.json")).unwrap()).unwrap();
+        for (got, w) in log.iter().zip(steps["steps"].as_array().unwrap()) {
+            let loss = w["loss"].as_f64().unwrap();
+            assert!((got.loss - loss).abs() / loss < 1e-3, "{name} step {}: loss {} vs {loss}", got.step, got.loss);
+        }
+    }
+}
+
+#[test]
+fn logprobs_on_the_gpu_in_bf16_are_those_of_the_cpu_in_f32() {
+    use loralab::logprobs::{logprobs, LogprobOptions, Sequence};
+    use loralab::model::{load::read_decoder, LoadOptions, Model};
+    let text = std::fs::read_to_string(fixture("tiny-qwen3/config.json")).unwrap();
+    let config: loralab::model::Config = serde_json::from_str(&text).unwrap();
+    let placeholder = loralab::model::load::random(config, &LoadOptions { dtype: DType::F32, device: Device::Cpu }, "t".into(), Some(1))
+        .unwrap()
+        .tokenizer;
+    let model = |dtype, device: Device| {
+        let dec = read_decoder(&fixture("tiny-qwen3"), &LoadOptions { dtype, device }).unwrap();
+        Model::new("tiny-qwen3".into(), dec, placeholder.clone())
+    };
+    let seqs = vec![
+        Sequence { prompt: vec![3, 7, 11], continuation: vec![5, 9, 2, 40] },
+        Sequence { prompt: vec![1], continuation: vec![8, 8] },
+    ];
+    let opts = LogprobOptions { batch_size: 2, top_k: 3 };
+    let cpu = logprobs(&model(DType::F32, Device::Cpu), None, &seqs, &opts).unwrap();
+    let gpu_scores = logprobs(&model(DType::BF16, gpu()), None, &seqs, &opts).unwrap();
+    for (c, g) in cpu.iter().zip(&gpu_scores) {
+        for (a, b) in c.logprobs.iter().zip(&g.logprobs) {
+            assert!((a - b).abs() < 0.05 * a.abs().max(1.0), "cpu {a} vs gpu {b}");
+        }
+    }
+}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite, run on the GPU machine from the repository root with the unpacked
 # CUDA binary as $LORALAB (default /tmp/bin/loralab); logs and JSON go to $OUT (default runs/gpu).
-#   bash scripts/bench/gpu_suite.sh [train7b] [sample7b] [small]    (no argument: all three parts;
-#   each part fits in one ten-minute call)
+#   bash scripts/bench/gpu_suite.sh [train7b] [sample7b] [small] [families]    (no argument: the
+#   first three parts; each part fits in one ten-minute call). families: Qwen3-8B and Mistral-7B
+#   training against PEFT; with $LORALAB_BASE, also Qwen2.5-7B under that earlier binary and this
+#   one, side by side, for regressions.
 set -uo pipefail
 LORALAB=${LORALAB:-/tmp/bin/loralab}
 OUT=${OUT:-runs/gpu}
@@ -48,6 +50,17 @@ for part in $parts; do
     sample7b) # the study's evaluation: 28 questions x 12 personas, 10 completions, 512 tokens
       run q7_sample_loralab --set config=$Q7 --set skip=train --set python=none --set prompts=336 --set max_tokens=512 --set sample_batch=840
       run q7_sample_reference --set config=$Q7 --set skip=train --set reference_only=true --set prompts=32 --set max_tokens=512
+      ;;
+    families)
+      for f in qwen3-8b mistral-7b; do
+        C=scripts/bench/configs/$f.json
+        run ${f}_1024_loralab --set config=$C --set seq=1024 --set skip=sample --set python=none --set steps=2
+        run ${f}_1024_reference --set config=$C --set seq=1024 --set skip=sample --set reference_only=true --set steps=2
+      done
+      if [ -n "${LORALAB_BASE:-}" ]; then
+        run q7_1024_this --set config=$Q7 --set seq=1024 --set skip=sample --set python=none --set steps=2
+        LORALAB=$LORALAB_BASE run q7_1024_base --set config=$Q7 --set seq=1024 --set skip=sample --set python=none --set steps=2
+      fi
       ;;
     small)
       for size in 0.5b 1.5b; do
