@@ -69,22 +69,23 @@ fn qwen3_and_mistral_logits_match_transformers_unpadded_and_left_padded() {
 }
 
 /// Four Trainer steps from PEFT's initial adapter: per-step loss, grad norm and learning rate,
-/// then the trained A and B, in f32 (the CPU's packed path) and f64 (the layer-op path where the
-/// family has one).
+/// then the trained A and B, on each training path.
 #[test]
 fn four_adamw_steps_on_qwen3_and_mistral_match_peft_and_the_trainer() {
     for name in FAMILIES {
-        for dtype in [DType::F32, DType::F64] {
+        // f32: the CPU's packed path; f64: the layer op, and the layer op under checkpointing.
+        for (dtype, gradient_checkpointing) in [(DType::F32, false), (DType::F64, false), (DType::F64, true)] {
             let dec = decoder(name, dtype);
             let lora = format!("{name}-lora");
             let adapter = Adapter::load(&fixtures().join(&lora).join("initial"), &dec).unwrap();
             let rows = rows_of(&json(&format!("{lora}/rows.json")));
-            let log = train::train(&dec, &adapter, &rows, &fixture_config(), |_| Ok(())).unwrap();
+            let config = train::TrainConfig { gradient_checkpointing, ..fixture_config() };
+            let log = train::train(&dec, &adapter, &rows, &config, |_| Ok(())).unwrap();
             let want = json(&format!("{lora}/steps.json"));
             assert_eq!(log.len(), 4);
             for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
                 let (loss, norm) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
-                let what = format!("{name} {dtype:?} step {}", got.step);
+                let what = format!("{name} {dtype:?} checkpointing {gradient_checkpointing} step {}", got.step);
                 assert!((got.loss - loss).abs() / loss < STEP_RTOL, "{what}: loss {} vs {loss}", got.loss);
                 assert!((got.grad_norm - norm).abs() / norm < STEP_RTOL, "{what}: grad norm {} vs {norm}", got.grad_norm);
                 assert!((got.learning_rate - w["learning_rate"].as_f64().unwrap()).abs() < 1e-12, "{what}: lr");

@@ -546,9 +546,7 @@ impl Layer {
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
         let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
-        // The layer op's backward rule has no per-head q/k norms: such layers run composite.
-        let qk_norms = a.qk_norms.is_some();
-        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed && !qk_norms
+        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed
     }
 
     /// The parts of [`super::lora::layer`] for this layer, for a pass that runs it as one op.
@@ -574,6 +572,7 @@ impl Layer {
         let parts = super::lora::LayerParts {
             norm1: (&self.input_layernorm.weight, self.input_layernorm.eps),
             norm2: (&self.post_attention_layernorm.weight, self.post_attention_layernorm.eps),
+            qk_norms: a.qk_norms.as_ref().map(|(q, k)| [(&q.weight, q.eps), (&k.weight, k.eps)]),
             attention_projections: [next(), next(), next(), next()],
             attention,
             mlp: [next(), next(), next()],

@@ -318,6 +318,8 @@ impl SavedAdapter {
 pub(crate) struct LayerParts<'a> {
     pub norm1: (&'a Tensor, f64),
     pub norm2: (&'a Tensor, f64),
+    /// Per-head RMSNorm of q and k (weight (E,), eps) before the attention (Qwen3).
+    pub qk_norms: Option<[(&'a Tensor, f64); 2]>,
     /// q, k, v, o
     pub attention_projections: [Projection<'a>; 4],
     pub attention: SelfAttention,
@@ -407,12 +409,25 @@ fn layer_forward(
 ) -> Result<(Option<Tensor>, LayerGrad)> {
     let (b, t, d) = x0.dims3()?;
     let n = b * t;
-    let LayerParts { norm1, norm2, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } = parts;
+    let LayerParts { norm1, norm2, qk_norms, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } =
+        parts;
     let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
     let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink)?;
     let (qy, q) = q.forward(&h1, zq, sink)?; // (N, H*E)
     let (ky, k) = k.forward(&h1, zk, sink)?; // (N, K*E)
     let (vy, v) = v.forward(&h1, zv, sink)?;
+    // Per-head norms: (N, H*E) as (N, H, E), normalised over E; the inputs kept for the backward.
+    let (qy, ky, qk_norms) = match qk_norms {
+        Some([(wq, eq), (wk, ek)]) => {
+            let per_head = |y: &Tensor, w: &Tensor, eps| -> Result<Tensor> {
+                ops::rms_norm_value(&y.reshape((n, (), w.dim(0)?))?, w, eps)?.reshape((n, ()))
+            };
+            let (qn, kn) = (per_head(&qy, wq, eq)?, per_head(&ky, wk, ek)?);
+            let saved = QkNorms { q: (qy, wq.clone(), eq), k: (ky, wk.clone(), ek) };
+            (qn, kn, Some(saved))
+        }
+        None => (qy, ky, None),
+    };
     let (att, heads) =
         attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
     let att = att.reshape((n, ()))?; // (N, H*E)
@@ -434,6 +449,7 @@ fn layer_forward(
     let rule = LayerGrad {
         norm1: (norm1.0.clone(), norm1.1),
         norm2: (norm2.0.clone(), norm2.1),
+        qk_norms,
         attention,
         projections: [q, k, v, o, gate, up, down],
         h1,
@@ -459,10 +475,28 @@ fn residual(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
     }
 }
 
+/// The per-head q/k norms of a layer, with their inputs: (projection output (N, H*E), weight, eps).
+struct QkNorms {
+    q: (Tensor, Tensor, f64),
+    k: (Tensor, Tensor, f64),
+}
+
+impl QkNorms {
+    /// The gradients of the projections' outputs from those of the normed q and k (N, H*E).
+    fn backward(&self, dq: Tensor, dk: Tensor) -> Result<(Tensor, Tensor)> {
+        let one = |(y, w, eps): &(Tensor, Tensor, f64), g: &Tensor| -> Result<Tensor> {
+            let (n, e) = (y.dim(0)?, w.dim(0)?);
+            ops::rms_norm_backward(&y.reshape((n, (), e))?, w, *eps, &g.reshape((n, (), e))?)?.reshape((n, ()))
+        };
+        Ok((one(&self.q, &dq)?, one(&self.k, &dk)?))
+    }
+}
+
 /// What a layer's backward pass needs: the inputs of its parts.
 pub(crate) struct LayerGrad {
     norm1: (Tensor, f64),
     norm2: (Tensor, f64),
+    qk_norms: Option<QkNorms>,
     attention: SelfAttention,
     /// q, k, v, o, gate, up, down
     projections: [Saved; 7],
@@ -505,6 +539,10 @@ impl LayerGrad {
         let (dq, dk, dv) =
             self.attention.backward_heads(&self.heads, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
         let (dq, dk, dv) = (dq.reshape((n, ()))?, dk.reshape((n, ()))?, dv.reshape((n, ()))?);
+        let (dq, dk) = match &self.qk_norms {
+            Some(norms) => norms.backward(dq, dk)?,
+            None => (dq, dk),
+        };
         if !input_grad {
             for (projection, grad) in [(q, &dq), (k, &dk), (v, &dv)] {
                 projection.adapter_grads(&self.h1, grad)?;
