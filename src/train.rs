@@ -36,15 +36,28 @@ use crate::model::{Decoder, Pass};
 pub enum Schedule {
     Linear,
     Cosine,
+    /// The learning rate throughout: warmup settings are ignored, as transformers' "constant".
     Constant,
+    ConstantWithWarmup,
 }
 
 impl Schedule {
+    /// transformers' name of the schedule.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+            Schedule::ConstantWithWarmup => "constant_with_warmup",
+        }
+    }
+
     pub fn from_name(s: &str) -> Option<Schedule> {
         match s {
             "linear" => Some(Schedule::Linear),
             "cosine" => Some(Schedule::Cosine),
-            "constant" | "constant_with_warmup" => Some(Schedule::Constant),
+            "constant" => Some(Schedule::Constant),
+            "constant_with_warmup" => Some(Schedule::ConstantWithWarmup),
             _ => None,
         }
     }
@@ -123,6 +136,9 @@ impl TrainConfig {
 
     /// Learning rate used by optimizer step `step` (0-based) of `total`.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if self.lr_scheduler_type == Schedule::Constant {
+            return self.learning_rate;
+        }
         let warmup = self.warmup(total);
         if step < warmup {
             return self.learning_rate * step as f64 / warmup.max(1) as f64;
@@ -131,7 +147,7 @@ impl TrainConfig {
         let factor = match self.lr_scheduler_type {
             Schedule::Linear => ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0),
             Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
-            Schedule::Constant => 1.0,
+            Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
         };
         self.learning_rate * factor
     }
@@ -554,6 +570,15 @@ mod tests {
         assert!((lrs[1] - 1e-2).abs() < 1e-15);
         assert!((lrs[2] - 1e-2 * 2.0 / 3.0).abs() < 1e-15);
         assert!((lrs[3] - 1e-2 / 3.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn constant_ignores_warmup_and_constant_with_warmup_warms_up_as_transformers_does() {
+        let cfg = |s| TrainConfig { learning_rate: 1e-2, warmup_steps: Some(2), lr_scheduler_type: s, ..Default::default() };
+        let lrs = |c: TrainConfig| (0..4).map(|s| c.lr_at(s, 4)).collect::<Vec<f64>>();
+        assert_eq!(lrs(cfg(Schedule::Constant)), vec![1e-2; 4]);
+        assert_eq!(lrs(cfg(Schedule::ConstantWithWarmup)), vec![0.0, 5e-3, 1e-2, 1e-2]);
+        assert_eq!(Schedule::from_name("constant_with_warmup"), Some(Schedule::ConstantWithWarmup));
     }
 
     #[test]

@@ -69,7 +69,7 @@ function lab.eval.aggregate(records, marker, opts) end
 ---@field regex? string            A regular expression (lab.text syntax; write (?i) to ignore case).
 ---@field substring? string        The text occurs.
 ---@field marker? string           The study's marker rules: strict (a substring ignoring case) or, with loose = true, loose.
----@field case_sensitive? boolean  words and substring: false (the default) ignores case, with Unicode case folding.
+---@field case_sensitive? boolean  words and substring: false ignores case, with Unicode case folding. Default false.
 ---@field loose? boolean           marker only: the loose rule. Default false.
 
 ---@alias Scorer fun(text: string, record: table): boolean

@@ -1,5 +1,6 @@
 ---@meta
--- lab.options: strict option tables for functions written in Lua (yours too).
+-- lab.options: strict option tables for functions written in Lua (yours too), with the messages
+-- and suggestions of the Rust functions' own options.
 
 ---@class lab.options
 lab.options = {}

@@ -48,7 +48,7 @@ function lab.run.file_hash(path) end
 
 ---@class CellsOptions
 ---@field retries? integer  Extra attempts after a failure. Default 1.
----@field label? string     Prefix of the progress lines ("cells: 3/16 cells finished or failed").
+---@field label? string     Prefix of the progress lines ("cells: 3/16 cells finished or failed"). Default "cells".
 
 ---@class Run
 local Run = {}

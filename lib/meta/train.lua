@@ -19,7 +19,7 @@ lab.train = {}
 ---@field max_steps? integer                 Overrides num_train_epochs. Default none.
 ---@field num_train_epochs? number           Default 1.
 ---@field learning_rate? number              Default 5e-5.
----@field lr_scheduler_type? "linear"|"cosine"|"constant"  Default "linear".
+---@field lr_scheduler_type? "linear"|"cosine"|"constant"|"constant_with_warmup"  As transformers: "constant" ignores warmup. Default "linear".
 ---@field warmup_steps? integer              Default none (warmup_ratio applies).
 ---@field warmup_ratio? number               Warmup = ceil(ratio * steps). Default 0.
 ---@field weight_decay? number               Decoupled (AdamW). Default 0.

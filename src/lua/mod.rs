@@ -40,13 +40,13 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
     ("stats", stats::module),
     ("eval", eval::module),
     ("text", text::module),
+    ("options", opts::module),
     ("plot", plot::module),
     ("fs", fs::module),
 ];
 
 /// The pure-Lua nouns of `lab`: (name, chunk name, source).
 pub const LUA_MODULES: &[(&str, &str, &str)] = &[
-    ("options", "@lib/lab/options.lua", include_str!("../../lib/lab/options.lua")),
     ("figure", "@lib/lab/figure.lua", include_str!("../../lib/lab/figure.lua")),
 ];
 

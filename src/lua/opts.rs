@@ -5,7 +5,21 @@
 //! key and suggesting the closest known one (`temprature` -> `temperature`). A mistyped
 //! option is therefore an error, never a silently ignored setting.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
 use mlua::{FromLua, Lua, Table, Value};
+
+thread_local! {
+    /// The default of every option read with a default so far, as Rust writes it ("64", "\"f32\"",
+    /// "[]"), by option key: what tests/options.rs holds the LuaLS stubs' "Default ..." to.
+    static DEFAULTS: RefCell<BTreeMap<String, String>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// The defaults recorded since the last call (see `DEFAULTS`), emptying the record.
+pub fn take_recorded_defaults() -> BTreeMap<String, String> {
+    DEFAULTS.with(|d| std::mem::take(&mut *d.borrow_mut()))
+}
 
 /// Reader over an optional Lua options table for the function `context` (e.g. `model:sample`).
 pub struct Opts {
@@ -61,7 +75,13 @@ impl Opts {
     }
 
     /// Reads `key`, falling back to `default` when absent.
-    pub fn get_or<T: FromLua + 'static>(&mut self, lua: &Lua, key: &'static str, default: T) -> mlua::Result<T> {
+    pub fn get_or<T: FromLua + std::fmt::Debug + 'static>(
+        &mut self,
+        lua: &Lua,
+        key: &'static str,
+        default: T,
+    ) -> mlua::Result<T> {
+        DEFAULTS.with(|d| d.borrow_mut().insert(key.to_string(), format!("{default:?}")));
         Ok(self.get(lua, key)?.unwrap_or(default))
     }
 
@@ -94,19 +114,71 @@ impl Opts {
                 }
             };
             if !self.known.iter().any(|k| *k == name) {
-                let mut msg = format!("{}: unknown option '{name}'", self.context);
-                if let Some(s) = closest(&name, &self.known) {
-                    msg.push_str(&format!(" (did you mean '{s}'?)"));
-                }
-                let mut known = self.known.clone();
-                known.sort_unstable();
-                known.dedup();
-                msg.push_str(&format!(". Known options: {}", known.join(", ")));
-                return Err(mlua::Error::runtime(msg));
+                return Err(mlua::Error::runtime(unknown_option(&self.context, &name, &self.known)));
             }
         }
         Ok(())
     }
+}
+
+/// The message of an unknown option: its name, the closest known one, and every known one.
+fn unknown_option(context: &str, name: &str, known: &[&str]) -> String {
+    let mut msg = format!("{context}: unknown option '{name}'");
+    if let Some(s) = closest(name, known) {
+        msg.push_str(&format!(" (did you mean '{s}'?)"));
+    }
+    let mut known = known.to_vec();
+    known.sort_unstable();
+    known.dedup();
+    msg.push_str(&format!(". Known options: {}", known.join(", ")));
+    msg
+}
+
+/// `lab.options`: the same strict option tables for functions written in Lua (lab.figure, the
+/// study's report, a user's own helpers), with the same messages and suggestions.
+pub fn module(lua: &Lua) -> mlua::Result<Table> {
+    let m = lua.create_table()?;
+    m.set("check", lua.create_function(check)?)?;
+    m.set("list", lua.create_function(list)?)?;
+    Ok(m)
+}
+
+/// `check(opts, known, context)`: `opts` (or `{}` for nil) when every key is known.
+fn check(lua: &Lua, (opts, known, context): (Value, Vec<String>, String)) -> mlua::Result<Table> {
+    let table = match opts {
+        Value::Nil => return lua.create_table(),
+        Value::Table(t) => t,
+        other => {
+            return Err(mlua::Error::runtime(format!("{context}: options must be a table, got {}", other.type_name())))
+        }
+    };
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+    for pair in table.pairs::<Value, Value>() {
+        let (key, _) = pair?;
+        let Value::String(name) = &key else {
+            return Err(mlua::Error::runtime(format!(
+                "{context}: option keys must be names, got a {} key",
+                key.type_name()
+            )));
+        };
+        let name = name.to_str()?.to_string();
+        if !known.contains(&name.as_str()) {
+            return Err(mlua::Error::runtime(unknown_option(&context, &name, &known)));
+        }
+    }
+    Ok(table)
+}
+
+/// `list(value, what, context)`: `value` when it is a non-empty sequence (keys exactly 1..n).
+fn list(_: &Lua, (value, what, context): (Value, String, String)) -> mlua::Result<Table> {
+    let Value::Table(t) = value else {
+        return Err(mlua::Error::runtime(format!("{context}: {what} must be a list, got {}", value.type_name())));
+    };
+    let n = t.pairs::<Value, Value>().count();
+    if n == 0 || n != t.raw_len() {
+        return Err(mlua::Error::runtime(format!("{context}: {what} must be a non-empty list {{ {{...}}, {{...}} }}")));
+    }
+    Ok(t)
 }
 
 fn short_conversion_error(e: &mlua::Error) -> String {

@@ -43,14 +43,17 @@ fn sft(
         .clone();
     let mut o = Opts::new(ctx, opts)?;
     let d = TrainConfig::default();
-    let schedule_name: String = o.get_or(lua, "lr_scheduler_type", "linear".to_string())?;
+    let schedule_name: String = o.get_or(lua, "lr_scheduler_type", d.lr_scheduler_type.name().to_string())?;
     let seed: u64 = o.get_or(lua, "seed", d.seed)?;
     let cfg = TrainConfig {
         max_steps: o.get(lua, "max_steps")?,
         num_train_epochs: o.get_or(lua, "num_train_epochs", d.num_train_epochs)?,
         learning_rate: o.get_or(lua, "learning_rate", d.learning_rate)?,
         lr_scheduler_type: Schedule::from_name(&schedule_name).ok_or_else(|| {
-            o.bad_value("lr_scheduler_type", format!("must be linear, cosine or constant, got \"{schedule_name}\""))
+            o.bad_value(
+                "lr_scheduler_type",
+                format!("must be linear, cosine, constant or constant_with_warmup, got \"{schedule_name}\""),
+            )
         })?,
         warmup_steps: o.get(lua, "warmup_steps")?,
         warmup_ratio: o.get_or(lua, "warmup_ratio", d.warmup_ratio)?,
@@ -63,9 +66,9 @@ fn sft(
         gradient_accumulation_steps: o.get_or(lua, "gradient_accumulation_steps", d.gradient_accumulation_steps)?,
         seed,
         data_seed: o.get_or(lua, "data_seed", seed)?,
-        shuffle: o.get_or(lua, "shuffle", true)?,
-        gradient_checkpointing: o.get_or(lua, "gradient_checkpointing", false)?,
-        skip_nonfinite_steps: o.get_or(lua, "skip_nonfinite_steps", false)?,
+        shuffle: o.get_or(lua, "shuffle", d.shuffle)?,
+        gradient_checkpointing: o.get_or(lua, "gradient_checkpointing", d.gradient_checkpointing)?,
+        skip_nonfinite_steps: o.get_or(lua, "skip_nonfinite_steps", d.skip_nonfinite_steps)?,
     };
     let max_length: usize = o.get_or(lua, "max_length", 1024)?;
     let marker: Option<String> = o.get(lua, "marker")?;
