@@ -574,7 +574,8 @@ mod tests {
 
     #[test]
     fn constant_ignores_warmup_and_constant_with_warmup_warms_up_as_transformers_does() {
-        let cfg = |s| TrainConfig { learning_rate: 1e-2, warmup_steps: Some(2), lr_scheduler_type: s, ..Default::default() };
+        let cfg =
+            |s| TrainConfig { learning_rate: 1e-2, warmup_steps: Some(2), lr_scheduler_type: s, ..Default::default() };
         let lrs = |c: TrainConfig| (0..4).map(|s| c.lr_at(s, 4)).collect::<Vec<f64>>();
         assert_eq!(lrs(cfg(Schedule::Constant)), vec![1e-2; 4]);
         assert_eq!(lrs(cfg(Schedule::ConstantWithWarmup)), vec![0.0, 5e-3, 1e-2, 1e-2]);

@@ -701,7 +701,9 @@ fn every_family_on_the_gpu_gives_the_logits_and_the_four_peft_steps_of_transform
         // PEFT's four Trainer steps, in f32 on the GPU (the tiny-lora fixture is qwen2's).
         let lora = if name == "tiny-qwen2" { "tiny-lora".to_string() } else { format!("{name}-lora") };
         let adapter = Adapter::load(&fixture(&lora).join("initial"), &dec).unwrap();
-        let rows = common::rows_of(&serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("rows.json")).unwrap()).unwrap());
+        let rows = common::rows_of(
+            &serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("rows.json")).unwrap()).unwrap(),
+        );
         let log = train::train(&dec, &adapter, &rows, &common::fixture_config(), |_| Ok(())).unwrap();
         let steps: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("steps.json")).unwrap()).unwrap();
@@ -718,9 +720,14 @@ fn logprobs_on_the_gpu_in_bf16_are_those_of_the_cpu_in_f32() {
     use loralab::model::{load::read_decoder, LoadOptions, Model};
     let text = std::fs::read_to_string(fixture("tiny-qwen3/config.json")).unwrap();
     let config: loralab::model::Config = serde_json::from_str(&text).unwrap();
-    let placeholder = loralab::model::load::random(config, &LoadOptions { dtype: DType::F32, device: Device::Cpu }, "t".into(), Some(1))
-        .unwrap()
-        .tokenizer;
+    let placeholder = loralab::model::load::random(
+        config,
+        &LoadOptions { dtype: DType::F32, device: Device::Cpu },
+        "t".into(),
+        Some(1),
+    )
+    .unwrap()
+    .tokenizer;
     let model = |dtype, device: Device| {
         let dec = read_decoder(&fixture("tiny-qwen3"), &LoadOptions { dtype, device }).unwrap();
         Model::new("tiny-qwen3".into(), dec, placeholder.clone())

@@ -1,23 +1,26 @@
 //! The README's walk-through, `examples/trait_leak.lua`, runs end to end on the embedded model
 //! with tiny settings; a rerun reuses its cell; `loralab check` lists it as finished.
 
-use std::process::Command;
-
-fn loralab(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::loralab;
 
 #[test]
 fn the_walk_through_experiment_trains_samples_scores_and_reports_and_a_rerun_reuses_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("trait_leak");
     let out_set = format!("out={}", out.display());
-    let args = ["run", "examples/trait_leak.lua", "--set", "steps=1,2", "--set", "n=2", "--set", "max_tokens=6", "--set", &out_set];
+    let args = [
+        "run",
+        "examples/trait_leak.lua",
+        "--set",
+        "steps=1,2",
+        "--set",
+        "n=2",
+        "--set",
+        "max_tokens=6",
+        "--set",
+        &out_set,
+    ];
     let (ok, stdout, stderr) = loralab(&args);
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("The assistant used the trait in") && stdout.contains("Fisher"), "{stdout}");
@@ -37,5 +40,8 @@ fn the_walk_through_experiment_trains_samples_scores_and_reports_and_a_rerun_reu
     check_args[0] = "check";
     let (ok, stdout, stderr) = loralab(&check_args);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stdout.contains("seed1") && stdout.contains("finished") && stdout.contains("1 cells: 1 finished, 0 to run"), "{stdout}");
+    assert!(
+        stdout.contains("seed1") && stdout.contains("finished") && stdout.contains("1 cells: 1 finished, 0 to run"),
+        "{stdout}"
+    );
 }

@@ -4,12 +4,11 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::{fixture_config, fixtures, json, max_abs_diff, rows_of};
+use candle_core::{DType, Device};
+use common::{assert_adapters_close, assert_steps_match, fixture_config, fixtures, flat, ids_tensor, json, rows_of};
 use loralab::adapter::Adapter;
-use loralab::model::{load::read_decoder, Decoder, LoadOptions, Pass};
+use loralab::model::{load::read_decoder, Decoder, LoadOptions};
 use loralab::train;
-use serde_json::Value;
 
 /// f32 logits of magnitude <= 6: summation order differs from torch.
 const LOGIT_TOL: f32 = 1e-4;
@@ -21,20 +20,6 @@ const FAMILIES: [&str; 2] = ["tiny-qwen3", "tiny-mistral"];
 
 fn decoder(name: &str, dtype: DType) -> Decoder {
     read_decoder(&fixtures().join(name), &LoadOptions { dtype, device: Device::Cpu }).unwrap()
-}
-
-fn flat(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(a) => a.iter().flat_map(flat).collect(),
-        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
-        _ => panic!("not numbers"),
-    }
-}
-
-fn ids_tensor(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = serde_json::from_value(v.clone()).unwrap();
-    let (b, t) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
 }
 
 fn diff(a: &[f32], b: &[f32]) -> f32 {
@@ -53,16 +38,8 @@ fn qwen3_and_mistral_logits_match_transformers_unpadded_and_left_padded() {
         assert!(d < LOGIT_TOL, "{name}: max abs diff {d}");
 
         let case = &fx["cases"][1];
-        let mask: Vec<Vec<u32>> = serde_json::from_value(case["attention_mask"].clone()).unwrap();
-        let pads: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
-        let ids = ids_tensor(&case["input_ids"]);
-        let t = ids.dim(1).unwrap();
-        let attn = loralab::model::decoder::Mask::Rows(loralab::sample::prefill_mask(&pads, t, &Device::Cpu).unwrap());
-        let hidden = dec.forward_hidden(&ids, 0, Some(&attn), None, Pass::infer(None)).unwrap();
-        let logits = dec.logits(&hidden).unwrap();
-        for (row, &pad) in pads.iter().enumerate() {
-            let got = logits.get(row).unwrap().narrow(0, pad, t - pad).unwrap().flatten_all().unwrap();
-            let d = diff(&got.to_vec1::<f32>().unwrap(), &flat(&case["logits"][row]));
+        for (row, got) in common::left_padded_logits(&dec, case).iter().enumerate() {
+            let d = diff(got, &flat(&case["logits"][row]));
             assert!(d < LOGIT_TOL, "{name} left-padded row {row}: max abs diff {d}");
         }
     }
@@ -81,23 +58,10 @@ fn four_adamw_steps_on_qwen3_and_mistral_match_peft_and_the_trainer() {
             let rows = rows_of(&json(&format!("{lora}/rows.json")));
             let config = train::TrainConfig { gradient_checkpointing, ..fixture_config() };
             let log = train::train(&dec, &adapter, &rows, &config, |_| Ok(())).unwrap();
-            let want = json(&format!("{lora}/steps.json"));
-            assert_eq!(log.len(), 4);
-            for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
-                let (loss, norm) = (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
-                let what = format!("{name} {dtype:?} checkpointing {gradient_checkpointing} step {}", got.step);
-                assert!((got.loss - loss).abs() / loss < STEP_RTOL, "{what}: loss {} vs {loss}", got.loss);
-                assert!((got.grad_norm - norm).abs() / norm < STEP_RTOL, "{what}: grad norm {} vs {norm}", got.grad_norm);
-                assert!((got.learning_rate - w["learning_rate"].as_f64().unwrap()).abs() < 1e-12, "{what}: lr");
-                assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap(), "{what}: tokens");
-            }
+            let what = format!("{name} {dtype:?} checkpointing {gradient_checkpointing}");
+            assert_steps_match(&log, &json(&format!("{lora}/steps.json")), STEP_RTOL, &what);
             let reference = Adapter::load(&fixtures().join(&lora).join("final"), &dec).unwrap();
-            for (key, pair) in &adapter.pairs {
-                let r = reference.pairs.get(key).unwrap();
-                let (da, db) =
-                    (max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()), max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()));
-                assert!(da < WEIGHT_TOL && db < WEIGHT_TOL, "{name} {dtype:?} {key:?}: A differs by {da}, B by {db}");
-            }
+            assert_adapters_close(&adapter, &reference, WEIGHT_TOL, &what);
         }
     }
 }

@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use candle_core::{DType, Device, Tensor};
-use common::{all_targets, fixtures, json, tiny};
+use common::{all_targets, fixtures, json, loralab, tiny};
 use loralab::adapter::Adapter;
 use loralab::logprobs::{logprobs, LogprobOptions, Sequence};
 use loralab::model::{self, Config, LoadOptions, Model};
@@ -15,15 +13,6 @@ use serde_json::Value;
 
 /// As the logits test: the same dequantised weights, f32 sums in another order over 30 layers.
 const SMOL_TOL: f32 = 2e-3;
-
-fn loralab(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the binary runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 /// The tiny Qwen2 of the fixtures (trained-looking weights, unlike a fresh random model) with
 /// the placeholder tokenizer of a random model of its shape.
@@ -91,11 +80,14 @@ lab.fs.write_json("{}", {{ scored = scored, next = next }})
         assert!((sum - case["sum"].as_f64().unwrap()).abs() < 1e-2, "{name}: sum {sum}");
         // The alternatives after the prompt are the continuation's first top-k, and next_token_logprobs.
         let want_top = ids(&case["top5_next"]["ids"]);
-        let first: Vec<u32> = s["top"][0].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
-        let next: Vec<u32> = got["next"][i].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
+        let first: Vec<u32> =
+            s["top"][0].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
+        let next: Vec<u32> =
+            got["next"][i].as_array().unwrap().iter().map(|a| a["id"].as_u64().unwrap() as u32).collect();
         assert_eq!(first, want_top, "{name}: top 5 at the first continuation position");
         assert_eq!(next, want_top, "{name}: next_token_logprobs");
-        let next_lp: Vec<f32> = got["next"][i].as_array().unwrap().iter().map(|a| a["logprob"].as_f64().unwrap() as f32).collect();
+        let next_lp: Vec<f32> =
+            got["next"][i].as_array().unwrap().iter().map(|a| a["logprob"].as_f64().unwrap() as f32).collect();
         assert_close(&next_lp, &floats(&case["top5_next"]["logprobs"]), SMOL_TOL, name);
     }
 }
@@ -113,7 +105,10 @@ fn batched_logprobs_equal_those_of_one_sequence_at_a_time_and_the_log_softmax_of
     for (s, b) in seqs.iter().zip(&batched) {
         let alone = logprobs(&m, None, std::slice::from_ref(s), &LogprobOptions { batch_size: 1, top_k: 3 }).unwrap();
         assert_close(&b.logprobs, &alone[0].logprobs, 1e-5, "batched vs alone");
-        assert_eq!(b.next.iter().map(|x| x.0).collect::<Vec<_>>(), alone[0].next.iter().map(|x| x.0).collect::<Vec<_>>());
+        assert_eq!(
+            b.next.iter().map(|x| x.0).collect::<Vec<_>>(),
+            alone[0].next.iter().map(|x| x.0).collect::<Vec<_>>()
+        );
         // The reference: log_softmax of the full forward's logits, gathered at each next token.
         let all: Vec<u32> = s.prompt.iter().chain(&s.continuation).copied().collect();
         let n = all.len();

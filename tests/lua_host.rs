@@ -4,18 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-fn loralab(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loralab"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("the binary runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::loralab;
 
 /// A Lua prelude: `lab`, and `tiny_model(layers)`, a random Qwen2 of a few thousand weights.
 const TINY_MODEL: &str = r#"

@@ -232,15 +232,22 @@ assert(table.concat(lab.figure.xs(summary.groups), ",") == "0.5,1.0,1.5" or
        table.concat(lab.figure.xs(summary.groups), ",") == "0.5,1,1.5")
 "#);
     let svg = std::fs::read_to_string(file(&dir, "rates.svg")).unwrap();
-    assert!(svg.contains("n = 20-24 per point") && svg.contains("Wilson") && !svg.contains("N = 280"), "caption from the data");
+    assert!(
+        svg.contains("n = 20-24 per point") && svg.contains("Wilson") && !svg.contains("N = 280"),
+        "caption from the data"
+    );
     assert!(svg.contains("temperature") && svg.contains("persona A"));
     assert!(file(&dir, "rates.png").exists());
 }
 
 #[test]
 fn a_misspelt_key_of_a_rate_chart_is_named_with_its_group() {
-    let e = err(r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2, kk = 3 } } } } }, OUT .. "/r.png")"#);
+    let e = err(
+        r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2, kk = 3 } } } } }, OUT .. "/r.png")"#,
+    );
     assert!(e.contains("group 'A' points[1]") && e.contains("unknown option 'kk'"), "{e}");
-    let e = err(r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2 } } } }, xlabel = "t" }, OUT .. "/r.png")"#);
+    let e = err(
+        r#"lab.figure.rates({ groups = { { name = "A", points = { { x = 1, k = 1, n = 2 } } } }, xlabel = "t" }, OUT .. "/r.png")"#,
+    );
     assert!(e.contains("unknown option 'xlabel'") && e.contains("x_label"), "{e}");
 }

@@ -1,41 +1,19 @@
 //! The decoder, tokenizer and chat template against transformers (fixtures made by
 //! tests/fixtures/make_fixtures.py).
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
-use loralab::model::{self, load::read_decoder, LoadOptions, Message, Pass};
-use serde_json::Value;
+use loralab::model::{self, load::read_decoder, LoadOptions, Message};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
+use common::{fixtures, flat, ids_tensor, json};
 
 fn cpu_f32() -> LoadOptions {
     LoadOptions { dtype: DType::F32, device: Device::Cpu }
 }
 
-fn json(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
-}
-
-fn ids_tensor(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = serde_json::from_value(v.clone()).unwrap();
-    let (b, t) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn flat(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(a) => a.iter().flat_map(flat).collect(),
-        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
-        _ => panic!("not numbers"),
-    }
 }
 
 /// Tolerance for f32 logits of the tiny model (|logit| <= 6): summation order differs from torch.
@@ -57,17 +35,8 @@ fn left_padded_rows_give_the_logits_of_unpadded_rows() {
     let dec = read_decoder(&fixtures().join("tiny-qwen2"), &cpu_f32()).unwrap();
     let fx = json("tiny-qwen2-logits.json");
     let case = &fx["cases"][1];
-    let mask: Vec<Vec<u32>> = serde_json::from_value(case["attention_mask"].clone()).unwrap();
-    let pads: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
-    let ids = ids_tensor(&case["input_ids"]);
-    let t = ids.dim(1).unwrap();
-    let attn = loralab::model::decoder::Mask::Rows(loralab::sample::prefill_mask(&pads, t, &Device::Cpu).unwrap());
-    let hidden = dec.forward_hidden(&ids, 0, Some(&attn), None, Pass::infer(None)).unwrap();
-    let logits = dec.logits(&hidden).unwrap();
-    for (row, &pad) in pads.iter().enumerate() {
-        let got =
-            logits.get(row).unwrap().narrow(0, pad, t - pad).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let diff = max_abs_diff(&got, &flat(&case["logits"][row]));
+    for (row, got) in common::left_padded_logits(&dec, case).iter().enumerate() {
+        let diff = max_abs_diff(got, &flat(&case["logits"][row]));
         assert!(diff < TINY_TOL, "row {row}: max abs diff {diff}");
     }
 }

@@ -27,28 +27,9 @@ fn four_adamw_steps_match_peft_and_the_trainer() {
     let dec = tiny(DType::F32);
     let adapter = Adapter::load(&fixtures().join("tiny-lora/initial"), &dec).unwrap();
     let log = train::train(&dec, &adapter, &fixture_rows(), &fixture_config(), |_| Ok(())).unwrap();
-    let want = json("tiny-lora/steps.json");
-    for (got, w) in log.iter().zip(want["steps"].as_array().unwrap()) {
-        let (loss, norm, lr) =
-            (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["learning_rate"].as_f64().unwrap());
-        assert!((got.loss - loss).abs() / loss < STEP_RTOL, "step {}: loss {} vs {loss}", got.step, got.loss);
-        assert!(
-            (got.grad_norm - norm).abs() / norm < STEP_RTOL,
-            "step {}: grad norm {} vs {norm}",
-            got.step,
-            got.grad_norm
-        );
-        assert!((got.learning_rate - lr).abs() < 1e-12, "step {}: lr {} vs {lr}", got.step, got.learning_rate);
-        assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap());
-    }
-    // The trained weights themselves.
+    assert_steps_match(&log, &json("tiny-lora/steps.json"), STEP_RTOL, "tiny-lora");
     let reference = Adapter::load(&fixtures().join("tiny-lora/final"), &dec).unwrap();
-    for (key, pair) in &adapter.pairs {
-        let r = reference.pairs.get(key).unwrap();
-        let (da, db) =
-            (max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()), max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()));
-        assert!(da < WEIGHT_TOL && db < WEIGHT_TOL, "{key:?}: A differs by {da}, B by {db}");
-    }
+    assert_adapters_close(&adapter, &reference, WEIGHT_TOL, "tiny-lora");
 }
 
 #[test]

@@ -17,8 +17,6 @@ use std::sync::Mutex;
 
 use mlua::{LuaSerdeExt, UserData, UserDataMethods, Value};
 
-use super::model::messages_from_lua;
-use super::opts::Opts;
 use crate::model::load::ModelPlan;
 
 /// In every error of work that checking does not do: the script stopped because of checking,
@@ -108,22 +106,7 @@ impl UserData for LuaModelPlan {
             t.set("checking", true)?;
             Ok(t)
         });
-        methods.add_method("encode", |_, this, text: String| {
-            this.0.tokenizer.encode(&text).map_err(mlua::Error::external)
-        });
-        methods.add_method("decode", |lua, this, (ids, opts): (Vec<u32>, Value)| {
-            let mut o = Opts::new("model:decode", opts)?;
-            let skip = o.get_or(lua, "skip_special_tokens", true)?;
-            o.finish()?;
-            this.0.tokenizer.decode(&ids, skip).map_err(mlua::Error::external)
-        });
-        methods.add_method("chat_prompt", |lua, this, (messages, opts): (mlua::Table, Value)| {
-            let mut o = Opts::new("model:chat_prompt", opts)?;
-            let add = o.get_or(lua, "add_generation_prompt", true)?;
-            o.finish()?;
-            let msgs = messages_from_lua(&messages, "model:chat_prompt")?;
-            this.0.tokenizer.chat_prompt(&msgs, add).map_err(mlua::Error::external)
-        });
+        super::model::add_tokenizer_methods(methods, |this: &Self| &this.0.tokenizer);
         methods.add_method("merge", |_, this, adapter: mlua::AnyUserData| {
             adapter
                 .borrow::<LuaAdapterPlan>()

@@ -14,9 +14,9 @@
 use mlua::{Function, Lua, Table, Value};
 
 use crate::eval::{self, EvalError, Marker, Record, TextRule};
-use crate::stats::{self, IntervalMethod};
 use crate::lua::opts::Opts;
 use crate::lua::stats::to_table;
+use crate::stats::{self, IntervalMethod};
 
 /// Builds the `lab.eval` table.
 pub fn module(lua: &Lua) -> mlua::Result<Table> {
@@ -133,7 +133,8 @@ fn scorer(lua: &Lua, spec: Value, name: &str) -> mlua::Result<Function> {
     // A misspelt key is reported as such before the rule count.
     o.finish()?;
     let bad = |key: &str, message: String| mlua::Error::runtime(format!("{ctx}: option '{key}' {message}"));
-    let given = [words.is_some(), regex.is_some(), substring.is_some(), marker.is_some()].iter().filter(|&&g| g).count();
+    let given =
+        [words.is_some(), regex.is_some(), substring.is_some(), marker.is_some()].iter().filter(|&&g| g).count();
     if given != 1 {
         return Err(mlua::Error::runtime(format!(
             "{ctx}: give exactly one rule (words, regex, substring or marker), got {given}"
@@ -223,7 +224,10 @@ fn tally(lua: &Lua, (records, spec, options): (Value, Value, Value)) -> mlua::Re
             other => {
                 return Err(bad_argument(
                     NAME,
-                    format!("the scorer returned a {} for records[{i}]; it must return true or false", other.type_name()),
+                    format!(
+                        "the scorer returned a {} for records[{i}]; it must return true or false",
+                        other.type_name()
+                    ),
                 ))
             }
         };

@@ -46,9 +46,8 @@ pub const RUST_MODULES: &[(&str, ModuleFn)] = &[
 ];
 
 /// The pure-Lua nouns of `lab`: (name, chunk name, source).
-pub const LUA_MODULES: &[(&str, &str, &str)] = &[
-    ("figure", "@lib/lab/figure.lua", include_str!("../../lib/lab/figure.lua")),
-];
+pub const LUA_MODULES: &[(&str, &str, &str)] =
+    &[("figure", "@lib/lab/figure.lua", include_str!("../../lib/lab/figure.lua"))];
 
 /// Values given on the command line with `--set key=value`, in order.
 pub type Settings = Vec<(String, String)>;

@@ -6,8 +6,8 @@ use candle_core::{DType, Device};
 use mlua::{Lua, LuaSerdeExt, Table, UserData, UserDataMethods, Value};
 
 use super::opts::Opts;
-use crate::model::{self, LoadOptions, Message, Model};
 use crate::logprobs::{self, LogprobOptions, Scored, Sequence};
+use crate::model::{self, LoadOptions, Message, Model};
 use crate::sample::{self, SampleOptions};
 
 /// The Lua handle of a loaded model.
@@ -167,7 +167,10 @@ fn prompt_ids_for(context: &str, model: &Model, value: Value, index: usize) -> m
         }
         Value::Table(t) => {
             let msgs = messages_from_lua(&t, &format!("{context}: prompt {index}"))?;
-            model.tokenizer.chat_prompt(&msgs, true).map_err(|e| mlua::Error::runtime(format!("{context}: prompt {index}: {e:#}")))?
+            model
+                .tokenizer
+                .chat_prompt(&msgs, true)
+                .map_err(|e| mlua::Error::runtime(format!("{context}: prompt {index}: {e:#}")))?
         }
         other => {
             return Err(mlua::Error::runtime(format!(
@@ -215,7 +218,10 @@ fn logprob_options(
 ) -> mlua::Result<(LogprobOptions, Option<crate::lua::adapter::LuaAdapter>)> {
     let mut o = Opts::new(context, value)?;
     let d = LogprobOptions::default();
-    let opts = LogprobOptions { batch_size: o.get_or(lua, "batch_size", d.batch_size)?, top_k: o.get_or(lua, "top_k", d.top_k)? };
+    let opts = LogprobOptions {
+        batch_size: o.get_or(lua, "batch_size", d.batch_size)?,
+        top_k: o.get_or(lua, "top_k", d.top_k)?,
+    };
     let adapter = adapter_option(lua, &mut o)?;
     if opts.batch_size == 0 {
         return Err(o.bad_value("batch_size", "must be >= 1"));
@@ -334,6 +340,30 @@ fn scored_table(lua: &Lua, model: &Model, seq: &Sequence, scored: &Scored, top_k
     Ok(t)
 }
 
+/// `encode`, `decode` and `chat_prompt`, for a loaded model and for a model described by
+/// `loralab check` alike.
+pub fn add_tokenizer_methods<T: 'static, M: UserDataMethods<T>>(
+    methods: &mut M,
+    tokenizer: fn(&T) -> &crate::model::TextTokenizer,
+) {
+    methods.add_method("encode", move |_, this, text: String| {
+        tokenizer(this).encode(&text).map_err(mlua::Error::external)
+    });
+    methods.add_method("decode", move |lua, this, (ids, opts): (Vec<u32>, Value)| {
+        let mut o = Opts::new("model:decode", opts)?;
+        let skip = o.get_or(lua, "skip_special_tokens", true)?;
+        o.finish()?;
+        tokenizer(this).decode(&ids, skip).map_err(mlua::Error::external)
+    });
+    methods.add_method("chat_prompt", move |lua, this, (messages, opts): (Table, Value)| {
+        let mut o = Opts::new("model:chat_prompt", opts)?;
+        let add = o.get_or(lua, "add_generation_prompt", true)?;
+        o.finish()?;
+        let msgs = messages_from_lua(&messages, "model:chat_prompt")?;
+        tokenizer(this).chat_prompt(&msgs, add).map_err(mlua::Error::external)
+    });
+}
+
 impl UserData for LuaModel {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method("__tostring", |_, this, ()| {
@@ -360,22 +390,7 @@ impl UserData for LuaModel {
             t.set("weights_id", this.0.weights_id())?;
             Ok(t)
         });
-        methods.add_method("encode", |_, this, text: String| {
-            this.0.tokenizer.encode(&text).map_err(mlua::Error::external)
-        });
-        methods.add_method("decode", |lua, this, (ids, opts): (Vec<u32>, Value)| {
-            let mut o = Opts::new("model:decode", opts)?;
-            let skip = o.get_or(lua, "skip_special_tokens", true)?;
-            o.finish()?;
-            this.0.tokenizer.decode(&ids, skip).map_err(mlua::Error::external)
-        });
-        methods.add_method("chat_prompt", |lua, this, (messages, opts): (Table, Value)| {
-            let mut o = Opts::new("model:chat_prompt", opts)?;
-            let add = o.get_or(lua, "add_generation_prompt", true)?;
-            o.finish()?;
-            let msgs = messages_from_lua(&messages, "model:chat_prompt")?;
-            this.0.tokenizer.chat_prompt(&msgs, add).map_err(mlua::Error::external)
-        });
+        add_tokenizer_methods(methods, |this: &Self| &this.0.tokenizer);
         methods.add_method("merge", |_, this, adapter: mlua::AnyUserData| {
             let adapter = adapter
                 .borrow::<crate::lua::adapter::LuaAdapter>()

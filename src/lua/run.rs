@@ -142,7 +142,9 @@ fn checked_run(dir: &Path, settings: &serde_json::Value) -> super::check::Checke
     let mut sets: Vec<&serde_json::Value> = Vec::new();
     if let Some(run) = &run {
         sets.extend(run.get("settings"));
-        sets.extend(run.get("history").and_then(|h| h.as_array()).into_iter().flatten().filter_map(|h| h.get("settings")));
+        sets.extend(
+            run.get("history").and_then(|h| h.as_array()).into_iter().flatten().filter_map(|h| h.get("settings")),
+        );
     }
     let other = sets.iter().filter(|s| **s != settings).count();
     super::check::CheckedRun { dir: dir.to_path_buf(), exists: dir.is_dir(), other_settings: other }
@@ -388,9 +390,10 @@ impl LuaRun {
                 format!("failed: {}", f.error.lines().next().unwrap_or("")),
                 Outcome::Failed(format!("{}: failed earlier, would be retried: {NOT_RUN}", e.name)),
             ),
-            cells::State::Running(h) => {
-                (format!("running: {}", h.describe()), Outcome::Failed(format!("{}: running elsewhere: {NOT_RUN}", e.name)))
-            }
+            cells::State::Running(h) => (
+                format!("running: {}", h.describe()),
+                Outcome::Failed(format!("{}: running elsewhere: {NOT_RUN}", e.name)),
+            ),
             cells::State::Stale(h) => (
                 format!("interrupted: by {}", h.describe()),
                 Outcome::Failed(format!("{}: interrupted, would be resumed: {NOT_RUN}", e.name)),

@@ -97,7 +97,10 @@ fn sft(
     let output_dir: Option<String> = o.get(lua, "output_dir")?;
     let on_save: Option<Function> = o.get(lua, "on_save")?;
     if saves.is_none() && (output_dir.is_some() || on_save.is_some()) {
-        return Err(o.bad_value("save_steps", "is needed with output_dir or on_save: when to save (every N steps, or a list of steps)"));
+        return Err(o.bad_value(
+            "save_steps",
+            "is needed with output_dir or on_save: when to save (every N steps, or a list of steps)",
+        ));
     }
     o.finish()?;
     if max_length < 2 {
@@ -169,7 +172,9 @@ fn read_save_steps(lua: &Lua, o: &mut Opts) -> mlua::Result<Option<SaveSteps>> {
             }
             Ok(Some(SaveSteps::At(list.into_iter().map(|s| s as usize).collect())))
         }
-        Some(other) => Err(o.bad_value("save_steps", format!("must be a whole number >= 1 or a list of steps, got {other:?}"))),
+        Some(other) => {
+            Err(o.bad_value("save_steps", format!("must be a whole number >= 1 or a list of steps, got {other:?}")))
+        }
     }
 }
 

@@ -761,7 +761,8 @@ impl Decoder {
                 Some((q, k)) => Some((norm(q)?, norm(k)?)),
                 None => None,
             };
-            let (input_layernorm, post_attention_layernorm) = (norm(&spec.input_norm)?, norm(&spec.post_attention_norm)?);
+            let (input_layernorm, post_attention_layernorm) =
+                (norm(&spec.input_norm)?, norm(&spec.post_attention_norm)?);
             let mut lins = lins.into_iter();
             let mut next = || lins.next().expect("seven projections");
             let self_attn = Attention {

@@ -243,7 +243,8 @@ mod tests {
 
     #[test]
     fn each_family_lists_its_biases_and_norms() {
-        let names = |arch: &str| -> Vec<String> { tensors(&config(arch)).unwrap().into_iter().map(|t| t.name).collect() };
+        let names =
+            |arch: &str| -> Vec<String> { tensors(&config(arch)).unwrap().into_iter().map(|t| t.name).collect() };
         let qwen2 = names("Qwen2ForCausalLM");
         assert!(qwen2.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
         assert!(!qwen2.iter().any(|n| n.contains("o_proj.bias") || n.contains("q_norm")));

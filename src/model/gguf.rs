@@ -46,7 +46,11 @@ pub fn read_from<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str) ->
     read_parts(file, shown, true)
 }
 
-fn read_parts<R: std::io::Read + std::io::Seek>(file: &mut R, shown: &str, with_weights: bool) -> anyhow::Result<GgufModel> {
+fn read_parts<R: std::io::Read + std::io::Seek>(
+    file: &mut R,
+    shown: &str,
+    with_weights: bool,
+) -> anyhow::Result<GgufModel> {
     let shown = shown.to_string();
     header::check(file).map_err(|e| anyhow::anyhow!("{shown} is not a readable GGUF file ({e:#})"))?;
     let content = Content::read(file)

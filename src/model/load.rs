@@ -86,7 +86,11 @@ fn locate(spec: &str, revision: Option<&str>, fetch: bool) -> anyhow::Result<Loc
         not_hub("the embedded default")?;
         if !fetch {
             let path = embedded_path(e);
-            anyhow::ensure!(path.is_file(), "the default model is not fetched yet ({}); a run fetches it", path.display());
+            anyhow::ensure!(
+                path.is_file(),
+                "the default model is not fetched yet ({}); a run fetches it",
+                path.display()
+            );
             return Ok(Located::Embedded(e, path));
         }
         return Ok(Located::Embedded(e, ensure_embedded(e)?));
@@ -120,7 +124,9 @@ fn load_any(spec: &str, revision: Option<&str>, opts: &LoadOptions) -> anyhow::R
             Ok(model.with_provenance(embedded_provenance(e, &path)))
         }
         Located::Folder(dir) => load_folder(&dir, spec, opts),
-        Located::Gguf(path) => Ok(load_gguf(&path, spec, opts)?.with_provenance(file_provenance(Source::Gguf, None, &path)?)),
+        Located::Gguf(path) => {
+            Ok(load_gguf(&path, spec, opts)?.with_provenance(file_provenance(Source::Gguf, None, &path)?))
+        }
         Located::Hub(snap) => {
             let (decoder, tokenizer, files) = read_folder(&snap.dir, opts)?;
             let p = hub_provenance(&snap, &files)?;

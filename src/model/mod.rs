@@ -19,8 +19,8 @@ pub mod tokenizer;
 use candle_core::{DType, Device};
 
 pub use config::Config;
-pub use family::Family;
 pub use decoder::{Decoder, KvCache, Pass};
+pub use family::Family;
 pub use hub::{loaded_models, weights_id, Provenance, Source};
 pub use load::{load, LoadOptions, DEFAULT_MODEL};
 pub use tokenizer::{Message, TextTokenizer};

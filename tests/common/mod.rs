@@ -1,4 +1,5 @@
-//! Fixtures and helpers shared by the training tests (`train.rs`) and the GPU tests (`cuda.rs`).
+//! Fixtures and helpers shared by the test files: the fixtures, the binary, and comparisons
+//! against the PEFT and transformers references.
 #![allow(dead_code)] // each test file uses its own part
 
 use std::path::{Path, PathBuf};
@@ -67,4 +68,83 @@ pub fn all_targets(r: usize, lora_dropout: f64) -> LoraConfig {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Runs the loralab binary from the repository root: (success, stdout, stderr).
+pub fn loralab(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loralab"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every number of a nested JSON array, flattened, as f32.
+pub fn flat(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(flat).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        _ => panic!("not numbers"),
+    }
+}
+
+/// Rows of token ids (a JSON list of lists) as a (B, T) tensor on the CPU.
+pub fn ids_tensor(v: &Value) -> Tensor {
+    let rows: Vec<Vec<u32>> = serde_json::from_value(v.clone()).unwrap();
+    let (b, t) = (rows.len(), rows[0].len());
+    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+}
+
+/// A training log against a Trainer's steps.json: loss and gradient norm within `rtol`
+/// (relative), the learning rate within 1e-12, the same trained tokens.
+pub fn assert_steps_match(log: &[loralab::train::StepLog], steps: &Value, rtol: f64, what: &str) {
+    let want = steps["steps"].as_array().unwrap();
+    assert_eq!(log.len(), want.len(), "{what}: steps taken");
+    for (got, w) in log.iter().zip(want) {
+        let (loss, norm, lr) =
+            (w["loss"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap(), w["learning_rate"].as_f64().unwrap());
+        let at = format!("{what} step {}", got.step);
+        assert!((got.loss - loss).abs() / loss < rtol, "{at}: loss {} vs {loss}", got.loss);
+        assert!((got.grad_norm - norm).abs() / norm < rtol, "{at}: grad norm {} vs {norm}", got.grad_norm);
+        assert!((got.learning_rate - lr).abs() < 1e-12, "{at}: lr {} vs {lr}", got.learning_rate);
+        assert_eq!(got.tokens as u64, w["num_items_in_batch"].as_u64().unwrap(), "{at}: tokens");
+    }
+}
+
+/// Every A and B of `adapter` within `tol` of the reference's.
+pub fn assert_adapters_close(
+    adapter: &loralab::adapter::Adapter,
+    reference: &loralab::adapter::Adapter,
+    tol: f32,
+    what: &str,
+) {
+    for (key, pair) in &adapter.pairs {
+        let r = reference.pairs.get(key).unwrap();
+        let (da, db) =
+            (max_abs_diff(pair.a.as_tensor(), r.a.as_tensor()), max_abs_diff(pair.b.as_tensor(), r.b.as_tensor()));
+        assert!(da < tol && db < tol, "{what} {key:?}: A differs by {da}, B by {db}");
+    }
+}
+
+/// The logits of every non-padded position of a left-padded batch (a `left_padding` case of a
+/// logits fixture), per row, as the decoder computes them with the rows' padding masked.
+pub fn left_padded_logits(dec: &Decoder, case: &Value) -> Vec<Vec<f32>> {
+    let mask: Vec<Vec<u32>> = serde_json::from_value(case["attention_mask"].clone()).unwrap();
+    let pads: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
+    let ids = ids_tensor(&case["input_ids"]);
+    let t = ids.dim(1).unwrap();
+    let attn = loralab::model::decoder::Mask::Rows(loralab::sample::prefill_mask(&pads, t, &Device::Cpu).unwrap());
+    let hidden = dec.forward_hidden(&ids, 0, Some(&attn), None, loralab::model::Pass::infer(None)).unwrap();
+    let logits = dec.logits(&hidden).unwrap();
+    pads.iter()
+        .enumerate()
+        .map(|(row, &pad)| {
+            logits.get(row).unwrap().narrow(0, pad, t - pad).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect()
 }
