@@ -1,0 +1,202 @@
+//! Cross-entropy through the frozen output head, a chunk of rows at a time.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+
+#[cfg(feature = "cuda")]
+use super::fused;
+use super::{attach, Backward};
+use crate::model::packed::PackedMatrix;
+
+/// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
+/// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
+/// any moment.
+///
+/// Where `h` is tracked, the gradient of `h` is computed eagerly, chunk by chunk beside the loss,
+/// and kept (N x D, the size of `h`): the backward pass then only scales it, where it would
+/// otherwise recompute every chunk's logits, the largest product of a small model's step.
+///
+/// h: (N, D), weight: (V, D), targets: N ids -> a scalar.
+///
+/// `packed`: the same weight packed for the CPU (f32), which then computes the products.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedMatrix>>,
+    targets: &[u32],
+    chunk: usize,
+) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    if targets.len() != n {
+        candle_core::bail!("linear-cross-entropy: {} targets for {n} rows", targets.len());
+    }
+    let (weight, h_detached) = (weight.detach(), h.detach());
+    let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
+    let chunk = chunk.max(1);
+    let with_grad = h.track_op();
+    #[cfg(feature = "cuda")]
+    if fused(h) {
+        return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk);
+    }
+    let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
+    let mut dh = Vec::new();
+    let sums = by_chunks(n, chunk, |start, rows| {
+        let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref())?;
+        let targets = targets.narrow(0, start, rows)?;
+        let nll = logp.gather(&targets, 1)?.neg()?.sum_all()?;
+        if with_grad {
+            // d nll / d logits = softmax - onehot(target); dh = dlogits @ W
+            let ones = Tensor::ones((rows, 1), logp.dtype(), logp.device())?;
+            let dlogits = logp.exp()?.scatter_add(&targets, &ones.neg()?, 1)?;
+            dh.push(match &packed {
+                // (rows, V) @ W (V, D) through the packed transpose
+                Some(p) => crate::model::cpu::linear_packed(&dlogits, &p.transposed())?,
+                None => dlogits.to_dtype(h.dtype())?.matmul(&weight.to_dtype(h.dtype())?)?,
+            });
+        }
+        Ok(nll)
+    })?;
+    attach_gradient(h, total_of(&sums, loss_dtype(h.dtype()), h.device())?, dh)
+}
+
+/// The sum of the chunks' scalars (0 for none, in `dtype`).
+fn total_of(sums: &[Tensor], dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    match sums.is_empty() {
+        true => Tensor::zeros((), dtype, device),
+        false => Tensor::stack(sums, 0)?.sum_all(),
+    }
+}
+
+/// Gives the scalar `total` (a function of `h`) the backward rule `dh * g`, with `dh` computed
+/// eagerly in chunks of rows.
+fn attach_gradient(h: &Tensor, total: Tensor, dh: Vec<Tensor>) -> Result<Tensor> {
+    if !h.track_op() {
+        return Ok(total);
+    }
+    let dh = match dh.len() {
+        0 => h.zeros_like()?,
+        _ => Tensor::cat(&dh, 0)?,
+    };
+    attach(h, total, EagerGrad { dh })
+}
+
+/// The backward rule of a scalar whose gradient `dh` was computed with it.
+struct EagerGrad {
+    dh: Tensor,
+}
+
+impl Backward for EagerGrad {
+    fn name(&self) -> &'static str {
+        "eager-gradient"
+    }
+    fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused(&self.dh) {
+            return crate::model::cuda::scale_by(&self.dh, g);
+        }
+        self.dh.broadcast_mul(&g.to_dtype(h.dtype())?)
+    }
+}
+
+/// `f(start, rows)` for consecutive chunks of at most `chunk` of `n` rows, in order.
+fn by_chunks(n: usize, chunk: usize, mut f: impl FnMut(usize, usize) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    (0..n).step_by(chunk).map(|start| f(start, chunk.min(n - start))).collect()
+}
+
+/// The dtype the loss is computed in: f32, or f64 for gradient checks.
+fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    if dtype == candle_core::DType::F64 {
+        dtype
+    } else {
+        candle_core::DType::F32
+    }
+}
+
+/// log softmax(h W^T) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype.
+fn chunk_log_softmax(h: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedMatrix>>) -> Result<Tensor> {
+    let logits = match packed {
+        Some(p) => crate::model::cpu::linear_packed(h, p)?,
+        None => h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?,
+    };
+    candle_nn::ops::log_softmax(&logits, 1)
+}
+
+/// The GPU path: bf16 logits, each row's (loss, logsumexp) and, for a tracked `h`, the gradient
+/// by fused kernels.
+#[cfg(feature = "cuda")]
+fn fused_cross_entropy(
+    h: &Tensor,
+    h_detached: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let mut dh = Vec::new();
+    let sums = by_chunks(h.dim(0)?, chunk, |start, rows| {
+        let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
+        let targets = targets.narrow(0, start, rows)?;
+        let stats = if h.track_op() && crate::model::cuda::cross_entropy_fused_fits(&logits) {
+            // One kernel: the statistics, and the logits turned into their gradient in place.
+            let stats = crate::model::cuda::cross_entropy_fused(&logits, &targets)?;
+            dh.push(logits.matmul(weight)?);
+            stats
+        } else {
+            let stats = crate::model::cuda::cross_entropy_forward(&logits, &targets)?; // (rows, 2): loss, lse
+            if h.track_op() {
+                let dlogits = crate::model::cuda::cross_entropy_backward(&logits, &targets, &stats)?;
+                dh.push(dlogits.matmul(weight)?);
+            }
+            stats
+        };
+        stats.narrow(1, 0, 1)?.sum_all()
+    })?;
+    attach_gradient(h, total_of(&sums, candle_core::DType::F32, h.device())?, dh)
+}
+
+#[cfg(test)]
+mod linear_cross_entropy_tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, v) = (7, 5, 11);
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1., (n, d), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (v, d), &dev)?;
+        let targets: Vec<u32> = vec![0, 3, 10, 4, 4, 9, 1];
+        let plain = {
+            let logp = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.t()?)?, 1)?;
+            logp.gather(&Tensor::from_slice(&targets, (n, 1), &dev)?, 1)?.neg()?.sum_all()?
+        };
+        let chunked = linear_cross_entropy(h.as_tensor(), &w, None, &targets, 3)?;
+        let (a, b) = (plain.to_scalar::<f64>()?, chunked.to_scalar::<f64>()?);
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let ga = plain.backward()?.get(h.as_tensor()).unwrap().clone();
+        let gb = (chunked * 2.0)?.backward()?.get(h.as_tensor()).unwrap().clone();
+        let diff = ((ga * 2.0)? - gb)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_packed_weight_gives_the_same_loss_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, v) = (9, 20, 70);
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, d), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (v, d), &dev)?;
+        let packed = Arc::new(PackedMatrix::from_rows_out_in(&w.flatten_all()?.to_vec1()?, v, d));
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % v as u32).collect();
+        let run = |p: Option<&Arc<PackedMatrix>>| -> Result<(f32, Tensor)> {
+            let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4)?;
+            let g = loss.backward()?.get(h.as_tensor()).unwrap().clone();
+            Ok((loss.to_scalar::<f32>()?, g))
+        };
+        let ((la, ga), (lb, gb)) = (run(None)?, run(Some(&packed))?);
+        assert!((la - lb).abs() < 1e-4 * la.abs(), "loss {la} vs {lb}");
+        let diff = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "gradient differs by {diff}");
+        Ok(())
+    }
+}

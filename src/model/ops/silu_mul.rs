@@ -1,0 +1,28 @@
+//! SwiGLU's product silu(gate) * up, and its gradients.
+
+use candle_core::{Result, Tensor};
+
+#[cfg(feature = "cuda")]
+use super::fused;
+
+/// silu(gate) * up, SwiGLU's product: one fused kernel each way on the GPU in bf16.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return crate::model::cuda::silu_mul(gate, up);
+    }
+    gate.silu()? * up
+}
+
+/// The gradients of gate and up from that of silu(gate) * up, for untracked tensors of one shape:
+/// dgate = dh * up * sig(g) * (1 + g * (1 - sig(g))), dup = dh * silu(g).
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return crate::model::cuda::silu_mul_backward(gate, up, dh);
+    }
+    let sig = candle_nn::ops::sigmoid(gate)?;
+    let silu = (gate * &sig)?;
+    let dsilu = (&sig * ((gate * (1.0 - &sig)?)? + 1.0)?)?;
+    Ok((((dh * up)? * dsilu)?, (dh * silu)?))
+}
