@@ -462,8 +462,8 @@ impl Order {
 const LOGIT_BYTES_PER_CHUNK: usize = 1 << 29;
 
 /// Rows per chunk of the loss for n rows: as many as [`LOGIT_BYTES_PER_CHUNK`] holds, spread
-/// evenly over the chunks and rounded up to whole 128-row tiles of the GPU's products (882-row
-/// chunks left a seventh of a tile idle in every chunk's two products).
+/// evenly over the chunks and rounded up to whole 128-row tiles of the GPU's products (a chunk
+/// that ends inside a tile computes the whole tile anyway, in each of its two products).
 fn chunk_rows(n: usize, vocab: usize, bytes_per_logit: usize) -> usize {
     let most = (LOGIT_BYTES_PER_CHUNK / (vocab * bytes_per_logit).max(1)).max(1);
     let even = n.div_ceil(n.div_ceil(most).max(1)).max(1);

@@ -7,7 +7,7 @@ use super::{attach, Backward};
 /// Rows `rows` (distinct, in any order) of x (M, D) -> (N, D), differentiable in x.
 ///
 /// candle's `index_select` has this forward, but its backward is an index_add whose GPU kernel
-/// runs one thread per column, each over every row: 2.4 ms per 7B micro-batch of 4 x 1024 rows.
+/// runs one thread per column, each over every row: serial in the rows, the longest dimension.
 /// Here the backward pass is a gather too: each row of x takes its gradient row through an
 /// inverse index, or a zero row where it was not picked.
 pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
