@@ -8,7 +8,7 @@
 //! and back-propagates through that second run alone. The cost is one more forward pass.
 //!
 //! Two forms:
-//! - [`stack`], where every layer runs as one op ([`super::lora::layer`]; the GPU, and the CPU
+//! - [`stack`], where every layer runs as one op ([`super::lora`]; the GPU, and the CPU
 //!   outside its packed f32 path): all layers are one graph node, whose backward rule reruns
 //!   each layer just before its gradient, without the layer's last product, whose output the
 //!   backward pass never reads;

@@ -13,7 +13,8 @@
 //!   backward rule for their input only, so that no weight-sized gradient is ever computed, LoRA
 //!   deltas with dropout, and optionally gradient checkpointing ([`super::checkpoint`]). With a
 //!   gradient sink in the pass, each layer is a single graph node with a hand-written backward
-//!   rule ([`super::lora::layer`]), except on the CPU's packed f32 path.
+//!   rule ([`super::lora`]), except on the CPU's packed f32 path; [`Decoder::layers_run`] names
+//!   the four implementations and chooses one per pass.
 //!
 //! On the CPU in f32 the projections run through weights packed once ([`super::packed`]), q/k/v
 //! and gate/up as one product each; on the GPU in bf16 attention, the loss and SwiGLU run as
@@ -520,11 +521,6 @@ impl Layer {
         pass: Pass,
         index: usize,
     ) -> Result<Tensor> {
-        if cache.is_none() {
-            if let Some(y) = self.lora_op(x, span, pass, index)? {
-                return Ok(y);
-            }
-        }
         let h = self.input_layernorm.forward(x, pass.train)?;
         let h = self.self_attn.forward(&h, span, cache, pass, index)?;
         let x1 = (x + h)?;
@@ -533,15 +529,7 @@ impl Layer {
         x1 + h
     }
 
-    /// The whole layer as one op with a hand-written backward rule ([`super::lora::layer`]): in a
-    /// training pass with a gradient sink, with weights not packed for the CPU (whose own
-    /// kernels serve the composite path better), and no cache (the caller's to check).
-    fn lora_op(&self, x: &Tensor, span: Span, pass: Pass, index: usize) -> Result<Option<Tensor>> {
-        let (Some(sink), true) = (pass.sink, self.runs_as_one_op(pass)) else { return Ok(None) };
-        super::lora::layer(x, self.lora_parts(x, span, pass, index)?, sink).map(Some)
-    }
-
-    /// Whether the pass runs this layer as one op (see `lora_op`; the cache is the caller's).
+    /// Whether the pass can run this layer as one op (see [`Decoder::layers_run`]).
     fn runs_as_one_op(&self, pass: Pass) -> bool {
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
@@ -549,7 +537,7 @@ impl Layer {
         pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed
     }
 
-    /// The parts of [`super::lora::layer`] for this layer, for a pass that runs it as one op.
+    /// The parts of the layer op ([`super::lora`]) for this layer, for a pass that runs it as one.
     /// Draws the layer's dropout keys.
     pub(crate) fn lora_parts<'a>(
         &'a self,
@@ -641,6 +629,22 @@ impl Rope {
         }
         Ok((self.cos.narrow(0, pos, t)?.to_dtype(dtype)?, self.sin.narrow(0, pos, t)?.to_dtype(dtype)?))
     }
+}
+
+/// The implementations of a decoder's layers, one chosen per pass by [`Decoder::layers_run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayersRun {
+    /// Inference (fused kernels, a KV cache) and composite training (differentiable ops in
+    /// candle's graph): each layer by `Layer::forward`, here.
+    Composite,
+    /// Composite training under gradient checkpointing: each layer a node that runs it again in
+    /// the backward pass ([`super::checkpoint::layer`]).
+    CheckpointedComposite,
+    /// Training with each layer one op with a hand-written backward rule ([`super::lora`]), all
+    /// layers one node.
+    LayerOps,
+    /// The layer ops under gradient checkpointing ([`super::checkpoint::stack`]).
+    CheckpointedLayerOps,
 }
 
 /// The whole decoder.
@@ -814,37 +818,48 @@ impl Decoder {
             );
         }
         let span = Span { rope: &self.rope, pos, mask };
-        let mut x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
-        if let Some(h) = self.lora_stack(&x, span, cache.is_some(), pass)? {
-            return self.norm.forward(&h, pass.train);
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = match pass.sink {
-                Some(sink) if pass.train && pass.checkpoint => {
-                    super::checkpoint::layer(layer, &x, span, pass, i, sink)?
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        let h = match (self.layers_run(pass, cache.is_some()), pass.sink) {
+            (LayersRun::LayerOps, Some(sink)) => {
+                let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(&x, span, pass, i));
+                super::lora::stack(&x, layers.collect::<Result<_>>()?, sink)?
+            }
+            (LayersRun::CheckpointedLayerOps, Some(sink)) => {
+                super::checkpoint::stack(&self.layers, &x, span, pass, sink)?
+            }
+            (LayersRun::CheckpointedComposite, Some(sink)) => {
+                let mut x = x;
+                for (i, layer) in self.layers.iter().enumerate() {
+                    x = super::checkpoint::layer(layer, &x, span, pass, i, sink)?;
                 }
-                _ => layer.forward(&x, span, cache.as_deref_mut().map(|c| (c, i)), pass, i)?,
-            };
-        }
-        if let Some(c) = cache {
-            c.len = pos + t;
-        }
-        self.norm.forward(&x, pass.train)
+                x
+            }
+            _ => {
+                let mut x = x;
+                for (i, layer) in self.layers.iter().enumerate() {
+                    x = layer.forward(&x, span, cache.as_deref_mut().map(|c| (c, i)), pass, i)?;
+                }
+                if let Some(c) = cache {
+                    c.len = pos + t;
+                }
+                x
+            }
+        };
+        self.norm.forward(&h, pass.train)
     }
 
-    /// All layers as one op ([`super::lora::stack`], or [`super::checkpoint::stack`] with
-    /// checkpointing) where each would run as one (see `Layer::lora_op`); otherwise None.
-    fn lora_stack(&self, x: &Tensor, span: Span, cached: bool, pass: Pass) -> Result<Option<Tensor>> {
-        let Some(sink) = pass.sink else { return Ok(None) };
-        // Decided before any layer draws its dropout keys, so that the keys are the same either way.
-        if cached || !self.layers.iter().all(|l| l.runs_as_one_op(pass)) {
-            return Ok(None);
+    /// Which implementation of the layers a pass runs, decided here once for the whole pass
+    /// (before any layer draws its dropout keys, so that the keys are the same whichever runs).
+    /// The layer ops need a training pass with an adapter and a gradient sink, no cache, and
+    /// weights not packed for the CPU (whose own kernels serve the composite path better).
+    pub fn layers_run(&self, pass: Pass, cached: bool) -> LayersRun {
+        let layer_ops = !cached && self.layers.iter().all(|l| l.runs_as_one_op(pass));
+        match (pass.train && pass.sink.is_some() && pass.checkpoint, layer_ops) {
+            (true, true) => LayersRun::CheckpointedLayerOps,
+            (true, false) => LayersRun::CheckpointedComposite,
+            (false, true) => LayersRun::LayerOps,
+            (false, false) => LayersRun::Composite,
         }
-        if pass.checkpoint {
-            return super::checkpoint::stack(&self.layers, x, span, pass, sink).map(Some);
-        }
-        let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(x, span, pass, i));
-        super::lora::stack(x, layers.collect::<Result<_>>()?, sink).map(Some)
     }
 
     /// lm_head packed for the CPU in f32, where the model has it.

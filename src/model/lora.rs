@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use super::decoder::Dropout;
-use super::ops::{self, accumulates, add_matmul, attach, tracked, Backward, QkvHeads, SelfAttention};
+use super::ops::{self, accumulates, add_matmul, attach, Backward, QkvHeads, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
@@ -313,7 +313,7 @@ impl SavedAdapter {
     }
 }
 
-/// A decoder layer's parts for [`layer`]: its norms (weight, eps), its seven projections and its
+/// A decoder layer's parts for the layer op: its norms (weight, eps), its seven projections and its
 /// self-attention.
 pub(crate) struct LayerParts<'a> {
     pub norm1: (&'a Tensor, f64),
@@ -325,13 +325,6 @@ pub(crate) struct LayerParts<'a> {
     pub attention: SelfAttention,
     /// gate, up, down
     pub mlp: [Projection<'a>; 3],
-}
-
-/// A whole decoder layer as one op: `x1 = x + o(attn(q, k, v of norm1(x)))`, then
-/// `x1 + down(silu(gate(h)) * up(h))` with `h = norm2(x1)`; x (B, T, D) -> (B, T, D).
-pub(crate) fn layer(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let (out, rule) = layer_forward(&x.detach(), parts, sink, Run::Output)?;
-    attach(&tracked(x)?, out.expect("a layer's output"), rule)
 }
 
 /// A layer's output from its untracked input x (B, T, D), nothing kept for a backward pass (the
@@ -355,7 +348,7 @@ enum Run {
     Rerun,
 }
 
-/// Consecutive decoder layers as one op, x (B, T, D) -> (B, T, D): each layer as [`layer`]
+/// Consecutive decoder layers as one op, x (B, T, D) -> (B, T, D): each layer as the layer op
 /// computes it, the backward pass running their rules from the last to the first.
 ///
 /// Why: candle's backward pass zero-fills a gradient buffer for every op's input and adds the
