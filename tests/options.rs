@@ -1,7 +1,7 @@
 //! Every option table has one description the code and the LuaLS stubs agree on: for each
 //! options class of lib/meta/, the function is called with an unknown key, and the options its
-//! error lists as known must be the stub's fields; the defaults the code falls back to must be
-//! the ones the stub's "Default ..." gives.
+//! error lists as known must be the stub's fields, the types it converts them to the stub's types,
+//! and the defaults it falls back to the ones the stub's "Default ..." gives.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -98,8 +98,37 @@ fn same_default(rust: &str, stub: &str) -> bool {
     }
 }
 
+/// Whether the stub's type (the first word of its field's text) is the Lua form of the Rust type
+/// the code converts the option to. Options read as any Lua value are the code's to check.
+fn same_type(rust: &str, doc: &str) -> bool {
+    // The type runs to the first space outside quotes ("upper right" is one literal).
+    let mut quoted = false;
+    let end = doc.char_indices().find(|&(_, c)| {
+        quoted ^= c == '"';
+        c == ' ' && !quoted
+    });
+    let stub = &doc[..end.map_or(doc.len(), |(i, _)| i)];
+    let short = rust.rsplit("::").next().unwrap_or(rust);
+    let literals = |s: &str| s.split('|').all(|p| p.starts_with('"') && p.ends_with('"'));
+    // A named alias of string literals (StatsAlternative).
+    let alias = stub.chars().next().is_some_and(char::is_uppercase);
+    match short {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "i32" | "i64" => stub == "integer",
+        "f32" | "f64" => stub == "number",
+        "bool" => stub == "boolean",
+        "String" => stub == "string" || literals(stub) || alias,
+        _ if rust.contains("Vec<f64>") || rust.contains("Vec<f32>") => stub == "number[]",
+        "Value" | "Function" | "AnyUserData" | "Table" => true,
+        _ if rust.contains("Vec<alloc::string::String>") => stub == "string[]",
+        _ if rust.contains("Vec<u32>") || rust.contains("Vec<i64>") || rust.contains("Vec<usize>") => {
+            stub == "integer[]"
+        }
+        _ => false,
+    }
+}
+
 #[test]
-fn every_option_table_of_the_stubs_is_what_the_code_reads_with_the_same_defaults() {
+fn every_option_table_of_the_stubs_is_what_the_code_reads_with_the_same_types_and_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let lua = loralab::lua::new_runtime(Path::new("t.lua"), &vec![]).unwrap();
     lua.globals().set("DIR", dir.path().to_str().unwrap()).unwrap();
@@ -110,7 +139,7 @@ fn every_option_table_of_the_stubs_is_what_the_code_reads_with_the_same_defaults
     let mut problems = Vec::new();
     for (class, call) in CALLS {
         let fields = stubs.get(*class).unwrap_or_else(|| panic!("no ---@class {class} in lib/meta"));
-        loralab::lua::opts::take_recorded_defaults();
+        loralab::lua::opts::take_read_options();
         let code = call.replace("OPTS", "{ zz_not_an_option = 1 }");
         let message = match lua.load(format!("return {code}")).exec() {
             Ok(()) => panic!("{class}: `{code}` accepted an unknown option"),
@@ -125,8 +154,12 @@ fn every_option_table_of_the_stubs_is_what_the_code_reads_with_the_same_defaults
                 documented.difference(&known).collect::<Vec<_>>()
             ));
         }
-        for (key, rust) in loralab::lua::opts::take_recorded_defaults() {
+        for (key, read) in loralab::lua::opts::take_read_options() {
             let Some(doc) = fields.get(&key) else { continue };
+            if !same_type(read.rust_type, doc) {
+                problems.push(format!("{class}.{key}: the code reads a {}, the stub says {doc}", read.rust_type));
+            }
+            let Some(rust) = read.default else { continue };
             match stub_default(doc) {
                 // "Default: seed": derived from another option.
                 _ if doc.contains("Default: ") => {}

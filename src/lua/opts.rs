@@ -10,15 +10,34 @@ use std::collections::BTreeMap;
 
 use mlua::{FromLua, Lua, Table, Value};
 
-thread_local! {
-    /// The default of every option read with a default so far, as Rust writes it ("64", "\"f32\"",
-    /// "[]"), by option key: what tests/options.rs holds the LuaLS stubs' "Default ..." to.
-    static DEFAULTS: RefCell<BTreeMap<String, String>> = const { RefCell::new(BTreeMap::new()) };
+/// What the code reads of one option: the Rust type it converts to, and its default if any (as
+/// Rust writes it: "64", "\"f32\"", "[]").
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadOption {
+    pub rust_type: &'static str,
+    pub default: Option<String>,
 }
 
-/// The defaults recorded since the last call (see `DEFAULTS`), emptying the record.
-pub fn take_recorded_defaults() -> BTreeMap<String, String> {
-    DEFAULTS.with(|d| std::mem::take(&mut *d.borrow_mut()))
+thread_local! {
+    /// Every option read so far, by key: what tests/options.rs holds the LuaLS stubs' types and
+    /// "Default ..." to.
+    static READ: RefCell<BTreeMap<String, ReadOption>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// The options read since the last call (see `READ`), emptying the record.
+pub fn take_read_options() -> BTreeMap<String, ReadOption> {
+    READ.with(|d| std::mem::take(&mut *d.borrow_mut()))
+}
+
+fn note_read<T>(key: &str, default: Option<String>) {
+    let read = ReadOption { rust_type: std::any::type_name::<T>(), default };
+    READ.with(|d| {
+        let mut d = d.borrow_mut();
+        // A key read twice keeps the read that knows its default.
+        if read.default.is_some() || !d.contains_key(key) {
+            d.insert(key.to_string(), read);
+        }
+    });
 }
 
 /// Reader over an optional Lua options table for the function `context` (e.g. `model:sample`).
@@ -52,6 +71,7 @@ impl Opts {
     /// Reads `key` if present; a value of the wrong type is an error naming the key.
     pub fn get<T: FromLua + 'static>(&mut self, lua: &Lua, key: &'static str) -> mlua::Result<Option<T>> {
         self.known.push(key);
+        note_read::<T>(key, None);
         let Some(table) = &self.table else { return Ok(None) };
         let raw: Value = table.raw_get(key)?;
         if raw.is_nil() {
@@ -81,8 +101,9 @@ impl Opts {
         key: &'static str,
         default: T,
     ) -> mlua::Result<T> {
-        DEFAULTS.with(|d| d.borrow_mut().insert(key.to_string(), format!("{default:?}")));
-        Ok(self.get(lua, key)?.unwrap_or(default))
+        let value = self.get(lua, key)?;
+        note_read::<T>(key, Some(format!("{default:?}")));
+        Ok(value.unwrap_or(default))
     }
 
     /// Reads a key that must be present.
