@@ -89,8 +89,11 @@ local results, errors = study.dose_cells(run, coupled, personas, s, items, "phas
 for i, p in ipairs(plan) do
   local result = results[i]
   record(p.condition, p.dose, s.train_seed, result, errors[i])
-  print(result and string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate) .. readout(result)
-        or string.format("%s dose %d FAILED", p.condition, p.dose))
+  if result then
+    print(string.format("%s dose %d: %s %.1f %%", p.condition, p.dose, s.source_persona, 100 * result.source_rate) .. readout(result))
+  elseif not lab.checking then
+    print(string.format("%s dose %d FAILED", p.condition, p.dose))
+  end
 end
 
 ---------------------------------------------------------------------------------------------
@@ -107,7 +110,11 @@ if critical == 0 then
     local em, benign = rate("em", d, s.train_seed), rate("benign", d, s.train_seed)
     if em and benign and math.abs(em - benign) > best then best, critical = math.abs(em - benign), d end
   end
-  print(string.format("phase 3: critical dose %d, where |EM - benign| is largest (%.1f points)", critical, 100 * best))
+  if critical == 0 then
+    print("phase 3: no critical dose yet (phase 2 has no EM and benign results at the same dose)")
+  else
+    print(string.format("phase 3: critical dose %d, where |EM - benign| is largest (%.1f points)", critical, 100 * best))
+  end
 else
   print(string.format("phase 3: critical dose %d (given)", critical))
 end
@@ -127,8 +134,11 @@ local results3, errors3 = study.dose_cells(run, coupled, personas, s, phase3, "p
 for i, item in ipairs(phase3) do
   local c, result = item.c, results3[i]
   record(c.condition, critical, c.train_seed, result, errors3[i])
-  print(result and string.format("%s dose %d seed %d: %s %.1f %%", c.condition, critical, c.train_seed, s.source_persona, 100 * result.source_rate) .. readout(result)
-        or string.format("%s dose %d seed %d FAILED", c.condition, critical, c.train_seed))
+  if result then
+    print(string.format("%s dose %d seed %d: %s %.1f %%", c.condition, critical, c.train_seed, s.source_persona, 100 * result.source_rate) .. readout(result))
+  elseif not lab.checking then
+    print(string.format("%s dose %d seed %d FAILED", c.condition, critical, c.train_seed))
+  end
 end
 
 ---------------------------------------------------------------------------------------------

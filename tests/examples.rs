@@ -45,3 +45,24 @@ fn the_walk_through_experiment_trains_samples_scores_and_reports_and_a_rerun_reu
         "{stdout}"
     );
 }
+
+#[test]
+fn checking_the_study_on_a_fresh_folder_lists_phase_1_every_phase_2_cell_and_the_report_and_writes_nothing() {
+    // The embedded model on disk (checking never downloads): loading it fetches it once.
+    let cpu = loralab::model::LoadOptions { dtype: candle_core::DType::F32, device: candle_core::Device::Cpu };
+    loralab::model::load(loralab::model::DEFAULT_MODEL, &cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("study");
+    let out_set = format!("out={}", out.display());
+    let (ok, stdout, stderr) = loralab(&["check", "scripts/dose_response.lua", "--set", &out_set]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let phase1 = stdout.lines().find(|l| l.trim_start().starts_with("phase1-coupling ")).unwrap_or("");
+    assert!(phase1.contains("not started"), "{stdout}");
+    for cell in ["baseline-dose000-seed42", "em-dose002-seed42", "benign-dose020-seed42"] {
+        assert!(stdout.contains(cell), "{cell} missing:\n{stdout}");
+    }
+    assert!(stdout.contains("11 cells: 0 finished, 11 to run") && stdout.contains("the plan ends here"), "{stdout}");
+    assert!(!out.exists(), "checking wrote nothing");
+    let (ok, _, stderr) = loralab(&["check", "scripts/dose_response.lua", "--set", "profile=fast"]);
+    assert!(!ok && stderr.contains("unknown profile"), "{stderr}");
+}
