@@ -132,10 +132,10 @@ local results, errors = run:cells(items, function(cell, item)
     max_steps = last, learning_rate = s.learning_rate, per_device_train_batch_size = 4,
     -- A constant rate: the adapter at step k is the one a run of k steps would give.
     lr_scheduler_type = "constant", seed = item.seed, save_steps = s.steps,
-    on_save = function(at, rec)
-      for _, r in ipairs(answer_all(at, rec.step, item.seed)) do records[#records + 1] = r end
-      readout[#readout + 1] = { step = rec.step, arr = arr_logprob(at) }
-      print(string.format("  seed %d step %d: loss %.3f", item.seed, rec.step, rec.loss))
+    on_save = function(at, step, rec)
+      for _, r in ipairs(answer_all(at, step, item.seed)) do records[#records + 1] = r end
+      readout[#readout + 1] = { step = step, arr = arr_logprob(at) }
+      print(string.format("  seed %d step %d: loss %.3f", item.seed, step, rec.loss))
     end,
   })
   lab.fs.write_json(cell.dir .. "/answers.json", records)

@@ -440,8 +440,8 @@ local function train(steps, extra)
   return a
 end
 local during = {{}}
-local final = train(4, {{ save_steps = {{2, 3}}, output_dir = "{out}", on_save = function(adapter, rec)
-  during[rec.step] = m:logprobs(probe, {{ adapter = adapter }})[1].sum
+local final = train(4, {{ save_steps = {{2, 3}}, output_dir = "{out}", on_save = function(adapter, step)
+  during[step] = m:logprobs(probe, {{ adapter = adapter }})[1].sum
 end }})
 for _, steps in ipairs({{2, 3}}) do
   local alone = m:logprobs(probe, {{ adapter = train(steps) }})[1].sum

@@ -40,7 +40,7 @@ lab.train = {}
 ---@field on_step? fun(record: StepRecord)   Called after every optimizer step.
 ---@field save_steps? integer|integer[]      Checkpoints: every N steps, or at the listed steps. Default none.
 ---@field output_dir? string                 With save_steps: the adapter is saved to output_dir/checkpoint-STEP (PEFT's format).
----@field on_save? fun(adapter: Adapter, record: StepRecord)  With save_steps: called with the adapter as it is after that step (sample or score with it; copy it with adapter:save). Under a decaying schedule (linear, cosine) this is not the adapter a separate run of that many steps would give: the learning rate so far followed the schedule of the whole run.
+---@field on_save? fun(adapter: Adapter, step: integer, record: StepRecord)  With save_steps: called with the adapter as it is after that step (sample or score with it; copy it with adapter:save). Under a decaying schedule (linear, cosine) this is not the adapter a separate run of that many steps would give: the learning rate so far followed the schedule of the whole run.
 
 ---@class SftLog: StepRecord[]
 ---@field rows integer

@@ -179,7 +179,7 @@ fn read_save_steps(lua: &Lua, o: &mut Opts) -> mlua::Result<Option<SaveSteps>> {
 }
 
 /// A checkpoint after step `rec.step`: the adapter saved to `output_dir/checkpoint-STEP` (as the
-/// transformers Trainer names them), then `on_save(adapter, step_record)` with the adapter as it
+/// transformers Trainer names them), then `on_save(adapter, step, step_record)` with the adapter as it
 /// is now (training goes on after the callback returns).
 fn checkpoint(
     lua: &Lua,
@@ -199,7 +199,7 @@ fn checkpoint(
     if let Some(f) = on_save {
         let record = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
         let ud = lua.create_userdata(adapter.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        f.call::<()>((ud, record)).map_err(|e| anyhow::anyhow!("on_save: {}", super::describe_lua_error(&e)))?;
+        f.call::<()>((ud, rec.step, record)).map_err(|e| anyhow::anyhow!("on_save: {}", super::describe_lua_error(&e)))?;
     }
     Ok(())
 }
