@@ -8,7 +8,7 @@
 //!
 //! Shapes: B sequences in a batch, T longest of them, D hidden size, V vocab, N scored positions.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::Tensor;
 
 use crate::adapter::Adapter;
 use crate::model::decoder::Mask;
@@ -161,11 +161,10 @@ fn score_rows(
         let logits = model.decoder.logits(&h.unsqueeze(0)?)?.squeeze(0)?; // (N, V) f32
         let logp = candle_nn::ops::log_softmax(&logits, 1)?;
         let t = Tensor::new(chunk_targets, device)?.reshape((n, 1))?;
-        picked.extend(logp.gather(&t, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        picked.extend(logp.gather(&t, 1)?.squeeze(1)?.to_vec1::<f32>()?);
         if top_k > 0 {
-            for i in 0..n {
-                top.push(top_of(&logp.i(i)?.to_vec1::<f32>()?, top_k));
-            }
+            // One copy of the chunk, not one per row.
+            top.extend(logp.to_vec2::<f32>()?.iter().map(|row| top_of(row, top_k)));
         }
     }
     Ok((picked, top))

@@ -149,6 +149,10 @@ fn bad_logprob_items_are_errors_that_name_the_item_and_key() {
         ("{ { prompt = \"\", completion = {3} } }", "the prompt has no tokens"),
         ("{ { prompt = {}, completion = {3} } }", "prompt 1: this model has no chat template"),
         ("{ 5 }", "item 1 must be a table"),
+        (
+            "{ { prompt = 'text', completion = { { role = 'assistant', content = 'x' } } } }",
+            "a completion given as messages needs a prompt given as messages",
+        ),
     ];
     for (items, want) in cases {
         let script = dir.path().join("bad.lua");

@@ -33,8 +33,10 @@ pub struct CheckedCell {
     pub group: String,
     pub name: String,
     pub dir: PathBuf,
-    /// "finished", "failed: ...", "running: ...", "interrupted: ...", "not started".
-    pub state: String,
+    /// "finished", "failed", "running", "interrupted" or "not started".
+    pub state: &'static str,
+    /// Who runs it, or the error it failed with.
+    pub detail: Option<String>,
 }
 
 /// A run folder the script opened, and whether it exists yet.
@@ -155,8 +157,8 @@ pub fn print_plan(stopped_at: Option<&str>) {
             last_group = Some(c.group.clone());
         }
         let folder = c.dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        println!("  {:width$}  {:<12} {folder}", c.name, c.state.split(':').next().unwrap_or(""));
-        if let Some((_, detail)) = c.state.split_once(": ") {
+        println!("  {:width$}  {:<12} {folder}", c.name, c.state);
+        if let Some(detail) = &c.detail {
             println!("  {:width$}  {}", "", detail.lines().next().unwrap_or(""));
         }
         if c.state == "finished" {

@@ -25,8 +25,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
             let dtype = parse_dtype(&o, &dtype_name)?;
             let seed: Option<u64> = o.get(lua, "seed")?;
-            // No device is opened while checking: it runs where no GPU is.
-            let device = if super::check::checking() { Device::Cpu } else { parse_device(&o, &device_name)? };
+            let device = parse_device(&o, &device_name)?;
             o.finish()?;
             let (cfg, id) = match config {
                 Value::String(path) => {
@@ -70,27 +69,18 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
             let device_name: String = o.get_or(lua, "device", "cpu".to_string())?;
             let revision: Option<String> = o.get(lua, "revision")?;
             let dtype = parse_dtype(&o, &dtype_name)?;
+            let device = parse_device(&o, &device_name)?;
+            o.finish()?;
             if super::check::checking() {
-                // No device is opened: checking runs where no GPU is.
-                o.finish()?;
-                if !matches!(device_name.as_str(), "cpu" | "cuda") {
-                    return Err(o_bad_device(&device_name));
-                }
                 let plan = model::load::describe_at(&spec, revision.as_deref()).map_err(mlua::Error::external)?;
                 return lua.create_userdata(super::check::LuaModelPlan(Rc::new(plan))).map(Value::UserData);
             }
-            let device = parse_device(&o, &device_name)?;
-            o.finish()?;
             let model = model::load::load_at(&spec, revision.as_deref(), &LoadOptions { dtype, device })
                 .map_err(mlua::Error::external)?;
             lua.create_userdata(LuaModel(Rc::new(model))).map(Value::UserData)
         })?,
     )?;
     Ok(m)
-}
-
-fn o_bad_device(name: &str) -> mlua::Error {
-    mlua::Error::runtime(format!("lab.model.load: option 'device' must be \"cpu\" or \"cuda\", got \"{name}\""))
 }
 
 pub fn parse_dtype(o: &Opts, s: &str) -> mlua::Result<DType> {
@@ -102,9 +92,12 @@ pub fn parse_dtype(o: &Opts, s: &str) -> mlua::Result<DType> {
     }
 }
 
+/// The device named by option `device`. Under `loralab check` none is opened (checking runs
+/// where no GPU is): the name is checked and the CPU stands in.
 pub fn parse_device(o: &Opts, s: &str) -> mlua::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
+        "cuda" if super::check::checking() => Ok(Device::Cpu),
         "cuda" => {
             let dev = Device::new_cuda(0).map_err(|e| {
                 o.bad_value("device", format!("\"cuda\" is not available ({e}); this binary may lack the cuda feature"))
@@ -266,12 +259,11 @@ fn logprob_sequence(lua: &Lua, model: &Model, item: Value, index: usize) -> mlua
     };
     let is_messages = |v: &Value| matches!(v, Value::Table(t) if matches!(t.raw_get::<Value>(1), Ok(Value::Table(_))));
     if is_messages(&completion) {
-        let (Value::Table(p), Value::Table(c)) = (&prompt, &completion) else { unreachable!() };
-        if !is_messages(&prompt) {
+        let (Value::Table(p), Value::Table(c), true) = (&prompt, &completion, is_messages(&prompt)) else {
             return Err(mlua::Error::runtime(format!(
                 "{CONTEXT}: item {index}: a completion given as messages needs a prompt given as messages"
             )));
-        }
+        };
         let p = messages_from_lua(p, &format!("{CONTEXT}: item {index} prompt"))?;
         let mut all = p.clone();
         all.extend(messages_from_lua(c, &format!("{CONTEXT}: item {index} completion"))?);

@@ -381,27 +381,29 @@ impl LuaRun {
         } else {
             cells::State::NotStarted
         };
-        let (state, outcome) = match state {
+        let not_run = |why: &str| Outcome::Failed(format!("{}: {why}{NOT_RUN}", e.name));
+        let (state, detail, outcome) = match state {
             cells::State::Finished => match read_result(&e.dir)? {
-                Some(v) => ("finished".to_string(), Outcome::Result(v, true)),
-                None => ("not started".to_string(), Outcome::Failed(format!("{}: {NOT_RUN}", e.name))),
+                Some(v) => ("finished", None, Outcome::Result(v, true)),
+                None => ("not started", None, not_run("")),
             },
-            cells::State::Failed(f) => (
-                format!("failed: {}", f.error.lines().next().unwrap_or("")),
-                Outcome::Failed(format!("{}: failed earlier, would be retried: {NOT_RUN}", e.name)),
-            ),
-            cells::State::Running(h) => (
-                format!("running: {}", h.describe()),
-                Outcome::Failed(format!("{}: running elsewhere: {NOT_RUN}", e.name)),
-            ),
-            cells::State::Stale(h) => (
-                format!("interrupted: by {}", h.describe()),
-                Outcome::Failed(format!("{}: interrupted, would be resumed: {NOT_RUN}", e.name)),
-            ),
-            cells::State::NotStarted => ("not started".to_string(), Outcome::Failed(format!("{}: {NOT_RUN}", e.name))),
+            cells::State::Failed(f) => {
+                ("failed", f.error.lines().next().map(String::from), not_run("failed earlier, would be retried: "))
+            }
+            cells::State::Running(h) => ("running", Some(h.describe()), not_run("running elsewhere: ")),
+            cells::State::Stale(h) => {
+                ("interrupted", Some(format!("by {}", h.describe())), not_run("interrupted, would be resumed: "))
+            }
+            cells::State::NotStarted => ("not started", None, not_run("")),
         };
         let group = if label.is_empty() { format!("cell {}", e.name) } else { label.to_string() };
-        super::check::record_cell(super::check::CheckedCell { group, name: e.name.clone(), dir: e.dir.clone(), state });
+        super::check::record_cell(super::check::CheckedCell {
+            group,
+            name: e.name.clone(),
+            dir: e.dir.clone(),
+            state,
+            detail,
+        });
         Ok(outcome)
     }
 

@@ -126,12 +126,16 @@ fn gsub(
     let re = compile("lab.text.gsub", &pattern)?;
     let bytes = s.as_bytes();
     let rep = &replacement.as_bytes()[..];
-    // regex's replacen takes 0 to mean "all": n = 0 must replace nothing.
-    let (replaced, count) = match n {
-        Some(0) => (bytes.to_vec(), 0),
-        Some(n) => (re.replacen(&bytes, n, rep).into_owned(), re.find_iter(&bytes).take(n).count()),
-        None => (re.replace_all(&bytes, rep).into_owned(), re.find_iter(&bytes).count()),
-    };
+    if n == Some(0) {
+        return Ok((lua.create_string(&bytes[..])?, 0)); // regex's replacen reads 0 as "all"
+    }
+    let mut count = 0;
+    let replaced = re.replacen(&bytes, n.unwrap_or(0), |caps: &Captures| {
+        count += 1;
+        let mut out = Vec::new();
+        caps.expand(rep, &mut out);
+        out
+    });
     Ok((lua.create_string(&replaced)?, count))
 }
 

@@ -199,7 +199,8 @@ fn checkpoint(
     if let Some(f) = on_save {
         let record = lua.to_value(rec).map_err(|e| anyhow::anyhow!("{e}"))?;
         let ud = lua.create_userdata(adapter.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        f.call::<()>((ud, rec.step, record)).map_err(|e| anyhow::anyhow!("on_save: {}", super::describe_lua_error(&e)))?;
+        f.call::<()>((ud, rec.step, record))
+            .map_err(|e| anyhow::anyhow!("on_save: {}", super::describe_lua_error(&e)))?;
     }
     Ok(())
 }
