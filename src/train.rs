@@ -530,7 +530,14 @@ pub fn batch_loss(
     };
     let chunk = chunk_rows(targets.len(), decoder.config.vocab_size, bytes_per_logit);
     let nll =
-        crate::model::ops::linear_cross_entropy(&picked, &decoder.lm_head, decoder.lm_head_packed(), &targets, chunk)?;
+        crate::model::ops::linear_cross_entropy(
+            &picked,
+            &decoder.lm_head,
+            decoder.lm_head_packed(),
+            &targets,
+            chunk,
+            decoder.final_softcap(),
+        )?;
     Ok((nll / denominator as f64)?)
 }
 

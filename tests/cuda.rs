@@ -108,7 +108,7 @@ fn cross_entropy_case(vocab: usize) -> Result<()> {
     let (wg, wc) = pair(&[vocab, dim], 6)?;
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % vocab as u32).collect();
     let h = Var::from_tensor(&hg)?;
-    let loss = ops::linear_cross_entropy(h.as_tensor(), &wg, None, &targets, 16)?;
+    let loss = ops::linear_cross_entropy(h.as_tensor(), &wg, None, &targets, 16, None)?;
     let grads = (&loss * 0.5)?.backward()?;
     let fused_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let fused_grad = grads.get(h.as_tensor()).unwrap().clone();
@@ -206,7 +206,7 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();
         let fused = loralab::model::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
-        let plain = loralab::model::cpu::attention_cpu(&qc, &kc, &vc, s, Some(&mask_c), scale)?;
+        let plain = loralab::model::cpu::attention_cpu(&qc, &kc, &vc, s, Some(&mask_c), scale, None)?;
         let d = rel_diff(&fused, &plain);
         assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
     }

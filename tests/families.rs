@@ -1,6 +1,9 @@
 //! The model families beyond Qwen2 (src/model/family.rs) against transformers and PEFT: tiny
-//! random Qwen3 (per-head q/k norms, an explicit head_dim, no biases) and Mistral (the
-//! Mistral-7B-v0.3 layout) checkpoints made by tests/fixtures/make_fixtures.py.
+//! random Qwen3 (per-head q/k norms, an explicit head_dim, no biases), Mistral (the
+//! Mistral-7B-v0.3 layout) and Gemma 2 (GeGLU, (1 + w) norms also after the attention and the
+//! MLP, scaled tied embeddings, capped attention scores and logits, a sliding window of 4 on
+//! layer 0 that the 7-token cases and the training rows exceed) checkpoints made by
+//! tests/fixtures/make_fixtures.py.
 
 mod common;
 
@@ -16,7 +19,7 @@ const LOGIT_TOL: f32 = 1e-4;
 const WEIGHT_TOL: f32 = 1e-4;
 const STEP_RTOL: f64 = 1e-4;
 
-const FAMILIES: [&str; 2] = ["tiny-qwen3", "tiny-mistral"];
+const FAMILIES: [&str; 3] = ["tiny-qwen3", "tiny-mistral", "tiny-gemma2"];
 
 fn decoder(name: &str, dtype: DType) -> Decoder {
     read_decoder(&fixtures().join(name), &LoadOptions { dtype, device: Device::Cpu }).unwrap()
@@ -28,7 +31,7 @@ fn diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn qwen3_and_mistral_logits_match_transformers_unpadded_and_left_padded() {
+fn qwen3_mistral_and_gemma2_logits_match_transformers_unpadded_and_left_padded() {
     for name in FAMILIES {
         let dec = decoder(name, DType::F32);
         let fx = json(&format!("{name}-logits.json"));
@@ -48,7 +51,7 @@ fn qwen3_and_mistral_logits_match_transformers_unpadded_and_left_padded() {
 /// Four Trainer steps from PEFT's initial adapter: per-step loss, grad norm and learning rate,
 /// then the trained A and B, on each training path.
 #[test]
-fn four_adamw_steps_on_qwen3_and_mistral_match_peft_and_the_trainer() {
+fn four_adamw_steps_on_qwen3_mistral_and_gemma2_match_peft_and_the_trainer() {
     for name in FAMILIES {
         // f32: the CPU's packed path; f64: the layer op, and the layer op under checkpointing.
         for (dtype, gradient_checkpointing) in [(DType::F32, false), (DType::F64, false), (DType::F64, true)] {

@@ -53,6 +53,7 @@ pub(crate) fn stack(layers: &[Layer], x: &Tensor, span: Span, pass: Pass, sink: 
         rope: span.rope.clone(),
         pos: span.pos,
         mask: span.mask.cloned(),
+        windowed: span.windowed.cloned(),
         adapter: adapter.clone(),
         sink: sink.clone(),
     };
@@ -75,6 +76,7 @@ struct RerunLayers {
     rope: Rope,
     pos: usize,
     mask: Option<Mask>,
+    windowed: Option<Mask>,
     adapter: Adapter,
     sink: Arc<GradSink>,
 }
@@ -86,7 +88,7 @@ impl Backward for RerunLayers {
 
     fn grad(&self, anchor: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let mut inputs = self.inputs.lock().map_err(|_| candle_core::Error::Msg("layer inputs poisoned".into()))?;
-        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref() };
+        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref(), windowed: self.windowed.as_ref() };
         let mut grad = grad.clone();
         while let Some(LayerInput { x, rng }) = inputs.pop() {
             let index = inputs.len();
@@ -126,6 +128,7 @@ pub(crate) fn layer(
         rope: span.rope.clone(),
         pos: span.pos,
         mask: span.mask.cloned(),
+        windowed: span.windowed.cloned(),
         index,
         adapter: adapter.clone(),
         rng: rng_before,
@@ -140,6 +143,7 @@ struct Recompute {
     rope: Rope,
     pos: usize,
     mask: Option<Mask>,
+    windowed: Option<Mask>,
     index: usize,
     adapter: Adapter,
     rng: Option<ChaCha8Rng>,
@@ -155,7 +159,7 @@ impl Backward for Recompute {
         let input = Var::from_tensor(&x.detach())?;
         let rng = self.rng.clone().map(RefCell::new);
         let pass = Pass::train(&self.adapter, rng.as_ref()).with_sink(&self.sink);
-        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref() };
+        let span = Span { rope: &self.rope, pos: self.pos, mask: self.mask.as_ref(), windowed: self.windowed.as_ref() };
         let y = self.layer.forward(input.as_tensor(), span, None, pass, self.index)?;
         // d(sum(y * g))/dy = g: the backward pass of this run carries exactly `grad`.
         let grads = (y * grad.detach())?.sum_all()?.backward()?;

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::family::Family;
+use super::family::{Family, WindowLayers};
 
 /// The longest context a config may declare (Llama 3.1 declares 131,072).
 pub const MAX_POSITIONS: usize = 1 << 22;
@@ -27,19 +27,66 @@ pub struct Config {
     pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
+    /// The output head is the embedding matrix (absent: the family's default, as transformers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
     /// Llama's switch for q/k/v biases (see [`Family::qkv_bias`]).
     #[serde(default)]
     pub attention_bias: bool,
-    /// Attention within the last `sliding_window` positions (Mistral v0.1; Qwen with
-    /// `use_sliding_window`), which loralab does not implement: longer sequences are refused.
+    /// Attention within the last `sliding_window` positions, on the layers [`Config::layer_window`]
+    /// names (Mistral v0.1: all; Gemma 2: every other; Qwen with `use_sliding_window`: from
+    /// `max_window_layers` on), unless `layer_types` lists them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Per layer, "sliding_attention" or "full_attention" (transformers 5 writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// The MLP's activation: `hidden_act` (Llama, Qwen, Mistral) or `hidden_activation` (Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Attention scores scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `cap * tanh(x / cap)` of the attention scores and of the final logits (Gemma 2); absent:
+    /// the family's default, null: none.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<Option<f64>>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
+}
+
+/// A key that is present, null or not: `Some(None)` for null, `None` (by `default`) when absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
+}
+
+/// The activations of an MLP `down(act(gate(x)) * up(x))` that loralab runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: `x * sigmoid(x)` ("silu").
+    Silu,
+    /// GeGLU with GELU's tanh approximation ("gelu_pytorch_tanh").
+    GeluTanh,
+}
+
+impl Activation {
+    fn from_hf_name(name: &str) -> anyhow::Result<Activation> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_tanh" => Ok(Activation::GeluTanh),
+            other => anyhow::bail!(
+                "config: hidden_act '{other}' is not supported; loralab runs 'silu' and 'gelu_pytorch_tanh'"
+            ),
+        }
+    }
 }
 
 fn default_rms_eps() -> f64 {
@@ -76,11 +123,53 @@ impl Config {
             .unwrap_or_else(|| self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
     }
 
-    /// The sliding attention window, where the config turns one on: sequences longer than it
-    /// are refused (full attention would differ from the model's own beyond it).
-    pub fn attention_window(&self) -> Option<usize> {
-        let on = self.use_sliding_window || self.family().is_ok_and(|f| f.window_always_on);
-        self.sliding_window.filter(|_| on)
+    /// The sliding attention window of layer `i`, if it has one: a query attends to the keys
+    /// of the last `window` positions, itself included.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        let sliding = match (&self.layer_types, self.family().map(|f| f.windows)) {
+            (Some(types), _) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+            (None, Ok(WindowLayers::All)) => true,
+            (None, Ok(WindowLayers::EveryOther)) => i % 2 == 0,
+            (None, Ok(WindowLayers::FromMaxWindowLayers)) => {
+                self.use_sliding_window && i >= self.max_window_layers.unwrap_or(0)
+            }
+            (None, Err(_)) => false,
+        };
+        sliding.then_some(window)
+    }
+
+    /// Whether the output head is the embedding matrix.
+    pub fn tied_embeddings(&self) -> bool {
+        let family = self.family().is_ok_and(|f| f.tied_by_default);
+        self.tie_word_embeddings.unwrap_or(family)
+    }
+
+    /// The MLP's activation (the family's when the config names none). Gemma's configs carry
+    /// both keys; `hidden_activation` is the one its model reads.
+    pub fn activation(&self) -> anyhow::Result<Activation> {
+        match self.hidden_activation.as_deref().or(self.hidden_act.as_deref()) {
+            Some(name) => Activation::from_hf_name(name),
+            None => Ok(self.family()?.activation),
+        }
+    }
+
+    /// The factor of the attention scores q.k: `query_pre_attn_scalar^-1/2` where the config
+    /// gives one, else `head_dim^-1/2`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt()
+    }
+
+    /// The soft cap of the attention scores, if any.
+    pub fn attention_softcap(&self) -> Option<f64> {
+        let family = self.family().ok().and_then(|f| f.softcaps).map(|(a, _)| a);
+        self.attn_logit_softcapping.unwrap_or(family)
+    }
+
+    /// The soft cap of the final logits, if any.
+    pub fn final_softcap(&self) -> Option<f64> {
+        let family = self.family().ok().and_then(|f| f.softcaps).map(|(_, l)| l);
+        self.final_logit_softcapping.unwrap_or(family)
     }
 
     /// Whether q/k/v projections carry a bias.
@@ -127,6 +216,28 @@ impl Config {
             self.num_kv_heads()
         );
         anyhow::ensure!(self.head_dim().is_multiple_of(2), "config: head_dim must be even for rotary embeddings");
+        self.activation()?;
+        for (name, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attention_softcap()),
+            ("final_logit_softcapping", self.final_softcap()),
+        ] {
+            if let Some(v) = v {
+                anyhow::ensure!(v.is_finite() && v > 0.0, "config: {name} must be a finite number > 0 (got {v})");
+            }
+        }
+        anyhow::ensure!(self.sliding_window != Some(0), "config: sliding_window must be > 0 (got 0)");
+        if let Some(types) = &self.layer_types {
+            anyhow::ensure!(
+                types.len() == self.num_hidden_layers,
+                "config: layer_types lists {} layers, num_hidden_layers is {}",
+                types.len(),
+                self.num_hidden_layers
+            );
+            if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "sliding_attention" | "full_attention")) {
+                anyhow::bail!("config: layer_types entry '{t}' is neither 'sliding_attention' nor 'full_attention'");
+            }
+        }
         Ok(())
     }
 

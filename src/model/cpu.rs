@@ -80,8 +80,9 @@ mod linear_packed_tests {
     }
 }
 
-/// Attention for inference on the CPU in f32, `softmax(q k^T * scale + mask) v`, read straight
-/// from the KV cache: one pass per query row, no copy of the cache and no (rows, S) tensors.
+/// Attention for inference on the CPU in f32, `softmax(cap(q k^T * scale) + mask) v` (`softcap`
+/// c: scores capped to c * tanh(s / c)), read straight from the KV cache: one pass per query
+/// row, no copy of the cache and no (rows, S) tensors.
 ///
 /// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
 /// keys, values: (B, K, C, E), of which the first `s` positions are used; mask: additive,
@@ -93,6 +94,7 @@ pub fn attention_cpu(
     s: usize,
     mask: Option<&Tensor>,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (b, k, r, e) = q.dims4()?;
     let c = keys.dim(2)?;
@@ -114,7 +116,7 @@ pub fn attention_cpu(
         Some((st, l)) => Some(cpu_slice(st, l, "mask")?),
         None => None,
     };
-    let scale = scale as f32;
+    let scale = Scale { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
     let mut out = vec![0f32; b * k * r * e];
     out.par_chunks_mut(r * e).enumerate().for_each(|(bk, out_bk)| {
         let bi = bk / k;
@@ -165,11 +167,11 @@ pub fn attention_cpu(
 const BLOCKED_ROWS: usize = 16;
 
 /// scores (S,) <- softmax(scores * scale + bias), where a bias of -inf hides a key exactly.
-fn softmax_in_place(scores: &mut [f32], bias: Option<&[f32]>, scale: f32) {
+fn softmax_in_place(scores: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
     let mut max = f32::NEG_INFINITY;
     for (j, sc) in scores.iter_mut().enumerate() {
         let b = bias.map_or(0.0, |m| m[j]);
-        *sc = if b == f32::NEG_INFINITY { b } else { *sc * scale + b };
+        *sc = if b == f32::NEG_INFINITY { b } else { scale.apply(*sc) + b };
         max = max.max(*sc);
     }
     let mut sum = 0f32;
@@ -180,6 +182,23 @@ fn softmax_in_place(scores: &mut [f32], bias: Option<&[f32]>, scale: f32) {
     let inv = 1.0 / sum;
     for sc in scores.iter_mut() {
         *sc *= inv;
+    }
+}
+
+/// How raw scores q.k become the softmax's input: scaled, then capped where the model caps them.
+#[derive(Clone, Copy)]
+struct Scale {
+    scale: f32,
+    softcap: Option<f32>,
+}
+
+impl Scale {
+    #[inline(always)]
+    fn apply(self, score: f32) -> f32 {
+        match self.softcap {
+            Some(c) => c * (score * self.scale / c).tanh(),
+            None => score * self.scale,
+        }
     }
 }
 
@@ -236,7 +255,7 @@ mod attention_cpu_tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev)?;
-        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3)?;
+        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None)?;
 
         let kk = keys.narrow(2, 0, s)?;
         let vv = values.narrow(2, 0, s)?.contiguous()?;

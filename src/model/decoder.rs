@@ -1,10 +1,12 @@
-//! The decoder: one implementation for the Llama and Qwen2 families.
+//! The decoder: one implementation for every family of [`super::family`].
 //!
 //! A stack of pre-norm blocks, `x + attn(rms_norm(x))` then `x + mlp(rms_norm(x))`, with rotary
 //! position embeddings (the "rotate half" layout of transformers), grouped-query attention and a
-//! SwiGLU MLP `down(silu(gate(x)) * up(x))`. Qwen2 adds biases to q/k/v. Weight names are
-//! transformers' (`model.layers.{i}.self_attn.q_proj.weight`), so safetensors checkpoints load
-//! as they are and GGUF files are renamed to them.
+//! gated MLP `down(act(gate(x)) * up(x))`. What a family adds is read from its description:
+//! q/k/v biases, per-head q/k norms, norms of the attention's and MLP's outputs before the
+//! residual sums, scaled embeddings, soft-capped attention scores and logits, sliding windows.
+//! Weight names are transformers' (`model.layers.{i}.self_attn.q_proj.weight`), so safetensors
+//! checkpoints load as they are and GGUF files are renamed to them.
 //!
 //! Two paths through the same weights:
 //! - inference ([`Pass::infer`]): fused kernels, a KV cache, an attention mask for left padding;
@@ -32,7 +34,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::config::Config;
+use super::config::{Activation, Config};
 use super::ops::{frozen_linear, SelfAttention};
 use super::packed::PackedMatrix;
 use super::sink::GradSink;
@@ -285,12 +287,17 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The factor of the scores q.k (1 / sqrt(head_dim) unless the config sets another).
+    pub scale: f64,
+    /// Scores capped to `c * tanh(s / c)` before the mask and softmax (Gemma 2).
+    pub softcap: Option<f64>,
     /// [Wq; Wk; Wv] packed for the CPU f32 path: one product instead of three.
     pub qkv_packed: Option<Arc<PackedMatrix>>,
 }
 
 #[derive(Clone)]
 pub struct Mlp {
+    pub activation: Activation,
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
@@ -302,8 +309,13 @@ pub struct Mlp {
 pub struct Layer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    /// The MLP's input norm (`post_attention_layernorm` in Llama's naming).
+    pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    /// Norms of the attention's and the MLP's outputs before their residual sums (Gemma 2).
+    pub output_norms: Option<(RmsNorm, RmsNorm)>,
+    /// The sliding window this layer attends within, if any.
+    pub window: Option<usize>,
 }
 
 /// Per-layer keys and values of a batch, pre-allocated to `capacity` positions.
@@ -351,7 +363,7 @@ impl Attention {
         pass: Pass,
         layer: usize,
     ) -> Result<Tensor> {
-        let Span { rope, pos, mask } = span;
+        let Span { rope, pos, mask, .. } = span;
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // (B, T, H*E) -> (B, H, T, E)
@@ -400,19 +412,25 @@ impl Attention {
         // are stacked along the row axis. (B, H, T, E) -> (B, K, G*T, E)
         let g = h / k;
         let q = q.reshape((b, k, g * t, e))?;
-        let scale = 1.0 / (e as f64).sqrt();
+        let (scale, softcap) = (self.scale, self.softcap);
         let causal = mask.is_some_and(Mask::is_causal);
         let mask = mask.map(|m| m.for_heads(b, t, s)).transpose()?;
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
-            super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, g)?
+            super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
-            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale)?
-        } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale)? {
+            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale, softcap)?
+        } else if let Some(out) =
+            gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)?
+        {
             out
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
+            let scores = match softcap {
+                Some(c) => ((scores / c)?.tanh()? * c)?,
+                None => scores,
+            };
             let scores =
                 match &mask {
                     Some(m) => scores
@@ -438,14 +456,22 @@ impl Attention {
         let (cos, sin) = span.rope.tables(span.pos, t, x.dtype())?;
         let causal = span.mask.is_some_and(Mask::is_causal);
         let mask = span.mask.map(|m| m.for_heads(b, t, t)).transpose()?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        Ok(SelfAttention::new(&cos, &sin, mask.as_ref(), causal, scale, self.num_heads, self.num_kv_heads))
+        Ok(SelfAttention::new(
+            &cos,
+            &sin,
+            mask.as_ref(),
+            causal,
+            self.scale,
+            self.softcap,
+            self.num_heads,
+            self.num_kv_heads,
+        ))
     }
 }
 
 /// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
-/// tensors, where it applies (one new token per row, shapes the kernel takes). Otherwise None.
-/// q: (B, K, G, E) -> (B, K, G, E).
+/// tensors, where it applies (one new token per row, shapes the kernel takes, scores not
+/// capped). Otherwise None. q: (B, K, G, E) -> (B, K, G, E).
 fn gpu_decode_attention(
     q: &Tensor,
     t: usize,
@@ -453,14 +479,15 @@ fn gpu_decode_attention(
     s: usize,
     mask: Option<&Tensor>,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    if let (Some((k_all, v_all)), 1) = (whole_cache, t) {
+    if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
         if super::cuda::decode_attention_fits(q, s, mask) {
             return super::cuda::decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
         }
     }
-    let _ = (q, t, whole_cache, s, mask, scale);
+    let _ = (q, t, whole_cache, s, mask, scale, softcap);
     Ok(None)
 }
 
@@ -477,7 +504,7 @@ impl Mlp {
                 self.up_proj.forward(x, pass, layer, Target::UpProj)?,
             ),
         };
-        self.down_proj.forward(&super::ops::silu_mul(&gate, &up)?, pass, layer, Target::DownProj)
+        self.down_proj.forward(&super::ops::gated(self.activation, &gate, &up)?, pass, layer, Target::DownProj)
     }
 }
 
@@ -512,7 +539,8 @@ fn fused_forward(
 }
 
 impl Layer {
-    /// x: (B, T, D) -> (B, T, D): `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    /// x: (B, T, D) -> (B, T, D): `x + attn(norm(x))`, then `+ mlp(norm(.))`; with output
+    /// norms `x + norm(attn(norm(x)))`, then `+ norm(mlp(norm(.)))`.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -521,11 +549,18 @@ impl Layer {
         pass: Pass,
         index: usize,
     ) -> Result<Tensor> {
+        let span = span.for_layer(self.window);
         let h = self.input_layernorm.forward(x, pass.train)?;
-        let h = self.self_attn.forward(&h, span, cache, pass, index)?;
+        let mut h = self.self_attn.forward(&h, span, cache, pass, index)?;
+        if let Some((attention_out, _)) = &self.output_norms {
+            h = attention_out.forward(&h, pass.train)?;
+        }
         let x1 = (x + h)?;
-        let h = self.post_attention_layernorm.forward(&x1, pass.train)?;
-        let h = self.mlp.forward(&h, pass, index)?;
+        let h = self.mlp_norm.forward(&x1, pass.train)?;
+        let mut h = self.mlp.forward(&h, pass, index)?;
+        if let Some((_, mlp_out)) = &self.output_norms {
+            h = mlp_out.forward(&h, pass.train)?;
+        }
         x1 + h
     }
 
@@ -549,7 +584,7 @@ impl Layer {
         let Some(adapter) = pass.adapter else { candle_core::bail!("a layer op needs an adapter") };
         let (a, m) = (&self.self_attn, &self.mlp);
         let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        let attention = a.for_training(x, span)?;
+        let attention = a.for_training(x, span.for_layer(self.window))?;
         // Dropout keys in the order the separate projections draw them.
         let mut projections = Vec::with_capacity(lins.len());
         for (lin, target) in lins.iter().zip(Target::ALL) {
@@ -559,10 +594,12 @@ impl Layer {
         let mut next = || p.next().expect("seven projections");
         let parts = super::lora::LayerParts {
             norm1: (&self.input_layernorm.weight, self.input_layernorm.eps),
-            norm2: (&self.post_attention_layernorm.weight, self.post_attention_layernorm.eps),
+            norm2: (&self.mlp_norm.weight, self.mlp_norm.eps),
             qk_norms: a.qk_norms.as_ref().map(|(q, k)| [(&q.weight, q.eps), (&k.weight, k.eps)]),
+            output_norms: self.output_norms.as_ref().map(|(a, m)| [(&a.weight, a.eps), (&m.weight, m.eps)]),
             attention_projections: [next(), next(), next(), next()],
             attention,
+            activation: m.activation,
             mlp: [next(), next(), next()],
         };
         Ok(parts)
@@ -658,6 +695,10 @@ pub struct Decoder {
     /// lm_head packed for the CPU inference path.
     lm_head_packed: Option<Arc<PackedMatrix>>,
     rope: Rope,
+    /// The embeddings' factor, sqrt(hidden_size) rounded to the dtype (Gemma).
+    embed_scale: Option<f64>,
+    /// The final logits capped to `c * tanh(l / c)` (Gemma 2).
+    final_softcap: Option<f64>,
     pub dtype: DType,
     pub device: Device,
 }
@@ -721,6 +762,26 @@ impl Weights {
         self.take(&spec.name, &spec.shape, dtype, device)
     }
 
+    /// An RMSNorm; a family whose files store the scale less one gets it back here, the sum
+    /// in f32 (its own forward adds it in f32 too) rounded once to `dtype`.
+    fn take_norm(
+        &mut self,
+        spec: &super::family::TensorSpec,
+        family: &super::family::Family,
+        c: &Config,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<RmsNorm> {
+        let weight = if family.norm_plus_one {
+            let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let w = self.take(&spec.name, &spec.shape, wide, &Device::Cpu)?;
+            (w + 1.0)?.to_dtype(dtype)?.to_device(device)?
+        } else {
+            self.take_spec(spec, dtype, device)?
+        };
+        Ok(RmsNorm { weight, eps: c.rms_norm_eps })
+    }
+
     fn take_opt(
         &mut self,
         name: &str,
@@ -758,15 +819,16 @@ impl Decoder {
                 };
                 lins.push(Linear::new(weight, bias)?);
             }
-            let mut norm = |s: &super::family::TensorSpec| -> anyhow::Result<RmsNorm> {
-                Ok(RmsNorm { weight: w.take_spec(s, dtype, device)?, eps: c.rms_norm_eps })
-            };
+            let mut norm = |s: &super::family::TensorSpec| -> anyhow::Result<RmsNorm> { w.take_norm(s, family, c, dtype, device) };
             let qk_norms = match &spec.qk_norms {
                 Some((q, k)) => Some((norm(q)?, norm(k)?)),
                 None => None,
             };
-            let (input_layernorm, post_attention_layernorm) =
-                (norm(&spec.input_norm)?, norm(&spec.post_attention_norm)?);
+            let output_norms = match &spec.output_norms {
+                Some((a, m)) => Some((norm(a)?, norm(m)?)),
+                None => None,
+            };
+            let (input_layernorm, mlp_norm) = (norm(&spec.input_norm)?, norm(&spec.mlp_norm)?);
             let mut lins = lins.into_iter();
             let mut next = || lins.next().expect("seven projections");
             let self_attn = Attention {
@@ -778,14 +840,18 @@ impl Decoder {
                 num_heads: h,
                 num_kv_heads: k,
                 head_dim: e,
+                scale: c.attention_scale(),
+                softcap: c.attention_softcap(),
                 qkv_packed: None,
             };
-            let mlp = Mlp { gate_proj: next(), up_proj: next(), down_proj: next(), gate_up_packed: None };
-            let mut layer = Layer { input_layernorm, self_attn, post_attention_layernorm, mlp };
+            let activation = c.activation()?;
+            let mlp = Mlp { activation, gate_proj: next(), up_proj: next(), down_proj: next(), gate_up_packed: None };
+            let window = c.layer_window(i);
+            let mut layer = Layer { input_layernorm, self_attn, mlp_norm, mlp, output_norms, window };
             layer.fuse()?;
             layers.push(layer);
         }
-        let norm = RmsNorm { weight: w.take_spec(&norm_spec, dtype, device)?, eps: c.rms_norm_eps };
+        let norm = w.take_norm(&norm_spec, family, c, dtype, device)?;
         // A tied model's file may still carry the head (a copy of the embeddings): used up, unread.
         let lm_head = match head_spec {
             Some(spec) => w.take_spec(&spec, dtype, device)?,
@@ -797,7 +863,21 @@ impl Decoder {
         w.check_all_used(c)?;
         let rope = Rope::new(c, dtype, device)?;
         let lm_head_packed = packed_for_cpu(&[&lm_head])?;
-        Ok(Decoder { config, embed_tokens, layers, norm, lm_head, lm_head_packed, rope, dtype, device: device.clone() })
+        let embed_scale = family.scaled_embeddings.then(|| rounded_to(dtype, (c.hidden_size as f64).sqrt()));
+        let final_softcap = c.final_softcap();
+        Ok(Decoder {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            lm_head_packed,
+            rope,
+            embed_scale,
+            final_softcap,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     /// ids: (B, T) u32 at positions pos..pos+T -> final hidden states (B, T, D).
@@ -809,16 +889,14 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         pass: Pass,
     ) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        if let Some(w) = self.config.attention_window().filter(|&w| pos + t > w) {
-            candle_core::bail!(
-                "a sequence of {} positions: this model attends within a sliding window of {w} positions, \
-                 which loralab does not implement; keep prompt and completion within {w} tokens",
-                pos + t
-            );
-        }
-        let span = Span { rope: &self.rope, pos, mask };
+        let (b, t) = ids.dims2()?;
+        let windowed = self.windowed_mask(mask, b, pos, t)?;
+        let span = Span { rope: &self.rope, pos, mask, windowed: windowed.as_ref() };
         let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        let x = match self.embed_scale {
+            Some(scale) => (x * scale)?,
+            None => x,
+        };
         let h = match (self.layers_run(pass, cache.is_some()), pass.sink) {
             (LayersRun::LayerOps, Some(sink)) => {
                 let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(&x, span, pass, i));
@@ -862,6 +940,22 @@ impl Decoder {
         }
     }
 
+    /// The mask of the layers with a sliding window, where the window hides keys that `mask`
+    /// shows: some query at position p then sees keys at p - window or before. None where the
+    /// window hides nothing (the layers then take `mask` as it is, and its fused kernels).
+    fn windowed_mask(&self, mask: Option<&Mask>, b: usize, pos: usize, t: usize) -> Result<Option<Mask>> {
+        let Some(w) = self.layers.iter().filter_map(|l| l.window).min() else { return Ok(None) };
+        if pos + t <= w {
+            return Ok(None);
+        }
+        Mask::windowed(mask, b, pos, t, w, &self.device).map(Some)
+    }
+
+    /// The final logits' soft cap, if the model has one.
+    pub fn final_softcap(&self) -> Option<f64> {
+        self.final_softcap
+    }
+
     /// lm_head packed for the CPU in f32, where the model has it.
     pub fn lm_head_packed(&self) -> Option<&Arc<PackedMatrix>> {
         self.lm_head_packed.as_ref()
@@ -880,6 +974,10 @@ impl Decoder {
         let logits = match &self.lm_head_packed {
             Some(packed) => super::cpu::linear_packed(&h, packed)?,
             None => h.matmul(&self.lm_head.t()?)?,
+        };
+        let logits = match self.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
         };
         logits.reshape((b, t, ()))
     }
@@ -934,6 +1032,8 @@ pub enum Mask {
     /// One per row, (B, 1, T, S): causal, with each row's left padding hidden as well (batched
     /// prefill and decoding).
     Rows(Tensor),
+    /// One for every row, (T, S), not the causal one (a sliding window's).
+    Shared(Tensor),
 }
 
 impl Mask {
@@ -948,11 +1048,27 @@ impl Mask {
         matches!(self, Mask::Causal(_))
     }
 
+    /// `mask` (None: every key visible) for B rows of T queries at positions pos.. with the keys
+    /// at `window` or more positions before each query hidden as well: the mask of a layer with
+    /// a sliding window. Left padding shifts a row's positions, not their differences.
+    fn windowed(mask: Option<&Mask>, b: usize, pos: usize, t: usize, window: usize, device: &Device) -> Result<Mask> {
+        let s = pos + t;
+        let data: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if pos + i >= j + window { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let window = Tensor::from_vec(data, (t, s), device)?; // (T, S)
+        match mask {
+            None => Ok(Mask::Shared(window)),
+            Some(Mask::Causal(m) | Mask::Shared(m)) => Ok(Mask::Shared(m.broadcast_add(&window)?)),
+            Some(Mask::Rows(m)) => Ok(Mask::Rows(m.reshape((b, 1, t, s))?.broadcast_add(&window)?)),
+        }
+    }
+
     /// As attention takes it for B rows of T queries and S keys: (B or 1, 1, 1, T, S), shared
     /// by the query heads of a kv head.
     fn for_heads(&self, b: usize, t: usize, s: usize) -> Result<Tensor> {
         match self {
-            Mask::Causal(m) => m.reshape((1, 1, 1, t, s)),
+            Mask::Causal(m) | Mask::Shared(m) => m.reshape((1, 1, 1, t, s)),
             Mask::Rows(m) => m.reshape((b, 1, 1, t, s)),
         }
     }
@@ -964,4 +1080,26 @@ pub(crate) struct Span<'a> {
     pub rope: &'a Rope,
     pub pos: usize,
     pub mask: Option<&'a Mask>,
+    /// The mask of the layers with a sliding window, where it differs from `mask`.
+    pub windowed: Option<&'a Mask>,
+}
+
+impl<'a> Span<'a> {
+    /// The span as a layer with this window sees it.
+    pub fn for_layer(self, window: Option<usize>) -> Span<'a> {
+        match (window, self.windowed) {
+            (Some(_), Some(windowed)) => Span { mask: Some(windowed), ..self },
+            _ => self,
+        }
+    }
+}
+
+/// `x` rounded to `dtype` (as a scalar tensor of it would hold it).
+fn rounded_to(dtype: DType, x: f64) -> f64 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        DType::F16 => half::f16::from_f64(x).to_f64(),
+        DType::F32 => x as f32 as f64,
+        _ => x,
+    }
 }

@@ -2,8 +2,10 @@
 //! place that the config reader, both loaders, the decoder and the adapter read.
 //!
 //! Every family here is a pre-norm RMSNorm decoder with rotary embeddings, grouped-query
-//! attention and a SwiGLU MLP; a family says which `config.json` names mean it, which tensors a
-//! layer holds (biases, per-head q/k norms) and where a GGUF file of it comes from. The tensor
+//! attention and a gated MLP; a family says which `config.json` names mean it, which tensors a
+//! layer holds (biases, per-head q/k norms, norms of the attention's and the MLP's outputs),
+//! how its norms and embeddings scale, its activation and soft caps, which layers attend within
+//! a sliding window, and where a GGUF file of it comes from. The tensor
 //! table ([`tensors`]) gives every weight's transformers name and shape for a config: the
 //! decoder takes them by it, random models are drawn by it, and the adapter's projection
 //! shapes come from it.
@@ -12,7 +14,7 @@
 
 use crate::adapter::Target;
 
-use super::config::Config;
+use super::config::{Activation, Config};
 
 /// How a family's q/k/v projections get biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +46,37 @@ pub struct Family {
     /// num_attention_heads).
     pub default_head_dim: Option<usize>,
     pub default_kv_heads: Option<usize>,
-    /// Whether `sliding_window` applies without `use_sliding_window: true` (Mistral's config has
-    /// no such switch).
-    pub window_always_on: bool,
+    /// Which layers attend within `sliding_window` when config.json has no `layer_types`.
+    pub windows: WindowLayers,
+    /// The activation when config.json names none.
+    pub activation: Activation,
+    /// RMSNorm scales by `1 + w` (Gemma stores the scale less one): the loaders add it.
+    pub norm_plus_one: bool,
+    /// RMSNorm of the attention's and of the MLP's output before each residual sum (Gemma 2's
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`; its pre-MLP norm is then
+    /// `pre_feedforward_layernorm`).
+    pub output_norms: bool,
+    /// Embeddings multiplied by sqrt(hidden_size), rounded to the model's dtype (Gemma).
+    pub scaled_embeddings: bool,
+    /// The default soft caps (attention scores, final logits) where config.json leaves them out.
+    pub softcaps: Option<(f64, f64)>,
+    /// Whether the head is the embedding matrix when config.json does not say.
+    pub tied_by_default: bool,
 }
 
-pub const LLAMA: Family = Family {
+/// The layers that attend within the sliding window, by family convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowLayers {
+    /// Every layer (Mistral).
+    All,
+    /// Layers 0, 2, 4... (Gemma 2).
+    EveryOther,
+    /// With `use_sliding_window`, layers from `max_window_layers` on (Qwen).
+    FromMaxWindowLayers,
+}
+
+/// What the Llama layout has, which most families keep.
+const LLAMA_LIKE: Family = Family {
     name: "Llama",
     hf_names: &["LlamaForCausalLM"],
     qkv_bias: QkvBias::FromConfig,
@@ -57,30 +84,35 @@ pub const LLAMA: Family = Family {
     gguf: Some("llama"),
     default_head_dim: None,
     default_kv_heads: None,
-    window_always_on: false,
+    windows: WindowLayers::All,
+    activation: Activation::Silu,
+    norm_plus_one: false,
+    output_norms: false,
+    scaled_embeddings: false,
+    softcaps: None,
+    tied_by_default: false,
 };
 
-/// Mistral-7B-v0.3's layout is Llama's without biases; its config sets no sliding window.
+pub const LLAMA: Family = LLAMA_LIKE;
+
+/// Mistral-7B-v0.3's layout is Llama's without biases; its config sets no sliding window
+/// (v0.1's attends within 4096 positions on every layer).
 pub const MISTRAL: Family = Family {
     name: "Mistral",
     hf_names: &["MistralForCausalLM"],
     qkv_bias: QkvBias::Never,
-    qk_norm: false,
     gguf: None,
-    default_head_dim: None,
     default_kv_heads: Some(8),
-    window_always_on: true,
+    ..LLAMA_LIKE
 };
 
 pub const QWEN2: Family = Family {
     name: "Qwen2",
     hf_names: &["Qwen2ForCausalLM"],
     qkv_bias: QkvBias::Always,
-    qk_norm: false,
     gguf: None,
-    default_head_dim: None,
-    default_kv_heads: None,
-    window_always_on: false,
+    windows: WindowLayers::FromMaxWindowLayers,
+    ..LLAMA_LIKE
 };
 
 pub const QWEN3: Family = Family {
@@ -90,12 +122,30 @@ pub const QWEN3: Family = Family {
     qk_norm: true,
     gguf: None,
     default_head_dim: Some(128),
-    default_kv_heads: None,
-    window_always_on: false,
+    windows: WindowLayers::FromMaxWindowLayers,
+    ..LLAMA_LIKE
+};
+
+/// Gemma 2: GeGLU, `(1 + w)` norms also after the attention and the MLP, scaled and tied
+/// embeddings, soft-capped attention scores and logits, a sliding window on every other layer.
+pub const GEMMA2: Family = Family {
+    name: "Gemma 2",
+    hf_names: &["Gemma2ForCausalLM"],
+    qkv_bias: QkvBias::FromConfig,
+    gguf: None,
+    default_head_dim: Some(256),
+    windows: WindowLayers::EveryOther,
+    activation: Activation::GeluTanh,
+    norm_plus_one: true,
+    output_norms: true,
+    scaled_embeddings: true,
+    softcaps: Some((50.0, 30.0)),
+    tied_by_default: true,
+    ..LLAMA_LIKE
 };
 
 /// Every family loralab runs.
-pub const FAMILIES: &[&Family] = &[&LLAMA, &MISTRAL, &QWEN2, &QWEN3];
+pub const FAMILIES: &[&Family] = &[&LLAMA, &MISTRAL, &QWEN2, &QWEN3, &GEMMA2];
 
 impl Family {
     /// The family of a `config.json` `architectures` entry, or an error listing those supported.
@@ -146,10 +196,14 @@ impl TensorSpec {
 pub struct LayerTensors {
     /// The seven projections in [`Target::ALL`]'s order: (weight, bias if the family has one).
     pub projections: Vec<(Target, TensorSpec, Option<TensorSpec>)>,
+    /// The attention's input norm.
     pub input_norm: TensorSpec,
-    pub post_attention_norm: TensorSpec,
+    /// The MLP's input norm (`post_attention_layernorm` in Llama's naming).
+    pub mlp_norm: TensorSpec,
     /// Per-head query and key norms (families with `qk_norm`).
     pub qk_norms: Option<(TensorSpec, TensorSpec)>,
+    /// Norms of the attention's and the MLP's outputs (families with `output_norms`).
+    pub output_norms: Option<(TensorSpec, TensorSpec)>,
 }
 
 impl LayerTensors {
@@ -160,10 +214,10 @@ impl LayerTensors {
             out.extend(b);
         }
         out.push(&self.input_norm);
-        out.push(&self.post_attention_norm);
-        if let Some((q, k)) = &self.qk_norms {
-            out.push(q);
-            out.push(k);
+        out.push(&self.mlp_norm);
+        for (a, b) in self.qk_norms.iter().chain(&self.output_norms) {
+            out.push(a);
+            out.push(b);
         }
         out
     }
@@ -200,11 +254,19 @@ pub fn layer_tensors(family: &Family, config: &Config, i: usize) -> LayerTensors
         .collect();
     let norm = |name: &str, n: usize| TensorSpec::new(format!("{p}.{name}.weight"), &[n], Kind::Norm);
     let e = config.head_dim();
+    let (mlp_norm, output_norms) = match family.output_norms {
+        true => (
+            norm("pre_feedforward_layernorm", d),
+            Some((norm("post_attention_layernorm", d), norm("post_feedforward_layernorm", d))),
+        ),
+        false => (norm("post_attention_layernorm", d), None),
+    };
     LayerTensors {
         projections,
         input_norm: norm("input_layernorm", d),
-        post_attention_norm: norm("post_attention_layernorm", d),
+        mlp_norm,
         qk_norms: family.qk_norm.then(|| (norm("self_attn.q_norm", e), norm("self_attn.k_norm", e))),
+        output_norms,
     }
 }
 
@@ -213,7 +275,7 @@ pub fn outer_tensors(config: &Config) -> (TensorSpec, TensorSpec, Option<TensorS
     let (v, d) = (config.vocab_size, config.hidden_size);
     let embed = TensorSpec::new("model.embed_tokens.weight".into(), &[v, d], Kind::Matrix);
     let norm = TensorSpec::new("model.norm.weight".into(), &[d], Kind::Norm);
-    let head = (!config.tie_word_embeddings).then(|| TensorSpec::new("lm_head.weight".into(), &[v, d], Kind::Matrix));
+    let head = (!config.tied_embeddings()).then(|| TensorSpec::new("lm_head.weight".into(), &[v, d], Kind::Matrix));
     (embed, norm, head)
 }
 
@@ -279,12 +341,12 @@ mod tests {
         }))
         .unwrap();
         assert_eq!((m.num_kv_heads(), m.head_dim()), (8, 4));
-        assert_eq!(m.attention_window(), Some(4096), "Mistral's window needs no switch");
+        assert_eq!(m.layer_window(0), Some(4096), "Mistral's window needs no switch");
         let q: Config = serde_json::from_value(serde_json::json!({
             "architectures": ["Qwen2ForCausalLM"], "vocab_size": 10, "hidden_size": 64, "intermediate_size": 12,
             "num_hidden_layers": 1, "num_attention_heads": 4, "sliding_window": 4096, "use_sliding_window": false,
         }))
         .unwrap();
-        assert_eq!(q.attention_window(), None);
+        assert_eq!(q.layer_window(0), None);
     }
 }

@@ -454,10 +454,12 @@ pub fn random(config: Config, opts: &LoadOptions, id: String, seed: Option<u64>)
     };
     // Drawn in the table's order, so that a seed gives the same weights in every process.
     let mut t: HashMap<String, Tensor> = HashMap::new();
+    // A norm scales by 1: stored as 0 where the family stores the scale less one.
+    let norm_scale = if c.family()?.norm_plus_one { 0.0 } else { 1.0 };
     for spec in super::family::tensors(c)? {
         let tensor = match spec.kind {
             Kind::Matrix => randn(&spec.shape)?,
-            Kind::Norm => Tensor::ones(spec.shape.as_slice(), opts.dtype, dev)?,
+            Kind::Norm => (Tensor::ones(spec.shape.as_slice(), opts.dtype, dev)? * norm_scale)?,
             Kind::Bias => Tensor::zeros(spec.shape.as_slice(), opts.dtype, dev)?,
         };
         t.insert(spec.name, tensor);

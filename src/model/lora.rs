@@ -1,6 +1,6 @@
 //! A whole decoder layer as one differentiable op for training: RMSNorm, the seven projections
-//! each with its LoRA term `x W^T + b + scale * (mask * x) A^T B^T`, self-attention, SwiGLU and
-//! both residuals. Its backward rule computes the layer input's gradient and hands the adapter's
+//! each with its LoRA term `x W^T + b + scale * (mask * x) A^T B^T`, self-attention, the gated
+//! MLP, the family's extra norms (per-head q/k, the outputs') and both residuals. Its backward rule computes the layer input's gradient and hands the adapter's
 //! gradients to a [`GradSink`] instead of candle's graph.
 //!
 //! Why: composed from candle ops, a layer is some fifty graph nodes (each adapter term alone is
@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 
+use super::config::Activation;
 use super::decoder::Dropout;
 use super::ops::{self, accumulates, add_matmul, attach, Backward, QkvHeads, SelfAttention};
 use super::sink::GradSink;
@@ -320,9 +321,13 @@ pub(crate) struct LayerParts<'a> {
     pub norm2: (&'a Tensor, f64),
     /// Per-head RMSNorm of q and k (weight (E,), eps) before the attention (Qwen3).
     pub qk_norms: Option<[(&'a Tensor, f64); 2]>,
+    /// RMSNorm of the attention's and of the MLP's output (weight (D,), eps) before their
+    /// residual sums (Gemma 2).
+    pub output_norms: Option<[(&'a Tensor, f64); 2]>,
     /// q, k, v, o
     pub attention_projections: [Projection<'a>; 4],
     pub attention: SelfAttention,
+    pub activation: Activation,
     /// gate, up, down
     pub mlp: [Projection<'a>; 3],
 }
@@ -402,8 +407,16 @@ fn layer_forward(
 ) -> Result<(Option<Tensor>, LayerGrad)> {
     let (b, t, d) = x0.dims3()?;
     let n = b * t;
-    let LayerParts { norm1, norm2, qk_norms, attention_projections: [q, k, v, o], attention, mlp: [gate, up, down] } =
-        parts;
+    let LayerParts {
+        norm1,
+        norm2,
+        qk_norms,
+        output_norms,
+        attention_projections: [q, k, v, o],
+        attention,
+        activation,
+        mlp: [gate, up, down],
+    } = parts;
     let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
     let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink)?;
     let (qy, q) = q.forward(&h1, zq, sink)?; // (N, H*E)
@@ -424,26 +437,36 @@ fn layer_forward(
     let (att, heads) =
         attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
     let att = att.reshape((n, ()))?; // (N, H*E)
-                                     // The residual stream x1 = x + o(att): o's products accumulate into a copy of x.
-    let (x1, o) = o.forward_onto(&att, None, Some(residual(x0, n, d)?), sink)?;
+    let [attention_norm, mlp_norm] = output_norms.map_or([None, None], |[a, m]| [Some(a), Some(m)]);
+    // The residual stream x1 = x + o(att), or x + norm(o(att)).
+    let (x1, o, attention_out) = residual_sum(o, &att, x0, attention_norm, sink)?;
     let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
     let [zg, zu] = shared_input_products([&gate, &up], &h2, sink)?;
     let (g, gate) = gate.forward(&h2, zg, sink)?; // (N, I)
     let (u, up) = up.forward(&h2, zu, sink)?;
-    let h = ops::silu_mul(&g, &u)?.detach();
-    let (out, down) = match run {
-        Run::Output => {
-            let (out, down) = down.forward_onto(&h, None, Some(residual(&x1, n, d)?), sink)?; // x1 + down(h), (N, D)
-            (Some(out.reshape((b, t, d))?), down)
+    let h = ops::gated(activation, &g, &u)?.detach();
+    let (out, down, mlp_out) = match (run, mlp_norm) {
+        (Run::Rerun, None) => (None, down.saved_only(&h, sink)?, None),
+        // The output norm's backward rule reads down's output: computed again either way.
+        _ => {
+            let (out, down, mlp_out) = residual_sum(down, &h, &x1, mlp_norm, sink)?; // x1 + down(h), (N, D)
+            (Some(out.reshape((b, t, d))?), down, mlp_out)
         }
-        Run::Rerun => (None, down.saved_only(&h, sink)?),
+    };
+    let output_norms = match (attention_norm, mlp_norm, attention_out, mlp_out) {
+        (Some(a), Some(m), Some(ay), Some(my)) => {
+            Some(OutputNorms { attention: (ay, a.0.clone(), a.1), mlp: (my, m.0.clone(), m.1) })
+        }
+        _ => None,
     };
     let rule = LayerGrad {
         norm1: (norm1.0.clone(), norm1.1),
         norm2: (norm2.0.clone(), norm2.1),
         qk_norms,
+        output_norms,
         attention,
+        activation,
         projections: [q, k, v, o, gate, up, down],
         h1,
         heads,
@@ -455,6 +478,32 @@ fn layer_forward(
         h,
     };
     Ok((out, rule))
+}
+
+/// `x + p(input)` (N, D) for the residual stream x (B, T, D), or with a norm of the projection's
+/// output `x + norm(p(input))`; the projection's backward state, and its output where normed
+/// (the norm's backward rule reads it).
+fn residual_sum(
+    p: Projection,
+    input: &Tensor,
+    x: &Tensor,
+    norm: Option<(&Tensor, f64)>,
+    sink: &Arc<GradSink>,
+) -> Result<(Tensor, Saved, Option<Tensor>)> {
+    let (b, t, d) = x.dims3()?;
+    let n = b * t;
+    match norm {
+        // p's products accumulate into a copy of x.
+        None => {
+            let (sum, saved) = p.forward_onto(input, None, Some(residual(x, n, d)?), sink)?;
+            Ok((sum, saved, None))
+        }
+        Some((w, eps)) => {
+            let (y, saved) = p.forward(input, None, sink)?; // (N, D)
+            let sum = (x.reshape((n, d))? + ops::rms_norm_value(&y, w, eps)?)?;
+            Ok((sum, saved, Some(y)))
+        }
+    }
 }
 
 /// A residual stream (B, T, D) as (N, D), for a projection to add its output to: a copy of it on
@@ -485,12 +534,29 @@ impl QkNorms {
     }
 }
 
+/// The norms of a layer's attention and MLP outputs, with their inputs: (the projection's output
+/// (N, D), weight, eps).
+struct OutputNorms {
+    attention: (Tensor, Tensor, f64),
+    mlp: (Tensor, Tensor, f64),
+}
+
+/// The gradient of a normed output (N, D) from that of the norm, or `g` itself without a norm.
+fn through_norm(norm: Option<&(Tensor, Tensor, f64)>, g: Tensor) -> Result<Tensor> {
+    match norm {
+        Some((y, w, eps)) => ops::rms_norm_backward(y, w, *eps, &g),
+        None => Ok(g),
+    }
+}
+
 /// What a layer's backward pass needs: the inputs of its parts.
 pub(crate) struct LayerGrad {
     norm1: (Tensor, f64),
     norm2: (Tensor, f64),
     qk_norms: Option<QkNorms>,
+    output_norms: Option<OutputNorms>,
     attention: SelfAttention,
+    activation: Activation,
     /// q, k, v, o, gate, up, down
     projections: [Saved; 7],
     h1: Tensor,      // (N, D) norm1(x)
@@ -500,7 +566,7 @@ pub(crate) struct LayerGrad {
     h2: Tensor,      // (N, D) norm2(x1)
     g: Tensor,       // (N, I) gate(h2)
     u: Tensor,       // (N, I) up(h2)
-    h: Tensor,       // (N, I) silu(g) * u
+    h: Tensor,       // (N, I) act(g) * u
 }
 
 impl Backward for LayerGrad {
@@ -521,14 +587,17 @@ impl LayerGrad {
         let n = b * t;
         let [q, k, v, o, gate, up, down] = &self.projections;
         // The MLP and its residual: dx1 = grad + norm2'(dh2).
-        let dh = down.backward(&self.h, &grad.reshape((n, d))?)?;
-        let (dg, du) = ops::silu_mul_backward(&self.g, &self.u, &dh)?;
+        let norms = self.output_norms.as_ref();
+        let dm = through_norm(norms.map(|n| &n.mlp), grad.reshape((n, d))?)?;
+        let dh = down.backward(&self.h, &dm)?;
+        let (dg, du) = ops::gated_backward(self.activation, &self.g, &self.u, &dh)?;
         let dh2 = gate.backward(&self.h2, &dg)?;
         let dh2 = up.backward_into(&self.h2, &du, Some(dh2))?;
         let dx1 = ops::rms_norm_backward_plus(&self.x1, &self.norm2.0, self.norm2.1, &dh2.reshape((b, t, d))?, grad)?;
         // The attention and its residual: dx = dx1 + norm1'(dh1), the three projections' input
         // gradients accumulated into one.
-        let datt = o.backward(&self.att, &dx1.reshape((n, d))?)?;
+        let da = through_norm(norms.map(|n| &n.attention), dx1.reshape((n, d))?)?;
+        let datt = o.backward(&self.att, &da)?;
         let (dq, dk, dv) =
             self.attention.backward_heads(&self.heads, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
         let (dq, dk, dv) = (dq.reshape((n, ()))?, dk.reshape((n, ()))?, dv.reshape((n, ()))?);

@@ -7,14 +7,15 @@ use candle_core::{Result, Tensor};
 use super::fused;
 use super::Handoff;
 
-/// Attention for training, `softmax(q k^T * scale + mask) v`, that keeps only its inputs and
-/// output for the backward pass and recomputes the probabilities there.
+/// Attention for training, `softmax(cap(q k^T * scale) + mask) v`, that keeps only its inputs
+/// and output for the backward pass and recomputes the probabilities there. `softcap`: the
+/// scores become `c * tanh(s / c)` (Gemma 2), else they stay as they are.
 ///
 /// Materialised scores and probabilities are the largest tensors of a training step (for a 7B
 /// model and 4 x 1024 tokens, about 1.6 GB per layer in the composite form); here they live only
 /// while one layer's forward or backward runs. Backward, with P the probabilities and dO the
 /// output's gradient: dV = P^T dO; dS = P * (dO V^T - rowsum(dO V^T * P)); dQ = dS K * scale;
-/// dK = dS^T Q * scale.
+/// dK = dS^T Q * scale; a cap multiplies dS by its derivative 1 - tanh^2(s / c).
 ///
 /// Shapes: q (B, K, G*T, E), k and v (B, K, S, E); `mask` additive, (B or 1, 1, 1, T, S), shared
 /// by the G query heads of each kv head.
@@ -28,9 +29,10 @@ pub fn attention(
     mask: Option<&Tensor>,
     causal: bool,
     scale: f64,
+    softcap: Option<f64>,
     g: usize,
 ) -> Result<Tensor> {
-    recomputed(AttentionRule::new(mask, causal, scale, g), q, k, v)
+    recomputed(AttentionRule::new(mask, causal, scale, softcap, g), q, k, v)
 }
 
 /// An attention from q, k and v with its own backward rule: [`AttentionRule`] and
@@ -65,6 +67,7 @@ struct AttentionRule {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     causal: bool,
     scale: f64,
+    softcap: Option<f64>,
     g: usize,
     /// Where the flash kernels ran, what the forward pass keeps for the backward pass: the row
     /// statistics, with the roped q of the merged layout (otherwise q itself).
@@ -79,14 +82,14 @@ struct AttentionOp<R> {
 }
 
 impl AttentionRule {
-    fn new(mask: Option<&Tensor>, causal: bool, scale: f64, g: usize) -> Self {
-        AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, g, saved: Default::default() }
+    fn new(mask: Option<&Tensor>, causal: bool, scale: f64, softcap: Option<f64>, g: usize) -> Self {
+        AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, softcap, g, saved: Default::default() }
     }
 
-    /// Whether the fused GPU kernels compute this attention.
+    /// Whether the fused GPU kernels compute this attention (causal, scores not capped).
     #[cfg(feature = "cuda")]
     fn fused(&self, q: &Tensor) -> bool {
-        self.causal && fused(q)
+        self.causal && self.softcap.is_none() && fused(q)
     }
 
     /// What the forward pass of the flash kernels keeps for the backward pass.
@@ -103,16 +106,30 @@ impl AttentionRule {
 
     /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
     fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        Ok(self.probs_and_cap(q, k)?.0)
+    }
+
+    /// The probabilities and, where the scores are capped, tanh(s / c) (B, K, G*T, S), which the
+    /// cap's derivative needs.
+    fn probs_and_cap(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         use candle_core::DType;
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             let t = q.dim(2)? / self.g;
-            return crate::model::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale);
+            return Ok((crate::model::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale)?, None));
         }
         let (b, kh, m, _) = q.dims4()?;
         let s = k.dim(2)?;
         let up = |t: Tensor| if t.dtype() == DType::F64 { Ok(t) } else { t.to_dtype(DType::F32) };
         let mut scores = (up(q.matmul(&k.t()?)?)? * self.scale)?;
+        let tanh = match self.softcap {
+            Some(c) => {
+                let tanh = (scores / c)?.tanh()?;
+                scores = (&tanh * c)?;
+                Some(tanh)
+            }
+            None => None,
+        };
         if let Some(mask) = &self.mask {
             let t = m / self.g;
             scores = scores
@@ -120,11 +137,12 @@ impl AttentionRule {
                 .broadcast_add(&mask.to_dtype(scores.dtype())?)?
                 .reshape((b, kh, m, s))?;
         }
-        if scores.dtype() == DType::F64 {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)
+        let probs = if scores.dtype() == DType::F64 {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)
-        }
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        Ok((probs, tanh))
     }
 }
 
@@ -197,13 +215,17 @@ impl Qkv for AttentionRule {
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
         }
         let _ = out;
-        let p = self.probs(q, k)?; // (B, K, M, S), f32
+        let (p, tanh) = self.probs_and_cap(q, k)?; // (B, K, M, S), f32
         let dout = grad.to_dtype(p.dtype())?; // (B, K, M, E)
         let vf = v.to_dtype(p.dtype())?;
         let dv = p.t()?.matmul(&dout)?; // (B, K, S, E)
         let dp = dout.matmul(&vf.t()?)?; // (B, K, M, S)
         let row = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
         let ds = (p * dp.broadcast_sub(&row)?)?;
+        let ds = match tanh {
+            Some(tanh) => (ds * (tanh.sqr()?.neg()? + 1.0)?)?,
+            None => ds,
+        };
         let dq = (ds.matmul(&k.to_dtype(ds.dtype())?)? * self.scale)?;
         let dk = (ds.t()?.matmul(&q.to_dtype(ds.dtype())?)? * self.scale)?;
         Ok((dq.to_dtype(q.dtype())?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?))
@@ -246,7 +268,7 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    /// `mask`, `causal` and `scale` as [`attention`] takes them; cos/sin (T, E/2).
+    /// `mask`, `causal`, `scale` and `softcap` as [`attention`] takes them; cos/sin (T, E/2).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cos: &Tensor,
@@ -254,10 +276,11 @@ impl SelfAttention {
         mask: Option<&Tensor>,
         causal: bool,
         scale: f64,
+        softcap: Option<f64>,
         heads: usize,
         kv_heads: usize,
     ) -> Self {
-        let rule = AttentionRule::new(mask, causal, scale, heads / kv_heads);
+        let rule = AttentionRule::new(mask, causal, scale, softcap, heads / kv_heads);
         SelfAttention { rule, heads: Heads { cos: cos.clone(), sin: sin.clone(), heads, kv_heads } }
     }
 
@@ -287,7 +310,7 @@ impl SelfAttention {
     /// (tokens x hidden) fewer); otherwise every one split into heads.
     fn split(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<QkvHeads> {
         #[cfg(feature = "cuda")]
-        if self.rule.causal && fused(q) {
+        if self.rule.fused(q) {
             let hs = &self.heads;
             let (k, v) = (hs.heads_of(k, hs.kv_heads, true)?, hs.heads_of(v, hs.kv_heads, false)?);
             let heads = QkvHeads { q: q.clone(), k, v, merged: true, roped: false };
@@ -471,7 +494,7 @@ mod attention_tests {
     use candle_core::{Device, Var, D};
 
     #[test]
-    fn recomputing_attention_has_the_gradients_of_the_composite() -> Result<()> {
+    fn recomputing_attention_has_the_gradients_of_the_composite_with_and_without_a_cap() -> Result<()> {
         let dev = Device::Cpu;
         let (b, kh, g, t, e) = (2, 2, 3, 4, 5);
         let q = Var::from_tensor(&Tensor::randn(0f64, 1., (b, kh, g * t, e), &dev)?)?;
@@ -482,22 +505,29 @@ mod attention_tests {
             (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f64::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(causal, (1, 1, 1, t, t), &dev)?;
         let scale = 0.4;
-        let composite = || -> Result<Tensor> {
-            let s = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
-            let s = s.reshape((b, kh, g, t, t))?.broadcast_add(&mask)?.reshape((b, kh, g * t, t))?;
-            candle_nn::ops::softmax(&s, D::Minus1)?.matmul(v.as_tensor())
-        };
-        let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), true, scale, g)?;
-        let reference = composite()?;
-        let diff = (&ours - &reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-        assert!(diff < 1e-12, "outputs differ by {diff}");
-        let g1 = (ours * &w)?.sum_all()?.backward()?;
-        let g2 = (reference * &w)?.sum_all()?.backward()?;
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let a = g1.get(var.as_tensor()).unwrap();
-            let r = g2.get(var.as_tensor()).unwrap();
-            let diff = (a - r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            assert!(diff < 1e-10, "d{name} differs by {diff}");
+        // Without a cap, and with one that binds (scores of these sizes reach 2-3).
+        for softcap in [None, Some(0.8)] {
+            let composite = || -> Result<Tensor> {
+                let s = (q.as_tensor().matmul(&k.as_tensor().t()?)? * scale)?;
+                let s = match softcap {
+                    Some(c) => ((s / c)?.tanh()? * c)?,
+                    None => s,
+                };
+                let s = s.reshape((b, kh, g, t, t))?.broadcast_add(&mask)?.reshape((b, kh, g * t, t))?;
+                candle_nn::ops::softmax(&s, D::Minus1)?.matmul(v.as_tensor())
+            };
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&mask), true, scale, softcap, g)?;
+            let reference = composite()?;
+            let diff = (&ours - &reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "cap {softcap:?}: outputs differ by {diff}");
+            let g1 = (ours * &w)?.sum_all()?.backward()?;
+            let g2 = (reference * &w)?.sum_all()?.backward()?;
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let a = g1.get(var.as_tensor()).unwrap();
+                let r = g2.get(var.as_tensor()).unwrap();
+                let diff = (a - r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+                assert!(diff < 1e-10, "cap {softcap:?}: d{name} differs by {diff}");
+            }
         }
         Ok(())
     }

@@ -20,12 +20,15 @@ use crate::model::packed::PackedMatrix;
 /// h: (N, D), weight: (V, D), targets: N ids -> a scalar.
 ///
 /// `packed`: the same weight packed for the CPU (f32), which then computes the products.
+/// `softcap` c: the logits are `c * tanh(h W^T / c)` (Gemma 2), whose derivative
+/// 1 - tanh^2 then scales the logits' gradient.
 pub fn linear_cross_entropy(
     h: &Tensor,
     weight: &Tensor,
     packed: Option<&Arc<PackedMatrix>>,
     targets: &[u32],
     chunk: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let n = h.dim(0)?;
     if targets.len() != n {
@@ -36,19 +39,23 @@ pub fn linear_cross_entropy(
     let chunk = chunk.max(1);
     let with_grad = h.track_op();
     #[cfg(feature = "cuda")]
-    if fused(h) {
+    if fused(h) && softcap.is_none() {
         return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk);
     }
     let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
     let mut dh = Vec::new();
     let sums = by_chunks(n, chunk, |start, rows| {
-        let logp = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref())?;
+        let (logp, tanh) = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref(), softcap)?;
         let targets = targets.narrow(0, start, rows)?;
         let nll = logp.gather(&targets, 1)?.neg()?.sum_all()?;
         if with_grad {
             // d nll / d logits = softmax - onehot(target); dh = dlogits @ W
             let ones = Tensor::ones((rows, 1), logp.dtype(), logp.device())?;
             let dlogits = logp.exp()?.scatter_add(&targets, &ones.neg()?, 1)?;
+            let dlogits = match tanh {
+                Some(tanh) => (dlogits * (tanh.sqr()?.neg()? + 1.0)?)?,
+                None => dlogits,
+            };
             dh.push(match &packed {
                 // (rows, V) @ W (V, D) through the packed transpose
                 Some(p) => crate::model::cpu::linear_packed(&dlogits, &p.transposed())?,
@@ -113,13 +120,26 @@ fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
     }
 }
 
-/// log softmax(h W^T) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype.
-fn chunk_log_softmax(h: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedMatrix>>) -> Result<Tensor> {
+/// log softmax(cap(h W^T)) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype, and
+/// where capped tanh(h W^T / c), which the cap's derivative needs.
+fn chunk_log_softmax(
+    h: &Tensor,
+    weight: &Tensor,
+    packed: Option<&Arc<PackedMatrix>>,
+    softcap: Option<f64>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let logits = match packed {
         Some(p) => crate::model::cpu::linear_packed(h, p)?,
         None => h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?,
     };
-    candle_nn::ops::log_softmax(&logits, 1)
+    let (logits, tanh) = match softcap {
+        Some(c) => {
+            let tanh = (logits / c)?.tanh()?;
+            ((&tanh * c)?, Some(tanh))
+        }
+        None => (logits, None),
+    };
+    Ok((candle_nn::ops::log_softmax(&logits, 1)?, tanh))
 }
 
 /// The GPU path: bf16 logits, each row's (loss, logsumexp) and, for a tracked `h`, the gradient
@@ -170,12 +190,34 @@ mod linear_cross_entropy_tests {
             let logp = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.t()?)?, 1)?;
             logp.gather(&Tensor::from_slice(&targets, (n, 1), &dev)?, 1)?.neg()?.sum_all()?
         };
-        let chunked = linear_cross_entropy(h.as_tensor(), &w, None, &targets, 3)?;
+        let chunked = linear_cross_entropy(h.as_tensor(), &w, None, &targets, 3, None)?;
         let (a, b) = (plain.to_scalar::<f64>()?, chunked.to_scalar::<f64>()?);
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         let ga = plain.backward()?.get(h.as_tensor()).unwrap().clone();
         let gb = (chunked * 2.0)?.backward()?.get(h.as_tensor()).unwrap().clone();
         let diff = ((ga * 2.0)? - gb)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn capped_logits_give_the_loss_and_gradient_of_the_capped_composite() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, v, c) = (7, 5, 11, 1.5);
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1., (n, d), &dev)?)?;
+        let w = Tensor::randn(0f64, 1., (v, d), &dev)?;
+        let targets: Vec<u32> = vec![0, 3, 10, 4, 4, 9, 1];
+        let plain = {
+            let logits = ((h.as_tensor().matmul(&w.t()?)? / c)?.tanh()? * c)?;
+            let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+            logp.gather(&Tensor::from_slice(&targets, (n, 1), &dev)?, 1)?.neg()?.sum_all()?
+        };
+        let chunked = linear_cross_entropy(h.as_tensor(), &w, None, &targets, 3, Some(c))?;
+        let (a, b) = (plain.to_scalar::<f64>()?, chunked.to_scalar::<f64>()?);
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        let ga = plain.backward()?.get(h.as_tensor()).unwrap().clone();
+        let gb = chunked.backward()?.get(h.as_tensor()).unwrap().clone();
+        let diff = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "gradient differs by {diff}");
         Ok(())
     }
@@ -189,7 +231,7 @@ mod linear_cross_entropy_tests {
         let packed = Arc::new(PackedMatrix::from_rows_out_in(&w.flatten_all()?.to_vec1()?, v, d));
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % v as u32).collect();
         let run = |p: Option<&Arc<PackedMatrix>>| -> Result<(f32, Tensor)> {
-            let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4)?;
+            let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4, None)?;
             let g = loss.backward()?.get(h.as_tensor()).unwrap().clone();
             Ok((loss.to_scalar::<f32>()?, g))
         };

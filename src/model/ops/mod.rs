@@ -9,7 +9,8 @@
 //! - [`softmax`], [`rms_norm`], [`rope`]: candle's fused forwards given backward rules;
 //! - [`attention`]: attention that recomputes its probabilities, and the layer's self-attention;
 //! - [`loss`]: chunked cross-entropy through the output head;
-//! - [`silu_mul`]: SwiGLU's product.
+//! - [`silu_mul`], [`gelu_mul`]: the gated MLP's product (SwiGLU, GeGLU), chosen by
+//!   [`gated`] for a config's activation.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result, Shape, Tensor};
@@ -157,6 +158,7 @@ mod linear;
 mod loss;
 mod rms_norm;
 mod rope;
+mod gelu_mul;
 mod silu_mul;
 mod softmax;
 
@@ -169,5 +171,24 @@ pub use loss::linear_cross_entropy;
 pub use rms_norm::rms_norm;
 pub(crate) use rms_norm::{rms_norm_backward, rms_norm_backward_plus, rms_norm_value};
 pub use rope::rope;
+pub use gelu_mul::{gelu_mul, gelu_mul_backward};
 pub use silu_mul::{silu_mul, silu_mul_backward};
+
+use crate::model::config::Activation;
+
+/// act(gate) * up, the gated MLP's product, for untracked or tracked tensors of one shape.
+pub fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match activation {
+        Activation::Silu => silu_mul(gate, up),
+        Activation::GeluTanh => gelu_mul(gate, up),
+    }
+}
+
+/// The gradients of gate and up from that of [`gated`]'s product.
+pub fn gated_backward(activation: Activation, gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    match activation {
+        Activation::Silu => silu_mul_backward(gate, up, dh),
+        Activation::GeluTanh => gelu_mul_backward(gate, up, dh),
+    }
+}
 pub use softmax::softmax_last_dim;
