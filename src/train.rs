@@ -529,15 +529,14 @@ pub fn batch_loss(
         false => hidden.dtype().size_in_bytes().max(4),
     };
     let chunk = chunk_rows(targets.len(), decoder.config.vocab_size, bytes_per_logit);
-    let nll =
-        crate::model::ops::linear_cross_entropy(
-            &picked,
-            &decoder.lm_head,
-            decoder.lm_head_packed(),
-            &targets,
-            chunk,
-            decoder.final_softcap(),
-        )?;
+    let nll = crate::model::ops::linear_cross_entropy(
+        &picked,
+        &decoder.lm_head,
+        decoder.lm_head_packed(),
+        &targets,
+        chunk,
+        decoder.final_softcap(),
+    )?;
     Ok((nll / denominator as f64)?)
 }
 

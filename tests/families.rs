@@ -80,3 +80,42 @@ fn a_qwen3_checkpoint_without_its_q_norm_is_an_error_naming_the_tensor() {
     let err = read_decoder(dir.path(), &LoadOptions { dtype: DType::F32, device: Device::Cpu }).err().unwrap();
     assert!(format!("{err:#}").contains("model.layers.1.self_attn.q_norm.weight"), "{err:#}");
 }
+
+/// Batched, left-padded greedy decoding through the KV cache picks, at every step, the argmax of
+/// a full forward pass over the prompt and the tokens so far: the windowed masks of prefill and
+/// decoding (Gemma 2's window of 4 is exceeded from the fifth position on) are the full pass's.
+#[test]
+fn greedy_decoding_through_the_cache_follows_the_full_forward_on_every_family() {
+    use loralab::model::{load, Model};
+    use loralab::sample::{sample, SampleOptions};
+    for name in FAMILIES {
+        let dec = decoder(name, DType::F32);
+        let placeholder = load::random(
+            dec.config.clone(),
+            &LoadOptions { dtype: DType::F32, device: Device::Cpu },
+            "t".into(),
+            Some(1),
+        )
+        .unwrap()
+        .tokenizer;
+        let model = Model::new(name.into(), dec, placeholder);
+        let prompts = vec![vec![5, 17, 33], vec![9, 2, 77, 40, 101, 64]];
+        let opts = SampleOptions { temperature: 0.0, max_tokens: 8, ignore_eos: true, ..Default::default() };
+        let (completions, _) = sample(&model, None, &prompts, &opts).unwrap();
+        for (prompt, c) in prompts.iter().zip(&completions) {
+            let generated = &c[0].token_ids;
+            assert_eq!(generated.len(), 8, "{name}");
+            for i in 0..generated.len() {
+                let ids: Vec<u32> = prompt.iter().chain(&generated[..i]).copied().collect();
+                let t = ids.len();
+                let logits = model
+                    .decoder
+                    .forward(&candle_core::Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+                    .unwrap();
+                let last: Vec<f32> = logits.get(0).unwrap().get(t - 1).unwrap().to_vec1().unwrap();
+                let best = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+                assert_eq!(generated[i], best, "{name}: prompt {prompt:?}, token {i}");
+            }
+        }
+    }
+}

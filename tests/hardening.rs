@@ -313,10 +313,14 @@ fn read_tiny_with(
 #[test]
 fn a_checkpoint_whose_tensors_and_config_disagree_is_refused_naming_the_tensors() {
     assert_eq!(read_tiny_with(|_| {}, |_| {}), None, "the fixture itself loads");
-    // The config says one layer fewer than the file holds.
-    let err =
-        read_tiny_with(|c| c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into(), |_| {})
-            .expect("refused");
+    // The config says one layer fewer than the file holds (its layer_types too).
+    let one_fewer = |c: &mut serde_json::Value| {
+        c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into();
+        if let Some(types) = c.get_mut("layer_types").and_then(|t| t.as_array_mut()) {
+            types.pop();
+        }
+    };
+    let err = read_tiny_with(one_fewer, |_| {}).expect("refused");
     assert!(err.contains("not part of a model of this config") && err.contains("model.layers.1."), "{err}");
     // A stray tensor.
     let err = read_tiny_with(

@@ -2,8 +2,8 @@
 # The GPU benchmark suite, run on the GPU machine from the repository root with the unpacked
 # CUDA binary as $LORALAB (default /tmp/bin/loralab); logs and JSON go to $OUT (default runs/gpu).
 #   bash scripts/bench/gpu_suite.sh [train7b] [sample7b] [small] [families]    (no argument: the
-#   first three parts; each part fits in one ten-minute call). families: Qwen3-8B and Mistral-7B
-#   training against PEFT; with $LORALAB_BASE, also Qwen2.5-7B under that earlier binary and this
+#   first three parts; each part fits in one ten-minute call). families: Qwen3-8B, Mistral-7B and
+#   Gemma-2-9B training against PEFT; with $LORALAB_BASE, also Qwen2.5-7B under that earlier binary and this
 #   one, side by side, for regressions.
 set -uo pipefail
 LORALAB=${LORALAB:-/tmp/bin/loralab}
@@ -52,7 +52,7 @@ for part in $parts; do
       run q7_sample_reference --set config=$Q7 --set skip=train --set reference_only=true --set prompts=32 --set max_tokens=512
       ;;
     families)
-      for f in qwen3-8b mistral-7b; do
+      for f in qwen3-8b mistral-7b gemma-2-9b; do
         C=scripts/bench/configs/$f.json
         run ${f}_1024_loralab --set config=$C --set seq=1024 --set skip=sample --set python=none --set steps=2
         run ${f}_1024_reference --set config=$C --set seq=1024 --set skip=sample --set reference_only=true --set steps=2

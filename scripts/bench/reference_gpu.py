@@ -17,11 +17,13 @@ def model_of(config_path, gradient_checkpointing=False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(config_path)
+    # transformers refuses SDPA for Gemma 2 (it cannot cap the scores); eager is its training path.
+    attn = "eager" if cfg.model_type == "gemma2" else "sdpa"
     with torch.device("cuda"):
         try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
         except TypeError:  # transformers < 4.56 names it torch_dtype
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation=attn)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, cfg

@@ -421,9 +421,7 @@ impl Attention {
             super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale, softcap)?
-        } else if let Some(out) =
-            gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)?
-        {
+        } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)? {
             out
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
@@ -819,7 +817,8 @@ impl Decoder {
                 };
                 lins.push(Linear::new(weight, bias)?);
             }
-            let mut norm = |s: &super::family::TensorSpec| -> anyhow::Result<RmsNorm> { w.take_norm(s, family, c, dtype, device) };
+            let mut norm =
+                |s: &super::family::TensorSpec| -> anyhow::Result<RmsNorm> { w.take_norm(s, family, c, dtype, device) };
             let qk_norms = match &spec.qk_norms {
                 Some((q, k)) => Some((norm(q)?, norm(k)?)),
                 None => None,

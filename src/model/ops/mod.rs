@@ -152,26 +152,26 @@ impl<B: Backward> candle_core::CustomOp1 for Attached<B> {
 // The ops, after the plumbing above (its macro is visible only below its definition).
 mod attention;
 mod gather;
+mod gelu_mul;
 #[cfg(test)]
 mod gradient_tests;
 mod linear;
 mod loss;
 mod rms_norm;
 mod rope;
-mod gelu_mul;
 mod silu_mul;
 mod softmax;
 
 pub(crate) use attention::QkvHeads;
 pub use attention::{attention, SelfAttention};
 pub use gather::gather_rows;
+pub use gelu_mul::{gelu_mul, gelu_mul_backward};
 pub(crate) use linear::add_matmul;
 pub use linear::frozen_linear;
 pub use loss::linear_cross_entropy;
 pub use rms_norm::rms_norm;
 pub(crate) use rms_norm::{rms_norm_backward, rms_norm_backward_plus, rms_norm_value};
 pub use rope::rope;
-pub use gelu_mul::{gelu_mul, gelu_mul_backward};
 pub use silu_mul::{silu_mul, silu_mul_backward};
 
 use crate::model::config::Activation;
