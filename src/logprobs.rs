@@ -143,6 +143,9 @@ fn score_batch(
     Ok(out)
 }
 
+/// Per row: the (token id, log-probability) alternatives with the highest log-probabilities.
+type TopK = Vec<Vec<(u32, f32)>>;
+
 /// hidden (B*T, D); for each selected row, the log-probability of its target and, with top_k,
 /// its top_k (id, log-probability).
 fn score_rows(
@@ -151,7 +154,7 @@ fn score_rows(
     rows: &[u32],
     targets: &[u32],
     top_k: usize,
-) -> anyhow::Result<(Vec<f32>, Vec<Vec<(u32, f32)>>)> {
+) -> anyhow::Result<(Vec<f32>, TopK)> {
     let device = hidden.device();
     let mut picked = Vec::with_capacity(rows.len());
     let mut top = Vec::new();

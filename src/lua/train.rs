@@ -154,7 +154,7 @@ enum SaveSteps {
 impl SaveSteps {
     fn includes(&self, step: usize) -> bool {
         match self {
-            SaveSteps::Every(n) => step % n == 0,
+            SaveSteps::Every(n) => step.is_multiple_of(*n),
             SaveSteps::At(list) => list.contains(&step),
         }
     }

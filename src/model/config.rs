@@ -130,7 +130,7 @@ impl Config {
         let sliding = match (&self.layer_types, self.family().map(|f| f.windows)) {
             (Some(types), _) => types.get(i).is_some_and(|t| t == "sliding_attention"),
             (None, Ok(WindowLayers::All)) => true,
-            (None, Ok(WindowLayers::EveryOther)) => i % 2 == 0,
+            (None, Ok(WindowLayers::EveryOther)) => i.is_multiple_of(2),
             (None, Ok(WindowLayers::FromMaxWindowLayers)) => {
                 self.use_sliding_window && i >= self.max_window_layers.unwrap_or(0)
             }

@@ -22,6 +22,7 @@ use super::Handoff;
 ///
 /// `causal`: the mask is exactly the causal one (key j visible to position t when
 /// j <= t + S - T); on the GPU in bf16 a fused kernel then applies it without reading the mask.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
