@@ -42,9 +42,12 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn fused_causal_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
-    // An odd length (keys one at a time) and an even one (two at a time).
+    // An odd length (keys one at a time) and an even one (two at a time); scores as they are and
+    // capped (Gemma 2's soft cap, small enough to bind).
     for t in [37, 40] {
-        causal_attention_case(t, 16)?;
+        for softcap in [None, Some(0.7)] {
+            causal_attention_case(t, 16, softcap)?;
+        }
     }
     Ok(())
 }
@@ -55,13 +58,13 @@ fn flash_attention_matches_the_plain_one_with_its_gradients() -> Result<()> {
     // several tiles with a partial last one.
     for e in [64, 128] {
         for t in [37, 64, 150] {
-            causal_attention_case(t, e)?;
+            causal_attention_case(t, e, None)?;
         }
     }
     Ok(())
 }
 
-fn causal_attention_case(t: usize, e: usize) -> Result<()> {
+fn causal_attention_case(t: usize, e: usize, softcap: Option<f64>) -> Result<()> {
     let (b, k, g) = (2, 2, 3);
     let (qg, qc) = pair(&[b, k, g * t, e], 1)?;
     let (kg, kc) = pair(&[b, k, t, e], 2)?;
@@ -73,7 +76,7 @@ fn causal_attention_case(t: usize, e: usize) -> Result<()> {
     let mask_g = mask_c.to_device(&gpu())?;
     let run = |q: &Tensor, kk: &Tensor, v: &Tensor, w: &Tensor, mask: &Tensor| -> Result<Vec<Tensor>> {
         let (q, kk, v) = (Var::from_tensor(q)?, Var::from_tensor(kk)?, Var::from_tensor(v)?);
-        let out = ops::attention(q.as_tensor(), kk.as_tensor(), v.as_tensor(), Some(mask), true, 0.25, g)?;
+        let out = ops::attention(q.as_tensor(), kk.as_tensor(), v.as_tensor(), Some(mask), true, 0.25, softcap, g)?;
         let grads = (out.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
         Ok(vec![
             out,
@@ -86,21 +89,24 @@ fn causal_attention_case(t: usize, e: usize) -> Result<()> {
     let plain = run(&qc, &kc, &vc, &wc, &mask_c)?;
     for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
         let d = rel_diff(a, b);
-        assert!(d < 2e-2, "{name} (T {t}, E {e}): relative difference {d}");
+        assert!(d < 2e-2, "{name} (T {t}, E {e}, cap {softcap:?}): relative difference {d}");
     }
     Ok(())
 }
 
 #[test]
 fn fused_cross_entropy_matches_the_plain_one_with_its_gradient() -> Result<()> {
-    // A vocabulary the one-kernel path takes (a multiple of 8) and one it does not.
+    // A vocabulary the one-kernel path takes (a multiple of 8) and one it does not; logits as they
+    // are and capped.
     for vocab in [1000, 1001] {
-        cross_entropy_case(vocab)?;
+        for softcap in [None, Some(2.0)] {
+            cross_entropy_case(vocab, softcap)?;
+        }
     }
     Ok(())
 }
 
-fn cross_entropy_case(vocab: usize) -> Result<()> {
+fn cross_entropy_case(vocab: usize, softcap: Option<f64>) -> Result<()> {
     // The fused path rounds the logits to bf16 (as transformers does under bf16 autocast): the
     // reference rounds them too, then computes in f32.
     let (n, dim) = (50, 64);
@@ -108,12 +114,19 @@ fn cross_entropy_case(vocab: usize) -> Result<()> {
     let (wg, wc) = pair(&[vocab, dim], 6)?;
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % vocab as u32).collect();
     let h = Var::from_tensor(&hg)?;
-    let loss = ops::linear_cross_entropy(h.as_tensor(), &wg, None, &targets, 16, None)?;
+    let loss = ops::linear_cross_entropy(h.as_tensor(), &wg, None, &targets, 16, softcap)?;
     let grads = (&loss * 0.5)?.backward()?;
     let fused_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let fused_grad = grads.get(h.as_tensor()).unwrap().clone();
 
     let logits = hc.matmul(&wc.t()?)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+    let (logits, slope) = match softcap {
+        Some(c) => {
+            let tanh = (logits / c)?.tanh()?;
+            ((&tanh * c)?, (tanh.sqr()?.neg()? + 1.0)?)
+        }
+        None => (logits.clone(), logits.ones_like()?),
+    };
     let logp = candle_nn::ops::log_softmax(&logits, 1)?;
     let picked = logp.gather(&Tensor::from_slice(&targets, (n, 1), &Device::Cpu)?, 1)?;
     let plain_loss = picked.neg()?.sum_all()?.to_scalar::<f32>()?;
@@ -122,27 +135,32 @@ fn cross_entropy_case(vocab: usize) -> Result<()> {
         &Tensor::ones((n, 1), DType::F32, &Device::Cpu)?,
         1,
     )?;
-    let plain_grad = ((logp.exp()? - onehot)?.matmul(&wc)? * 0.5)?;
-    assert!((fused_loss - plain_loss).abs() / plain_loss < 1e-3, "loss {fused_loss} vs {plain_loss}");
+    let plain_grad = (((logp.exp()? - onehot)? * slope)?.matmul(&wc)? * 0.5)?;
+    let what = format!("vocab {vocab}, cap {softcap:?}");
+    assert!((fused_loss - plain_loss).abs() / plain_loss < 1e-3, "{what}: loss {fused_loss} vs {plain_loss}");
     let d = rel_diff(&fused_grad, &plain_grad);
-    assert!(d < 2e-2, "gradient: relative difference {d}");
+    assert!(d < 2e-2, "{what}: gradient: relative difference {d}");
     Ok(())
 }
 
 #[test]
-fn fused_silu_mul_matches_the_plain_one_with_its_gradients() -> Result<()> {
-    // 4500 elements go eight at a time, 4485 one at a time.
-    silu_mul_case(300)?;
-    silu_mul_case(299)
+fn the_fused_gated_products_match_the_plain_ones_with_their_gradients() -> Result<()> {
+    // 4500 elements go eight at a time, 4485 one at a time; SwiGLU and GeGLU.
+    use loralab::model::config::Activation;
+    for activation in [Activation::Silu, Activation::GeluTanh] {
+        gated_case(300, activation)?;
+        gated_case(299, activation)?;
+    }
+    Ok(())
 }
 
-fn silu_mul_case(width: usize) -> Result<()> {
+fn gated_case(width: usize, activation: loralab::model::config::Activation) -> Result<()> {
     let (gg, gc) = pair(&[3, 5, width], 7)?;
     let (ug, uc) = pair(&[3, 5, width], 8)?;
     let (wg, wc) = pair(&[3, 5, width], 9)?;
     let run = |g: &Tensor, u: &Tensor, w: &Tensor| -> Result<Vec<Tensor>> {
         let (g, u) = (Var::from_tensor(g)?, Var::from_tensor(u)?);
-        let h = ops::silu_mul(g.as_tensor(), u.as_tensor())?;
+        let h = ops::gated(activation, g.as_tensor(), u.as_tensor())?;
         let grads = (h.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
         Ok(vec![h, grads.get(g.as_tensor()).unwrap().clone(), grads.get(u.as_tensor()).unwrap().clone()])
     };
@@ -150,7 +168,7 @@ fn silu_mul_case(width: usize) -> Result<()> {
     let plain = run(&gc, &uc, &wc)?;
     for (name, (a, b)) in ["h", "dgate", "dup"].iter().zip(fused.iter().zip(&plain)) {
         let d = rel_diff(a, b);
-        assert!(d < 2e-2, "{name}: relative difference {d}");
+        assert!(d < 2e-2, "{activation:?} {name}: relative difference {d}");
     }
     Ok(())
 }
@@ -576,7 +594,7 @@ fn self_attention_case(t: usize, e: usize) -> Result<()> {
         let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
         let (cos, sin) = (cos_c.to_dtype(dtype)?.to_device(dev)?, sin_c.to_dtype(dtype)?.to_device(dev)?);
         let mask = mask_c.to_device(dev)?;
-        let attention = ops::SelfAttention::new(&cos, &sin, Some(&mask), true, 0.25, h, kv);
+        let attention = ops::SelfAttention::new(&cos, &sin, Some(&mask), true, 0.25, None, h, kv);
         let out = attention.op(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
         let grads = (out.to_dtype(DType::F32)? * w.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
         Ok(vec![

@@ -13,12 +13,16 @@ import time
 import torch
 
 
+def attention_of(cfg):
+    """transformers refuses SDPA for Gemma 2 (it cannot cap the scores); eager is its training path."""
+    return "eager" if cfg.model_type == "gemma2" else "sdpa"
+
+
 def model_of(config_path, gradient_checkpointing=False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(config_path)
-    # transformers refuses SDPA for Gemma 2 (it cannot cap the scores); eager is its training path.
-    attn = "eager" if cfg.model_type == "gemma2" else "sdpa"
+    attn = attention_of(cfg)
     with torch.device("cuda"):
         try:
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
@@ -127,7 +131,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="print GPU time per kernel of one training step")
     args = p.parse_args()
     import transformers, peft
-    res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}, torch {torch.__version__}, sdpa, bf16",
+    attn = attention_of(transformers.AutoConfig.from_pretrained(args.config))
+    res = {"stack": f"transformers {transformers.__version__} + peft {peft.__version__}, torch {torch.__version__}, {attn}, bf16",
            "gpu": torch.cuda.get_device_name(0)}
     if "train" not in args.skip:
         res["train"] = bench_train(args, False)

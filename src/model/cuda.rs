@@ -10,6 +10,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 
+use super::config::Activation;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const BLOCK: u32 = 256;
 
@@ -123,15 +125,22 @@ macro_rules! launch_with_shared {
     }};
 }
 
-/// Causal softmax of bf16 scores (rows, S), `scale` applied first; the query position of row r is
-/// r % t and its last visible key (r % t) + S - t.
-pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
-    scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, scale: scale as f32 })
+/// Causal softmax of bf16 scores (rows, S), `scale` applied first, then `softcap` c where given
+/// (c * tanh(s / c)); the query position of row r is r % t and its last visible key
+/// (r % t) + S - t.
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { t, scale: scale as f32, cap: cap_arg(softcap) })
+}
+
+/// A soft cap as the kernels take it: 0 for none.
+fn cap_arg(softcap: Option<f64>) -> f32 {
+    softcap.unwrap_or(0.0) as f32
 }
 
 struct CausalSoftmax {
     t: usize,
     scale: f32,
+    cap: f32,
 }
 
 impl candle_core::CustomOp1 for CausalSoftmax {
@@ -146,21 +155,43 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
         let (s32, t32) = (s as i32, self.t as i32);
         let rows64 = rows as i64;
-        launch!(dev, "causal_softmax_bf16", launch_warps(rows), &input, &out, &rows64, &s32, &t32, &self.scale);
+        launch!(
+            dev,
+            "causal_softmax_bf16",
+            launch_warps(rows),
+            &input,
+            &out,
+            &rows64,
+            &s32,
+            &t32,
+            &self.scale,
+            &self.cap
+        );
         Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
     }
 }
 
 /// ds = p * (dp - d) * scale, for bf16 p and dp (rows, S) and f32 d (rows, 1); `t` as in
-/// [`causal_softmax`], whose hidden keys are then not read (0: every key visible).
-pub fn softmax_backward(p: &Tensor, dp: &Tensor, d: &Tensor, t: usize, scale: f64) -> Result<Tensor> {
-    let op = SoftmaxBackward { t, scale: scale as f32 };
+/// [`causal_softmax`], whose hidden keys are then not read (0: every key visible). `capped`: the
+/// uncapped scores (rows, S) and the cap, whose derivative ds then takes as well.
+pub fn softmax_backward(
+    p: &Tensor,
+    dp: &Tensor,
+    d: &Tensor,
+    t: usize,
+    scale: f64,
+    capped: Option<(&Tensor, f64)>,
+) -> Result<Tensor> {
+    let raw = capped.map(|(raw, _)| raw.contiguous()).transpose()?;
+    let op = SoftmaxBackward { t, scale: scale as f32, raw, cap: cap_arg(capped.map(|(_, c)| c)) };
     p.contiguous()?.apply_op3_no_bwd(&dp.contiguous()?, &d.contiguous()?, &op)
 }
 
 struct SoftmaxBackward {
     t: usize,
     scale: f32,
+    raw: Option<Tensor>,
+    cap: f32,
 }
 
 impl candle_core::CustomOp3 for SoftmaxBackward {
@@ -185,17 +216,63 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
         let (pv, dpv, dv) = (view::<bf16>(p, pl, "p")?, view::<bf16>(dp, dpl, "dp")?, view::<f32>(d, dl, "d")?);
         let out = unsafe { dev.alloc::<bf16>(rows * s)? };
         let (s32, t32) = (s as i32, self.t as i32);
-        launch!(dev, "softmax_backward_bf16", launch_rows(rows), &pv, &dpv, &dv, &out, &s32, &t32, &self.scale);
+        match &self.raw {
+            Some(raw) => {
+                let (rs, rl) = raw.storage_and_layout();
+                let candle_core::Storage::Cuda(rs) = &*rs else {
+                    candle_core::bail!("softmax-backward: scores not on the GPU")
+                };
+                if rl.shape() != pl.shape() {
+                    return Err(disagree(self.name(), &[pl.shape(), rl.shape()]));
+                }
+                let rv = view::<bf16>(rs, rl, "scores")?;
+                launch!(
+                    dev,
+                    "softmax_backward_bf16",
+                    launch_rows(rows),
+                    &pv,
+                    &dpv,
+                    &dv,
+                    &out,
+                    &s32,
+                    &t32,
+                    &self.scale,
+                    &rv,
+                    &self.cap
+                );
+            }
+            None => {
+                let none = 0u64; // the scores are not read
+                let cap = 0f32;
+                launch!(
+                    dev,
+                    "softmax_backward_bf16",
+                    launch_rows(rows),
+                    &pv,
+                    &dpv,
+                    &dv,
+                    &out,
+                    &s32,
+                    &t32,
+                    &self.scale,
+                    &none,
+                    &cap
+                );
+            }
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), pl.shape().clone()))
     }
 }
 
-/// Per row of bf16 logits (N, V) and u32 targets (N,): (loss, logsumexp) as f32 (N, 2).
-pub fn cross_entropy_forward(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &CrossEntropyForward)
+/// Per row of bf16 logits (N, V) and u32 targets (N,): (loss, logsumexp) as f32 (N, 2), of the
+/// logits capped by `softcap` where given (here and below).
+pub fn cross_entropy_forward(logits: &Tensor, targets: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &CrossEntropyForward { cap: cap_arg(softcap) })
 }
 
-struct CrossEntropyForward;
+struct CrossEntropyForward {
+    cap: f32,
+}
 
 impl candle_core::CustomOp2 for CrossEntropyForward {
     fn name(&self) -> &'static str {
@@ -211,7 +288,7 @@ impl candle_core::CustomOp2 for CrossEntropyForward {
         let (xv, tv) = (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?);
         let out = unsafe { dev.alloc::<f32>(n * 2)? };
         let v32 = v as i32;
-        launch!(dev, "cross_entropy_forward_bf16", launch_rows(n), &xv, &tv, &out, &v32);
+        launch!(dev, "cross_entropy_forward_bf16", launch_rows(n), &xv, &tv, &out, &v32, &self.cap);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, 2))))
     }
 }
@@ -219,8 +296,9 @@ impl candle_core::CustomOp2 for CrossEntropyForward {
 /// Per row of bf16 logits (N, V) and u32 targets (N,): (loss, logsumexp) as f32 (N, 2), and the
 /// logits replaced in place by softmax - onehot(target), in one kernel (V a multiple of 8; see
 /// [`cross_entropy_fused_fits`]). `logits` must be held by the caller alone (see [`add_matmul`]).
-pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let op = CrossEntropyFused { stats: std::sync::Mutex::new(None) };
+/// Capped, the gradient is that of the uncapped logits.
+pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    let op = CrossEntropyFused { stats: std::sync::Mutex::new(None), cap: cap_arg(softcap) };
     logits.inplace_op2(&targets.contiguous()?, &op)?;
     let (stats, dev) = op
         .stats
@@ -241,6 +319,7 @@ pub fn cross_entropy_fused_fits(logits: &Tensor) -> bool {
 
 struct CrossEntropyFused {
     stats: std::sync::Mutex<Option<(CudaSlice<f32>, CudaDevice)>>,
+    cap: f32,
 }
 
 impl candle_core::InplaceOp2 for CrossEntropyFused {
@@ -258,19 +337,28 @@ impl candle_core::InplaceOp2 for CrossEntropyFused {
         let mut xv = view_mut::<bf16>(x, xl, "logits")?;
         let out = unsafe { dev.alloc::<f32>(n * 2)? };
         let v32 = v as i32;
-        launch!(dev, "cross_entropy_fused_bf16", launch_rows(n), &mut xv, &tv, &out, &v32);
+        launch!(dev, "cross_entropy_fused_bf16", launch_rows(n), &mut xv, &tv, &out, &v32, &self.cap);
         *self.stats.lock().map_err(|_| candle_core::Error::Msg("cross-entropy statistics poisoned".into()))? =
             Some((out, dev));
         Ok(())
     }
 }
 
-/// softmax(logits) - onehot(targets), bf16 (N, V), from the forward pass's (loss, lse) rows.
-pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, stats: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &stats.contiguous()?, &CrossEntropyBackward)
+/// softmax(logits) - onehot(targets), bf16 (N, V), from the forward pass's (loss, lse) rows;
+/// capped, times the cap's derivative.
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    stats: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let op = CrossEntropyBackward { cap: cap_arg(softcap) };
+    logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &stats.contiguous()?, &op)
 }
 
-struct CrossEntropyBackward;
+struct CrossEntropyBackward {
+    cap: f32,
+}
 
 impl candle_core::CustomOp3 for CrossEntropyBackward {
     fn name(&self) -> &'static str {
@@ -292,7 +380,7 @@ impl candle_core::CustomOp3 for CrossEntropyBackward {
             (view::<bf16>(x, xl, "logits")?, view::<u32>(t, tl, "targets")?, view::<f32>(st, stl, "stats")?);
         let out = unsafe { dev.alloc::<bf16>(n * v)? };
         let v32 = v as i32;
-        launch!(dev, "cross_entropy_backward_bf16", launch_rows(n), &xv, &tv, &sv, &out, &v32);
+        launch!(dev, "cross_entropy_backward_bf16", launch_rows(n), &xv, &tv, &sv, &out, &v32, &self.cap);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
@@ -510,29 +598,38 @@ impl candle_core::CustomOp2 for TakeRows {
     }
 }
 
-/// silu(gate) * up for bf16 tensors of one shape, with its backward rule.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+/// act(gate) * up for bf16 tensors of one shape, with its backward rule.
+pub fn gated_mul(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, GatedMul(activation))
 }
 
-struct SiluMul;
+/// The kernels' number for an activation (kernels.cu's ACT_*).
+fn activation_arg(activation: Activation) -> i32 {
+    match activation {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+    }
+}
 
-impl candle_core::CustomOp2 for SiluMul {
+struct GatedMul(Activation);
+
+impl candle_core::CustomOp2 for GatedMul {
     fn name(&self) -> &'static str {
-        "silu-mul"
+        "gated-mul"
     }
     gpu_only!(2);
     fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = g.device().clone();
         if gl.shape() != ul.shape() {
-            candle_core::bail!("silu-mul: shapes {:?} and {:?} differ", gl.shape(), ul.shape());
+            candle_core::bail!("gated-mul: shapes {:?} and {:?} differ", gl.shape(), ul.shape());
         }
         let n = gl.shape().elem_count();
         let (gv, uv) = (view::<bf16>(g, gl, "gate")?, view::<bf16>(u, ul, "up")?);
         let out = unsafe { dev.alloc::<bf16>(n)? };
         let (n64, packed) = (n as i64, packed8(n, &[gl, ul]));
         let (cfg, packed) = (launch_elements(n / if packed { 8 } else { 1 }), packed as i32);
-        launch!(dev, "silu_mul_bf16", cfg, &gv, &uv, &out, &n64, &packed);
+        let act = activation_arg(self.0);
+        launch!(dev, "gated_mul_bf16", cfg, &gv, &uv, &out, &n64, &packed, &act);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), gl.shape().clone()))
     }
     fn bwd(
@@ -542,23 +639,29 @@ impl candle_core::CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dgate, dup) = silu_mul_backward(gate, up, grad)?;
+        let (dgate, dup) = gated_mul_backward(self.0, gate, up, grad)?;
         Ok((Some(dgate), Some(dup)))
     }
 }
 
-/// The gradients of gate and up from that of silu(gate) * up, bf16 tensors of one shape.
-pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &grad.contiguous()?, &SiluMulBackward)?; // (2, n)
+/// The gradients of gate and up from that of act(gate) * up, bf16 tensors of one shape.
+pub fn gated_mul_backward(
+    activation: Activation,
+    gate: &Tensor,
+    up: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = GatedMulBackward(activation);
+    let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &grad.contiguous()?, &op)?; // (2, n)
     let shape = gate.shape();
     Ok((both.get(0)?.reshape(shape)?, both.get(1)?.reshape(shape)?))
 }
 
-struct SiluMulBackward;
+struct GatedMulBackward(Activation);
 
-impl candle_core::CustomOp3 for SiluMulBackward {
+impl candle_core::CustomOp3 for GatedMulBackward {
     fn name(&self) -> &'static str {
-        "silu-mul-backward"
+        "gated-mul-backward"
     }
     gpu_only!(3);
     fn cuda_fwd(
@@ -576,7 +679,8 @@ impl candle_core::CustomOp3 for SiluMulBackward {
         let out = unsafe { dev.alloc::<bf16>(2 * n)? };
         let (n64, packed) = (n as i64, packed8(n, &[gl, ul, dl]));
         let (cfg, packed) = (launch_elements(n / if packed { 8 } else { 1 }), packed as i32);
-        launch!(dev, "silu_mul_backward_bf16", cfg, &gv, &uv, &dv, &out, &n64, &packed);
+        let act = activation_arg(self.0);
+        launch!(dev, "gated_mul_backward_bf16", cfg, &gv, &uv, &dv, &out, &n64, &packed, &act);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((2, n))))
     }
 }

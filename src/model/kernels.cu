@@ -45,8 +45,20 @@ __device__ __forceinline__ float warp_reduce(float v, bool is_max) {
 // keys j <= (r % t) + (s - t), zero elsewhere, without reading the hidden keys. Rows are (batch,
 // kv head, query head, position), so the query position of row r is r % t. One warp per row
 // (a block per row spent its time in barriers), two keys per lane at a time (s even).
+// A score or logit capped to cap * tanh(x / cap) (Gemma 2), or x itself where cap is 0.
+__device__ __forceinline__ float soft_cap(float x, float cap) {
+    return cap > 0.0f ? cap * tanhf(x / cap) : x;
+}
+
+// The cap's derivative at a capped value y: 1 - (y / cap)^2 (1 where cap is 0).
+__device__ __forceinline__ float soft_cap_slope(float y, float cap) {
+    if (cap <= 0.0f) return 1.0f;
+    const float th = y / cap;
+    return 1.0f - th * th;
+}
+
 extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv_bfloat16* probs, long rows,
-                                              int s, int t, float scale) {
+                                              int s, int t, float scale, float cap) {
     const long row = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -54,12 +66,12 @@ extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv
     if (s % 2 == 1) {  // rows not 4-byte aligned: one key per lane at a time
         const __nv_bfloat16* x = scores + row * s;
         float m = -INFINITY, sum = 0.0f;
-        for (int j = lane; j <= last; j += 32) m = fmaxf(m, __bfloat162float(x[j]) * scale);
+        for (int j = lane; j <= last; j += 32) m = fmaxf(m, soft_cap(__bfloat162float(x[j]) * scale, cap));
         m = warp_reduce(m, true);
-        for (int j = lane; j <= last; j += 32) sum += __expf(__bfloat162float(x[j]) * scale - m);
+        for (int j = lane; j <= last; j += 32) sum += __expf(soft_cap(__bfloat162float(x[j]) * scale, cap) - m);
         const float inv = 1.0f / warp_reduce(sum, false);
         for (int j = lane; j < s; j += 32)
-            probs[row * s + j] = __float2bfloat16(j <= last ? __expf(__bfloat162float(x[j]) * scale - m) * inv : 0.0f);
+            probs[row * s + j] = __float2bfloat16(j <= last ? __expf(soft_cap(__bfloat162float(x[j]) * scale, cap) - m) * inv : 0.0f);
         return;
     }
     const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(scores + row * s);
@@ -68,23 +80,23 @@ extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv
     float m = -INFINITY;
     for (int j = lane; j < visible; j += 32) {
         float2 v = __bfloat1622float2(x[j]);
-        m = fmaxf(m, v.x * scale);
-        if (2 * j + 1 <= last) m = fmaxf(m, v.y * scale);
+        m = fmaxf(m, soft_cap(v.x * scale, cap));
+        if (2 * j + 1 <= last) m = fmaxf(m, soft_cap(v.y * scale, cap));
     }
     m = warp_reduce(m, true);
     float sum = 0.0f;
     for (int j = lane; j < visible; j += 32) {
         float2 v = __bfloat1622float2(x[j]);
-        sum += __expf(v.x * scale - m);
-        if (2 * j + 1 <= last) sum += __expf(v.y * scale - m);
+        sum += __expf(soft_cap(v.x * scale, cap) - m);
+        if (2 * j + 1 <= last) sum += __expf(soft_cap(v.y * scale, cap) - m);
     }
     const float inv = 1.0f / warp_reduce(sum, false);
     for (int j = lane; j < pairs; j += 32) {
         float a = 0.0f, b = 0.0f;
         if (j < visible) {
             float2 v = __bfloat1622float2(x[j]);
-            a = __expf(v.x * scale - m) * inv;
-            b = 2 * j + 1 <= last ? __expf(v.y * scale - m) * inv : 0.0f;
+            a = __expf(soft_cap(v.x * scale, cap) - m) * inv;
+            b = 2 * j + 1 <= last ? __expf(soft_cap(v.y * scale, cap) - m) * inv : 0.0f;
         }
         y[j] = __floats2bfloat162_rn(a, b);
     }
@@ -92,49 +104,54 @@ extern "C" __global__ void causal_softmax_bf16(const __nv_bfloat16* scores, __nv
 
 // Gradient of the scores through softmax and scale: ds = p * (dp - d[r]) * scale, where
 // d[r] = sum_j dp[r][j] * p[r][j] (passed in, computed as rowsum(dO * O)). `t` as in
-// causal_softmax_bf16 (0: no causal mask): the hidden keys, where p is 0, are not read.
+// causal_softmax_bf16 (0: no causal mask): the hidden keys, where p is 0, are not read. With a
+// cap, `raw` holds the uncapped scores q.k, and ds takes the cap's derivative as well.
 extern "C" __global__ void softmax_backward_bf16(const __nv_bfloat16* p, const __nv_bfloat16* dp,
-                                                 const float* d, __nv_bfloat16* ds, int s, int t, float scale) {
+                                                 const float* d, __nv_bfloat16* ds, int s, int t, float scale,
+                                                 const __nv_bfloat16* raw, float cap) {
     const long row = blockIdx.x;
     const float dr = d[row];
     const int last = t > 0 ? (int)(row % t) + (s - t) : s - 1;
     for (int j = threadIdx.x; j < s; j += BLOCK) {
         long i = row * s + j;
         float v = j <= last ? __bfloat162float(p[i]) * (__bfloat162float(dp[i]) - dr) * scale : 0.0f;
+        if (cap > 0.0f && j <= last) v *= soft_cap_slope(soft_cap(__bfloat162float(raw[i]) * scale, cap), cap);
         ds[i] = __float2bfloat16(v);
     }
 }
 
 // Cross-entropy of bf16 logits: out[r] = (loss, logsumexp) with loss = lse - logits[r][target].
+// `cap` (here and below): the logits are capped first (0: not).
 extern "C" __global__ void cross_entropy_forward_bf16(const __nv_bfloat16* logits, const uint32_t* targets,
-                                                      float* out, int v) {
+                                                      float* out, int v, float cap) {
     __shared__ float shared[BLOCK / 32];
     const long row = blockIdx.x;
     const __nv_bfloat16* x = logits + row * v;
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, __bfloat162float(x[j]));
+    for (int j = threadIdx.x; j < v; j += BLOCK) m = fmaxf(m, soft_cap(__bfloat162float(x[j]), cap));
     m = block_reduce(m, true, shared);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < v; j += BLOCK) sum += __expf(__bfloat162float(x[j]) - m);
+    for (int j = threadIdx.x; j < v; j += BLOCK) sum += __expf(soft_cap(__bfloat162float(x[j]), cap) - m);
     sum = block_reduce(sum, false, shared);
     if (threadIdx.x == 0) {
         float lse = m + __logf(sum);
-        out[2 * row] = lse - __bfloat162float(x[targets[row]]);
+        out[2 * row] = lse - soft_cap(__bfloat162float(x[targets[row]]), cap);
         out[2 * row + 1] = lse;
     }
 }
 
 // Both at once, in place, for rows of V % 8 == 0 (16-byte aligned): stats[r] = (loss, lse) and
 // logits[r] becomes softmax - onehot(target). The row is read twice (an online max and sum, then
-// the gradient) and written once, eight elements at a time.
+// the gradient) and written once, eight elements at a time. Capped, the gradient is that of the
+// uncapped logits.
 extern "C" __global__ void cross_entropy_fused_bf16(__nv_bfloat16* logits, const uint32_t* targets, float* stats,
-                                                    int v) {
+                                                    int v, float cap) {
     __shared__ float shared[BLOCK / 32];
     const long row = blockIdx.x;
     __nv_bfloat16* x = logits + row * v;
     const int packs = v / 8;
     const uint32_t target = targets[row];
-    const float at_target = __bfloat162float(x[target]);  // read before any thread writes
+    const float at_target = soft_cap(__bfloat162float(x[target]), cap);  // read before any thread writes
     float m = -INFINITY, sum = 0.0f;
     for (int p = threadIdx.x; p < packs; p += BLOCK) {
         Pack8 a;
@@ -143,6 +160,7 @@ extern "C" __global__ void cross_entropy_fused_bf16(__nv_bfloat16* logits, const
         float mx = m;
         for (int j = 0; j < 4; ++j) {
             f[j] = __bfloat1622float2(a.pairs[j]);
+            f[j] = make_float2(soft_cap(f[j].x, cap), soft_cap(f[j].y, cap));
             mx = fmaxf(mx, fmaxf(f[j].x, f[j].y));
         }
         sum *= __expf(m - mx);  // (0 while m is -inf)
@@ -161,9 +179,11 @@ extern "C" __global__ void cross_entropy_fused_bf16(__nv_bfloat16* logits, const
         a.raw = reinterpret_cast<const uint4*>(x)[p];
         for (int j = 0; j < 4; ++j) {
             float2 f = __bfloat1622float2(a.pairs[j]);
+            f = make_float2(soft_cap(f.x, cap), soft_cap(f.y, cap));
             int i = p * 8 + 2 * j;
-            o.pairs[j] = __floats2bfloat162_rn(__expf(f.x - lse) - (i == (int)target ? 1.0f : 0.0f),
-                                               __expf(f.y - lse) - (i + 1 == (int)target ? 1.0f : 0.0f));
+            o.pairs[j] = __floats2bfloat162_rn(
+                (__expf(f.x - lse) - (i == (int)target ? 1.0f : 0.0f)) * soft_cap_slope(f.x, cap),
+                (__expf(f.y - lse) - (i + 1 == (int)target ? 1.0f : 0.0f)) * soft_cap_slope(f.y, cap));
         }
         reinterpret_cast<uint4*>(x)[p] = o.raw;
     }
@@ -172,14 +192,15 @@ extern "C" __global__ void cross_entropy_fused_bf16(__nv_bfloat16* logits, const
 // Gradient of the summed cross-entropy: dlogits = softmax - onehot(target) (the caller scales
 // the product with the weight by the incoming gradient).
 extern "C" __global__ void cross_entropy_backward_bf16(const __nv_bfloat16* logits, const uint32_t* targets,
-                                                       const float* stats, __nv_bfloat16* dlogits, int v) {
+                                                       const float* stats, __nv_bfloat16* dlogits, int v, float cap) {
     const long row = blockIdx.x;
     const float lse = stats[2 * row + 1];
     const uint32_t target = targets[row];
     for (int j = threadIdx.x; j < v; j += BLOCK) {
         long i = row * v + j;
-        float p = __expf(__bfloat162float(logits[i]) - lse) - (j == (int)target ? 1.0f : 0.0f);
-        dlogits[i] = __float2bfloat16(p);
+        const float y = soft_cap(__bfloat162float(logits[i]), cap);
+        float p = __expf(y - lse) - (j == (int)target ? 1.0f : 0.0f);
+        dlogits[i] = __float2bfloat16(p * soft_cap_slope(y, cap));
     }
 }
 
@@ -366,10 +387,21 @@ extern "C" __global__ void take_rows_bf16(const __nv_bfloat16* src, long n_src, 
     }
 }
 
-// SwiGLU's product h = silu(gate) * up, elementwise. `packed`: n % 8 == 0 and 16-byte aligned
-// pointers (the launcher checks), eight elements per load.
-extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                         __nv_bfloat16* h, long n, int packed) {
+// The gated MLP's activations, by number: 0 silu (SwiGLU), 1 GELU's tanh approximation (GeGLU).
+#define ACT_SILU 0
+#define ACT_GELU_TANH 1
+#define GELU_C 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_A 0.044715f
+
+__device__ __forceinline__ float act_of(float g, int act) {
+    if (act == ACT_GELU_TANH) return 0.5f * g * (1.0f + tanhf(GELU_C * (g + GELU_A * g * g * g)));
+    return silu_of(g);
+}
+
+// The gated MLP's product h = act(gate) * up, elementwise. `packed`: n % 8 == 0 and 16-byte
+// aligned pointers (the launcher checks), eight elements per load.
+extern "C" __global__ void gated_mul_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
+                                          __nv_bfloat16* h, long n, int packed, int act) {
     const long stride = (long)gridDim.x * blockDim.x;
     if (packed) {
         for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 8; i += stride) {
@@ -378,28 +410,34 @@ extern "C" __global__ void silu_mul_bf16(const __nv_bfloat16* gate, const __nv_b
             u.raw = reinterpret_cast<const uint4*>(up)[i];
             for (int k = 0; k < 4; k++) {
                 float2 gv = __bfloat1622float2(g.pairs[k]), uv = __bfloat1622float2(u.pairs[k]);
-                out.pairs[k] = __floats2bfloat162_rn(silu_of(gv.x) * uv.x, silu_of(gv.y) * uv.y);
+                out.pairs[k] = __floats2bfloat162_rn(act_of(gv.x, act) * uv.x, act_of(gv.y, act) * uv.y);
             }
             reinterpret_cast<uint4*>(h)[i] = out.raw;
         }
         return;
     }
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        h[i] = __float2bfloat16(silu_of(__bfloat162float(gate[i])) * __bfloat162float(up[i]));
+        h[i] = __float2bfloat16(act_of(__bfloat162float(gate[i]), act) * __bfloat162float(up[i]));
     }
 }
 
-// dgate = dh * up * silu'(gate) and dup = dh * silu(gate) for one element;
-// silu'(g) = sig(g) * (1 + g * (1 - sig(g))).
-__device__ __forceinline__ float2 silu_mul_grads(float g, float u, float d) {
+// dgate = dh * up * act'(gate) and dup = dh * act(gate) for one element;
+// silu'(g) = sig(g) * (1 + g * (1 - sig(g)));
+// gelu'(g) = (1 + tanh u) / 2 + g (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 g^2) / 2.
+__device__ __forceinline__ float2 gated_mul_grads(float g, float u, float d, int act) {
+    if (act == ACT_GELU_TANH) {
+        const float th = tanhf(GELU_C * (g + GELU_A * g * g * g));
+        const float slope = 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * GELU_C * (1.0f + 3.0f * GELU_A * g * g);
+        return make_float2(d * u * slope, d * 0.5f * g * (1.0f + th));
+    }
     float sig = 1.0f / (1.0f + __expf(-g));
     return make_float2(d * u * sig * (1.0f + g * (1.0f - sig)), d * g * sig);
 }
 
 // Its gradients, written as out[0..n] (dgate) and out[n..2n] (dup); `packed` as above.
-extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                                  const __nv_bfloat16* dh, __nv_bfloat16* out, long n,
-                                                  int packed) {
+extern "C" __global__ void gated_mul_backward_bf16(const __nv_bfloat16* gate, const __nv_bfloat16* up,
+                                                   const __nv_bfloat16* dh, __nv_bfloat16* out, long n,
+                                                   int packed, int act) {
     const long stride = (long)gridDim.x * blockDim.x;
     if (packed) {
         for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n / 8; i += stride) {
@@ -410,7 +448,7 @@ extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, con
             for (int k = 0; k < 4; k++) {
                 float2 gv = __bfloat1622float2(g.pairs[k]), uv = __bfloat1622float2(u.pairs[k]);
                 float2 dv = __bfloat1622float2(d.pairs[k]);
-                float2 a = silu_mul_grads(gv.x, uv.x, dv.x), b = silu_mul_grads(gv.y, uv.y, dv.y);
+                float2 a = gated_mul_grads(gv.x, uv.x, dv.x, act), b = gated_mul_grads(gv.y, uv.y, dv.y, act);
                 dg.pairs[k] = __floats2bfloat162_rn(a.x, b.x);
                 du.pairs[k] = __floats2bfloat162_rn(a.y, b.y);
             }
@@ -420,7 +458,7 @@ extern "C" __global__ void silu_mul_backward_bf16(const __nv_bfloat16* gate, con
         return;
     }
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        float2 r = silu_mul_grads(__bfloat162float(gate[i]), __bfloat162float(up[i]), __bfloat162float(dh[i]));
+        float2 r = gated_mul_grads(__bfloat162float(gate[i]), __bfloat162float(up[i]), __bfloat162float(dh[i]), act);
         out[i] = __float2bfloat16(r.x);
         out[n + i] = __float2bfloat16(r.y);
     }

@@ -87,10 +87,10 @@ impl AttentionRule {
         AttentionRule { mask: mask.map(|m| m.detach()), causal, scale, softcap, g, saved: Default::default() }
     }
 
-    /// Whether the fused GPU kernels compute this attention (causal, scores not capped).
+    /// Whether the fused GPU kernels compute this attention (causal).
     #[cfg(feature = "cuda")]
     fn fused(&self, q: &Tensor) -> bool {
-        self.causal && self.softcap.is_none() && fused(q)
+        self.causal && fused(q)
     }
 
     /// What the forward pass of the flash kernels keeps for the backward pass.
@@ -99,10 +99,12 @@ impl AttentionRule {
         self.saved.lock().map_err(|_| candle_core::Error::Msg("attention statistics poisoned".into()))
     }
 
-    /// Whether the flash kernels compute it: fused, and shapes they take (a query per key).
+    /// Whether the flash kernels compute it: fused, scores not capped, and shapes they take (a
+    /// query per key).
     #[cfg(feature = "cuda")]
     fn flash(&self, q: &Tensor, k: &Tensor) -> bool {
-        self.fused(q) && crate::model::cuda::flash_fits(q, k, self.g, crate::model::cuda::QueryLayout::Heads)
+        let layout = crate::model::cuda::QueryLayout::Heads;
+        self.fused(q) && self.softcap.is_none() && crate::model::cuda::flash_fits(q, k, self.g, layout)
     }
 
     /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
@@ -117,7 +119,8 @@ impl AttentionRule {
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             let t = q.dim(2)? / self.g;
-            return Ok((crate::model::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale)?, None));
+            let probs = crate::model::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale, self.softcap)?;
+            return Ok((probs, None));
         }
         let (b, kh, m, _) = q.dims4()?;
         let s = k.dim(2)?;
@@ -207,12 +210,15 @@ impl Qkv for AttentionRule {
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
-            let p = self.probs(q, k)?; // (B, K, M, S) bf16
+            let t = q.dim(2)? / self.g;
+            let raw = q.matmul(&k.t()?)?; // (B, K, M, S) bf16
+            let p = crate::model::cuda::causal_softmax(&raw, t, self.scale, self.softcap)?;
             let dout = grad.contiguous()?;
             let dv = p.t()?.matmul(&dout)?;
             let dp = dout.matmul(&v.t()?)?;
             let d = crate::model::cuda::row_dot(&dout, out)?; // (B * K * M,) f32
-            let ds = crate::model::cuda::softmax_backward(&p, &dp, &d, q.dim(2)? / self.g, self.scale)?;
+            let capped = self.softcap.map(|c| (&raw, c));
+            let ds = crate::model::cuda::softmax_backward(&p, &dp, &d, t, self.scale, capped)?;
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
         }
         let _ = out;
@@ -330,7 +336,9 @@ impl SelfAttention {
     #[cfg(feature = "cuda")]
     fn merged_layout<'a>(&'a self, heads: &QkvHeads) -> Option<crate::model::cuda::QueryLayout<'a>> {
         let layout = crate::model::cuda::QueryLayout::Merged { cos: &self.heads.cos, sin: &self.heads.sin };
-        let fits = heads.merged && crate::model::cuda::flash_fits(&heads.q, &heads.k, self.rule.g, layout);
+        let fits = heads.merged
+            && self.rule.softcap.is_none()
+            && crate::model::cuda::flash_fits(&heads.q, &heads.k, self.rule.g, layout);
         fits.then_some(layout)
     }
 

@@ -3,13 +3,21 @@
 
 use candle_core::{DType, Result, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::fused;
+
 /// sqrt(2 / pi) and the cubic term's coefficient of the tanh approximation.
 const C: f64 = 0.797_884_560_802_865_4;
 const A: f64 = 0.044_715;
 
 /// gelu(gate) * up, gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): candle's `gelu` is
-/// this approximation (its `gelu_erf` the exact one), differentiable in both.
+/// this approximation (its `gelu_erf` the exact one), differentiable in both; one fused kernel
+/// each way on the GPU in bf16.
 pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return crate::model::cuda::gated_mul(crate::model::config::Activation::GeluTanh, gate, up);
+    }
     gate.gelu()? * up
 }
 
@@ -18,6 +26,10 @@ pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// gelu'(g) = (1 + tanh u) / 2 + g (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 g^2) / 2.
 /// Computed in f32 at least (bf16 intermediates would round each of the dozen steps).
 pub fn gelu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return crate::model::cuda::gated_mul_backward(crate::model::config::Activation::GeluTanh, gate, up, dh);
+    }
     let dtype = gate.dtype();
     let wide = |t: &Tensor| if dtype == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };
     let (g, u, d) = (wide(gate)?, wide(up)?, wide(dh)?);

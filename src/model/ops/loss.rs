@@ -39,8 +39,8 @@ pub fn linear_cross_entropy(
     let chunk = chunk.max(1);
     let with_grad = h.track_op();
     #[cfg(feature = "cuda")]
-    if fused(h) && softcap.is_none() {
-        return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk);
+    if fused(h) {
+        return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk, softcap);
     }
     let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
     let mut dh = Vec::new();
@@ -151,6 +151,7 @@ fn fused_cross_entropy(
     weight: &Tensor,
     targets: &Tensor,
     chunk: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let mut dh = Vec::new();
     let sums = by_chunks(h.dim(0)?, chunk, |start, rows| {
@@ -158,13 +159,13 @@ fn fused_cross_entropy(
         let targets = targets.narrow(0, start, rows)?;
         let stats = if h.track_op() && crate::model::cuda::cross_entropy_fused_fits(&logits) {
             // One kernel: the statistics, and the logits turned into their gradient in place.
-            let stats = crate::model::cuda::cross_entropy_fused(&logits, &targets)?;
+            let stats = crate::model::cuda::cross_entropy_fused(&logits, &targets, softcap)?;
             dh.push(logits.matmul(weight)?);
             stats
         } else {
-            let stats = crate::model::cuda::cross_entropy_forward(&logits, &targets)?; // (rows, 2): loss, lse
+            let stats = crate::model::cuda::cross_entropy_forward(&logits, &targets, softcap)?; // (rows, 2): loss, lse
             if h.track_op() {
-                let dlogits = crate::model::cuda::cross_entropy_backward(&logits, &targets, &stats)?;
+                let dlogits = crate::model::cuda::cross_entropy_backward(&logits, &targets, &stats, softcap)?;
                 dh.push(dlogits.matmul(weight)?);
             }
             stats

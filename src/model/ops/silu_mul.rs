@@ -9,7 +9,7 @@ use super::fused;
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::silu_mul(gate, up);
+        return crate::model::cuda::gated_mul(crate::model::config::Activation::Silu, gate, up);
     }
     gate.silu()? * up
 }
@@ -19,7 +19,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::silu_mul_backward(gate, up, dh);
+        return crate::model::cuda::gated_mul_backward(crate::model::config::Activation::Silu, gate, up, dh);
     }
     let sig = candle_nn::ops::sigmoid(gate)?;
     let silu = (gate * &sig)?;
