@@ -404,7 +404,14 @@ fn choose_on_device(logits: &Tensor, keys: &[i64], step: u32, opts: &SampleOptio
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
         let keys = Tensor::new(keys, logits.device())?;
-        let picked = crate::model::cuda::gumbel_argmax(logits, &keys, step, opts.temperature, opts.top_k, opts.top_p)?;
+        let picked = crate::model::ops::sampling::cuda::gumbel_argmax(
+            logits,
+            &keys,
+            step,
+            opts.temperature,
+            opts.top_k,
+            opts.top_p,
+        )?;
         return Ok(picked.to_vec1::<u32>()?);
     }
     let _ = (keys, step);

@@ -266,7 +266,7 @@ impl AdamW {
         #[cfg(feature = "cuda")]
         if self.vars.iter().all(|v| v.device().is_cuda() && v.dtype() == DType::F32) {
             // One launch for all variables, in place (see `cuda::adamw_many`).
-            let hyper = crate::model::cuda::AdamStep {
+            let hyper = crate::model::ops::optimizer::cuda::AdamStep {
                 clip,
                 lr,
                 beta1: self.beta1,
@@ -279,7 +279,12 @@ impl AdamW {
             let grads: Vec<Tensor> = grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<_>>()?;
             let ps: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
             let mvs: Vec<&Tensor> = self.moments.iter().collect();
-            return crate::model::cuda::adamw_many(&ps, &mvs, &grads.iter().collect::<Vec<_>>(), &hyper);
+            return crate::model::ops::optimizer::cuda::adamw_many(
+                &ps,
+                &mvs,
+                &grads.iter().collect::<Vec<_>>(),
+                &hyper,
+            );
         }
         for ((var, mv), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(grads) {
             let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
@@ -544,7 +549,7 @@ pub fn batch_loss(
 fn global_norm(grads: &[Tensor]) -> candle_core::Result<f64> {
     #[cfg(feature = "cuda")]
     if grads.iter().all(|g| g.device().is_cuda() && g.dtype() == DType::F32) && !grads.is_empty() {
-        return Ok(crate::model::cuda::sum_squares(grads)?.to_scalar::<f64>()?.sqrt());
+        return Ok(crate::model::ops::optimizer::cuda::sum_squares(grads)?.to_scalar::<f64>()?.sqrt());
     }
     let squares =
         grads.iter().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;

@@ -179,7 +179,7 @@ fn the_rms_norm_kernel_matches_the_plain_norm() -> Result<()> {
     for d in [896, 3584] {
         let (xg, xc) = pair(&[5, d], 34)?;
         let (wg, wc) = pair(&[d], 35)?;
-        let fused = loralab::model::cuda::rms_norm(&xg, &wg, 1e-6)?;
+        let fused = loralab::model::ops::rms_norm::cuda::rms_norm(&xg, &wg, 1e-6)?;
         let plain = candle_nn::ops::rms_norm(&xc, &wc, 1e-6)?;
         let diff = rel_diff(&fused, &plain);
         assert!(diff < 1e-2, "d {d}: relative difference {diff}");
@@ -202,7 +202,7 @@ fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
     assert!(d < 2e-2, "dx: relative difference {d}");
     // With a residual gradient added in the same pass.
     let (pg, pc) = pair(&[4, 7, 896], 33)?;
-    let fused = loralab::model::cuda::rms_norm_backward_plus(&xg, &gg, &wg, &pg, 1e-6)?;
+    let fused = loralab::model::ops::rms_norm::cuda::rms_norm_backward_plus(&xg, &gg, &wg, &pg, 1e-6)?;
     let d = rel_diff(&fused, &(&pc + run(&xc, &wc, &gc)?)?);
     assert!(d < 2e-2, "plus + dx: relative difference {d}");
     Ok(())
@@ -223,7 +223,7 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let mask_c = Tensor::from_vec(mask, (b, 1, 1, 1, s), &Device::Cpu)?;
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();
-        let fused = loralab::model::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
+        let fused = loralab::model::ops::attention::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
         let plain = loralab::model::cpu::attention_cpu(&qc, &kc, &vc, s, Some(&mask_c), scale, None)?;
         let d = rel_diff(&fused, &plain);
         assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
@@ -242,7 +242,10 @@ fn draw_cut(logits: &[Vec<f32>], keys: &[i64], step: u32, temperature: f64, top_
     let flat: Vec<f32> = logits.concat();
     let x = Tensor::from_vec(flat, (logits.len(), v), &gpu()).unwrap().to_dtype(DType::BF16).unwrap();
     let keys = Tensor::new(keys, &gpu()).unwrap();
-    loralab::model::cuda::gumbel_argmax(&x, &keys, step, temperature, top_k, top_p).unwrap().to_vec1::<u32>().unwrap()
+    loralab::model::ops::sampling::cuda::gumbel_argmax(&x, &keys, step, temperature, top_k, top_p)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
 }
 
 #[test]
@@ -381,7 +384,7 @@ fn top_k_and_top_p_cuts_on_the_gpu_keep_the_right_tokens_in_proportion() {
 
 #[test]
 fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
-    use loralab::model::decoder::keyed_dropout_mask;
+    use loralab::model::ops::dropout::keyed_dropout_mask;
     let shape = candle_core::Shape::from((37, 1001));
     let on = |device: &Device| {
         let like = Tensor::zeros(1, DType::BF16, device).unwrap();
@@ -401,7 +404,7 @@ fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
     assert!((dropped - 0.05).abs() < 0.005, "dropped {dropped}");
     // Applied in one kernel: the product with that mask, to the bit.
     let (xg, xc) = pair(&[37, 1001], 40).unwrap();
-    let dropout = loralab::model::decoder::Dropout { key: 0xDEAD_BEEF_1234, keep: 0.95 };
+    let dropout = loralab::model::ops::dropout::Dropout { key: 0xDEAD_BEEF_1234, keep: 0.95 };
     let fused = dropout.apply(&xg).unwrap().to_device(&Device::Cpu).unwrap();
     let mask = keyed_dropout_mask(&shape, 0xDEAD_BEEF_1234, 0.95, &xc.to_dtype(DType::BF16).unwrap()).unwrap();
     let plain = (xc.to_dtype(DType::BF16).unwrap() * mask).unwrap();
@@ -417,7 +420,7 @@ fn a_dropout_mask_drawn_on_the_gpu_is_the_cpus() {
 
 #[test]
 fn an_accumulating_product_adds_the_product_in_place() -> Result<()> {
-    use loralab::model::cuda::add_matmul;
+    use loralab::model::ops::linear::cuda::add_matmul;
     let (n, m, k) = (37, 48, 40);
     let (cg, cc) = pair(&[n, m], 21)?;
     let (ag, ac) = pair(&[n, k], 22)?;
@@ -438,7 +441,7 @@ fn an_accumulating_product_adds_the_product_in_place() -> Result<()> {
 
 #[test]
 fn a_gradient_product_is_written_then_summed_in_f32() -> Result<()> {
-    use loralab::model::cuda::grad_product;
+    use loralab::model::ops::linear::cuda::grad_product;
     let (n, m, p) = (37, 24, 40);
     let (xg, xc) = pair(&[n, m], 25)?;
     let (yg, yc) = pair(&[n, p], 26)?;
@@ -458,7 +461,7 @@ fn a_gradient_product_is_written_then_summed_in_f32() -> Result<()> {
 
 #[test]
 fn the_heads_kernel_splits_ropes_and_joins_as_the_plain_ops_do() -> Result<()> {
-    use loralab::model::cuda::{heads, Rope};
+    use loralab::model::ops::attention::cuda::{heads, Rope};
     let (b, t, n, e) = (2, 13, 3, 16);
     let (xg, xc) = pair(&[b, t, n * e], 31)?;
     let angles: Vec<f32> = (0..t * e / 2).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
@@ -489,7 +492,7 @@ fn the_heads_kernel_splits_ropes_and_joins_as_the_plain_ops_do() -> Result<()> {
 fn row_dot_on_the_gpu_is_the_rowwise_sum_of_products() -> Result<()> {
     let (ag, ac) = pair(&[3, 5, 130], 41)?;
     let (bg, bc) = pair(&[3, 5, 130], 42)?;
-    let got = loralab::model::cuda::row_dot(&ag, &bg)?;
+    let got = loralab::model::ops::attention::cuda::row_dot(&ag, &bg)?;
     let want = (ac * bc)?.sum(2)?.flatten_all()?;
     assert!(rel_diff(&got, &want) < 1e-5, "row dot: {}", rel_diff(&got, &want));
     Ok(())
@@ -499,7 +502,7 @@ fn row_dot_on_the_gpu_is_the_rowwise_sum_of_products() -> Result<()> {
 fn the_augment_kernel_puts_a_ones_column_and_zeros_beside_z_read_in_place_from_a_view() -> Result<()> {
     let (zg, zc) = pair(&[37, 20], 43)?;
     // The first 12 columns of each row: a view whose rows are 20 elements apart, read in place.
-    let got = loralab::model::cuda::augment(&zg.narrow(1, 2, 12)?, 16)?;
+    let got = loralab::model::ops::linear::cuda::augment(&zg.narrow(1, 2, 12)?, 16)?;
     let z = zc.narrow(1, 2, 12)?;
     let want = Tensor::cat(
         &[z, Tensor::ones((37, 1), DType::F32, &Device::Cpu)?, Tensor::zeros((37, 3), DType::F32, &Device::Cpu)?],
@@ -507,7 +510,7 @@ fn the_augment_kernel_puts_a_ones_column_and_zeros_beside_z_read_in_place_from_a
     )?;
     assert_eq!(got.dims(), &[37, 16]);
     assert_eq!(rel_diff(&got, &want), 0.0);
-    assert!(loralab::model::cuda::augment(&zg, 20).is_err(), "no room for the ones column");
+    assert!(loralab::model::ops::linear::cuda::augment(&zg, 20).is_err(), "no room for the ones column");
     Ok(())
 }
 
@@ -520,12 +523,12 @@ fn the_sum_of_squares_of_many_tensors_is_summed_once_and_the_same_every_time() -
         total += xc.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
         gpu_xs.push(xc.to_device(&gpu())?);
     }
-    let got = loralab::model::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
+    let got = loralab::model::ops::optimizer::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
     assert!((got - total).abs() < 1e-5 * total, "{got} vs {total}");
-    let again = loralab::model::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
+    let again = loralab::model::ops::optimizer::cuda::sum_squares(&gpu_xs)?.to_scalar::<f64>()?;
     assert_eq!(got.to_bits(), again.to_bits());
     let bf16 = gpu_xs[1].to_dtype(DType::BF16)?;
-    let err = loralab::model::cuda::sum_squares(&[bf16]).unwrap_err().to_string();
+    let err = loralab::model::ops::optimizer::cuda::sum_squares(&[bf16]).unwrap_err().to_string();
     assert!(err.contains("sum-squares") && err.contains("f32"), "{err}");
     Ok(())
 }
@@ -547,9 +550,9 @@ fn gathered_rows_on_the_gpu_and_their_gradient_are_the_cpus() -> Result<()> {
     assert_eq!(rel_diff(&gg, &gc), 0.0, "rows not picked get zeros, the others w's rows");
     // Rows whose width is not a multiple of 8 are not the kernel's (the plain ops take them).
     let (narrow, _) = pair(&[9, 12], 47)?;
-    assert!(!loralab::model::cuda::take_rows_fits(&narrow));
+    assert!(!loralab::model::ops::gather::cuda::take_rows_fits(&narrow));
     let idx = Tensor::new(&rows[..], &gpu())?;
-    assert!(loralab::model::cuda::take_rows(&narrow, &idx).unwrap_err().to_string().contains("take-rows"));
+    assert!(loralab::model::ops::gather::cuda::take_rows(&narrow, &idx).unwrap_err().to_string().contains("take-rows"));
     Ok(())
 }
 
@@ -558,7 +561,7 @@ fn scaling_by_a_scalar_on_the_gpu_multiplies_every_element() -> Result<()> {
     for n in [4096 * 8, 1001] {
         let (xg, xc) = pair(&[n], 44)?;
         let s = Tensor::new(0.37f32, &gpu())?;
-        let got = loralab::model::cuda::scale_by(&xg, &s)?;
+        let got = loralab::model::ops::loss::cuda::scale_by(&xg, &s)?;
         let want = (xc * 0.37)?;
         assert!(rel_diff(&got, &want) < 1e-2, "n {n}: {}", rel_diff(&got, &want));
     }
@@ -614,7 +617,7 @@ fn self_attention_case(t: usize, e: usize) -> Result<()> {
 
 #[test]
 fn the_adamw_kernel_takes_pytorchs_step_for_every_variable_in_place() -> Result<()> {
-    use loralab::model::cuda::{adamw_many, AdamStep};
+    use loralab::model::ops::optimizer::cuda::{adamw_many, AdamStep};
     let (_, p) = pair(&[6, 50], 61)?;
     let (_, m) = pair(&[6, 50], 62)?;
     let (_, v) = pair(&[6, 50], 63)?;

@@ -368,7 +368,7 @@ const SMOL_STEP_RTOL: f64 = 1e-4;
 
 #[test]
 fn a_dropout_mask_keeps_about_one_minus_p_and_depends_only_on_its_key() {
-    use loralab::model::decoder::keyed_dropout_mask;
+    use loralab::model::ops::dropout::keyed_dropout_mask;
     let like = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
     let shape = candle_core::Shape::from((200, 500));
     let mask = |key: u64| {

@@ -29,12 +29,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 use super::config::{Activation, Config};
+use super::ops::dropout::{keyed_dropout_mask, Dropout};
 use super::ops::{frozen_linear, SelfAttention};
 use super::packed::PackedMatrix;
 use super::sink::GradSink;
@@ -181,82 +181,6 @@ fn dropout_of(pass: Pass, adapter: &Adapter) -> Result<Option<Dropout>> {
     let p = adapter.config.lora_dropout;
     let (true, true, Some(rng)) = (pass.train, p > 0.0, pass.dropout_rng) else { return Ok(None) };
     Ok(Some(Dropout { key: rng.borrow_mut().gen(), keep: 1.0 - p }))
-}
-
-/// LoRA dropout of one input, by key: the mask is drawn where it is applied (see
-/// [`keyed_dropout_mask`]), so none is stored.
-#[derive(Clone, Copy, Debug)]
-pub struct Dropout {
-    pub key: u64,
-    pub keep: f64,
-}
-
-impl Dropout {
-    /// t * mask for a t of the input's shape (not differentiable: for hand-written rules). On the
-    /// GPU in bf16 one kernel draws and applies the mask.
-    pub fn apply(&self, t: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if super::cuda::applies(t) {
-            return super::cuda::dropout_apply(t, self.key, self.keep);
-        }
-        t.mul(&keyed_dropout_mask(t.shape(), self.key, self.keep, t)?)
-    }
-
-    /// sum + t * mask; on the GPU in bf16 one kernel adds in place (`sum` must then be held by the
-    /// caller alone).
-    pub fn add_applied(&self, sum: Tensor, t: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if super::cuda::applies(&sum) && sum.is_contiguous() {
-            super::cuda::dropout_add(&sum, t, self.key, self.keep)?;
-            return Ok(sum);
-        }
-        sum + self.apply(t)?
-    }
-}
-
-/// The inverted-dropout mask of `shape` keyed `key`, on `like`'s device and in its dtype: element
-/// i is 1 / keep when 24 bits of a hash of (key, i) fall below keep * 2^24, else 0.
-pub fn keyed_dropout_mask(shape: &Shape, key: u64, keep: f64, like: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if like.device().is_cuda() {
-        return super::cuda::dropout_mask(shape, key, keep, like);
-    }
-    let n = shape.elem_count();
-    check_mask_len(n)?;
-    let threshold = keep_threshold(keep);
-    let value = (1.0 / keep) as f32;
-    let mask: Vec<f32> =
-        (0..n as u32).into_par_iter().map(|i| if keeps(key, i, threshold) { value } else { 0.0 }).collect();
-    Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
-}
-
-/// A dropout mask hashes its elements' indices as 32-bit numbers.
-pub(crate) fn check_mask_len(n: usize) -> Result<()> {
-    if n > u32::MAX as usize {
-        candle_core::bail!("dropout mask of {n} elements: at most 2^32 per tensor");
-    }
-    Ok(())
-}
-
-/// Elements are kept when 24 bits of their hash fall below this: keep * 2^24.
-pub(crate) fn keep_threshold(keep: f64) -> u32 {
-    (keep * (1u64 << 24) as f64).round() as u32
-}
-
-/// Whether element i of the mask keyed `key` is kept (the rule of kernels.cu's `dropout_mask`).
-fn keeps(key: u64, i: u32, threshold: u32) -> bool {
-    let stream = mix32(key as u32 ^ mix32((key >> 32) as u32));
-    (mix32(stream.wrapping_add(mix32(i))) >> 8) < threshold
-}
-
-/// A 32-bit integer hash with good avalanche (the "lowbias32" constants), as in kernels.cu.
-fn mix32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
-    x ^= x >> 16;
-    x
 }
 
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
@@ -481,8 +405,8 @@ fn gpu_decode_attention(
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
-        if super::cuda::decode_attention_fits(q, s, mask) {
-            return super::cuda::decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
+        if super::ops::attention::cuda::decode_attention_fits(q, s, mask) {
+            return super::ops::attention::cuda::decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
         }
     }
     let _ = (q, t, whole_cache, s, mask, scale, softcap);

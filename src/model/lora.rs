@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use super::config::Activation;
-use super::decoder::Dropout;
+use super::ops::dropout::Dropout;
 use super::ops::{self, accumulates, add_matmul, attach, Backward, QkvHeads, SelfAttention};
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
@@ -212,7 +212,7 @@ fn augmented(z: &Tensor) -> Result<Tensor> {
     let (n, r) = z.dims2()?;
     #[cfg(feature = "cuda")]
     if accumulates(z) {
-        return super::cuda::augment(z, r + padding(r)); // one kernel for the four ops below
+        return super::ops::linear::cuda::augment(z, r + padding(r)); // one kernel for the four ops below
     }
     let ones = Tensor::ones((n, 1), z.dtype(), z.device())?;
     Tensor::cat(&padded(vec![z.clone(), ones], padding(r) - 1)?, 1)

@@ -42,7 +42,7 @@ impl GradSink {
     }
 
     /// Adds `alpha * x^T y` (x (N, M), y (N, P)) to the gradient of `var` (M, P). On the GPU in
-    /// bf16 the product is written into the f32 sum itself ([`super::cuda::grad_product`]).
+    /// bf16 the product is written into the f32 sum itself ([`super::ops::linear::cuda::grad_product`]).
     pub(crate) fn add_product(&self, var: &Var, x: &Tensor, y: &Tensor, alpha: f64) -> Result<()> {
         #[cfg(feature = "cuda")]
         if super::cuda::applies(x) && var.dtype() == candle_core::DType::F32 {
@@ -53,7 +53,7 @@ impl GradSink {
                 // Safety: beta 0 below: the product writes every element without reading them.
                 None => (unsafe { Tensor::empty(var.shape(), var.dtype(), var.device())? }, 0.0),
             };
-            super::cuda::grad_product(&acc, x, y, alpha as f32, beta)?;
+            super::ops::linear::cuda::grad_product(&acc, x, y, alpha as f32, beta)?;
             map.insert(id, acc);
             return Ok(());
         }

@@ -1,16 +1,21 @@
-//! Differentiable tensor operations the training path needs and candle does not provide, one
-//! file per op: each holds its forward, its backward rule and its tests, and calls the fused
-//! kernels of [`super::cuda`] on the GPU in bf16 (the CPU's own kernels are in [`super::cpu`]).
-//! This file holds what they share: how a rule is attached to a value computed outside candle's
-//! graph ([`attach`], [`Backward`]), and whether the GPU's fused kernels apply.
+//! The tensor operations the model runs where candle's own are missing or slow, one folder per
+//! fused op: its CPU path and backward rule in `mod.rs`, its GPU launchers in `cuda.rs`
+//! (feature `cuda`) and its kernels beside them in `.cu` files, which
+//! `src/model/cuda/kernels.cu` gathers into one PTX module (the CPU's own kernels are in
+//! [`super::cpu`]). This file holds what the ops share: how a rule is attached to a value
+//! computed outside candle's graph ([`attach`], [`Backward`]), and whether the GPU's fused
+//! kernels apply.
 //!
-//! - [`linear`]: frozen projections, and products accumulated in place;
+//! - [`linear`]: frozen projections, products accumulated in place, the LoRA term's bias column;
 //! - [`gather`]: rows of a tensor, with a gather for a backward pass;
 //! - [`softmax`], [`rms_norm`], [`rope`]: candle's fused forwards given backward rules;
-//! - [`attention`]: attention that recomputes its probabilities, and the layer's self-attention;
+//! - [`attention`]: attention that recomputes its probabilities (flash kernels, a materialised
+//!   softmax, decoding from the cache), and the layer's self-attention;
 //! - [`loss`]: chunked cross-entropy through the output head;
-//! - [`silu_mul`], [`gelu_mul`]: the gated MLP's product (SwiGLU, GeGLU), chosen by
-//!   [`gated`] for a config's activation.
+//! - [`gated`]: the gated MLP's product (SwiGLU, GeGLU);
+//! - [`dropout`]: LoRA's keyed dropout;
+//! - [`sampling`], [`optimizer`]: the GPU kernels of the sampler's draws and of the AdamW step,
+//!   whose CPU paths are in `crate::sample` and `crate::train`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Result, Shape, Tensor};
@@ -150,45 +155,28 @@ impl<B: Backward> candle_core::CustomOp1 for Attached<B> {
 }
 
 // The ops, after the plumbing above (its macro is visible only below its definition).
-mod attention;
-mod gather;
-mod gelu_mul;
+pub mod attention;
+pub mod dropout;
+pub mod gated;
+pub mod gather;
 #[cfg(test)]
 mod gradient_tests;
-mod linear;
-mod loss;
-mod rms_norm;
+pub mod linear;
+pub mod loss;
+pub mod optimizer;
+pub mod rms_norm;
 mod rope;
-mod silu_mul;
+pub mod sampling;
 mod softmax;
 
 pub(crate) use attention::QkvHeads;
 pub use attention::{attention, SelfAttention};
+pub use gated::{gated, gated_backward, gelu_mul, gelu_mul_backward, silu_mul, silu_mul_backward};
 pub use gather::gather_rows;
-pub use gelu_mul::{gelu_mul, gelu_mul_backward};
 pub(crate) use linear::add_matmul;
 pub use linear::frozen_linear;
 pub use loss::linear_cross_entropy;
 pub use rms_norm::rms_norm;
 pub(crate) use rms_norm::{rms_norm_backward, rms_norm_backward_plus, rms_norm_value};
 pub use rope::rope;
-pub use silu_mul::{silu_mul, silu_mul_backward};
-
-use crate::model::config::Activation;
-
-/// act(gate) * up, the gated MLP's product, for untracked or tracked tensors of one shape.
-pub fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match activation {
-        Activation::Silu => silu_mul(gate, up),
-        Activation::GeluTanh => gelu_mul(gate, up),
-    }
-}
-
-/// The gradients of gate and up from that of [`gated`]'s product.
-pub fn gated_backward(activation: Activation, gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    match activation {
-        Activation::Silu => silu_mul_backward(gate, up, dh),
-        Activation::GeluTanh => gelu_mul_backward(gate, up, dh),
-    }
-}
 pub use softmax::softmax_last_dim;

@@ -7,14 +7,17 @@ use candle_core::{Result, Tensor};
 use super::accumulates;
 use super::{attach, Backward};
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// `c + a b^T` (`b_transposed`: b is (M, K)) or `c + a b` (b is (K, M)), for c (N, M) and
 /// a (N, K), untracked. On the GPU in bf16 one product accumulates into `c` in place
-/// ([`crate::model::cuda::add_matmul`]): `c` must be a tensor the caller has just computed and holds
+/// ([`cuda::add_matmul`]): `c` must be a tensor the caller has just computed and holds
 /// alone. Elsewhere the product is added.
 pub(crate) fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if accumulates(&c) && c.is_contiguous() {
-        crate::model::cuda::add_matmul(&c, a, b, b_transposed)?;
+        cuda::add_matmul(&c, a, b, b_transposed)?;
         return Ok(c);
     }
     let product = if b_transposed { a.matmul(&b.t()?)? } else { a.matmul(b)? };

@@ -4,6 +4,9 @@ use candle_core::{Result, Tensor};
 
 use super::{attach, Backward};
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Rows `rows` (distinct, in any order) of x (M, D) -> (N, D), differentiable in x.
 ///
 /// candle's `index_select` has this forward, but its backward is an index_add whose GPU kernel
@@ -30,8 +33,8 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
 /// GPU, which takes either.
 fn take_rows(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::model::cuda::take_rows_fits(x) {
-        return crate::model::cuda::take_rows(x, idx);
+    if cuda::take_rows_fits(x) {
+        return cuda::take_rows(x, idx);
     }
     if !zero_rows {
         return x.index_select(idx, 0);

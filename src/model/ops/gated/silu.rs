@@ -3,13 +3,13 @@
 use candle_core::{Result, Tensor};
 
 #[cfg(feature = "cuda")]
-use super::fused;
+use super::super::fused;
 
 /// silu(gate) * up, SwiGLU's product: one fused kernel each way on the GPU in bf16.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::gated_mul(crate::model::config::Activation::Silu, gate, up);
+        return super::cuda::gated_mul(crate::model::config::Activation::Silu, gate, up);
     }
     gate.silu()? * up
 }
@@ -19,7 +19,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::gated_mul_backward(crate::model::config::Activation::Silu, gate, up, dh);
+        return super::cuda::gated_mul_backward(crate::model::config::Activation::Silu, gate, up, dh);
     }
     let sig = candle_nn::ops::sigmoid(gate)?;
     let silu = (gate * &sig)?;

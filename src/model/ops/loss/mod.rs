@@ -9,6 +9,9 @@ use super::fused;
 use super::{attach, Backward};
 use crate::model::packed::PackedMatrix;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Sum over rows of the cross-entropy `-log softmax(h W^T)[target]` for a frozen `W`, computed
 /// `chunk` rows at a time in f32 (f64 stays f64): only one chunk of (rows, V) logits exists at
 /// any moment.
@@ -100,7 +103,7 @@ impl Backward for EagerGrad {
     fn grad(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if fused(&self.dh) {
-            return crate::model::cuda::scale_by(&self.dh, g);
+            return cuda::scale_by(&self.dh, g);
         }
         self.dh.broadcast_mul(&g.to_dtype(h.dtype())?)
     }
@@ -157,15 +160,15 @@ fn fused_cross_entropy(
     let sums = by_chunks(h.dim(0)?, chunk, |start, rows| {
         let logits = h_detached.narrow(0, start, rows)?.matmul(&weight.t()?)?; // (rows, V) bf16
         let targets = targets.narrow(0, start, rows)?;
-        let stats = if h.track_op() && crate::model::cuda::cross_entropy_fused_fits(&logits) {
+        let stats = if h.track_op() && cuda::cross_entropy_fused_fits(&logits) {
             // One kernel: the statistics, and the logits turned into their gradient in place.
-            let stats = crate::model::cuda::cross_entropy_fused(&logits, &targets, softcap)?;
+            let stats = cuda::cross_entropy_fused(&logits, &targets, softcap)?;
             dh.push(logits.matmul(weight)?);
             stats
         } else {
-            let stats = crate::model::cuda::cross_entropy_forward(&logits, &targets, softcap)?; // (rows, 2): loss, lse
+            let stats = cuda::cross_entropy_forward(&logits, &targets, softcap)?; // (rows, 2): loss, lse
             if h.track_op() {
-                let dlogits = crate::model::cuda::cross_entropy_backward(&logits, &targets, &stats, softcap)?;
+                let dlogits = cuda::cross_entropy_backward(&logits, &targets, &stats, softcap)?;
                 dh.push(dlogits.matmul(weight)?);
             }
             stats

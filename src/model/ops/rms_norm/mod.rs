@@ -6,6 +6,9 @@ use candle_core::{Result, Tensor};
 use super::fused;
 use super::{attach, Backward};
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// RMSNorm `y = w * x / sqrt(mean(x^2) + eps)` over the last dimension, differentiable in x
 /// (w is frozen): with r = 1/sqrt(mean(x^2) + eps) and gw = g * w,
 /// dx = r * gw - x * r^3 * mean(gw * x).
@@ -25,11 +28,8 @@ pub(crate) fn rms_norm_value(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Te
         return rms_norm(x, weight, eps);
     }
     #[cfg(feature = "cuda")]
-    if fused(x)
-        && weight.dtype() == candle_core::DType::BF16
-        && crate::model::cuda::rms_norm_fits(x.dim(candle_core::D::Minus1)?)
-    {
-        return crate::model::cuda::rms_norm(x, weight, eps);
+    if fused(x) && weight.dtype() == candle_core::DType::BF16 && cuda::rms_norm_fits(x.dim(candle_core::D::Minus1)?) {
+        return cuda::rms_norm(x, weight, eps);
     }
     candle_nn::ops::rms_norm(x, weight, eps as f32)
 }
@@ -50,7 +50,7 @@ pub(crate) fn rms_norm_backward_plus(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x) && weight.dtype() == candle_core::DType::BF16 {
-        return crate::model::cuda::rms_norm_backward_plus(x, g, weight, plus, eps);
+        return cuda::rms_norm_backward_plus(x, g, weight, plus, eps);
     }
     plus + rms_norm_backward(x, weight, eps, g)?
 }
@@ -68,7 +68,7 @@ impl Backward for RmsNormGrad {
         use candle_core::{DType, D};
         #[cfg(feature = "cuda")]
         if fused(x) && self.weight.dtype() == DType::BF16 {
-            return crate::model::cuda::rms_norm_backward(x, g, &self.weight, self.eps);
+            return cuda::rms_norm_backward(x, g, &self.weight, self.eps);
         }
         let dtype = x.dtype();
         let up = |t: &Tensor| if dtype == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };

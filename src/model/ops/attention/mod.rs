@@ -7,6 +7,9 @@ use candle_core::{Result, Tensor};
 use super::fused;
 use super::Handoff;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Attention for training, `softmax(cap(q k^T * scale) + mask) v`, that keeps only its inputs
 /// and output for the backward pass and recomputes the probabilities there. `softcap`: the
 /// scores become `c * tanh(s / c)` (Gemma 2), else they stay as they are.
@@ -103,8 +106,8 @@ impl AttentionRule {
     /// query per key).
     #[cfg(feature = "cuda")]
     fn flash(&self, q: &Tensor, k: &Tensor) -> bool {
-        let layout = crate::model::cuda::QueryLayout::Heads;
-        self.fused(q) && self.softcap.is_none() && crate::model::cuda::flash_fits(q, k, self.g, layout)
+        let layout = cuda::QueryLayout::Heads;
+        self.fused(q) && self.softcap.is_none() && cuda::flash_fits(q, k, self.g, layout)
     }
 
     /// Probabilities (B, K, G*T, S) in f32 (f64 stays f64); in bf16 where fused.
@@ -119,7 +122,7 @@ impl AttentionRule {
         #[cfg(feature = "cuda")]
         if self.fused(q) {
             let t = q.dim(2)? / self.g;
-            let probs = crate::model::cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale, self.softcap)?;
+            let probs = cuda::causal_softmax(&q.matmul(&k.t()?)?, t, self.scale, self.softcap)?;
             return Ok((probs, None));
         }
         let (b, kh, m, _) = q.dims4()?;
@@ -156,14 +159,7 @@ impl Qkv for AttentionRule {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.flash(q, k) {
-            let flash = crate::model::cuda::flash_attention(
-                q,
-                k,
-                v,
-                self.g,
-                self.scale,
-                crate::model::cuda::QueryLayout::Heads,
-            )?;
+            let flash = cuda::flash_attention(q, k, v, self.g, self.scale, cuda::QueryLayout::Heads)?;
             *self.saved()? = Some((flash.lse, q.clone()));
             return Ok(flash.out);
         }
@@ -182,20 +178,10 @@ impl Qkv for AttentionRule {
         if self.flash(q, k) {
             let lse = match self.saved()?.take() {
                 Some((lse, _)) => lse,
-                None => {
-                    crate::model::cuda::flash_attention(
-                        q,
-                        k,
-                        v,
-                        self.g,
-                        self.scale,
-                        crate::model::cuda::QueryLayout::Heads,
-                    )?
-                    .lse
-                }
+                None => cuda::flash_attention(q, k, v, self.g, self.scale, cuda::QueryLayout::Heads)?.lse,
             };
-            let d = crate::model::cuda::row_dot(grad, out)?; // (B * K * M,) f32
-            return crate::model::cuda::flash_attention_backward(
+            let d = cuda::row_dot(grad, out)?; // (B * K * M,) f32
+            return cuda::flash_attention_backward(
                 q,
                 k,
                 v,
@@ -204,7 +190,7 @@ impl Qkv for AttentionRule {
                 &d,
                 self.g,
                 self.scale,
-                crate::model::cuda::QueryLayout::Heads,
+                cuda::QueryLayout::Heads,
             );
         }
         #[cfg(feature = "cuda")]
@@ -212,13 +198,13 @@ impl Qkv for AttentionRule {
             // All products in bf16; rowsum(dP * P) = rowsum(dO * O) needs only (B, K, M, E) tensors.
             let t = q.dim(2)? / self.g;
             let raw = q.matmul(&k.t()?)?; // (B, K, M, S) bf16
-            let p = crate::model::cuda::causal_softmax(&raw, t, self.scale, self.softcap)?;
+            let p = cuda::causal_softmax(&raw, t, self.scale, self.softcap)?;
             let dout = grad.contiguous()?;
             let dv = p.t()?.matmul(&dout)?;
             let dp = dout.matmul(&v.t()?)?;
-            let d = crate::model::cuda::row_dot(&dout, out)?; // (B * K * M,) f32
+            let d = cuda::row_dot(&dout, out)?; // (B * K * M,) f32
             let capped = self.softcap.map(|c| (&raw, c));
-            let ds = crate::model::cuda::softmax_backward(&p, &dp, &d, t, self.scale, capped)?;
+            let ds = cuda::softmax_backward(&p, &dp, &d, t, self.scale, capped)?;
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
         }
         let _ = out;
@@ -303,7 +289,7 @@ impl SelfAttention {
         #[cfg(feature = "cuda")]
         if let Some(layout) = self.merged_layout(&heads) {
             let g = self.rule.g;
-            let flash = crate::model::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, self.rule.scale, layout)?;
+            let flash = cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, self.rule.scale, layout)?;
             let q_roped = flash.q_roped.ok_or_else(|| candle_core::Error::Msg("flash attention: no roped q".into()))?;
             *self.rule.saved()? = Some((flash.lse, q_roped.clone()));
             return Ok((flash.out, QkvHeads { q: q_roped, roped: true, ..heads }));
@@ -334,11 +320,10 @@ impl SelfAttention {
 
     /// The flash kernels' layout for merged heads, where they take these.
     #[cfg(feature = "cuda")]
-    fn merged_layout<'a>(&'a self, heads: &QkvHeads) -> Option<crate::model::cuda::QueryLayout<'a>> {
-        let layout = crate::model::cuda::QueryLayout::Merged { cos: &self.heads.cos, sin: &self.heads.sin };
-        let fits = heads.merged
-            && self.rule.softcap.is_none()
-            && crate::model::cuda::flash_fits(&heads.q, &heads.k, self.rule.g, layout);
+    fn merged_layout<'a>(&'a self, heads: &QkvHeads) -> Option<cuda::QueryLayout<'a>> {
+        let layout = cuda::QueryLayout::Merged { cos: &self.heads.cos, sin: &self.heads.sin };
+        let fits =
+            heads.merged && self.rule.softcap.is_none() && cuda::flash_fits(&heads.q, &heads.k, self.rule.g, layout);
         fits.then_some(layout)
     }
 
@@ -358,7 +343,7 @@ impl SelfAttention {
                 (Some(saved), _) => saved,
                 (None, true) => candle_core::bail!("self-attention: a second backward pass over its roped heads"),
                 (None, false) => {
-                    let flash = crate::model::cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, scale, layout)?;
+                    let flash = cuda::flash_attention(&heads.q, &heads.k, &heads.v, g, scale, layout)?;
                     let roped =
                         flash.q_roped.ok_or_else(|| candle_core::Error::Msg("flash attention: no roped q".into()))?;
                     (flash.lse, roped)
@@ -366,10 +351,9 @@ impl SelfAttention {
             };
             // rowsum(dout * out) per query head: rows of E.
             let e = heads.k.dim(3)?;
-            let d = crate::model::cuda::row_dot(&grad.reshape(((), e))?, &out.reshape(((), e))?)?;
-            let (dq, dk, dv) = crate::model::cuda::flash_attention_backward(
-                &q_roped, &heads.k, &heads.v, grad, &lse, &d, g, scale, layout,
-            )?;
+            let d = cuda::row_dot(&grad.reshape(((), e))?, &out.reshape(((), e))?)?;
+            let (dq, dk, dv) =
+                cuda::flash_attention_backward(&q_roped, &heads.k, &heads.v, grad, &lse, &d, g, scale, layout)?;
             return Ok((dq, hs.unrope(&dk)?, hs.joined(&dv, false)?));
         }
         let (out, dout) = (hs.unmerge(out)?, hs.unmerge(grad)?);
@@ -445,7 +429,7 @@ impl Heads {
     fn heads_of(&self, x: &Tensor, n: usize, roped: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused(x, x.dim(2)? / n) {
-            use crate::model::cuda::{heads, Rope};
+            use cuda::{heads, Rope};
             return heads(x, n, &self.cos, &self.sin, if roped { Rope::Forward } else { Rope::None }, true);
         }
         let h = split_heads(x, n)?;
@@ -461,7 +445,7 @@ impl Heads {
     fn joined(&self, x: &Tensor, unroped: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused(x, x.dim(3)?) {
-            use crate::model::cuda::{heads, Rope};
+            use cuda::{heads, Rope};
             return heads(x, x.dim(1)?, &self.cos, &self.sin, if unroped { Rope::Inverse } else { Rope::None }, false);
         }
         if unroped {

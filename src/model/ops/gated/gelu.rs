@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 
 #[cfg(feature = "cuda")]
-use super::fused;
+use super::super::fused;
 
 /// sqrt(2 / pi) and the cubic term's coefficient of the tanh approximation.
 const C: f64 = 0.797_884_560_802_865_4;
@@ -16,7 +16,7 @@ const A: f64 = 0.044_715;
 pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::gated_mul(crate::model::config::Activation::GeluTanh, gate, up);
+        return super::cuda::gated_mul(crate::model::config::Activation::GeluTanh, gate, up);
     }
     gate.gelu()? * up
 }
@@ -28,7 +28,7 @@ pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn gelu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused(gate) {
-        return crate::model::cuda::gated_mul_backward(crate::model::config::Activation::GeluTanh, gate, up, dh);
+        return super::cuda::gated_mul_backward(crate::model::config::Activation::GeluTanh, gate, up, dh);
     }
     let dtype = gate.dtype();
     let wide = |t: &Tensor| if dtype == DType::F64 { Ok(t.clone()) } else { t.to_dtype(DType::F32) };

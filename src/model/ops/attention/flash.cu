@@ -1,6 +1,6 @@
 // Causal attention for training without the (T x T) scores in memory: each block holds a tile of
 // rows in registers and streams the other side's tiles through shared memory, the products on
-// the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulators). Included by kernels.cu.
+// the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulators). Included by src/model/cuda/kernels.cu.
 //
 // Layout: k, v (BK, T, E) roped (k), BK = B * KV; key s is visible to position t when s <= t.
 // E is 64 or 128. The query side (q, out, dout, dq) comes in one of two layouts:

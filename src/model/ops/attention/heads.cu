@@ -1,0 +1,49 @@
+// The projections' outputs as attention heads and back, roped on the way, and the row dot
+// products attention's backward pass needs.
+
+// A projection's output as attention heads and back: x (B, T, n, E) <-> y (B, n, T, E), with
+// the rope on the way: cos, sin (T, E/2) rotate the first half of each head against the second
+// (rope_sign 1), by the opposite angle (-1: the rope's transpose, for gradients) or not at all (0).
+// to_heads: src is x and dst is y; else the reverse. One thread per two adjacent pairs
+// (E % 4 == 0), f32 arithmetic.
+extern "C" __global__ void heads_bf16(const __nv_bfloat16* src, __nv_bfloat16* dst, const __nv_bfloat16* cos,
+                                      const __nv_bfloat16* sin, int b, int t, int n, int e, int rope_sign,
+                                      int to_heads) {
+    int half = e / 2, quads = half / 2;
+    long total = (long)b * t * n * quads;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        int j = (int)(i % quads) * 2;
+        long rest = i / quads;
+        int h = (int)(rest % n);
+        rest /= n;
+        int tt = (int)(rest % t), bb = (int)(rest / t);
+        long x_at = (((long)bb * t + tt) * n + h) * e, y_at = (((long)bb * n + h) * t + tt) * e;
+        long from = to_heads ? x_at : y_at, to = to_heads ? y_at : x_at;
+        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(src + from + j);
+        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(src + from + half + j);
+        if (rope_sign != 0) {
+            float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
+            float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)tt * half + j));
+            float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)tt * half + j));
+            s.x *= rope_sign;
+            s.y *= rope_sign;
+            lo = __floats2bfloat162_rn(a.x * c.x - c2.x * s.x, a.y * c.y - c2.y * s.y);
+            hi = __floats2bfloat162_rn(a.x * s.x + c2.x * c.x, a.y * s.y + c2.y * c.y);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(dst + to + j) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(dst + to + half + j) = hi;
+    }
+}
+
+// d[r] = sum_i a[r][i] * b[r][i] in f32, for rows of width w: one warp per row. (Attention's
+// backward needs rowsum(dO * O) per query.)
+extern "C" __global__ void row_dot_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d, long rows,
+                                        int w) {
+    long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    float sum = 0.0f;
+    for (int i = lane; i < w; i += 32) sum += __bfloat162float(a[r * w + i]) * __bfloat162float(b[r * w + i]);
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) d[r] = sum;
+}
