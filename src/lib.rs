@@ -16,6 +16,7 @@ pub mod logprobs;
 pub mod lua;
 pub mod model;
 pub mod plot;
+pub mod profile;
 pub mod sample;
 pub mod slurm;
 pub mod stats;

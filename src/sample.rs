@@ -113,6 +113,8 @@ pub struct SampleStats {
     pub decode_seconds: f64,
     /// The most rows decoded at once.
     pub peak_rows: usize,
+    /// Decoding steps run (each over every row still in its batch).
+    pub decode_steps: usize,
 }
 
 /// Generates `opts.n` completions for each prompt (token ids). Returns them per prompt, in order.
@@ -165,6 +167,12 @@ pub fn sample(
                 results[i].extend(out.into_iter().flatten());
             }
         }
+    }
+    if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
+        eprintln!(
+            "profile of sample (LORALAB_PROFILE): {} prompt tokens, {} generated, {} decoding steps\n{table}",
+            stats.prompt_tokens, stats.generated_tokens, stats.decode_steps
+        );
     }
     Ok((results, stats))
 }
@@ -264,6 +272,7 @@ fn sample_group(
         // Drop finished rows once they are half the batch: the copy of the cache costs less
         // than decoding them further.
         if finished * 2 >= live.len() {
+            let _phase = crate::profile::phase("cache compaction", &device);
             let keep: Vec<u32> = (0..live.len()).filter(|&s| rows[live[s]].done.is_none()).map(|s| s as u32).collect();
             cache.select_rows(&Tensor::new(keep.as_slice(), &device)?)?;
             live = keep.iter().map(|&s| live[s as usize]).collect();
@@ -272,11 +281,15 @@ fn sample_group(
         }
         // Decode: (B, 1) ids at position `pos` -> logits (B, V).
         let b = live.len();
+        let phase = crate::profile::phase("ids and masks", &device);
         let ids = Tensor::from_vec(next.clone(), (b, 1), &device)?;
         let mask = Mask::Rows(decode_mask(&row_pads, pos + 1, &device)?);
+        drop(phase);
+        stats.decode_steps += 1;
         let hidden = dec.forward_hidden(&ids, pos, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
         let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?;
         pos += 1;
+        let _phase = crate::profile::phase("sampling (cuts, draws)", &device);
         next = choose_tokens(&logits, &mut rows, &live, (pos - l) as u32, opts)?;
     }
     stats.decode_seconds += t1.elapsed().as_secs_f64();

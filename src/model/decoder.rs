@@ -192,6 +192,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _phase = crate::profile::phase("norms", x.device());
         if train {
             super::ops::rms_norm(x, &self.weight, self.eps)
         } else {
@@ -290,6 +291,7 @@ impl Attention {
         let Span { rope, pos, mask, .. } = span;
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let phase = crate::profile::phase("q/k/v projections", x.device());
         // (B, T, H*E) -> (B, H, T, E)
         let (q, kx, vx) = match &self.qkv_packed {
             Some(fused) => {
@@ -304,6 +306,8 @@ impl Attention {
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
             ),
         };
+        drop(phase);
+        let phase = crate::profile::phase("heads, rope, cache write", x.device());
         let (q, kx) = (q.reshape((b, t, h, e))?, kx.reshape((b, t, k, e))?);
         let (q, kx) = match &self.qk_norms {
             Some((qn, kn)) => (qn.forward(&q, pass.train)?, kn.forward(&kx, pass.train)?),
@@ -331,6 +335,8 @@ impl Attention {
             None => (kx, vx, None),
         };
         let s = keys.dim(2)?;
+        drop(phase);
+        let phase = crate::profile::phase("attention", x.device());
 
         // Grouped-query attention without repeating K/V: the G query heads sharing a kv head
         // are stacked along the row axis. (B, H, T, E) -> (B, K, G*T, E)
@@ -366,6 +372,8 @@ impl Attention {
         };
         // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
         let out = out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e))?;
+        drop(phase);
+        let _phase = crate::profile::phase("o projection", x.device());
         self.o_proj.forward(&out, pass, layer, Target::OProj)
     }
 }
@@ -415,6 +423,7 @@ fn gpu_decode_attention(
 
 impl Mlp {
     fn forward(&self, x: &Tensor, pass: Pass, layer: usize) -> Result<Tensor> {
+        let phase = crate::profile::phase("gate/up projections", x.device());
         let (gate, up) = match &self.gate_up_packed {
             Some(fused) => {
                 let parts = [(&self.gate_proj, Target::GateProj), (&self.up_proj, Target::UpProj)];
@@ -426,7 +435,12 @@ impl Mlp {
                 self.up_proj.forward(x, pass, layer, Target::UpProj)?,
             ),
         };
-        self.down_proj.forward(&super::ops::gated(self.activation, &gate, &up)?, pass, layer, Target::DownProj)
+        drop(phase);
+        let phase = crate::profile::phase("activation", x.device());
+        let h = super::ops::gated(self.activation, &gate, &up)?;
+        drop(phase);
+        let _phase = crate::profile::phase("down projection", x.device());
+        self.down_proj.forward(&h, pass, layer, Target::DownProj)
     }
 }
 
@@ -477,12 +491,16 @@ impl Layer {
         if let Some((attention_out, _)) = &self.output_norms {
             h = attention_out.forward(&h, pass.train)?;
         }
-        let x1 = (x + h)?;
+        let x1 = {
+            let _phase = crate::profile::phase("residuals", x.device());
+            (x + h)?
+        };
         let h = self.mlp_norm.forward(&x1, pass.train)?;
         let mut h = self.mlp.forward(&h, pass, index)?;
         if let Some((_, mlp_out)) = &self.output_norms {
             h = mlp_out.forward(&h, pass.train)?;
         }
+        let _phase = crate::profile::phase("residuals", x.device());
         x1 + h
     }
 
@@ -893,6 +911,7 @@ impl Decoder {
     /// once, as every bf16 stack samples from), for consumers that read them once.
     pub fn logits_as_computed(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
+        let _phase = crate::profile::phase("logits", hidden.device());
         let h = hidden.reshape((b * t, d))?;
         let logits = match &self.lm_head_packed {
             Some(packed) => super::cpu::linear_packed(&h, packed)?,
