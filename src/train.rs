@@ -356,7 +356,9 @@ pub fn train(
                 if !loss.track_op() {
                     continue; // a micro-batch without trained tokens adds no gradient
                 }
+                let phase = crate::profile::phase("backward pass", &decoder.device);
                 let store = loss.backward()?;
+                drop(phase);
                 for (acc, var) in grads.iter_mut().zip(&vars) {
                     let from_sink = sink.take(var);
                     for g in store.get(var.as_tensor()).cloned().into_iter().chain(from_sink) {
@@ -393,7 +395,9 @@ pub fn train(
         );
         let clip = if cfg.max_grad_norm > 0.0 { (cfg.max_grad_norm / (norm + 1e-6)).min(1.0) } else { 1.0 };
         let lr = cfg.lr_at(step, total);
+        let phase = crate::profile::phase("optimizer", &decoder.device);
         opt.update(&grads, lr, clip)?;
+        drop(phase);
         let record = StepLog {
             step: step + 1,
             epoch: order.consumed as f64 / examples.len() as f64,
@@ -406,6 +410,9 @@ pub fn train(
         };
         on_step(&record)?;
         log.push(record);
+    }
+    if let Some(table) = crate::profile::report(log.len(), "step") {
+        eprintln!("profile of training (LORALAB_PROFILE): {} optimizer steps\n{table}", log.len());
     }
     Ok(log)
 }
@@ -534,6 +541,7 @@ pub fn batch_loss(
         false => hidden.dtype().size_in_bytes().max(4),
     };
     let chunk = chunk_rows(targets.len(), decoder.config.vocab_size, bytes_per_logit);
+    let _phase = crate::profile::phase("loss (and its input's gradient)", &device);
     let nll = crate::model::ops::linear_cross_entropy(
         &picked,
         &decoder.lm_head,

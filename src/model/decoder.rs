@@ -140,6 +140,7 @@ impl Linear {
             pair,
             scale: adapter.scale(),
             dropout,
+            packed: self.packed.clone(),
         })
     }
 }
@@ -506,10 +507,7 @@ impl Layer {
 
     /// Whether the pass can run this layer as one op (see [`Decoder::layers_run`]).
     fn runs_as_one_op(&self, pass: Pass) -> bool {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        let lins = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        let packed = a.qkv_packed.is_some() || m.gate_up_packed.is_some() || lins.iter().any(|l| l.packed.is_some());
-        pass.train && pass.adapter.is_some() && pass.sink.is_some() && !packed
+        pass.train && pass.adapter.is_some() && pass.sink.is_some()
     }
 
     /// The parts of the layer op ([`super::lora`]) for this layer, for a pass that runs it as one.
@@ -541,6 +539,8 @@ impl Layer {
             attention,
             activation: m.activation,
             mlp: [next(), next(), next()],
+            packed_qkv: a.qkv_packed.clone(),
+            packed_gate_up: m.gate_up_packed.clone(),
         };
         Ok(parts)
     }
@@ -612,11 +612,9 @@ impl Rope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayersRun {
     /// Inference (fused kernels, a KV cache) and composite training (differentiable ops in
-    /// candle's graph): each layer by `Layer::forward`, here.
+    /// candle's graph, without a gradient sink: the reference the hand-written rules are tested
+    /// against): each layer by `Layer::forward`, here.
     Composite,
-    /// Composite training under gradient checkpointing: each layer a node that runs it again in
-    /// the backward pass ([`super::checkpoint::layer`]).
-    CheckpointedComposite,
     /// Training with each layer one op with a hand-written backward rule ([`super::lora`]), all
     /// layers one node.
     LayerOps,
@@ -846,13 +844,6 @@ impl Decoder {
             (LayersRun::CheckpointedLayerOps, Some(sink)) => {
                 super::checkpoint::stack(&self.layers, &x, span, pass, sink)?
             }
-            (LayersRun::CheckpointedComposite, Some(sink)) => {
-                let mut x = x;
-                for (i, layer) in self.layers.iter().enumerate() {
-                    x = super::checkpoint::layer(layer, &x, span, pass, i, sink)?;
-                }
-                x
-            }
             _ => {
                 let mut x = x;
                 for (i, layer) in self.layers.iter().enumerate() {
@@ -869,15 +860,15 @@ impl Decoder {
 
     /// Which implementation of the layers a pass runs, decided here once for the whole pass
     /// (before any layer draws its dropout keys, so that the keys are the same whichever runs).
-    /// The layer ops need a training pass with an adapter and a gradient sink, no cache, and
-    /// weights not packed for the CPU (whose own kernels serve the composite path better).
+    /// The layer ops need a training pass with an adapter and a gradient sink, and no cache; on the
+    /// CPU in f32 they run their frozen products through the packed weights. Gradient
+    /// checkpointing needs them (a checkpointed pass has a sink).
     pub fn layers_run(&self, pass: Pass, cached: bool) -> LayersRun {
         let layer_ops = !cached && self.layers.iter().all(|l| l.runs_as_one_op(pass));
-        match (pass.train && pass.sink.is_some() && pass.checkpoint, layer_ops) {
+        match (layer_ops, pass.checkpoint) {
             (true, true) => LayersRun::CheckpointedLayerOps,
-            (true, false) => LayersRun::CheckpointedComposite,
-            (false, true) => LayersRun::LayerOps,
-            (false, false) => LayersRun::Composite,
+            (true, false) => LayersRun::LayerOps,
+            (false, _) => LayersRun::Composite,
         }
     }
 

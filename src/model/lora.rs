@@ -22,6 +22,7 @@ use candle_core::{Result, Tensor, Var};
 use super::config::Activation;
 use super::ops::dropout::Dropout;
 use super::ops::{self, accumulates, add_matmul, attach, Backward, QkvHeads, SelfAttention};
+use super::packed::PackedMatrix;
 use super::sink::GradSink;
 use crate::adapter::LoraPair;
 
@@ -34,6 +35,9 @@ pub(crate) struct Projection<'a> {
     pub scale: f64,
     /// LoRA dropout of the input.
     pub dropout: Option<Dropout>,
+    /// The weight packed for the CPU's f32 kernels, which then compute its products (see
+    /// [`super::packed`]); None where a group's packed weight serves it (q/k/v, gate/up).
+    pub packed: Option<Arc<PackedMatrix>>,
 }
 
 impl Projection<'_> {
@@ -41,6 +45,46 @@ impl Projection<'_> {
     /// input product where it is already computed (see [`shared_input_products`]).
     fn forward(self, x: &Tensor, z: Option<Tensor>, sink: &Arc<GradSink>) -> Result<(Tensor, Saved)> {
         self.forward_onto(x, z, None, sink)
+    }
+
+    /// [`Projection::forward`] with its frozen product x W^T (N, out) already computed, as one
+    /// product for a group of projections that share x (see [`Group`]).
+    fn forward_grouped(
+        self,
+        x: &Tensor,
+        z: Option<Tensor>,
+        frozen: Tensor,
+        sink: &Arc<GradSink>,
+    ) -> Result<(Tensor, Saved)> {
+        self.forward_packed(x, z, frozen, None, Frozen::Group, sink)
+    }
+
+    /// The output from the frozen product `frozen` (N, out): plus the adapter's term or the bias,
+    /// and `onto` where given; `how` says how the backward pass gets the input's gradient.
+    fn forward_packed(
+        self,
+        x: &Tensor,
+        z: Option<Tensor>,
+        frozen: Tensor,
+        onto: Option<Tensor>,
+        how: Frozen,
+        sink: &Arc<GradSink>,
+    ) -> Result<(Tensor, Saved)> {
+        let (y, adapter) = match self.pair {
+            Some(pair) => {
+                let (staged, z) = self.adapter_input(pair, x, z, sink)?;
+                ((staged.term(None, &z, self.bias)? + frozen)?, Some((pair, staged, z, sink)))
+            }
+            None => match self.bias {
+                Some(bias) => (frozen.broadcast_add(bias)?, None),
+                None => (frozen, None),
+            },
+        };
+        let y = match onto {
+            Some(onto) => (onto + y)?,
+            None => y,
+        };
+        Ok((y, self.saved_as(adapter, how)))
     }
 
     /// [`Projection::forward`] added to `onto` (N, out), a residual stream: on the GPU the
@@ -53,6 +97,10 @@ impl Projection<'_> {
         onto: Option<Tensor>,
         sink: &Arc<GradSink>,
     ) -> Result<(Tensor, Saved)> {
+        if let Some(packed) = self.packed.clone() {
+            let frozen = crate::model::cpu::linear_packed(x, &packed)?; // (N, out)
+            return self.forward_packed(x, z, frozen, onto, Frozen::Packed(packed), sink);
+        }
         let Some(pair) = self.pair else {
             let y = match onto {
                 Some(onto) => add_matmul(onto, x, self.weight, true)?,
@@ -117,6 +165,15 @@ impl Projection<'_> {
 
     /// The backward pass's state, with the adapter's (pair, staged weights, z, sink) where adapted.
     fn saved(self, adapter: Option<(&LoraPair, Staged, Tensor, &Arc<GradSink>)>) -> Saved {
+        let how = match &self.packed {
+            Some(packed) => Frozen::Packed(packed.clone()),
+            None => Frozen::Weight(self.weight.detach()),
+        };
+        self.saved_as(adapter, how)
+    }
+
+    /// [`Projection::saved`] with the frozen product's backward rule `how`.
+    fn saved_as(self, adapter: Option<(&LoraPair, Staged, Tensor, &Arc<GradSink>)>, how: Frozen) -> Saved {
         let adapter = adapter.map(|(pair, Staged { a, b, .. }, z, sink)| SavedAdapter {
             a,
             b,
@@ -127,7 +184,7 @@ impl Projection<'_> {
             z,
             sink: sink.clone(),
         });
-        Saved { weight: self.weight.detach(), adapter }
+        Saved { frozen: how, adapter }
     }
 }
 
@@ -234,8 +291,45 @@ fn padded(mut parts: Vec<Tensor>, zeros: usize) -> Result<Vec<Tensor>> {
 
 /// What a projection's backward pass needs.
 struct Saved {
-    weight: Tensor, // (out, in)
+    frozen: Frozen,
     adapter: Option<SavedAdapter>,
+}
+
+/// How the frozen product's input gradient dY W is computed.
+enum Frozen {
+    /// From the weight (out, in).
+    Weight(Tensor),
+    /// Through the packed weight's transpose (the CPU in f32).
+    Packed(Arc<PackedMatrix>),
+    /// By its group, for all the group's projections at once ([`Group::input_grad`]).
+    Group,
+}
+
+/// Projections that share their input and whose weights are packed together for the CPU
+/// ([W1; W2; ..] (sum out, in): q/k/v, gate/up): one product gives all their frozen outputs, and
+/// one product of their joined output gradients all their frozen input gradients.
+struct Group {
+    packed: Arc<PackedMatrix>,
+}
+
+impl Group {
+    /// x (N, in) -> the frozen outputs (N, out_i), one per projection of `widths`.
+    fn outputs(&self, x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+        let y = crate::model::cpu::linear_packed(x, &self.packed)?; // (N, sum out)
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(widths.len());
+        for &w in widths {
+            out.push(y.narrow(1, offset, w)?);
+            offset += w;
+        }
+        Ok(out)
+    }
+
+    /// The frozen part of the shared input's gradient from the outputs' gradients (N, out_i):
+    /// [dY1 | dY2 | ..] [W1; W2; ..] (N, in).
+    fn input_grad(&self, grads: &[&Tensor]) -> Result<Tensor> {
+        crate::model::cpu::linear_packed(&Tensor::cat(grads, 1)?, &self.packed.transposed())
+    }
 }
 
 /// What the adapter's part of the backward pass needs.
@@ -269,16 +363,29 @@ impl Saved {
     /// projection (in place on the GPU: `into` must be held by the caller alone).
     fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         let grad = grad.contiguous()?;
-        let weight = self.weight.to_dtype(grad.dtype())?;
         // The adapter's (small) part first, the frozen product accumulated last (see
         // `Projection::forward`).
-        let dx = match &self.adapter {
-            Some(adapter) => Some(adapter.backward_into(x, &grad, into)?),
-            None => into,
-        };
-        match dx {
-            Some(sum) => add_matmul(sum, &grad, &weight, false),
-            None => grad.matmul(&weight),
+        let dx = self.adapter_part(x, &grad, into)?;
+        match (&self.frozen, dx) {
+            (Frozen::Weight(weight), Some(sum)) => add_matmul(sum, &grad, &weight.to_dtype(grad.dtype())?, false),
+            (Frozen::Weight(weight), None) => grad.matmul(&weight.to_dtype(grad.dtype())?),
+            (Frozen::Packed(packed), dx) => {
+                let frozen = crate::model::cpu::linear_packed(&grad, &packed.transposed())?;
+                match dx {
+                    Some(sum) => sum + frozen,
+                    None => Ok(frozen),
+                }
+            }
+            (Frozen::Group, _) => candle_core::bail!("a grouped projection's input gradient is its group's"),
+        }
+    }
+
+    /// The adapter's part of the input's gradient added to `into` (or `into` alone, unadapted);
+    /// A's and B's gradients go to the sink.
+    fn adapter_part(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Option<Tensor>> {
+        match &self.adapter {
+            Some(adapter) => adapter.backward_into(x, grad, into).map(Some),
+            None => Ok(into),
         }
     }
 }
@@ -330,6 +437,9 @@ pub(crate) struct LayerParts<'a> {
     pub activation: Activation,
     /// gate, up, down
     pub mlp: [Projection<'a>; 3],
+    /// [Wq; Wk; Wv] and [Wgate; Wup] packed for the CPU, where the model has them.
+    pub packed_qkv: Option<Arc<PackedMatrix>>,
+    pub packed_gate_up: Option<Arc<PackedMatrix>>,
 }
 
 /// A layer's output from its untracked input x (B, T, D), nothing kept for a backward pass (the
@@ -416,13 +526,27 @@ fn layer_forward(
         attention,
         activation,
         mlp: [gate, up, down],
+        packed_qkv,
+        packed_gate_up,
     } = parts;
+    let (qkv_group, gate_up_group) =
+        (packed_qkv.map(|packed| Group { packed }), packed_gate_up.map(|packed| Group { packed }));
     let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
     let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink)?;
-    let (qy, q) = q.forward(&h1, zq, sink)?; // (N, H*E)
-    let (ky, k) = k.forward(&h1, zk, sink)?; // (N, K*E)
-    let (vy, v) = v.forward(&h1, zv, sink)?;
-    // Per-head norms: (N, H*E) as (N, H, E), normalised over E; the inputs kept for the backward.
+    let ((qy, q), (ky, k), (vy, v)) = match &qkv_group {
+        Some(group) => {
+            let widths = [q.weight.dim(0)?, k.weight.dim(0)?, v.weight.dim(0)?];
+            let [fq, fk, fv]: [Tensor; 3] =
+                group.outputs(&h1, &widths)?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
+            (
+                q.forward_grouped(&h1, zq, fq, sink)?,
+                k.forward_grouped(&h1, zk, fk, sink)?,
+                v.forward_grouped(&h1, zv, fv, sink)?,
+            )
+        }
+        None => (q.forward(&h1, zq, sink)?, k.forward(&h1, zk, sink)?, v.forward(&h1, zv, sink)?),
+    }; // (N, H*E), (N, K*E), (N, K*E)
+       // Per-head norms: (N, H*E) as (N, H, E), normalised over E; the inputs kept for the backward.
     let (qy, ky, qk_norms) = match qk_norms {
         Some([(wq, eq), (wk, ek)]) => {
             let per_head = |y: &Tensor, w: &Tensor, eps| -> Result<Tensor> {
@@ -443,8 +567,15 @@ fn layer_forward(
     let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
     let [zg, zu] = shared_input_products([&gate, &up], &h2, sink)?;
-    let (g, gate) = gate.forward(&h2, zg, sink)?; // (N, I)
-    let (u, up) = up.forward(&h2, zu, sink)?;
+    let ((g, gate), (u, up)) = match &gate_up_group {
+        Some(group) => {
+            let widths = [gate.weight.dim(0)?, up.weight.dim(0)?];
+            let [fg, fu]: [Tensor; 2] =
+                group.outputs(&h2, &widths)?.try_into().map_err(|_| candle_core::Error::Msg("gate/up".into()))?;
+            (gate.forward_grouped(&h2, zg, fg, sink)?, up.forward_grouped(&h2, zu, fu, sink)?)
+        }
+        None => (gate.forward(&h2, zg, sink)?, up.forward(&h2, zu, sink)?),
+    }; // (N, I) each
     let h = ops::gated(activation, &g, &u)?.detach();
     let (out, down, mlp_out) = match (run, mlp_norm) {
         (Run::Rerun, None) => (None, down.saved_only(&h, sink)?, None),
@@ -467,6 +598,8 @@ fn layer_forward(
         output_norms,
         attention,
         activation,
+        qkv_group,
+        gate_up_group,
         projections: [q, k, v, o, gate, up, down],
         h1,
         heads,
@@ -557,6 +690,8 @@ pub(crate) struct LayerGrad {
     output_norms: Option<OutputNorms>,
     attention: SelfAttention,
     activation: Activation,
+    qkv_group: Option<Group>,
+    gate_up_group: Option<Group>,
     /// q, k, v, o, gate, up, down
     projections: [Saved; 7],
     h1: Tensor,      // (N, D) norm1(x)
@@ -591,8 +726,17 @@ impl LayerGrad {
         let dm = through_norm(norms.map(|n| &n.mlp), grad.reshape((n, d))?)?;
         let dh = down.backward(&self.h, &dm)?;
         let (dg, du) = ops::gated_backward(self.activation, &self.g, &self.u, &dh)?;
-        let dh2 = gate.backward(&self.h2, &dg)?;
-        let dh2 = up.backward_into(&self.h2, &du, Some(dh2))?;
+        let dh2 = match &self.gate_up_group {
+            Some(group) => {
+                let sum = group.input_grad(&[&dg, &du])?;
+                let sum = gate.adapter_part(&self.h2, &dg.contiguous()?, Some(sum))?;
+                up.adapter_part(&self.h2, &du.contiguous()?, sum)?.expect("a sum")
+            }
+            None => {
+                let dh2 = gate.backward(&self.h2, &dg)?;
+                up.backward_into(&self.h2, &du, Some(dh2))?
+            }
+        };
         let dx1 = ops::rms_norm_backward_plus(&self.x1, &self.norm2.0, self.norm2.1, &dh2.reshape((b, t, d))?, grad)?;
         // The attention and its residual: dx = dx1 + norm1'(dh1), the three projections' input
         // gradients accumulated into one.
@@ -611,9 +755,19 @@ impl LayerGrad {
             }
             return Ok(None);
         }
-        let dh1 = q.backward(&self.h1, &dq)?;
-        let dh1 = k.backward_into(&self.h1, &dk, Some(dh1))?;
-        let dh1 = v.backward_into(&self.h1, &dv, Some(dh1))?;
+        let dh1 = match &self.qkv_group {
+            Some(group) => {
+                let sum = group.input_grad(&[&dq, &dk, &dv])?;
+                let sum = q.adapter_part(&self.h1, &dq.contiguous()?, Some(sum))?;
+                let sum = k.adapter_part(&self.h1, &dk.contiguous()?, sum)?;
+                v.adapter_part(&self.h1, &dv.contiguous()?, sum)?.expect("a sum")
+            }
+            None => {
+                let dh1 = q.backward(&self.h1, &dq)?;
+                let dh1 = k.backward_into(&self.h1, &dk, Some(dh1))?;
+                v.backward_into(&self.h1, &dv, Some(dh1))?
+            }
+        };
         ops::rms_norm_backward_plus(&x.detach(), &self.norm1.0, self.norm1.1, &dh1.reshape((b, t, d))?, &dx1).map(Some)
     }
 }

@@ -43,12 +43,6 @@ pub(crate) trait Backward: Send + Sync {
     fn grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor>;
 }
 
-/// `x`, or where it is untracked (the first layer's input, the embedding) a variable holding it:
-/// a rule attached to it is then still reached by the backward pass, for the adapter's sake.
-pub(crate) fn tracked(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.track_op() { x.clone() } else { candle_core::Var::from_tensor(x)?.as_tensor().clone() })
-}
-
 /// What an op over several layers attaches its backward rule to, and whether its input's
 /// gradient is wanted: `x` itself where it is tracked; otherwise (the first layer's input, the
 /// frozen embedding's output) a one-element variable, so that the rule runs without computing
