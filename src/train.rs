@@ -541,7 +541,7 @@ pub fn batch_loss(
         false => hidden.dtype().size_in_bytes().max(4),
     };
     let chunk = chunk_rows(targets.len(), decoder.config.vocab_size, bytes_per_logit);
-    let _phase = crate::profile::phase("loss (and its input's gradient)", &device);
+    let _phase = crate::profile::phase("loss (and its input's gradient)", device);
     let nll = crate::model::ops::linear_cross_entropy(
         &picked,
         &decoder.lm_head,

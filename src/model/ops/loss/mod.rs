@@ -46,6 +46,9 @@ pub fn linear_cross_entropy(
         return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk, softcap);
     }
     let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
+    if let Some(packed) = &packed {
+        return packed_cross_entropy(h, &h_detached, packed, targets_of(&targets)?.as_slice(), chunk, softcap);
+    }
     let mut dh = Vec::new();
     let sums = by_chunks(n, chunk, |start, rows| {
         let (logp, tanh) = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref(), softcap)?;
@@ -68,6 +71,82 @@ pub fn linear_cross_entropy(
         Ok(nll)
     })?;
     attach_gradient(h, total_of(&sums, loss_dtype(h.dtype()), h.device())?, dh)
+}
+
+/// The targets back as ids (N,).
+fn targets_of(targets: &Tensor) -> Result<Vec<u32>> {
+    targets.flatten_all()?.to_vec1::<u32>()
+}
+
+/// The CPU's f32 path: per chunk of rows, the logits by the packed weight, then one pass per row
+/// (rows in parallel) that gives the row's loss and turns its logits into their gradient in
+/// place, with one exponential per logit, and the gradient's product through the packed
+/// transpose. h (N, D) -> a scalar.
+fn packed_cross_entropy(
+    h: &Tensor,
+    h_detached: &Tensor,
+    packed: &Arc<PackedMatrix>,
+    targets: &[u32],
+    chunk: usize,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, v) = (h.dim(0)?, packed.n());
+    let with_grad = h.track_op();
+    let mut total = 0f64;
+    let mut dh = Vec::new();
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let x = h_detached.narrow(0, start, rows)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut logits = packed.matmul(&x, rows); // (rows, V)
+        let cap = softcap.map(|c| c as f32);
+        total += logits
+            .par_chunks_mut(v)
+            .zip(&targets[start..start + rows])
+            .map(|(row, &target)| row_loss(row, target as usize, cap, with_grad))
+            .sum::<f64>();
+        if with_grad {
+            let dlogits = Tensor::from_vec(logits, (rows, v), h.device())?;
+            dh.push(crate::model::cpu::linear_packed(&dlogits, &packed.transposed())?);
+        }
+    }
+    attach_gradient(h, Tensor::new(total as f32, h.device())?, dh)
+}
+
+/// One row's cross-entropy `lse(cap(x)) - cap(x)[target]`; with `grad`, the row becomes the
+/// gradient of its logits, (softmax - onehot(target)) times the cap's derivative.
+fn row_loss(row: &mut [f32], target: usize, cap: Option<f32>, grad: bool) -> f64 {
+    // The cap's derivative 1 - tanh^2 per logit, kept before the row is overwritten.
+    let slopes: Option<Vec<f32>> = cap.map(|c| {
+        row.iter_mut()
+            .map(|x| {
+                let t = (*x / c).tanh();
+                *x = c * t;
+                1.0 - t * t
+            })
+            .collect()
+    });
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let at_target = row[target];
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let loss = (max + sum.ln() - at_target) as f64;
+    if grad {
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        row[target] -= 1.0;
+        if let Some(slopes) = slopes {
+            for (x, s) in row.iter_mut().zip(slopes) {
+                *x *= s;
+            }
+        }
+    }
+    loss
 }
 
 /// The sum of the chunks' scalars (0 for none, in `dtype`).
@@ -234,15 +313,17 @@ mod linear_cross_entropy_tests {
         let w = Tensor::randn(0f32, 1., (v, d), &dev)?;
         let packed = Arc::new(PackedMatrix::from_rows_out_in(&w.flatten_all()?.to_vec1()?, v, d));
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 13) % v as u32).collect();
-        let run = |p: Option<&Arc<PackedMatrix>>| -> Result<(f32, Tensor)> {
-            let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4, None)?;
-            let g = loss.backward()?.get(h.as_tensor()).unwrap().clone();
-            Ok((loss.to_scalar::<f32>()?, g))
-        };
-        let ((la, ga), (lb, gb)) = (run(None)?, run(Some(&packed))?);
-        assert!((la - lb).abs() < 1e-4 * la.abs(), "loss {la} vs {lb}");
-        let diff = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "gradient differs by {diff}");
+        for softcap in [None, Some(2.0)] {
+            let run = |p: Option<&Arc<PackedMatrix>>| -> Result<(f32, Tensor)> {
+                let loss = linear_cross_entropy(h.as_tensor(), &w, p, &targets, 4, softcap)?;
+                let g = loss.backward()?.get(h.as_tensor()).unwrap().clone();
+                Ok((loss.to_scalar::<f32>()?, g))
+            };
+            let ((la, ga), (lb, gb)) = (run(None)?, run(Some(&packed))?);
+            assert!((la - lb).abs() < 1e-4 * la.abs(), "cap {softcap:?}: loss {la} vs {lb}");
+            let diff = (ga - gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "cap {softcap:?}: gradient differs by {diff}");
+        }
         Ok(())
     }
 }
