@@ -322,6 +322,46 @@ mod tests {
     }
 
     #[test]
+    fn gemma2_configs_take_transformers_defaults_and_bad_values_are_named() {
+        let base = serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "sliding_window": 16,
+        });
+        let c: Config = serde_json::from_value(base.clone()).unwrap();
+        c.validate().unwrap();
+        assert!(c.tied_embeddings(), "Gemma2Config ties the head unless told otherwise");
+        assert_eq!((c.attention_softcap(), c.final_softcap()), (Some(50.0), Some(30.0)));
+        assert_eq!(c.activation().unwrap(), Activation::GeluTanh);
+        assert_eq!((c.layer_window(0), c.layer_window(1), c.layer_window(2)), (Some(16), None, Some(16)));
+        assert_eq!(c.attention_scale(), 0.5, "head_dim^-1/2 without query_pre_attn_scalar");
+        let names = tensors(&c).unwrap().into_iter().map(|t| t.name).collect::<Vec<_>>();
+        for norm in
+            ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        {
+            assert!(names.contains(&format!("model.layers.0.{norm}.weight")), "{norm}");
+        }
+        assert!(!names.iter().any(|n| n == "lm_head.weight"));
+
+        let with = |key: &str, value: serde_json::Value| -> Config {
+            let mut v = base.clone();
+            v[key] = value;
+            serde_json::from_value(v).unwrap()
+        };
+        let c = with("attn_logit_softcapping", serde_json::Value::Null);
+        assert_eq!(c.attention_softcap(), None, "null turns the cap off");
+        assert_eq!(with("query_pre_attn_scalar", 64.into()).attention_scale(), 0.125);
+        let types = serde_json::json!(["full_attention", "sliding_attention", "full_attention"]);
+        assert_eq!(with("layer_types", types).layer_window(0), None, "layer_types overrides the pattern");
+        let e = with("hidden_activation", "relu2".into()).validate().unwrap_err().to_string();
+        assert!(e.contains("relu2") && e.contains("gelu_pytorch_tanh"), "{e}");
+        let e = with("layer_types", serde_json::json!(["full_attention"])).validate().unwrap_err().to_string();
+        assert!(e.contains("layer_types lists 1 layers") && e.contains("num_hidden_layers is 3"), "{e}");
+        let e = with("final_logit_softcapping", (-1.0).into()).validate().unwrap_err().to_string();
+        assert!(e.contains("final_logit_softcapping"), "{e}");
+    }
+
+    #[test]
     fn an_unknown_architecture_names_those_supported() {
         let e = Family::from_hf_name("GPT2LMHeadModel").unwrap_err().to_string();
         assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM") && e.contains("MistralForCausalLM"));
