@@ -698,40 +698,10 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn every_family_on_the_gpu_gives_the_logits_and_the_four_peft_steps_of_transformers() {
-    use loralab::model::{load::read_decoder, LoadOptions};
     for name in ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma2"] {
-        let opts = LoadOptions { dtype: DType::F32, device: gpu() };
-        let dec = read_decoder(&fixture(name), &opts).unwrap();
-        let fx: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{name}-logits.json"))).unwrap()).unwrap();
-        let case = &fx["cases"][0];
-        let rows: Vec<Vec<u32>> = serde_json::from_value(case["input_ids"].clone()).unwrap();
-        let ids = Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), &gpu()).unwrap();
-        let got = dec.forward(&ids, None).unwrap().flatten_all().unwrap().to_device(&Device::Cpu).unwrap();
-        let want: Vec<f32> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.as_array().unwrap().iter().flat_map(|p| p.as_array().unwrap().iter()))
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let want = Tensor::from_vec(want, got.shape(), &Device::Cpu).unwrap();
-        let d = rel_diff(&got, &want);
-        assert!(d < 1e-4, "{name}: logits differ by {d} (relative)");
-
-        // PEFT's four Trainer steps, in f32 on the GPU (the tiny-lora fixture is qwen2's).
+        // In f32 on the GPU (the tiny-lora fixture is qwen2's).
         let lora = if name == "tiny-qwen2" { "tiny-lora".to_string() } else { format!("{name}-lora") };
-        let adapter = Adapter::load(&fixture(&lora).join("initial"), &dec).unwrap();
-        let rows = common::rows_of(
-            &serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("rows.json")).unwrap()).unwrap(),
-        );
-        let log = train::train(&dec, &adapter, &rows, &common::fixture_config(), |_| Ok(())).unwrap();
-        let steps: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture(&lora).join("steps.json")).unwrap()).unwrap();
-        for (got, w) in log.iter().zip(steps["steps"].as_array().unwrap()) {
-            let loss = w["loss"].as_f64().unwrap();
-            assert!((got.loss - loss).abs() / loss < 1e-3, "{name} step {}: loss {} vs {loss}", got.step, got.loss);
-        }
+        matches_transformers(name, &lora, DType::F32, 1e-4, 1e-3);
     }
 }
 
@@ -740,11 +710,18 @@ fn every_family_on_the_gpu_gives_the_logits_and_the_four_peft_steps_of_transform
 /// precision.
 #[test]
 fn gemma2_in_bf16_on_the_gpu_gives_the_logits_and_losses_of_transformers() {
+    matches_transformers("tiny-gemma2", "tiny-gemma2-lora", DType::BF16, 3e-2, 2e-2);
+}
+
+/// The fixture model `name` on the GPU in `dtype`: its logits of the first logits case within
+/// `logits_tol` (relative), then the four Trainer steps of `lora` with each loss within `loss_rtol`.
+fn matches_transformers(name: &str, lora: &str, dtype: DType, logits_tol: f32, loss_rtol: f64) {
     use loralab::model::{load::read_decoder, LoadOptions};
-    let opts = LoadOptions { dtype: DType::BF16, device: gpu() };
-    let dec = read_decoder(&fixture("tiny-gemma2"), &opts).unwrap();
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-gemma2-logits.json")).unwrap()).unwrap();
+    let read = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let dec = read_decoder(&fixture(name), &LoadOptions { dtype, device: gpu() }).unwrap();
+    let fx = read(fixture(&format!("{name}-logits.json")));
     let case = &fx["cases"][0];
     let rows: Vec<Vec<u32>> = serde_json::from_value(case["input_ids"].clone()).unwrap();
     let ids = Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), &gpu()).unwrap();
@@ -758,19 +735,20 @@ fn gemma2_in_bf16_on_the_gpu_gives_the_logits_and_losses_of_transformers() {
         .collect();
     let want = Tensor::from_vec(want, got.shape(), &Device::Cpu).unwrap();
     let d = rel_diff(&got, &want);
-    assert!(d < 3e-2, "logits differ by {d} (relative)");
-    let adapter = Adapter::load(&fixture("tiny-gemma2-lora").join("initial"), &dec).unwrap();
-    let rows = common::rows_of(
-        &serde_json::from_str(&std::fs::read_to_string(fixture("tiny-gemma2-lora").join("rows.json")).unwrap())
-            .unwrap(),
-    );
+    assert!(d < logits_tol, "{name} {dtype:?}: logits differ by {d} (relative)");
+
+    let adapter = Adapter::load(&fixture(lora).join("initial"), &dec).unwrap();
+    let rows = common::rows_of(&read(fixture(lora).join("rows.json")));
     let log = train::train(&dec, &adapter, &rows, &common::fixture_config(), |_| Ok(())).unwrap();
-    let steps: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-gemma2-lora").join("steps.json")).unwrap())
-            .unwrap();
+    let steps = read(fixture(lora).join("steps.json"));
     for (got, w) in log.iter().zip(steps["steps"].as_array().unwrap()) {
         let loss = w["loss"].as_f64().unwrap();
-        assert!((got.loss - loss).abs() / loss < 2e-2, "step {}: loss {} vs {loss}", got.step, got.loss);
+        assert!(
+            (got.loss - loss).abs() / loss < loss_rtol,
+            "{name} {dtype:?} step {}: loss {} vs {loss}",
+            got.step,
+            got.loss
+        );
     }
 }
 

@@ -38,20 +38,19 @@ pub fn linear_cross_entropy(
         candle_core::bail!("linear-cross-entropy: {} targets for {n} rows", targets.len());
     }
     let (weight, h_detached) = (weight.detach(), h.detach());
-    let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
     let chunk = chunk.max(1);
     let with_grad = h.track_op();
+    if let Some(packed) = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32) {
+        return packed_cross_entropy(h, &h_detached, packed, targets, chunk, softcap);
+    }
+    let targets = Tensor::from_slice(targets, (n, 1), h.device())?;
     #[cfg(feature = "cuda")]
     if fused(h) {
         return fused_cross_entropy(h, &h_detached, &weight, &targets, chunk, softcap);
     }
-    let packed = packed.filter(|_| h.device().is_cpu() && h.dtype() == candle_core::DType::F32).cloned();
-    if let Some(packed) = &packed {
-        return packed_cross_entropy(h, &h_detached, packed, targets_of(&targets)?.as_slice(), chunk, softcap);
-    }
     let mut dh = Vec::new();
     let sums = by_chunks(n, chunk, |start, rows| {
-        let (logp, tanh) = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, packed.as_ref(), softcap)?;
+        let (logp, tanh) = chunk_log_softmax(&h_detached.narrow(0, start, rows)?, &weight, softcap)?;
         let targets = targets.narrow(0, start, rows)?;
         let nll = logp.gather(&targets, 1)?.neg()?.sum_all()?;
         if with_grad {
@@ -62,20 +61,11 @@ pub fn linear_cross_entropy(
                 Some(tanh) => (dlogits * (tanh.sqr()?.neg()? + 1.0)?)?,
                 None => dlogits,
             };
-            dh.push(match &packed {
-                // (rows, V) @ W (V, D) through the packed transpose
-                Some(p) => crate::model::cpu::linear_packed(&dlogits, &p.transposed())?,
-                None => dlogits.to_dtype(h.dtype())?.matmul(&weight.to_dtype(h.dtype())?)?,
-            });
+            dh.push(dlogits.to_dtype(h.dtype())?.matmul(&weight.to_dtype(h.dtype())?)?);
         }
         Ok(nll)
     })?;
     attach_gradient(h, total_of(&sums, loss_dtype(h.dtype()), h.device())?, dh)
-}
-
-/// The targets back as ids (N,).
-fn targets_of(targets: &Tensor) -> Result<Vec<u32>> {
-    targets.flatten_all()?.to_vec1::<u32>()
 }
 
 /// The CPU's f32 path: per chunk of rows, the logits by the packed weight, then one pass per row
@@ -204,16 +194,8 @@ fn loss_dtype(dtype: candle_core::DType) -> candle_core::DType {
 
 /// log softmax(cap(h W^T)) of one chunk of rows: (rows, D) -> (rows, V) in the loss dtype, and
 /// where capped tanh(h W^T / c), which the cap's derivative needs.
-fn chunk_log_softmax(
-    h: &Tensor,
-    weight: &Tensor,
-    packed: Option<&Arc<PackedMatrix>>,
-    softcap: Option<f64>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let logits = match packed {
-        Some(p) => crate::model::cpu::linear_packed(h, p)?,
-        None => h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?,
-    };
+fn chunk_log_softmax(h: &Tensor, weight: &Tensor, softcap: Option<f64>) -> Result<(Tensor, Option<Tensor>)> {
+    let logits = h.matmul(&weight.t()?)?.to_dtype(loss_dtype(h.dtype()))?;
     let (logits, tanh) = match softcap {
         Some(c) => {
             let tanh = (logits / c)?.tanh()?;
