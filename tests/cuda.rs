@@ -211,15 +211,18 @@ fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
 #[test]
 fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
     // B 3, K 2; (query heads per kv head R, head dimension E, cache capacity C, positions used S):
-    // keys in one tile, several tiles with a partial last one, and one query head per kv head.
-    for &(r, e, c, s) in &[(7, 128, 40, 33), (3, 64, 40, 33), (7, 128, 300, 290), (1, 32, 100, 77)] {
+    // keys in one tile, several tiles with a partial last one, one query head per kv head, and
+    // the 16 the kernel's products hold.
+    for &(r, e, c, s) in &[(7, 128, 40, 33), (3, 64, 40, 33), (7, 128, 300, 290), (1, 64, 100, 77), (16, 128, 200, 150)]
+    {
         let (b, k) = (3, 2);
         let (qg, qc) = pair(&[b, k, r, e], 10)?;
         let (kg, kc) = pair(&[b, k, c, e], 11)?;
         let (vg, vc) = pair(&[b, k, c, e], 12)?;
-        // Row 0 is left-padded by 5 positions.
-        let mask: Vec<f32> =
-            (0..b * s).map(|i| if i / s == 0 && i % s < 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        // Row 0 is left-padded by 5 positions; row 2 hides the whole second tile of keys (a
+        // window), so one warp of the kernel sees no key in it.
+        let hidden = |row: usize, j: usize| (row == 0 && j < 5) || (row == 2 && (64..128).contains(&j) && j + 1 < s);
+        let mask: Vec<f32> = (0..b * s).map(|i| if hidden(i / s, i % s) { f32::NEG_INFINITY } else { 0.0 }).collect();
         let mask_c = Tensor::from_vec(mask, (b, 1, 1, 1, s), &Device::Cpu)?;
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();

@@ -219,6 +219,9 @@ pub struct Attention {
     pub softcap: Option<f64>,
     /// [Wq; Wk; Wv] packed for the CPU f32 path: one product instead of three.
     pub qkv_packed: Option<Arc<PackedMatrix>>,
+    /// [Wq; Wk; Wv] and their biases as one weight on the GPU, for inference: one product
+    /// instead of three. The q, k and v weights are views of it, so it costs no memory.
+    pub qkv_stacked: Option<Linear>,
 }
 
 #[derive(Clone)]
@@ -294,14 +297,18 @@ impl Attention {
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let phase = crate::profile::phase("q/k/v projections", x.device());
         // (B, T, H*E) -> (B, H, T, E)
-        let (q, kx, vx) = match &self.qkv_packed {
-            Some(fused) => {
-                let parts =
-                    [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
-                let mut parts = fused_forward(x, fused, &parts, pass, layer)?.into_iter();
+        let parts = [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
+        let stacked = self.qkv_stacked.as_ref().filter(|_| !pass.train);
+        let (q, kx, vx) = match (&self.qkv_packed, stacked) {
+            (Some(fused), _) => {
+                let mut parts = fused_forward(x, Stack::Packed(fused), &parts, pass, layer)?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
             }
-            None => (
+            (None, Some(stacked)) => {
+                let mut parts = fused_forward(x, Stack::Weight(stacked), &parts, pass, layer)?.into_iter();
+                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+            }
+            (None, None) => (
                 self.q_proj.forward(x, pass, layer, Target::QProj)?,
                 self.k_proj.forward(x, pass, layer, Target::KProj)?,
                 self.v_proj.forward(x, pass, layer, Target::VProj)?,
@@ -428,7 +435,7 @@ impl Mlp {
         let (gate, up) = match &self.gate_up_packed {
             Some(fused) => {
                 let parts = [(&self.gate_proj, Target::GateProj), (&self.up_proj, Target::UpProj)];
-                let mut parts = fused_forward(x, fused, &parts, pass, layer)?.into_iter();
+                let mut parts = fused_forward(x, Stack::Packed(fused), &parts, pass, layer)?.into_iter();
                 (parts.next().unwrap(), parts.next().unwrap())
             }
             None => (
@@ -445,25 +452,36 @@ impl Mlp {
     }
 }
 
-/// Several projections of the same input as one product: x (B, T, in) @ fused (in, sum out),
-/// split back into one (B, T, out) per projection, biases and adapter terms added (in the
-/// projections' order, which is also the order their dropout masks are drawn in).
-fn fused_forward(
-    x: &Tensor,
-    fused: &Arc<PackedMatrix>,
-    parts: &[(&Linear, Target)],
-    pass: Pass,
-    layer: usize,
-) -> Result<Vec<Tensor>> {
+/// The weights of several projections of one input, stacked as one matrix (sum out, in).
+enum Stack<'a> {
+    /// Packed for the CPU f32 path, without the biases.
+    Packed(&'a Arc<PackedMatrix>),
+    /// A GPU weight with the stacked biases (inference only).
+    Weight(&'a Linear),
+}
+
+/// Several projections of the same input as one product: x (B, T, in) @ stacked^T, split back
+/// into one (B, T, out) per projection, biases and adapter terms added (in the projections'
+/// order, which is also the order their dropout masks are drawn in).
+fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pass, layer: usize) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
     let x2 = x.reshape((b * t, d_in))?;
-    let y = frozen_product(&x2, fused, pass)?;
+    let (y, biased) = match stack {
+        Stack::Packed(packed) => (frozen_product(&x2, packed, pass)?, false),
+        Stack::Weight(stacked) => {
+            let y = x2.matmul(&stacked.weight.t()?)?;
+            match &stacked.bias {
+                Some(bias) => (y.broadcast_add(bias)?, true),
+                None => (y, true),
+            }
+        }
+    };
     let mut out = Vec::with_capacity(parts.len());
     let mut offset = 0;
     for (lin, target) in parts {
         let n = lin.weight.dim(0)?;
         let mut p = y.narrow(1, offset, n)?;
-        if let Some(bias) = &lin.bias {
+        if let (Some(bias), false) = (&lin.bias, biased) {
             p = p.broadcast_add(bias)?;
         }
         if let Some(delta) = lora_delta(&x2, pass, layer, *target)? {
@@ -549,6 +567,7 @@ impl Layer {
     fn fuse(&mut self) -> Result<()> {
         let a = &mut self.self_attn;
         a.qkv_packed = packed_for_cpu(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight])?;
+        a.qkv_stacked = stacked_for_gpu(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
         let m = &mut self.mlp;
         m.gate_up_packed = packed_for_cpu(&[&m.gate_proj.weight, &m.up_proj.weight])?;
         // The fused copies replace the single packed ones (memory).
@@ -564,6 +583,38 @@ impl Layer {
         }
         Ok(())
     }
+}
+
+/// The projections' weights [W1; W2; ...] (sum out, in) and biases stacked on the GPU, the
+/// projections' own weights (and biases) becoming views of them; None off the GPU.
+fn stacked_for_gpu(lins: &mut [&mut Linear]) -> Result<Option<Linear>> {
+    let w = &lins[0].weight;
+    if !w.device().is_cuda() {
+        return Ok(None);
+    }
+    let weight = Tensor::cat(&lins.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+    let bias = if lins.iter().any(|l| l.bias.is_some()) {
+        let parts = lins
+            .iter()
+            .map(|l| match &l.bias {
+                Some(b) => Ok(b.clone()),
+                None => Tensor::zeros(l.weight.dim(0)?, w.dtype(), w.device()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&parts, 0)?)
+    } else {
+        None
+    };
+    let mut offset = 0;
+    for lin in lins.iter_mut() {
+        let n = lin.weight.dim(0)?;
+        lin.weight = weight.narrow(0, offset, n)?;
+        if let (Some(stacked), Some(_)) = (&bias, &lin.bias) {
+            lin.bias = Some(stacked.narrow(0, offset, n)?);
+        }
+        offset += n;
+    }
+    Ok(Some(Linear { weight, packed: None, bias }))
 }
 
 /// Rotary embedding tables: cos/sin of (position, frequency), (max_pos, E/2).
@@ -782,6 +833,7 @@ impl Decoder {
                 scale: c.attention_scale(),
                 softcap: c.attention_softcap(),
                 qkv_packed: None,
+                qkv_stacked: None,
             };
             let activation = c.activation()?;
             let mlp = Mlp { activation, gate_proj: next(), up_proj: next(), down_proj: next(), gate_up_packed: None };

@@ -6,8 +6,8 @@
 
 #include "common.cuh"
 
-#include "../ops/attention/decode.cu"
 #include "../ops/attention/flash.cu"
+#include "../ops/attention/decode.cu"  // after flash.cu: it uses its fragment helpers
 #include "../ops/attention/heads.cu"
 #include "../ops/attention/softmax.cu"
 #include "../ops/dropout/dropout.cu"

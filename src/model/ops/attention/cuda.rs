@@ -137,20 +137,15 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
     }
 }
 
-/// Largest number of query heads per kv head, and head dimension, the decoding kernel takes.
-const DECODE_MAX_GROUP: usize = 8;
+/// Largest number of query heads per kv head the decoding kernel takes: the 16 rows of its
+/// tensor-core products.
+const DECODE_MAX_GROUP: usize = 16;
 
-const DECODE_MAX_HEAD_DIM: usize = 128;
-
-/// Whether [`decode_attention`] takes this step: q (B, K, R, E) bf16 on the GPU with R <= 8 query
-/// heads per kv head, E a multiple of 32 up to 128, and a mask of one row per batch row, if any.
+/// Whether [`decode_attention`] takes this step: q (B, K, R, E) bf16 on the GPU with R <= 16 query
+/// heads per kv head, E 64 or 128, and a mask of one row per batch row, if any.
 pub fn decode_attention_fits(q: &Tensor, s: usize, mask: Option<&Tensor>) -> bool {
     let Ok((b, _, r, e)) = q.dims4() else { return false };
-    applies(q)
-        && r <= DECODE_MAX_GROUP
-        && e % 32 == 0
-        && e <= DECODE_MAX_HEAD_DIM
-        && mask.is_none_or(|m| m.elem_count() == b * s)
+    applies(q) && r <= DECODE_MAX_GROUP && matches!(e, 64 | 128) && mask.is_none_or(|m| m.elem_count() == b * s)
 }
 
 /// Attention of one new token per row against the KV cache: q (B, K, R, E) bf16, the whole
@@ -195,11 +190,10 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let dev = q.device().clone();
         let (b, heads, r, e) = ql.shape().dims4()?;
         let c = kl.shape().dims4()?.2;
-        // The kernel reads keys with 16-byte loads.
-        let aligned = kl.start_offset().is_multiple_of(8);
+        // The kernel reads the query, keys and values with 16-byte loads.
+        let aligned = [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
         if r > DECODE_MAX_GROUP
-            || e % 32 != 0
-            || e > DECODE_MAX_HEAD_DIM
+            || !matches!(e, 64 | 128)
             || self.s > c
             || kl.shape() != vl.shape()
             || !aligned
@@ -213,10 +207,10 @@ impl candle_core::CustomOp3 for DecodeAttention {
         }
         let (qv, kv, vv) = (view::<bf16>(q, ql, "q")?, view::<bf16>(k, kl, "keys")?, view::<bf16>(v, vl, "values")?);
         let out = unsafe { dev.alloc::<bf16>(b * heads * r * e)? };
-        let (h32, r32, c32, s32, e32) = (heads as i32, r as i32, c as i32, self.s as i32, e as i32);
-        // One thread per element of the head dimension.
-        let cfg =
-            LaunchConfig { grid_dim: ((b * heads) as u32, 1, 1), block_dim: (e as u32, 1, 1), shared_mem_bytes: 0 };
+        let (h32, r32, c32, s32) = (heads as i32, r as i32, c as i32, self.s as i32);
+        // One block per (row, kv head) with flash_forward's four tiles of shared memory.
+        let cfg = flash_grid((b * heads) as u32, 1, e, 4, 0);
+        let name = format!("decode_attention_{e}");
         match &self.mask {
             Some(mask) => {
                 if mask.elem_count() != b * self.s {
@@ -231,41 +225,11 @@ impl candle_core::CustomOp3 for DecodeAttention {
                     candle_core::bail!("decode-attention: mask not on the GPU")
                 };
                 let mv = view::<f32>(ms, ml, "mask")?;
-                launch!(
-                    dev,
-                    "decode_attention_bf16",
-                    cfg,
-                    &qv,
-                    &kv,
-                    &vv,
-                    &mv,
-                    &out,
-                    &h32,
-                    &r32,
-                    &c32,
-                    &s32,
-                    &e32,
-                    &self.scale
-                );
+                launch_with_shared!(dev, &name, cfg, &qv, &kv, &vv, &mv, &out, &h32, &r32, &c32, &s32, &self.scale);
             }
             None => {
                 let null = 0u64;
-                launch!(
-                    dev,
-                    "decode_attention_bf16",
-                    cfg,
-                    &qv,
-                    &kv,
-                    &vv,
-                    &null,
-                    &out,
-                    &h32,
-                    &r32,
-                    &c32,
-                    &s32,
-                    &e32,
-                    &self.scale
-                );
+                launch_with_shared!(dev, &name, cfg, &qv, &kv, &vv, &null, &out, &h32, &r32, &c32, &s32, &self.scale);
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))

@@ -1,107 +1,154 @@
-// Attention of one new token per row against the KV cache.
+// Attention of one new token per row against the KV cache (decoding), bf16, on the tensor cores.
+// Uses flash.cu's fragment helpers and tile streaming (kernels.cu includes that file first).
+//
+// One block of 4 warps per (batch row, kv head). The R <= 16 query heads that share the kv head
+// are the 16 rows of the products (rows past R are zeros), so each key and value is read once:
+// the kernel is bound by reading the cache, and the tensor cores keep the arithmetic off that
+// path. The block streams the cache in tiles of 64 keys through shared memory, the next tile
+// fetched while the current one is used; warp w takes keys 16w..16w+15 of every tile with its
+// own online softmax, and the four warps' partial results are combined at the end.
+//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used;
+//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E); E = 64 or 128.
+// Shared memory: the four key and value tiles of flash_forward, 4 * 64 * (E + 8) bf16, which
+// also hold the warps' partial results (4 * 16 * (E + 2) f32) at the end.
+#define DECODE_WARPS 4
+#define DECODE_ROWS 16
 
-// Attention of one new token per row against the KV cache (decoding), bf16. One block of E
-// threads per (batch row, kv head); the R <= MAX_R query heads that share the kv head are handled
-// together, so each key and value is read once. Keys go in tiles of E: thread t scores key t of
-// the tile against every query head, the tile's scores
-// update each head's running max and sum (online softmax, one warp per head), and then thread t
-// accumulates element t of every head's output over the tile's values.
-//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used, 16-byte aligned;
-//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E); E = 32 * w <= 128.
-#define MAX_R 8
-#define MAX_E 128
-extern "C" __global__ void decode_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                 const __nv_bfloat16* v, const float* mask,
-                                                 __nv_bfloat16* out, int heads, int r, int c, int s,
-                                                 int e, float scale) {
-    // Shared values are read as float4: every thread reads the same query and weight values, and
-    // one 16-byte read instead of four keeps shared memory from being the bottleneck.
-    __shared__ float4 q4[MAX_R][MAX_E / 4];
-    __shared__ float4 p4[MAX_R][MAX_E / 4];
-    __shared__ float m_s[MAX_R], l_s[MAX_R], corr_s[MAX_R];
-    float(*q_s)[MAX_E] = reinterpret_cast<float(*)[MAX_E]>(q4);
-    float(*p_s)[MAX_E] = reinterpret_cast<float(*)[MAX_E]>(p4);
-    const int bk = blockIdx.x, b = bk / heads, t = threadIdx.x;
-    const int warp = t / 32, lane = t % 32, warps = e / 32, per_row = e / 8;
-    const __nv_bfloat16* qb = q + (long)bk * r * e;
-    const __nv_bfloat16* kb = k + (long)bk * c * e;
-    const __nv_bfloat16* vb = v + (long)bk * c * e;
-    for (int i = 0; i < r; i++) q_s[i][t] = __bfloat162float(qb[i * e + t]) * scale;
-    if (t < MAX_R) {
-        m_s[t] = -INFINITY;
-        l_s[t] = 0.0f;
-    }
-    float acc[MAX_R];
-#pragma unroll
-    for (int i = 0; i < MAX_R; i++) acc[i] = 0.0f;
+template <int E>
+__device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                 const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,
+                                 float scale) {
+    constexpr int P = E + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
+    __nv_bfloat16* vbuf = kbuf + 2 * FA_ROWS * P;
+    __nv_bfloat16 *ks = kbuf, *vs = vbuf;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+    const long bk = blockIdx.x, b = bk / heads;
+    const __nv_bfloat16* kh = k + bk * c * E;
+    const __nv_bfloat16* vh = v + bk * c * E;
+    const float* bias = mask ? mask + b * s : nullptr;
+
+    // The query heads as A fragments (every warp the same), staged through the key tile's space.
+    uint32_t qa[E / 16][4];
+    load_tile<E, P>(ks, q + bk * r * E, 0, r);
     __syncthreads();
-    for (int j0 = 0; j0 < s; j0 += e) {
-        const int n = min(e, s - j0);
-        // Scores of key j0 + t, for every query head; the thread reads its key row with 16-byte
-        // loads (staging the tile in shared memory cost more occupancy than it saved).
-        const int j = j0 + t;
-        const float bias = j < s ? (mask ? mask[(long)b * s + j] : 0.0f) : -INFINITY;
-        float sc[MAX_R];
-#pragma unroll
-        for (int i = 0; i < MAX_R; i++) sc[i] = 0.0f;
-        if (bias != -INFINITY) {
-            const uint4* row = reinterpret_cast<const uint4*>(kb + (long)j * e);
-            for (int x = 0; x < per_row; x++) {
-                const uint4 raw = row[x];
-                const __nv_bfloat162* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
-                const float2 f0 = __bfloat1622float2(pair[0]), f1 = __bfloat1622float2(pair[1]);
-                const float2 f2 = __bfloat1622float2(pair[2]), f3 = __bfloat1622float2(pair[3]);
-#pragma unroll
-                for (int i = 0; i < MAX_R; i++) {
-                    if (i < r) {
-                        const float4 a = q4[i][2 * x], c4 = q4[i][2 * x + 1];
-                        sc[i] += a.x * f0.x + a.y * f0.y + a.z * f1.x + a.w * f1.y + c4.x * f2.x + c4.y * f2.y +
-                                 c4.z * f3.x + c4.w * f3.y;
-                    }
-                }
-            }
+    for (int kk = 0; kk < E / 16; ++kk) load_a<P>(qa[kk], ks, 0, kk * 16, lane);
+    __syncthreads();
+
+    const float s2 = scale * LOG2E;
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;  // heads gid and gid + 8
+    float o[E / 8][4];
+    for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const int tiles = (s + FA_ROWS - 1) / FA_ROWS;
+    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
+    for (int it = 0; it < tiles; ++it) {
+        const int s0 = it * FA_ROWS + warp * 16;  // the warp's first key
+        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
+        // S = Q K^T: 16 heads x the warp's 16 keys.
+        float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        for (int kk = 0; kk < E / 16; ++kk) {
+            uint32_t bb[4];
+            load_b_rows<P>(bb, ks, warp * 16, kk * 16, lane);
+            mma16816(sc[0], qa[kk], bb[0], bb[1]);
+            mma16816(sc[1], qa[kk], bb[2], bb[3]);
         }
-        for (int i = 0; i < r; i++) p_s[i][t] = bias == -INFINITY ? -INFINITY : sc[i] + bias;
-        __syncthreads();
-        // Online softmax, one warp per query head: the tile's weights replace its scores (0 for
-        // hidden keys and past the tile's end).
-        for (int i = warp; i < r; i += warps) {
-            float big = -INFINITY;
-            for (int x = lane; x < e; x += 32) big = fmaxf(big, p_s[i][x]);
-            for (int o = 16; o > 0; o >>= 1) big = fmaxf(big, __shfl_xor_sync(0xffffffff, big, o));
-            const float m_old = m_s[i], m_new = fmaxf(m_old, big);
-            float sum = 0.0f;
-            for (int x = lane; x < e; x += 32) {
-                const float p = m_new == -INFINITY ? 0.0f : __expf(p_s[i][x] - m_new);
-                p_s[i][x] = p;
-                sum += p;
+        // Online softmax in base 2; keys past s and hidden ones at -inf.
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        for (int n = 0; n < 2; ++n) {
+            for (int u = 0; u < 2; ++u) {
+                const int key = s0 + n * 8 + 2 * tig + u;
+                const float add = key < s ? (bias ? bias[key] * LOG2E : 0.f) : -INFINITY;
+                sc[n][u] = add == -INFINITY ? -INFINITY : sc[n][u] * s2 + add;
+                sc[n][2 + u] = add == -INFINITY ? -INFINITY : sc[n][2 + u] * s2 + add;
             }
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-            if (lane == 0) {
-                const float corr = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
-                l_s[i] = l_s[i] * corr + sum;
-                m_s[i] = m_new;
-                corr_s[i] = corr;
-            }
+            mx_lo = fmaxf(mx_lo, fmaxf(sc[n][0], sc[n][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(sc[n][2], sc[n][3]));
         }
-        __syncthreads();
-        // Element t of each head's output over the tile's values, four keys at a time.
-#pragma unroll
-        for (int i = 0; i < MAX_R; i++)
-            if (i < r) acc[i] *= corr_s[i];
-        for (int x0 = 0; x0 < n; x0 += 4) {
-            float val[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) val[u] = x0 + u < n ? __bfloat162float(vb[(long)(j0 + x0 + u) * e + t]) : 0.0f;
-#pragma unroll
-            for (int i = 0; i < MAX_R; i++) {
-                if (i < r) {
-                    const float4 p = p4[i][x0 / 4];
-                    acc[i] += p.x * val[0] + p.y * val[1] + p.z * val[2] + p.w * val[3];
-                }
-            }
+        for (int o_ = 1; o_ < 4; o_ <<= 1) {
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffff, mx_lo, o_));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffff, mx_hi, o_));
         }
-        __syncthreads();
+        const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+        // A head that has seen no visible key yet keeps -inf; its factors must not be NaN.
+        const float base_lo = new_lo == -INFINITY ? 0.f : new_lo, base_hi = new_hi == -INFINITY ? 0.f : new_hi;
+        const float c_lo = exp2f(m_lo - base_lo), c_hi = exp2f(m_hi - base_hi);
+        for (int n = 0; n < 2; ++n) {
+            sc[n][0] = exp2f(sc[n][0] - base_lo);
+            sc[n][1] = exp2f(sc[n][1] - base_lo);
+            sc[n][2] = exp2f(sc[n][2] - base_hi);
+            sc[n][3] = exp2f(sc[n][3] - base_hi);
+        }
+        l_lo = l_lo * c_lo + sc[0][0] + sc[0][1] + sc[1][0] + sc[1][1];
+        l_hi = l_hi * c_hi + sc[0][2] + sc[0][3] + sc[1][2] + sc[1][3];
+        m_lo = new_lo;
+        m_hi = new_hi;
+        // O = O * c + P V, P from the registers.
+        const uint32_t pa[4] = {pack_bf16(sc[0][0], sc[0][1]), pack_bf16(sc[0][2], sc[0][3]),
+                                pack_bf16(sc[1][0], sc[1][1]), pack_bf16(sc[1][2], sc[1][3])};
+        for (int np = 0; np < E / 16; ++np) {
+            uint32_t bb[4];
+            load_b_cols<P>(bb, vs, warp * 16, np * 16, lane);
+            o[2 * np][0] *= c_lo;
+            o[2 * np][1] *= c_lo;
+            o[2 * np][2] *= c_hi;
+            o[2 * np][3] *= c_hi;
+            o[2 * np + 1][0] *= c_lo;
+            o[2 * np + 1][1] *= c_lo;
+            o[2 * np + 1][2] *= c_hi;
+            o[2 * np + 1][3] *= c_hi;
+            mma16816(o[2 * np], pa, bb[0], bb[1]);
+            mma16816(o[2 * np + 1], pa, bb[2], bb[3]);
+        }
+        __syncthreads();  // the tiles are reloaded next
     }
-    for (int i = 0; i < r; i++) out[((long)bk * r + i) * e + t] = __float2bfloat16(acc[i] / l_s[i]);
+    // Row sums over the quad of lanes that share a head.
+    for (int o_ = 1; o_ < 4; o_ <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffff, l_lo, o_);
+        l_hi += __shfl_xor_sync(0xffffffff, l_hi, o_);
+    }
+    // The warps' partial results, (warp, head, E) with rows padded by 2 against bank conflicts,
+    // then each head's max, sum and output over the four warps.
+    constexpr int PO = E + 2;
+    float* part_o = reinterpret_cast<float*>(fa_smem);
+    float* part_m = part_o + DECODE_WARPS * DECODE_ROWS * PO;
+    float* part_l = part_m + DECODE_WARPS * DECODE_ROWS;
+    float* row_o = part_o + warp * DECODE_ROWS * PO;
+    for (int n = 0; n < E / 8; ++n) {
+        const int col = n * 8 + 2 * tig;
+        row_o[gid * PO + col] = o[n][0];
+        row_o[gid * PO + col + 1] = o[n][1];
+        row_o[(gid + 8) * PO + col] = o[n][2];
+        row_o[(gid + 8) * PO + col + 1] = o[n][3];
+    }
+    if (tig == 0) {
+        part_m[warp * DECODE_ROWS + gid] = m_lo;
+        part_m[warp * DECODE_ROWS + gid + 8] = m_hi;
+        part_l[warp * DECODE_ROWS + gid] = l_lo;
+        part_l[warp * DECODE_ROWS + gid + 8] = l_hi;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < r * E; idx += blockDim.x) {
+        const int i = idx / E, d = idx % E;
+        float big = -INFINITY;
+        for (int w = 0; w < DECODE_WARPS; ++w) big = fmaxf(big, part_m[w * DECODE_ROWS + i]);
+        const float base = big == -INFINITY ? 0.f : big;
+        float num = 0.f, den = 0.f;
+        for (int w = 0; w < DECODE_WARPS; ++w) {
+            const float f = exp2f(part_m[w * DECODE_ROWS + i] - base);
+            num += f * part_o[(w * DECODE_ROWS + i) * PO + d];
+            den += f * part_l[w * DECODE_ROWS + i];
+        }
+        out[(bk * r + i) * E + d] = __float2bfloat16(num / den);
+    }
 }
+
+#define DECODE_KERNEL(E)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
+        decode_attention_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,         \
+                             const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,          \
+                             float scale) {                                                                   \
+        decode_attention<E>(q, k, v, mask, out, heads, r, c, s, scale);                                       \
+    }
+DECODE_KERNEL(64)
+DECODE_KERNEL(128)
