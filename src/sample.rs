@@ -15,12 +15,12 @@
 //!
 //! Shapes: B rows in flight, P prompts in a group, L longest prompt, S keys so far, V vocab.
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 use crate::adapter::Adapter;
 use crate::model::decoder::Mask;
@@ -394,15 +394,15 @@ fn choose_tokens(
     for (slot, &r) in live.iter().enumerate() {
         picked.push((slot, by_index[r].take().expect("a row is live once")));
     }
-    let toks: Vec<u32> = picked
-        .into_par_iter()
-        .map(|(slot, row)| {
-            if row.done.is_some() {
-                return 0;
-            }
-            sample_one(&logits[slot], &mut row.rng, opts)
-        })
-        .collect();
+    let picked: Vec<Mutex<(usize, &mut Row)>> = picked.into_iter().map(Mutex::new).collect();
+    let toks = crate::model::cpu::map_on_pool(picked.len(), |i| {
+        let mut guard = picked[i].lock().unwrap_or_else(|e| e.into_inner());
+        let (slot, row) = &mut *guard;
+        if row.done.is_some() {
+            return 0;
+        }
+        sample_one(&logits[*slot], &mut row.rng, opts)
+    });
     Ok(toks)
 }
 

@@ -2,13 +2,26 @@
 //! ([`super::packed`]), differentiable for frozen projections, and attention read straight from
 //! the KV cache.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::ops::{attach, Backward};
 use super::packed::PackedMatrix;
+
+/// f(0), .., f(n - 1) on candle's CPU thread pool, in order. Work between candle ops runs there
+/// rather than on rayon's pool: candle's threads spin for a while after each op, and beside
+/// them rayon's threads would fight them for the cores.
+pub(crate) fn map_on_pool<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(n, |items| {
+        for i in items {
+            let value = f(i);
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+        }
+    });
+    slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran")).collect()
+}
 
 /// `x @ W^T` for inference on the CPU in f32, from the weight packed once at load time (see
 /// [`super::packed`]): x (N, in) -> (N, out).
@@ -117,8 +130,9 @@ pub fn attention_cpu(
         None => None,
     };
     let scale = Scale { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
-    let mut out = vec![0f32; b * k * r * e];
-    out.par_chunks_mut(r * e).enumerate().for_each(|(bk, out_bk)| {
+    // One (batch row, kv head) per task: (R, E) each.
+    let per_head = map_on_pool(b * k, |bk| {
+        let mut out_bk = vec![0f32; r * e];
         let bi = bk / k;
         let q_bk = &q[bk * r * e..(bk + 1) * r * e];
         let k_bk = &kc[bk * c * e..bk * c * e + s * e];
@@ -135,8 +149,7 @@ pub fn attention_cpu(
             for (row, p) in probs.chunks_mut(s).enumerate() {
                 softmax_in_place(p, mask_row(row), scale);
             }
-            out_bk.copy_from_slice(&PackedMatrix::from_rows_in_out(v_bk, s, e).matmul(&probs, r));
-            return;
+            return PackedMatrix::from_rows_in_out(v_bk, s, e).matmul(&probs, r);
         }
         // Decoding: a few rows, one pass over the cache each.
         let mut p = vec![0f32; s];
@@ -157,9 +170,10 @@ pub fn attention_cpu(
                 }
             }
         }
+        out_bk
     });
     drop((qs, ks, vs, ms));
-    Tensor::from_vec(out, (b, k, r, e), keys.device())
+    Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device())
 }
 
 /// Query rows per (batch row, kv head) from which attention runs as two packed products
