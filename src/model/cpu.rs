@@ -29,6 +29,19 @@ pub fn linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&LinearPacked { w: w.clone() })
 }
 
+/// [`linear_packed`] of a weight stacked from several projections' ([W1; W2; ..]), each
+/// projection's output its own (N, width) tensor: x (N, in) -> [(N, w1), (N, w2), ..].
+pub fn linear_packed_parts(x: &Tensor, w: &Arc<PackedMatrix>, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let (n, d_in) = x.dims2()?;
+    if w.k() != d_in {
+        candle_core::bail!("linear-packed: input has {d_in} features, weight expects {}", w.k());
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let ys = w.matmul_parts(cpu_slice(&storage, layout, "input")?, n, widths);
+    ys.into_iter().zip(widths).map(|(y, &width)| Tensor::from_vec(y, (n, width), x.device())).collect()
+}
+
 /// `x @ W^T` for a frozen weight through its packed copy (CPU f32), differentiable in x: the
 /// backward pass multiplies the gradient by W through the packed transpose. x (N, in) -> (N, out).
 pub fn frozen_linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
@@ -88,6 +101,28 @@ mod linear_packed_tests {
             let got = linear_packed(&x, &packed)?;
             let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "({n}, {d_in}, {d_out}): {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_stacked_product_split_into_parts_equals_each_projections_product() -> Result<()> {
+        let dev = Device::Cpu;
+        // Parts that end inside a column panel and parts of whole panels.
+        for widths in [vec![7, 50, 3], vec![96, 48], vec![100]] {
+            let x = Tensor::randn(0f32, 1., (9, 24), &dev)?;
+            let ws: Vec<Tensor> =
+                widths.iter().map(|&w| Tensor::randn(0f32, 1., (w, 24), &dev)).collect::<Result<_>>()?;
+            let stacked = Tensor::cat(&ws, 0)?;
+            let n = stacked.dim(0)?;
+            let packed = Arc::new(PackedMatrix::from_rows_out_in(&stacked.flatten_all()?.to_vec1()?, n, 24));
+            let parts = linear_packed_parts(&x, &packed, &widths)?;
+            assert_eq!(parts.len(), widths.len());
+            for (w, got) in ws.iter().zip(&parts) {
+                let want = x.matmul(&w.t()?)?;
+                let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-4, "{widths:?}: {diff}");
+            }
         }
         Ok(())
     }

@@ -466,29 +466,39 @@ enum Stack<'a> {
 fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pass, layer: usize) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
     let x2 = x.reshape((b * t, d_in))?;
-    let (y, biased) = match stack {
-        Stack::Packed(packed) => (frozen_product(&x2, packed, pass)?, false),
+    let widths = parts.iter().map(|(lin, _)| lin.weight.dim(0)).collect::<Result<Vec<_>>>()?;
+    // Each projection's frozen product (N, out), and whether its bias is in it.
+    let split = |y: Tensor| -> Result<Vec<Tensor>> {
+        let mut offset = 0;
+        let mut ys = Vec::with_capacity(widths.len());
+        for &n in &widths {
+            ys.push(y.narrow(1, offset, n)?);
+            offset += n;
+        }
+        Ok(ys)
+    };
+    let (ys, biased) = match stack {
+        // Inference: each projection's product straight into its own tensor.
+        Stack::Packed(packed) if !pass.train => (super::cpu::linear_packed_parts(&x2, packed, &widths)?, false),
+        Stack::Packed(packed) => (split(frozen_product(&x2, packed, pass)?)?, false),
         Stack::Weight(stacked) => {
             let y = x2.matmul(&stacked.weight.t()?)?;
-            match &stacked.bias {
-                Some(bias) => (y.broadcast_add(bias)?, true),
-                None => (y, true),
-            }
+            let y = match &stacked.bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            };
+            (split(y)?, true)
         }
     };
     let mut out = Vec::with_capacity(parts.len());
-    let mut offset = 0;
-    for (lin, target) in parts {
-        let n = lin.weight.dim(0)?;
-        let mut p = y.narrow(1, offset, n)?;
+    for ((lin, target), mut p) in parts.iter().zip(ys) {
         if let (Some(bias), false) = (&lin.bias, biased) {
             p = p.broadcast_add(bias)?;
         }
         if let Some(delta) = lora_delta(&x2, pass, layer, *target)? {
             p = (p + delta)?;
         }
-        out.push(p.reshape((b, t, n))?);
-        offset += n;
+        out.push(p.reshape((b, t, ()))?);
     }
     Ok(out)
 }

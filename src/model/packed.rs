@@ -104,10 +104,22 @@ impl PackedMatrix {
         self.matmul_with(x, m, Kernel::best())
     }
 
+    /// [`PackedMatrix::matmul`] with y's columns split into consecutive parts of `widths`
+    /// (summing to n), each its own row-major (m, width) output: the products of projections
+    /// stacked into one matrix come out separate, with no copy.
+    pub fn matmul_parts(&self, x: &[f32], m: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+        self.matmul_parts_with(x, m, widths, Kernel::best())
+    }
+
     fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        self.matmul_parts_with(x, m, &[self.n], kernel).pop().expect("one part")
+    }
+
+    fn matmul_parts_with(&self, x: &[f32], m: usize, widths: &[usize], kernel: Kernel) -> Vec<Vec<f32>> {
         assert_eq!(x.len(), m * self.k, "input of {} floats is not ({m}, {})", x.len(), self.k);
-        let mut y = vec![0f32; m * self.n];
-        let out = OutPtr(y.as_mut_ptr());
+        assert_eq!(widths.iter().sum::<usize>(), self.n, "parts {widths:?} do not make {} columns", self.n);
+        let mut ys: Vec<Vec<f32>> = widths.iter().map(|w| vec![0f32; m * w]).collect();
+        let out = Parts::new(&mut ys, widths);
         let flops = 2 * m * self.k * self.n;
         for m0 in (0..m).step_by(M_CHUNK) {
             let rows = M_CHUNK.min(m - m0);
@@ -122,10 +134,7 @@ impl PackedMatrix {
                     kernel.run(block, panel, self.k, &mut acc);
                     for i in 0..live_rows {
                         // Safety: each (row, panel) tile of y is written by exactly one task.
-                        unsafe {
-                            let dst = out.at((r0 + i) * self.n + p * NR);
-                            std::ptr::copy_nonoverlapping(acc.as_ptr().add(i * NR), dst, cols);
-                        }
+                        unsafe { out.write(r0 + i, p * NR, &acc[i * NR..i * NR + cols]) };
                     }
                 }
             };
@@ -138,7 +147,43 @@ impl PackedMatrix {
                 candle_core::utils::barrier_pool().execute_chunked(self.panels(), |panels| panels.for_each(tile));
             }
         }
-        y
+        ys
+    }
+}
+
+/// The outputs of a product whose columns go to consecutive parts, shared by the tasks, each
+/// of which writes its own tiles.
+struct Parts {
+    /// (first column, width, output) of each part.
+    parts: Vec<(usize, usize, OutPtr)>,
+}
+
+impl Parts {
+    fn new(outputs: &mut [Vec<f32>], widths: &[usize]) -> Self {
+        let mut first = 0;
+        let mut parts = Vec::with_capacity(widths.len());
+        for (y, &w) in outputs.iter_mut().zip(widths) {
+            parts.push((first, w, OutPtr(y.as_mut_ptr())));
+            first += w;
+        }
+        Parts { parts }
+    }
+
+    /// Writes `values` at (row, col..) of the whole product, across parts where they straddle
+    /// one's end. Safety: the place must lie inside the product, and no other task write it.
+    unsafe fn write(&self, row: usize, col: usize, values: &[f32]) {
+        let (mut col, mut values) = (col, values);
+        for &(first, width, y) in &self.parts {
+            if values.is_empty() {
+                return;
+            }
+            if col >= first + width {
+                continue;
+            }
+            let take = values.len().min(first + width - col);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), y.at(row * width + col - first), take);
+            (col, values) = (col + take, &values[take..]);
+        }
     }
 }
 
