@@ -63,8 +63,12 @@ pub fn report(per: usize, unit: &str) -> Option<String> {
     let mut rows: Vec<_> = totals.iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     for (name, (s, calls)) in rows {
-        let per_unit = if per > 0 { s * 1e3 / per as f64 } else { f64::NAN };
-        out += &format!("{name:<28} {s:>9.3} {:>6.1}% {calls:>9} {per_unit:>12.3}\n", 100.0 * s / sum.max(1e-12));
+        // No steps (a prefill alone): the column says so rather than NaN.
+        let per_unit = match per {
+            0 => "-".to_string(),
+            _ => format!("{:.3}", s * 1e3 / per as f64),
+        };
+        out += &format!("{name:<28} {s:>9.3} {:>6.1}% {calls:>9} {per_unit:>12}\n", 100.0 * s / sum.max(1e-12));
     }
     out += &format!("{:<28} {sum:>9.3}\n", "sum of phases");
     totals.clear();
