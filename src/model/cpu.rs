@@ -24,6 +24,20 @@ pub(crate) fn map_on_pool<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> V
     slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran")).collect()
 }
 
+/// f(first index, chunk) for consecutive chunks of `out` of `chunk` elements, on candle's thread
+/// pool ([`map_on_pool`]); the results in order.
+pub(crate) fn chunks_on_pool<T: Send, R: Send>(
+    out: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let parts: Vec<Mutex<&mut [T]>> = out.chunks_mut(chunk.max(1)).map(Mutex::new).collect();
+    map_on_pool(parts.len(), |c| {
+        let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+        f(c * chunk, &mut part)
+    })
+}
+
 /// act(gate) * up in one pass on candle's thread pool, for inference on the CPU in f32
 /// (untracked tensors of one shape); None for any other tensors. candle's ops would take a pass
 /// for the activation and one for the product, each on one thread.
@@ -40,17 +54,13 @@ pub fn gated_cpu(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<O
         Activation::Silu => |x: f32| x / (1.0 + (-x).exp()),
         Activation::GeluTanh => |x: f32| 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
     };
-    const CHUNK: usize = 1 << 14;
     let mut h = vec![0f32; g.len()];
-    let chunks: Vec<Mutex<&mut [f32]>> = h.chunks_mut(CHUNK).map(Mutex::new).collect();
-    map_on_pool(chunks.len(), |c| {
-        let mut out = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
-        let range = c * CHUNK..c * CHUNK + out.len();
+    chunks_on_pool(&mut h, 1 << 14, |first, out| {
+        let range = first..first + out.len();
         for ((o, &x), &y) in out.iter_mut().zip(&g[range.clone()]).zip(&u[range]) {
             *o = act(x) * y;
         }
     });
-    drop(chunks);
     drop((gs, us));
     Tensor::from_vec(h, gate.shape(), gate.device()).map(Some)
 }

@@ -3,7 +3,6 @@
 //! forward and backward passes, and a seed gives the same mask on the CPU and the GPU.
 
 use candle_core::{Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -50,8 +49,14 @@ pub fn keyed_dropout_mask(shape: &Shape, key: u64, keep: f64, like: &Tensor) -> 
     check_mask_len(n)?;
     let threshold = keep_threshold(keep);
     let value = (1.0 / keep) as f32;
-    let mask: Vec<f32> =
-        (0..n as u32).into_par_iter().map(|i| if keeps(key, i, threshold) { value } else { 0.0 }).collect();
+    let mut mask = vec![0f32; n];
+    crate::model::cpu::chunks_on_pool(&mut mask, 1 << 14, |first, part| {
+        for (i, m) in part.iter_mut().enumerate() {
+            if keeps(key, (first + i) as u32, threshold) {
+                *m = value;
+            }
+        }
+    });
     Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
 }
 

@@ -80,7 +80,6 @@ fn packed_cross_entropy(
     chunk: usize,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    use rayon::prelude::*;
     let (n, v) = (h.dim(0)?, packed.n());
     let with_grad = h.track_op();
     let mut total = 0f64;
@@ -90,11 +89,11 @@ fn packed_cross_entropy(
         let x = h_detached.narrow(0, start, rows)?.flatten_all()?.to_vec1::<f32>()?;
         let mut logits = packed.matmul(&x, rows); // (rows, V)
         let cap = softcap.map(|c| c as f32);
-        total += logits
-            .par_chunks_mut(v)
-            .zip(&targets[start..start + rows])
-            .map(|(row, &target)| row_loss(row, target as usize, cap, with_grad))
-            .sum::<f64>();
+        let chunk_targets = &targets[start..start + rows];
+        let losses = crate::model::cpu::chunks_on_pool(&mut logits, v, |first, row| {
+            row_loss(row, chunk_targets[first / v] as usize, cap, with_grad)
+        });
+        total += losses.iter().sum::<f64>();
         if with_grad {
             let dlogits = Tensor::from_vec(logits, (rows, v), h.device())?;
             dh.push(crate::model::cpu::linear_packed(&dlogits, &packed.transposed())?);
