@@ -467,7 +467,7 @@ fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pa
     let (b, t, d_in) = x.dims3()?;
     let x2 = x.reshape((b * t, d_in))?;
     let widths = parts.iter().map(|(lin, _)| lin.weight.dim(0)).collect::<Result<Vec<_>>>()?;
-    // Each projection's frozen product (N, out), and whether its bias is in it.
+    // The stacked product (N, sum out) as one view (N, out) per projection.
     let split = |y: Tensor| -> Result<Vec<Tensor>> {
         let mut offset = 0;
         let mut ys = Vec::with_capacity(widths.len());
@@ -477,8 +477,9 @@ fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pa
         }
         Ok(ys)
     };
+    // Each projection's frozen product (N, out), and whether its bias is in it.
     let (ys, biased) = match stack {
-        // Inference: each projection's product straight into its own tensor.
+        // Inference on the CPU: each projection's product straight into its own tensor.
         Stack::Packed(packed) if !pass.train => (super::cpu::linear_packed_parts(&x2, packed, &widths)?, false),
         Stack::Packed(packed) => (split(frozen_product(&x2, packed, pass)?)?, false),
         Stack::Weight(stacked) => {
