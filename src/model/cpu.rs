@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::config::Activation;
 use super::ops::{attach, Backward};
 use super::packed::PackedMatrix;
 
@@ -36,33 +35,6 @@ pub(crate) fn chunks_on_pool<T: Send, R: Send>(
         let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
         f(c * chunk, &mut part)
     })
-}
-
-/// act(gate) * up in one pass on candle's thread pool, for inference on the CPU in f32
-/// (untracked tensors of one shape); None for any other tensors. candle's ops would take a pass
-/// for the activation and one for the product, each on one thread.
-pub fn gated_cpu(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op();
-    if !(f32_cpu(gate) && f32_cpu(up) && gate.shape() == up.shape()) {
-        return Ok(None);
-    }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (g, u) = (cpu_slice(&gs, gl, "gate")?, cpu_slice(&us, ul, "up")?);
-    let act = match activation {
-        Activation::Silu => |x: f32| x / (1.0 + (-x).exp()),
-        Activation::GeluTanh => |x: f32| 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
-    };
-    let mut h = vec![0f32; g.len()];
-    chunks_on_pool(&mut h, 1 << 14, |first, out| {
-        let range = first..first + out.len();
-        for ((o, &x), &y) in out.iter_mut().zip(&g[range.clone()]).zip(&u[range]) {
-            *o = act(x) * y;
-        }
-    });
-    drop((gs, us));
-    Tensor::from_vec(h, gate.shape(), gate.device()).map(Some)
 }
 
 /// `x @ W^T` for inference on the CPU in f32, from the weight packed once at load time (see
@@ -144,23 +116,6 @@ mod linear_packed_tests {
             let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "({n}, {d_in}, {d_out}): {diff}");
         }
-        Ok(())
-    }
-
-    #[test]
-    fn the_one_pass_gated_product_equals_candles_ops() -> Result<()> {
-        let dev = Device::Cpu;
-        // More elements than one chunk of the pool's work, and a partial last chunk.
-        let g = (Tensor::randn(0f32, 1., (7, 5000), &dev)? * 3.0)?;
-        let u = Tensor::randn(0f32, 1., (7, 5000), &dev)?;
-        for (activation, want) in [(Activation::Silu, (g.silu()? * &u)?), (Activation::GeluTanh, (g.gelu()? * &u)?)] {
-            let got = gated_cpu(activation, &g, &u)?.expect("CPU f32 takes the one-pass kernel");
-            let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{activation:?}: {diff}");
-        }
-        // Tracked tensors keep candle's differentiable ops.
-        let tracked = candle_core::Var::from_tensor(&g)?;
-        assert!(gated_cpu(Activation::Silu, tracked.as_tensor(), &u)?.is_none());
         Ok(())
     }
 

@@ -17,9 +17,6 @@ pub use silu::{silu_mul, silu_mul_backward};
 
 /// act(gate) * up, the gated MLP's product, for untracked or tracked tensors of one shape.
 pub fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if let Some(h) = crate::model::cpu::gated_cpu(activation, gate, up)? {
-        return Ok(h);
-    }
     match activation {
         Activation::Silu => silu_mul(gate, up),
         Activation::GeluTanh => gelu_mul(gate, up),
