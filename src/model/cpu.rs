@@ -2,6 +2,7 @@
 //! ([`super::packed`]), differentiable for frozen projections, and attention read straight from
 //! the KV cache.
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
@@ -9,12 +10,47 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use super::ops::{attach, Backward};
 use super::packed::PackedMatrix;
 
-/// f(0), .., f(n - 1) on candle's CPU thread pool, in order. Work between candle ops runs there
-/// rather than on rayon's pool: candle's threads spin for a while after each op, and beside
-/// them rayon's threads would fight them for the cores.
+thread_local! {
+    /// Whether this thread is running a task of [`on_pool`]: a nested call then runs inline.
+    static IN_POOL_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// f over chunks of the items 0..n on candle's CPU thread pool; inline where the caller is
+/// itself one of the pool's tasks (the pool's lock is held while its tasks run, so a nested
+/// call from the calling thread would wait on itself forever).
+///
+/// Work between candle ops runs here rather than on rayon's pool: candle's threads spin for a
+/// while after each op, and beside them rayon's threads would fight them for the cores.
+pub(crate) fn on_pool(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if IN_POOL_TASK.get() {
+        f(0..n);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n, |items| {
+        let _task = PoolTask::enter();
+        f(items);
+    });
+}
+
+/// Marks this thread as running a pool task until dropped (a panicking task included).
+struct PoolTask(bool);
+
+impl PoolTask {
+    fn enter() -> Self {
+        PoolTask(IN_POOL_TASK.replace(true))
+    }
+}
+
+impl Drop for PoolTask {
+    fn drop(&mut self) {
+        IN_POOL_TASK.set(self.0);
+    }
+}
+
+/// f(0), .., f(n - 1) on candle's CPU thread pool ([`on_pool`]), in order.
 pub(crate) fn map_on_pool<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(n, |items| {
+    on_pool(n, |items| {
         for i in items {
             let value = f(i);
             *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
@@ -117,6 +153,25 @@ mod linear_packed_tests {
             assert!(diff < 1e-4, "({n}, {d_in}, {d_out}): {diff}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn prefill_attention_whose_products_are_large_enough_for_the_pool_finishes() {
+        // Each (row, kv head) task runs two packed products of more than 2 MFLOP, which would
+        // use the pool themselves: nested in a pool task they must run inline. A hang fails
+        // here after a minute rather than stalling the test run.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dev = Device::Cpu;
+            let (b, k, r, s, e) = (2, 2, 300, 300, 64);
+            let q = Tensor::randn(0f32, 1., (b, k, r, e), &dev).unwrap();
+            let keys = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
+            let values = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
+            let out = attention_cpu(&q, &keys, &values, s, None, 0.125, None).map(|o| o.dims().to_vec());
+            let _ = done.send(out.unwrap());
+        });
+        let dims = finished.recv_timeout(std::time::Duration::from_secs(60)).expect("attention finished within a minute");
+        assert_eq!(dims, vec![2, 2, 300, 64]);
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl PackedMatrix {
         let panels = n.div_ceil(NR);
         let panel_lines = k * NR / 16;
         let mut lines = vec![Line([0.0; 16]); panels * panel_lines];
-        lines.par_chunks_mut(panel_lines).enumerate().for_each(|(p, panel)| {
+        let fill = |(p, panel): (usize, &mut [Line])| {
             let floats = as_floats_mut(panel);
             for kk in 0..k {
                 for j in 0..NR {
@@ -64,7 +64,14 @@ impl PackedMatrix {
                     }
                 }
             }
-        });
+        };
+        // Weights at load time are packed by all cores; small matrices (attention's keys and
+        // values, packed inside the thread pool's tasks) on the calling thread.
+        if k * n >= 1 << 20 {
+            lines.par_chunks_mut(panel_lines).enumerate().for_each(fill);
+        } else {
+            lines.chunks_mut(panel_lines).enumerate().for_each(fill);
+        }
         PackedMatrix { k, n, lines, transposed: OnceLock::new() }
     }
 
@@ -143,9 +150,7 @@ impl PackedMatrix {
             if flops < 2_000_000 {
                 (0..self.panels()).for_each(tile);
             } else {
-                // candle's own pool: its threads would otherwise spin beside rayon's, waiting for
-                // the next candle op, while the product runs.
-                candle_core::utils::barrier_pool().execute_chunked(self.panels(), |panels| panels.for_each(tile));
+                super::cpu::on_pool(self.panels(), |panels| panels.for_each(tile));
             }
         }
         for (y, w) in ys.iter_mut().zip(widths) {
