@@ -389,12 +389,13 @@ fn choose_tokens(
     }
     let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
     // Each row's stream is independent, so rows are sampled in parallel.
-    let mut picked: Vec<(usize, &mut Row)> = Vec::with_capacity(live.len());
+    // Each live row's (logits slot, row), one lock each: the rows are drawn on the thread pool.
     let mut by_index: Vec<Option<&mut Row>> = rows.iter_mut().map(Some).collect();
-    for (slot, &r) in live.iter().enumerate() {
-        picked.push((slot, by_index[r].take().expect("a row is live once")));
-    }
-    let picked: Vec<Mutex<(usize, &mut Row)>> = picked.into_iter().map(Mutex::new).collect();
+    let picked: Vec<Mutex<(usize, &mut Row)>> = live
+        .iter()
+        .enumerate()
+        .map(|(slot, &r)| Mutex::new((slot, by_index[r].take().expect("a row is live once"))))
+        .collect();
     let toks = crate::model::cpu::map_on_pool(picked.len(), |i| {
         let mut guard = picked[i].lock().unwrap_or_else(|e| e.into_inner());
         let (slot, row) = &mut *guard;

@@ -315,14 +315,7 @@ struct Group {
 impl Group {
     /// x (N, in) -> the frozen outputs (N, out_i), one per projection of `widths`.
     fn outputs(&self, x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
-        let y = crate::model::cpu::linear_packed(x, &self.packed)?; // (N, sum out)
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(widths.len());
-        for &w in widths {
-            out.push(y.narrow(1, offset, w)?);
-            offset += w;
-        }
-        Ok(out)
+        crate::model::cpu::linear_packed_parts(x, &self.packed, widths)
     }
 
     /// The frozen part of the shared input's gradient from the outputs' gradients (N, out_i):
