@@ -188,6 +188,23 @@ fn the_rms_norm_kernel_matches_the_plain_norm() -> Result<()> {
 }
 
 #[test]
+fn the_residual_sum_and_its_norm_in_one_pass_are_the_separate_ops() -> Result<()> {
+    for d in [896, 3584] {
+        let (xg, xc) = pair(&[2, 5, d], 36)?;
+        let (hg, hc) = pair(&[2, 5, d], 37)?;
+        let (wg, wc) = pair(&[d], 38)?;
+        let (sum, normed) = loralab::model::ops::rms_norm::cuda::add_rms_norm(&xg, &hg, &wg, 1e-6)?;
+        // The sum rounded to bf16 exactly as the separate addition rounds it.
+        let separate = (&xg + &hg)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        assert_eq!(rel_diff(&sum, &separate), 0.0, "d {d}: sum");
+        let plain = candle_nn::ops::rms_norm(&(xc + hc)?, &wc, 1e-6)?;
+        let diff = rel_diff(&normed, &plain);
+        assert!(diff < 1e-2, "d {d}: relative difference {diff}");
+    }
+    Ok(())
+}
+
+#[test]
 fn fused_rms_norm_gradient_matches_the_plain_one() -> Result<()> {
     let (xg, xc) = pair(&[4, 7, 896], 30)?;
     let (wg, wc) = pair(&[896], 31)?;
@@ -488,6 +505,40 @@ fn the_heads_kernel_splits_ropes_and_joins_as_the_plain_ops_do() -> Result<()> {
     assert!(rel_diff(&back, &xc) < 2e-2, "unrope and join: {}", rel_diff(&back, &xc));
     let joined = heads(&split.to_dtype(DType::BF16)?.to_device(&gpu())?, n, &cos_g, &sin_g, Rope::None, false)?;
     assert!(rel_diff(&joined, &xc) == 0.0, "join");
+    Ok(())
+}
+
+#[test]
+fn the_qkv_heads_kernel_adds_the_biases_splits_and_ropes_as_the_plain_ops_do() -> Result<()> {
+    use loralab::model::ops::attention::cuda::qkv_heads;
+    // 4 query heads and 2 kv heads of 16, rows of 3 tokens at position 5 of the tables.
+    let (b, t, h, kh, e, pos) = (2, 3, 4, 2, 16, 5);
+    let width = (h + 2 * kh) * e;
+    let (yg, yc) = pair(&[b * t, width], 44)?;
+    let (bias_g, bias_c) = pair(&[width], 45)?;
+    let angles: Vec<f32> = (0..(pos + t) * e / 2).map(|i| (i as f32 * 0.29).sin() * 3.0).collect();
+    let ang = Tensor::from_vec(angles, (pos + t, e / 2), &Device::Cpu)?.narrow(0, pos, t)?;
+    let round = |x: Tensor| x.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+    let (cos_c, sin_c) = (round(ang.cos()?)?, round(ang.sin()?)?);
+    let (cos_g, sin_g) =
+        (cos_c.to_dtype(DType::BF16)?.to_device(&gpu())?, sin_c.to_dtype(DType::BF16)?.to_device(&gpu())?);
+    for biased in [true, false] {
+        let bias = biased.then_some(&bias_g);
+        let (q, k, v) = qkv_heads(&yg, bias, &cos_g, &sin_g, (b, t, h, kh))?;
+        let y = if biased { round(yc.broadcast_add(&bias_c)?)? } else { yc.clone() };
+        let heads = |from: usize, n: usize| -> Result<Tensor> {
+            y.narrow(1, from * e, n * e)?.reshape((b, t, n, e))?.transpose(1, 2)?.contiguous()
+        };
+        let (want_q, want_k) = (
+            candle_nn::rotary_emb::rope(&heads(0, h)?, &cos_c, &sin_c)?,
+            candle_nn::rotary_emb::rope(&heads(h, kh)?, &cos_c, &sin_c)?,
+        );
+        assert_eq!(q.dims(), &[b, h, t, e]);
+        assert_eq!(k.dims(), &[b, kh, t, e]);
+        assert!(rel_diff(&q, &want_q) < 1e-2, "q (bias {biased}): {}", rel_diff(&q, &want_q));
+        assert!(rel_diff(&k, &want_k) < 1e-2, "k (bias {biased}): {}", rel_diff(&k, &want_k));
+        assert_eq!(rel_diff(&v, &heads(h + kh, kh)?), 0.0, "v (bias {biased})");
+    }
     Ok(())
 }
 

@@ -197,8 +197,29 @@ impl RmsNorm {
         if train {
             super::ops::rms_norm(x, &self.weight, self.eps)
         } else {
-            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)
+            super::ops::rms_norm_value(x, &self.weight, self.eps)
         }
+    }
+
+    /// The residual stream `x + h` and its norm (x itself where h is None): in inference on the
+    /// GPU, one pass that reads x and h once.
+    fn forward_added(&self, x: &Tensor, h: Option<&Tensor>, train: bool) -> Result<(Tensor, Tensor)> {
+        let Some(h) = h else { return Ok((x.clone(), self.forward(x, train)?)) };
+        #[cfg(feature = "cuda")]
+        if !train
+            && super::cuda::applies(x)
+            && self.weight.dtype() == DType::BF16
+            && super::ops::rms_norm::cuda::rms_norm_fits(x.dim(candle_core::D::Minus1)?)
+        {
+            let _phase = crate::profile::phase("residuals and norms", x.device());
+            return super::ops::rms_norm::cuda::add_rms_norm(x, h, &self.weight, self.eps);
+        }
+        let sum = {
+            let _phase = crate::profile::phase("residuals", x.device());
+            (x + h)?
+        };
+        let normed = self.forward(&sum, train)?;
+        Ok((sum, normed))
     }
 }
 
@@ -295,37 +316,8 @@ impl Attention {
         let Span { rope, pos, mask, .. } = span;
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let phase = crate::profile::phase("q/k/v projections", x.device());
-        // (B, T, H*E) -> (B, H, T, E)
-        let parts = [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
-        let stacked = self.qkv_stacked.as_ref().filter(|_| !pass.train);
-        let (q, kx, vx) = match (&self.qkv_packed, stacked) {
-            (Some(fused), _) => {
-                let mut parts = fused_forward(x, Stack::Packed(fused), &parts, pass, layer)?.into_iter();
-                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
-            }
-            (None, Some(stacked)) => {
-                let mut parts = fused_forward(x, Stack::Weight(stacked), &parts, pass, layer)?.into_iter();
-                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
-            }
-            (None, None) => (
-                self.q_proj.forward(x, pass, layer, Target::QProj)?,
-                self.k_proj.forward(x, pass, layer, Target::KProj)?,
-                self.v_proj.forward(x, pass, layer, Target::VProj)?,
-            ),
-        };
-        drop(phase);
+        let (q, kx, vx) = self.heads(x, rope, pos, pass, layer)?;
         let phase = crate::profile::phase("heads, rope, cache write", x.device());
-        let (q, kx) = (q.reshape((b, t, h, e))?, kx.reshape((b, t, k, e))?);
-        let (q, kx) = match &self.qk_norms {
-            Some((qn, kn)) => (qn.forward(&q, pass.train)?, kn.forward(&kx, pass.train)?),
-            None => (q, kx),
-        };
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let kx = kx.transpose(1, 2)?.contiguous()?;
-        let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, pos, pass.train)?;
-        let kx = rope.apply(&kx, pos, pass.train)?;
 
         // Keys and values of every position so far: (B, K, S, E)
         // The whole cache tensors (B, K, capacity, E) are kept for the CPU kernel.
@@ -387,6 +379,80 @@ impl Attention {
 }
 
 impl Attention {
+    /// The queries, keys and values of x (B, T, D) as heads at positions pos..pos + T, q and k
+    /// roped: (B, H, T, E), (B, K, T, E), (B, K, T, E).
+    fn heads(&self, x: &Tensor, rope: &Rope, pos: usize, pass: Pass, layer: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(heads) = self.fused_heads(x, rope, pos, pass, layer)? {
+            return Ok(heads);
+        }
+        let (b, t, _) = x.dims3()?;
+        let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let phase = crate::profile::phase("q/k/v projections", x.device());
+        // (B, T, H*E) -> (B, H, T, E)
+        let parts = [(&self.q_proj, Target::QProj), (&self.k_proj, Target::KProj), (&self.v_proj, Target::VProj)];
+        let stacked = self.qkv_stacked.as_ref().filter(|_| !pass.train);
+        let (q, kx, vx) = match (&self.qkv_packed, stacked) {
+            (Some(fused), _) => {
+                let mut parts = fused_forward(x, Stack::Packed(fused), &parts, pass, layer)?.into_iter();
+                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+            }
+            (None, Some(stacked)) => {
+                let mut parts = fused_forward(x, Stack::Weight(stacked), &parts, pass, layer)?.into_iter();
+                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+            }
+            (None, None) => (
+                self.q_proj.forward(x, pass, layer, Target::QProj)?,
+                self.k_proj.forward(x, pass, layer, Target::KProj)?,
+                self.v_proj.forward(x, pass, layer, Target::VProj)?,
+            ),
+        };
+        drop(phase);
+        let _phase = crate::profile::phase("heads, rope, cache write", x.device());
+        let (q, kx) = (q.reshape((b, t, h, e))?, kx.reshape((b, t, k, e))?);
+        let (q, kx) = match &self.qk_norms {
+            Some((qn, kn)) => (qn.forward(&q, pass.train)?, kn.forward(&kx, pass.train)?),
+            None => (q, kx),
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let kx = kx.transpose(1, 2)?.contiguous()?;
+        let vx = vx.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, pos, pass.train)?;
+        let kx = rope.apply(&kx, pos, pass.train)?;
+        Ok((q, kx, vx))
+    }
+
+    /// [`Attention::heads`] in inference on the GPU: the stacked product, then one kernel that
+    /// adds the biases, splits the heads and ropes them. None where it does not apply (training,
+    /// q/k norms, an adapter on q, k or v, not bf16 on the GPU).
+    #[cfg(feature = "cuda")]
+    fn fused_heads(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        pass: Pass,
+        layer: usize,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some(stacked) = self.qkv_stacked.as_ref().filter(|_| !pass.train) else { return Ok(None) };
+        let adapted = pass.adapter.is_some_and(|a| {
+            [Target::QProj, Target::KProj, Target::VProj].iter().any(|&target| a.pair(layer, target).is_some())
+        });
+        if adapted || self.qk_norms.is_some() || !super::cuda::applies(x) || !self.head_dim.is_multiple_of(4) {
+            return Ok(None);
+        }
+        let (b, t, d) = x.dims3()?;
+        let y = {
+            let _phase = crate::profile::phase("q/k/v projections", x.device());
+            x.reshape((b * t, d))?.matmul(&stacked.weight.t()?)? // (B*T, (H + 2K) E)
+        };
+        let _phase = crate::profile::phase("heads, rope, cache write", x.device());
+        let (cos, sin) = rope.tables(pos, t, x.dtype())?;
+        let dims = (b, t, self.num_heads, self.num_kv_heads);
+        super::ops::attention::cuda::qkv_heads(&y, stacked.bias.as_ref(), &cos, &sin, dims).map(Some)
+    }
+
+
     /// The self-attention of a training pass over x (B, T, D) at `span`'s positions, without a
     /// cache.
     fn for_training(&self, x: &Tensor, span: Span) -> Result<SelfAttention> {
@@ -505,33 +571,32 @@ fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pa
 }
 
 impl Layer {
-    /// x: (B, T, D) -> (B, T, D): `x + attn(norm(x))`, then `+ mlp(norm(.))`; with output
-    /// norms `x + norm(attn(norm(x)))`, then `+ norm(mlp(norm(.)))`.
-    pub(crate) fn forward(
+    /// The layer on the residual stream `x + pending` (`pending`: the previous layer's MLP
+    /// branch, not yet added), as (the stream after attention, this layer's MLP branch), whose
+    /// sum is the layer's output: `x + attn(norm(x))`, then `mlp(norm(.))`; with output norms
+    /// `x + norm(attn(norm(x)))`, then `norm(mlp(norm(.)))`. Each addition is left to the norm
+    /// that reads its sum.
+    pub(crate) fn forward_unadded(
         &self,
         x: &Tensor,
+        pending: Option<&Tensor>,
         span: Span,
         cache: Option<(&mut KvCache, usize)>,
         pass: Pass,
         index: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let span = span.for_layer(self.window);
-        let h = self.input_layernorm.forward(x, pass.train)?;
+        let (x, h) = self.input_layernorm.forward_added(x, pending, pass.train)?;
         let mut h = self.self_attn.forward(&h, span, cache, pass, index)?;
         if let Some((attention_out, _)) = &self.output_norms {
             h = attention_out.forward(&h, pass.train)?;
         }
-        let x1 = {
-            let _phase = crate::profile::phase("residuals", x.device());
-            (x + h)?
-        };
-        let h = self.mlp_norm.forward(&x1, pass.train)?;
+        let (x1, h) = self.mlp_norm.forward_added(&x, Some(&h), pass.train)?;
         let mut h = self.mlp.forward(&h, pass, index)?;
         if let Some((_, mlp_out)) = &self.output_norms {
             h = mlp_out.forward(&h, pass.train)?;
         }
-        let _phase = crate::profile::phase("residuals", x.device());
-        x1 + h
+        Ok((x1, h))
     }
 
     /// Whether the pass can run this layer as one op (see [`Decoder::layers_run`]).
@@ -899,26 +964,30 @@ impl Decoder {
             Some(scale) => (x * scale)?,
             None => x,
         };
-        let h = match (self.layers_run(pass, cache.is_some()), pass.sink) {
+        // The residual stream after the layers, and the last layer's branch where it is not added
+        // to it yet.
+        let (h, pending) = match (self.layers_run(pass, cache.is_some()), pass.sink) {
             (LayersRun::LayerOps, Some(sink)) => {
                 let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(&x, span, pass, i));
-                super::lora::stack(&x, layers.collect::<Result<_>>()?, sink)?
+                (super::lora::stack(&x, layers.collect::<Result<_>>()?, sink)?, None)
             }
             (LayersRun::CheckpointedLayerOps, Some(sink)) => {
-                super::checkpoint::stack(&self.layers, &x, span, pass, sink)?
+                (super::checkpoint::stack(&self.layers, &x, span, pass, sink)?, None)
             }
             _ => {
-                let mut x = x;
+                let (mut x, mut pending) = (x, None);
                 for (i, layer) in self.layers.iter().enumerate() {
-                    x = layer.forward(&x, span, cache.as_deref_mut().map(|c| (c, i)), pass, i)?;
+                    let cache = cache.as_deref_mut().map(|c| (c, i));
+                    let (x1, h) = layer.forward_unadded(&x, pending.as_ref(), span, cache, pass, i)?;
+                    (x, pending) = (x1, Some(h));
                 }
                 if let Some(c) = cache {
                     c.len = pos + t;
                 }
-                x
+                (x, pending)
             }
         };
-        self.norm.forward(&h, pass.train)
+        Ok(self.norm.forward_added(&h, pending.as_ref(), pass.train)?.1)
     }
 
     /// Which implementation of the layers a pass runs, decided here once for the whole pass

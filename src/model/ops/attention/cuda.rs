@@ -290,6 +290,57 @@ impl candle_core::CustomOp3 for Heads {
     }
 }
 
+/// The stacked q/k/v projection's output y (N = B*T, (H + 2K) E) and its bias ((H + 2K) E) as
+/// attention heads: q (B, H, T, E) and k (B, K, T, E) roped at cos, sin (T, E/2), and v
+/// (B, K, T, E). One pass in place of a bias addition, three strided copies and two rope passes;
+/// the three are contiguous views of one allocation.
+pub fn qkv_heads(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    (b, t, h, kh): (usize, usize, usize, usize),
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (y, cos, sin) = (y.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let width = y.dim(candle_core::D::Minus1)?;
+    let e = width / (h + 2 * kh);
+    let fits = e % 4 == 0
+        && e * (h + 2 * kh) == width
+        && y.elem_count() == b * t * width
+        && cos.elem_count() >= t * e / 2
+        && sin.shape() == cos.shape()
+        && bias.is_none_or(|bias| bias.elem_count() == width);
+    if !fits {
+        return Err(disagree("qkv-heads", &[y.shape(), cos.shape()]));
+    }
+    let dev = cuda_device(&y)?;
+    let (q_size, kv_size) = (b * h * t * e, b * kh * t * e);
+    let out = unsafe { dev.alloc::<bf16>(q_size + 2 * kv_size)? };
+    {
+        let ((ys, yl), (cs, cl), (ss, sl)) = (y.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
+        let (yv, cv, sv) = (bf16_view(&ys, yl, "y")?, bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
+        let [b32, t32, h32, kh32, e32] = [b, t, h, kh, e].map(|n| n as i32);
+        let cfg = launch_elements(b * t * width / 4);
+        match bias {
+            Some(bias) => {
+                let bias = bias.contiguous()?;
+                let (bs, bl) = bias.storage_and_layout();
+                let bv = bf16_view(&bs, bl, "bias")?;
+                launch!(dev, "qkv_heads_bf16", cfg, &yv, &bv, &cv, &sv, &out, &b32, &t32, &h32, &kh32, &e32);
+            }
+            None => {
+                let null = 0u64;
+                launch!(dev, "qkv_heads_bf16", cfg, &yv, &null, &cv, &sv, &out, &b32, &t32, &h32, &kh32, &e32);
+            }
+        }
+    }
+    let all = wrap(out, &dev, Shape::from(q_size + 2 * kv_size));
+    let q = all.narrow(0, 0, q_size)?.reshape((b, h, t, e))?;
+    let k = all.narrow(0, q_size, kv_size)?.reshape((b, kh, t, e))?;
+    let v = all.narrow(0, q_size + kv_size, kv_size)?.reshape((b, kh, t, e))?;
+    Ok((q, k, v))
+}
+
 /// rowsum(a * b) in f32 over the last dimension: (..., W) x 2 -> (rows,).
 pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &RowDot)

@@ -47,3 +47,47 @@ extern "C" __global__ void row_dot_bf16(const __nv_bfloat16* a, const __nv_bfloa
     for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
     if (lane == 0) d[r] = sum;
 }
+
+// The stacked q/k/v projection's output y (B*T, (H + 2K) * E) as attention heads, written one
+// after another to `out`: q (B, H, T, E) and k (B, K, T, E) roped at cos, sin (T, E/2) as
+// heads_bf16 ropes, v (B, K, T, E) as is. `bias` ((H + 2K) * E, or null) is added first, rounded
+// to bf16 as a separate addition rounds it. One thread per two adjacent pairs of a head (E % 4 ==
+// 0), f32 arithmetic.
+extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* y, const __nv_bfloat16* bias, const __nv_bfloat16* cos,
+                                          const __nv_bfloat16* sin, __nv_bfloat16* out, int b, int t, int h, int kh,
+                                          int e) {
+    const int half = e / 2, quads = half / 2, heads = h + 2 * kh;
+    const long q_size = (long)b * h * t * e, kv_size = (long)b * kh * t * e;
+    const long total = (long)b * t * heads * quads;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % quads) * 2;
+        long rest = i / quads;
+        const int hh = (int)(rest % heads);
+        rest /= heads;
+        const int tt = (int)(rest % t), bb = (int)(rest / t);
+        const long from = (((long)bb * t + tt) * heads + hh) * e;
+        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(y + from + j);
+        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(y + from + half + j);
+        if (bias) {
+            lo = __hadd2(lo, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + j));
+            hi = __hadd2(hi, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + half + j));
+        }
+        long to;
+        if (hh < h) {
+            to = (((long)bb * h + hh) * t + tt) * e;
+        } else if (hh < h + kh) {
+            to = q_size + (((long)bb * kh + hh - h) * t + tt) * e;
+        } else {
+            to = q_size + kv_size + (((long)bb * kh + hh - h - kh) * t + tt) * e;
+        }
+        if (hh < h + kh) {
+            const float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
+            const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)tt * half + j));
+            const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)tt * half + j));
+            lo = __floats2bfloat162_rn(a.x * c.x - c2.x * s.x, a.y * c.y - c2.y * s.y);
+            hi = __floats2bfloat162_rn(a.x * s.x + c2.x * c.x, a.y * s.y + c2.y * c.y);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + to + j) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(out + to + half + j) = hi;
+    }
+}

@@ -104,3 +104,30 @@ pub fn rms_norm_backward_plus(x: &Tensor, g: &Tensor, weight: &Tensor, plus: &Te
     }
     Ok(wrap(out, &dev, x.shape().clone()))
 }
+
+/// The residual stream and the norm that reads it, in one pass: for bf16 x, h (rows, D) and
+/// weight (D), `(x + h, RMSNorm(x + h))`, the sum rounded to bf16 before it is normed, as the
+/// separate addition rounds it. D as [`rms_norm_fits`] takes it.
+pub fn add_rms_norm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (x, h, weight) = (x.contiguous()?, h.contiguous()?, weight.contiguous()?);
+    let (rows, d) = rows_of(x.layout());
+    if h.shape() != x.shape() || weight.elem_count() != d || !rms_norm_fits(d) {
+        return Err(disagree("add-rms-norm", &[x.shape(), h.shape(), weight.shape()]));
+    }
+    if !packed8(d, &[x.layout(), h.layout(), weight.layout()]) {
+        // A view that starts off the 16-byte grid: the two passes.
+        let sum = (&x + &h)?;
+        let normed = rms_norm(&sum, &weight, eps)?;
+        return Ok((sum, normed));
+    }
+    let dev = cuda_device(&x)?;
+    let sum = unsafe { dev.alloc::<bf16>(rows * d)? };
+    let out = unsafe { dev.alloc::<bf16>(rows * d)? };
+    {
+        let ((xs, xl), (hs, hl), (ws, wl)) = (x.storage_and_layout(), h.storage_and_layout(), weight.storage_and_layout());
+        let (xv, hv, wv) = (bf16_view(&xs, xl, "x")?, bf16_view(&hs, hl, "h")?, bf16_view(&ws, wl, "weight")?);
+        let (d32, eps) = (d as i32, eps as f32);
+        launch!(dev, "add_rms_norm_bf16", launch_rows(rows), &xv, &hv, &wv, &sum, &out, &d32, &eps);
+    }
+    Ok((wrap(sum, &dev, x.shape().clone()), wrap(out, &dev, x.shape().clone())))
+}

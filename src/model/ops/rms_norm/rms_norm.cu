@@ -29,9 +29,12 @@ extern "C" __global__ void rms_norm_backward_bf16(const __nv_bfloat16* x, const 
 
 // RMSNorm of rows of D (D % 8 == 0, D <= 8 * RMS_PACKS * BLOCK, 16-byte aligned rows), one row
 // per block, eight elements per load, each row read once: out = x * w / sqrt(mean(x^2) + eps).
+// With `h` (not null), the row normed is the residual sum x + h, rounded to bf16 as a separate
+// addition would round it, and also written to `sum`: the residual stream and the next norm in
+// one pass.
 #define RMS_PACKS 4
-extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out,
-                                         int d, float eps) {
+__device__ __forceinline__ void rms_norm_row(const __nv_bfloat16* x, const __nv_bfloat16* h, __nv_bfloat16* sum,
+                                             const __nv_bfloat16* w, __nv_bfloat16* out, int d, float eps) {
     __shared__ float shared[32];
     const long base = (long)blockIdx.x * d;
     const int packs = d / 8;
@@ -41,6 +44,12 @@ extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bflo
         int p = threadIdx.x + k * BLOCK;
         if (p >= packs) break;
         xv[k].raw = reinterpret_cast<const uint4*>(x + base)[p];
+        if (h) {
+            Pack8 hv;
+            hv.raw = reinterpret_cast<const uint4*>(h + base)[p];
+            for (int j = 0; j < 4; ++j) xv[k].pairs[j] = __hadd2(xv[k].pairs[j], hv.pairs[j]);
+            reinterpret_cast<uint4*>(sum + base)[p] = xv[k].raw;
+        }
         for (int j = 0; j < 4; ++j) {
             float2 f = __bfloat1622float2(xv[k].pairs[j]);
             squares += f.x * f.x + f.y * f.y;
@@ -59,6 +68,17 @@ extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bflo
         }
         reinterpret_cast<uint4*>(out + base)[p] = o.raw;
     }
+}
+
+extern "C" __global__ void rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out,
+                                         int d, float eps) {
+    rms_norm_row(x, nullptr, nullptr, w, out, d, eps);
+}
+
+// sum = x + h and out = RMSNorm(sum), rows as rms_norm_bf16 takes them.
+extern "C" __global__ void add_rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* h, const __nv_bfloat16* w,
+                                             __nv_bfloat16* sum, __nv_bfloat16* out, int d, float eps) {
+    rms_norm_row(x, h, sum, w, out, d, eps);
 }
 
 // rms_norm_backward_bf16 for rows that rms_norm_bf16 takes: x and g read once, eight at a time.
