@@ -170,7 +170,8 @@ mod linear_packed_tests {
             let out = attention_cpu(&q, &keys, &values, s, None, 0.125, None).map(|o| o.dims().to_vec());
             let _ = done.send(out.unwrap());
         });
-        let dims = finished.recv_timeout(std::time::Duration::from_secs(60)).expect("attention finished within a minute");
+        let dims =
+            finished.recv_timeout(std::time::Duration::from_secs(60)).expect("attention finished within a minute");
         assert_eq!(dims, vec![2, 2, 300, 64]);
     }
 

@@ -452,7 +452,6 @@ impl Attention {
         super::ops::attention::cuda::qkv_heads(&y, stacked.bias.as_ref(), &cos, &sin, dims).map(Some)
     }
 
-
     /// The self-attention of a training pass over x (B, T, D) at `span`'s positions, without a
     /// cache.
     fn for_training(&self, x: &Tensor, span: Span) -> Result<SelfAttention> {
@@ -529,7 +528,13 @@ enum Stack<'a> {
 /// Several projections of the same input as one product: x (B, T, in) @ stacked^T, split back
 /// into one (B, T, out) per projection, biases and adapter terms added (in the projections'
 /// order, which is also the order their dropout masks are drawn in).
-fn fused_forward(x: &Tensor, stack: Stack, parts: &[(&Linear, Target)], pass: Pass, layer: usize) -> Result<Vec<Tensor>> {
+fn fused_forward(
+    x: &Tensor,
+    stack: Stack,
+    parts: &[(&Linear, Target)],
+    pass: Pass,
+    layer: usize,
+) -> Result<Vec<Tensor>> {
     let (b, t, d_in) = x.dims3()?;
     let x2 = x.reshape((b * t, d_in))?;
     let widths = parts.iter().map(|(lin, _)| lin.weight.dim(0)).collect::<Result<Vec<_>>>()?;

@@ -192,12 +192,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let c = kl.shape().dims4()?.2;
         // The kernel reads the query, keys and values with 16-byte loads.
         let aligned = [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
-        if r > DECODE_MAX_GROUP
-            || !matches!(e, 64 | 128)
-            || self.s > c
-            || kl.shape() != vl.shape()
-            || !aligned
-        {
+        if r > DECODE_MAX_GROUP || !matches!(e, 64 | 128) || self.s > c || kl.shape() != vl.shape() || !aligned {
             candle_core::bail!(
                 "decode-attention: unsupported shapes q {:?}, cache {:?}, s {}",
                 ql.shape(),
@@ -317,7 +312,8 @@ pub fn qkv_heads(
     let (q_size, kv_size) = (b * h * t * e, b * kh * t * e);
     let out = unsafe { dev.alloc::<bf16>(q_size + 2 * kv_size)? };
     {
-        let ((ys, yl), (cs, cl), (ss, sl)) = (y.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
+        let ((ys, yl), (cs, cl), (ss, sl)) =
+            (y.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout());
         let (yv, cv, sv) = (bf16_view(&ys, yl, "y")?, bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
         let [b32, t32, h32, kh32, e32] = [b, t, h, kh, e].map(|n| n as i32);
         let cfg = launch_elements(b * t * width / 4);

@@ -124,7 +124,8 @@ pub fn add_rms_norm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f64) -> Result
     let sum = unsafe { dev.alloc::<bf16>(rows * d)? };
     let out = unsafe { dev.alloc::<bf16>(rows * d)? };
     {
-        let ((xs, xl), (hs, hl), (ws, wl)) = (x.storage_and_layout(), h.storage_and_layout(), weight.storage_and_layout());
+        let ((xs, xl), (hs, hl), (ws, wl)) =
+            (x.storage_and_layout(), h.storage_and_layout(), weight.storage_and_layout());
         let (xv, hv, wv) = (bf16_view(&xs, xl, "x")?, bf16_view(&hs, hl, "h")?, bf16_view(&ws, wl, "weight")?);
         let (d32, eps) = (d as i32, eps as f32);
         launch!(dev, "add_rms_norm_bf16", launch_rows(rows), &xv, &hv, &wv, &sum, &out, &d32, &eps);
