@@ -291,6 +291,47 @@ fn gumbel_sampling_on_the_gpu_follows_the_softmax() {
     }
 }
 
+/// The sampling kernel's rule on the CPU at temperature 1: the argmax over tokens of
+/// logit - ln(-ln u), u from the hash of (the row's key, step, token id).
+fn gumbel_draw_on_the_cpu(row: &[f32], key: i64, step: u32) -> u32 {
+    fn mix32(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846ca68b);
+        x ^ (x >> 16)
+    }
+    let key = key as u64;
+    let stream = mix32((key as u32) ^ mix32(((key >> 32) as u32) ^ mix32(step)));
+    let mut best = (f32::NEG_INFINITY, 0u32);
+    for (i, &logit) in row.iter().enumerate() {
+        let h = mix32(stream.wrapping_add(mix32(i as u32)));
+        let u = ((h >> 9) as f32 + 0.5) * (1.0 / 8388608.0);
+        let score = logit - (-u.ln()).ln();
+        if score > best.0 {
+            best = (score, i as u32);
+        }
+    }
+    best.1
+}
+
+#[test]
+fn the_gpu_draws_the_gumbel_max_token_when_it_passes_over_tokens_that_cannot_win() {
+    // Logits over [-2, 2), where every token draws its noise, and over [-40, 40), where most of
+    // them are more than the largest noise below the best score and are passed over.
+    let (_, x) = pair(&[64, 5000], 23).unwrap();
+    let keys: Vec<i64> = (0..64).map(|i| 7_000_003 * i + 5).collect();
+    for spread in [1.0f64, 20.0] {
+        let wide = (&x * spread).unwrap().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let logits: Vec<Vec<f32>> = wide.to_vec2().unwrap();
+        for step in [0, 3] {
+            let gpu = draw(&logits, &keys, step, 1.0);
+            let cpu: Vec<u32> = logits.iter().zip(&keys).map(|(row, &key)| gumbel_draw_on_the_cpu(row, key, step)).collect();
+            assert_eq!(gpu, cpu, "spread {spread}, step {step}");
+        }
+    }
+}
+
 #[test]
 fn a_row_draws_the_same_token_on_the_gpu_whatever_its_batch() {
     let (_, x) = pair(&[64, 5000], 21).unwrap();

@@ -7,6 +7,30 @@ __device__ __forceinline__ unsigned int order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The inverse of order_key.
+__device__ __forceinline__ float from_order_key(unsigned int k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Above the largest Gumbel noise a draw can give, -log(-log(1 - 2^-24)) = 16.64 (see
+// gumbel_argmax), with room for the rounding of the scores.
+#define GUMBEL_MAX 16.7f
+
+// Eight consecutive values as f32, from 16-byte aligned memory.
+__device__ __forceinline__ void load8(const __nv_bfloat16* x, float* f) {
+    Pack8 p;
+    p.raw = *reinterpret_cast<const uint4*>(x);
+    for (int j = 0; j < 4; ++j) {
+        const float2 two = __bfloat1622float2(p.pairs[j]);
+        f[2 * j] = two.x;
+        f[2 * j + 1] = two.y;
+    }
+}
+__device__ __forceinline__ void load8(const float* x, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
 // A token's probability mass in the nucleus search, exp(s - max) in 2^-40 units: integer sums are
 // exact and do not depend on the order of the additions, so the cut is reproducible.
 __device__ __forceinline__ unsigned long long fixed_mass(float s, float max) {
@@ -111,12 +135,19 @@ __device__ void gumbel_argmax(const T* logits, const unsigned long long* keys, u
     }
     const unsigned long long key = keys[row];
     const unsigned int stream = mix32((unsigned int)key ^ mix32((unsigned int)(key >> 32) ^ mix32(step)));
+    // The order key of the best score any thread of the block has reached: a token whose scaled
+    // logit plus the largest noise is below it cannot win, and is passed over without drawing
+    // its noise (most of a trained model's vocabulary). The draws are the same either way.
+    __shared__ unsigned int reached_s;
+    if (t == 0) reached_s = 0u;
+    __syncthreads();
+    const volatile unsigned int* reached = &reached_s;
     float best = -INFINITY;
     int best_i = v;
-    for (int i = t; i < v; i += blockDim.x) {
-        float score = to_f32(x[i]);
+    auto consider = [&](float logit, int i) {
+        float score = logit;
         if (inv_t > 0.0f) {
-            if (order_key(score * inv_t) < cut) continue;
+            if (order_key(score * inv_t) < cut || score * inv_t + GUMBEL_MAX < best) return;
             const unsigned int h = mix32(stream + mix32((unsigned int)i));
             // 23 bits: the largest value, 1 - 2^-24, still rounds below 1 (24 bits would give 1.0
             // and an infinite score).
@@ -127,7 +158,20 @@ __device__ void gumbel_argmax(const T* logits, const unsigned long long* keys, u
             best = score;
             best_i = i;
         }
+    };
+    const bool packed = v % 8 == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
+    for (int p = t; packed && p < v / 8; p += blockDim.x) {
+        float f[8];
+        load8(x + 8 * (long)p, f);
+        if (inv_t > 0.0f) {
+            float most = f[0];
+            for (int j = 1; j < 8; ++j) most = fmaxf(most, f[j]);
+            if (most * inv_t + GUMBEL_MAX < fmaxf(best, from_order_key(*reached))) continue;
+        }
+        for (int j = 0; j < 8; ++j) consider(f[j], 8 * p + j);
+        if (inv_t > 0.0f && order_key(best) > *reached) atomicMax(&reached_s, order_key(best));
     }
+    for (int i = t; !packed && i < v; i += blockDim.x) consider(to_f32(x[i]), i);
     for (int o = 16; o > 0; o >>= 1) {
         const float ob = __shfl_xor_sync(0xffffffff, best, o);
         const int oi = __shfl_xor_sync(0xffffffff, best_i, o);
