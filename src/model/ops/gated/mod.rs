@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor};
 
 use crate::model::config::Activation;
 
+mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod gelu;
