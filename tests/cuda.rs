@@ -326,7 +326,8 @@ fn the_gpu_draws_the_gumbel_max_token_when_it_passes_over_tokens_that_cannot_win
         let logits: Vec<Vec<f32>> = wide.to_vec2().unwrap();
         for step in [0, 3] {
             let gpu = draw(&logits, &keys, step, 1.0);
-            let cpu: Vec<u32> = logits.iter().zip(&keys).map(|(row, &key)| gumbel_draw_on_the_cpu(row, key, step)).collect();
+            let cpu: Vec<u32> =
+                logits.iter().zip(&keys).map(|(row, &key)| gumbel_draw_on_the_cpu(row, key, step)).collect();
             assert_eq!(gpu, cpu, "spread {spread}, step {step}");
         }
     }

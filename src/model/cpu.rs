@@ -281,6 +281,149 @@ pub fn attention_cpu(
     Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device())
 }
 
+/// The gradients (dq, dk, dv) of [`attention_cpu`]'s output over whole key ranges (training:
+/// keys and values (B, K, S, E), every position used), from the output `out` and its gradient
+/// `dout` (B, K, R, E); scores not capped. Per (batch row, kv head) on the pool, with the
+/// probabilities P recomputed, as packed products:
+/// dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale,
+/// dK = dS^T Q * scale.
+pub fn attention_backward_cpu(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    out: &Tensor,
+    dout: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, k, r, e) = q.dims4()?;
+    let s = keys.dim(2)?;
+    let mask = mask.map(|m| m.contiguous()).transpose()?;
+    let t = match &mask {
+        Some(m) => m.dim(m.rank() - 2)?,
+        None => 1,
+    };
+    let mask_rows = mask.as_ref().map_or(1, |m| m.elem_count() / (t * s));
+    let [q, keys, values, out, dout] = [q, keys, values, out, dout].map(|x| x.contiguous());
+    let (q, keys, values, out, dout) = (q?, keys?, values?, out?, dout?);
+    let guards = [&q, &keys, &values, &out, &dout].map(|x| x.storage_and_layout());
+    let names = ["q", "keys", "values", "output", "output gradient"];
+    let mut slices = Vec::with_capacity(5);
+    for ((storage, layout), name) in guards.iter().zip(names) {
+        slices.push(cpu_slice(storage, layout, name)?);
+    }
+    let (qc, kc, vc, oc, dc) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
+    let ms = mask.as_ref().map(|m| m.storage_and_layout());
+    let mk = match &ms {
+        Some((st, l)) => Some(cpu_slice(st, l, "mask")?),
+        None => None,
+    };
+    let sc = Scale { scale: scale as f32, softcap: None };
+    let per_head = map_on_pool(b * k, |bk| {
+        let bi = bk / k;
+        let (rows, cache) = (bk * r * e..(bk + 1) * r * e, bk * s * e..(bk + 1) * s * e);
+        let (q_bk, k_bk, v_bk) = (&qc[rows.clone()], &kc[cache.clone()], &vc[cache]);
+        let (o_bk, d_bk) = (&oc[rows.clone()], &dc[rows]);
+        // P (R, S), as in the forward pass.
+        let mut p = PackedMatrix::from_rows_out_in(k_bk, s, e).matmul(q_bk, r);
+        for (row, p_row) in p.chunks_mut(s).enumerate() {
+            let bias = mk.map(|m| {
+                let mb = if mask_rows == 1 { 0 } else { bi };
+                &m[(mb * t + row % t) * s..(mb * t + row % t + 1) * s]
+            });
+            softmax_in_place(p_row, bias, sc);
+        }
+        // dV (S, E) = P^T dO.
+        let dv = PackedMatrix::from_rows_in_out(d_bk, r, e).matmul(&transposed(&p, r, s), s);
+        // dS (R, S) = P * (dP - rowsum(dO * O)) * scale, dP = dO V^T.
+        let mut ds = PackedMatrix::from_rows_out_in(v_bk, s, e).matmul(d_bk, r);
+        for (row, (ds_row, p_row)) in ds.chunks_mut(s).zip(p.chunks(s)).enumerate() {
+            let rowsum = dot(&d_bk[row * e..(row + 1) * e], &o_bk[row * e..(row + 1) * e]);
+            for (x, &pj) in ds_row.iter_mut().zip(p_row) {
+                *x = pj * (*x - rowsum) * sc.scale;
+            }
+        }
+        // dQ (R, E) = dS K; dK (S, E) = dS^T Q.
+        let dq = PackedMatrix::from_rows_in_out(k_bk, s, e).matmul(&ds, r);
+        let dk = PackedMatrix::from_rows_in_out(q_bk, r, e).matmul(&transposed(&ds, r, s), s);
+        (dq, dk, dv)
+    });
+    drop((guards, ms));
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(b * k * r * e), Vec::new(), Vec::new());
+    for (q_part, k_part, v_part) in per_head {
+        dq.extend_from_slice(&q_part);
+        dk.extend_from_slice(&k_part);
+        dv.extend_from_slice(&v_part);
+    }
+    let dev = q.device();
+    Ok((
+        Tensor::from_vec(dq, (b, k, r, e), dev)?,
+        Tensor::from_vec(dk, (b, k, s, e), dev)?,
+        Tensor::from_vec(dv, (b, k, s, e), dev)?,
+    ))
+}
+
+/// A projection's output as attention heads and back on the CPU in f32, the rope applied on the
+/// way, in one pass per batch row on the pool (the composite is a strided copy and a rope pass,
+/// each allocating). `to_heads`: x (B, T, n*E) -> (B, n, T, E); else (B, n, T, E) -> (B, T, n*E).
+/// cos, sin (T, E/2) rotate the first half of each head against the second; `rope_sign` 1 ropes,
+/// -1 ropes by the opposite angle (the rope's transpose, for gradients), 0 leaves the values.
+pub fn heads_cpu(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, rope_sign: f32, to_heads: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (b, t, e, shape) = if to_heads {
+        let (b, t, w) = x.dims3()?;
+        (b, t, w / n, Shape::from((b, n, t, w / n)))
+    } else {
+        let (b, _, t, e) = x.dims4()?;
+        (b, t, e, Shape::from((b, t, n * e)))
+    };
+    let half = e / 2;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let guards = [&x, &cos, &sin].map(|x| x.storage_and_layout());
+    let xs = cpu_slice(&guards[0].0, guards[0].1, "x")?;
+    let (cs, ss) = (cpu_slice(&guards[1].0, guards[1].1, "cos")?, cpu_slice(&guards[2].0, guards[2].1, "sin")?);
+    if cs.len() < t * half || ss.len() != cs.len() || xs.len() != b * t * n * e || e % 2 != 0 {
+        candle_core::bail!("heads-cpu: x {:?}, {n} heads, cos {:?}", x.shape(), cos.shape());
+    }
+    let mut out = vec![0f32; xs.len()];
+    let block = t * n * e;
+    chunks_on_pool(&mut out, block, |at, out| {
+        let src = &xs[at..at + block];
+        for tt in 0..t {
+            let (c, s) = (&cs[tt * half..(tt + 1) * half], &ss[tt * half..(tt + 1) * half]);
+            for h in 0..n {
+                let (x_at, y_at) = ((tt * n + h) * e, (h * t + tt) * e);
+                let (from, to) = if to_heads { (x_at, y_at) } else { (y_at, x_at) };
+                let (lo, hi) = src[from..from + e].split_at(half);
+                let (out_lo, out_hi) = out[to..to + e].split_at_mut(half);
+                if rope_sign == 0.0 {
+                    out_lo.copy_from_slice(lo);
+                    out_hi.copy_from_slice(hi);
+                    continue;
+                }
+                for i in 0..half {
+                    let si = rope_sign * s[i];
+                    out_lo[i] = lo[i] * c[i] - hi[i] * si;
+                    out_hi[i] = lo[i] * si + hi[i] * c[i];
+                }
+            }
+        }
+    });
+    drop(guards);
+    Tensor::from_vec(out, shape, x.device())
+}
+
+/// The (cols, rows) transpose of a row-major (rows, cols) matrix.
+fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in x.chunks(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
+}
+
 /// Query rows per (batch row, kv head) from which attention runs as two packed products
 /// (prefill) rather than one pass over the cache per row (decoding).
 const BLOCKED_ROWS: usize = 16;
@@ -383,6 +526,63 @@ mod attention_cpu_tests {
         let want = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vv)?;
         let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "T {t}: max abs diff {diff}");
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn attention_gradients_on_the_cpu_are_those_of_autograd_through_the_plain_formula() -> Result<()> {
+        // B 2, K 2, G 3, E 8, T = S = 20 (packed products), causal with row 0's first key hidden.
+        let dev = Device::Cpu;
+        let (b, k, g, t, e) = (2, 2, 3, 20, 8);
+        let q = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (b, k, g * t, e), &dev)?)?;
+        let keys = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (b, k, t, e), &dev)?)?;
+        let values = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (b, k, t, e), &dev)?)?;
+        let dout = Tensor::randn(0f32, 1., (b, k, g * t, e), &dev)?;
+        let mut m = vec![0f32; b * t * t];
+        for bi in 0..b {
+            for ti in 0..t {
+                for j in 0..t {
+                    let hidden = j > ti || (bi == 0 && j == 0 && ti > 0);
+                    m[(bi * t + ti) * t + j] = if hidden { f32::NEG_INFINITY } else { 0.0 };
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, 1, t, t), &dev)?;
+        let scores = (q.as_tensor().matmul(&keys.as_tensor().t()?)? * 0.3)?
+            .reshape((b, k, g, t, t))?
+            .broadcast_add(&mask)?
+            .reshape((b, k, g * t, t))?;
+        let out = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(values.as_tensor())?;
+        let grads = (&out * &dout)?.sum_all()?.backward()?;
+        let (q0, k0, v0) = (q.as_tensor().detach(), keys.as_tensor().detach(), values.as_tensor().detach());
+        let (dq, dk, dv) = attention_backward_cpu(&q0, &k0, &v0, &out.detach(), &dout, Some(&mask), 0.3)?;
+        for (got, var, name) in [(dq, &q, "dq"), (dk, &keys, "dk"), (dv, &values, "dv")] {
+            let diff = max_diff(&got, grads.get(var.as_tensor()).expect("a gradient"))?;
+            assert!(diff < 1e-4, "{name}: max abs diff {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn heads_on_the_cpu_split_rope_and_join_as_the_plain_ops_do() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, n, e) = (2, 5, 3, 8);
+        let x = Tensor::randn(0f32, 1., (b, t, n * e), &dev)?;
+        let angles = Tensor::randn(0f32, 1., (t, e / 2), &dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let split = x.reshape((b, t, n, e))?.transpose(1, 2)?.contiguous()?;
+        let roped = candle_nn::rotary_emb::rope(&split, &cos, &sin)?;
+        assert_eq!(max_diff(&heads_cpu(&x, n, &cos, &sin, 0.0, true)?, &split)?, 0.0);
+        let got = heads_cpu(&x, n, &cos, &sin, 1.0, true)?;
+        assert!(max_diff(&got, &roped)? < 1e-6, "split and rope");
+        // The inverse rope undoes the rope, and the join undoes the split.
+        let back = heads_cpu(&got, n, &cos, &sin, -1.0, false)?;
+        assert!(max_diff(&back, &x)? < 1e-5, "unrope and join");
+        assert_eq!(max_diff(&heads_cpu(&split, n, &cos, &sin, 0.0, false)?, &x)?, 0.0);
         Ok(())
     }
 }

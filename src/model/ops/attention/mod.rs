@@ -153,6 +153,12 @@ impl AttentionRule {
     }
 }
 
+/// Whether the CPU's attention kernels take these: f32 on the CPU (f64, for gradient checks,
+/// keeps the composite ops).
+fn cpu_f32(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
 impl Qkv for AttentionRule {
     const NAME: &'static str = "attention-recompute";
 
@@ -162,6 +168,10 @@ impl Qkv for AttentionRule {
             let flash = cuda::flash_attention(q, k, v, self.g, self.scale, cuda::QueryLayout::Heads)?;
             *self.saved()? = Some((flash.lse, q.clone()));
             return Ok(flash.out);
+        }
+        if cpu_f32(&[q, k, v]) {
+            let s = k.dim(2)?;
+            return crate::model::cpu::attention_cpu(q, k, v, s, self.mask.as_ref(), self.scale, self.softcap);
         }
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
@@ -206,6 +216,9 @@ impl Qkv for AttentionRule {
             let capped = self.softcap.map(|c| (&raw, c));
             let ds = cuda::softmax_backward(&p, &dp, &d, t, self.scale, capped)?;
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
+        }
+        if cpu_f32(&[q, k, v, out, grad]) && self.softcap.is_none() {
+            return crate::model::cpu::attention_backward_cpu(q, k, v, out, grad, self.mask.as_ref(), self.scale);
         }
         let _ = out;
         let (p, tanh) = self.probs_and_cap(q, k)?; // (B, K, M, S), f32
@@ -432,6 +445,9 @@ impl Heads {
             use cuda::{heads, Rope};
             return heads(x, n, &self.cos, &self.sin, if roped { Rope::Forward } else { Rope::None }, true);
         }
+        if cpu_f32(&[x, &self.cos]) {
+            return crate::model::cpu::heads_cpu(x, n, &self.cos, &self.sin, if roped { 1.0 } else { 0.0 }, true);
+        }
         let h = split_heads(x, n)?;
         if roped {
             candle_nn::rotary_emb::rope(&h, &self.cos, &self.sin)
@@ -447,6 +463,10 @@ impl Heads {
         if self.fused(x, x.dim(3)?) {
             use cuda::{heads, Rope};
             return heads(x, x.dim(1)?, &self.cos, &self.sin, if unroped { Rope::Inverse } else { Rope::None }, false);
+        }
+        if cpu_f32(&[x, &self.cos]) {
+            let n = x.dim(1)?;
+            return crate::model::cpu::heads_cpu(x, n, &self.cos, &self.sin, if unroped { -1.0 } else { 0.0 }, false);
         }
         if unroped {
             join_heads(&candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin.neg()?)?)

@@ -15,9 +15,9 @@ const CHUNK: usize = 1 << 14;
 /// (the kernels' results carry no gradient).
 fn applies(tensors: &[&Tensor]) -> bool {
     let first = tensors[0];
-    tensors.iter().all(|t| {
-        t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == first.shape() && !t.track_op()
-    })
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == first.shape() && !t.track_op())
 }
 
 /// silu(gate) * up, or None where [`applies`] does not hold.
@@ -54,7 +54,8 @@ pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<Opti
             silu_mul_grads_into(dg, du, &g[range.clone()], &u[range.clone()], &d[range]);
         });
     })?;
-    let (dg, du) = (Tensor::from_vec(dg, gate.shape(), gate.device())?, Tensor::from_vec(du, gate.shape(), gate.device())?);
+    let (dg, du) =
+        (Tensor::from_vec(dg, gate.shape(), gate.device())?, Tensor::from_vec(du, gate.shape(), gate.device())?);
     Ok(Some((dg, du)))
 }
 
