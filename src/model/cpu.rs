@@ -413,6 +413,67 @@ pub fn heads_cpu(x: &Tensor, n: usize, cos: &Tensor, sin: &Tensor, rope_sign: f3
     Tensor::from_vec(out, shape, x.device())
 }
 
+/// RMSNorm on the CPU in f32 for inference, rows on the pool: `x * w / sqrt(mean(x^2) + eps)`
+/// over the last dimension of x, or, with `h`, of the residual sum x + h, which is returned too
+/// (the sum and the norm that reads it in one pass).
+pub fn rms_norm_cpu(x: &Tensor, h: Option<&Tensor>, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let h = h.map(|h| h.contiguous()).transpose()?;
+    let d = x.dim(candle_core::D::Minus1)?;
+    if weight.elem_count() != d || h.as_ref().is_some_and(|h| h.shape() != x.shape()) {
+        candle_core::bail!("rms-norm-cpu: x {:?}, weight {:?}", x.shape(), weight.shape());
+    }
+    let (xg, wg) = (x.storage_and_layout(), weight.storage_and_layout());
+    let hg = h.as_ref().map(|h| h.storage_and_layout());
+    let (xs, ws) = (cpu_slice(&xg.0, xg.1, "x")?, cpu_slice(&wg.0, wg.1, "weight")?);
+    let hs = match &hg {
+        Some((st, l)) => Some(cpu_slice(st, l, "h")?),
+        None => None,
+    };
+    // Each row's sum (where there is one) and its norm, side by side in one buffer per chunk.
+    const ROWS: usize = 16;
+    let mut sum = if hs.is_some() { vec![0f32; xs.len()] } else { Vec::new() };
+    let mut out = vec![0f32; xs.len()];
+    let eps = eps as f32;
+    let norm_rows = |first: usize, out: &mut [f32], sum: Option<&mut [f32]>| {
+        let range = first..first + out.len();
+        let (x, h) = (&xs[range.clone()], hs.map(|h| &h[range]));
+        let mut sum = sum;
+        for (row, out_row) in out.chunks_mut(d).enumerate() {
+            let x_row = &x[row * d..(row + 1) * d];
+            let src: &[f32] = match (h, sum.as_deref_mut()) {
+                (Some(h), Some(sum)) => {
+                    let s_row = &mut sum[row * d..(row + 1) * d];
+                    for ((s, a), b) in s_row.iter_mut().zip(x_row).zip(&h[row * d..(row + 1) * d]) {
+                        *s = a + b;
+                    }
+                    s_row
+                }
+                _ => x_row,
+            };
+            let r = 1.0 / (dot(src, src) / d as f32 + eps).sqrt();
+            for ((o, v), w) in out_row.iter_mut().zip(src).zip(ws) {
+                *o = v * r * w;
+            }
+        }
+    };
+    if hs.is_some() {
+        let parts: Vec<Mutex<(&mut [f32], &mut [f32])>> =
+            out.chunks_mut(ROWS * d).zip(sum.chunks_mut(ROWS * d)).map(Mutex::new).collect();
+        map_on_pool(parts.len(), |c| {
+            let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+            let (out, sum) = &mut *part;
+            norm_rows(c * ROWS * d, out, Some(sum));
+        });
+    } else {
+        chunks_on_pool(&mut out, ROWS * d, |first, out| norm_rows(first, out, None));
+    }
+    drop((xg, wg, hg));
+    let normed = Tensor::from_vec(out, x.shape(), x.device())?;
+    let sum = if h.is_some() { Tensor::from_vec(sum, x.shape(), x.device())? } else { x };
+    Ok((sum, normed))
+}
+
 /// The (cols, rows) transpose of a row-major (rows, cols) matrix.
 fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; rows * cols];

@@ -184,6 +184,11 @@ fn dropout_of(pass: Pass, adapter: &Adapter) -> Result<Option<Dropout>> {
     Ok(Some(Dropout { key: rng.borrow_mut().gen(), keep: 1.0 - p }))
 }
 
+/// Whether x takes the CPU's f32 kernels (on the CPU, f32, and not tracked by autograd).
+fn cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op()
+}
+
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
 #[derive(Clone)]
 pub struct RmsNorm {
@@ -196,6 +201,8 @@ impl RmsNorm {
         let _phase = crate::profile::phase("norms", x.device());
         if train {
             super::ops::rms_norm(x, &self.weight, self.eps)
+        } else if cpu_f32(x) {
+            Ok(super::cpu::rms_norm_cpu(x, None, &self.weight, self.eps)?.1)
         } else {
             super::ops::rms_norm_value(x, &self.weight, self.eps)
         }
@@ -213,6 +220,10 @@ impl RmsNorm {
         {
             let _phase = crate::profile::phase("residuals and norms", x.device());
             return super::ops::rms_norm::cuda::add_rms_norm(x, h, &self.weight, self.eps);
+        }
+        if !train && cpu_f32(x) {
+            let _phase = crate::profile::phase("residuals and norms", x.device());
+            return super::cpu::rms_norm_cpu(x, Some(h), &self.weight, self.eps);
         }
         let sum = {
             let _phase = crate::profile::phase("residuals", x.device());
@@ -409,6 +420,16 @@ impl Attention {
         };
         drop(phase);
         let _phase = crate::profile::phase("heads, rope, cache write", x.device());
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.qk_norms.is_none() && !pass.train {
+            // One pass per projection: split, roped on the way.
+            let (cos, sin) = rope.tables(pos, t, x.dtype())?;
+            let cpu = super::cpu::heads_cpu;
+            return Ok((
+                cpu(&q, h, &cos, &sin, 1.0, true)?,
+                cpu(&kx, k, &cos, &sin, 1.0, true)?,
+                cpu(&vx, k, &cos, &sin, 0.0, true)?,
+            ));
+        }
         let (q, kx) = (q.reshape((b, t, h, e))?, kx.reshape((b, t, k, e))?);
         let (q, kx) = match &self.qk_norms {
             Some((qn, kn)) => (qn.forward(&q, pass.train)?, kn.forward(&kx, pass.train)?),
