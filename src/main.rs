@@ -1,5 +1,6 @@
 fn main() {
     keep_freed_memory();
+    count_threads_once();
     match loralab::cli::run() {
         Ok(status) => std::process::exit(status),
         Err(e) => {
@@ -34,3 +35,14 @@ fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
+
+/// candle asks for its thread count at every CPU matrix product, and unless RAYON_NUM_THREADS is
+/// set it counts the physical cores by reading /proc/cpuinfo each time: about a thousand reads per
+/// training step. Its answer, taken once, is set for the process instead.
+fn count_threads_once() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // Safety: no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+}
