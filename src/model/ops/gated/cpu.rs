@@ -80,13 +80,7 @@ fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Adding 1.5 * 2^23 rounds to an integer held in the low bits of the sum's mantissa.
     const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 {
-        -87.0
-    } else if x > 87.0 {
-        87.0
-    } else {
-        x
-    };
+    let x = x.clamp(-87.0, 87.0); // NaN stays NaN
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
