@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
 use std::sync::Mutex;
 
-use crate::model::cpu::{chunks_on_pool, map_on_pool};
+use crate::model::cpu::{chunks_on_pool, exp, map_on_pool, vectorised};
 
 /// Elements per task on the pool: large enough that a task outweighs its scheduling.
 const CHUNK: usize = 1 << 14;
@@ -73,55 +73,9 @@ fn with_slices(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]])) -> Result<()> {
     Ok(())
 }
 
-/// exp(x) within 2 ulp for |x| < 87, with a polynomial and no branches (Cephes' expf): x =
-/// n ln2 + r, |r| <= ln2 / 2, e^x = 2^n e^r. NaN stays NaN; beyond +-87 it saturates.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Adding 1.5 * 2^23 rounds to an integer held in the low bits of the sum's mantissa.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 87.0); // NaN stays NaN
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
-    e_r * scale
-}
-
 #[inline(always)]
 fn sigmoid(g: f32) -> f32 {
     1.0 / (1.0 + exp(-g))
-}
-
-/// The loops, compiled for the widest vectors the CPU has.
-macro_rules! vectorised {
-    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $body
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // Safety: the CPU has the feature.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // Safety: as above.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
 }
 
 vectorised!(silu_mul_into(out: &mut [f32], g: &[f32], u: &[f32]) {
@@ -142,19 +96,6 @@ vectorised!(silu_mul_grads_into(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn the_polynomial_exp_is_within_two_ulp_of_libms_and_keeps_nan() {
-        let mut worst = 0f32;
-        for i in -870_000..870_000 {
-            let x = i as f32 * 1e-4;
-            let (got, want) = (exp(x), x.exp());
-            worst = worst.max((got - want).abs() / (want * f32::EPSILON));
-        }
-        assert!(worst <= 2.0, "{worst} ulp");
-        assert!(exp(f32::NAN).is_nan());
-        assert!(exp(-1e9) > 0.0 && exp(1e9).is_finite());
-    }
 
     #[test]
     fn swiglu_and_its_gradients_on_the_pool_equal_candles_composite() -> Result<()> {

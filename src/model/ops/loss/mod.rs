@@ -117,11 +117,8 @@ fn row_loss(row: &mut [f32], target: usize, cap: Option<f32>, grad: bool) -> f64
     });
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let at_target = row[target];
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    crate::model::cpu::exp_shifted_in_place(row, max);
+    let sum = crate::model::cpu::lane_sum(row);
     let loss = (max + sum.ln() - at_target) as f64;
     if grad {
         let inv = 1.0 / sum;
