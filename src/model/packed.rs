@@ -21,6 +21,10 @@ pub const NR: usize = 48;
 pub const MR: usize = 8;
 /// Rows of the input whose packed copy is kept hot in the cache while all panels pass by.
 const M_CHUNK: usize = 32 * MR;
+/// Steps of k per slice of a panel (KC x NR floats, 48 KiB), which stays in the cache while every
+/// block of rows is multiplied by it: a whole panel of a long k (a weight's transpose in the
+/// backward pass, the vocabulary in the loss's) would be read from memory once per block.
+const KC: usize = 256;
 
 /// One cache line of floats: the packed buffers are 64-byte aligned so vector loads never split.
 #[derive(Clone, Copy)]
@@ -134,12 +138,21 @@ impl PackedMatrix {
             let xp = pack_rows(&x[m0 * self.k..(m0 + rows) * self.k], rows, self.k);
             let tile = |p: usize| {
                 let panel = self.panel(p);
-                for (b, block) in xp.chunks(self.k * MR).enumerate() {
+                let blocks: Vec<&[f32]> = xp.chunks(self.k * MR).collect();
+                let mut accs = vec![[0f32; MR * NR]; blocks.len()];
+                // The panel a slice of k at a time, each slice kept in the cache while every
+                // block of rows passes over it; the tiles carry their sums from slice to slice.
+                for k0 in (0..self.k).step_by(KC) {
+                    let kc = KC.min(self.k - k0);
+                    let slice = &panel[k0 * NR..(k0 + kc) * NR];
+                    for (block, acc) in blocks.iter().zip(accs.iter_mut()) {
+                        kernel.run(&block[k0 * MR..(k0 + kc) * MR], slice, kc, acc, k0 > 0);
+                    }
+                }
+                for (b, acc) in accs.iter().enumerate() {
                     let r0 = m0 + b * MR;
                     let live_rows = MR.min(m - r0);
                     let cols = NR.min(self.n - p * NR);
-                    let mut acc = [0f32; MR * NR];
-                    kernel.run(block, panel, self.k, &mut acc);
                     for i in 0..live_rows {
                         // Safety: each (row, panel) tile of y is written by exactly one task.
                         unsafe { out.write(r0 + i, p * NR, &acc[i * NR..i * NR + cols]) };
@@ -280,9 +293,13 @@ impl Kernel {
         v
     }
 
-    /// acc (MR, NR) = block (k, MR)^T @ panel (k, NR).
-    fn run(self, block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+    /// acc (MR, NR) = block (k, MR)^T @ panel (k, NR), added to acc's sums where `add`. The sums
+    /// run along k in order either way, so a product taken in slices of k is the whole one's.
+    fn run(self, block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR], add: bool) {
         assert!(block.len() >= k * MR && panel.len() >= k * NR);
+        if !add {
+            *acc = [0f32; MR * NR];
+        }
         match self {
             // Safety: the feature was detected at run time before this variant was chosen.
             #[cfg(target_arch = "x86_64")]
@@ -294,13 +311,13 @@ impl Kernel {
     }
 }
 
-/// The tile in plain Rust, as four row groups of two rows so that the accumulators of one group
+/// The tile in plain Rust (added to acc), as four row groups of two rows so that the accumulators of one group
 /// fit in registers; the compiler vectorises the inner loop over the NR columns.
 #[inline(always)]
 fn tile_portable(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
     for i0 in (0..MR).step_by(2) {
-        let mut a0 = [0f32; NR];
-        let mut a1 = [0f32; NR];
+        let mut a0: [f32; NR] = acc[i0 * NR..(i0 + 1) * NR].try_into().unwrap();
+        let mut a1: [f32; NR] = acc[(i0 + 1) * NR..(i0 + 2) * NR].try_into().unwrap();
         for kk in 0..k {
             let w: &[f32; NR] = panel[kk * NR..(kk + 1) * NR].try_into().unwrap();
             let x0 = block[kk * MR + i0];
@@ -330,10 +347,16 @@ mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// 8 rows x 48 columns in 24 zmm accumulators; per step of k: 3 loads, 8 broadcasts, 24 FMAs.
+    /// 8 rows x 48 columns in 24 zmm accumulators, added to acc; per step of k: 3 loads, 8
+    /// broadcasts, 24 FMAs.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
         let mut c = [[_mm512_setzero_ps(); 3]; MR];
+        for (i, row) in c.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(acc.as_ptr().add(i * NR + j * 16));
+            }
+        }
         let (xp, wp) = (block.as_ptr(), panel.as_ptr());
         for kk in 0..k {
             let w0 = _mm512_loadu_ps(wp.add(kk * NR));
@@ -353,13 +376,18 @@ mod x86 {
         }
     }
 
-    /// 4 rows x 24 columns in 12 ymm accumulators, four such sub-tiles per tile.
+    /// 4 rows x 24 columns in 12 ymm accumulators, four such sub-tiles per tile, added to acc.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_avx2(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
         let (xp, wp) = (block.as_ptr(), panel.as_ptr());
         for i0 in (0..MR).step_by(4) {
             for j0 in (0..NR).step_by(24) {
                 let mut c = [[_mm256_setzero_ps(); 3]; 4];
+                for (i, row) in c.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = _mm256_loadu_ps(acc.as_ptr().add((i0 + i) * NR + j0 + j * 8));
+                    }
+                }
                 for kk in 0..k {
                     let w0 = _mm256_loadu_ps(wp.add(kk * NR + j0));
                     let w1 = _mm256_loadu_ps(wp.add(kk * NR + j0 + 8));
@@ -411,9 +439,16 @@ mod tests {
     #[test]
     fn every_kernel_matches_a_plain_product_on_ragged_shapes() {
         for kernel in Kernel::available() {
-            for &(m, k, n) in
-                &[(1, 1, 1), (1, 5, 47), (7, 13, 48), (8, 64, 49), (9, 100, 97), (33, 70, 200), (300, 17, 96)]
-            {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (1, 5, 47),
+                (7, 13, 48),
+                (8, 64, 49),
+                (9, 100, 97),
+                (33, 70, 200),
+                (300, 17, 96),
+                (20, 600, 50),
+            ] {
                 let x = values(m * k, (m * 31 + k) as u32);
                 let w = values(n * k, (n * 17 + k) as u32);
                 let packed = PackedMatrix::from_rows_out_in(&w, n, k);
