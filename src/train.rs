@@ -233,6 +233,8 @@ struct AdamW {
     vars: Vec<Var>,
     /// The first and second moments of each variable, stacked: (2, ...its shape).
     moments: Vec<Tensor>,
+    /// The same on the CPU in f32, as plain floats (m then v), updated in place.
+    cpu_moments: Vec<std::sync::Mutex<Vec<f32>>>,
     step: i32,
     beta1: f64,
     beta2: f64,
@@ -249,6 +251,7 @@ impl AdamW {
         Ok(AdamW {
             vars,
             moments,
+            cpu_moments: Vec::new(),
             step: 0,
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,
@@ -263,19 +266,22 @@ impl AdamW {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
+        let hyper = crate::model::ops::optimizer::AdamStep {
+            clip,
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            bias_correction1: bc1,
+            bias_correction2: bc2,
+        };
+        if self.vars.iter().all(|v| v.device().is_cpu() && v.dtype() == DType::F32) {
+            return self.update_on_cpu(grads, &hyper);
+        }
         #[cfg(feature = "cuda")]
         if self.vars.iter().all(|v| v.device().is_cuda() && v.dtype() == DType::F32) {
             // One launch for all variables, in place (see `cuda::adamw_many`).
-            let hyper = crate::model::ops::optimizer::cuda::AdamStep {
-                clip,
-                lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-                bias_correction1: bc1,
-                bias_correction2: bc2,
-            };
             let grads: Vec<Tensor> = grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<_>>()?;
             let ps: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
             let mvs: Vec<&Tensor> = self.moments.iter().collect();
@@ -298,6 +304,25 @@ impl AdamW {
             *mv = Tensor::stack(&[m, v], 0)?;
         }
         Ok(())
+    }
+
+    /// [`AdamW::update`] on the CPU in f32: one pass per variable, in place, the variables on the
+    /// pool; the moments are kept as plain floats.
+    fn update_on_cpu(
+        &mut self,
+        grads: &[Tensor],
+        hyper: &crate::model::ops::optimizer::AdamStep,
+    ) -> candle_core::Result<()> {
+        if self.cpu_moments.len() != self.vars.len() {
+            self.cpu_moments =
+                self.vars.iter().map(|v| std::sync::Mutex::new(vec![0f32; 2 * v.elem_count()])).collect();
+            self.moments.clear();
+        }
+        let results = crate::model::cpu::map_on_pool(self.vars.len(), |i| {
+            let mut mv = self.cpu_moments[i].lock().unwrap_or_else(|e| e.into_inner());
+            crate::model::ops::optimizer::adamw_cpu(self.vars[i].as_tensor(), &mut mv, &grads[i], hyper)
+        });
+        results.into_iter().collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The GPU launchers of the optimizer step: the gradient norm and AdamW over many variables.
 
+use super::AdamStep;
 use crate::model::cuda::prelude::*;
 
 /// The sum of the squares of all elements of contiguous f32 tensors on the GPU, as an f64 scalar
@@ -24,18 +25,6 @@ pub fn sum_squares(xs: &[Tensor]) -> Result<Tensor> {
 
 /// Blocks of the sum-squares kernel: partial sums per tensor (SUM_SQUARES_PARTS in optimizer.cu).
 const SUM_SQUARES_PARTS: usize = 32;
-
-/// AdamW's hyperparameters for one step, the bias corrections 1 - beta^t included.
-pub struct AdamStep {
-    pub clip: f64,
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub bias_correction1: f64,
-    pub bias_correction2: f64,
-}
 
 /// One AdamW step of many f32 variables on the GPU in one launch, in place: each value `ps[i]`,
 /// its moments `mvs[i]` stacked (2, ...its shape) and its gradient `gs[i]`, all contiguous.
