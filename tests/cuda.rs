@@ -713,7 +713,7 @@ fn self_attention_case(t: usize, e: usize) -> Result<()> {
 
 #[test]
 fn the_adamw_kernel_takes_pytorchs_step_for_every_variable_in_place() -> Result<()> {
-    use loralab::model::ops::optimizer::cuda::{adamw_many, AdamStep};
+    use loralab::model::ops::optimizer::{cuda::adamw_many, AdamStep};
     let (_, p) = pair(&[6, 50], 61)?;
     let (_, m) = pair(&[6, 50], 62)?;
     let (_, v) = pair(&[6, 50], 63)?;
