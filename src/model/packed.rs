@@ -21,10 +21,11 @@ pub const NR: usize = 48;
 pub const MR: usize = 8;
 /// Rows of the input whose packed copy is kept hot in the cache while all panels pass by.
 const M_CHUNK: usize = 32 * MR;
-/// Steps of k per slice of a panel (KC x NR floats, 48 KiB), which stays in the cache while every
-/// block of rows is multiplied by it: a whole panel of a long k (a weight's transpose in the
-/// backward pass, the vocabulary in the loss's) would be read from memory once per block.
-const KC: usize = 256;
+/// Steps of k per slice of a panel (KC x NR floats, 768 KiB, within a core's L2), which stays in
+/// the cache while every block of rows is multiplied by it. Only a long k is sliced (the loss's
+/// vocabulary in its backward pass, where a whole panel was read from memory once per block of
+/// rows); up to 4096 the product is as fast or faster whole.
+const KC: usize = 4096;
 
 /// One cache line of floats: the packed buffers are 64-byte aligned so vector loads never split.
 #[derive(Clone, Copy)]
@@ -447,7 +448,7 @@ mod tests {
                 (9, 100, 97),
                 (33, 70, 200),
                 (300, 17, 96),
-                (20, 600, 50),
+                (20, 4500, 50),
             ] {
                 let x = values(m * k, (m * 31 + k) as u32);
                 let w = values(n * k, (n * 17 + k) as u32);
@@ -455,7 +456,9 @@ mod tests {
                 let got = packed.matmul_with(&x, m, kernel);
                 let want = naive(&x, &w, m, n, k);
                 let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(diff < 1e-4, "{kernel:?} ({m}, {k}, {n}): max abs diff {diff}");
+                // f32 sums of k products drift from the f64 ones by about k * 1e-8 at worst.
+                let tolerance = 1e-4f32.max(k as f32 * 1e-7);
+                assert!(diff < tolerance, "{kernel:?} ({m}, {k}, {n}): max abs diff {diff}");
             }
         }
     }
