@@ -231,9 +231,10 @@ pub struct StepLog {
 /// PyTorch's AdamW (`torch.optim.AdamW`, non-fused maths).
 struct AdamW {
     vars: Vec<Var>,
-    /// The first and second moments of each variable, stacked: (2, ...its shape).
+    /// The first and second moments of each variable, stacked: (2, ...its shape); none where the
+    /// CPU's step runs.
     moments: Vec<Tensor>,
-    /// The same on the CPU in f32, as plain floats (m then v), updated in place.
+    /// The same for the CPU's in-place step in f32, as plain floats (m then v).
     cpu_moments: Vec<std::sync::Mutex<Vec<f32>>>,
     step: i32,
     beta1: f64,
@@ -244,14 +245,17 @@ struct AdamW {
 
 impl AdamW {
     fn new(vars: Vec<Var>, cfg: &TrainConfig) -> candle_core::Result<Self> {
-        let moments = vars
-            .iter()
-            .map(|v| Tensor::stack(&[v.zeros_like()?, v.zeros_like()?], 0))
-            .collect::<candle_core::Result<_>>()?;
+        // The moments as plain floats where the CPU's in-place step runs, else as tensors.
+        let (moments, cpu_moments) = if Self::on_cpu(&vars) {
+            (Vec::new(), vars.iter().map(|v| std::sync::Mutex::new(vec![0f32; 2 * v.elem_count()])).collect())
+        } else {
+            let stacked = vars.iter().map(|v| Tensor::stack(&[v.zeros_like()?, v.zeros_like()?], 0));
+            (stacked.collect::<candle_core::Result<_>>()?, Vec::new())
+        };
         Ok(AdamW {
             vars,
             moments,
-            cpu_moments: Vec::new(),
+            cpu_moments,
             step: 0,
             beta1: cfg.adam_beta1,
             beta2: cfg.adam_beta2,
@@ -276,7 +280,7 @@ impl AdamW {
             bias_correction1: bc1,
             bias_correction2: bc2,
         };
-        if self.vars.iter().all(|v| v.device().is_cpu() && v.dtype() == DType::F32) {
+        if Self::on_cpu(&self.vars) {
             return self.update_on_cpu(grads, &hyper);
         }
         #[cfg(feature = "cuda")]
@@ -306,18 +310,18 @@ impl AdamW {
         Ok(())
     }
 
+    /// Whether the CPU's in-place step takes these variables (all f32 on the CPU).
+    fn on_cpu(vars: &[Var]) -> bool {
+        vars.iter().all(|v| v.device().is_cpu() && v.dtype() == DType::F32)
+    }
+
     /// [`AdamW::update`] on the CPU in f32: one pass per variable, in place, the variables on the
     /// pool; the moments are kept as plain floats.
     fn update_on_cpu(
-        &mut self,
+        &self,
         grads: &[Tensor],
         hyper: &crate::model::ops::optimizer::AdamStep,
     ) -> candle_core::Result<()> {
-        if self.cpu_moments.len() != self.vars.len() {
-            self.cpu_moments =
-                self.vars.iter().map(|v| std::sync::Mutex::new(vec![0f32; 2 * v.elem_count()])).collect();
-            self.moments.clear();
-        }
         let results = crate::model::cpu::map_on_pool(self.vars.len(), |i| {
             let mut mv = self.cpu_moments[i].lock().unwrap_or_else(|e| e.into_inner());
             crate::model::ops::optimizer::adamw_cpu(self.vars[i].as_tensor(), &mut mv, &grads[i], hyper)

@@ -73,6 +73,12 @@ pub(crate) fn chunks_on_pool<T: Send, R: Send>(
     })
 }
 
+/// Whether the CPU's f32 kernels take these tensors: f32 on the CPU (f64, for gradient checks,
+/// keeps the composite ops).
+pub(crate) fn on_cpu_f32(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
 /// `x @ W^T` for inference on the CPU in f32, from the weight packed once at load time (see
 /// [`super::packed`]): x (N, in) -> (N, out).
 pub fn linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {
@@ -216,12 +222,7 @@ pub fn attention_cpu(
 ) -> Result<Tensor> {
     let (b, k, r, e) = q.dims4()?;
     let c = keys.dim(2)?;
-    let mask = mask.map(|m| m.contiguous()).transpose()?;
-    let t = match &mask {
-        Some(m) => m.dim(m.rank() - 2)?,
-        None => 1,
-    };
-    let mask_rows = mask.as_ref().map_or(1, |m| m.elem_count() / (t * s));
+    let mask = MaskRows::new(mask, s)?;
     let q = q.contiguous()?;
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = keys.storage_and_layout();
@@ -229,11 +230,6 @@ pub fn attention_cpu(
     let q = cpu_slice(&qs, ql, "q")?;
     let kc = cpu_slice(&ks, kl, "keys")?;
     let vc = cpu_slice(&vs, vl, "values")?;
-    let ms = mask.as_ref().map(|m| m.storage_and_layout());
-    let mk = match &ms {
-        Some((st, l)) => Some(cpu_slice(st, l, "mask")?),
-        None => None,
-    };
     let scale = Scale { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
     // One (batch row, kv head) per task: (R, E) each.
     let per_head = map_on_pool(b * k, |bk| {
@@ -242,12 +238,7 @@ pub fn attention_cpu(
         let q_bk = &q[bk * r * e..(bk + 1) * r * e];
         let k_bk = &kc[bk * c * e..bk * c * e + s * e];
         let v_bk = &vc[bk * c * e..bk * c * e + s * e];
-        let mask_row = |row: usize| {
-            mk.map(|m| {
-                let mb = if mask_rows == 1 { 0 } else { bi };
-                &m[(mb * t + row % t) * s..(mb * t + row % t + 1) * s]
-            })
-        };
+        let mask_row = |row: usize| mask.as_ref().map(|m| m.row(bi, row));
         if r >= BLOCKED_ROWS {
             // Prefill: (R, E) @ K^T -> (R, S) probabilities, @ V -> (R, E), as packed products.
             let mut probs = PackedMatrix::from_rows_out_in(k_bk, s, e).matmul(q_bk, r);
@@ -277,7 +268,7 @@ pub fn attention_cpu(
         }
         out_bk
     });
-    drop((qs, ks, vs, ms));
+    drop((qs, ks, vs));
     Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device())
 }
 
@@ -298,12 +289,7 @@ pub fn attention_backward_cpu(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, k, r, e) = q.dims4()?;
     let s = keys.dim(2)?;
-    let mask = mask.map(|m| m.contiguous()).transpose()?;
-    let t = match &mask {
-        Some(m) => m.dim(m.rank() - 2)?,
-        None => 1,
-    };
-    let mask_rows = mask.as_ref().map_or(1, |m| m.elem_count() / (t * s));
+    let mask = MaskRows::new(mask, s)?;
     let [q, keys, values, out, dout] = [q, keys, values, out, dout].map(|x| x.contiguous());
     let (q, keys, values, out, dout) = (q?, keys?, values?, out?, dout?);
     let guards = [&q, &keys, &values, &out, &dout].map(|x| x.storage_and_layout());
@@ -313,11 +299,6 @@ pub fn attention_backward_cpu(
         slices.push(cpu_slice(storage, layout, name)?);
     }
     let (qc, kc, vc, oc, dc) = (slices[0], slices[1], slices[2], slices[3], slices[4]);
-    let ms = mask.as_ref().map(|m| m.storage_and_layout());
-    let mk = match &ms {
-        Some((st, l)) => Some(cpu_slice(st, l, "mask")?),
-        None => None,
-    };
     let sc = Scale { scale: scale as f32, softcap: None };
     let per_head = map_on_pool(b * k, |bk| {
         let bi = bk / k;
@@ -327,11 +308,7 @@ pub fn attention_backward_cpu(
         // P (R, S), as in the forward pass.
         let mut p = PackedMatrix::from_rows_out_in(k_bk, s, e).matmul(q_bk, r);
         for (row, p_row) in p.chunks_mut(s).enumerate() {
-            let bias = mk.map(|m| {
-                let mb = if mask_rows == 1 { 0 } else { bi };
-                &m[(mb * t + row % t) * s..(mb * t + row % t + 1) * s]
-            });
-            softmax_in_place(p_row, bias, sc);
+            softmax_in_place(p_row, mask.as_ref().map(|m| m.row(bi, row)), sc);
         }
         // dV (S, E) = P^T dO.
         let dv = PackedMatrix::from_rows_in_out(d_bk, r, e).matmul(&transposed(&p, r, s), s);
@@ -348,7 +325,7 @@ pub fn attention_backward_cpu(
         let dk = PackedMatrix::from_rows_in_out(q_bk, r, e).matmul(&transposed(&ds, r, s), s);
         (dq, dk, dv)
     });
-    drop((guards, ms));
+    drop(guards);
     let (mut dq, mut dk, mut dv) = (Vec::with_capacity(b * k * r * e), Vec::new(), Vec::new());
     for (q_part, k_part, v_part) in per_head {
         dq.extend_from_slice(&q_part);
@@ -483,6 +460,31 @@ fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// An additive attention mask, (B or 1, 1, 1, T, S), as rows of S keys.
+struct MaskRows {
+    data: Vec<f32>,
+    t: usize,
+    s: usize,
+    /// Whether each batch row has its own T rows (else one set serves all).
+    per_batch: bool,
+}
+
+impl MaskRows {
+    fn new(mask: Option<&Tensor>, s: usize) -> Result<Option<Self>> {
+        let Some(mask) = mask else { return Ok(None) };
+        let t = mask.dim(mask.rank() - 2)?;
+        let data = mask.flatten_all()?.to_vec1::<f32>()?;
+        let per_batch = data.len() / (t * s) > 1;
+        Ok(Some(MaskRows { data, t, s, per_batch }))
+    }
+
+    /// The keys' biases for query row `row` (at new position row % T) of batch row `bi`.
+    fn row(&self, bi: usize, row: usize) -> &[f32] {
+        let at = ((if self.per_batch { bi } else { 0 }) * self.t + row % self.t) * self.s;
+        &self.data[at..at + self.s]
+    }
 }
 
 /// Query rows per (batch row, kv head) from which attention runs as two packed products

@@ -184,11 +184,6 @@ fn dropout_of(pass: Pass, adapter: &Adapter) -> Result<Option<Dropout>> {
     Ok(Some(Dropout { key: rng.borrow_mut().gen(), keep: 1.0 - p }))
 }
 
-/// Whether x takes the CPU's f32 kernels (on the CPU, f32, and not tracked by autograd).
-fn cpu_f32(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op()
-}
-
 /// RMSNorm with a learned scale; fused kernel for inference, plain ops for training.
 #[derive(Clone)]
 pub struct RmsNorm {
@@ -201,7 +196,7 @@ impl RmsNorm {
         let _phase = crate::profile::phase("norms", x.device());
         if train {
             super::ops::rms_norm(x, &self.weight, self.eps)
-        } else if cpu_f32(x) {
+        } else if super::cpu::on_cpu_f32(&[x]) {
             Ok(super::cpu::rms_norm_cpu(x, None, &self.weight, self.eps)?.1)
         } else {
             super::ops::rms_norm_value(x, &self.weight, self.eps)
@@ -221,7 +216,7 @@ impl RmsNorm {
             let _phase = crate::profile::phase("residuals and norms", x.device());
             return super::ops::rms_norm::cuda::add_rms_norm(x, h, &self.weight, self.eps);
         }
-        if !train && cpu_f32(x) {
+        if !train && super::cpu::on_cpu_f32(&[x]) {
             let _phase = crate::profile::phase("residuals and norms", x.device());
             return super::cpu::rms_norm_cpu(x, Some(h), &self.weight, self.eps);
         }
@@ -356,7 +351,7 @@ impl Attention {
         let (scale, softcap) = (self.scale, self.softcap);
         let causal = mask.is_some_and(Mask::is_causal);
         let mask = mask.map(|m| m.for_heads(b, t, s)).transpose()?;
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let cpu_f32 = super::cpu::on_cpu_f32(&[x]);
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
             super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?
@@ -420,7 +415,7 @@ impl Attention {
         };
         drop(phase);
         let _phase = crate::profile::phase("heads, rope, cache write", x.device());
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.qk_norms.is_none() && !pass.train {
+        if !pass.train && self.qk_norms.is_none() && super::cpu::on_cpu_f32(&[x]) {
             // One pass per projection: split, roped on the way.
             let (cos, sin) = rope.tables(pos, t, x.dtype())?;
             let cpu = super::cpu::heads_cpu;

@@ -153,12 +153,6 @@ impl AttentionRule {
     }
 }
 
-/// Whether the CPU's attention kernels take these: f32 on the CPU (f64, for gradient checks,
-/// keeps the composite ops).
-fn cpu_f32(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
-}
-
 impl Qkv for AttentionRule {
     const NAME: &'static str = "attention-recompute";
 
@@ -169,7 +163,7 @@ impl Qkv for AttentionRule {
             *self.saved()? = Some((flash.lse, q.clone()));
             return Ok(flash.out);
         }
-        if cpu_f32(&[q, k, v]) {
+        if crate::model::cpu::on_cpu_f32(&[q, k, v]) {
             let s = k.dim(2)?;
             return crate::model::cpu::attention_cpu(q, k, v, s, self.mask.as_ref(), self.scale, self.softcap);
         }
@@ -217,7 +211,7 @@ impl Qkv for AttentionRule {
             let ds = cuda::softmax_backward(&p, &dp, &d, t, self.scale, capped)?;
             return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
         }
-        if cpu_f32(&[q, k, v, out, grad]) && self.softcap.is_none() {
+        if crate::model::cpu::on_cpu_f32(&[q, k, v, out, grad]) && self.softcap.is_none() {
             return crate::model::cpu::attention_backward_cpu(q, k, v, out, grad, self.mask.as_ref(), self.scale);
         }
         let _ = out;
@@ -445,7 +439,7 @@ impl Heads {
             use cuda::{heads, Rope};
             return heads(x, n, &self.cos, &self.sin, if roped { Rope::Forward } else { Rope::None }, true);
         }
-        if cpu_f32(&[x, &self.cos]) {
+        if crate::model::cpu::on_cpu_f32(&[x, &self.cos]) {
             return crate::model::cpu::heads_cpu(x, n, &self.cos, &self.sin, if roped { 1.0 } else { 0.0 }, true);
         }
         let h = split_heads(x, n)?;
@@ -464,7 +458,7 @@ impl Heads {
             use cuda::{heads, Rope};
             return heads(x, x.dim(1)?, &self.cos, &self.sin, if unroped { Rope::Inverse } else { Rope::None }, false);
         }
-        if cpu_f32(&[x, &self.cos]) {
+        if crate::model::cpu::on_cpu_f32(&[x, &self.cos]) {
             let n = x.dim(1)?;
             return crate::model::cpu::heads_cpu(x, n, &self.cos, &self.sin, if unroped { -1.0 } else { 0.0 }, false);
         }

@@ -2,11 +2,11 @@
 //! each way over candle's thread pool. candle's CPU silu calls libm's exp per element on one
 //! thread and its product is a second pass; here the exp is a polynomial the compiler vectorises.
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{CpuStorage, Result, Storage, Tensor};
 
 use std::sync::Mutex;
 
-use crate::model::cpu::{chunks_on_pool, exp, map_on_pool, vectorised};
+use crate::model::cpu::{chunks_on_pool, exp, map_on_pool, on_cpu_f32, vectorised};
 
 /// Elements per task on the pool: large enough that a task outweighs its scheduling.
 const CHUNK: usize = 1 << 14;
@@ -14,10 +14,7 @@ const CHUNK: usize = 1 << 14;
 /// Whether these tensors take the CPU kernels: f32 on the CPU, one shape, none tracked by autograd
 /// (the kernels' results carry no gradient).
 fn applies(tensors: &[&Tensor]) -> bool {
-    let first = tensors[0];
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == first.shape() && !t.track_op())
+    on_cpu_f32(tensors) && tensors.iter().all(|t| t.shape() == tensors[0].shape() && !t.track_op())
 }
 
 /// silu(gate) * up, or None where [`applies`] does not hold.
@@ -101,7 +98,7 @@ mod tests {
     fn swiglu_and_its_gradients_on_the_pool_equal_candles_composite() -> Result<()> {
         // More elements than one chunk, and an odd count.
         let n = 3 * CHUNK + 77;
-        let values = |seed: f32| (0..n).map(|i| ((i as f32 * seed).sin() * 9.0)).collect::<Vec<f32>>();
+        let values = |seed: f32| (0..n).map(|i| (i as f32 * seed).sin() * 9.0).collect::<Vec<f32>>();
         let g = Tensor::from_vec(values(0.37), n, &Device::Cpu)?;
         let u = Tensor::from_vec(values(0.11), n, &Device::Cpu)?;
         let d = Tensor::from_vec(values(0.53), n, &Device::Cpu)?;
