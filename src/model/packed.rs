@@ -19,7 +19,7 @@ use rayon::prelude::*;
 pub const NR: usize = 48;
 /// Rows of the input per micro-tile.
 pub const MR: usize = 8;
-/// Rows of the input whose packed copy is kept hot in the cache while all panels pass by.
+/// Rows of the input kept hot in the cache while all panels pass by.
 const M_CHUNK: usize = 32 * MR;
 /// Steps of k per slice of a panel (KC x NR floats, 768 KiB, within a core's L2), which stays in
 /// the cache while every block of rows is multiplied by it. Only a long k is sliced (the loss's
@@ -134,20 +134,20 @@ impl PackedMatrix {
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
         let out = Parts::new(&mut ys, widths);
         let flops = 2 * m * self.k * self.n;
+        let k = self.k;
         for m0 in (0..m).step_by(M_CHUNK) {
             let rows = M_CHUNK.min(m - m0);
-            let xp = pack_rows(&x[m0 * self.k..(m0 + rows) * self.k], rows, self.k);
+            let blocks = Blocks::new(&x[m0 * k..(m0 + rows) * k], rows, k);
             let tile = |p: usize| {
                 let panel = self.panel(p);
-                let blocks: Vec<&[f32]> = xp.chunks(self.k * MR).collect();
-                let mut accs = vec![[0f32; MR * NR]; blocks.len()];
+                let mut accs = vec![[0f32; MR * NR]; blocks.count()];
                 // The panel a slice of k at a time, each slice kept in the cache while every
                 // block of rows passes over it; the tiles carry their sums from slice to slice.
-                for k0 in (0..self.k).step_by(KC) {
-                    let kc = KC.min(self.k - k0);
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
                     let slice = &panel[k0 * NR..(k0 + kc) * NR];
-                    for (block, acc) in blocks.iter().zip(accs.iter_mut()) {
-                        kernel.run(&block[k0 * MR..(k0 + kc) * MR], slice, kc, acc, k0 > 0);
+                    for (b, acc) in accs.iter_mut().enumerate() {
+                        kernel.run(blocks.rows(b, k0), k, slice, kc, acc, k0 > 0);
                     }
                 }
                 for (b, acc) in accs.iter().enumerate() {
@@ -225,20 +225,40 @@ impl OutPtr {
     }
 }
 
-/// Rows of x (rows, k) as blocks of MR rows, each stored k-major: block[kk][i] = x[r0 + i][kk],
-/// so the kernel broadcasts MR consecutive floats at every step of k. Missing rows are zeros.
-fn pack_rows(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    let blocks = rows.div_ceil(MR);
-    let mut xp = vec![0f32; blocks * k * MR];
-    for (b, block) in xp.chunks_mut(k * MR).enumerate() {
-        for i in 0..MR.min(rows - b * MR) {
-            let row = &x[(b * MR + i) * k..(b * MR + i + 1) * k];
-            for (kk, &v) in row.iter().enumerate() {
-                block[kk * MR + i] = v;
-            }
-        }
+/// Rows of x (rows, k) in blocks of MR, read in place by the kernels (a row's floats are
+/// contiguous, consecutive rows k apart). A last, short block is copied once with zero rows
+/// below it, so that every block the kernels see has MR rows.
+struct Blocks<'a> {
+    x: &'a [f32],
+    /// The last block padded with zero rows, where rows is not a multiple of MR.
+    ragged: Option<Vec<f32>>,
+    full: usize,
+    k: usize,
+}
+
+impl<'a> Blocks<'a> {
+    fn new(x: &'a [f32], rows: usize, k: usize) -> Self {
+        let full = rows / MR;
+        let ragged = (rows % MR != 0).then(|| {
+            let mut last = x[full * MR * k..rows * k].to_vec();
+            last.resize(MR * k, 0.0);
+            last
+        });
+        Blocks { x, ragged, full, k }
     }
-    xp
+
+    fn count(&self) -> usize {
+        self.full + self.ragged.is_some() as usize
+    }
+
+    /// Block b's rows from column k0 on: the kernel reads row i's column k0 + kk at i * k + kk.
+    fn rows(&self, b: usize, k0: usize) -> &[f32] {
+        let block = match &self.ragged {
+            Some(last) if b == self.full => &last[..],
+            _ => &self.x[b * MR * self.k..(b + 1) * MR * self.k],
+        };
+        &block[k0..]
+    }
 }
 
 fn as_floats(lines: &[Line]) -> &[f32] {
@@ -294,20 +314,21 @@ impl Kernel {
         v
     }
 
-    /// acc (MR, NR) = block (k, MR)^T @ panel (k, NR), added to acc's sums where `add`. The sums
-    /// run along k in order either way, so a product taken in slices of k is the whole one's.
-    fn run(self, block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR], add: bool) {
-        assert!(block.len() >= k * MR && panel.len() >= k * NR);
+    /// acc (MR, NR) = rows (MR, k) @ panel (k, NR), added to acc's sums where `add`; row i's
+    /// floats start at `rows[i * stride]`. The sums run along k in order either way, so a
+    /// product taken in slices of k is the whole one's.
+    fn run(self, rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR], add: bool) {
+        assert!(k <= stride && rows.len() >= (MR - 1) * stride + k && panel.len() >= k * NR);
         if !add {
             *acc = [0f32; MR * NR];
         }
         match self {
             // Safety: the feature was detected at run time before this variant was chosen.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::tile_avx512(block, panel, k, acc) },
+            Kernel::Avx512 => unsafe { x86::tile_avx512(rows, stride, panel, k, acc) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::tile_avx2(block, panel, k, acc) },
-            Kernel::Portable => tile_portable(block, panel, k, acc),
+            Kernel::Avx2 => unsafe { x86::tile_avx2(rows, stride, panel, k, acc) },
+            Kernel::Portable => tile_portable(rows, stride, panel, k, acc),
         }
     }
 }
@@ -315,14 +336,14 @@ impl Kernel {
 /// The tile in plain Rust (added to acc), as four row groups of two rows so that the accumulators of one group
 /// fit in registers; the compiler vectorises the inner loop over the NR columns.
 #[inline(always)]
-fn tile_portable(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+fn tile_portable(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
     for i0 in (0..MR).step_by(2) {
         let mut a0: [f32; NR] = acc[i0 * NR..(i0 + 1) * NR].try_into().unwrap();
         let mut a1: [f32; NR] = acc[(i0 + 1) * NR..(i0 + 2) * NR].try_into().unwrap();
         for kk in 0..k {
             let w: &[f32; NR] = panel[kk * NR..(kk + 1) * NR].try_into().unwrap();
-            let x0 = block[kk * MR + i0];
-            let x1 = block[kk * MR + i0 + 1];
+            let x0 = rows[i0 * stride + kk];
+            let x1 = rows[(i0 + 1) * stride + kk];
             for j in 0..NR {
                 a0[j] = fma(x0, w[j], a0[j]);
                 a1[j] = fma(x1, w[j], a1[j]);
@@ -349,22 +370,24 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// 8 rows x 48 columns in 24 zmm accumulators, added to acc; per step of k: 3 loads, 8
-    /// broadcasts, 24 FMAs.
+    /// broadcasts (one from each row), 24 FMAs. Safety: rows holds MR rows `stride` apart of
+    /// at least k floats, panel k * NR floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+    pub unsafe fn tile_avx512(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
         let mut c = [[_mm512_setzero_ps(); 3]; MR];
         for (i, row) in c.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(acc.as_ptr().add(i * NR + j * 16));
             }
         }
-        let (xp, wp) = (block.as_ptr(), panel.as_ptr());
+        let xs: [*const f32; MR] = std::array::from_fn(|i| rows.as_ptr().add(i * stride));
+        let wp = panel.as_ptr();
         for kk in 0..k {
             let w0 = _mm512_loadu_ps(wp.add(kk * NR));
             let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
             let w2 = _mm512_loadu_ps(wp.add(kk * NR + 32));
             for (i, row) in c.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*xp.add(kk * MR + i));
+                let x = _mm512_set1_ps(*xs[i].add(kk));
                 row[0] = _mm512_fmadd_ps(x, w0, row[0]);
                 row[1] = _mm512_fmadd_ps(x, w1, row[1]);
                 row[2] = _mm512_fmadd_ps(x, w2, row[2]);
@@ -378,9 +401,11 @@ mod x86 {
     }
 
     /// 4 rows x 24 columns in 12 ymm accumulators, four such sub-tiles per tile, added to acc.
+    /// Safety: as for [`tile_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(block: &[f32], panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
-        let (xp, wp) = (block.as_ptr(), panel.as_ptr());
+    pub unsafe fn tile_avx2(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+        let xs: [*const f32; MR] = std::array::from_fn(|i| rows.as_ptr().add(i * stride));
+        let wp = panel.as_ptr();
         for i0 in (0..MR).step_by(4) {
             for j0 in (0..NR).step_by(24) {
                 let mut c = [[_mm256_setzero_ps(); 3]; 4];
@@ -394,7 +419,7 @@ mod x86 {
                     let w1 = _mm256_loadu_ps(wp.add(kk * NR + j0 + 8));
                     let w2 = _mm256_loadu_ps(wp.add(kk * NR + j0 + 16));
                     for (i, row) in c.iter_mut().enumerate() {
-                        let x = _mm256_set1_ps(*xp.add(kk * MR + i0 + i));
+                        let x = _mm256_set1_ps(*xs[i0 + i].add(kk));
                         row[0] = _mm256_fmadd_ps(x, w0, row[0]);
                         row[1] = _mm256_fmadd_ps(x, w1, row[1]);
                         row[2] = _mm256_fmadd_ps(x, w2, row[2]);
