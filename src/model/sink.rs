@@ -57,6 +57,19 @@ impl GradSink {
             map.insert(id, acc);
             return Ok(());
         }
+        if super::ops::linear::cpu::applies(&[x, y]) && var.dtype() == candle_core::DType::F32 {
+            let mut map = self.grads.lock().map_err(poisoned)?;
+            let id = var.as_tensor().id();
+            // The sum is this sink's alone (a fresh one where there is none yet).
+            let acc = match map.remove(&id) {
+                Some(g) if g.is_contiguous() => g,
+                Some(g) => g.contiguous()?,
+                None => Tensor::zeros(var.shape(), var.dtype(), var.device())?,
+            };
+            super::ops::linear::cpu::add_transposed_product(&acc, x, y, alpha as f32)?;
+            map.insert(id, acc);
+            return Ok(());
+        }
         let product = (x.t()?.matmul(y)? * alpha)?;
         self.add(var.as_tensor().id(), product.to_dtype(var.dtype())?)
     }

@@ -7,22 +7,33 @@ use candle_core::{Result, Tensor};
 use super::accumulates;
 use super::{attach, Backward};
 
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 /// `c + a b^T` (`b_transposed`: b is (M, K)) or `c + a b` (b is (K, M)), for c (N, M) and
 /// a (N, K), untracked. On the GPU in bf16 one product accumulates into `c` in place
-/// ([`cuda::add_matmul`]): `c` must be a tensor the caller has just computed and holds
-/// alone. Elsewhere the product is added.
+/// ([`cuda::add_matmul`]), and on the CPU in f32 a thin one ([`cpu::add_product`]): `c` must be a
+/// tensor the caller has just computed and holds alone. Elsewhere the product is added.
 pub(crate) fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if accumulates(&c) && c.is_contiguous() {
         cuda::add_matmul(&c, a, b, b_transposed)?;
         return Ok(c);
     }
+    // A thin product (an adapter's, whose inner dimension is its rank) adds into c in place.
+    if cpu::applies(&[&c, a, b]) && c.is_contiguous() && a.dim(1)? <= THIN {
+        let b = if b_transposed { b.t()? } else { b.clone() };
+        cpu::add_product(&c, a, &b)?;
+        return Ok(c);
+    }
     let product = if b_transposed { a.matmul(&b.t()?)? } else { a.matmul(b)? };
     c + product
 }
+
+/// The largest inner dimension for which [`add_matmul`] on the CPU adds in place through
+/// [`cpu::add_product`] (a LoRA rank): beyond it the general library's blocking pays.
+const THIN: usize = 64;
 
 /// `x @ W^T` for a frozen weight `W`: the backward pass returns the gradient of `x` only.
 ///
