@@ -138,15 +138,23 @@ impl PackedMatrix {
         for m0 in (0..m).step_by(M_CHUNK) {
             let rows = M_CHUNK.min(m - m0);
             let blocks = Blocks::new(&x[m0 * k..(m0 + rows) * k], rows, k);
+            let accs_len = blocks.count();
             let tile = |p: usize| {
                 let panel = self.panel(p);
                 let mut accs = vec![[0f32; MR * NR]; blocks.count()];
+                // The next panel (the same thread's next task) is asked of memory a part per
+                // block of rows, so that it is in the cache when its turn comes: a weight is read
+                // once per product, from memory, and a core alone waits on each line it asks for.
+                let next = (p + 1 < self.panels()).then(|| self.panel(p + 1));
                 // The panel a slice of k at a time, each slice kept in the cache while every
                 // block of rows passes over it; the tiles carry their sums from slice to slice.
                 for k0 in (0..k).step_by(KC) {
                     let kc = KC.min(k - k0);
                     let slice = &panel[k0 * NR..(k0 + kc) * NR];
                     for (b, acc) in accs.iter_mut().enumerate() {
+                        if let (Some(next), 0) = (next, k0) {
+                            prefetch_part(next, b, accs_len);
+                        }
                         kernel.run(blocks.rows(b, k0), k, slice, kc, acc, k0 > 0);
                     }
                 }
@@ -259,6 +267,26 @@ impl<'a> Blocks<'a> {
         };
         &block[k0..]
     }
+}
+
+/// Asks for part `part` of `parts` of `floats` to be brought into the cache (L2), without
+/// waiting for it.
+fn prefetch_part(floats: &[f32], part: usize, parts: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let lines = floats.len().div_ceil(16);
+        let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
+        for line in from..to {
+            // Safety: a prefetch never faults, and the address lies inside the slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    floats.as_ptr().add(line * 16) as *const i8,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (floats, part, parts);
 }
 
 fn as_floats(lines: &[Line]) -> &[f32] {
