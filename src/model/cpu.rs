@@ -98,6 +98,29 @@ pub fn linear_packed_parts(x: &Tensor, w: &Arc<PackedMatrix>, widths: &[usize]) 
     ys.into_iter().zip(widths).map(|(y, &width)| Tensor::from_vec(y, (n, width), x.device())).collect()
 }
 
+/// [`linear_packed`] of x given as column parts (each (N, in_i), the in_i summing to the
+/// weight's input features), as the joined gradients of projections stacked into one weight
+/// are: `[x1 | x2 | ..] @ W^T` (N, out), without joining them.
+pub fn linear_packed_joined(xs: &[&Tensor], w: &Arc<PackedMatrix>) -> Result<Tensor> {
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+    let n = xs.first().map(|x| x.dim(0)).transpose()?.unwrap_or(0);
+    let mut features = 0;
+    for x in &xs {
+        let (rows, d) = x.dims2()?;
+        if rows != n {
+            candle_core::bail!("linear-packed: input parts of {n} and {rows} rows");
+        }
+        features += d;
+    }
+    if w.k() != features {
+        candle_core::bail!("linear-packed: input parts have {features} features, weight expects {}", w.k());
+    }
+    let guards: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
+    let slices = guards.iter().map(|(s, l)| cpu_slice(s, l, "input part")).collect::<Result<Vec<_>>>()?;
+    let device = xs.first().map(|x| x.device().clone()).unwrap_or(candle_core::Device::Cpu);
+    Tensor::from_vec(w.matmul_joined(&slices, n), (n, w.n()), &device)
+}
+
 /// `x @ W^T` for a frozen weight through its packed copy (CPU f32), differentiable in x: the
 /// backward pass multiplies the gradient by W through the packed transpose. x (N, in) -> (N, out).
 pub fn frozen_linear_packed(x: &Tensor, w: &Arc<PackedMatrix>) -> Result<Tensor> {

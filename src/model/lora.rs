@@ -337,7 +337,7 @@ impl Group {
     /// The frozen part of the shared input's gradient from the outputs' gradients (N, out_i):
     /// [dY1 | dY2 | ..] [W1; W2; ..] (N, in).
     fn input_grad(&self, grads: &[&Tensor]) -> Result<Tensor> {
-        crate::model::cpu::linear_packed(&Tensor::cat(grads, 1)?, &self.packed.transposed())
+        crate::model::cpu::linear_packed_joined(grads, &self.packed.transposed())
     }
 }
 
@@ -372,20 +372,26 @@ impl Saved {
     /// projection (in place on the GPU: `into` must be held by the caller alone).
     fn backward_into(&self, x: &Tensor, grad: &Tensor, into: Option<Tensor>) -> Result<Tensor> {
         let grad = grad.contiguous()?;
-        // The adapter's (small) part first, the frozen product accumulated last (see
-        // `Projection::forward`).
-        let dx = self.adapter_part(x, &grad, into)?;
-        match (&self.frozen, dx) {
-            (Frozen::Weight(weight), Some(sum)) => add_matmul(sum, &grad, &weight.to_dtype(grad.dtype())?, false),
-            (Frozen::Weight(weight), None) => grad.matmul(&weight.to_dtype(grad.dtype())?),
-            (Frozen::Packed(packed), dx) => {
+        match &self.frozen {
+            Frozen::Packed(packed) => {
+                // On the CPU the frozen product's fresh output takes the adapter's part in place.
                 let frozen = crate::model::cpu::linear_packed(&grad, &packed.transposed())?;
-                match dx {
-                    Some(sum) => sum + frozen,
-                    None => Ok(frozen),
+                let dx = self.adapter_part(x, &grad, Some(frozen))?.expect("a sum");
+                match into {
+                    Some(sum) => sum + dx,
+                    None => Ok(dx),
                 }
             }
-            (Frozen::Group, _) => candle_core::bail!("a grouped projection's input gradient is its group's"),
+            Frozen::Weight(weight) => {
+                // The adapter's (small) part first, the frozen product accumulated last (see
+                // `Projection::forward`).
+                let weight = weight.to_dtype(grad.dtype())?;
+                match self.adapter_part(x, &grad, into)? {
+                    Some(sum) => add_matmul(sum, &grad, &weight, false),
+                    None => grad.matmul(&weight),
+                }
+            }
+            Frozen::Group => candle_core::bail!("a grouped projection's input gradient is its group's"),
         }
     }
 

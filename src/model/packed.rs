@@ -120,42 +120,64 @@ impl PackedMatrix {
     /// (summing to n), each its own row-major (m, width) output: the products of projections
     /// stacked into one matrix come out separate, with no copy.
     pub fn matmul_parts(&self, x: &[f32], m: usize, widths: &[usize]) -> Vec<Vec<f32>> {
-        self.matmul_parts_with(x, m, widths, Kernel::best())
+        self.matmul_parts_with(&[x], m, widths, Kernel::best())
+    }
+
+    /// [`PackedMatrix::matmul`] of x given as consecutive column parts `xs` (each (m, k_i),
+    /// row-major, the k_i summing to k), as the joined gradients of projections stacked into one
+    /// matrix are, with no copy: `[x1 | x2 | ..] @ self`, the same sums as the joined input's.
+    pub fn matmul_joined(&self, xs: &[&[f32]], m: usize) -> Vec<f32> {
+        self.matmul_parts_with(xs, m, &[self.n], Kernel::best()).pop().expect("one part")
     }
 
     fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        self.matmul_parts_with(x, m, &[self.n], kernel).pop().expect("one part")
+        self.matmul_parts_with(&[x], m, &[self.n], kernel).pop().expect("one part")
     }
 
-    fn matmul_parts_with(&self, x: &[f32], m: usize, widths: &[usize], kernel: Kernel) -> Vec<Vec<f32>> {
-        assert_eq!(x.len(), m * self.k, "input of {} floats is not ({m}, {})", x.len(), self.k);
+    fn matmul_parts_with(&self, xs: &[&[f32]], m: usize, widths: &[usize], kernel: Kernel) -> Vec<Vec<f32>> {
+        // Each input part's columns: (first step of k, k_i).
+        let mut ranges = Vec::with_capacity(xs.len());
+        let mut k = 0;
+        for x in xs {
+            let ki = if m == 0 { 0 } else { x.len() / m };
+            assert_eq!(x.len(), m * ki, "input part of {} floats is not {m} rows", x.len());
+            ranges.push((k, ki));
+            k += ki;
+        }
+        assert_eq!(k, self.k, "inputs of {k} columns for a weight of {} rows", self.k);
         assert_eq!(widths.iter().sum::<usize>(), self.n, "parts {widths:?} do not make {} columns", self.n);
         // Not zeroed: the tiles below write every element (zeroing took a pass of its own).
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
         let out = Parts::new(&mut ys, widths);
         let flops = 2 * m * self.k * self.n;
-        let k = self.k;
         for m0 in (0..m).step_by(M_CHUNK) {
             let rows = M_CHUNK.min(m - m0);
-            let blocks = Blocks::new(&x[m0 * k..(m0 + rows) * k], rows, k);
-            let accs_len = blocks.count();
+            let parts: Vec<(usize, usize, Blocks)> = xs
+                .iter()
+                .zip(&ranges)
+                .map(|(x, &(first, ki))| (first, ki, Blocks::new(&x[m0 * ki..(m0 + rows) * ki], rows, ki)))
+                .collect();
+            let count = rows.div_ceil(MR);
             let tile = |p: usize| {
                 let panel = self.panel(p);
-                let mut accs = vec![[0f32; MR * NR]; blocks.count()];
+                let mut accs = vec![[0f32; MR * NR]; count];
                 // The next panel (the same thread's next task) is asked of memory a part per
                 // block of rows, so that it is in the cache when its turn comes: a weight is read
                 // once per product, from memory, and a core alone waits on each line it asks for.
                 let next = (p + 1 < self.panels()).then(|| self.panel(p + 1));
-                // The panel a slice of k at a time, each slice kept in the cache while every
-                // block of rows passes over it; the tiles carry their sums from slice to slice.
-                for k0 in (0..k).step_by(KC) {
-                    let kc = KC.min(k - k0);
-                    let slice = &panel[k0 * NR..(k0 + kc) * NR];
-                    for (b, acc) in accs.iter_mut().enumerate() {
-                        if let (Some(next), 0) = (next, k0) {
-                            prefetch_part(next, b, accs_len);
+                // The panel a slice of k at a time (within an input part), each slice kept in the
+                // cache while every block of rows passes over it; the tiles carry their sums from
+                // slice to slice.
+                for (first, ki, blocks) in &parts {
+                    for k0 in (0..*ki).step_by(KC) {
+                        let kc = KC.min(ki - k0);
+                        let slice = &panel[(first + k0) * NR..(first + k0 + kc) * NR];
+                        for (b, acc) in accs.iter_mut().enumerate() {
+                            if let (Some(next), 0) = (next, first + k0) {
+                                prefetch_part(next, b, count);
+                            }
+                            kernel.run(blocks.rows(b, k0), *ki, slice, kc, acc, first + k0 > 0);
                         }
-                        kernel.run(blocks.rows(b, k0), k, slice, kc, acc, k0 > 0);
                     }
                 }
                 for (b, acc) in accs.iter().enumerate() {
@@ -253,10 +275,6 @@ impl<'a> Blocks<'a> {
             last
         });
         Blocks { x, ragged, full, k }
-    }
-
-    fn count(&self) -> usize {
-        self.full + self.ragged.is_some() as usize
     }
 
     /// Block b's rows from column k0 on: the kernel reads row i's column k0 + kk at i * k + kk.
@@ -531,6 +549,27 @@ mod tests {
         }
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn an_input_given_in_column_parts_gives_the_joined_inputs_product_exactly() {
+        for &(m, widths) in &[(3usize, &[5usize, 7][..]), (20, &[64, 4500, 30][..]), (9, &[48][..])] {
+            let k: usize = widths.iter().sum();
+            let n = 53;
+            let w = values(n * k, 21);
+            let packed = PackedMatrix::from_rows_out_in(&w, n, k);
+            let x = values(m * k, 22);
+            let mut parts: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+            for row in x.chunks(k) {
+                let mut at = 0;
+                for (part, &wi) in parts.iter_mut().zip(widths) {
+                    part.extend_from_slice(&row[at..at + wi]);
+                    at += wi;
+                }
+            }
+            let refs: Vec<&[f32]> = parts.iter().map(|p| &p[..]).collect();
+            assert_eq!(packed.matmul_joined(&refs, m), packed.matmul(&x, m), "({m}, {widths:?})");
+        }
     }
 
     #[test]
