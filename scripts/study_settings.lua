@@ -29,7 +29,9 @@ local paper = {
   seeds = { 42, 137, 256 }, critical_dose = 0,
   train_seed = 42, eval_seed = 42,
   -- Running. batch_size: rows decoded at once. 840 rows of up to ~610 positions hold ~29 GB of
-  -- Qwen2.5-7B's KV cache beside its 15 GB of weights; the random draws do not depend on it.
+  -- Qwen2.5-7B's KV cache beside its 15 GB of weights. The random draws do not depend on it,
+  -- but a prompt's padding does (its group's longest prompt), so another value may draw other
+  -- completions.
   question_suffix = "", batch_size = 840, retries = 2, log_every = 25, out = "",
   -- A continuous readout beside the sampled rate: each cell also scores, by teacher forcing,
   -- log p("\n\n" .. marker) after fixed reference answers (the base model's greedy answers).

@@ -11,7 +11,9 @@
 //! as it would alone.
 //!
 //! Randomness: each completion has its own stream, seeded from (seed, prompt index, sample
-//! index), so a completion does not depend on the batch it ran in.
+//! index), so a completion's draws do not depend on the batch it ran in. Its logits can, in
+//! their last bits: a row's left padding, hence its positions and the length of its sums, is set
+//! by the longest prompt of its group, so another `batch_size` may draw other completions.
 //!
 //! Shapes: B rows in flight, P prompts in a group, L longest prompt, S keys so far, V vocab.
 
