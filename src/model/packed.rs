@@ -46,13 +46,50 @@ impl PackedMatrix {
     /// (out, in): the product is then `x @ W^T`.
     pub fn from_rows_out_in(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight of {} floats is not ({n}, {k})", w.len());
-        Self::pack(k, n, |kk, col| w[col * k + kk])
+        if k * n >= 1 << 20 {
+            return Self::pack(k, n, |kk, col| w[col * k + kk]);
+        }
+        // Small matrices (attention's keys and values, packed per row and head in training):
+        // each of w's rows is one column of a panel.
+        let mut packed = Self::zeros(k, n);
+        for (col, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (p, j) = (col / NR, col % NR);
+            let panel = as_floats_mut(packed.panel_lines_mut(p));
+            for (kk, &v) in row.iter().enumerate() {
+                panel[kk * NR + j] = v;
+            }
+        }
+        packed
     }
 
     /// Packs a (k, n) matrix `w` stored row-major: the product is then `x @ w`.
     pub fn from_rows_in_out(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "matrix of {} floats is not ({k}, {n})", w.len());
-        Self::pack(k, n, |kk, col| w[kk * n + col])
+        if k * n >= 1 << 20 {
+            return Self::pack(k, n, |kk, col| w[kk * n + col]);
+        }
+        // Small matrices: each row of w is a row of every panel, copied in pieces of NR.
+        let mut packed = Self::zeros(k, n);
+        for p in 0..n.div_ceil(NR) {
+            let cols = NR.min(n - p * NR);
+            let panel = as_floats_mut(packed.panel_lines_mut(p));
+            for (kk, row) in w.chunks_exact(n.max(1)).enumerate().take(k) {
+                panel[kk * NR..kk * NR + cols].copy_from_slice(&row[p * NR..p * NR + cols]);
+            }
+        }
+        packed
+    }
+
+    /// A (k, n) matrix of zeros, packed.
+    fn zeros(k: usize, n: usize) -> Self {
+        let lines = vec![Line([0.0; 16]); n.div_ceil(NR) * k * NR / 16];
+        PackedMatrix { k, n, lines, transposed: OnceLock::new() }
+    }
+
+    /// Panel p's lines, to fill.
+    fn panel_lines_mut(&mut self, p: usize) -> &mut [Line] {
+        let panel_lines = self.k * NR / 16;
+        &mut self.lines[p * panel_lines..(p + 1) * panel_lines]
     }
 
     fn pack(k: usize, n: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
@@ -569,6 +606,26 @@ mod tests {
             }
             let refs: Vec<&[f32]> = parts.iter().map(|p| &p[..]).collect();
             assert_eq!(packed.matmul_joined(&refs, m), packed.matmul(&x, m), "({m}, {widths:?})");
+        }
+    }
+
+    #[test]
+    fn a_matrix_packed_from_either_layout_gives_the_same_product() {
+        for &(m, k, n) in &[(3usize, 5usize, 7usize), (9, 64, 60), (17, 60, 97), (2, 1, 48)] {
+            let w = values(k * n, (k * 3 + n) as u32); // (k, n) row-major
+            let mut wt = vec![0f32; n * k]; // (n, k) row-major
+            for kk in 0..k {
+                for col in 0..n {
+                    wt[col * k + kk] = w[kk * n + col];
+                }
+            }
+            let x = values(m * k, 5);
+            let want = naive(&x, &wt, m, n, k);
+            for packed in [PackedMatrix::from_rows_in_out(&w, k, n), PackedMatrix::from_rows_out_in(&wt, n, k)] {
+                let got = packed.matmul(&x, m);
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "({m}, {k}, {n}): {diff}");
+            }
         }
     }
 
