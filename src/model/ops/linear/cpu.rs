@@ -201,8 +201,10 @@ mod x86 {
     use super::{Block, MR, NC};
     use std::arch::x86_64::*;
 
-    /// [`Block::add_into`] in 8 zmm sums per NC columns. Safety: AVX-512F, and the indices
-    /// checked by the caller.
+    /// [`Block::add_into`] in 8 zmm sums per NC columns, two vectors of columns at a time where
+    /// there are: each broadcast of a then serves two multiply-adds (the loads, not the
+    /// arithmetic, bound these thin products). Safety: AVX-512F, and the indices checked by the
+    /// caller.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn add_avx512(
         block: &Block,
@@ -213,41 +215,45 @@ mod x86 {
         stride: usize,
         cols: usize,
     ) {
-        let (a, b, o) = (block.a.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
-        let alpha = _mm512_set1_ps(block.alpha);
-        // Two vectors of columns at a time where there are: each broadcast of a serves two
-        // multiply-adds (the loads, not the arithmetic, bound these thin products).
         let pairs = cols / (2 * NC) * (2 * NC);
         for j0 in (0..pairs).step_by(2 * NC) {
-            let mut s = [[_mm512_setzero_ps(); 2]; MR];
-            for kk in 0..block.k {
-                let b0 = _mm512_loadu_ps(b.add(kk * stride + j0));
-                let b1 = _mm512_loadu_ps(b.add(kk * stride + j0 + NC));
-                for i in 0..MR {
-                    let x = _mm512_set1_ps(*a.add(block.first[i] + kk * block.step));
-                    s[i][0] = _mm512_fmadd_ps(x, b0, s[i][0]);
-                    s[i][1] = _mm512_fmadd_ps(x, b1, s[i][1]);
-                }
+            tile_avx512::<2>(block, out, row, live, panel, stride, j0);
+        }
+        for j0 in (pairs..cols).step_by(NC) {
+            tile_avx512::<1>(block, out, row, live, panel, stride, j0);
+        }
+    }
+
+    /// The tile of MR rows and V vectors of columns from j0 of [`add_avx512`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_avx512<const V: usize>(
+        block: &Block,
+        out: &mut [f32],
+        row: usize,
+        live: usize,
+        panel: &[f32],
+        stride: usize,
+        j0: usize,
+    ) {
+        let (a, b, o) = (block.a.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+        let mut s = [[_mm512_setzero_ps(); V]; MR];
+        let mut bv = [_mm512_setzero_ps(); V];
+        for kk in 0..block.k {
+            for (h, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(b.add(kk * stride + j0 + NC * h));
             }
-            for (i, si) in s.iter().enumerate().take(live) {
-                for (h, sh) in si.iter().enumerate() {
-                    let p = o.add(i * row + j0 + NC * h);
-                    _mm512_storeu_ps(p, _mm512_fmadd_ps(alpha, *sh, _mm512_loadu_ps(p)));
+            for (i, si) in s.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(block.first[i] + kk * block.step));
+                for (sh, v) in si.iter_mut().zip(&bv) {
+                    *sh = _mm512_fmadd_ps(x, *v, *sh);
                 }
             }
         }
-        for j0 in (pairs..cols).step_by(NC) {
-            let mut s = [_mm512_setzero_ps(); MR];
-            for kk in 0..block.k {
-                let bv = _mm512_loadu_ps(b.add(kk * stride + j0));
-                for i in 0..MR {
-                    let x = _mm512_set1_ps(*a.add(block.first[i] + kk * block.step));
-                    s[i] = _mm512_fmadd_ps(x, bv, s[i]);
-                }
-            }
-            for (i, si) in s.iter().enumerate().take(live) {
-                let p = o.add(i * row + j0);
-                _mm512_storeu_ps(p, _mm512_fmadd_ps(alpha, *si, _mm512_loadu_ps(p)));
+        let alpha = _mm512_set1_ps(block.alpha);
+        for (i, si) in s.iter().enumerate().take(live) {
+            for (h, sh) in si.iter().enumerate() {
+                let p = o.add(i * row + j0 + NC * h);
+                _mm512_storeu_ps(p, _mm512_fmadd_ps(alpha, *sh, _mm512_loadu_ps(p)));
             }
         }
     }
