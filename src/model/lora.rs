@@ -74,18 +74,9 @@ impl Projection<'_> {
         let (y, adapter) = match self.pair {
             Some(pair) => {
                 let (staged, z) = self.adapter_input(pair, x, z, sink)?;
-                let y = match &staged.bt {
-                    // frozen is the packed product's fresh output, which no one else holds.
-                    Some(bt) => {
-                        linear::cpu::add_product(&frozen, &z, bt)?;
-                        match self.bias {
-                            Some(bias) => frozen.broadcast_add(bias)?,
-                            None => frozen,
-                        }
-                    }
-                    None => (staged.term(None, &z, self.bias)? + frozen)?,
-                };
-                (y, Some((pair, staged, z, sink)))
+                // frozen is the packed product's fresh output, which no one else holds: the
+                // adapter's term adds into it (in place on the CPU in f32, see `add_matmul`).
+                (staged.term(Some(frozen), &z, self.bias)?, Some((pair, staged, z, sink)))
             }
             None => match self.bias {
                 Some(bias) => (frozen.broadcast_add(bias)?, None),
@@ -238,9 +229,6 @@ pub(crate) struct Staged {
     /// On the GPU, for a projection with a bias: `[B | bias | 0..]` (out, r + pad), so that one
     /// product gives the adapter's term and the bias.
     b_bias: Option<Tensor>,
-    /// On the CPU in f32, the scaled B transposed (r, out), contiguous: the adapter's term is
-    /// added into the frozen product's output by [`linear::cpu::add_product`].
-    bt: Option<Tensor>,
 }
 
 impl Staged {
@@ -256,8 +244,7 @@ impl Staged {
             }
             _ => None,
         };
-        let bt = if linear::cpu::applies(&[&b]) { Some(b.t()?.contiguous()?) } else { None };
-        Ok(Staged { a, b, b_bias, bt })
+        Ok(Staged { a, b, b_bias })
     }
 
     /// `onto + z B^T + bias` for z (N, r), accumulated into `onto` on the GPU (see
@@ -416,11 +403,7 @@ impl SavedAdapter {
             None => x.clone(),
         };
         // dz = scale * dY B: (N, r); dB = scale * dY^T z: (out, r); dA = dz^T (mask * x): (r, in)
-        let dz = if linear::cpu::applies(&[grad, &self.b]) {
-            linear::cpu::product(grad, &self.b)?
-        } else {
-            grad.matmul(&self.b)?
-        };
+        let dz = linear::thin_matmul(grad, &self.b)?;
         self.sink.add_product(&self.b_var, grad, &self.z, self.scale)?;
         self.sink.add_product(&self.a_var, &dz, &xin, 1.0)?;
         Ok(dz)
@@ -435,8 +418,7 @@ impl SavedAdapter {
             (Some(d), Some(sum)) => d.add_applied(sum, &dz.matmul(&self.a)?),
             (Some(d), None) => d.apply(&dz.matmul(&self.a)?),
             (None, Some(sum)) => add_matmul(sum, &dz, &self.a, false),
-            (None, None) if linear::cpu::applies(&[&dz, &self.a]) => linear::cpu::product(&dz, &self.a),
-            (None, None) => dz.matmul(&self.a),
+            (None, None) => linear::thin_matmul(&dz, &self.a),
         }
     }
 }

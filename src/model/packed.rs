@@ -439,7 +439,7 @@ fn tile_portable(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut
 
 /// a * b + c, fused where the target has the instruction (a library call would be slow).
 #[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn fma(a: f32, b: f32, c: f32) -> f32 {
     if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
         a.mul_add(b, c)
     } else {

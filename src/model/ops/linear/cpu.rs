@@ -14,11 +14,10 @@
 //!
 //! The sums run along k in order, whatever the split between threads.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
-use crate::model::cpu::{on_cpu_f32, on_pool};
+use crate::model::cpu::{chunks_on_pool, on_cpu_f32};
+use crate::model::packed::fma;
 
 /// Rows of c per tile (each a task's unit of work).
 const MR: usize = 8;
@@ -119,14 +118,14 @@ fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32) {
         }
         t
     });
-    let blocks: Vec<Mutex<&mut [f32]>> = c.chunks_mut(MR * n).map(Mutex::new).collect();
-    let task = |t: usize| {
-        let mut rows = blocks[t].lock().unwrap_or_else(|e| e.into_inner());
+    // Block `first / (MR n)` of MR rows of c (fewer in the last).
+    let task = |first: usize, rows: &mut [f32]| {
+        let t = first / (MR * n);
         let live = rows.len() / n;
         // Rows past m repeat the last one; their sums are not stored.
         let first: [usize; MR] = std::array::from_fn(|i| (t * MR + i.min(live - 1)) * a.row);
         let block = Block { a: a.data, first, step: a.step, k, alpha };
-        block.add_into(&mut rows[..], n, live, b, n, whole);
+        block.add_into(rows, n, live, b, n, whole);
         if let Some(tail) = &tail {
             let mut sums = [0f32; MR * NC];
             block.add_into(&mut sums, NC, live, tail, NC, NC);
@@ -139,9 +138,9 @@ fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32) {
     };
     // Below about a million FLOPs, waking the pool costs more than it saves.
     if 2 * m * n * k < 1 << 20 {
-        (0..blocks.len()).for_each(task);
+        c.chunks_mut(MR * n).enumerate().for_each(|(t, rows)| task(t * MR * n, rows));
     } else {
-        on_pool(blocks.len(), |range| range.for_each(task));
+        chunks_on_pool(c, MR * n, task);
     }
 }
 
@@ -183,13 +182,13 @@ impl Block<'_> {
                 for (s, &f) in sums.iter_mut().zip(&self.first) {
                     let x = self.a[f + kk * self.step];
                     for j in 0..NC {
-                        s[j] = x.mul_add(b[j], s[j]);
+                        s[j] = fma(x, b[j], s[j]);
                     }
                 }
             }
             for (i, s) in sums.iter().enumerate().take(live) {
                 for (o, v) in out[i * row + j0..i * row + j0 + NC].iter_mut().zip(s) {
-                    *o = self.alpha.mul_add(*v, *o);
+                    *o = fma(self.alpha, *v, *o);
                 }
             }
         }

@@ -31,6 +31,15 @@ pub(crate) fn add_matmul(c: Tensor, a: &Tensor, b: &Tensor, b_transposed: bool) 
     c + product
 }
 
+/// `a @ b` for a (N, K) and b (K, M) where one dimension is an adapter's rank: on the CPU in f32
+/// one pass on candle's pool ([`cpu::product`]), elsewhere candle's product.
+pub(crate) fn thin_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu::applies(&[a, b]) {
+        return cpu::product(a, b);
+    }
+    a.matmul(b)
+}
+
 /// The largest inner dimension for which [`add_matmul`] on the CPU adds in place through
 /// [`cpu::add_product`] (a LoRA rank): beyond it the general library's blocking pays.
 const THIN: usize = 64;
