@@ -73,6 +73,54 @@ pub(crate) fn chunks_on_pool<T: Send, R: Send>(
     })
 }
 
+/// A new vector of `n` floats, filled by f(first index, chunk) over chunks of `chunk` floats on
+/// the pool ([`chunks_on_pool`]). Each chunk is zeroed by the task that fills it, in its cache,
+/// where `vec![0.0; n]` would first zero the whole vector on the calling thread.
+pub(crate) fn filled_on_pool(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    chunks_on_pool(&mut v.spare_capacity_mut()[..n], chunk, |first, part| f(first, zeroed(part)));
+    // Safety: the chunks cover 0..n, and `zeroed` wrote each.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// [`filled_on_pool`] for two vectors of `n` floats filled side by side: f(first index, chunk
+/// of the first, chunk of the second).
+pub(crate) fn filled_pair_on_pool(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let chunk = chunk.max(1);
+    let parts: Vec<Mutex<_>> = a.spare_capacity_mut()[..n]
+        .chunks_mut(chunk)
+        .zip(b.spare_capacity_mut()[..n].chunks_mut(chunk))
+        .map(Mutex::new)
+        .collect();
+    map_on_pool(parts.len(), |c| {
+        let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = &mut *part;
+        f(c * chunk, zeroed(a), zeroed(b))
+    });
+    drop(parts);
+    // Safety: the chunks cover 0..n of both, and `zeroed` wrote each.
+    unsafe {
+        a.set_len(n);
+        b.set_len(n);
+    }
+    (a, b)
+}
+
+/// The floats of a fresh chunk, zeroed.
+fn zeroed(part: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    for x in part.iter_mut() {
+        x.write(0.0);
+    }
+    // Safety: every element was written just above, and any bits are a valid f32.
+    unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// Whether the CPU's f32 kernels take these tensors: f32 on the CPU (f64, for gradient checks,
 /// keeps the composite ops).
 pub(crate) fn on_cpu_f32(tensors: &[&Tensor]) -> bool {
@@ -196,7 +244,7 @@ mod linear_packed_tests {
             let q = Tensor::randn(0f32, 1., (b, k, r, e), &dev).unwrap();
             let keys = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
             let values = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
-            let out = attention_cpu(&q, &keys, &values, s, None, 0.125, None).map(|o| o.dims().to_vec());
+            let out = attention_cpu(&q, &keys, &values, s, None, 0.125, None, Heads::Stacked).map(|o| o.dims().to_vec());
             let _ = done.send(out.unwrap());
         });
         let dims =
@@ -233,7 +281,9 @@ mod linear_packed_tests {
 ///
 /// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
 /// keys, values: (B, K, C, E), of which the first `s` positions are used; mask: additive,
-/// (B or 1, 1, 1, T, S). Returns (B, K, R, E).
+/// (B or 1, 1, 1, T, S). Returns (B, K, R, E), or with `Heads::Merged` (B, T, H * E), the
+/// layout the output projection takes (head k * G + g of token t is row g * T + t of kv head k).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_cpu(
     q: &Tensor,
     keys: &Tensor,
@@ -242,6 +292,7 @@ pub fn attention_cpu(
     mask: Option<&Tensor>,
     scale: f64,
     softcap: Option<f64>,
+    heads: Heads,
 ) -> Result<Tensor> {
     let (b, k, r, e) = q.dims4()?;
     let c = keys.dim(2)?;
@@ -292,7 +343,32 @@ pub fn attention_cpu(
         out_bk
     });
     drop((qs, ks, vs));
-    Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device())
+    match heads {
+        Heads::Stacked => Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device()),
+        Heads::Merged { t } => {
+            let (g, width) = (r / t, k * (r / t) * e);
+            let tokens = filled_on_pool(b * t * width, 16 * width, |first, rows| {
+                for (i, row) in rows.chunks_mut(width).enumerate() {
+                    let (bi, ti) = ((first / width + i) / t, (first / width + i) % t);
+                    for (head, out) in row.chunks_mut(e).enumerate() {
+                        let (kv, gi) = (head / g, head % g);
+                        let at = (gi * t + ti) * e;
+                        out.copy_from_slice(&per_head[bi * k + kv][at..at + e]);
+                    }
+                }
+            });
+            Tensor::from_vec(tokens, (b, t, width), keys.device())
+        }
+    }
+}
+
+/// How [`attention_cpu`] lays out its output.
+#[derive(Clone, Copy)]
+pub enum Heads {
+    /// (B, K, G * T, E): the G query heads of each kv head stacked, as q comes in.
+    Stacked,
+    /// (B, T, H * E) for `t` new positions.
+    Merged { t: usize },
 }
 
 /// The gradients (dq, dk, dv) of [`attention_cpu`]'s output over whole key ranges (training:
@@ -432,8 +508,6 @@ pub fn rms_norm_cpu(x: &Tensor, h: Option<&Tensor>, weight: &Tensor, eps: f64) -
     };
     // Each row's sum (where there is one) and its norm, side by side in one buffer per chunk.
     const ROWS: usize = 16;
-    let mut sum = if hs.is_some() { vec![0f32; xs.len()] } else { Vec::new() };
-    let mut out = vec![0f32; xs.len()];
     let eps = eps as f32;
     let norm_rows = |first: usize, out: &mut [f32], sum: Option<&mut [f32]>| {
         let range = first..first + out.len();
@@ -457,17 +531,11 @@ pub fn rms_norm_cpu(x: &Tensor, h: Option<&Tensor>, weight: &Tensor, eps: f64) -
             }
         }
     };
-    if hs.is_some() {
-        let parts: Vec<Mutex<(&mut [f32], &mut [f32])>> =
-            out.chunks_mut(ROWS * d).zip(sum.chunks_mut(ROWS * d)).map(Mutex::new).collect();
-        map_on_pool(parts.len(), |c| {
-            let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
-            let (out, sum) = &mut *part;
-            norm_rows(c * ROWS * d, out, Some(sum));
-        });
+    let (out, sum) = if hs.is_some() {
+        filled_pair_on_pool(xs.len(), ROWS * d, |first, out, sum| norm_rows(first, out, Some(sum)))
     } else {
-        chunks_on_pool(&mut out, ROWS * d, |first, out| norm_rows(first, out, None));
-    }
+        (filled_on_pool(xs.len(), ROWS * d, |first, out| norm_rows(first, out, None)), Vec::new())
+    };
     drop((xg, wg, hg));
     let normed = Tensor::from_vec(out, x.shape(), x.device())?;
     let sum = if h.is_some() { Tensor::from_vec(sum, x.shape(), x.device())? } else { x };
@@ -672,15 +740,19 @@ mod attention_cpu_tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev)?;
-        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None)?;
+        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None, Heads::Stacked)?;
 
         let kk = keys.narrow(2, 0, s)?;
         let vv = values.narrow(2, 0, s)?.contiguous()?;
         let scores =
             (q.matmul(&kk.t()?)? * 0.3)?.reshape((b, k, g, t, s))?.broadcast_add(&mask)?.reshape((b, k, g * t, s))?;
         let want = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vv)?;
-        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (&got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "T {t}: max abs diff {diff}");
+        // The same output with the heads merged per token, as the output projection takes it.
+        let merged = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None, Heads::Merged { t })?;
+        let want = got.reshape((b, k * g, t, e))?.transpose(1, 2)?.reshape((b, t, k * g * e))?;
+        assert_eq!(merged.to_vec3::<f32>()?, want.to_vec3::<f32>()?, "T {t}: merged heads");
         Ok(())
     }
 

@@ -352,13 +352,16 @@ impl Attention {
         let causal = mask.is_some_and(Mask::is_causal);
         let mask = mask.map(|m| m.for_heads(b, t, s)).transpose()?;
         let cpu_f32 = super::cpu::on_cpu_f32(&[x]);
+        // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
+        let merge = |out: Tensor| out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e));
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
-            super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?
+            merge(super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
-            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale, softcap)?
+            let merged = super::cpu::Heads::Merged { t };
+            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale, softcap, merged)?
         } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)? {
-            out
+            merge(out)?
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
             let scores = match softcap {
@@ -374,10 +377,8 @@ impl Attention {
                     None => scores,
                 };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            probs.matmul(&values.contiguous()?)? // (B, K, G*T, E)
+            merge(probs.matmul(&values.contiguous()?)?)? // (B, K, G*T, E)
         };
-        // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
-        let out = out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e))?;
         drop(phase);
         let _phase = crate::profile::phase("o projection", x.device());
         self.o_proj.forward(&out, pass, layer, Target::OProj)

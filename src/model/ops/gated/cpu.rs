@@ -4,9 +4,7 @@
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 
-use std::sync::Mutex;
-
-use crate::model::cpu::{chunks_on_pool, exp, map_on_pool, on_cpu_f32, vectorised};
+use crate::model::cpu::{exp, filled_on_pool, filled_pair_on_pool, on_cpu_f32, vectorised};
 
 /// Elements per task on the pool: large enough that a task outweighs its scheduling.
 const CHUNK: usize = 1 << 14;
@@ -23,10 +21,10 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let mut h = vec![0f32; gate.elem_count()];
+    let mut h = Vec::new();
     with_slices(&[&gate, &up], |s| {
         let (g, u) = (s[0], s[1]);
-        chunks_on_pool(&mut h, CHUNK, |at, out| silu_mul_into(out, &g[at..at + out.len()], &u[at..at + out.len()]));
+        h = filled_on_pool(g.len(), CHUNK, |at, out| silu_mul_into(out, &g[at..at + out.len()], &u[at..at + out.len()]));
     })?;
     Tensor::from_vec(h, gate.shape(), gate.device()).map(Some)
 }
@@ -39,15 +37,11 @@ pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<Opti
     }
     let (gate, up, dh) = (gate.contiguous()?, up.contiguous()?, dh.contiguous()?);
     let n = gate.elem_count();
-    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    let (mut dg, mut du) = (Vec::new(), Vec::new());
     with_slices(&[&gate, &up, &dh], |s| {
         let (g, u, d) = (s[0], s[1], s[2]);
-        let parts: Vec<Mutex<(&mut [f32], &mut [f32])>> =
-            dg.chunks_mut(CHUNK).zip(du.chunks_mut(CHUNK)).map(Mutex::new).collect();
-        map_on_pool(parts.len(), |c| {
-            let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
-            let (dg, du) = &mut *part;
-            let range = c * CHUNK..c * CHUNK + dg.len();
+        (dg, du) = filled_pair_on_pool(n, CHUNK, |at, dg, du| {
+            let range = at..at + dg.len();
             silu_mul_grads_into(dg, du, &g[range.clone()], &u[range.clone()], &d[range]);
         });
     })?;
