@@ -389,7 +389,10 @@ fn choose_tokens(
         let keys: Vec<i64> = live.iter().map(|&r| rows[r].key as i64).collect();
         return choose_on_device(logits, &keys, step, opts);
     }
-    let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let vocab = logits.dim(1)?;
+    let (storage, layout) = logits.storage_and_layout();
+    let logits = crate::model::cpu::cpu_slice(&storage, layout, "logits")?;
     // Each row's stream is independent, so rows are sampled in parallel.
     // Each live row's (logits slot, row), one lock each: the rows are drawn on the thread pool.
     let mut by_index: Vec<Option<&mut Row>> = rows.iter_mut().map(Some).collect();
@@ -404,7 +407,7 @@ fn choose_tokens(
         if row.done.is_some() {
             return 0;
         }
-        sample_one(&logits[*slot], &mut row.rng, opts)
+        sample_one(&logits[*slot * vocab..(*slot + 1) * vocab], &mut row.rng, opts)
     });
     Ok(toks)
 }
@@ -453,8 +456,8 @@ pub fn sample_one(logits: &[f32], rng: &mut ChaCha8Rng, opts: &SampleOptions) ->
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     if opts.top_k == 0 && opts.top_p >= 1.0 {
         // Full distribution: no sort needed.
-        let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) * inv_t).exp()).collect();
-        let total: f64 = weights.iter().sum();
+        let mut weights = vec![0f64; logits.len()];
+        let total = softmax_weights(&mut weights, logits, max, inv_t);
         let mut target = u * total;
         for (i, w) in weights.iter().enumerate() {
             target -= w;
@@ -492,6 +495,24 @@ pub fn sample_one(logits: &[f32], rng: &mut ChaCha8Rng, opts: &SampleOptions) ->
         }
     }
     idx[keep - 1]
+}
+
+crate::model::cpu::vectorised!(softmax_weights_into(weights: &mut [f64], logits: &[f32], max: f64, inv_t: f64, lanes: &mut [f64; 8]) {
+    for (w, &x) in weights.iter_mut().zip(logits) {
+        *w = crate::model::cpu::exp_f64((x as f64 - max) * inv_t);
+    }
+    for chunk in weights.chunks(8) {
+        for (lane, w) in lanes.iter_mut().zip(chunk) {
+            *lane += w;
+        }
+    }
+});
+
+/// The unnormalised weights e^((x - max) / T) of the logits, into `weights`, and their sum.
+fn softmax_weights(weights: &mut [f64], logits: &[f32], max: f64, inv_t: f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    softmax_weights_into(weights, logits, max, inv_t, &mut lanes);
+    lanes.iter().sum()
 }
 
 fn argmax(xs: &[f32]) -> u32 {
@@ -547,6 +568,30 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..100 {
             assert_eq!(sample_one(&[0.0, 0.5, 0.4, 0.1], &mut rng, &opts(1.0, 1.0, 1)), 1);
+        }
+    }
+
+    #[test]
+    fn full_distribution_draws_equal_those_of_libms_exp_and_a_running_sum() {
+        // The draw before the weights were vectorised, for a vocabulary-sized row.
+        fn reference(logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
+            let u: f64 = rng.gen();
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let weights: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+            let mut target = u * weights.iter().sum::<f64>();
+            for (i, w) in weights.iter().enumerate() {
+                target -= w;
+                if target < 0.0 {
+                    return i as u32;
+                }
+            }
+            unreachable!("the weights sum to the total")
+        }
+        let mut values = ChaCha8Rng::seed_from_u64(11);
+        for row in 0..400u64 {
+            let logits: Vec<f32> = (0..5003).map(|_| values.gen_range(-12.0f32..12.0)).collect();
+            let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(row), ChaCha8Rng::seed_from_u64(row));
+            assert_eq!(sample_one(&logits, &mut a, &opts(1.0, 1.0, 0)), reference(&logits, &mut b), "row {row}");
         }
     }
 

@@ -324,21 +324,7 @@ pub fn attention_cpu(
         // Decoding: a few rows, one pass over the cache each.
         let mut p = vec![0f32; s];
         for (row, out_row) in out_bk.chunks_mut(e).enumerate() {
-            let q_row = &q_bk[row * e..(row + 1) * e];
-            let bias = mask_row(row);
-            for (j, sc) in p.iter_mut().enumerate() {
-                // Hidden keys (causal or padding) cost nothing.
-                let hidden = bias.is_some_and(|m| m[j] == f32::NEG_INFINITY);
-                *sc = if hidden { 0.0 } else { dot(q_row, &k_bk[j * e..(j + 1) * e]) };
-            }
-            softmax_in_place(&mut p, bias, scale);
-            for (j, &pj) in p.iter().enumerate() {
-                if pj != 0.0 {
-                    for (o, v) in out_row.iter_mut().zip(&v_bk[j * e..(j + 1) * e]) {
-                        *o += pj * v;
-                    }
-                }
-            }
+            attend_row(out_row, &q_bk[row * e..(row + 1) * e], k_bk, v_bk, &mut p, mask_row(row), scale);
         }
         out_bk
     });
@@ -582,7 +568,27 @@ impl MaskRows {
 /// (prefill) rather than one pass over the cache per row (decoding).
 const BLOCKED_ROWS: usize = 16;
 
+// One query row against keys and values (S, E): out (E) += softmax(scores) V, with `p` (S) for
+// the probabilities.
+vectorised!(attend_row(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
+    let e = q.len();
+    for (j, sc) in p.iter_mut().enumerate() {
+        // Hidden keys (causal or padding) cost nothing.
+        let hidden = bias.is_some_and(|m| m[j] == f32::NEG_INFINITY);
+        *sc = if hidden { 0.0 } else { dot(q, &keys[j * e..(j + 1) * e]) };
+    }
+    softmax_in_place(p, bias, scale);
+    for (j, &pj) in p.iter().enumerate() {
+        if pj != 0.0 {
+            for (o, v) in out.iter_mut().zip(&values[j * e..(j + 1) * e]) {
+                *o += pj * v;
+            }
+        }
+    }
+});
+
 /// scores (S,) <- softmax(scores * scale + bias), where a bias of -inf hides a key exactly.
+#[inline(always)]
 fn softmax_in_place(scores: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
     let mut max = f32::NEG_INFINITY;
     for (j, sc) in scores.iter_mut().enumerate() {
@@ -636,6 +642,50 @@ pub(crate) fn exp(x: f32) -> f32 {
     let e_r = p * r * r + r + 1.0;
     let scale = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
     if x_in < -87.0 {
+        0.0
+    } else {
+        e_r * scale
+    }
+}
+
+/// e^x in f64, within an ulp or two of libm's, as operations the compiler vectorises:
+/// x = n ln2 + r, |r| <= ln2 / 2, e^x = 2^n e^r with e^r to its r^13 term. Below -708 it is 0
+/// (where libm's results turn subnormal), above 709 it saturates, and NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // ln 2 in two parts, the first with trailing zero bits so that n * LN2_HI is exact.
+    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // Adding 1.5 * 2^52 rounds to an integer held in the low bits of the sum's mantissa.
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    // 1 / k! for k = 13 down to 2.
+    const C: [f64; 12] = [
+        1.0 / 6_227_020_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+    ];
+    let x_in = x;
+    let x = x.clamp(-708.0, 709.0); // NaN stays NaN
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = C[0];
+    for c in &C[1..] {
+        p = p * r + c;
+    }
+    let e_r = 1.0 + (r + r * r * p);
+    let scale = f64::from_bits(((t.to_bits() as i64 - ROUND.to_bits() as i64 + 1023) << 52) as u64);
+    if x_in < -708.0 {
         0.0
     } else {
         e_r * scale
@@ -703,10 +753,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The contiguous f32 data of a CPU tensor.
-fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention-cpu: {what} must be a contiguous f32 tensor on the CPU"),
+        _ => candle_core::bail!("cpu kernels: {what} must be a contiguous f32 tensor on the CPU"),
     }
 }
 
@@ -829,5 +879,20 @@ mod exp_tests {
         assert!(worst <= 2.0, "{worst} ulp");
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(f32::NEG_INFINITY) == 0.0 && exp(1e9).is_finite());
+    }
+
+    #[test]
+    fn the_f64_polynomial_exp_is_within_two_ulp_of_libms_and_keeps_nan() {
+        let mut worst = 0f64;
+        for i in -7_079_000..7_089_000 {
+            // Steps of about 1e-4 that are not round in binary.
+            let x = i as f64 * 1.000_000_7e-4;
+            let (got, want) = (exp_f64(x), x.exp());
+            worst = worst.max((got - want).abs() / (want * f64::EPSILON));
+        }
+        assert!(worst <= 2.0, "{worst} ulp");
+        assert!(exp_f64(f64::NAN).is_nan());
+        assert!(exp_f64(f64::NEG_INFINITY) == 0.0 && exp_f64(-709.0) == 0.0 && exp_f64(1e9).is_finite());
+        assert_eq!(exp_f64(0.0), 1.0);
     }
 }
