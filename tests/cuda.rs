@@ -244,7 +244,16 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();
         let fused = loralab::model::ops::attention::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
-        let plain = loralab::model::cpu::attention_cpu(&qc, &kc, &vc, s, Some(&mask_c), scale, None)?;
+        let plain = loralab::model::cpu::attention_cpu(
+            &qc,
+            &kc,
+            &vc,
+            s,
+            Some(&mask_c),
+            scale,
+            None,
+            loralab::model::cpu::Heads::Stacked,
+        )?;
         let d = rel_diff(&fused, &plain);
         assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
     }

@@ -244,7 +244,8 @@ mod linear_packed_tests {
             let q = Tensor::randn(0f32, 1., (b, k, r, e), &dev).unwrap();
             let keys = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
             let values = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
-            let out = attention_cpu(&q, &keys, &values, s, None, 0.125, None, Heads::Stacked).map(|o| o.dims().to_vec());
+            let out =
+                attention_cpu(&q, &keys, &values, s, None, 0.125, None, Heads::Stacked).map(|o| o.dims().to_vec());
             let _ = done.send(out.unwrap());
         });
         let dims =

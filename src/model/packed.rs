@@ -335,7 +335,7 @@ fn prefetch_part(floats: &[f32], part: usize, parts: usize) {
             // Safety: a prefetch never faults, and the address lies inside the slice.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                    floats.as_ptr().add(line * 16) as *const i8,
+                    floats.as_ptr().add(line * 16) as *const i8
                 )
             };
         }

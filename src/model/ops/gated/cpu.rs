@@ -24,7 +24,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     let mut h = Vec::new();
     with_slices(&[&gate, &up], |s| {
         let (g, u) = (s[0], s[1]);
-        h = filled_on_pool(g.len(), CHUNK, |at, out| silu_mul_into(out, &g[at..at + out.len()], &u[at..at + out.len()]));
+        h = filled_on_pool(g.len(), CHUNK, |at, out| {
+            silu_mul_into(out, &g[at..at + out.len()], &u[at..at + out.len()])
+        });
     })?;
     Tensor::from_vec(h, gate.shape(), gate.device()).map(Some)
 }

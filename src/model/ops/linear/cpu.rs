@@ -79,7 +79,12 @@ impl candle_core::InplaceOp3 for Product {
             candle_core::bail!("low-rank-product-cpu: contiguous tensors expected")
         };
         let (&[cm, cn], &[ad0, ad1], &[bk, bn]) = (cl.dims(), al.dims(), bl.dims()) else {
-            candle_core::bail!("low-rank-product-cpu: matrices expected, got {:?} {:?} {:?}", cl.dims(), al.dims(), bl.dims())
+            candle_core::bail!(
+                "low-rank-product-cpu: matrices expected, got {:?} {:?} {:?}",
+                cl.dims(),
+                al.dims(),
+                bl.dims()
+            )
         };
         let (am, ak) = if self.a_transposed { (ad1, ad0) } else { (ad0, ad1) };
         if am != cm || ak != bk || bn != cn {
@@ -89,7 +94,11 @@ impl candle_core::InplaceOp3 for Product {
             )
         }
         // Element (i, kk) of a at i * row + kk * step.
-        let a = Strided { data: &a[a0..a1], row: if self.a_transposed { 1 } else { ak }, step: if self.a_transposed { am } else { 1 } };
+        let a = Strided {
+            data: &a[a0..a1],
+            row: if self.a_transposed { 1 } else { ak },
+            step: if self.a_transposed { am } else { 1 },
+        };
         run(&mut c[c0..c1], cn, a, &b[b0..b1], ak, self.alpha);
         Ok(())
     }
@@ -318,7 +327,9 @@ mod tests {
     fn products_added_in_place_match_candles_on_ragged_shapes() -> Result<()> {
         // (m, k, n): thin in either dimension, rows and columns past whole tiles, large enough
         // for the pool and too small for it.
-        for &(m, k, n) in &[(1, 1, 1), (3, 16, 5), (9, 16, 576), (240, 16, 1536), (240, 576, 16), (17, 240, 33), (16, 240, 576)] {
+        for &(m, k, n) in
+            &[(1, 1, 1), (3, 16, 5), (9, 16, 576), (240, 16, 1536), (240, 576, 16), (17, 240, 33), (16, 240, 576)]
+        {
             let a = values((m, k), (m * 7 + k) as u32)?;
             let b = values((k, n), (k * 5 + n) as u32)?;
             let c = values((m, n), 3)?;
