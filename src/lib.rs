@@ -22,5 +22,6 @@ pub mod slurm;
 pub mod stats;
 pub mod status;
 pub mod store;
+pub mod testing;
 pub mod train;
 pub mod workers;

@@ -17,17 +17,7 @@ fn gpu() -> Device {
 
 /// The same random values as a bf16 GPU tensor and an f32 CPU tensor.
 fn pair(shape: &[usize], seed: u64) -> Result<(Tensor, Tensor)> {
-    // xorshift: values in [-2, 2)
-    let mut s = (seed as u32).wrapping_mul(2654435761).wrapping_add(1);
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 4.0 - 2.0
-        })
-        .collect();
+    let values = loralab::testing::uniform(shape.iter().product(), seed as u32, -2.0, 2.0);
     let x = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
     Ok((x.to_device(&gpu())?, x.to_dtype(DType::F32)?))
 }

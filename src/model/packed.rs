@@ -354,9 +354,10 @@ fn as_floats_mut(lines: &mut [Line]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, lines.len() * 16) }
 }
 
-/// The micro-kernel chosen for this CPU.
+/// The widest vectors this CPU has, which choose the micro-kernels here and the thin products'
+/// in `ops::linear::cpu`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kernel {
+pub(crate) enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -365,7 +366,8 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn best() -> Kernel {
+    /// Detected once.
+    pub(crate) fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
@@ -383,7 +385,7 @@ impl Kernel {
 
     /// Every kernel this CPU can run (for tests).
     #[cfg(test)]
-    fn available() -> Vec<Kernel> {
+    pub(crate) fn available() -> Vec<Kernel> {
         let mut v = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -533,16 +535,7 @@ mod tests {
     }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        // A small deterministic generator: values in [-1, 1).
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::testing::uniform(len, seed, -1.0, 1.0)
     }
 
     #[test]

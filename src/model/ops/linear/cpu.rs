@@ -17,7 +17,7 @@
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 use crate::model::cpu::{chunks_on_pool, on_cpu_f32};
-use crate::model::packed::fma;
+use crate::model::packed::{fma, Kernel};
 
 /// Rows of c per tile (each a task's unit of work).
 const MR: usize = 8;
@@ -99,7 +99,7 @@ impl candle_core::InplaceOp3 for Product {
             row: if self.a_transposed { 1 } else { ak },
             step: if self.a_transposed { am } else { 1 },
         };
-        run(&mut c[c0..c1], cn, a, &b[b0..b1], ak, self.alpha);
+        run(&mut c[c0..c1], cn, a, &b[b0..b1], ak, self.alpha, Kernel::best());
         Ok(())
     }
 }
@@ -113,7 +113,7 @@ struct Strided<'a> {
 }
 
 /// c (m, n) += alpha * a (m, k) @ b (k, n) row-major, a block of MR rows of c per task.
-fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32) {
+fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32, kernel: Kernel) {
     if n == 0 || c.is_empty() {
         return;
     }
@@ -134,10 +134,10 @@ fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32) {
         // Rows past m repeat the last one; their sums are not stored.
         let first: [usize; MR] = std::array::from_fn(|i| (t * MR + i.min(live - 1)) * a.row);
         let block = Block { a: a.data, first, step: a.step, k, alpha };
-        block.add_into(rows, n, live, b, n, whole);
+        block.add_into(kernel, rows, n, live, b, n, whole);
         if let Some(tail) = &tail {
             let mut sums = [0f32; MR * NC];
-            block.add_into(&mut sums, NC, live, tail, NC, NC);
+            block.add_into(kernel, &mut sums, NC, live, tail, NC, NC);
             for i in 0..live {
                 for (o, s) in rows[i * n + whole..(i + 1) * n].iter_mut().zip(&sums[i * NC..]) {
                     *o += s;
@@ -165,8 +165,18 @@ struct Block<'a> {
 impl Block<'_> {
     /// out[i][j] += alpha * sum over kk of a(i, kk) * panel[kk * stride + j], for the first
     /// `live` rows of out (rows `row` apart) and its columns 0..cols (a multiple of NC), the sums
-    /// in order of kk; fused multiply-adds on x86 with AVX2 or AVX-512.
-    fn add_into(&self, out: &mut [f32], row: usize, live: usize, panel: &[f32], stride: usize, cols: usize) {
+    /// in order of kk, with the given kernel's fused multiply-adds.
+    #[allow(clippy::too_many_arguments)]
+    fn add_into(
+        &self,
+        kernel: Kernel,
+        out: &mut [f32],
+        row: usize,
+        live: usize,
+        panel: &[f32],
+        stride: usize,
+        cols: usize,
+    ) {
         let k = self.k;
         if k == 0 || cols == 0 {
             return;
@@ -174,16 +184,18 @@ impl Block<'_> {
         assert!(cols % NC == 0 && live <= MR && cols <= row && (live - 1) * row + cols <= out.len());
         assert!(self.first.iter().all(|&f| f + (k - 1) * self.step < self.a.len()));
         assert!((k - 1) * stride + cols <= panel.len());
-        #[cfg(target_arch = "x86_64")]
-        {
-            // Safety: the features are detected, and every index was checked above.
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return unsafe { x86::add_avx512(self, out, row, live, panel, stride, cols) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return unsafe { x86::add_avx2(self, out, row, live, panel, stride, cols) };
-            }
+        match kernel {
+            // Safety: the kernel's features were detected, and every index was checked above.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { x86::add_avx512(self, out, row, live, panel, stride, cols) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::add_avx2(self, out, row, live, panel, stride, cols) },
+            Kernel::Portable => self.add_portable(out, row, live, panel, stride, cols),
         }
+    }
+
+    fn add_portable(&self, out: &mut [f32], row: usize, live: usize, panel: &[f32], stride: usize, cols: usize) {
+        let k = self.k;
         for j0 in (0..cols).step_by(NC) {
             let mut sums = [[0f32; NC]; MR];
             for kk in 0..k {
@@ -307,16 +319,7 @@ mod tests {
     use candle_core::Device;
 
     fn values(shape: (usize, usize), seed: u32) -> Result<Tensor> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+        Tensor::from_vec(crate::testing::uniform(shape.0 * shape.1, seed, -1.0, 1.0), shape, &Device::Cpu)
     }
 
     fn max_diff(x: &Tensor, y: &Tensor) -> Result<f32> {
@@ -346,6 +349,29 @@ mod tests {
             assert!(max_diff(&product(&a, &b)?, &a.matmul(&b)?)? < 1e-4, "new ({m}, {k}, {n})");
         }
         Ok(())
+    }
+
+    #[test]
+    fn every_kernel_adds_the_same_product_in_place() {
+        // (m, k, n) with a tail of columns and a ragged last block of rows, a read in place and
+        // transposed.
+        let (m, k, n) = (19, 24, 53);
+        let (a, b) = (crate::testing::uniform(m * k, 1, -1.0, 1.0), crate::testing::uniform(k * n, 2, -1.0, 1.0));
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect(); // (k, m)
+        let mut want = crate::testing::uniform(m * n, 3, -1.0, 1.0);
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] += 0.5 * (0..k).map(|kk| a[i * k + kk] * b[kk * n + j]).sum::<f32>();
+            }
+        }
+        for kernel in Kernel::available() {
+            for (data, row, step) in [(&a[..], k, 1), (&at[..], 1, m)] {
+                let mut c = crate::testing::uniform(m * n, 3, -1.0, 1.0);
+                run(&mut c, n, Strided { data, row, step }, &b, k, 0.5, kernel);
+                let diff = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "{kernel:?}, a step {step}: {diff}");
+            }
+        }
     }
 
     #[test]
