@@ -134,10 +134,14 @@ fn run(c: &mut [f32], n: usize, a: Strided, b: &[f32], k: usize, alpha: f32, ker
         // Rows past m repeat the last one; their sums are not stored.
         let first: [usize; MR] = std::array::from_fn(|i| (t * MR + i.min(live - 1)) * a.row);
         let block = Block { a: a.data, first, step: a.step, k, alpha };
-        block.add_into(kernel, rows, n, live, b, n, whole);
+        block.add_into(kernel, &mut Out { data: rows, row: n, live }, &Panel { data: b, stride: n, cols: whole });
         if let Some(tail) = &tail {
             let mut sums = [0f32; MR * NC];
-            block.add_into(kernel, &mut sums, NC, live, tail, NC, NC);
+            block.add_into(
+                kernel,
+                &mut Out { data: &mut sums, row: NC, live },
+                &Panel { data: tail, stride: NC, cols: NC },
+            );
             for i in 0..live {
                 for (o, s) in rows[i * n + whole..(i + 1) * n].iter_mut().zip(&sums[i * NC..]) {
                     *o += s;
@@ -162,44 +166,47 @@ struct Block<'a> {
     alpha: f32,
 }
 
+/// The first `live` rows of a tile of c, rows `row` floats apart, that a block adds into.
+struct Out<'a> {
+    data: &'a mut [f32],
+    row: usize,
+    live: usize,
+}
+
+/// The columns 0..cols (a multiple of NC) of b's rows, `stride` floats apart.
+struct Panel<'a> {
+    data: &'a [f32],
+    stride: usize,
+    cols: usize,
+}
+
 impl Block<'_> {
-    /// out[i][j] += alpha * sum over kk of a(i, kk) * panel[kk * stride + j], for the first
-    /// `live` rows of out (rows `row` apart) and its columns 0..cols (a multiple of NC), the sums
-    /// in order of kk, with the given kernel's fused multiply-adds.
-    #[allow(clippy::too_many_arguments)]
-    fn add_into(
-        &self,
-        kernel: Kernel,
-        out: &mut [f32],
-        row: usize,
-        live: usize,
-        panel: &[f32],
-        stride: usize,
-        cols: usize,
-    ) {
-        let k = self.k;
+    /// out[i][j] += alpha * sum over kk of a(i, kk) * panel[kk][j], the sums in order of kk,
+    /// with the given kernel's fused multiply-adds.
+    fn add_into(&self, kernel: Kernel, out: &mut Out, panel: &Panel) {
+        let (k, cols) = (self.k, panel.cols);
         if k == 0 || cols == 0 {
             return;
         }
-        assert!(cols % NC == 0 && live <= MR && cols <= row && (live - 1) * row + cols <= out.len());
+        assert!(cols % NC == 0 && out.live <= MR && cols <= out.row);
+        assert!((out.live - 1) * out.row + cols <= out.data.len());
         assert!(self.first.iter().all(|&f| f + (k - 1) * self.step < self.a.len()));
-        assert!((k - 1) * stride + cols <= panel.len());
+        assert!((k - 1) * panel.stride + cols <= panel.data.len());
         match kernel {
             // Safety: the kernel's features were detected, and every index was checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::add_avx512(self, out, row, live, panel, stride, cols) },
+            Kernel::Avx512 => unsafe { x86::add_avx512(self, out, panel) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::add_avx2(self, out, row, live, panel, stride, cols) },
-            Kernel::Portable => self.add_portable(out, row, live, panel, stride, cols),
+            Kernel::Avx2 => unsafe { x86::add_avx2(self, out, panel) },
+            Kernel::Portable => self.add_portable(out, panel),
         }
     }
 
-    fn add_portable(&self, out: &mut [f32], row: usize, live: usize, panel: &[f32], stride: usize, cols: usize) {
-        let k = self.k;
-        for j0 in (0..cols).step_by(NC) {
+    fn add_portable(&self, out: &mut Out, panel: &Panel) {
+        for j0 in (0..panel.cols).step_by(NC) {
             let mut sums = [[0f32; NC]; MR];
-            for kk in 0..k {
-                let b = &panel[kk * stride + j0..kk * stride + j0 + NC];
+            for kk in 0..self.k {
+                let b = &panel.data[kk * panel.stride + j0..kk * panel.stride + j0 + NC];
                 for (s, &f) in sums.iter_mut().zip(&self.first) {
                     let x = self.a[f + kk * self.step];
                     for j in 0..NC {
@@ -207,8 +214,8 @@ impl Block<'_> {
                     }
                 }
             }
-            for (i, s) in sums.iter().enumerate().take(live) {
-                for (o, v) in out[i * row + j0..i * row + j0 + NC].iter_mut().zip(s) {
+            for (i, s) in sums.iter().enumerate().take(out.live) {
+                for (o, v) in out.data[i * out.row + j0..i * out.row + j0 + NC].iter_mut().zip(s) {
                     *o = fma(self.alpha, *v, *o);
                 }
             }
@@ -218,7 +225,7 @@ impl Block<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Block, MR, NC};
+    use super::{Block, Out, Panel, MR, NC};
     use std::arch::x86_64::*;
 
     /// [`Block::add_into`] in 8 zmm sums per NC columns, two vectors of columns at a time where
@@ -226,41 +233,25 @@ mod x86 {
     /// arithmetic, bound these thin products). Safety: AVX-512F, and the indices checked by the
     /// caller.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn add_avx512(
-        block: &Block,
-        out: &mut [f32],
-        row: usize,
-        live: usize,
-        panel: &[f32],
-        stride: usize,
-        cols: usize,
-    ) {
-        let pairs = cols / (2 * NC) * (2 * NC);
+    pub unsafe fn add_avx512(block: &Block, out: &mut Out, panel: &Panel) {
+        let pairs = panel.cols / (2 * NC) * (2 * NC);
         for j0 in (0..pairs).step_by(2 * NC) {
-            tile_avx512::<2>(block, out, row, live, panel, stride, j0);
+            tile_avx512::<2>(block, out, panel, j0);
         }
-        for j0 in (pairs..cols).step_by(NC) {
-            tile_avx512::<1>(block, out, row, live, panel, stride, j0);
+        for j0 in (pairs..panel.cols).step_by(NC) {
+            tile_avx512::<1>(block, out, panel, j0);
         }
     }
 
     /// The tile of MR rows and V vectors of columns from j0 of [`add_avx512`].
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_avx512<const V: usize>(
-        block: &Block,
-        out: &mut [f32],
-        row: usize,
-        live: usize,
-        panel: &[f32],
-        stride: usize,
-        j0: usize,
-    ) {
-        let (a, b, o) = (block.a.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+    unsafe fn tile_avx512<const V: usize>(block: &Block, out: &mut Out, panel: &Panel, j0: usize) {
+        let (a, b, o) = (block.a.as_ptr(), panel.data.as_ptr(), out.data.as_mut_ptr());
         let mut s = [[_mm512_setzero_ps(); V]; MR];
         let mut bv = [_mm512_setzero_ps(); V];
         for kk in 0..block.k {
             for (h, v) in bv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(b.add(kk * stride + j0 + NC * h));
+                *v = _mm512_loadu_ps(b.add(kk * panel.stride + j0 + NC * h));
             }
             for (i, si) in s.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a.add(block.first[i] + kk * block.step));
@@ -270,9 +261,9 @@ mod x86 {
             }
         }
         let alpha = _mm512_set1_ps(block.alpha);
-        for (i, si) in s.iter().enumerate().take(live) {
+        for (i, si) in s.iter().enumerate().take(out.live) {
             for (h, sh) in si.iter().enumerate() {
-                let p = o.add(i * row + j0 + NC * h);
+                let p = o.add(i * out.row + j0 + NC * h);
                 _mm512_storeu_ps(p, _mm512_fmadd_ps(alpha, *sh, _mm512_loadu_ps(p)));
             }
         }
@@ -281,31 +272,23 @@ mod x86 {
     /// [`Block::add_into`] in 16 ymm sums per NC columns. Safety: AVX2 and FMA, and the indices
     /// checked by the caller.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn add_avx2(
-        block: &Block,
-        out: &mut [f32],
-        row: usize,
-        live: usize,
-        panel: &[f32],
-        stride: usize,
-        cols: usize,
-    ) {
-        let (a, b, o) = (block.a.as_ptr(), panel.as_ptr(), out.as_mut_ptr());
+    pub unsafe fn add_avx2(block: &Block, out: &mut Out, panel: &Panel) {
+        let (a, b, o) = (block.a.as_ptr(), panel.data.as_ptr(), out.data.as_mut_ptr());
         let alpha = _mm256_set1_ps(block.alpha);
-        for j0 in (0..cols).step_by(NC) {
+        for j0 in (0..panel.cols).step_by(NC) {
             let mut s = [[_mm256_setzero_ps(); 2]; MR];
             for kk in 0..block.k {
-                let b0 = _mm256_loadu_ps(b.add(kk * stride + j0));
-                let b1 = _mm256_loadu_ps(b.add(kk * stride + j0 + 8));
-                for i in 0..MR {
+                let bv = [0, 8].map(|h| _mm256_loadu_ps(b.add(kk * panel.stride + j0 + h)));
+                for (i, si) in s.iter_mut().enumerate() {
                     let x = _mm256_set1_ps(*a.add(block.first[i] + kk * block.step));
-                    s[i][0] = _mm256_fmadd_ps(x, b0, s[i][0]);
-                    s[i][1] = _mm256_fmadd_ps(x, b1, s[i][1]);
+                    for (sh, v) in si.iter_mut().zip(&bv) {
+                        *sh = _mm256_fmadd_ps(x, *v, *sh);
+                    }
                 }
             }
-            for (i, si) in s.iter().enumerate().take(live) {
+            for (i, si) in s.iter().enumerate().take(out.live) {
                 for (h, sh) in si.iter().enumerate() {
-                    let p = o.add(i * row + j0 + 8 * h);
+                    let p = o.add(i * out.row + j0 + 8 * h);
                     _mm256_storeu_ps(p, _mm256_fmadd_ps(alpha, *sh, _mm256_loadu_ps(p)));
                 }
             }
