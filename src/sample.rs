@@ -389,7 +389,7 @@ fn choose_tokens(
         let keys: Vec<i64> = live.iter().map(|&r| rows[r].key as i64).collect();
         return choose_on_device(logits, &keys, step, opts);
     }
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?;
     let vocab = logits.dim(1)?;
     let (storage, layout) = logits.storage_and_layout();
     let logits = crate::model::cpu::cpu_slice(&storage, layout, "logits")?;

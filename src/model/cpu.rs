@@ -333,7 +333,8 @@ pub fn attention_cpu(
     match heads {
         Heads::Stacked => Tensor::from_vec(per_head.concat(), (b, k, r, e), keys.device()),
         Heads::Merged { t } => {
-            let (g, width) = (r / t, k * (r / t) * e);
+            let g = r.checked_div(t).unwrap_or(0);
+            let width = k * g * e;
             let tokens = filled_on_pool(b * t * width, 16 * width, |first, rows| {
                 for (i, row) in rows.chunks_mut(width).enumerate() {
                     let (bi, ti) = ((first / width + i) / t, (first / width + i) % t);
