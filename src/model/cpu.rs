@@ -657,8 +657,8 @@ pub(crate) fn exp(x: f32) -> f32 {
 pub(crate) fn exp_f64(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // ln 2 in two parts, the first with trailing zero bits so that n * LN2_HI is exact.
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 0.693_147_180_369_123_8;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // Adding 1.5 * 2^52 rounds to an integer held in the low bits of the sum's mantissa.
     const ROUND: f64 = 6_755_399_441_055_744.0;
     // 1 / k! for k = 13 down to 2.

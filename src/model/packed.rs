@@ -176,7 +176,7 @@ impl PackedMatrix {
         let mut ranges = Vec::with_capacity(xs.len());
         let mut k = 0;
         for x in xs {
-            let ki = if m == 0 { 0 } else { x.len() / m };
+            let ki = x.len().checked_div(m).unwrap_or(0);
             assert_eq!(x.len(), m * ki, "input part of {} floats is not {m} rows", x.len());
             ranges.push((k, ki));
             k += ki;
@@ -306,7 +306,7 @@ struct Blocks<'a> {
 impl<'a> Blocks<'a> {
     fn new(x: &'a [f32], rows: usize, k: usize) -> Self {
         let full = rows / MR;
-        let ragged = (rows % MR != 0).then(|| {
+        let ragged = (!rows.is_multiple_of(MR)).then(|| {
             let mut last = x[full * MR * k..rows * k].to_vec();
             last.resize(MR * k, 0.0);
             last
