@@ -210,10 +210,11 @@ impl PackedMatrix {
                         let kc = KC.min(ki - k0);
                         let slice = &panel[(first + k0) * NR..(first + k0 + kc) * NR];
                         for (b, acc) in accs.iter_mut().enumerate() {
-                            if let (Some(next), 0) = (next, first + k0) {
-                                prefetch_part(next, b, count);
-                            }
-                            kernel.run(blocks.rows(b, k0), *ki, slice, kc, acc, first + k0 > 0);
+                            let ask = match (next, first + k0) {
+                                (Some(next), 0) => part_of(next, b, count),
+                                _ => &[],
+                            };
+                            kernel.run(blocks.rows(b, k0), *ki, slice, kc, acc, first + k0 > 0, ask);
                         }
                     }
                 }
@@ -324,24 +325,30 @@ impl<'a> Blocks<'a> {
     }
 }
 
-/// Asks for part `part` of `parts` of `floats` to be brought into the cache (L2), without
-/// waiting for it.
-fn prefetch_part(floats: &[f32], part: usize, parts: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let lines = floats.len().div_ceil(16);
-        let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
-        for line in from..to {
-            // Safety: a prefetch never faults, and the address lies inside the slice.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                    floats.as_ptr().add(line * 16) as *const i8
-                )
-            };
-        }
+/// Part `part` of `parts` of `floats`, in whole cache lines.
+fn part_of(floats: &[f32], part: usize, parts: usize) -> &[f32] {
+    let lines = floats.len().div_ceil(16);
+    let (from, to) = (lines * part / parts, lines * (part + 1) / parts);
+    &floats[(from * 16).min(floats.len())..(to * 16).min(floats.len())]
+}
+
+/// Asks for `floats` to be brought into the cache (L2), without waiting for them.
+fn prefetch(floats: &[f32]) {
+    for line in (0..floats.len()).step_by(16) {
+        prefetch_line(floats, line);
     }
+}
+
+/// Asks for the cache line of `floats[at]` (L2). Safety of the call: a prefetch never faults,
+/// and the address lies inside the slice.
+#[inline(always)]
+fn prefetch_line(floats: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(floats.as_ptr().add(at) as *const i8)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (floats, part, parts);
+    let _ = (floats, at);
 }
 
 fn as_floats(lines: &[Line]) -> &[f32] {
@@ -402,7 +409,17 @@ impl Kernel {
     /// acc (MR, NR) = rows (MR, k) @ panel (k, NR), added to acc's sums where `add`; row i's
     /// floats start at `rows[i * stride]`. The sums run along k in order either way, so a
     /// product taken in slices of k is the whole one's.
-    fn run(self, rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR], add: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        self,
+        rows: &[f32],
+        stride: usize,
+        panel: &[f32],
+        k: usize,
+        acc: &mut [f32; MR * NR],
+        add: bool,
+        ask: &[f32],
+    ) {
         assert!(k <= stride && rows.len() >= (MR - 1) * stride + k && panel.len() >= k * NR);
         if !add {
             *acc = [0f32; MR * NR];
@@ -410,10 +427,16 @@ impl Kernel {
         match self {
             // Safety: the feature was detected at run time before this variant was chosen.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::tile_avx512(rows, stride, panel, k, acc) },
+            Kernel::Avx512 => unsafe { x86::tile_avx512(rows, stride, panel, k, acc, ask) },
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { x86::tile_avx2(rows, stride, panel, k, acc) },
-            Kernel::Portable => tile_portable(rows, stride, panel, k, acc),
+            Kernel::Avx2 => {
+                prefetch(ask);
+                unsafe { x86::tile_avx2(rows, stride, panel, k, acc) }
+            }
+            Kernel::Portable => {
+                prefetch(ask);
+                tile_portable(rows, stride, panel, k, acc)
+            }
         }
     }
 }
@@ -458,7 +481,18 @@ mod x86 {
     /// broadcasts (one from each row), 24 FMAs. Safety: rows holds MR rows `stride` apart of
     /// at least k floats, panel k * NR floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+    pub unsafe fn tile_avx512(
+        rows: &[f32],
+        stride: usize,
+        panel: &[f32],
+        k: usize,
+        acc: &mut [f32; MR * NR],
+        ask: &[f32],
+    ) {
+        // The lines of `ask` asked of memory evenly over the steps of k (a burst of them would
+        // stall the core until the memory answers).
+        let ask_lines = ask.len().div_ceil(16);
+        let (mut asked, mut credit) = (0usize, 0usize);
         let mut c = [[_mm512_setzero_ps(); 3]; MR];
         for (i, row) in c.iter_mut().enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
@@ -477,7 +511,13 @@ mod x86 {
                 row[1] = _mm512_fmadd_ps(x, w1, row[1]);
                 row[2] = _mm512_fmadd_ps(x, w2, row[2]);
             }
+            credit += ask_lines;
+            while credit >= k && asked < ask_lines {
+                super::prefetch_line(ask, asked * 16);
+                (asked, credit) = (asked + 1, credit - k);
+            }
         }
+        super::prefetch(&ask[(asked * 16).min(ask.len())..]);
         for (i, row) in c.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
                 _mm512_storeu_ps(acc.as_mut_ptr().add(i * NR + j * 16), *v);
