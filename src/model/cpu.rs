@@ -704,13 +704,12 @@ macro_rules! vectorised {
                 unsafe fn avx512($($arg: $ty),*) $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $body
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // Safety: the CPU has the feature.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // Safety: as above.
-                    return unsafe { avx2($($arg),*) };
+                // The one detection the packed products make.
+                match $crate::model::packed::Kernel::best() {
+                    // Safety: the CPU has the kernel's features.
+                    $crate::model::packed::Kernel::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::model::packed::Kernel::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::model::packed::Kernel::Portable => {}
                 }
             }
             $body

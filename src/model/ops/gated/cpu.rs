@@ -2,9 +2,9 @@
 //! each way over candle's thread pool. candle's CPU silu calls libm's exp per element on one
 //! thread and its product is a second pass; here the exp is a polynomial the compiler vectorises.
 
-use candle_core::{CpuStorage, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
 
-use crate::model::cpu::{exp, filled_on_pool, filled_pair_on_pool, on_cpu_f32, vectorised};
+use crate::model::cpu::{cpu_slice, exp, filled_on_pool, filled_pair_on_pool, on_cpu_f32, vectorised};
 
 /// Elements per task on the pool: large enough that a task outweighs its scheduling.
 const CHUNK: usize = 1 << 14;
@@ -55,13 +55,7 @@ pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<Opti
 /// f over the contiguous f32 slices of these tensors.
 fn with_slices(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]])) -> Result<()> {
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        match (&**storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
-            _ => candle_core::bail!("gated-cpu: a contiguous f32 tensor on the CPU expected"),
-        }
-    }
+    let slices = guards.iter().map(|(s, l)| cpu_slice(s, l, "gated-cpu input")).collect::<Result<Vec<_>>>()?;
     f(&slices);
     Ok(())
 }
