@@ -467,25 +467,10 @@ pub fn sample_one(logits: &[f32], rng: &mut ChaCha8Rng, opts: &SampleOptions) ->
         }
         return argmax(logits);
     }
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    if opts.top_k > 0 {
-        idx.truncate(opts.top_k);
-    }
-    let weights: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    // Nucleus: the smallest prefix whose mass reaches top_p (always at least one token).
-    let mut keep = weights.len();
-    if opts.top_p < 1.0 {
-        let mut acc = 0.0;
-        for (k, w) in weights.iter().enumerate() {
-            acc += w / total;
-            if acc >= opts.top_p {
-                keep = k + 1;
-                break;
-            }
-        }
-    }
+    let (idx, weights, keep) = match opts.top_k {
+        k if k > 0 && k < logits.len() => top_k_cut(logits, max, inv_t, k, opts.top_p),
+        _ => nucleus_cut(logits, max, inv_t, opts.top_p),
+    };
     let kept: f64 = weights[..keep].iter().sum();
     let mut target = u * kept;
     for k in 0..keep {
@@ -495,6 +480,85 @@ pub fn sample_one(logits: &[f32], rng: &mut ChaCha8Rng, opts: &SampleOptions) ->
         }
     }
     idx[keep - 1]
+}
+
+/// Most likely first, ties by id: the order in which the cuts keep tokens.
+fn by_likelihood(logits: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
+    |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+}
+
+/// The nucleus of a distribution: how many of the first `weights` (in order) reach `top_p` of
+/// `total`; all of them where none does.
+fn nucleus_len(weights: &[f64], total: f64, top_p: f64) -> Option<usize> {
+    if top_p >= 1.0 {
+        return None;
+    }
+    let mut acc = 0.0;
+    for (k, w) in weights.iter().enumerate() {
+        acc += w / total;
+        if acc >= top_p {
+            return Some(k + 1);
+        }
+    }
+    None
+}
+
+/// The top-k cut, then the nucleus of those k: their ids most likely first, their weights
+/// e^((x - max) / T), and how many the nucleus keeps. The k are picked by selection, and only
+/// they are sorted.
+fn top_k_cut(logits: &[f32], max: f64, inv_t: f64, top_k: usize, top_p: f64) -> (Vec<u32>, Vec<f64>, usize) {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.select_nth_unstable_by(top_k - 1, by_likelihood(logits));
+    idx.truncate(top_k);
+    idx.sort_unstable_by(by_likelihood(logits));
+    let weights: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let keep = nucleus_len(&weights, total, top_p).unwrap_or(weights.len());
+    (idx, weights, keep)
+}
+
+/// Bins of a row's tokens by how far below the best logit they lie, half a nat of weight each;
+/// the last holds everything further down.
+const NUCLEUS_BINS: usize = 64;
+
+/// The top-p nucleus of the whole vocabulary: its ids most likely first, their weights, and
+/// their count. Sorting the vocabulary is most of a step's cost for a small model, and the
+/// nucleus is usually a few hundred tokens at most; so the tokens are binned by logit first
+/// (each bin a range of logits, so the bins up to any one hold a prefix of the sorted order),
+/// and only the bins that hold the nucleus are sorted. Should those fall short of `top_p` by
+/// rounding, the whole vocabulary is sorted.
+fn nucleus_cut(logits: &[f32], max: f64, inv_t: f64, top_p: f64) -> (Vec<u32>, Vec<f64>, usize) {
+    let mut all = vec![0f64; logits.len()];
+    let total = softmax_weights(&mut all, logits, max, inv_t);
+    let bin = |x: f32| (((max - x as f64) * inv_t * 2.0) as usize).min(NUCLEUS_BINS - 1);
+    let mut mass = [0f64; NUCLEUS_BINS];
+    for (&x, w) in logits.iter().zip(&all) {
+        mass[bin(x)] += w;
+    }
+    // The first bins whose mass passes top_p with a margin far above the sums' rounding.
+    let mut last = NUCLEUS_BINS - 1;
+    let mut acc = 0.0;
+    for (b, m) in mass.iter().enumerate() {
+        acc += m;
+        if acc >= (top_p + 1e-9) * total {
+            last = b;
+            break;
+        }
+    }
+    let sorted = |mut idx: Vec<u32>| {
+        idx.sort_unstable_by(by_likelihood(logits));
+        let weights: Vec<f64> = idx.iter().map(|&i| all[i as usize]).collect();
+        (idx, weights)
+    };
+    if last < NUCLEUS_BINS - 1 {
+        let (idx, weights) = sorted((0..logits.len() as u32).filter(|&i| bin(logits[i as usize]) <= last).collect());
+        if let Some(keep) = nucleus_len(&weights, total, top_p) {
+            return (idx, weights, keep);
+        }
+    }
+    let (idx, weights) = sorted((0..logits.len() as u32).collect());
+    let keep = nucleus_len(&weights, total, top_p).unwrap_or(weights.len());
+    (idx, weights, keep)
 }
 
 crate::model::cpu::vectorised!(softmax_weights_into(weights: &mut [f64], logits: &[f32], max: f64, inv_t: f64, lanes: &mut [f64; 8]) {
@@ -592,6 +656,62 @@ mod tests {
             let logits: Vec<f32> = (0..5003).map(|_| values.gen_range(-12.0f32..12.0)).collect();
             let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(row), ChaCha8Rng::seed_from_u64(row));
             assert_eq!(sample_one(&logits, &mut a, &opts(1.0, 1.0, 0)), reference(&logits, &mut b), "row {row}");
+        }
+    }
+
+    #[test]
+    fn cut_draws_equal_those_of_sorting_the_whole_vocabulary() {
+        // The draw before the cuts sorted only the tokens they can keep.
+        fn reference(logits: &[f32], rng: &mut ChaCha8Rng, o: &SampleOptions) -> u32 {
+            let u: f64 = rng.gen();
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+            if o.top_k > 0 {
+                idx.truncate(o.top_k);
+            }
+            let weights: Vec<f64> =
+                idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / o.temperature).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut keep = weights.len();
+            let mut acc = 0.0;
+            for (k, w) in weights.iter().enumerate() {
+                acc += w / total;
+                if o.top_p < 1.0 && acc >= o.top_p {
+                    keep = k + 1;
+                    break;
+                }
+            }
+            let mut target = u * weights[..keep].iter().sum::<f64>();
+            for k in 0..keep {
+                target -= weights[k];
+                if target < 0.0 {
+                    return idx[k];
+                }
+            }
+            idx[keep - 1]
+        }
+        let mut values = ChaCha8Rng::seed_from_u64(13);
+        // (temperature, top_p, top_k, logits' spread): peaked and flat rows, a nucleus of nearly
+        // everything, top-k alone and both cuts, and top-k past the vocabulary.
+        let cases = [
+            (0.7, 0.95, 0, 12.0f32),
+            (1.0, 0.5, 0, 12.0),
+            (1.0, 0.9, 0, 0.5),
+            (1.3, 0.999_999, 0, 3.0),
+            (1.0, 1.0, 40, 12.0),
+            (0.8, 0.9, 200, 2.0),
+            (1.0, 1.0, 9000, 4.0),
+        ];
+        for (case, &(temperature, top_p, top_k, spread)) in cases.iter().enumerate() {
+            let o = opts(temperature, top_p, top_k);
+            for row in 0..60u64 {
+                let mut logits: Vec<f32> = (0..5003).map(|_| values.gen_range(-spread..spread)).collect();
+                logits[17] = logits[3]; // a tie, broken by id
+                let (mut a, mut b) = (ChaCha8Rng::seed_from_u64(row), ChaCha8Rng::seed_from_u64(row));
+                let (got, want) = (sample_one(&logits, &mut a, &o), reference(&logits, &mut b, &o));
+                assert_eq!(got, want, "case {case}, row {row}");
+            }
         }
     }
 
