@@ -17,7 +17,6 @@
 //!
 //! Shapes: B rows in flight, P prompts in a group, L longest prompt, S keys so far, V vocab.
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -393,17 +392,11 @@ fn choose_tokens(
     let vocab = logits.dim(1)?;
     let (storage, layout) = logits.storage_and_layout();
     let logits = crate::model::cpu::cpu_slice(&storage, layout, "logits")?;
-    // Each row's stream is independent, so rows are sampled in parallel.
-    // Each live row's (logits slot, row), one lock each: the rows are drawn on the thread pool.
+    // Each row's stream is independent, so the live rows (logits slot, row) are drawn in parallel.
     let mut by_index: Vec<Option<&mut Row>> = rows.iter_mut().map(Some).collect();
-    let picked: Vec<Mutex<(usize, &mut Row)>> = live
-        .iter()
-        .enumerate()
-        .map(|(slot, &r)| Mutex::new((slot, by_index[r].take().expect("a row is live once"))))
-        .collect();
-    let toks = crate::model::cpu::map_on_pool(picked.len(), |i| {
-        let mut guard = picked[i].lock().unwrap_or_else(|e| e.into_inner());
-        let (slot, row) = &mut *guard;
+    let picked: Vec<(usize, &mut Row)> =
+        live.iter().enumerate().map(|(slot, &r)| (slot, by_index[r].take().expect("a row is live once"))).collect();
+    let toks = crate::model::cpu::parts_on_pool(picked, |_, (slot, row)| {
         if row.done.is_some() {
             return 0;
         }

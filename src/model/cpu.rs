@@ -59,18 +59,25 @@ pub(crate) fn map_on_pool<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> V
     slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran")).collect()
 }
 
+/// f(i, part i) for each of `parts` on candle's thread pool ([`map_on_pool`]); the results in
+/// order. Each part goes to one task alone: its lock only lends the part's `&mut` to the pool.
+pub(crate) fn parts_on_pool<P: Send, R: Send>(parts: Vec<P>, f: impl Fn(usize, &mut P) -> R + Sync) -> Vec<R> {
+    let parts: Vec<Mutex<P>> = parts.into_iter().map(Mutex::new).collect();
+    map_on_pool(parts.len(), |i| {
+        let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(i, &mut part)
+    })
+}
+
 /// f(first index, chunk) for consecutive chunks of `out` of `chunk` elements, on candle's thread
-/// pool ([`map_on_pool`]); the results in order.
+/// pool ([`parts_on_pool`]); the results in order.
 pub(crate) fn chunks_on_pool<T: Send, R: Send>(
     out: &mut [T],
     chunk: usize,
     f: impl Fn(usize, &mut [T]) -> R + Sync,
 ) -> Vec<R> {
-    let parts: Vec<Mutex<&mut [T]>> = out.chunks_mut(chunk.max(1)).map(Mutex::new).collect();
-    map_on_pool(parts.len(), |c| {
-        let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
-        f(c * chunk, &mut part)
-    })
+    let chunk = chunk.max(1);
+    parts_on_pool(out.chunks_mut(chunk).collect(), |c, part| f(c * chunk, part))
 }
 
 /// A new vector of `n` floats, filled by f(first index, chunk) over chunks of `chunk` floats on
@@ -93,17 +100,9 @@ pub(crate) fn filled_pair_on_pool(
 ) -> (Vec<f32>, Vec<f32>) {
     let (mut a, mut b): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let chunk = chunk.max(1);
-    let parts: Vec<Mutex<_>> = a.spare_capacity_mut()[..n]
-        .chunks_mut(chunk)
-        .zip(b.spare_capacity_mut()[..n].chunks_mut(chunk))
-        .map(Mutex::new)
-        .collect();
-    map_on_pool(parts.len(), |c| {
-        let mut part = parts[c].lock().unwrap_or_else(|e| e.into_inner());
-        let (a, b) = &mut *part;
-        f(c * chunk, zeroed(a), zeroed(b))
-    });
-    drop(parts);
+    let parts: Vec<_> =
+        a.spare_capacity_mut()[..n].chunks_mut(chunk).zip(b.spare_capacity_mut()[..n].chunks_mut(chunk)).collect();
+    parts_on_pool(parts, |c, (a, b)| f(c * chunk, zeroed(a), zeroed(b)));
     // Safety: the chunks cover 0..n of both, and `zeroed` wrote each.
     unsafe {
         a.set_len(n);
