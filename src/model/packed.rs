@@ -195,9 +195,27 @@ impl PackedMatrix {
                 .map(|(x, &(first, ki))| (first, ki, Blocks::new(&x[m0 * ki..(m0 + rows) * ki], rows, ki)))
                 .collect();
             let count = rows.div_ceil(MR);
+            let full = rows / MR;
             let tile = |p: usize| {
                 let panel = self.panel(p);
-                let mut accs = vec![[0f32; MR * NR]; count];
+                let cols = NR.min(self.n - p * NR);
+                // A whole panel's columns inside one output part: its blocks of MR rows keep
+                // their sums in the output itself; the others (the panel past n, or straddling
+                // two parts, and a last block of fewer rows) in buffers copied there at the end.
+                let direct = out.inside_one(p * NR, NR).filter(|_| cols == NR);
+                let buffered = if direct.is_some() { count - full } else { count };
+                let mut buffers = vec![[0f32; MR * NR]; buffered];
+                let buffer_of = |b: usize| if direct.is_some() { b - full } else { b };
+                let tiles: Vec<Tile> = (0..count)
+                    .map(|b| match direct {
+                        // Safety: rows m0 + b * MR .. + MR of the part exist (b < full), and the
+                        // tile's columns are this task's alone.
+                        Some((y, width, col)) if b < full => {
+                            Tile { ptr: unsafe { y.at((m0 + b * MR) * width + col) }, stride: width }
+                        }
+                        _ => Tile { ptr: buffers[buffer_of(b)].as_mut_ptr(), stride: NR },
+                    })
+                    .collect();
                 // The next panel (the same thread's next task) is asked of memory a part per
                 // block of rows, so that it is in the cache when its turn comes: a weight is read
                 // once per product, from memory, and a core alone waits on each line it asks for.
@@ -209,20 +227,21 @@ impl PackedMatrix {
                     for k0 in (0..*ki).step_by(KC) {
                         let kc = KC.min(ki - k0);
                         let slice = &panel[(first + k0) * NR..(first + k0 + kc) * NR];
-                        for (b, acc) in accs.iter_mut().enumerate() {
+                        for (b, &tile) in tiles.iter().enumerate() {
                             let ask = match (next, first + k0) {
                                 (Some(next), 0) => part_of(next, b, count),
                                 _ => &[],
                             };
-                            kernel.run(blocks.rows(b, k0), *ki, slice, kc, acc, first + k0 > 0, ask);
+                            // Safety: each tile is this task's alone, and a first slice writes it
+                            // before any later one adds to it.
+                            unsafe { kernel.run(blocks.rows(b, k0), *ki, slice, kc, tile, first + k0 > 0, ask) };
                         }
                     }
                 }
-                for (b, acc) in accs.iter().enumerate() {
+                for b in (0..count).filter(|&b| direct.is_none() || b >= full) {
+                    let acc = &buffers[buffer_of(b)];
                     let r0 = m0 + b * MR;
-                    let live_rows = MR.min(m - r0);
-                    let cols = NR.min(self.n - p * NR);
-                    for i in 0..live_rows {
+                    for i in 0..MR.min(m - r0) {
                         // Safety: each (row, panel) tile of y is written by exactly one task.
                         unsafe { out.write(r0 + i, p * NR, &acc[i * NR..i * NR + cols]) };
                     }
@@ -260,6 +279,13 @@ impl Parts {
             first += w;
         }
         Parts { parts }
+    }
+
+    /// The part that holds columns col..col + cols of the whole product, where one does: its
+    /// output, its width and the first column's place in it.
+    fn inside_one(&self, col: usize, cols: usize) -> Option<(OutPtr, usize, usize)> {
+        let &(first, width, y) = self.parts.iter().find(|&&(first, width, _)| col >= first && col < first + width)?;
+        (col + cols <= first + width).then_some((y, width, col - first))
     }
 
     /// Writes `values` at (row, col..) of the whole product, across parts where they straddle
@@ -406,48 +432,62 @@ impl Kernel {
         v
     }
 
-    /// acc (MR, NR) = rows (MR, k) @ panel (k, NR), added to acc's sums where `add`; row i's
-    /// floats start at `rows[i * stride]`. The sums run along k in order either way, so a
-    /// product taken in slices of k is the whole one's.
+    /// tile (MR, NR) = rows (MR, k) @ panel (k, NR), added to the tile's sums where `add`; row
+    /// i's floats start at `rows[i * stride]`, and the tile's row i at `tile.at(i, 0)`. The
+    /// sums run along k in order either way, so a product taken in slices of k is the whole
+    /// one's.
+    ///
+    /// Safety: the tile's MR rows of NR floats lie inside memory that this call alone writes
+    /// (and, where `add`, that holds floats).
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        self,
-        rows: &[f32],
-        stride: usize,
-        panel: &[f32],
-        k: usize,
-        acc: &mut [f32; MR * NR],
-        add: bool,
-        ask: &[f32],
-    ) {
+    unsafe fn run(self, rows: &[f32], stride: usize, panel: &[f32], k: usize, tile: Tile, add: bool, ask: &[f32]) {
         assert!(k <= stride && rows.len() >= (MR - 1) * stride + k && panel.len() >= k * NR);
-        if !add {
-            *acc = [0f32; MR * NR];
-        }
         match self {
             // Safety: the feature was detected at run time before this variant was chosen.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { x86::tile_avx512(rows, stride, panel, k, acc, ask) },
+            Kernel::Avx512 => x86::tile_avx512(rows, stride, panel, k, tile, add, ask),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 prefetch(ask);
-                unsafe { x86::tile_avx2(rows, stride, panel, k, acc) }
+                x86::tile_avx2(rows, stride, panel, k, tile, add)
             }
             Kernel::Portable => {
                 prefetch(ask);
-                tile_portable(rows, stride, panel, k, acc)
+                tile_portable(rows, stride, panel, k, tile, add)
             }
         }
     }
 }
 
-/// The tile in plain Rust (added to acc), as four row groups of two rows so that the accumulators of one group
-/// fit in registers; the compiler vectorises the inner loop over the NR columns.
+/// Where a kernel keeps its MR x NR sums: row i at `ptr + i * stride`. Either a tile of the
+/// product's output itself or a buffer of the task's, copied to the output at the end.
+#[derive(Clone, Copy)]
+struct Tile {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+impl Tile {
+    /// Safety: (row, col) lies inside the tile's memory.
+    #[inline(always)]
+    unsafe fn at(self, row: usize, col: usize) -> *mut f32 {
+        self.ptr.add(row * self.stride + col)
+    }
+}
+
+/// The tile in plain Rust (added to its sums where `add`), as four row groups of two rows so
+/// that the accumulators of one group fit in registers; the compiler vectorises the inner loop
+/// over the NR columns. Safety: as for [`Kernel::run`].
 #[inline(always)]
-fn tile_portable(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+unsafe fn tile_portable(rows: &[f32], stride: usize, panel: &[f32], k: usize, tile: Tile, add: bool) {
+    let load = |i: usize| -> [f32; NR] {
+        match add {
+            true => std::array::from_fn(|j| *tile.at(i, j)),
+            false => [0f32; NR],
+        }
+    };
     for i0 in (0..MR).step_by(2) {
-        let mut a0: [f32; NR] = acc[i0 * NR..(i0 + 1) * NR].try_into().unwrap();
-        let mut a1: [f32; NR] = acc[(i0 + 1) * NR..(i0 + 2) * NR].try_into().unwrap();
+        let (mut a0, mut a1) = (load(i0), load(i0 + 1));
         for kk in 0..k {
             let w: &[f32; NR] = panel[kk * NR..(kk + 1) * NR].try_into().unwrap();
             let x0 = rows[i0 * stride + kk];
@@ -457,8 +497,8 @@ fn tile_portable(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut
                 a1[j] = fma(x1, w[j], a1[j]);
             }
         }
-        acc[i0 * NR..(i0 + 1) * NR].copy_from_slice(&a0);
-        acc[(i0 + 1) * NR..(i0 + 2) * NR].copy_from_slice(&a1);
+        std::ptr::copy_nonoverlapping(a0.as_ptr(), tile.at(i0, 0), NR);
+        std::ptr::copy_nonoverlapping(a1.as_ptr(), tile.at(i0 + 1, 0), NR);
     }
 }
 
@@ -474,19 +514,21 @@ pub(crate) fn fma(a: f32, b: f32, c: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MR, NR};
+    use super::{Tile, MR, NR};
     use std::arch::x86_64::*;
 
-    /// 8 rows x 48 columns in 24 zmm accumulators, added to acc; per step of k: 3 loads, 8
-    /// broadcasts (one from each row), 24 FMAs. Safety: rows holds MR rows `stride` apart of
-    /// at least k floats, panel k * NR floats.
+    /// 8 rows x 48 columns in 24 zmm accumulators, added to the tile's sums where `add`; per
+    /// step of k: 3 loads, 8 broadcasts (one from each row), 24 FMAs. Safety: rows holds MR
+    /// rows `stride` apart of at least k floats, panel k * NR floats, and the tile is as for
+    /// [`super::Kernel::run`].
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512(
         rows: &[f32],
         stride: usize,
         panel: &[f32],
         k: usize,
-        acc: &mut [f32; MR * NR],
+        tile: Tile,
+        add: bool,
         ask: &[f32],
     ) {
         // The lines of `ask` asked of memory evenly over the steps of k (a burst of them would
@@ -494,9 +536,11 @@ mod x86 {
         let ask_lines = ask.len().div_ceil(16);
         let (mut asked, mut credit) = (0usize, 0usize);
         let mut c = [[_mm512_setzero_ps(); 3]; MR];
-        for (i, row) in c.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(acc.as_ptr().add(i * NR + j * 16));
+        if add {
+            for (i, row) in c.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(tile.at(i, j * 16));
+                }
             }
         }
         let xs: [*const f32; MR] = std::array::from_fn(|i| rows.as_ptr().add(i * stride));
@@ -520,23 +564,25 @@ mod x86 {
         super::prefetch(&ask[(asked * 16).min(ask.len())..]);
         for (i, row) in c.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
-                _mm512_storeu_ps(acc.as_mut_ptr().add(i * NR + j * 16), *v);
+                _mm512_storeu_ps(tile.at(i, j * 16), *v);
             }
         }
     }
 
-    /// 4 rows x 24 columns in 12 ymm accumulators, four such sub-tiles per tile, added to acc.
-    /// Safety: as for [`tile_avx512`].
+    /// 4 rows x 24 columns in 12 ymm accumulators, four such sub-tiles per tile, added to the
+    /// tile's sums where `add`. Safety: as for [`tile_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(rows: &[f32], stride: usize, panel: &[f32], k: usize, acc: &mut [f32; MR * NR]) {
+    pub unsafe fn tile_avx2(rows: &[f32], stride: usize, panel: &[f32], k: usize, tile: Tile, add: bool) {
         let xs: [*const f32; MR] = std::array::from_fn(|i| rows.as_ptr().add(i * stride));
         let wp = panel.as_ptr();
         for i0 in (0..MR).step_by(4) {
             for j0 in (0..NR).step_by(24) {
                 let mut c = [[_mm256_setzero_ps(); 3]; 4];
-                for (i, row) in c.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = _mm256_loadu_ps(acc.as_ptr().add((i0 + i) * NR + j0 + j * 8));
+                if add {
+                    for (i, row) in c.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v = _mm256_loadu_ps(tile.at(i0 + i, j0 + j * 8));
+                        }
                     }
                 }
                 for kk in 0..k {
@@ -552,7 +598,7 @@ mod x86 {
                 }
                 for (i, row) in c.iter().enumerate() {
                     for (j, v) in row.iter().enumerate() {
-                        _mm256_storeu_ps(acc.as_mut_ptr().add((i0 + i) * NR + j0 + j * 8), *v);
+                        _mm256_storeu_ps(tile.at(i0 + i, j0 + j * 8), *v);
                     }
                 }
             }
