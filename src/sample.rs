@@ -1,8 +1,9 @@
 //! Batched generation with a pre-allocated KV cache.
 //!
 //! Prompts are sorted by length and taken in groups; each group is prefilled once, left-padded
-//! to its longest prompt (an attention mask hides the padding), and its cache is then copied
-//! `n` times so that the `n` completions of a prompt share that one prefill. Every decode step
+//! to its longest prompt (an attention mask hides the padding), and the `n` completions of a
+//! prompt continue that one prefill: on the CPU they read its keys and values from one copy
+//! (the cache's shared prefix), elsewhere each row's cache starts with its own. Every decode step
 //! runs the whole batch; a row that reaches a stop token, a stop string or `max_tokens` is done,
 //! and finished rows are dropped from the batch (cache included) once they are half of it.
 //!
@@ -238,7 +239,12 @@ fn sample_group(
         }
     }
     let expand: Vec<u32> = rows.iter().map(|r| r.prompt as u32).collect();
-    cache.select_rows(&Tensor::new(expand.as_slice(), &device)?)?;
+    // On the CPU the rows of a prompt read its positions from one copy of them, where elsewhere
+    // each row's cache starts with its own copy (the same keys and values either way).
+    match dec.device.is_cpu() && dec.dtype == DType::F32 {
+        true => cache.share_prefix(&expand)?,
+        false => cache.select_rows(&expand)?,
+    }
     let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), &device)?, 0)?;
     // rows still in the batch, as indices into `rows`, in batch order
     let mut live: Vec<usize> = (0..rows.len()).collect();
@@ -275,7 +281,7 @@ fn sample_group(
         if finished * 2 >= live.len() {
             let _phase = crate::profile::phase("cache compaction", &device);
             let keep: Vec<u32> = (0..live.len()).filter(|&s| rows[live[s]].done.is_none()).map(|s| s as u32).collect();
-            cache.select_rows(&Tensor::new(keep.as_slice(), &device)?)?;
+            cache.select_rows(&keep)?;
             live = keep.iter().map(|&s| live[s as usize]).collect();
             row_pads = keep.iter().map(|&s| row_pads[s as usize]).collect();
             next = keep.iter().map(|&s| next[s as usize]).collect();

@@ -92,3 +92,48 @@ fn smollm2_logits_match_transformers_and_greedy_decoding_says_paris() {
     let (outs, _) = loralab::sample::sample(&m, None, &[prompt], &opts).unwrap();
     assert!(outs[0][0].text.starts_with(" Paris"), "{:?}", outs[0][0].text);
 }
+
+#[test]
+fn rows_reading_their_prompts_shared_keys_decode_the_same_logits_as_rows_with_copies() {
+    use loralab::model::{decoder::Mask, KvCache, Pass};
+    use loralab::sample::{decode_mask, prefill_mask};
+    let dec = read_decoder(&fixtures().join("tiny-qwen2"), &cpu_f32()).unwrap();
+    let dev = Device::Cpu;
+    // Two prompts of 5 and 3 tokens, left-padded to 5; three rows of the first, two of the second.
+    let (l, pads) = (5usize, vec![0usize, 2]);
+    let ids = Tensor::new(&[[3u32, 17, 9, 40, 12], [0, 0, 25, 6, 31]], &dev).unwrap();
+    let rows: Vec<u32> = vec![0, 0, 0, 1, 1];
+    let row_pads: Vec<usize> = rows.iter().map(|&r| pads[r as usize]).collect();
+    let mut caches: Vec<KvCache> =
+        (0..2).map(|_| KvCache::new(&dec.config, 2, l + 6, DType::F32, &dev).unwrap()).collect();
+    for cache in caches.iter_mut() {
+        let mask = Mask::Rows(prefill_mask(&pads, l, &dev).unwrap());
+        dec.forward_hidden(&ids, 0, Some(&mask), Some(cache), Pass::infer(None)).unwrap();
+    }
+    caches[0].select_rows(&rows).unwrap();
+    caches[1].share_prefix(&rows).unwrap();
+    // Six decoding steps, each row fed its own tokens; after the third, rows 1 and 3 leave the
+    // batch (as finished rows do), so that the shared prefix's rows are selected too.
+    let mut live: Vec<usize> = (0..rows.len()).collect();
+    for step in 0..6usize {
+        if step == 3 {
+            let keep: Vec<u32> = vec![0, 2, 4];
+            for cache in caches.iter_mut() {
+                cache.select_rows(&keep).unwrap();
+            }
+            live = keep.iter().map(|&k| live[k as usize]).collect();
+        }
+        let next: Vec<u32> = live.iter().map(|&r| (7 * r + 11 * step + 1) as u32 % 50).collect();
+        let step_ids = Tensor::from_vec(next, (live.len(), 1), &dev).unwrap();
+        let step_pads: Vec<usize> = live.iter().map(|&r| row_pads[r]).collect();
+        let mask = Mask::Rows(decode_mask(&step_pads, l + step + 1, &dev).unwrap());
+        let logits: Vec<Vec<f32>> = caches
+            .iter_mut()
+            .map(|cache| {
+                let h = dec.forward_hidden(&step_ids, l + step, Some(&mask), Some(cache), Pass::infer(None)).unwrap();
+                dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        assert_eq!(logits[0], logits[1], "step {step}");
+    }
+}

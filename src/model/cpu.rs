@@ -294,6 +294,39 @@ pub fn attention_cpu(
     softcap: Option<f64>,
     heads: Heads,
 ) -> Result<Tensor> {
+    attention_cached(q, Cached { keys, values, s, prefix: None }, mask, scale, softcap, heads)
+}
+
+/// The keys and values attention reads: the first `s` positions of every row, the first
+/// `prefix.len` of them from the row's prompt's shared prefix where there is one, the rest from
+/// the row's own (B, K, C, E) tensors.
+#[derive(Clone, Copy)]
+pub struct Cached<'a> {
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
+    pub s: usize,
+    pub prefix: Option<&'a Prefix>,
+}
+
+/// One layer's shared prefix (see [`super::decoder::SharedPrefix`]): keys and values
+/// (P, K, len, E), and each batch row's prompt.
+pub struct Prefix {
+    pub keys: Tensor,
+    pub values: Tensor,
+    pub len: usize,
+    pub rows: Vec<usize>,
+}
+
+/// [`attention_cpu`] over keys and values that may begin with a shared prefix.
+pub fn attention_cached(
+    q: &Tensor,
+    cache: Cached,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    heads: Heads,
+) -> Result<Tensor> {
+    let Cached { keys, values, s, prefix } = cache;
     let (b, k, r, e) = q.dims4()?;
     let c = keys.dim(2)?;
     let mask = MaskRows::new(mask, s)?;
@@ -304,27 +337,60 @@ pub fn attention_cpu(
     let q = cpu_slice(&qs, ql, "q")?;
     let kc = cpu_slice(&ks, kl, "keys")?;
     let vc = cpu_slice(&vs, vl, "values")?;
+    let shared = match prefix {
+        Some(p) => {
+            if p.rows.len() != b || p.len > s || s - p.len > c {
+                candle_core::bail!(
+                    "a prefix of {} positions for {} rows does not fit {b} rows of {s} keys",
+                    p.len,
+                    p.rows.len()
+                )
+            }
+            Some((p.keys.storage_and_layout(), p.values.storage_and_layout()))
+        }
+        None => None,
+    };
+    let shared = match &shared {
+        Some(((pks, pkl), (pvs, pvl))) => {
+            Some((cpu_slice(pks, pkl, "prefix keys")?, cpu_slice(pvs, pvl, "prefix values")?))
+        }
+        None => None,
+    };
+    let head = prefix.map_or(0, |p| p.len);
     let scale = Scale { scale: scale as f32, softcap: softcap.map(|c| c as f32) };
     // One (batch row, kv head) per task: (R, E) each.
     let per_head = map_on_pool(b * k, |bk| {
         let mut out_bk = vec![0f32; r * e];
         let bi = bk / k;
         let q_bk = &q[bk * r * e..(bk + 1) * r * e];
-        let k_bk = &kc[bk * c * e..bk * c * e + s * e];
-        let v_bk = &vc[bk * c * e..bk * c * e + s * e];
+        // The row's keys and values: its prompt's shared ones, then its own.
+        let (keys, values) = match (prefix, shared) {
+            (Some(p), Some((pk, pv))) => {
+                let at = (p.rows[bi] * k + bk % k) * head * e;
+                (
+                    Rows { head: &pk[at..at + head * e], tail: &kc[bk * c * e..bk * c * e + (s - head) * e], e },
+                    Rows { head: &pv[at..at + head * e], tail: &vc[bk * c * e..bk * c * e + (s - head) * e], e },
+                )
+            }
+            _ => (
+                Rows { head: &[], tail: &kc[bk * c * e..bk * c * e + s * e], e },
+                Rows { head: &[], tail: &vc[bk * c * e..bk * c * e + s * e], e },
+            ),
+        };
         let mask_row = |row: usize| mask.as_ref().map(|m| m.row(bi, row));
         if r >= BLOCKED_ROWS {
             // Prefill: (R, E) @ K^T -> (R, S) probabilities, @ V -> (R, E), as packed products.
-            let mut probs = PackedMatrix::from_rows_out_in(k_bk, s, e).matmul(q_bk, r);
+            let (k_bk, v_bk) = (keys.joined(), values.joined());
+            let mut probs = PackedMatrix::from_rows_out_in(&k_bk, s, e).matmul(q_bk, r);
             for (row, p) in probs.chunks_mut(s).enumerate() {
                 softmax_in_place(p, mask_row(row), scale);
             }
-            return PackedMatrix::from_rows_in_out(v_bk, s, e).matmul(&probs, r);
+            return PackedMatrix::from_rows_in_out(&v_bk, s, e).matmul(&probs, r);
         }
         // Decoding: a few rows, one pass over the cache each.
         let mut p = vec![0f32; s];
         for (row, out_row) in out_bk.chunks_mut(e).enumerate() {
-            attend_row(out_row, &q_bk[row * e..(row + 1) * e], k_bk, v_bk, &mut p, mask_row(row), scale);
+            attend_row(out_row, &q_bk[row * e..(row + 1) * e], keys, values, &mut p, mask_row(row), scale);
         }
         out_bk
     });
@@ -569,19 +635,46 @@ impl MaskRows {
 /// (prefill) rather than one pass over the cache per row (decoding).
 const BLOCKED_ROWS: usize = 16;
 
+/// Rows of E floats, the first ones from `head` and the rest from `tail`: a row's keys or values
+/// where a shared prefix holds the first of them.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    head: &'a [f32],
+    tail: &'a [f32],
+    e: usize,
+}
+
+impl<'a> Rows<'a> {
+    #[inline(always)]
+    fn at(self, j: usize) -> &'a [f32] {
+        let e = self.e;
+        match j * e < self.head.len() {
+            true => &self.head[j * e..(j + 1) * e],
+            false => &self.tail[j * e - self.head.len()..(j + 1) * e - self.head.len()],
+        }
+    }
+
+    /// All rows in one (S, E) buffer: `tail` itself where there is no head.
+    fn joined(self) -> std::borrow::Cow<'a, [f32]> {
+        match self.head.is_empty() {
+            true => std::borrow::Cow::Borrowed(self.tail),
+            false => std::borrow::Cow::Owned([self.head, self.tail].concat()),
+        }
+    }
+}
+
 // One query row against keys and values (S, E): out (E) += softmax(scores) V, with `p` (S) for
 // the probabilities.
-vectorised!(attend_row(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], p: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
-    let e = q.len();
+vectorised!(attend_row(out: &mut [f32], q: &[f32], keys: Rows, values: Rows, p: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
     for (j, sc) in p.iter_mut().enumerate() {
         // Hidden keys (causal or padding) cost nothing.
         let hidden = bias.is_some_and(|m| m[j] == f32::NEG_INFINITY);
-        *sc = if hidden { 0.0 } else { dot(q, &keys[j * e..(j + 1) * e]) };
+        *sc = if hidden { 0.0 } else { dot(q, keys.at(j)) };
     }
     softmax_in_place(p, bias, scale);
     for (j, &pj) in p.iter().enumerate() {
         if pj != 0.0 {
-            for (o, v) in out.iter_mut().zip(&values[j * e..(j + 1) * e]) {
+            for (o, v) in out.iter_mut().zip(values.at(j)) {
                 *o += pj * v;
             }
         }

@@ -276,12 +276,26 @@ pub struct Layer {
 
 /// Per-layer keys and values of a batch, pre-allocated to `capacity` positions.
 pub struct KvCache {
-    /// Per layer: (B, K, capacity, E)
+    /// Per layer: (B, K, capacity, E), or with a shared prefix (B, K, capacity - its length, E),
+    /// the positions after it.
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
     /// Positions filled so far.
     pub len: usize,
     pub capacity: usize,
+    /// The first positions of every row held once per prompt (CPU decoding).
+    pub prefix: Option<SharedPrefix>,
+}
+
+/// Keys and values of the first `len` positions of prompts that several rows of a batch
+/// continue (the completions of one prompt): read by each of its rows, stored once.
+pub struct SharedPrefix {
+    /// Per layer: (P, K, len, E).
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub len: usize,
+    /// Each batch row's prompt.
+    pub rows: Vec<usize>,
 }
 
 impl KvCache {
@@ -293,19 +307,57 @@ impl KvCache {
             k.push(Tensor::zeros(shape, dtype, device)?);
             v.push(Tensor::zeros(shape, dtype, device)?);
         }
-        Ok(KvCache { k, v, len: 0, capacity })
+        Ok(KvCache { k, v, len: 0, capacity, prefix: None })
     }
 
     /// Keeps only the batch rows `rows` (in that order; a row may repeat).
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let device = self.k.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let index = Tensor::new(rows, &device)?;
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            *t = t.index_select(rows, 0)?;
+            *t = t.index_select(&index, 0)?;
         }
+        if let Some(prefix) = &mut self.prefix {
+            prefix.rows = rows.iter().map(|&r| prefix.rows[r as usize]).collect();
+        }
+        Ok(())
+    }
+
+    /// Turns the cache of P prompts, filled to their common length, into one of `rows.len()`
+    /// rows, row i continuing prompt `rows[i]`, whose prompts' positions stay stored once (a
+    /// [`SharedPrefix`]) where [`select_rows`](Self::select_rows) would copy them to each row.
+    /// Each row reads the same keys and values either way, in the same order.
+    pub fn share_prefix(&mut self, rows: &[u32]) -> Result<()> {
+        if self.prefix.is_some() {
+            candle_core::bail!("the cache's prefix is shared already");
+        }
+        let len = self.len;
+        let mut prefix =
+            SharedPrefix { k: Vec::new(), v: Vec::new(), len, rows: rows.iter().map(|&r| r as usize).collect() };
+        for (own, shared) in [(&mut self.k, &mut prefix.k), (&mut self.v, &mut prefix.v)] {
+            for t in own.iter_mut() {
+                let (_, k, _, e) = t.dims4()?;
+                shared.push(t.narrow(2, 0, len)?.contiguous()?);
+                *t = Tensor::zeros((rows.len(), k, self.capacity - len, e), t.dtype(), t.device())?;
+            }
+        }
+        self.prefix = Some(prefix);
         Ok(())
     }
 
     pub fn batch(&self) -> usize {
         self.k.first().map(|t| t.dims()[0]).unwrap_or(0)
+    }
+
+    /// Where position `pos` of a row lies in the rows' own tensors.
+    fn own_position(&self, pos: usize) -> Result<usize> {
+        let first = self.prefix.as_ref().map_or(0, |p| p.len);
+        match pos.checked_sub(first) {
+            Some(at) => Ok(at),
+            None => {
+                candle_core::bail!("position {pos} lies in the shared prefix of {first} positions, which is read-only")
+            }
+        }
     }
 }
 
@@ -327,20 +379,28 @@ impl Attention {
 
         // Keys and values of every position so far: (B, K, S, E)
         // The whole cache tensors (B, K, capacity, E) are kept for the CPU kernel.
-        let (keys, values, whole_cache) = match cache {
+        let (keys, values, whole_cache, prefix) = match cache {
             Some((cache, l)) => {
-                cache.k[l].slice_set(&kx, 2, pos)?;
-                cache.v[l].slice_set(&vx, 2, pos)?;
-                let s = pos + t;
+                let at = cache.own_position(pos)?;
+                cache.k[l].slice_set(&kx, 2, at)?;
+                cache.v[l].slice_set(&vx, 2, at)?;
+                let prefix = cache.prefix.as_ref().map(|p| super::cpu::Prefix {
+                    keys: p.k[l].clone(),
+                    values: p.v[l].clone(),
+                    len: p.len,
+                    rows: p.rows.clone(),
+                });
                 (
-                    cache.k[l].narrow(2, 0, s)?,
-                    cache.v[l].narrow(2, 0, s)?,
+                    cache.k[l].narrow(2, 0, at + t)?,
+                    cache.v[l].narrow(2, 0, at + t)?,
                     Some((cache.k[l].clone(), cache.v[l].clone())),
+                    prefix,
                 )
             }
-            None => (kx, vx, None),
+            None => (kx, vx, None, None),
         };
-        let s = keys.dim(2)?;
+        // Keys so far: the prefix's and the row's own.
+        let s = prefix.as_ref().map_or(0, |p| p.len) + keys.dim(2)?;
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
 
@@ -354,12 +414,16 @@ impl Attention {
         let cpu_f32 = super::cpu::on_cpu_f32(&[x]);
         // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
         let merge = |out: Tensor| out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e));
+        if prefix.is_some() && (pass.train || !cpu_f32) {
+            candle_core::bail!("a cache with a shared prefix is read by the CPU's f32 inference attention alone");
+        }
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
             merge(super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             let merged = super::cpu::Heads::Merged { t };
-            super::cpu::attention_cpu(&q, k_all, v_all, s, mask.as_ref(), scale, softcap, merged)?
+            let cache = super::cpu::Cached { keys: k_all, values: v_all, s, prefix: prefix.as_ref() };
+            super::cpu::attention_cached(&q, cache, mask.as_ref(), scale, softcap, merged)?
         } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)? {
             merge(out)?
         } else {
