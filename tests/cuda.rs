@@ -236,9 +236,7 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let fused = loralab::model::ops::attention::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
         let plain = loralab::model::cpu::attention_cpu(
             &qc,
-            &kc,
-            &vc,
-            s,
+            loralab::model::cpu::Cached { keys: &kc, values: &vc, s, prefix: None },
             Some(&mask_c),
             scale,
             None,

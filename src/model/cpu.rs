@@ -243,8 +243,15 @@ mod linear_packed_tests {
             let q = Tensor::randn(0f32, 1., (b, k, r, e), &dev).unwrap();
             let keys = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
             let values = Tensor::randn(0f32, 1., (b, k, s, e), &dev).unwrap();
-            let out =
-                attention_cpu(&q, &keys, &values, s, None, 0.125, None, Heads::Stacked).map(|o| o.dims().to_vec());
+            let out = attention_cpu(
+                &q,
+                Cached { keys: &keys, values: &values, s, prefix: None },
+                None,
+                0.125,
+                None,
+                Heads::Stacked,
+            )
+            .map(|o| o.dims().to_vec());
             let _ = done.send(out.unwrap());
         });
         let dims =
@@ -275,28 +282,6 @@ mod linear_packed_tests {
     }
 }
 
-/// Attention for inference on the CPU in f32, `softmax(cap(q k^T * scale) + mask) v` (`softcap`
-/// c: scores capped to c * tanh(s / c)), read straight from the KV cache: one pass per query
-/// row, no copy of the cache and no (rows, S) tensors.
-///
-/// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
-/// keys, values: (B, K, C, E), of which the first `s` positions are used; mask: additive,
-/// (B or 1, 1, 1, T, S). Returns (B, K, R, E), or with `Heads::Merged` (B, T, H * E), the
-/// layout the output projection takes (head k * G + g of token t is row g * T + t of kv head k).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cpu(
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    s: usize,
-    mask: Option<&Tensor>,
-    scale: f64,
-    softcap: Option<f64>,
-    heads: Heads,
-) -> Result<Tensor> {
-    attention_cached(q, Cached { keys, values, s, prefix: None }, mask, scale, softcap, heads)
-}
-
 /// The keys and values attention reads: the first `s` positions of every row, the first
 /// `prefix.len` of them from the row's prompt's shared prefix where there is one, the rest from
 /// the row's own (B, K, C, E) tensors.
@@ -305,20 +290,28 @@ pub struct Cached<'a> {
     pub keys: &'a Tensor,
     pub values: &'a Tensor,
     pub s: usize,
-    pub prefix: Option<&'a Prefix>,
+    pub prefix: Option<Prefix<'a>>,
 }
 
 /// One layer's shared prefix (see [`super::decoder::SharedPrefix`]): keys and values
 /// (P, K, len, E), and each batch row's prompt.
-pub struct Prefix {
-    pub keys: Tensor,
-    pub values: Tensor,
+#[derive(Clone, Copy)]
+pub struct Prefix<'a> {
+    pub keys: &'a Tensor,
+    pub values: &'a Tensor,
     pub len: usize,
-    pub rows: Vec<usize>,
+    pub rows: &'a [usize],
 }
 
-/// [`attention_cpu`] over keys and values that may begin with a shared prefix.
-pub fn attention_cached(
+/// Attention for inference on the CPU in f32, `softmax(cap(q k^T * scale) + mask) v` (`softcap`
+/// c: scores capped to c * tanh(s / c)), read straight from the KV cache: one pass per query
+/// row, no copy of the cache and no (rows, S) tensors.
+///
+/// q: (B, K, R, E) with R = G * T query rows per kv head (row r is at new position r % T);
+/// the cache's keys and values: `s` positions of each row ([`Cached`]); mask: additive,
+/// (B or 1, 1, 1, T, S). Returns (B, K, R, E), or with `Heads::Merged` (B, T, H * E), the
+/// layout the output projection takes (head k * G + g of token t is row g * T + t of kv head k).
+pub fn attention_cpu(
     q: &Tensor,
     cache: Cached,
     mask: Option<&Tensor>,
@@ -883,7 +876,14 @@ mod attention_cpu_tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev)?;
-        let got = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None, Heads::Stacked)?;
+        let got = attention_cpu(
+            &q,
+            Cached { keys: &keys, values: &values, s, prefix: None },
+            Some(&mask),
+            0.3,
+            None,
+            Heads::Stacked,
+        )?;
 
         let kk = keys.narrow(2, 0, s)?;
         let vv = values.narrow(2, 0, s)?.contiguous()?;
@@ -893,7 +893,14 @@ mod attention_cpu_tests {
         let diff = (&got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "T {t}: max abs diff {diff}");
         // The same output with the heads merged per token, as the output projection takes it.
-        let merged = attention_cpu(&q, &keys, &values, s, Some(&mask), 0.3, None, Heads::Merged { t })?;
+        let merged = attention_cpu(
+            &q,
+            Cached { keys: &keys, values: &values, s, prefix: None },
+            Some(&mask),
+            0.3,
+            None,
+            Heads::Merged { t },
+        )?;
         let want = got.reshape((b, k * g, t, e))?.transpose(1, 2)?.reshape((b, t, k * g * e))?;
         assert_eq!(merged.to_vec3::<f32>()?, want.to_vec3::<f32>()?, "T {t}: merged heads");
         Ok(())

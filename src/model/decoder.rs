@@ -385,10 +385,10 @@ impl Attention {
                 cache.k[l].slice_set(&kx, 2, at)?;
                 cache.v[l].slice_set(&vx, 2, at)?;
                 let prefix = cache.prefix.as_ref().map(|p| super::cpu::Prefix {
-                    keys: p.k[l].clone(),
-                    values: p.v[l].clone(),
+                    keys: &p.k[l],
+                    values: &p.v[l],
                     len: p.len,
-                    rows: p.rows.clone(),
+                    rows: &p.rows,
                 });
                 (
                     cache.k[l].narrow(2, 0, at + t)?,
@@ -422,8 +422,8 @@ impl Attention {
             merge(super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             let merged = super::cpu::Heads::Merged { t };
-            let cache = super::cpu::Cached { keys: k_all, values: v_all, s, prefix: prefix.as_ref() };
-            super::cpu::attention_cached(&q, cache, mask.as_ref(), scale, softcap, merged)?
+            let cache = super::cpu::Cached { keys: k_all, values: v_all, s, prefix };
+            super::cpu::attention_cpu(&q, cache, mask.as_ref(), scale, softcap, merged)?
         } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)? {
             merge(out)?
         } else {

@@ -166,7 +166,8 @@ impl Qkv for AttentionRule {
         if crate::model::cpu::on_cpu_f32(&[q, k, v]) {
             let s = k.dim(2)?;
             let (mask, heads) = (self.mask.as_ref(), crate::model::cpu::Heads::Stacked);
-            return crate::model::cpu::attention_cpu(q, k, v, s, mask, self.scale, self.softcap, heads);
+            let cache = crate::model::cpu::Cached { keys: k, values: v, s, prefix: None };
+            return crate::model::cpu::attention_cpu(q, cache, mask, self.scale, self.softcap, heads);
         }
         self.probs(q, k)?.to_dtype(v.dtype())?.matmul(v)?.contiguous()
     }
