@@ -659,12 +659,17 @@ impl<'a> Rows<'a> {
 // One query row against keys and values (S, E): out (E) += softmax(scores) V, with `p` (S) for
 // the probabilities.
 vectorised!(attend_row(out: &mut [f32], q: &[f32], keys: Rows, values: Rows, p: &mut [f32], bias: Option<&[f32]>, scale: Scale) {
-    for (j, sc) in p.iter_mut().enumerate() {
-        // Hidden keys (causal or padding) cost nothing.
+    // Whole blocks of keys by the vector kernel (hidden keys' scores too: the softmax drops
+    // them), the rest here, hidden keys (causal or padding) at no cost.
+    let blocked = super::ops::attention::cpu::block_scores(p, q, |j| keys.at(j));
+    for (j, sc) in p.iter_mut().enumerate().skip(blocked) {
         let hidden = bias.is_some_and(|m| m[j] == f32::NEG_INFINITY);
         *sc = if hidden { 0.0 } else { dot(q, keys.at(j)) };
     }
     softmax_in_place(p, bias, scale);
+    if super::ops::attention::cpu::add_weighted_values(out, p, |j| values.at(j)) {
+        return;
+    }
     for (j, &pj) in p.iter().enumerate() {
         if pj != 0.0 {
             for (o, v) in out.iter_mut().zip(values.at(j)) {
@@ -826,7 +831,7 @@ pub(crate) fn lane_sum(x: &[f32]) -> f32 {
 /// Dot product in 16 independent lanes, which the compiler keeps in vector registers (a plain
 /// sum of f32 must be added in order, one element at a time).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();

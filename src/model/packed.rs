@@ -399,6 +399,15 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
+    /// Whether this is the AVX-512 kernel (which kernels elsewhere take as their cue).
+    pub(crate) fn is_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 {
+            return true;
+        }
+        false
+    }
+
     /// Detected once.
     pub(crate) fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();

@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor};
 use super::fused;
 use super::Handoff;
 
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
