@@ -187,72 +187,85 @@ impl PackedMatrix {
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
         let out = Parts::new(&mut ys, widths);
         let flops = 2 * m * self.k * self.n;
-        for m0 in (0..m).step_by(M_CHUNK) {
+        // Each chunk of rows: (its first row, each input part as (first step of k, k_i, blocks)).
+        let chunks: Vec<(usize, Vec<(usize, usize, Blocks)>)> = (0..m)
+            .step_by(M_CHUNK)
+            .map(|m0| {
+                let rows = M_CHUNK.min(m - m0);
+                let parts = xs
+                    .iter()
+                    .zip(&ranges)
+                    .map(|(x, &(first, ki))| (first, ki, Blocks::new(&x[m0 * ki..(m0 + rows) * ki], rows, ki)))
+                    .collect();
+                (m0, parts)
+            })
+            .collect();
+        let panels = self.panels();
+        // Task i: panel i % panels of row chunk i / panels. The chunks' panels are one pool
+        // call, so that a thread done with its share of one chunk goes on to the next rather
+        // than wait at a barrier for the other.
+        let tile = |i: usize| {
+            let (m0, parts) = &chunks[i / panels];
+            let (m0, p) = (*m0, i % panels);
             let rows = M_CHUNK.min(m - m0);
-            let parts: Vec<(usize, usize, Blocks)> = xs
-                .iter()
-                .zip(&ranges)
-                .map(|(x, &(first, ki))| (first, ki, Blocks::new(&x[m0 * ki..(m0 + rows) * ki], rows, ki)))
-                .collect();
             let count = rows.div_ceil(MR);
             let full = rows / MR;
-            let tile = |p: usize| {
-                let panel = self.panel(p);
-                let cols = NR.min(self.n - p * NR);
-                // A whole panel's columns inside one output part: its blocks of MR rows keep
-                // their sums in the output itself; the others (the panel past n, or straddling
-                // two parts, and a last block of fewer rows) in buffers copied there at the end.
-                let direct = out.inside_one(p * NR, NR).filter(|_| cols == NR);
-                let buffered = if direct.is_some() { count - full } else { count };
-                let mut buffers = vec![[0f32; MR * NR]; buffered];
-                let buffer_of = |b: usize| if direct.is_some() { b - full } else { b };
-                let tiles: Vec<Tile> = (0..count)
-                    .map(|b| match direct {
-                        // Safety: rows m0 + b * MR .. + MR of the part exist (b < full), and the
-                        // tile's columns are this task's alone.
-                        Some((y, width, col)) if b < full => {
-                            Tile { ptr: unsafe { y.at((m0 + b * MR) * width + col) }, stride: width }
-                        }
-                        _ => Tile { ptr: buffers[buffer_of(b)].as_mut_ptr(), stride: NR },
-                    })
-                    .collect();
-                // The next panel (the same thread's next task) is asked of memory a part per
-                // block of rows, so that it is in the cache when its turn comes: a weight is read
-                // once per product, from memory, and a core alone waits on each line it asks for.
-                let next = (p + 1 < self.panels()).then(|| self.panel(p + 1));
-                // The panel a slice of k at a time (within an input part), each slice kept in the
-                // cache while every block of rows passes over it; the tiles carry their sums from
-                // slice to slice.
-                for (first, ki, blocks) in &parts {
-                    for k0 in (0..*ki).step_by(KC) {
-                        let kc = KC.min(ki - k0);
-                        let slice = &panel[(first + k0) * NR..(first + k0 + kc) * NR];
-                        for (b, &tile) in tiles.iter().enumerate() {
-                            let ask = match (next, first + k0) {
-                                (Some(next), 0) => part_of(next, b, count),
-                                _ => &[],
-                            };
-                            // Safety: each tile is this task's alone, and a first slice writes it
-                            // before any later one adds to it.
-                            unsafe { kernel.run(blocks.rows(b, k0), *ki, slice, kc, tile, first + k0 > 0, ask) };
-                        }
+            let panel = self.panel(p);
+            let cols = NR.min(self.n - p * NR);
+            // A whole panel's columns inside one output part: its blocks of MR rows keep
+            // their sums in the output itself; the others (the panel past n, or straddling
+            // two parts, and a last block of fewer rows) in buffers copied there at the end.
+            let direct = out.inside_one(p * NR, NR).filter(|_| cols == NR);
+            let buffered = if direct.is_some() { count - full } else { count };
+            let mut buffers = vec![[0f32; MR * NR]; buffered];
+            let buffer_of = |b: usize| if direct.is_some() { b - full } else { b };
+            let tiles: Vec<Tile> = (0..count)
+                .map(|b| match direct {
+                    // Safety: rows m0 + b * MR .. + MR of the part exist (b < full), and the
+                    // tile's columns are this task's alone.
+                    Some((y, width, col)) if b < full => {
+                        Tile { ptr: unsafe { y.at((m0 + b * MR) * width + col) }, stride: width }
+                    }
+                    _ => Tile { ptr: buffers[buffer_of(b)].as_mut_ptr(), stride: NR },
+                })
+                .collect();
+            // The next panel (the same thread's next task) is asked of memory a part per
+            // block of rows, so that it is in the cache when its turn comes: a weight is read
+            // once per product, from memory, and a core alone waits on each line it asks for.
+            let next = (p + 1 < panels).then(|| self.panel(p + 1));
+            // The panel a slice of k at a time (within an input part), each slice kept in the
+            // cache while every block of rows passes over it; the tiles carry their sums from
+            // slice to slice.
+            for (first, ki, blocks) in parts {
+                for k0 in (0..*ki).step_by(KC) {
+                    let kc = KC.min(ki - k0);
+                    let slice = &panel[(first + k0) * NR..(first + k0 + kc) * NR];
+                    for (b, &tile) in tiles.iter().enumerate() {
+                        let ask = match (next, first + k0) {
+                            (Some(next), 0) => part_of(next, b, count),
+                            _ => &[],
+                        };
+                        // Safety: each tile is this task's alone, and a first slice writes it
+                        // before any later one adds to it.
+                        unsafe { kernel.run(blocks.rows(b, k0), *ki, slice, kc, tile, first + k0 > 0, ask) };
                     }
                 }
-                for b in (0..count).filter(|&b| direct.is_none() || b >= full) {
-                    let acc = &buffers[buffer_of(b)];
-                    let r0 = m0 + b * MR;
-                    for i in 0..MR.min(m - r0) {
-                        // Safety: each (row, panel) tile of y is written by exactly one task.
-                        unsafe { out.write(r0 + i, p * NR, &acc[i * NR..i * NR + cols]) };
-                    }
-                }
-            };
-            // Small products run on one thread: waking the pool costs more than it saves.
-            if flops < 2_000_000 {
-                (0..self.panels()).for_each(tile);
-            } else {
-                super::cpu::on_pool(self.panels(), |panels| panels.for_each(tile));
             }
+            for b in (0..count).filter(|&b| direct.is_none() || b >= full) {
+                let acc = &buffers[buffer_of(b)];
+                let r0 = m0 + b * MR;
+                for i in 0..MR.min(m - r0) {
+                    // Safety: each (row, panel) tile of y is written by exactly one task.
+                    unsafe { out.write(r0 + i, p * NR, &acc[i * NR..i * NR + cols]) };
+                }
+            }
+        };
+        let tasks = chunks.len() * panels;
+        // Small products run on one thread: waking the pool costs more than it saves.
+        if flops < 2_000_000 {
+            (0..tasks).for_each(tile);
+        } else {
+            super::cpu::on_pool(tasks, |items| items.for_each(tile));
         }
         for (y, w) in ys.iter_mut().zip(widths) {
             // Safety: the (row, panel) tiles of all row chunks and panels cover every element of
