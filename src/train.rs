@@ -550,7 +550,8 @@ pub fn batch_loss(
     }
     let ids = Tensor::from_vec(ids, (b, t), device)?;
     let mask = crate::model::decoder::Mask::causal(t, device)?;
-    let pass = Pass::train(adapter, Some(dropout_rng));
+    let lengths: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
+    let pass = Pass::train(adapter, Some(dropout_rng)).with_lengths(&lengths);
     let pass = match sink {
         Some(sink) if gradient_checkpointing => pass.checkpointed(sink),
         Some(sink) => pass.with_sink(sink),

@@ -55,20 +55,27 @@ pub struct Pass<'a> {
     /// Gradient checkpointing: each layer keeps only its input for the backward pass and is run
     /// again there (needs `sink`).
     pub checkpoint: bool,
+    /// The lengths of right-padded rows (training), whose padding the layer ops may then skip.
+    pub lengths: Option<&'a [usize]>,
 }
 
 impl<'a> Pass<'a> {
     pub fn infer(adapter: Option<&'a Adapter>) -> Self {
-        Pass { train: false, adapter, dropout_rng: None, sink: None, checkpoint: false }
+        Pass { train: false, adapter, dropout_rng: None, sink: None, checkpoint: false, lengths: None }
     }
 
     pub fn train(adapter: &'a Adapter, dropout_rng: Option<&'a RefCell<ChaCha8Rng>>) -> Self {
-        Pass { train: true, adapter: Some(adapter), dropout_rng, sink: None, checkpoint: false }
+        Pass { train: true, adapter: Some(adapter), dropout_rng, sink: None, checkpoint: false, lengths: None }
     }
 
     /// The same pass with the adapter's gradients collected in `sink`.
     pub fn with_sink(self, sink: &'a Arc<GradSink>) -> Self {
         Pass { sink: Some(sink), ..self }
+    }
+
+    /// The same training pass over right-padded rows of these lengths.
+    pub fn with_lengths(self, lengths: &'a [usize]) -> Self {
+        Pass { lengths: Some(lengths), ..self }
     }
 
     /// The same training pass with gradient checkpointing into `sink`.
@@ -1055,7 +1062,12 @@ impl Decoder {
         let (h, pending) = match (self.layers_run(pass, cache.is_some()), pass.sink) {
             (LayersRun::LayerOps, Some(sink)) => {
                 let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(&x, span, pass, i));
-                (super::lora::stack(&x, layers.collect::<Result<_>>()?, sink)?, None)
+                let layers: Vec<_> = layers.collect::<Result<_>>()?;
+                let packing = match pass.lengths {
+                    Some(lengths) => super::lora::Packing::of(lengths, t, &layers, x.device())?,
+                    None => None,
+                };
+                (super::lora::stack(&x, layers, sink, packing)?, None)
             }
             (LayersRun::CheckpointedLayerOps, Some(sink)) => {
                 (super::checkpoint::stack(&self.layers, &x, span, pass, sink)?, None)

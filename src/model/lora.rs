@@ -447,7 +447,7 @@ pub(crate) struct LayerParts<'a> {
 /// A layer's output from its untracked input x (B, T, D), nothing kept for a backward pass (the
 /// first run of a checkpointed layer).
 pub(crate) fn layer_output(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let (out, _) = layer_forward(x, parts, sink, Run::Output)?;
+    let (out, _) = layer_forward(x, parts, sink, Run::Output, None)?;
     Ok(out.expect("a layer's output"))
 }
 
@@ -455,7 +455,7 @@ pub(crate) fn layer_output(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) 
 /// everything but the output, which the backward pass does not read: the down product, nearly
 /// a third of the layer's forward products, is skipped.
 pub(crate) fn layer_rerun(x: &Tensor, parts: LayerParts, sink: &Arc<GradSink>) -> Result<LayerGrad> {
-    Ok(layer_forward(x, parts, sink, Run::Rerun)?.1)
+    Ok(layer_forward(x, parts, sink, Run::Rerun, None)?.1)
 }
 
 /// Why a layer runs: for its output, or again for its backward rule alone.
@@ -470,16 +470,93 @@ enum Run {
 ///
 /// Why: candle's backward pass zero-fills a gradient buffer for every op's input and adds the
 /// op's gradient into it, two passes over (tokens x hidden) per layer that one op saves.
-pub(crate) fn stack(x: &Tensor, layers: Vec<LayerParts>, sink: &Arc<GradSink>) -> Result<Tensor> {
-    let mut h = x.detach();
+///
+/// With a packing, the layers run on the batch's N real tokens as (1, N, D), the padding
+/// skipped, and the output comes back as (B, T, D) with zeros at the padding.
+pub(crate) fn stack(
+    x: &Tensor,
+    layers: Vec<LayerParts>,
+    sink: &Arc<GradSink>,
+    packing: Option<Packing>,
+) -> Result<Tensor> {
+    let mut h = match &packing {
+        Some(p) => p.pack(&x.detach())?.unsqueeze(0)?,
+        None => x.detach(),
+    };
     let mut rules = Vec::with_capacity(layers.len());
     for parts in layers {
-        let (out, rule) = layer_forward(&h, parts, sink, Run::Output)?;
+        let (out, rule) = layer_forward(&h, parts, sink, Run::Output, packing.clone())?;
         rules.push((h, rule));
         h = out.expect("a layer's output");
     }
+    if let Some(p) = &packing {
+        h = p.spread(&h.squeeze(0)?)?;
+    }
     let (anchor, input_grad) = ops::anchor(x)?;
-    attach(&anchor, h, StackGrad { rules: std::sync::Mutex::new(rules), input_grad })
+    attach(&anchor, h, StackGrad { rules: std::sync::Mutex::new(rules), input_grad, packing })
+}
+
+/// The real tokens of a right-padded micro-batch (B, T) as the rows of an (N, ..) tensor: the
+/// layers' products, norms and adapters then skip the padding (a tenth of a typical batch's
+/// positions), and only the attention, which reads each row's positions, sees the batch as
+/// (B, T). Each real token's sums are those of the padded batch: products and norms are per
+/// token, and the padding adds only zeros to the adapter's gradients (its gradient is zero, and
+/// no real token attends to the right padding).
+#[derive(Clone)]
+pub(crate) struct Packing {
+    b: usize,
+    t: usize,
+    /// (N,) u32: row * T + position of each real token.
+    tokens: Tensor,
+    /// (B * T,) u32: each position's token index, or N at the padding (a zero row).
+    positions: Tensor,
+}
+
+impl Packing {
+    /// The packing of rows of these lengths padded to t, where the layers can run on it: on the
+    /// CPU (the GPU's kernels keep their padded shapes), without dropout (its masks are drawn
+    /// over the padded shape), and with padding to skip. None otherwise.
+    pub(crate) fn of(
+        lengths: &[usize],
+        t: usize,
+        layers: &[LayerParts],
+        device: &candle_core::Device,
+    ) -> Result<Option<Packing>> {
+        let dropout = layers.iter().any(|l| l.attention_projections.iter().chain(&l.mlp).any(|p| p.dropout.is_some()));
+        let real: usize = lengths.iter().sum();
+        if !device.is_cpu() || dropout || real == lengths.len() * t {
+            return Ok(None);
+        }
+        let mut tokens = Vec::with_capacity(real);
+        let mut positions = vec![real as u32; lengths.len() * t];
+        for (r, &len) in lengths.iter().enumerate() {
+            if len > t {
+                candle_core::bail!("a row of {len} tokens in a batch padded to {t}");
+            }
+            for pos in 0..len {
+                positions[r * t + pos] = tokens.len() as u32;
+                tokens.push((r * t + pos) as u32);
+            }
+        }
+        Ok(Some(Packing {
+            b: lengths.len(),
+            t,
+            tokens: Tensor::new(tokens, device)?,
+            positions: Tensor::new(positions, device)?,
+        }))
+    }
+
+    /// x (B, T, C) or (B * T, C) -> its real tokens (N, C).
+    fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.elem_count() / (self.b * self.t).max(1);
+        ops::gather::take_rows(&x.reshape((self.b * self.t, c))?, &self.tokens, false)
+    }
+
+    /// x (N, C) -> (B, T, C), zeros at the padding.
+    fn spread(&self, x: &Tensor) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        ops::gather::take_rows(&x.contiguous()?, &self.positions, true)?.reshape((self.b, self.t, c))
+    }
 }
 
 /// The layers' rules with the input of each, consumed by the backward pass (each layer's saved
@@ -488,6 +565,7 @@ pub(crate) fn stack(x: &Tensor, layers: Vec<LayerParts>, sink: &Arc<GradSink>) -
 struct StackGrad {
     rules: std::sync::Mutex<Vec<(Tensor, LayerGrad)>>,
     input_grad: bool,
+    packing: Option<Packing>,
 }
 
 impl Backward for StackGrad {
@@ -497,7 +575,10 @@ impl Backward for StackGrad {
 
     fn grad(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let mut rules = self.rules.lock().map_err(|_| candle_core::Error::Msg("layer rules poisoned".into()))?;
-        let mut grad = grad.clone();
+        let mut grad = match &self.packing {
+            Some(p) => p.pack(grad)?.unsqueeze(0)?,
+            None => grad.clone(),
+        };
         while let Some((input, rule)) = rules.pop() {
             let wanted = self.input_grad || !rules.is_empty();
             match rule.backward(&input, &grad, wanted)? {
@@ -505,17 +586,21 @@ impl Backward for StackGrad {
                 None => return x.zeros_like(), // the anchor's
             }
         }
-        Ok(grad)
+        match &self.packing {
+            Some(p) => p.spread(&grad.squeeze(0)?),
+            None => Ok(grad),
+        }
     }
 }
 
-/// One layer's output (for `Run::Output`) from its untracked input x0 (B, T, D), and its
-/// backward rule.
+/// One layer's output (for `Run::Output`) from its untracked input x0 (B, T, D), or (1, N, D)
+/// with a packing, and its backward rule.
 fn layer_forward(
     x0: &Tensor,
     parts: LayerParts,
     sink: &Arc<GradSink>,
     run: Run,
+    packing: Option<Packing>,
 ) -> Result<(Option<Tensor>, LayerGrad)> {
     let (b, t, d) = x0.dims3()?;
     let n = b * t;
@@ -560,9 +645,16 @@ fn layer_forward(
         }
         None => (qy, ky, None),
     };
-    let (att, heads) =
-        attention.forward_heads(&qy.reshape((b, t, ()))?, &ky.reshape((b, t, ()))?, &vy.reshape((b, t, ()))?)?;
-    let att = att.reshape((n, ()))?; // (N, H*E)
+    // The attention over the batch's rows (B, T, ..), padded again where packed.
+    let rows = |y: &Tensor| match &packing {
+        Some(p) => p.spread(y),
+        None => y.reshape((b, t, ())),
+    };
+    let (att, heads) = attention.forward_heads(&rows(&qy)?, &rows(&ky)?, &rows(&vy)?)?;
+    let att = match &packing {
+        Some(p) => p.pack(&att)?,
+        None => att.reshape((n, ()))?,
+    }; // (N, H*E)
     let [attention_norm, mlp_norm] = output_norms.map_or([None, None], |[a, m]| [Some(a), Some(m)]);
     // The residual stream x1 = x + o(att), or x + norm(o(att)).
     let (x1, o, attention_out) = residual_sum(o, &att, x0, attention_norm, sink)?;
@@ -611,6 +703,7 @@ fn layer_forward(
         g,
         u,
         h,
+        packing,
     };
     Ok((out, rule))
 }
@@ -704,6 +797,8 @@ pub(crate) struct LayerGrad {
     g: Tensor,       // (N, I) gate(h2)
     u: Tensor,       // (N, I) up(h2)
     h: Tensor,       // (N, I) act(g) * u
+    /// Where the layer ran on the batch's real tokens alone.
+    packing: Option<Packing>,
 }
 
 impl Backward for LayerGrad {
@@ -744,9 +839,16 @@ impl LayerGrad {
         // gradients accumulated into one.
         let da = through_norm(norms.map(|n| &n.attention), dx1.reshape((n, d))?)?;
         let datt = o.backward(&self.att, &da)?;
-        let (dq, dk, dv) =
-            self.attention.backward_heads(&self.heads, &self.att.reshape((b, t, ()))?, &datt.reshape((b, t, ()))?)?;
-        let (dq, dk, dv) = (dq.reshape((n, ()))?, dk.reshape((n, ()))?, dv.reshape((n, ()))?);
+        let rows = |y: &Tensor| match &self.packing {
+            Some(p) => p.spread(y),
+            None => y.reshape((b, t, ())),
+        };
+        let tokens = |y: Tensor| match &self.packing {
+            Some(p) => p.pack(&y),
+            None => y.reshape((n, ())),
+        };
+        let (dq, dk, dv) = self.attention.backward_heads(&self.heads, &rows(&self.att)?, &rows(&datt)?)?;
+        let (dq, dk, dv) = (tokens(dq)?, tokens(dk)?, tokens(dv)?);
         let (dq, dk) = match &self.qk_norms {
             Some(norms) => norms.backward(dq, dk)?,
             None => (dq, dk),

@@ -187,8 +187,9 @@ impl PackedMatrix {
         let mut ys: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
         let out = Parts::new(&mut ys, widths);
         let flops = 2 * m * self.k * self.n;
-        // Each chunk of rows: (its first row, each input part as (first step of k, k_i, blocks)).
-        let chunks: Vec<(usize, Vec<(usize, usize, Blocks)>)> = (0..m)
+        // Each chunk of rows: its first row, and each input part as (first step of k, k_i, blocks).
+        type Chunk<'x> = (usize, Vec<(usize, usize, Blocks<'x>)>);
+        let chunks: Vec<Chunk> = (0..m)
             .step_by(M_CHUNK)
             .map(|m0| {
                 let rows = M_CHUNK.min(m - m0);

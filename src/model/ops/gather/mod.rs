@@ -31,7 +31,7 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
 
 /// Rows idx of x (M, D); with `zero_rows`, an index M gives a row of zeros. One kernel on the
 /// GPU, which takes either.
-fn take_rows(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
+pub(crate) fn take_rows(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::take_rows_fits(x) {
         return cuda::take_rows(x, idx);
