@@ -1064,7 +1064,7 @@ impl Decoder {
                 let layers = self.layers.iter().enumerate().map(|(i, layer)| layer.lora_parts(&x, span, pass, i));
                 let layers: Vec<_> = layers.collect::<Result<_>>()?;
                 let packing = match pass.lengths {
-                    Some(lengths) => super::lora::Packing::of(lengths, t, &layers, x.device())?,
+                    Some(lengths) => super::lora::Packing::of(lengths, t, &layers, &x)?,
                     None => None,
                 };
                 (super::lora::stack(&x, layers, sink, packing)?, None)

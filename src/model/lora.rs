@@ -196,10 +196,14 @@ impl Projection<'_> {
 /// them has no adapter pair or draws dropout (each then masks x its own way).
 ///
 /// Why: each product reads all of x for a few dozen columns of output; one product reads it once.
+///
+/// The product is the general library's, whose rounding depends on its number of rows: with a
+/// packing it runs on the padded rows, so that each token's z is the padded batch's.
 fn shared_input_products<const K: usize>(
     projections: [&Projection; K],
     x: &Tensor,
     sink: &Arc<GradSink>,
+    packing: Option<&Packing>,
 ) -> Result<[Option<Tensor>; K]> {
     let mut out = std::array::from_fn(|_| None);
     let pairs: Option<Vec<&LoraPair>> = projections.iter().map(|p| p.pair.filter(|_| p.dropout.is_none())).collect();
@@ -209,7 +213,13 @@ fn shared_input_products<const K: usize>(
             projections.iter().zip(&pairs).map(|(p, pair)| Ok(p.staged(pair, x, sink)?.a)).collect::<Result<_>>()?;
         Tensor::cat(&a, 0)
     })?; // (sum r, in)
-    let z = x.matmul(&stacked.t()?)?; // (N, sum r)
+    let z = match packing {
+        Some(p) => {
+            let padded = p.spread(x)?; // (B, T, in)
+            p.pack(&padded.reshape((p.b * p.t, ()))?.matmul(&stacked.t()?)?)?
+        }
+        None => x.matmul(&stacked.t()?)?,
+    }; // (N, sum r)
     let mut offset = 0;
     for (slot, pair) in out.iter_mut().zip(&pairs) {
         let r = pair.a.dim(0)?;
@@ -499,9 +509,10 @@ pub(crate) fn stack(
 /// The real tokens of a right-padded micro-batch (B, T) as the rows of an (N, ..) tensor: the
 /// layers' products, norms and adapters then skip the padding (a tenth of a typical batch's
 /// positions), and only the attention, which reads each row's positions, sees the batch as
-/// (B, T). Each real token's sums are those of the padded batch: products and norms are per
-/// token, and the padding adds only zeros to the adapter's gradients (its gradient is zero, and
-/// no real token attends to the right padding).
+/// (B, T). Each real token's sums are those of the padded batch: the CPU's products and norms
+/// are per token (but for the adapters' input product, see [`shared_input_products`]), and the
+/// padding adds only zeros to the adapter's gradients (its gradient is zero, and no real token
+/// attends to the right padding).
 #[derive(Clone)]
 pub(crate) struct Packing {
     b: usize,
@@ -513,20 +524,20 @@ pub(crate) struct Packing {
 }
 
 impl Packing {
-    /// The packing of rows of these lengths padded to t, where the layers can run on it: on the
-    /// CPU (the GPU's kernels keep their padded shapes), without dropout (its masks are drawn
-    /// over the padded shape), and with padding to skip. None otherwise.
-    pub(crate) fn of(
-        lengths: &[usize],
-        t: usize,
-        layers: &[LayerParts],
-        device: &candle_core::Device,
-    ) -> Result<Option<Packing>> {
-        let dropout = layers.iter().any(|l| l.attention_projections.iter().chain(&l.mlp).any(|p| p.dropout.is_some()));
+    /// The packing of rows of these lengths padded to t, where the layers give each token the
+    /// padded batch's sums on it: in f32 on the CPU, whose products are per token (not on the
+    /// GPU, whose kernels keep their padded shapes), without dropout (its masks are drawn over the
+    /// padded shape), with ranks the CPU's thin products take, and with padding to skip. None
+    /// otherwise.
+    pub(crate) fn of(lengths: &[usize], t: usize, layers: &[LayerParts], x: &Tensor) -> Result<Option<Packing>> {
+        let projections = || layers.iter().flat_map(|l| l.attention_projections.iter().chain(&l.mlp));
+        let dropout = projections().any(|p| p.dropout.is_some());
+        let thin = projections().all(|p| p.pair.is_none_or(|pair| pair.a.dim(0).is_ok_and(|r| r <= ops::linear::THIN)));
         let real: usize = lengths.iter().sum();
-        if !device.is_cpu() || dropout || real == lengths.len() * t {
+        if !ops::linear::cpu::applies(&[x]) || dropout || !thin || real == lengths.len() * t {
             return Ok(None);
         }
+        let device = x.device();
         let mut tokens = Vec::with_capacity(real);
         let mut positions = vec![real as u32; lengths.len() * t];
         for (r, &len) in lengths.iter().enumerate() {
@@ -619,7 +630,7 @@ fn layer_forward(
     let (qkv_group, gate_up_group) =
         (packed_qkv.map(|packed| Group { packed }), packed_gate_up.map(|packed| Group { packed }));
     let h1 = ops::rms_norm_value(x0, norm1.0, norm1.1)?.reshape((n, d))?;
-    let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink)?;
+    let [zq, zk, zv] = shared_input_products([&q, &k, &v], &h1, sink, packing.as_ref())?;
     let ((qy, q), (ky, k), (vy, v)) = match &qkv_group {
         Some(group) => {
             let widths = [q.weight.dim(0)?, k.weight.dim(0)?, v.weight.dim(0)?];
@@ -660,7 +671,7 @@ fn layer_forward(
     let (x1, o, attention_out) = residual_sum(o, &att, x0, attention_norm, sink)?;
     let x1 = x1.reshape((b, t, d))?;
     let h2 = ops::rms_norm_value(&x1, norm2.0, norm2.1)?.reshape((n, d))?;
-    let [zg, zu] = shared_input_products([&gate, &up], &h2, sink)?;
+    let [zg, zu] = shared_input_products([&gate, &up], &h2, sink, packing.as_ref())?;
     let ((g, gate), (u, up)) = match &gate_up_group {
         Some(group) => {
             let widths = [gate.weight.dim(0)?, up.weight.dim(0)?];

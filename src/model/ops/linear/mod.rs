@@ -42,7 +42,7 @@ pub(crate) fn thin_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The largest inner dimension for which [`add_matmul`] on the CPU adds in place through
 /// [`cpu::add_product`] (a LoRA rank): beyond it the general library's blocking pays.
-const THIN: usize = 64;
+pub(crate) const THIN: usize = 64;
 
 /// `x @ W^T` for a frozen weight `W`: the backward pass returns the gradient of `x` only.
 ///
