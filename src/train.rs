@@ -2,7 +2,8 @@
 //!
 //! One optimizer step:
 //! 1. take `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` rows
-//!    (a seeded permutation of the data per epoch), each right-padded to its longest row;
+//!    (a seeded permutation of the data per epoch), each right-padded to its longest row (on the
+//!    CPU the layers then skip the padding, with the same sums: see [`crate::model::lora`]);
 //! 2. count the target tokens of the whole step, N; each micro-batch's loss is its summed
 //!    cross-entropy divided by N, so the accumulated gradient is the token mean over the step
 //!    (transformers >= 4.46 `num_items_in_batch`); the logged loss is that mean;
