@@ -518,7 +518,7 @@ fn top_k_cut(logits: &[f32], max: f64, inv_t: f64, top_k: usize, top_p: f64) -> 
 
 /// Bins of a row's tokens by how far below the best logit they lie, half a nat of weight each;
 /// the last holds everything further down.
-const NUCLEUS_BINS: usize = 64;
+const NUCLEUS_BINS: usize = 64; // a token's bin fits a byte
 
 /// The top-p nucleus of the whole vocabulary: its ids most likely first, their weights, and
 /// their count. Sorting the vocabulary is most of a step's cost for a small model, and the
@@ -529,10 +529,12 @@ const NUCLEUS_BINS: usize = 64;
 fn nucleus_cut(logits: &[f32], max: f64, inv_t: f64, top_p: f64) -> (Vec<u32>, Vec<f64>, usize) {
     let mut all = vec![0f64; logits.len()];
     let total = softmax_weights(&mut all, logits, max, inv_t);
-    let bin = |x: f32| (((max - x as f64) * inv_t * 2.0) as usize).min(NUCLEUS_BINS - 1);
+    // Each token's bin, kept for picking the candidates below.
+    let bins: Vec<u8> =
+        logits.iter().map(|&x| (((max - x as f64) * inv_t * 2.0) as usize).min(NUCLEUS_BINS - 1) as u8).collect();
     let mut mass = [0f64; NUCLEUS_BINS];
-    for (&x, w) in logits.iter().zip(&all) {
-        mass[bin(x)] += w;
+    for (&b, w) in bins.iter().zip(&all) {
+        mass[b as usize] += w;
     }
     // The first bins whose mass passes top_p with a margin far above the sums' rounding.
     let mut last = NUCLEUS_BINS - 1;
@@ -550,7 +552,7 @@ fn nucleus_cut(logits: &[f32], max: f64, inv_t: f64, top_p: f64) -> (Vec<u32>, V
         (idx, weights)
     };
     if last < NUCLEUS_BINS - 1 {
-        let (idx, weights) = sorted((0..logits.len() as u32).filter(|&i| bin(logits[i as usize]) <= last).collect());
+        let (idx, weights) = sorted((0..logits.len() as u32).filter(|&i| bins[i as usize] as usize <= last).collect());
         if let Some(keep) = nucleus_len(&weights, total, top_p) {
             return (idx, weights, keep);
         }
