@@ -881,14 +881,11 @@ mod attention_cpu_tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, 1, t, s), &dev)?;
-        let got = attention_cpu(
-            &q,
-            Cached { keys: &keys, values: &values, s, prefix: None },
-            Some(&mask),
-            0.3,
-            None,
-            Heads::Stacked,
-        )?;
+        let attend = |heads| {
+            let cached = Cached { keys: &keys, values: &values, s, prefix: None };
+            attention_cpu(&q, cached, Some(&mask), 0.3, None, heads)
+        };
+        let got = attend(Heads::Stacked)?;
 
         let kk = keys.narrow(2, 0, s)?;
         let vv = values.narrow(2, 0, s)?.contiguous()?;
@@ -898,14 +895,7 @@ mod attention_cpu_tests {
         let diff = (&got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "T {t}: max abs diff {diff}");
         // The same output with the heads merged per token, as the output projection takes it.
-        let merged = attention_cpu(
-            &q,
-            Cached { keys: &keys, values: &values, s, prefix: None },
-            Some(&mask),
-            0.3,
-            None,
-            Heads::Merged { t },
-        )?;
+        let merged = attend(Heads::Merged { t })?;
         let want = got.reshape((b, k * g, t, e))?.transpose(1, 2)?.reshape((b, t, k * g * e))?;
         assert_eq!(merged.to_vec3::<f32>()?, want.to_vec3::<f32>()?, "T {t}: merged heads");
         Ok(())

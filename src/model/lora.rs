@@ -557,6 +557,23 @@ impl Packing {
         }))
     }
 
+    /// y (tokens, C) as the batch's rows (B, T, C): spread out where packed, else y's tokens are
+    /// already the B x T positions.
+    fn rows(packing: Option<&Packing>, y: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        match packing {
+            Some(p) => p.spread(y),
+            None => y.reshape((b, t, ())),
+        }
+    }
+
+    /// The batch's rows y (B, T, C) as tokens (N, C): packed, or the n = B x T positions.
+    fn tokens(packing: Option<&Packing>, y: &Tensor, n: usize) -> Result<Tensor> {
+        match packing {
+            Some(p) => p.pack(y),
+            None => y.reshape((n, ())),
+        }
+    }
+
     /// x (B, T, C) or (B * T, C) -> its real tokens (N, C).
     fn pack(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.elem_count() / (self.b * self.t).max(1);
@@ -657,15 +674,9 @@ fn layer_forward(
         None => (qy, ky, None),
     };
     // The attention over the batch's rows (B, T, ..), padded again where packed.
-    let rows = |y: &Tensor| match &packing {
-        Some(p) => p.spread(y),
-        None => y.reshape((b, t, ())),
-    };
+    let rows = |y: &Tensor| Packing::rows(packing.as_ref(), y, b, t);
     let (att, heads) = attention.forward_heads(&rows(&qy)?, &rows(&ky)?, &rows(&vy)?)?;
-    let att = match &packing {
-        Some(p) => p.pack(&att)?,
-        None => att.reshape((n, ()))?,
-    }; // (N, H*E)
+    let att = Packing::tokens(packing.as_ref(), &att, n)?; // (N, H*E)
     let [attention_norm, mlp_norm] = output_norms.map_or([None, None], |[a, m]| [Some(a), Some(m)]);
     // The residual stream x1 = x + o(att), or x + norm(o(att)).
     let (x1, o, attention_out) = residual_sum(o, &att, x0, attention_norm, sink)?;
@@ -850,14 +861,8 @@ impl LayerGrad {
         // gradients accumulated into one.
         let da = through_norm(norms.map(|n| &n.attention), dx1.reshape((n, d))?)?;
         let datt = o.backward(&self.att, &da)?;
-        let rows = |y: &Tensor| match &self.packing {
-            Some(p) => p.spread(y),
-            None => y.reshape((b, t, ())),
-        };
-        let tokens = |y: Tensor| match &self.packing {
-            Some(p) => p.pack(&y),
-            None => y.reshape((n, ())),
-        };
+        let rows = |y: &Tensor| Packing::rows(self.packing.as_ref(), y, b, t);
+        let tokens = |y: Tensor| Packing::tokens(self.packing.as_ref(), &y, n);
         let (dq, dk, dv) = self.attention.backward_heads(&self.heads, &rows(&self.att)?, &rows(&datt)?)?;
         let (dq, dk, dv) = (tokens(dq)?, tokens(dk)?, tokens(dv)?);
         let (dq, dk) = match &self.qk_norms {
