@@ -75,6 +75,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 let plan = model::load::describe_at(&spec, revision.as_deref()).map_err(mlua::Error::external)?;
                 return lua.create_userdata(super::check::LuaModelPlan(Rc::new(plan))).map(Value::UserData);
             }
+            super::free_unreachable(lua)?;
             let model = model::load::load_at(&spec, revision.as_deref(), &LoadOptions { dtype, device })
                 .map_err(mlua::Error::external)?;
             lua.create_userdata(LuaModel(Rc::new(model))).map(Value::UserData)
@@ -383,7 +384,8 @@ impl UserData for LuaModel {
             Ok(t)
         });
         add_tokenizer_methods(methods, |this: &Self| &this.0.tokenizer);
-        methods.add_method("merge", |_, this, adapter: mlua::AnyUserData| {
+        methods.add_method("merge", |lua, this, adapter: mlua::AnyUserData| {
+            super::free_unreachable(lua)?;
             let adapter = adapter
                 .borrow::<crate::lua::adapter::LuaAdapter>()
                 .map_err(|_| mlua::Error::runtime("model:merge: argument must be an adapter from lab.adapter"))?;

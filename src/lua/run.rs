@@ -451,6 +451,8 @@ impl LuaRun {
                 to_json(lua, &v, "result", 0)
                     .map_err(|err| mlua::Error::runtime(format!("run:cell({}): the cell returned {err}", e.name)))
             });
+            // What the attempt built (models, adapters) is freed before the next cell or retry.
+            super::free_unreachable(lua)?;
             match returned {
                 Ok(json) => {
                     let me = cells::identity();

@@ -1166,6 +1166,7 @@ impl Decoder {
                 (&mut layer.mlp.up_proj, Target::UpProj),
                 (&mut layer.mlp.down_proj, Target::DownProj),
             ];
+            let mut changed = false;
             for (lin, target) in slots {
                 if let Some(delta) = adapter.delta(i, target, DType::F32)? {
                     // Fold in f32, then back to the model's dtype: one rounding, as PEFT's merge.
@@ -1173,10 +1174,18 @@ impl Decoder {
                     // detach: the merged weight is a constant, not a function of the adapter's
                     // variables (else training on the merged model would track it).
                     lin.weight = w.to_dtype(self.dtype)?.detach();
-                    lin.packed = packed_for_cpu(&[&lin.weight])?;
+                    // q/k/v and gate/up are packed together by `fuse`, the others alone.
+                    let fused = matches!(
+                        target,
+                        Target::QProj | Target::KProj | Target::VProj | Target::GateProj | Target::UpProj
+                    );
+                    lin.packed = if fused { None } else { packed_for_cpu(&[&lin.weight])? };
+                    changed = true;
                 }
             }
-            layer.fuse()?;
+            if changed {
+                layer.fuse()?;
+            }
         }
         Ok(out)
     }
