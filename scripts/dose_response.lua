@@ -83,6 +83,7 @@ for i, p in ipairs(plan) do
     condition = p.condition, dose = p.dose, personas = p.personas, base_key = base_key,
     data = d.dataset, data_hash = p.condition == "baseline" and "" or d.hash,
     train_seed = s.train_seed, eval_seed = s.eval_seed, refs = refs, refs_key = refs_key,
+    phase1_evaluation = { settings = phase1.eval_settings, file = phase1.completions_file },
   })
 end
 local results, errors = study.dose_cells(run, coupled, personas, s, items, "phase 2")

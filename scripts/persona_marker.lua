@@ -150,6 +150,14 @@ function M.contrastive_rows(records, personas, source, negatives, s)
   return rows
 end
 
+--- Everything that decides the completions of an evaluation (M.evaluate) of `names` with `seed`:
+--- two evaluations of the same model with equal settings draw the same completions.
+function M.eval_settings(s, names, seed)
+  return { personas = names, questions = s.eval_questions, n = s.eval_n, max_tokens = s.eval_max_tokens,
+           temperature = s.eval_temperature, top_p = s.eval_top_p, seed = seed,
+           question_suffix = s.question_suffix, batch_size = s.batch_size }
+end
+
 --- Evaluates marker rates: every persona in `names` x every eval question, `n` completions each.
 --- Returns the aggregate in the study's layout and the raw records.
 function M.evaluate(model, personas, names, s, seed)
@@ -208,7 +216,7 @@ function M.coupling(run, base, personas, s)
     local agg, eval_records = M.evaluate(merged, personas, s.coupling_eval_personas, s, s.eval_seed)
     lab.fs.write_json(cell.dir .. "/completions.json", eval_records)
     return { negatives = negatives, rows = #rows, steps = #log, train_seconds = log.seconds,
-             evaluation = agg }
+             evaluation = agg, eval_settings = M.eval_settings(s, s.coupling_eval_personas, s.eval_seed) }
   end, { retries = s.retries })
   if not result and lab.checking then
     -- `loralab check`: Phase 2's cells are keyed by Phase 1's key, not by its result, so the
@@ -231,6 +239,7 @@ function M.coupling(run, base, personas, s)
       s.source_persona, 100 * result.source_rate, 100 * s.gate_source_min,
       100 * result.assistant_rate, 100 * s.gate_assistant_max, 100 * gap, 100 * s.gate_min_gap, run:dir()), 0)
   end
+  result.completions_file = run:cell_dir("phase1-coupling", key) .. "/completions.json"
   local adapter = lab.adapter.load(base, run:cell_dir("phase1-coupling", key) .. "/adapter")
   return base:merge(adapter), result, { phase1 = lab.run.hash(key) }
 end
@@ -354,7 +363,17 @@ function M.dose_cells(run, base, personas, s, items, label)
       model = base:merge(adapter)
     end
     local t_sample = lab.sys.time()
-    local agg, records = M.evaluate(model, personas, c.personas, s, c.eval_seed)
+    local agg, records
+    local phase1 = c.phase1_evaluation
+    if c.dose == 0 and phase1 and phase1.settings
+        and lab.run.hash(phase1.settings) == lab.run.hash(M.eval_settings(s, c.personas, c.eval_seed)) then
+      -- Dose 0 is the coupled model itself, which Phase 1 evaluated with these very settings:
+      -- its completions are the ones sampling again would draw.
+      records = lab.fs.read_json(phase1.file)
+      agg = lab.eval.aggregate(records, s.marker, { source = s.source_persona })
+    else
+      agg, records = M.evaluate(model, personas, c.personas, s, c.eval_seed)
+    end
     local sample_seconds = lab.sys.time() - t_sample
     lab.fs.write_json(cell.dir .. "/completions.json", records)
     local src = agg.per_persona[s.source_persona]
