@@ -5,7 +5,7 @@
 //! prompt continue that one prefill: on the CPU they read its keys and values from one copy
 //! (the cache's shared prefix), elsewhere each row's cache starts with its own. Every decode step
 //! runs the whole batch; a row that reaches a stop token, a stop string or `max_tokens` is done,
-//! and finished rows are dropped from the batch (cache included) once they are half of it.
+//! and finished rows are dropped from the batch (cache included) once they are a share of it.
 //!
 //! Positions: all rows of a group share positions 0..len, padding included. Rotary embeddings
 //! depend only on the distance between a query and a key, so a left-padded row attends exactly
@@ -276,9 +276,12 @@ fn sample_group(
         if finished == live.len() {
             break;
         }
-        // Drop finished rows once they are half the batch: the copy of the cache costs less
-        // than decoding them further.
-        if finished * 2 >= live.len() {
+        // Drop finished rows once they are a share of the batch: the copy of the cache costs
+        // less than decoding them further. On the CPU a step costs in proportion to its rows,
+        // and the copy takes only the rows' own positions (their prompts' stay shared), so an
+        // eighth; elsewhere half, as each row's cache there holds its prompt too.
+        let share = if dec.device.is_cpu() { 8 } else { 2 };
+        if finished * share >= live.len() {
             let _phase = crate::profile::phase("cache compaction", &device);
             let keep: Vec<u32> = (0..live.len()).filter(|&s| rows[live[s]].done.is_none()).map(|s| s as u32).collect();
             cache.select_rows(&keep)?;
