@@ -590,3 +590,37 @@ print("sampled", #outs)
     let (ok, _, stderr) = loralab(&["check", &path, "--set", "lr=fast"]);
     assert!(!ok && stderr.contains("lr"), "a value of the wrong type is an error:\n{stderr}");
 }
+
+#[test]
+fn models_a_script_dropped_are_freed_before_the_next_merge_and_after_each_cell() {
+    // Lua's collector is stopped, so only the runtime's own collections can free the models:
+    // a weak table sees whether each dropped model is still alive.
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{TINY_MODEL}
+collectgarbage("stop")
+local base = tiny_model(1)
+local adapter = lab.adapter.new(base, {{ r = 2, target_modules = {{ "all-linear" }} }})
+local alive = setmetatable({{}}, {{ __mode = "v" }})
+alive.first = base:merge(adapter)
+assert(alive.first, "a merged model held by a weak table alone stays until a collection")
+local second = base:merge(adapter)
+assert(alive.first == nil, "the dropped merged model survived the next merge")
+local run = lab.run.open(os.getenv("TMP_RUN"))
+run:cell("one", {{ i = 1 }}, function()
+  alive.cell = base:merge(adapter)
+  assert(alive.cell)
+  return {{ ok = true }}
+end)
+assert(alive.cell == nil, "the cell's merged model survived the cell")
+assert(second, "a model the script holds is kept")
+print("freed")
+"#
+    );
+    let path = script(dir.path(), "freed.lua", &body);
+    let run_dir = dir.path().join("run");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_loralab")).args(["run", &path]).env("TMP_RUN", &run_dir).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("freed"), "{stdout}\n{stderr}");
+}
