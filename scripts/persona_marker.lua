@@ -161,10 +161,8 @@ end
 --- Evaluates marker rates: every persona in `names` x every eval question, `n` completions each.
 --- Returns the aggregate in the study's layout and the raw records.
 function M.evaluate(model, personas, names, s, seed)
-  local records = M.complete(model, personas, names, s.eval_questions, {
-    n = s.eval_n, temperature = s.eval_temperature, top_p = s.eval_top_p, max_tokens = s.eval_max_tokens,
-    seed = seed, batch_size = s.batch_size, question_suffix = s.question_suffix,
-  })
+  local e = M.eval_settings(s, names, seed)
+  local records = M.complete(model, personas, names, e.questions, e)
   local agg = lab.eval.aggregate(records, s.marker, { source = s.source_persona })
   return agg, records
 end
@@ -239,8 +237,9 @@ function M.coupling(run, base, personas, s)
       s.source_persona, 100 * result.source_rate, 100 * s.gate_source_min,
       100 * result.assistant_rate, 100 * s.gate_assistant_max, 100 * gap, 100 * s.gate_min_gap, run:dir()), 0)
   end
-  result.completions_file = run:cell_dir("phase1-coupling", key) .. "/completions.json"
-  local adapter = lab.adapter.load(base, run:cell_dir("phase1-coupling", key) .. "/adapter")
+  local dir = run:cell_dir("phase1-coupling", key)
+  result.completions_file = dir .. "/completions.json"
+  local adapter = lab.adapter.load(base, dir .. "/adapter")
   return base:merge(adapter), result, { phase1 = lab.run.hash(key) }
 end
 
@@ -368,8 +367,12 @@ function M.dose_cells(run, base, personas, s, items, label)
     if c.dose == 0 and phase1 and phase1.settings
         and lab.run.hash(phase1.settings) == lab.run.hash(M.eval_settings(s, c.personas, c.eval_seed)) then
       -- Dose 0 is the coupled model itself, which Phase 1 evaluated with these very settings:
-      -- its completions are the ones sampling again would draw.
-      records = lab.fs.read_json(phase1.file)
+      -- its completions are the ones sampling again would draw (sampled again if the file
+      -- cannot be read).
+      local ok, read = pcall(lab.fs.read_json, phase1.file)
+      if ok then records = read end
+    end
+    if records then
       agg = lab.eval.aggregate(records, s.marker, { source = s.source_persona })
     else
       agg, records = M.evaluate(model, personas, c.personas, s, c.eval_seed)

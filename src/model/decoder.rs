@@ -94,9 +94,9 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Unpacked: its layer packs it ([`Layer::pack`]), alone or stacked with its neighbours.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let packed = packed_for_cpu(&[&weight])?;
-        Ok(Linear { weight, packed, bias })
+        Ok(Linear { weight, packed: None, bias })
     }
 }
 
@@ -732,23 +732,21 @@ impl Layer {
         Ok(parts)
     }
 
-    /// Rebuilds the fused inference weights after the projections changed (merge).
-    fn fuse(&mut self) -> Result<()> {
+    /// Packs the layer's weights for inference (at load, and after a merge changed them): q/k/v
+    /// and gate/up each stacked into one matrix (one product serves the projections of the
+    /// same input), o and down alone; on the GPU q/k/v stacked. Each weight is packed once: the
+    /// stacked copies are the only packed ones of their projections.
+    fn pack(&mut self) -> Result<()> {
         let a = &mut self.self_attn;
         a.qkv_packed = packed_for_cpu(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight])?;
         a.qkv_stacked = stacked_for_gpu(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
         let m = &mut self.mlp;
         m.gate_up_packed = packed_for_cpu(&[&m.gate_proj.weight, &m.up_proj.weight])?;
-        // The fused copies replace the single packed ones (memory).
-        if a.qkv_packed.is_some() {
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj] {
-                lin.packed = None;
-            }
+        for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut m.gate_proj, &mut m.up_proj] {
+            lin.packed = None;
         }
-        if m.gate_up_packed.is_some() {
-            for lin in [&mut m.gate_proj, &mut m.up_proj] {
-                lin.packed = None;
-            }
+        for lin in [&mut a.o_proj, &mut m.down_proj] {
+            lin.packed = packed_for_cpu(&[&lin.weight])?;
         }
         Ok(())
     }
@@ -1008,7 +1006,7 @@ impl Decoder {
             let mlp = Mlp { activation, gate_proj: next(), up_proj: next(), down_proj: next(), gate_up_packed: None };
             let window = c.layer_window(i);
             let mut layer = Layer { input_layernorm, self_attn, mlp_norm, mlp, output_norms, window };
-            layer.fuse()?;
+            layer.pack()?;
             layers.push(layer);
         }
         let norm = w.take_norm(&norm_spec, family, c, dtype, device)?;
@@ -1174,17 +1172,11 @@ impl Decoder {
                     // detach: the merged weight is a constant, not a function of the adapter's
                     // variables (else training on the merged model would track it).
                     lin.weight = w.to_dtype(self.dtype)?.detach();
-                    // q/k/v and gate/up are packed together by `fuse`, the others alone.
-                    let fused = matches!(
-                        target,
-                        Target::QProj | Target::KProj | Target::VProj | Target::GateProj | Target::UpProj
-                    );
-                    lin.packed = if fused { None } else { packed_for_cpu(&[&lin.weight])? };
                     changed = true;
                 }
             }
             if changed {
-                layer.fuse()?;
+                layer.pack()?;
             }
         }
         Ok(out)
