@@ -2,8 +2,9 @@
 //!
 //! Prompts are sorted by length and taken in groups; each group is prefilled once, left-padded
 //! to its longest prompt (an attention mask hides the padding), and the `n` completions of a
-//! prompt continue that one prefill: on the CPU they read its keys and values from one copy
-//! (the cache's shared prefix), elsewhere each row's cache starts with its own. Every decode step
+//! prompt continue that one prefill: they read its keys and values from one copy (the cache's
+//! shared prefix) where the decoding attention can (the CPU's f32 kernel, the GPU's bf16 one),
+//! elsewhere each row's cache starts with its own. Every decode step
 //! runs the whole batch; a row that reaches a stop token, a stop string or `max_tokens` is done,
 //! and finished rows are dropped from the batch (cache included) once they are a share of it.
 //!
@@ -239,9 +240,9 @@ fn sample_group(
         }
     }
     let expand: Vec<u32> = rows.iter().map(|r| r.prompt as u32).collect();
-    // On the CPU the rows of a prompt read its positions from one copy of them, where elsewhere
-    // each row's cache starts with its own copy (the same keys and values either way).
-    match dec.device.is_cpu() && dec.dtype == DType::F32 {
+    // Where the decoding attention can, the rows of a prompt read its positions from one copy of
+    // them; elsewhere each row's cache starts with its own copy (the same keys and values).
+    match dec.decodes_from_a_shared_prefix() {
         true => cache.share_prefix(&expand)?,
         false => cache.select_rows(&expand)?,
     }
