@@ -19,6 +19,7 @@
 //!
 //! Shapes: B rows in flight, P prompts in a group, L longest prompt, S keys so far, V vocab.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -26,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::Adapter;
-use crate::model::decoder::Mask;
+use crate::model::decoder::{DecodeSegment, Mask};
 use crate::model::{KvCache, Model, Pass};
 
 /// Sampling settings, named as in transformers' `generate` / vLLM's `SamplingParams`.
@@ -147,29 +148,36 @@ pub fn sample(
     stop_ids.extend(&opts.stop_token_ids);
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
-    let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
-    let mut stats = SampleStats::default();
-    if opts.n <= opts.batch_size {
+    let units: VecDeque<Unit> = if opts.n <= opts.batch_size {
         // Whole prompts together, `batch_size / n` of them at a time.
         let per_group = (opts.batch_size / opts.n).max(1);
-        for group in order.chunks(per_group) {
-            let group_prompts: Vec<&[u32]> = group.iter().map(|&i| prompts[i].as_slice()).collect();
-            let out = sample_group(model, adapter, &group_prompts, group, 0..opts.n, opts, &stop_ids, &mut stats)?;
-            for (k, &i) in group.iter().enumerate() {
-                results[i] = out[k].clone();
-            }
-        }
+        order.chunks(per_group).map(|group| Unit { prompts: group.to_vec(), completions: 0..opts.n }).collect()
     } else {
         // More completions of a prompt than rows allowed at once: its completions in slices of
         // `batch_size` (each completion's random stream is its own, so the slicing changes no draw).
-        for &i in &order {
-            for start in (0..opts.n).step_by(opts.batch_size) {
-                let slice = start..(start + opts.batch_size).min(opts.n);
-                let out =
-                    sample_group(model, adapter, &[prompts[i].as_slice()], &[i], slice, opts, &stop_ids, &mut stats)?;
-                results[i].extend(out.into_iter().flatten());
-            }
+        let slices = |i: usize| {
+            (0..opts.n)
+                .step_by(opts.batch_size)
+                .map(move |start| Unit { prompts: vec![i], completions: start..(start + opts.batch_size).min(opts.n) })
+        };
+        order.iter().flat_map(|&i| slices(i)).collect()
+    };
+    let mut sampler =
+        Sampler { model, adapter, prompts, opts, stop_ids: &stop_ids, rows: Vec::new(), stats: SampleStats::default() };
+    sampler.run(units)?;
+    let Sampler { rows, stats, .. } = sampler;
+    let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
+    // Rows were made in the order of their units, and within one by prompt and completion.
+    for row in rows {
+        let mut text = model.tokenizer.decode(&row.tokens, true)?;
+        if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
         }
+        results[row.prompt].push(Completion {
+            text,
+            token_ids: row.tokens,
+            finish_reason: row.done.unwrap_or(FinishReason::Length),
+        });
     }
     if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
         eprintln!(
@@ -180,9 +188,15 @@ pub fn sample(
     Ok((results, stats))
 }
 
-/// One row of the batch in flight.
+/// Prompts prefilled together, left-padded to the longest, and the completions of each to draw.
+struct Unit {
+    prompts: Vec<usize>,
+    completions: std::ops::Range<usize>,
+}
+
+/// One completion being drawn.
 struct Row {
-    prompt: usize, // index within the group
+    prompt: usize,
     tokens: Vec<u32>,
     /// Seeds the row's random stream (on the CPU) or keys its noise (on the GPU).
     key: u64,
@@ -191,133 +205,212 @@ struct Row {
     text_len_checked: usize,
 }
 
-/// Samples the completions `completions` (indices in 0..n) of each prompt of a group at once.
-#[allow(clippy::too_many_arguments)]
-fn sample_group(
-    model: &Model,
-    adapter: Option<&Adapter>,
-    prompts: &[&[u32]],
-    prompt_ids: &[usize],
-    completions: std::ops::Range<usize>,
-    opts: &SampleOptions,
-    stop_ids: &[u32],
-    stats: &mut SampleStats,
-) -> anyhow::Result<Vec<Vec<Completion>>> {
-    let dec = &model.decoder;
-    let device = dec.device.clone();
-    let p = prompts.len();
-    let l = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
-    let pads: Vec<usize> = prompts.iter().map(|x| l - x.len()).collect();
+/// A unit in flight: its rows' KV cache, padding and position.
+struct Segment {
+    cache: KvCache,
+    /// Its rows in the batch, as indices into the sampler's rows, in batch order.
+    live: Vec<usize>,
+    /// Each live row's left padding.
+    pads: Vec<usize>,
+    /// The token each live row was drawn last, to be fed next.
+    next: Vec<u32>,
+    /// Its prompts' padded length, and the position of the next token fed.
+    prompt_len: usize,
+    pos: usize,
+}
 
-    // Prefill: (P, L) left-padded ids -> logits of the last position (P, V).
-    let t0 = Instant::now();
-    let mut ids = Vec::with_capacity(p * l);
-    for (x, &pad) in prompts.iter().zip(&pads) {
-        ids.extend(std::iter::repeat_n(0u32, pad));
-        ids.extend_from_slice(x);
+impl Segment {
+    fn finished(&self, rows: &[Row]) -> usize {
+        self.live.iter().filter(|&&r| rows[r].done.is_some()).count()
     }
-    let ids = Tensor::from_vec(ids, (p, l), &device)?;
-    let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
-    check_cache_fits(&dec.config, p * completions.len(), l + opts.max_tokens, dec.dtype, &device, opts)?;
-    stats.peak_rows = stats.peak_rows.max(p * completions.len());
-    let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
-    let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
-    let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
-    stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
-    stats.prefill_seconds += t0.elapsed().as_secs_f64();
+}
 
-    // n rows per prompt, each with its own random stream.
-    let t1 = Instant::now();
-    let mut rows: Vec<Row> = Vec::with_capacity(p * completions.len());
-    for (k, &pid) in prompt_ids.iter().enumerate() {
-        for j in completions.clone() {
-            let seed = opts.seed
-                ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(j as u64);
-            rows.push(Row { prompt: k, tokens: Vec::new(), key: seed, rng, done: None, text_len_checked: 0 });
+/// Draws the completions of units of prompts. A unit is prefilled once, then its rows decode in
+/// a batch with those of the other units in flight, each unit with its own cache and positions;
+/// finished rows leave the batch (cache included) once they are a share of their unit's, and
+/// the next unit joins once its rows fit in `batch_size` beside the rows in flight.
+struct Sampler<'a> {
+    model: &'a Model,
+    adapter: Option<&'a Adapter>,
+    prompts: &'a [Vec<u32>],
+    opts: &'a SampleOptions,
+    stop_ids: &'a [u32],
+    rows: Vec<Row>,
+    stats: SampleStats,
+}
+
+impl Sampler<'_> {
+    fn run(&mut self, mut units: VecDeque<Unit>) -> anyhow::Result<()> {
+        let mut segments: Vec<Segment> = Vec::new();
+        let t0 = Instant::now();
+        let prefill_before = self.stats.prefill_seconds;
+        loop {
+            // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
+            crate::interrupt::check()?;
+            segments.retain(|s| s.finished(&self.rows) < s.live.len());
+            for segment in segments.iter_mut() {
+                self.compact(segment)?;
+            }
+            while let Some(unit) = units.front() {
+                let in_flight: usize = segments.iter().map(|s| s.live.len()).sum();
+                let rows = unit.prompts.len() * unit.completions.len();
+                if !segments.is_empty() && in_flight + rows > self.opts.batch_size {
+                    break;
+                }
+                let unit = units.pop_front().expect("a unit is waiting");
+                let segment = self.prefill(&unit, in_flight)?;
+                self.take_tokens(&segment)?;
+                segments.push(segment);
+            }
+            segments.retain(|s| s.finished(&self.rows) < s.live.len());
+            if segments.is_empty() {
+                match units.is_empty() {
+                    true => break,
+                    false => continue,
+                }
+            }
+            self.decode(&mut segments)?;
+            for segment in &segments {
+                self.take_tokens(segment)?;
+            }
         }
+        let prefill = self.stats.prefill_seconds - prefill_before;
+        self.stats.decode_seconds += t0.elapsed().as_secs_f64() - prefill;
+        Ok(())
     }
-    let expand: Vec<u32> = rows.iter().map(|r| r.prompt as u32).collect();
-    // Where the decoding attention can, the rows of a prompt read its positions from one copy of
-    // them; elsewhere each row's cache starts with its own copy (the same keys and values).
-    match dec.decodes_from_a_shared_prefix() {
-        true => cache.share_prefix(&expand)?,
-        false => cache.select_rows(&expand)?,
+
+    /// Prefills a unit's prompts: (P, L) left-padded ids -> its segment, with each row's first
+    /// token drawn. `in_flight`: the rows decoding beside it.
+    fn prefill(&mut self, unit: &Unit, in_flight: usize) -> anyhow::Result<Segment> {
+        let (dec, opts) = (&self.model.decoder, self.opts);
+        let device = dec.device.clone();
+        let prompts: Vec<&[u32]> = unit.prompts.iter().map(|&i| self.prompts[i].as_slice()).collect();
+        let (p, n) = (prompts.len(), unit.completions.len());
+        let l = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|x| l - x.len()).collect();
+        let t0 = Instant::now();
+        let mut ids = Vec::with_capacity(p * l);
+        for (x, &pad) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(x);
+        }
+        let ids = Tensor::from_vec(ids, (p, l), &device)?;
+        let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
+        check_cache_fits(&dec.config, in_flight + p * n, l + opts.max_tokens, dec.dtype, &device, opts)?;
+        self.stats.peak_rows = self.stats.peak_rows.max(in_flight + p * n);
+        let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
+        let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(self.adapter))?;
+        let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
+        self.stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
+
+        // n rows per prompt, each with its own random stream.
+        let first = self.rows.len();
+        for &pid in &unit.prompts {
+            for j in unit.completions.clone() {
+                let seed = opts.seed
+                    ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(j as u64);
+                self.rows.push(Row {
+                    prompt: pid,
+                    tokens: Vec::new(),
+                    key: seed,
+                    rng,
+                    done: None,
+                    text_len_checked: 0,
+                });
+            }
+        }
+        // Each row's prompt within the unit.
+        let expand: Vec<u32> = (0..p as u32).flat_map(|k| std::iter::repeat_n(k, n)).collect();
+        // Where the decoding attention can, the rows of a prompt read its positions from one copy
+        // of them; elsewhere each row's cache starts with its own copy (the same keys and values).
+        match dec.decodes_from_a_shared_prefix() {
+            true => cache.share_prefix(&expand)?,
+            false => cache.select_rows(&expand)?,
+        }
+        let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), &device)?, 0)?;
+        let live: Vec<usize> = (first..self.rows.len()).collect();
+        let next = choose_tokens(&first_logits, &mut self.rows, &live, 0, opts)?;
+        let pads = expand.iter().map(|&k| pads[k as usize]).collect();
+        self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
+        Ok(Segment { cache, live, pads, next, prompt_len: l, pos: l })
     }
-    let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), &device)?, 0)?;
-    // rows still in the batch, as indices into `rows`, in batch order
-    let mut live: Vec<usize> = (0..rows.len()).collect();
-    let mut row_pads: Vec<usize> = rows.iter().map(|r| pads[r.prompt]).collect();
-    let mut next = choose_tokens(&first_logits, &mut rows, &live, 0, opts)?;
-    let mut pos = l;
-    loop {
-        // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
-        crate::interrupt::check()?;
-        for (slot, &r) in live.iter().enumerate() {
-            let row = &mut rows[r];
+
+    /// Takes the tokens a segment's rows were drawn: each ends its row or joins its completion.
+    fn take_tokens(&mut self, segment: &Segment) -> anyhow::Result<()> {
+        for (slot, &r) in segment.live.iter().enumerate() {
+            let row = &mut self.rows[r];
             if row.done.is_some() {
                 continue;
             }
-            let tok = next[slot];
-            if stop_ids.contains(&tok) {
+            let tok = segment.next[slot];
+            if self.stop_ids.contains(&tok) {
                 row.done = Some(FinishReason::Stop);
                 continue;
             }
             row.tokens.push(tok);
-            stats.generated_tokens += 1;
-            if !opts.stop.is_empty() && hits_stop_string(model, row, &opts.stop)? {
+            self.stats.generated_tokens += 1;
+            if !self.opts.stop.is_empty() && hits_stop_string(self.model, row, &self.opts.stop)? {
                 row.done = Some(FinishReason::Stop);
-            } else if row.tokens.len() >= opts.max_tokens {
+            } else if row.tokens.len() >= self.opts.max_tokens {
                 row.done = Some(FinishReason::Length);
             }
         }
-        let finished = live.iter().filter(|&&r| rows[r].done.is_some()).count();
-        if finished == live.len() {
-            break;
-        }
-        // Drop finished rows once they are a share of the batch: the copy of the cache costs
-        // less than decoding them further. On the CPU a step costs in proportion to its rows,
-        // and the copy takes only the rows' own positions (their prompts' stay shared), so an
-        // eighth; elsewhere half, as each row's cache there holds its prompt too.
-        let share = if dec.device.is_cpu() { 8 } else { 2 };
-        if finished * share >= live.len() {
-            let _phase = crate::profile::phase("cache compaction", &device);
-            let keep: Vec<u32> = (0..live.len()).filter(|&s| rows[live[s]].done.is_none()).map(|s| s as u32).collect();
-            cache.select_rows(&keep)?;
-            live = keep.iter().map(|&s| live[s as usize]).collect();
-            row_pads = keep.iter().map(|&s| row_pads[s as usize]).collect();
-            next = keep.iter().map(|&s| next[s as usize]).collect();
-        }
-        // Decode: (B, 1) ids at position `pos` -> logits (B, V).
-        let b = live.len();
-        let phase = crate::profile::phase("ids and masks", &device);
-        let ids = Tensor::from_vec(next.clone(), (b, 1), &device)?;
-        let mask = Mask::Rows(decode_mask(&row_pads, pos + 1, &device)?);
-        drop(phase);
-        stats.decode_steps += 1;
-        let hidden = dec.forward_hidden(&ids, pos, Some(&mask), Some(&mut cache), Pass::infer(adapter))?;
-        let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?;
-        pos += 1;
-        let _phase = crate::profile::phase("sampling (cuts, draws)", &device);
-        next = choose_tokens(&logits, &mut rows, &live, (pos - l) as u32, opts)?;
+        Ok(())
     }
-    stats.decode_seconds += t1.elapsed().as_secs_f64();
 
-    let mut out: Vec<Vec<Completion>> = vec![Vec::new(); p];
-    for row in rows {
-        let mut text = model.tokenizer.decode(&row.tokens, true)?;
-        if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
+    /// Drops a segment's finished rows once they are a share of it: the copy of the cache costs
+    /// less than decoding them further. On the CPU a step costs in proportion to its rows, and
+    /// the copy takes only the rows' own positions (their prompts' stay shared), so an eighth;
+    /// elsewhere half.
+    fn compact(&self, segment: &mut Segment) -> anyhow::Result<()> {
+        let device = &self.model.decoder.device;
+        let share = if device.is_cpu() { 8 } else { 2 };
+        if segment.finished(&self.rows) * share < segment.live.len() {
+            return Ok(());
         }
-        out[row.prompt].push(Completion {
-            text,
-            token_ids: row.tokens,
-            finish_reason: row.done.unwrap_or(FinishReason::Length),
-        });
+        let _phase = crate::profile::phase("cache compaction", device);
+        let keep: Vec<usize> = (0..segment.live.len()).filter(|&s| self.rows[segment.live[s]].done.is_none()).collect();
+        let index: Vec<u32> = keep.iter().map(|&s| s as u32).collect();
+        segment.cache.select_rows(&index)?;
+        segment.live = keep.iter().map(|&s| segment.live[s]).collect();
+        segment.pads = keep.iter().map(|&s| segment.pads[s]).collect();
+        segment.next = keep.iter().map(|&s| segment.next[s]).collect();
+        Ok(())
     }
-    Ok(out)
+
+    /// One decoding step of every segment: feeds each row its last token and draws the next.
+    fn decode(&mut self, segments: &mut [Segment]) -> anyhow::Result<()> {
+        let dec = &self.model.decoder;
+        let device = dec.device.clone();
+        let phase = crate::profile::phase("ids and masks", &device);
+        let fed: Vec<u32> = segments.iter().flat_map(|s| s.next.iter().copied()).collect();
+        let ids = Tensor::from_vec(fed, (segments.iter().map(|s| s.live.len()).sum::<usize>(), 1), &device)?;
+        let masks: Vec<Mask> = segments
+            .iter()
+            .map(|s| Ok(Mask::Rows(decode_mask(&s.pads, s.pos + 1, &device)?)))
+            .collect::<Result<_, candle_core::Error>>()?;
+        drop(phase);
+        self.stats.decode_steps += 1;
+        let mut steps: Vec<DecodeSegment> = segments
+            .iter_mut()
+            .zip(&masks)
+            .map(|(s, mask)| DecodeSegment { rows: s.live.len(), pos: s.pos, mask, cache: &mut s.cache })
+            .collect();
+        let hidden = dec.decode_step(&ids, &mut steps, Pass::infer(self.adapter))?;
+        let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?; // (B, V)
+        let _phase = crate::profile::phase("sampling (cuts, draws)", &device);
+        let mut first = 0;
+        for s in segments.iter_mut() {
+            s.pos += 1;
+            let rows = logits.narrow(0, first, s.live.len())?;
+            first += s.live.len();
+            s.next = choose_tokens(&rows, &mut self.rows, &s.live, (s.pos - s.prompt_len) as u32, self.opts)?;
+        }
+        Ok(())
+    }
 }
 
 /// Refuses to start when the completions alone (their token ids and text, about 8 bytes a

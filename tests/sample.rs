@@ -56,6 +56,23 @@ fn a_completion_does_not_depend_on_the_other_prompts_of_its_batch() {
 }
 
 #[test]
+fn a_prompt_that_joins_the_batch_as_rows_finish_draws_what_it_draws_after_them() {
+    let (m, prompts) = setup();
+    // One prompt per group (batch_size / n); rows end at their first ".", at different steps.
+    let at_most = |batch_size: usize| SampleOptions { batch_size, stop: vec![".".into()], ..opts(3, 11) };
+    // Rows for two groups at once: the second joins once one row of the first has finished.
+    let (joined, joined_stats) = sample(&m, None, &prompts, &at_most(5)).unwrap();
+    // Rows for one group: the second starts after the first has finished.
+    let (after, after_stats) = sample(&m, None, &prompts, &at_most(3)).unwrap();
+    assert_eq!((joined_stats.peak_rows, after_stats.peak_rows), (5, 3));
+    assert!(joined_stats.decode_steps < after_stats.decode_steps);
+    let ids = |x: &Vec<Vec<loralab::sample::Completion>>| {
+        x.iter().flatten().map(|c| (c.token_ids.clone(), c.finish_reason)).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&joined), ids(&after));
+}
+
+#[test]
 fn rows_stop_at_max_tokens_or_a_stop_string() {
     let (m, prompts) = setup();
     let (out, stats) =

@@ -61,6 +61,7 @@ function lab.model.random(config, opts) end
 ---@field prefill_seconds number
 ---@field decode_seconds number
 ---@field peak_rows integer       The most completions decoded at once (at most batch_size).
+---@field decode_steps integer    Decoding steps run (each over every completion in flight).
 
 ---@class Completion
 ---@field text string

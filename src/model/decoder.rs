@@ -281,6 +281,21 @@ pub struct Layer {
     pub window: Option<usize>,
 }
 
+/// The residual stream and a layer's branch not yet added to it.
+type Tensor2 = (Tensor, Tensor);
+
+/// One group of rows in a decoding step of several ([`Decoder::decode_step`]): prompts that were
+/// prefilled together, with their KV cache, positions and padding.
+pub struct DecodeSegment<'a> {
+    /// Its rows, consecutive in the step's batch.
+    pub rows: usize,
+    /// The position of the token each row is fed.
+    pub pos: usize,
+    /// The keys each row sees: (rows, 1, 1, pos + 1).
+    pub mask: &'a Mask,
+    pub cache: &'a mut KvCache,
+}
+
 /// Per-layer keys and values of a batch, pre-allocated to `capacity` positions.
 pub struct KvCache {
     /// Per layer: (B, K, capacity, E), or with a shared prefix (B, K, capacity - its length, E),
@@ -442,9 +457,7 @@ impl Attention {
                 shared.map(|(p, l)| super::cpu::Prefix { keys: &p.k[l], values: &p.v[l], len: p.len, rows: &p.rows });
             let cache = super::cpu::Cached { keys: k_all, values: v_all, s, prefix };
             super::cpu::attention_cpu(&q, cache, mask.as_ref(), scale, softcap, merged)?
-        } else if let Some(out) =
-            gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), shared, scale, softcap)?
-        {
+        } else if let Some(out) = self.gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), shared)? {
             merge(out)?
         } else if shared.is_some() {
             candle_core::bail!("a cache with a shared prefix is read by the decoding kernels alone");
@@ -575,37 +588,40 @@ impl Attention {
     }
 }
 
-/// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
-/// tensors and the rows' shared prefix if any, where it applies (one new token per row, shapes
-/// the kernel takes, scores not capped). Otherwise None. q: (B, K, G, E) -> (B, K, G, E).
-fn gpu_decode_attention(
-    q: &Tensor,
-    t: usize,
-    whole_cache: Option<&(Tensor, Tensor)>,
-    s: usize,
-    mask: Option<&Tensor>,
-    shared: Option<(&SharedPrefix, usize)>,
-    scale: f64,
-    softcap: Option<f64>,
-) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
-        use super::ops::attention::cuda::{decode_attention, decode_attention_fits, DecodePrefix};
-        if decode_attention_fits(q, s, mask) {
-            let prefix = match shared {
-                Some((p, l)) => match &p.rows_on_device {
-                    Some(prompt_of) => {
-                        Some(DecodePrefix { keys: &p.k[l], values: &p.v[l], len: p.len, rows: &p.rows, prompt_of })
-                    }
-                    None => candle_core::bail!("a shared prefix on the GPU without its rows' prompts there"),
-                },
-                None => None,
-            };
-            return decode_attention(q, k_all, v_all, s, mask, prefix, scale).map(Some);
+impl Attention {
+    /// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
+    /// tensors and the rows' shared prefix if any, where it applies (one new token per row,
+    /// shapes the kernel takes, scores not capped). Otherwise None. q: (B, K, G, E) -> (B, K, G,
+    /// E).
+    fn gpu_decode_attention(
+        &self,
+        q: &Tensor,
+        t: usize,
+        whole_cache: Option<&(Tensor, Tensor)>,
+        s: usize,
+        mask: Option<&Tensor>,
+        shared: Option<(&SharedPrefix, usize)>,
+    ) -> Result<Option<Tensor>> {
+        let (scale, softcap) = (self.scale, self.softcap);
+        #[cfg(feature = "cuda")]
+        if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
+            use super::ops::attention::cuda::{decode_attention, decode_attention_fits, DecodePrefix};
+            if decode_attention_fits(q, s, mask) {
+                let prefix = match shared {
+                    Some((p, l)) => match &p.rows_on_device {
+                        Some(prompt_of) => {
+                            Some(DecodePrefix { keys: &p.k[l], values: &p.v[l], len: p.len, rows: &p.rows, prompt_of })
+                        }
+                        None => candle_core::bail!("a shared prefix on the GPU without its rows' prompts there"),
+                    },
+                    None => None,
+                };
+                return decode_attention(q, k_all, v_all, s, mask, prefix, scale).map(Some);
+            }
         }
+        let _ = (q, t, whole_cache, s, mask, shared, scale, softcap);
+        Ok(None)
     }
-    let _ = (q, t, whole_cache, s, mask, shared, scale, softcap);
-    Ok(None)
 }
 
 impl Mlp {
@@ -703,10 +719,46 @@ impl Layer {
         cache: Option<(&mut KvCache, usize)>,
         pass: Pass,
         index: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<Tensor2> {
         let span = span.for_layer(self.window);
+        self.forward_unadded_with(x, pending, pass, index, |h| self.self_attn.forward(h, span, cache, pass, index))
+    }
+
+    /// [`Layer::forward_unadded`] for the decoding step of several groups of rows at once: the
+    /// attention runs per group, on its rows, cache and positions; the rest on the whole batch.
+    fn forward_unadded_segments(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        segments: &mut [DecodeSegment],
+        spans: &[Span],
+        pass: Pass,
+        index: usize,
+    ) -> Result<Tensor2> {
+        self.forward_unadded_with(x, pending, pass, index, |h| {
+            let mut outs = Vec::with_capacity(segments.len());
+            let mut first = 0;
+            for (segment, span) in segments.iter_mut().zip(spans) {
+                let rows = h.narrow(0, first, segment.rows)?;
+                let cache = Some((&mut *segment.cache, index));
+                outs.push(self.self_attn.forward(&rows, span.for_layer(self.window), cache, pass, index)?);
+                first += segment.rows;
+            }
+            Tensor::cat(&outs, 0)
+        })
+    }
+
+    /// The layer around its attention `attend` (the normed input -> the attention's output).
+    fn forward_unadded_with(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        pass: Pass,
+        index: usize,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor2> {
         let (x, h) = self.input_layernorm.forward_added(x, pending, pass.train)?;
-        let mut h = self.self_attn.forward(&h, span, cache, pass, index)?;
+        let mut h = attend(&h)?;
         if let Some((attention_out, _)) = &self.output_norms {
             h = attention_out.forward(&h, pass.train)?;
         }
@@ -1152,6 +1204,42 @@ impl Decoder {
             return Ok(None);
         }
         Mask::windowed(mask, b, pos, t, w, &self.device).map(Some)
+    }
+
+    /// One decoding step of several groups of rows at once ([`DecodeSegment`]), whose positions
+    /// and caches differ: ids (B, 1), the groups' rows consecutive in their order -> hidden (B, 1,
+    /// D). Each row gets what [`Decoder::forward_hidden`] gives it in its group alone (every op
+    /// but the attention treats rows apart, and the attention runs per group), so groups can join
+    /// a batch in flight as others' rows finish.
+    pub fn decode_step(&self, ids: &Tensor, segments: &mut [DecodeSegment], pass: Pass) -> Result<Tensor> {
+        if let [one] = segments {
+            return self.forward_hidden(ids, one.pos, Some(one.mask), Some(&mut *one.cache), pass);
+        }
+        let (b, t) = ids.dims2()?;
+        if t != 1 || segments.iter().map(|s| s.rows).sum::<usize>() != b || pass.train {
+            candle_core::bail!("a decoding step takes one new token for each row of its groups, for inference");
+        }
+        let windowed: Vec<Option<Mask>> =
+            segments.iter().map(|s| self.windowed_mask(Some(s.mask), s.rows, s.pos, 1)).collect::<Result<_>>()?;
+        let spans: Vec<Span> = segments
+            .iter()
+            .zip(&windowed)
+            .map(|(s, w)| Span { rope: &self.rope, pos: s.pos, mask: Some(s.mask), windowed: w.as_ref() })
+            .collect();
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        let x = match self.embed_scale {
+            Some(scale) => (x * scale)?,
+            None => x,
+        };
+        let (mut x, mut pending) = (x, None);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (x1, h) = layer.forward_unadded_segments(&x, pending.as_ref(), segments, &spans, pass, i)?;
+            (x, pending) = (x1, Some(h));
+        }
+        for s in segments.iter_mut() {
+            s.cache.len = s.pos + 1;
+        }
+        Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
     }
 
     /// The final logits' soft cap, if the model has one.
