@@ -2,11 +2,12 @@
 //!
 //! Prompts are sorted by length and taken in groups; each group is prefilled once, left-padded
 //! to its longest prompt (an attention mask hides the padding), and the `n` completions of a
-//! prompt continue that one prefill: they read its keys and values from one copy (the cache's
-//! shared prefix) where the decoding attention can (the CPU's f32 kernel, the GPU's bf16 one),
-//! elsewhere each row's cache starts with its own. Every decode step
-//! runs the whole batch; a row that reaches a stop token, a stop string or `max_tokens` is done,
-//! and finished rows are dropped from the batch (cache included) once they are a share of it.
+//! prompt continue that one prefill: on the CPU they read its keys and values from one copy
+//! (the cache's shared prefix), elsewhere each row's cache starts with its own. Every decoding
+//! step runs the rows of every group in flight, each group with its own cache and positions; a
+//! row that reaches a stop token, a stop string or `max_tokens` is done, finished rows are
+//! dropped from the batch (cache included) once they are a share of their group, and the next
+//! group joins as soon as its rows fit in `batch_size` beside those still decoding.
 //!
 //! Positions: all rows of a group share positions 0..len, padding included. Rotary embeddings
 //! depend only on the distance between a query and a key, so a left-padded row attends exactly
@@ -324,9 +325,9 @@ impl Sampler<'_> {
         }
         // Each row's prompt within the unit.
         let expand: Vec<u32> = (0..p as u32).flat_map(|k| std::iter::repeat_n(k, n)).collect();
-        // Where the decoding attention can, the rows of a prompt read its positions from one copy
-        // of them; elsewhere each row's cache starts with its own copy (the same keys and values).
-        match dec.decodes_from_a_shared_prefix() {
+        // On the CPU the rows of a prompt read its positions from one copy of them, where
+        // elsewhere each row's cache starts with its own copy (the same keys and values either way).
+        match dec.device.is_cpu() && dec.dtype == DType::F32 {
             true => cache.share_prefix(&expand)?,
             false => cache.select_rows(&expand)?,
         }

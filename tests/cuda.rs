@@ -233,8 +233,7 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         let mask_c = Tensor::from_vec(mask, (b, 1, 1, 1, s), &Device::Cpu)?;
         let mask_g = mask_c.to_device(&gpu())?;
         let scale = 1.0 / (e as f64).sqrt();
-        let fused =
-            loralab::model::ops::attention::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), None, scale)?;
+        let fused = loralab::model::ops::attention::cuda::decode_attention(&qg, &kg, &vg, s, Some(&mask_g), scale)?;
         let plain = loralab::model::cpu::attention_cpu(
             &qc,
             loralab::model::cpu::Cached { keys: &kc, values: &vc, s, prefix: None },
@@ -247,136 +246,6 @@ fn decoding_attention_from_the_cache_matches_the_cpu_kernel() -> Result<()> {
         assert!(d < 2e-2, "r {r}, e {e}: relative difference {d}");
     }
     Ok(())
-}
-
-#[test]
-fn decoding_from_a_prompts_shared_keys_equals_decoding_from_each_rows_copy() -> Result<()> {
-    use loralab::model::ops::attention::cuda::{decode_attention, DecodePrefix};
-    // Two prompts, five rows (rows 0, 2 continue prompt 0); shared prefixes inside the first
-    // tile, exactly one tile, and across the tile boundary; the rows' own keys after them.
-    let (k, r, e, own_capacity) = (2usize, 7usize, 128usize, 90usize);
-    let rows = [0usize, 1, 0, 1, 1];
-    let b = rows.len();
-    for &(plen, own) in &[(5usize, 30usize), (64, 1), (70, 75)] {
-        let s = plen + own;
-        let (q, _) = pair(&[b, k, r, e], 20)?;
-        let (pk, _) = pair(&[2, k, plen, e], 21)?;
-        let (pv, _) = pair(&[2, k, plen, e], 22)?;
-        let (ok, _) = pair(&[b, k, own_capacity, e], 23)?;
-        let (ov, _) = pair(&[b, k, own_capacity, e], 24)?;
-        // Each row's copy: its prompt's prefix, then its own positions.
-        let index = Tensor::new(rows.iter().map(|&p| p as u32).collect::<Vec<_>>(), &gpu())?;
-        let copy = |shared: &Tensor, own: &Tensor| Tensor::cat(&[&shared.index_select(&index, 0)?, own], 2);
-        let (ck, cv) = (copy(&pk, &ok)?, copy(&pv, &ov)?);
-        let hidden = |row: usize, j: usize| row == 3 && j < 3; // left padding
-        let mask: Vec<f32> = (0..b * s).map(|i| if hidden(i / s, i % s) { f32::NEG_INFINITY } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (b, s), &gpu())?;
-        let scale = 1.0 / (e as f64).sqrt();
-        let prefix = DecodePrefix { keys: &pk, values: &pv, len: plen, rows: &rows, prompt_of: &index };
-        let shared = decode_attention(&q, &ok, &ov, s, Some(&mask), Some(prefix), scale)?;
-        let copied = decode_attention(&q, &ck, &cv, s, Some(&mask), None, scale)?;
-        let (shared, copied): (Vec<f32>, Vec<f32>) = (
-            shared.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-            copied.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-        );
-        assert_eq!(shared, copied, "prefix {plen}, own {own}");
-    }
-    Ok(())
-}
-
-/// A Llama-family decoder of random bf16 weights on the GPU with heads of 64, which the decoding
-/// kernel takes (the test fixtures' heads are smaller).
-fn random_llama_on_the_gpu() -> loralab::model::decoder::Decoder {
-    use loralab::model::decoder::{Decoder, Weights};
-    let config: loralab::model::Config = serde_json::from_value(serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-        "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 300, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 512, "tie_word_embeddings": false
-    }))
-    .unwrap();
-    let (d, f, v) = (256usize, 512usize, 300usize);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, d]),
-        ("model.norm.weight".into(), vec![d]),
-        ("lm_head.weight".into(), vec![v, d]),
-    ];
-    for i in 0..2 {
-        let at = |name: &str| format!("model.layers.{i}.{name}.weight");
-        for (name, shape) in [
-            ("self_attn.q_proj", vec![d, d]),
-            ("self_attn.k_proj", vec![d / 2, d]),
-            ("self_attn.v_proj", vec![d / 2, d]),
-            ("self_attn.o_proj", vec![d, d]),
-            ("mlp.gate_proj", vec![f, d]),
-            ("mlp.up_proj", vec![f, d]),
-            ("mlp.down_proj", vec![d, f]),
-            ("input_layernorm", vec![d]),
-            ("post_attention_layernorm", vec![d]),
-        ] {
-            shapes.push((at(name), shape));
-        }
-    }
-    let tensors = shapes
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, shape))| {
-            let n = shape.iter().product();
-            let values = match shape.len() {
-                1 => vec![1f32; n],
-                _ => loralab::testing::uniform(n, 100 + i as u32, -0.1, 0.1),
-            };
-            (name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
-        })
-        .collect();
-    let weights = Weights { tensors, source: "random".into() };
-    Decoder::new(config, weights, DType::BF16, &gpu()).unwrap()
-}
-
-#[test]
-fn rows_decoding_from_their_prompts_shared_keys_on_the_gpu_give_the_logits_of_rows_with_copies() {
-    use loralab::model::{decoder::Mask, KvCache, Pass};
-    use loralab::sample::{decode_mask, prefill_mask};
-    let dec = random_llama_on_the_gpu();
-    assert!(dec.decodes_from_a_shared_prefix());
-    let dev = gpu();
-    // Two prompts of 5 and 3 tokens, left-padded to 5; three rows of the first, two of the second.
-    let (l, pads) = (5usize, vec![0usize, 2]);
-    let ids = Tensor::new(&[[3u32, 17, 9, 40, 12], [0, 0, 25, 6, 31]], &dev).unwrap();
-    let rows: Vec<u32> = vec![0, 0, 0, 1, 1];
-    let row_pads: Vec<usize> = rows.iter().map(|&r| pads[r as usize]).collect();
-    let mut caches: Vec<KvCache> =
-        (0..2).map(|_| KvCache::new(&dec.config, 2, l + 6, DType::BF16, &dev).unwrap()).collect();
-    for cache in caches.iter_mut() {
-        let mask = Mask::Rows(prefill_mask(&pads, l, &dev).unwrap());
-        dec.forward_hidden(&ids, 0, Some(&mask), Some(cache), Pass::infer(None)).unwrap();
-    }
-    caches[0].select_rows(&rows).unwrap();
-    caches[1].share_prefix(&rows).unwrap();
-    // Six decoding steps; after the third, rows 1 and 3 leave the batch, as finished rows do.
-    let mut live: Vec<usize> = (0..rows.len()).collect();
-    for step in 0..6usize {
-        if step == 3 {
-            let keep: Vec<u32> = vec![0, 2, 4];
-            for cache in caches.iter_mut() {
-                cache.select_rows(&keep).unwrap();
-            }
-            live = keep.iter().map(|&k| live[k as usize]).collect();
-        }
-        let next: Vec<u32> = live.iter().map(|&r| (7 * r + 11 * step + 1) as u32 % 300).collect();
-        let step_ids = Tensor::from_vec(next, (live.len(), 1), &dev).unwrap();
-        let step_pads: Vec<usize> = live.iter().map(|&r| row_pads[r]).collect();
-        let mask = Mask::Rows(decode_mask(&step_pads, l + step + 1, &dev).unwrap());
-        let logits: Vec<Vec<f32>> = caches
-            .iter_mut()
-            .map(|cache| {
-                let h = dec.forward_hidden(&step_ids, l + step, Some(&mask), Some(cache), Pass::infer(None)).unwrap();
-                let logits = dec.logits(&h).unwrap().to_dtype(DType::F32).unwrap();
-                logits.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        assert_eq!(logits[0], logits[1], "step {step}");
-    }
 }
 
 /// Draws one token per row of `logits` (rows, V) on the GPU, row i keyed by keys[i].

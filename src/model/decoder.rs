@@ -318,20 +318,6 @@ pub struct SharedPrefix {
     pub len: usize,
     /// Each batch row's prompt.
     pub rows: Vec<usize>,
-    /// The same as (B) u32 on the GPU, for the decoding kernel; None on the CPU.
-    pub rows_on_device: Option<Tensor>,
-}
-
-impl SharedPrefix {
-    fn set_rows(&mut self, rows: Vec<usize>) -> Result<()> {
-        let device = self.k.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-        self.rows_on_device = match device.is_cpu() {
-            true => None,
-            false => Some(Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?),
-        };
-        self.rows = rows;
-        Ok(())
-    }
 }
 
 impl KvCache {
@@ -354,8 +340,7 @@ impl KvCache {
             *t = t.index_select(&index, 0)?;
         }
         if let Some(prefix) = &mut self.prefix {
-            let kept = rows.iter().map(|&r| prefix.rows[r as usize]).collect();
-            prefix.set_rows(kept)?;
+            prefix.rows = rows.iter().map(|&r| prefix.rows[r as usize]).collect();
         }
         Ok(())
     }
@@ -369,7 +354,8 @@ impl KvCache {
             candle_core::bail!("the cache's prefix is shared already");
         }
         let len = self.len;
-        let mut prefix = SharedPrefix { k: Vec::new(), v: Vec::new(), len, rows: Vec::new(), rows_on_device: None };
+        let mut prefix =
+            SharedPrefix { k: Vec::new(), v: Vec::new(), len, rows: rows.iter().map(|&r| r as usize).collect() };
         for (own, shared) in [(&mut self.k, &mut prefix.k), (&mut self.v, &mut prefix.v)] {
             for t in own.iter_mut() {
                 let (_, k, _, e) = t.dims4()?;
@@ -377,7 +363,6 @@ impl KvCache {
                 *t = Tensor::zeros((rows.len(), k, self.capacity - len, e), t.dtype(), t.device())?;
             }
         }
-        prefix.set_rows(rows.iter().map(|&r| r as usize).collect())?;
         self.prefix = Some(prefix);
         Ok(())
     }
@@ -416,22 +401,28 @@ impl Attention {
 
         // Keys and values of every position so far: (B, K, S, E)
         // The whole cache tensors (B, K, capacity, E) are kept for the CPU kernel.
-        let (keys, values, whole_cache, shared) = match cache {
+        let (keys, values, whole_cache, prefix) = match cache {
             Some((cache, l)) => {
                 let at = cache.own_position(pos)?;
                 cache.k[l].slice_set(&kx, 2, at)?;
                 cache.v[l].slice_set(&vx, 2, at)?;
+                let prefix = cache.prefix.as_ref().map(|p| super::cpu::Prefix {
+                    keys: &p.k[l],
+                    values: &p.v[l],
+                    len: p.len,
+                    rows: &p.rows,
+                });
                 (
                     cache.k[l].narrow(2, 0, at + t)?,
                     cache.v[l].narrow(2, 0, at + t)?,
                     Some((cache.k[l].clone(), cache.v[l].clone())),
-                    cache.prefix.as_ref().map(|p| (p, l)),
+                    prefix,
                 )
             }
             None => (kx, vx, None, None),
         };
         // Keys so far: the prefix's and the row's own.
-        let s = shared.map_or(0, |(p, _)| p.len) + keys.dim(2)?;
+        let s = prefix.as_ref().map_or(0, |p| p.len) + keys.dim(2)?;
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
 
@@ -445,22 +436,18 @@ impl Attention {
         let cpu_f32 = super::cpu::on_cpu_f32(&[x]);
         // (B, K, G*T, E) -> (B, H, T, E) -> (B, T, H*E)
         let merge = |out: Tensor| out.reshape((b, h, t, e))?.transpose(1, 2)?.reshape((b, t, h * e));
-        if shared.is_some() && pass.train {
-            candle_core::bail!("a cache with a shared prefix is read by inference alone");
+        if prefix.is_some() && (pass.train || !cpu_f32) {
+            candle_core::bail!("a cache with a shared prefix is read by the CPU's f32 inference attention alone");
         }
         let out = if pass.train {
             // Probabilities recomputed in the backward pass instead of stored.
             merge(super::ops::attention(&q, &keys, &values, mask.as_ref(), causal, scale, softcap, g)?)?
         } else if let (Some((k_all, v_all)), true) = (&whole_cache, cpu_f32) {
             let merged = super::cpu::Heads::Merged { t };
-            let prefix =
-                shared.map(|(p, l)| super::cpu::Prefix { keys: &p.k[l], values: &p.v[l], len: p.len, rows: &p.rows });
             let cache = super::cpu::Cached { keys: k_all, values: v_all, s, prefix };
             super::cpu::attention_cpu(&q, cache, mask.as_ref(), scale, softcap, merged)?
-        } else if let Some(out) = self.gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), shared)? {
+        } else if let Some(out) = gpu_decode_attention(&q, t, whole_cache.as_ref(), s, mask.as_ref(), scale, softcap)? {
             merge(out)?
-        } else if shared.is_some() {
-            candle_core::bail!("a cache with a shared prefix is read by the decoding kernels alone");
         } else {
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (B, K, G*T, S)
             let scores = match softcap {
@@ -588,40 +575,26 @@ impl Attention {
     }
 }
 
-impl Attention {
-    /// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
-    /// tensors and the rows' shared prefix if any, where it applies (one new token per row,
-    /// shapes the kernel takes, scores not capped). Otherwise None. q: (B, K, G, E) -> (B, K, G,
-    /// E).
-    fn gpu_decode_attention(
-        &self,
-        q: &Tensor,
-        t: usize,
-        whole_cache: Option<&(Tensor, Tensor)>,
-        s: usize,
-        mask: Option<&Tensor>,
-        shared: Option<(&SharedPrefix, usize)>,
-    ) -> Result<Option<Tensor>> {
-        let (scale, softcap) = (self.scale, self.softcap);
-        #[cfg(feature = "cuda")]
-        if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
-            use super::ops::attention::cuda::{decode_attention, decode_attention_fits, DecodePrefix};
-            if decode_attention_fits(q, s, mask) {
-                let prefix = match shared {
-                    Some((p, l)) => match &p.rows_on_device {
-                        Some(prompt_of) => {
-                            Some(DecodePrefix { keys: &p.k[l], values: &p.v[l], len: p.len, rows: &p.rows, prompt_of })
-                        }
-                        None => candle_core::bail!("a shared prefix on the GPU without its rows' prompts there"),
-                    },
-                    None => None,
-                };
-                return decode_attention(q, k_all, v_all, s, mask, prefix, scale).map(Some);
-            }
+/// Decoding attention on the GPU in bf16 by the fused kernel, straight from the whole cache
+/// tensors, where it applies (one new token per row, shapes the kernel takes, scores not
+/// capped). Otherwise None. q: (B, K, G, E) -> (B, K, G, E).
+fn gpu_decode_attention(
+    q: &Tensor,
+    t: usize,
+    whole_cache: Option<&(Tensor, Tensor)>,
+    s: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let (Some((k_all, v_all)), 1, None) = (whole_cache, t, softcap) {
+        if super::ops::attention::cuda::decode_attention_fits(q, s, mask) {
+            return super::ops::attention::cuda::decode_attention(q, k_all, v_all, s, mask, scale).map(Some);
         }
-        let _ = (q, t, whole_cache, s, mask, shared, scale, softcap);
-        Ok(None)
     }
+    let _ = (q, t, whole_cache, s, mask, scale, softcap);
+    Ok(None)
 }
 
 impl Mlp {
@@ -1032,23 +1005,6 @@ impl Weights {
 }
 
 impl Decoder {
-    /// Whether decoding can read each prompt's first positions from one copy that its rows share
-    /// ([`KvCache::share_prefix`]): the CPU's f32 attention reads one, and so does the GPU's bf16
-    /// decoding kernel for the shapes it takes; the other paths need each row's own copy.
-    pub fn decodes_from_a_shared_prefix(&self) -> bool {
-        match (&self.device, self.dtype) {
-            (Device::Cpu, DType::F32) => true,
-            #[cfg(feature = "cuda")]
-            (Device::Cuda(_), DType::BF16) => {
-                let c = &self.config;
-                let group = c.num_attention_heads / c.num_kv_heads();
-                let uncapped = self.layers.iter().all(|l| l.self_attn.softcap.is_none());
-                uncapped && super::ops::attention::cuda::decode_kernel_takes(group, c.head_dim())
-            }
-            _ => false,
-        }
-    }
-
     /// Builds the decoder from transformers-named weights.
     pub fn new(config: Config, mut w: Weights, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         config.validate()?;

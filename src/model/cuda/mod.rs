@@ -127,27 +127,20 @@ pub(crate) fn cap_arg(softcap: Option<f64>) -> f32 {
     softcap.unwrap_or(0.0) as f32
 }
 
-/// The device address of a contiguous f32, bf16 or u32 tensor's first element, for kernels that
-/// take many tensors through a table or an optional one (0 for none). The tensor must outlive
-/// the launches that use it (allocations are freed in stream order, so a tensor dropped after
-/// the launch is).
+/// The device address of a contiguous f32 tensor's first element, for kernels that take many
+/// tensors through a table. The tensor must outlive the launches that use it (allocations are
+/// freed in stream order, so a tensor dropped after the launch is).
 pub(crate) fn address(t: &Tensor, op: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cuda(cs), Some((start, _))) = (&*storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("{op}: {:?} must be a contiguous tensor on the GPU", t.shape())
+    let (candle_core::Storage::Cuda(cs), Some((start, _)), DType::F32) =
+        (&*storage, layout.contiguous_offsets(), t.dtype())
+    else {
+        candle_core::bail!("{op}: {:?} must be a contiguous f32 tensor on the GPU", t.shape())
     };
-    fn base<T: CudaDType>(cs: &CudaStorage) -> Result<u64> {
-        let slice = cs.as_cuda_slice::<T>()?;
-        Ok(slice.device_ptr(slice.stream()).0)
-    }
-    let base = match t.dtype() {
-        DType::F32 => base::<f32>(cs)?,
-        DType::BF16 => base::<bf16>(cs)?,
-        DType::U32 => base::<u32>(cs)?,
-        other => candle_core::bail!("{op}: {:?} is {other:?}, where f32, bf16 or u32 is taken", t.shape()),
-    };
-    Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+    let slice = cs.as_cuda_slice::<f32>()?;
+    let (ptr, _sync) = slice.device_ptr(slice.stream());
+    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
 }
 
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.

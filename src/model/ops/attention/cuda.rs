@@ -141,91 +141,36 @@ impl candle_core::CustomOp3 for SoftmaxBackward {
 /// tensor-core products.
 const DECODE_MAX_GROUP: usize = 16;
 
-/// Whether [`decode_attention`] takes a model of `group` query heads per kv head of `head_dim`.
-pub fn decode_kernel_takes(group: usize, head_dim: usize) -> bool {
-    group <= DECODE_MAX_GROUP && matches!(head_dim, 64 | 128)
-}
-
 /// Whether [`decode_attention`] takes this step: q (B, K, R, E) bf16 on the GPU with R <= 16 query
 /// heads per kv head, E 64 or 128, and a mask of one row per batch row, if any.
 pub fn decode_attention_fits(q: &Tensor, s: usize, mask: Option<&Tensor>) -> bool {
     let Ok((b, _, r, e)) = q.dims4() else { return false };
-    applies(q) && decode_kernel_takes(r, e) && mask.is_none_or(|m| m.elem_count() == b * s)
-}
-
-/// The positions a batch's rows share with the other rows of their prompt, stored once per
-/// prompt: keys and values (P, K, len, E) bf16, and each row's prompt, on the host and as (B)
-/// u32 on the GPU.
-pub struct DecodePrefix<'a> {
-    pub keys: &'a Tensor,
-    pub values: &'a Tensor,
-    pub len: usize,
-    pub rows: &'a [usize],
-    pub prompt_of: &'a Tensor,
+    applies(q) && r <= DECODE_MAX_GROUP && matches!(e, 64 | 128) && mask.is_none_or(|m| m.elem_count() == b * s)
 }
 
 /// Attention of one new token per row against the KV cache: q (B, K, R, E) bf16, the whole
-/// caches (B, K, C, E), `mask` additive f32 (B, s) (any shape of that many elements) -> (B, K,
-/// R, E), for shapes [`decode_attention_fits`] accepts. A row's `s` keys are the first `s` of its
-/// cache, or with a `prefix`, the prefix's `len` of its prompt, then the first `s - len` of its
-/// cache.
+/// caches (B, K, C, E) of which the first `s` positions count, `mask` additive f32 (B, s) (any
+/// shape of that many elements) -> (B, K, R, E), for shapes [`decode_attention_fits`] accepts.
 pub fn decode_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     s: usize,
     mask: Option<&Tensor>,
-    prefix: Option<DecodePrefix>,
     scale: f64,
 ) -> Result<Tensor> {
     let mask = mask.map(|m| m.to_dtype(DType::F32)?.contiguous()).transpose()?;
-    if let Some(p) = &prefix {
-        let prompts = p.keys.dim(0)?;
-        if let Some(bad) = p.rows.iter().find(|&&r| r >= prompts) {
-            candle_core::bail!("decode-attention: a row of prompt {bad} where the prefix holds {prompts}");
-        }
-        if p.prompt_of.dims() != [p.rows.len()] || p.prompt_of.dtype() != DType::U32 {
-            candle_core::bail!("decode-attention: the rows' prompts on the GPU are {:?}", p.prompt_of.shape());
-        }
-    }
-    let prefix = prefix
-        .map(|p| -> Result<_> { Ok((p.keys.contiguous()?, p.values.contiguous()?, p.prompt_of.clone(), p.len)) })
-        .transpose()?;
     q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
-        &DecodeAttention { s, mask, prefix, scale: scale as f32 },
+        &DecodeAttention { s, mask, scale: scale as f32 },
     )
 }
 
 struct DecodeAttention {
     s: usize,
     mask: Option<Tensor>,
-    /// Keys, values, each row's prompt, length.
-    prefix: Option<(Tensor, Tensor, Tensor, usize)>,
     scale: f32,
-}
-
-impl DecodeAttention {
-    /// The kernel's prefix arguments (keys, values, rows' prompts, length), zeros for none, after
-    /// checking their shapes against the batch's q (B, K, R, E) and the `s` keys of a row.
-    fn prefix_args(&self, b: usize, heads: usize, e: usize) -> Result<(u64, u64, u64, i32)> {
-        let Some((pk, pv, rows, len)) = &self.prefix else { return Ok((0, 0, 0, 0)) };
-        let (prompts, pheads, plen, pe) = pk.dims4()?;
-        if pk.shape() != pv.shape() || pheads != heads || pe != e || plen != *len || *len > self.s {
-            candle_core::bail!(
-                "decode-attention: prefix keys {:?} and values {:?} of length {len} for {heads} kv heads of {e} and {} keys",
-                pk.shape(),
-                pv.shape(),
-                self.s
-            );
-        }
-        if rows.elem_count() != b || prompts == 0 {
-            candle_core::bail!("decode-attention: the prompts of {} rows for a batch of {b}", rows.elem_count());
-        }
-        let op = "decode-attention";
-        Ok((address(pk, op)?, address(pv, op)?, address(rows, op)?, *len as i32))
-    }
 }
 
 impl candle_core::CustomOp3 for DecodeAttention {
@@ -247,8 +192,7 @@ impl candle_core::CustomOp3 for DecodeAttention {
         let c = kl.shape().dims4()?.2;
         // The kernel reads the query, keys and values with 16-byte loads.
         let aligned = [ql, kl, vl].iter().all(|l| l.start_offset().is_multiple_of(8));
-        let own = self.s - self.prefix.as_ref().map_or(0, |p| p.3.min(self.s));
-        if r > DECODE_MAX_GROUP || !matches!(e, 64 | 128) || own > c || kl.shape() != vl.shape() || !aligned {
+        if r > DECODE_MAX_GROUP || !matches!(e, 64 | 128) || self.s > c || kl.shape() != vl.shape() || !aligned {
             candle_core::bail!(
                 "decode-attention: unsupported shapes q {:?}, cache {:?}, s {}",
                 ql.shape(),
@@ -256,41 +200,33 @@ impl candle_core::CustomOp3 for DecodeAttention {
                 self.s
             );
         }
-        let (pk, pv, prompt_of, plen) = self.prefix_args(b, heads, e)?;
-        let mask = match &self.mask {
-            Some(mask) if mask.elem_count() != b * self.s => candle_core::bail!(
-                "decode-attention: mask of {} values for {b} rows of {} keys",
-                mask.elem_count(),
-                self.s
-            ),
-            Some(mask) => address(mask, "decode-attention")?,
-            None => 0,
-        };
         let (qv, kv, vv) = (view::<bf16>(q, ql, "q")?, view::<bf16>(k, kl, "keys")?, view::<bf16>(v, vl, "values")?);
         let out = unsafe { dev.alloc::<bf16>(b * heads * r * e)? };
         let (h32, r32, c32, s32) = (heads as i32, r as i32, c as i32, self.s as i32);
         // One block per (row, kv head) with flash_forward's four tiles of shared memory.
         let cfg = flash_grid((b * heads) as u32, 1, e, 4, 0);
         let name = format!("decode_attention_{e}");
-        launch_with_shared!(
-            dev,
-            &name,
-            cfg,
-            &qv,
-            &kv,
-            &vv,
-            &pk,
-            &pv,
-            &prompt_of,
-            &plen,
-            &mask,
-            &out,
-            &h32,
-            &r32,
-            &c32,
-            &s32,
-            &self.scale
-        );
+        match &self.mask {
+            Some(mask) => {
+                if mask.elem_count() != b * self.s {
+                    candle_core::bail!(
+                        "decode-attention: mask of {} values for {b} rows of {} keys",
+                        mask.elem_count(),
+                        self.s
+                    );
+                }
+                let (ms, ml) = mask.storage_and_layout();
+                let candle_core::Storage::Cuda(ms) = &*ms else {
+                    candle_core::bail!("decode-attention: mask not on the GPU")
+                };
+                let mv = view::<f32>(ms, ml, "mask")?;
+                launch_with_shared!(dev, &name, cfg, &qv, &kv, &vv, &mv, &out, &h32, &r32, &c32, &s32, &self.scale);
+            }
+            None => {
+                let null = 0u64;
+                launch_with_shared!(dev, &name, cfg, &qv, &kv, &vv, &null, &out, &h32, &r32, &c32, &s32, &self.scale);
+            }
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), ql.shape().clone()))
     }
 }

@@ -7,61 +7,16 @@
 // path. The block streams the cache in tiles of 64 keys through shared memory, the next tile
 // fetched while the current one is used; warp w takes keys 16w..16w+15 of every tile with its
 // own online softmax, and the four warps' partial results are combined at the end.
-//   q: (B, K, R, E); k, v: (B, K, C, E); mask: (B, s) additive f32 (-inf hides a key), or null;
-//   out: (B, K, R, E); E = 64 or 128.
-// A row's s keys are its prompt's first plen, shared with the prompt's other rows (the n
-// completions of a prompt), then its own s - plen: pk, pv (P, K, plen, E) and prompt_of (B) name
-// them, or plen = 0 and the row's own tensors hold all s. The blocks of a prompt's rows run side
-// by side, so the shared keys are read from the memory about once and from the L2 cache after.
+//   q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used;
+//   mask: (B, s) additive f32 (-inf hides a key), or null; out: (B, K, R, E); E = 64 or 128.
 // Shared memory: the four key and value tiles of flash_forward, 4 * 64 * (E + 8) bf16, which
 // also hold the warps' partial results (4 * 16 * (E + 2) f32) at the end.
 #define DECODE_WARPS 4
 #define DECODE_ROWS 16
 
-// Where a row's keys (or values) lie: its first plen in the prompt's shared copy, the rest in
-// its own.
-struct DecodeKeys {
-    const __nv_bfloat16* shared;
-    const __nv_bfloat16* own;
-    int plen;
-};
-
-// fetch_tile for a row whose keys lie in two places: keys first..first+63 (those before end).
-template <int E, int P>
-__device__ __forceinline__ void fetch_split_tile(__nv_bfloat16* tile, DecodeKeys x, long first, long end) {
-    constexpr int PER_ROW = E / 8;  // 16-byte pieces
-    for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
-        const int r = i / PER_ROW, c = (i % PER_ROW) * 8;
-        const long key = first + r;
-        const bool in = key < end;
-        const __nv_bfloat16* src = !in ? x.own : key < x.plen ? x.shared + key * E + c : x.own + (key - x.plen) * E + c;
-        const uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
-        // A source size of 0 fills the 16 bytes with zeros.
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
-    }
-}
-
-// kv_stream_next over keys in two places: tile `it` (into ks, vs) once it has arrived, the next
-// one fetched meanwhile.
-template <int E, int P>
-__device__ __forceinline__ void decode_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf,
-                                                   DecodeKeys kx, DecodeKeys vx, int s, __nv_bfloat16*& ks,
-                                                   __nv_bfloat16*& vs) {
-    ks = kbuf + (it & 1) * FA_ROWS * P;
-    vs = vbuf + (it & 1) * FA_ROWS * P;
-    if (it + 1 < tiles) {
-        fetch_split_tile<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kx, (it + 1) * FA_ROWS, s);
-        fetch_split_tile<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vx, (it + 1) * FA_ROWS, s);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-}
-
 template <int E>
 __device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                 const __nv_bfloat16* pk, const __nv_bfloat16* pv, const unsigned int* prompt_of,
-                                 int plen, const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,
+                                 const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,
                                  float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -70,9 +25,8 @@ __device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k,
     __nv_bfloat16 *ks = kbuf, *vs = vbuf;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
     const long bk = blockIdx.x, b = bk / heads;
-    const long shared_at = plen > 0 ? ((long)prompt_of[b] * heads + bk % heads) * plen * E : 0;
-    const DecodeKeys kx{pk + shared_at, k + bk * c * E, plen};
-    const DecodeKeys vx{pv + shared_at, v + bk * c * E, plen};
+    const __nv_bfloat16* kh = k + bk * c * E;
+    const __nv_bfloat16* vh = v + bk * c * E;
     const float* bias = mask ? mask + b * s : nullptr;
 
     // The query heads as A fragments (every warp the same), staged through the key tile's space.
@@ -87,12 +41,10 @@ __device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k,
     float o[E / 8][4];
     for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     const int tiles = (s + FA_ROWS - 1) / FA_ROWS;
-    fetch_split_tile<E, P>(kbuf, kx, 0, s);
-    fetch_split_tile<E, P>(vbuf, vx, 0, s);
-    cp_async_commit();
+    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
     for (int it = 0; it < tiles; ++it) {
         const int s0 = it * FA_ROWS + warp * 16;  // the warp's first key
-        decode_stream_next<E, P>(it, tiles, kbuf, vbuf, kx, vx, s, ks, vs);
+        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
         // S = Q K^T: 16 heads x the warp's 16 keys.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         for (int kk = 0; kk < E / 16; ++kk) {
@@ -194,10 +146,9 @@ __device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k,
 #define DECODE_KERNEL(E)                                                                                      \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
         decode_attention_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,         \
-                             const __nv_bfloat16* pk, const __nv_bfloat16* pv, const unsigned int* prompt_of, \
-                             int plen, const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s, \
+                             const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,          \
                              float scale) {                                                                   \
-        decode_attention<E>(q, k, v, pk, pv, prompt_of, plen, mask, out, heads, r, c, s, scale);              \
+        decode_attention<E>(q, k, v, mask, out, heads, r, c, s, scale);                                       \
     }
 DECODE_KERNEL(64)
 DECODE_KERNEL(128)
