@@ -876,3 +876,17 @@ fn logprobs_on_the_gpu_in_bf16_are_those_of_the_cpu_in_f32() {
         }
     }
 }
+
+#[test]
+fn groups_of_other_lengths_decoding_in_one_step_on_the_gpu_give_the_logits_of_each_alone() {
+    use loralab::model::{load::read_decoder, LoadOptions};
+    let dec = read_decoder(&fixture("tiny-qwen2"), &LoadOptions { dtype: DType::BF16, device: gpu() }).unwrap();
+    let together = common::logits_of_two_groups(&dec, &gpu(), true);
+    let apart = common::logits_of_two_groups(&dec, &gpu(), false);
+    for (step, (a, b)) in together.iter().zip(&apart).enumerate() {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // The products' roundings may depend on their number of rows; bf16's tolerance.
+        assert!(diff <= 2e-2 * scale, "step {step}: {diff} against {scale}");
+    }
+}

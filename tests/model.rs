@@ -137,3 +137,11 @@ fn rows_reading_their_prompts_shared_keys_decode_the_same_logits_as_rows_with_co
         assert_eq!(logits[0], logits[1], "step {step}");
     }
 }
+
+#[test]
+fn groups_of_other_lengths_decoding_in_one_step_give_each_rows_logits_of_its_group_alone() {
+    let dec = read_decoder(&fixtures().join("tiny-qwen2"), &cpu_f32()).unwrap();
+    let together = common::logits_of_two_groups(&dec, &Device::Cpu, true);
+    let apart = common::logits_of_two_groups(&dec, &Device::Cpu, false);
+    assert_eq!(together, apart);
+}

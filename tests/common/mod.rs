@@ -148,3 +148,68 @@ pub fn left_padded_logits(dec: &Decoder, case: &Value) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// Two groups of prompts prefilled apart (left-padded to 5 and to 3 tokens), each with its cache.
+fn two_prefilled_groups(
+    dec: &loralab::model::Decoder,
+    dev: &Device,
+) -> Vec<(loralab::model::KvCache, usize, Vec<usize>)> {
+    use loralab::model::{decoder::Mask, KvCache, Pass};
+    use loralab::sample::prefill_mask;
+    let groups: [(Vec<Vec<u32>>, usize); 2] =
+        [(vec![vec![3, 17, 9, 40, 12], vec![25, 6, 31]], 5), (vec![vec![8, 2, 44], vec![19, 23]], 3)];
+    groups
+        .iter()
+        .map(|(prompts, l)| {
+            let pads: Vec<usize> = prompts.iter().map(|p| l - p.len()).collect();
+            let ids: Vec<u32> =
+                prompts.iter().flat_map(|p| std::iter::repeat_n(0, l - p.len()).chain(p.clone())).collect();
+            let ids = Tensor::from_vec(ids, (prompts.len(), *l), dev).unwrap();
+            let mut cache = KvCache::new(&dec.config, prompts.len(), l + 4, dec.dtype, dev).unwrap();
+            let mask = Mask::Rows(prefill_mask(&pads, *l, dev).unwrap());
+            dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(None)).unwrap();
+            (cache, *l, pads)
+        })
+        .collect()
+}
+
+/// Four decoding steps of the two groups of [`two_prefilled_groups`]: their rows' logits, the
+/// groups one after the other, from one step of both (`together`) or a step of each.
+pub fn logits_of_two_groups(dec: &Decoder, dev: &Device, together: bool) -> Vec<Vec<f32>> {
+    use loralab::model::{decoder::DecodeSegment, decoder::Mask, Pass};
+    use loralab::sample::decode_mask;
+    let mut groups = two_prefilled_groups(dec, dev);
+    let mut out = Vec::new();
+    for step in 0..4usize {
+        let masks: Vec<Mask> =
+            groups.iter().map(|(_, l, pads)| Mask::Rows(decode_mask(pads, l + step + 1, dev).unwrap())).collect();
+        let fed: Vec<Vec<u32>> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, (_, _, pads))| (0..pads.len()).map(|r| (5 * g + 3 * r + 7 * step + 1) as u32 % 50).collect())
+            .collect();
+        let mut segments: Vec<DecodeSegment> = groups
+            .iter_mut()
+            .zip(&masks)
+            .map(|((cache, l, pads), mask)| DecodeSegment { rows: pads.len(), pos: *l + step, mask, cache })
+            .collect();
+        let logits = |ids: Vec<u32>, segments: &mut [DecodeSegment]| {
+            let ids = Tensor::from_vec(ids.clone(), (ids.len(), 1), dev).unwrap();
+            let h = dec.decode_step(&ids, segments, Pass::infer(None)).unwrap();
+            dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        match together {
+            true => out.push(logits(fed.concat(), &mut segments)),
+            false => {
+                for (i, ids) in fed.into_iter().enumerate() {
+                    out.push(logits(ids, &mut segments[i..i + 1]));
+                }
+            }
+        }
+    }
+    // Per step, both groups' rows: the same layout either way.
+    match together {
+        true => out,
+        false => out.chunks(2).map(|pair| pair.concat()).collect(),
+    }
+}
