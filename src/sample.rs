@@ -49,6 +49,11 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Most rows decoded at once (memory bound: the KV cache grows with it).
     pub batch_size: usize,
+    /// Prompts prefilled together, left-padded to the longest of them, whose rows then join the
+    /// batch in flight together; 0: `batch_size / n`. Groups smaller than the batch keep it
+    /// full as rows finish, where one group the size of the batch runs its last steps with its
+    /// longest completions alone.
+    pub group_size: usize,
     /// Generate exactly `max_tokens` tokens, ignoring stop tokens (for benchmarks).
     pub ignore_eos: bool,
 }
@@ -65,6 +70,7 @@ impl Default for SampleOptions {
             stop_token_ids: Vec::new(),
             seed: 0,
             batch_size: 64,
+            group_size: 0,
             ignore_eos: false,
         }
     }
@@ -81,6 +87,13 @@ impl SampleOptions {
         anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1] (got {})", self.top_p);
         anyhow::ensure!(self.max_tokens >= 1, "max_tokens must be >= 1 (got {})", self.max_tokens);
         anyhow::ensure!(self.batch_size >= 1, "batch_size must be >= 1 (got {})", self.batch_size);
+        anyhow::ensure!(
+            self.group_size * self.n.min(self.batch_size) <= self.batch_size,
+            "group_size {} x n {} completions is more than batch_size {} rows; lower group_size (0: batch_size / n)",
+            self.group_size,
+            self.n,
+            self.batch_size
+        );
         Ok(())
     }
 }
@@ -150,8 +163,11 @@ pub fn sample(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let units: VecDeque<Unit> = if opts.n <= opts.batch_size {
-        // Whole prompts together, `batch_size / n` of them at a time.
-        let per_group = (opts.batch_size / opts.n).max(1);
+        // Whole prompts together, `group_size` (by default `batch_size / n`) of them at a time.
+        let per_group = match opts.group_size {
+            0 => (opts.batch_size / opts.n).max(1),
+            size => size,
+        };
         order.chunks(per_group).map(|group| Unit { prompts: group.to_vec(), completions: 0..opts.n }).collect()
     } else {
         // More completions of a prompt than rows allowed at once: its completions in slices of

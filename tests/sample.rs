@@ -73,6 +73,21 @@ fn a_prompt_that_joins_the_batch_as_rows_finish_draws_what_it_draws_after_them()
 }
 
 #[test]
+fn prompts_in_groups_of_one_draw_what_they_draw_alone_and_a_group_must_fit_in_the_batch() {
+    let (m, prompts) = setup();
+    let grouped = SampleOptions { group_size: 1, batch_size: 6, ..opts(3, 4) };
+    let (both, stats) = sample(&m, None, &prompts, &grouped).unwrap();
+    assert_eq!(stats.peak_rows, 6);
+    // The first prompt in a group of its own: no padding, as when it is sampled alone.
+    let (alone, _) = sample(&m, None, &prompts[..1], &opts(3, 4)).unwrap();
+    let ids = |x: &[loralab::sample::Completion]| x.iter().map(|c| c.token_ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&both[0]), ids(&alone[0]));
+    let too_big = SampleOptions { group_size: 3, batch_size: 6, ..opts(3, 4) };
+    let err = sample(&m, None, &prompts, &too_big).unwrap_err().to_string();
+    assert!(err.contains("group_size 3") && err.contains("batch_size 6"), "{err}");
+}
+
+#[test]
 fn rows_stop_at_max_tokens_or_a_stop_string() {
     let (m, prompts) = setup();
     let (out, stats) =

@@ -194,6 +194,7 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         stop_token_ids: o.get_or(lua, "stop_token_ids", Vec::new())?,
         seed: o.get_or(lua, "seed", d.seed)?,
         batch_size: o.get_or(lua, "batch_size", d.batch_size)?,
+        group_size: o.get_or(lua, "group_size", d.group_size)?,
         ignore_eos: o.get_or(lua, "ignore_eos", d.ignore_eos)?,
     };
     let adapter = adapter_option(lua, &mut o)?;
