@@ -160,9 +160,26 @@ pub fn sample(
     }
     let mut stop_ids = if opts.ignore_eos { Vec::new() } else { model.tokenizer.stop_ids.clone() };
     stop_ids.extend(&opts.stop_token_ids);
+    let mut sampler =
+        Sampler { model, adapter, prompts, opts, stop_ids: &stop_ids, rows: Vec::new(), stats: SampleStats::default() };
+    sampler.run(units(prompts, opts))?;
+    let Sampler { rows, stats, .. } = sampler;
+    let results = completions(model, rows, prompts.len(), opts)?;
+    if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
+        eprintln!(
+            "profile of sample (LORALAB_PROFILE): {} prompt tokens, {} generated, {} decoding steps\n{table}",
+            stats.prompt_tokens, stats.generated_tokens, stats.decode_steps
+        );
+    }
+    Ok((results, stats))
+}
+
+/// The prompts in units (sorted by length, so that a unit's padding is short) and the
+/// completions each unit draws.
+fn units(prompts: &[Vec<u32>], opts: &SampleOptions) -> VecDeque<Unit> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
-    let units: VecDeque<Unit> = if opts.n <= opts.batch_size {
+    if opts.n <= opts.batch_size {
         // Whole prompts together, `group_size` (by default `batch_size / n`) of them at a time.
         let per_group = match opts.group_size {
             0 => (opts.batch_size / opts.n).max(1),
@@ -178,13 +195,18 @@ pub fn sample(
                 .map(move |start| Unit { prompts: vec![i], completions: start..(start + opts.batch_size).min(opts.n) })
         };
         order.iter().flat_map(|&i| slices(i)).collect()
-    };
-    let mut sampler =
-        Sampler { model, adapter, prompts, opts, stop_ids: &stop_ids, rows: Vec::new(), stats: SampleStats::default() };
-    sampler.run(units)?;
-    let Sampler { rows, stats, .. } = sampler;
-    let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
-    // Rows were made in the order of their units, and within one by prompt and completion.
+    }
+}
+
+/// The finished rows as each prompt's completions, texts cut at the first stop string. Rows were
+/// made in the order of their units, and within one by prompt and completion.
+fn completions(
+    model: &Model,
+    rows: Vec<Row>,
+    prompts: usize,
+    opts: &SampleOptions,
+) -> anyhow::Result<Vec<Vec<Completion>>> {
+    let mut results: Vec<Vec<Completion>> = vec![Vec::new(); prompts];
     for row in rows {
         let mut text = model.tokenizer.decode(&row.tokens, true)?;
         if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -196,13 +218,7 @@ pub fn sample(
             finish_reason: row.done.unwrap_or(FinishReason::Length),
         });
     }
-    if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
-        eprintln!(
-            "profile of sample (LORALAB_PROFILE): {} prompt tokens, {} generated, {} decoding steps\n{table}",
-            stats.prompt_tokens, stats.generated_tokens, stats.decode_steps
-        );
-    }
-    Ok((results, stats))
+    Ok(results)
 }
 
 /// Prompts prefilled together, left-padded to the longest, and the completions of each to draw.
