@@ -88,7 +88,7 @@ impl SampleOptions {
         anyhow::ensure!(self.max_tokens >= 1, "max_tokens must be >= 1 (got {})", self.max_tokens);
         anyhow::ensure!(self.batch_size >= 1, "batch_size must be >= 1 (got {})", self.batch_size);
         anyhow::ensure!(
-            self.group_size * self.n.min(self.batch_size) <= self.batch_size,
+            self.group_size.saturating_mul(self.n.min(self.batch_size)) <= self.batch_size,
             "group_size {} x n {} completions is more than batch_size {} rows; lower group_size (0: batch_size / n)",
             self.group_size,
             self.n,

@@ -118,6 +118,12 @@ print(ok, err)
 }
 
 #[test]
+fn a_sampling_group_larger_than_the_batch_is_refused_naming_group_size() {
+    fails_naming("tiny():sample({ {1, 2} }, { n = 4, batch_size = 8, group_size = 3 })", "lower group_size");
+    fails_naming("tiny():sample({ {1, 2} }, { n = 4, batch_size = 8, group_size = 2^62 })", "lower group_size");
+}
+
+#[test]
 fn a_kv_cache_larger_than_memory_is_refused_naming_batch_size() {
     fails_naming(
         "tiny({ max_position_embeddings = 4000000 }):sample({ {1, 2} }, { n = 100000, batch_size = 100000, max_tokens = 3000 })",
