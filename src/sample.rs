@@ -50,9 +50,9 @@ pub struct SampleOptions {
     /// Most rows decoded at once (memory bound: the KV cache grows with it).
     pub batch_size: usize,
     /// Prompts prefilled together, left-padded to the longest of them, whose rows then join the
-    /// batch in flight together; 0: `batch_size / n`. Groups smaller than the batch keep it
-    /// full as rows finish, where one group the size of the batch runs its last steps with its
-    /// longest completions alone.
+    /// batch in flight together; 0: `batch_size / n`. With 1 no prompt is padded, so a prompt's
+    /// completions do not depend on the others'. Groups smaller than the batch keep it fuller as
+    /// rows finish, but each group in flight runs its own attention.
     pub group_size: usize,
     /// Generate exactly `max_tokens` tokens, ignoring stop tokens (for benchmarks).
     pub ignore_eos: bool,
