@@ -280,7 +280,7 @@ impl Sampler<'_> {
         loop {
             // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
             crate::interrupt::check()?;
-            segments.retain(|s| s.finished(&self.rows) < s.live.len());
+            self.retire(&mut segments);
             for segment in segments.iter_mut() {
                 self.compact(segment)?;
             }
@@ -295,7 +295,7 @@ impl Sampler<'_> {
                 self.take_tokens(&segment)?;
                 segments.push(segment);
             }
-            segments.retain(|s| s.finished(&self.rows) < s.live.len());
+            self.retire(&mut segments);
             if segments.is_empty() {
                 match units.is_empty() {
                     true => break,
@@ -310,6 +310,11 @@ impl Sampler<'_> {
         let prefill = self.stats.prefill_seconds - prefill_before;
         self.stats.decode_seconds += t0.elapsed().as_secs_f64() - prefill;
         Ok(())
+    }
+
+    /// Drops the segments whose rows have all finished, and their caches.
+    fn retire(&self, segments: &mut Vec<Segment>) {
+        segments.retain(|s| s.finished(&self.rows) < s.live.len());
     }
 
     /// Prefills a unit's prompts: (P, L) left-padded ids -> its segment, with each row's first

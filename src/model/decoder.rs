@@ -1101,11 +1101,7 @@ impl Decoder {
         let (b, t) = ids.dims2()?;
         let windowed = self.windowed_mask(mask, b, pos, t)?;
         let span = Span { rope: &self.rope, pos, mask, windowed: windowed.as_ref() };
-        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
-        let x = match self.embed_scale {
-            Some(scale) => (x * scale)?,
-            None => x,
-        };
+        let x = self.embed(ids)?;
         // The residual stream after the layers, and the last layer's branch where it is not added
         // to it yet.
         let (h, pending) = match (self.layers_run(pass, cache.is_some()), pass.sink) {
@@ -1162,6 +1158,15 @@ impl Decoder {
         Mask::windowed(mask, b, pos, t, w, &self.device).map(Some)
     }
 
+    /// ids (B, T) -> the embeddings (B, T, D), scaled where the family scales them.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
+        match self.embed_scale {
+            Some(scale) => x * scale,
+            None => Ok(x),
+        }
+    }
+
     /// One decoding step of several groups of rows at once ([`DecodeSegment`]), whose positions
     /// and caches differ: ids (B, 1), the groups' rows consecutive in their order -> hidden (B, 1,
     /// D). Each row gets what [`Decoder::forward_hidden`] gives it in its group alone (every op
@@ -1182,12 +1187,7 @@ impl Decoder {
             .zip(&windowed)
             .map(|(s, w)| Span { rope: &self.rope, pos: s.pos, mask: Some(s.mask), windowed: w.as_ref() })
             .collect();
-        let x = candle_nn::Embedding::new(self.embed_tokens.clone(), self.config.hidden_size).forward(ids)?;
-        let x = match self.embed_scale {
-            Some(scale) => (x * scale)?,
-            None => x,
-        };
-        let (mut x, mut pending) = (x, None);
+        let (mut x, mut pending) = (self.embed(ids)?, None);
         for (i, layer) in self.layers.iter().enumerate() {
             let (x1, h) = layer.forward_unadded_segments(&x, pending.as_ref(), segments, &spans, pass, i)?;
             (x, pending) = (x1, Some(h));
