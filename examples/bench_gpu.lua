@@ -6,8 +6,8 @@
 --   loralab run examples/bench_gpu.lua --set reference_only=true           -- the reference alone
 --   loralab run examples/bench_gpu.lua --set seq=2048 --set gradient_checkpointing=true
 --
---   loralab run examples/bench_gpu.lua --set ends=300 --set group_size=21  -- completions of varied
---                                     lengths, groups of 21 prompts joining the batch in flight
+--   loralab run examples/bench_gpu.lua --set ends=300 [--set continuous=false]  -- completions of
+--                                     varied lengths, joining the batch as slots free
 --
 -- The reference samples `ref_prompts` of the prompts (transformers' generate keeps every row
 -- of a batch to the end; the study's 336 prompts x 10 x 512 tokens would take it many minutes):
@@ -17,7 +17,7 @@ local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
   seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, lora_dropout = 0.0, gradient_checkpointing = false,
   prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0, top_p = 1.0,
-  ends = 0, group_size = 0,
+  ends = 0, group_size = 0, continuous = true,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
 
@@ -60,7 +60,9 @@ end
 -- max_tokens new tokens; or with `ends` > 0, completions that end at any of `ends` token ids
 -- spread over the vocabulary (random weights never draw the end-of-turn token), so that each
 -- step ends about ends / vocabulary of the rows, up to max_tokens: lengths varied like a real
--- model's, for which `group_size` (model:sample's) lets groups join the batch as rows end.
+-- model's. Rows that end free their slots for the next prompts' rows (continuous batching;
+-- `--set continuous=false`: groups of `group_size` prompts, each with its own cache, join the batch
+-- in flight instead).
 if not s.skip:find("sample") and not s.reference_only then
   local prompts, state = {}, 777
   for i = 1, s.prompts do
@@ -74,7 +76,7 @@ if not s.skip:find("sample") and not s.reference_only then
   for i = 1, s.ends do stops[i] = (i * vocab) // (s.ends + 1) end
   local _, st = model:sample(prompts, { n = s.n, max_tokens = s.max_tokens, ignore_eos = s.ends == 0, seed = 1,
                                         batch_size = s.sample_batch, top_p = s.top_p, stop_token_ids = stops,
-                                        group_size = s.group_size })
+                                        group_size = s.group_size, continuous_batching = s.continuous })
   local secs = lab.sys.time() - t0
   result.sample = { generated_tokens_per_second = st.generated_tokens / secs, seconds = secs,
                     generated_tokens = st.generated_tokens }

@@ -29,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::adapter::Adapter;
 use crate::model::decoder::{DecodeSegment, Mask};
-use crate::model::{KvCache, Model, Pass};
+use crate::model::{KvCache, Model, Pass, SlotCache};
 
 /// Sampling settings, named as in transformers' `generate` / vLLM's `SamplingParams`.
 #[derive(Debug, Clone)]
@@ -56,6 +56,12 @@ pub struct SampleOptions {
     pub group_size: usize,
     /// Generate exactly `max_tokens` tokens, ignoring stop tokens (for benchmarks).
     pub ignore_eos: bool,
+    /// Where the model decodes from slots ([`Decoder::slots_apply`]: on the GPU in bf16), every
+    /// row decodes in a slot of one cache and a group joins the batch as soon as enough slots
+    /// are free, in the same decoding step as the rows in flight. `group_size` 0 then means
+    /// the largest divisor of `batch_size / n` up to an eighth of it. Otherwise (and with false)
+    /// groups decode beside each other, each with its own cache.
+    pub continuous_batching: bool,
 }
 
 impl Default for SampleOptions {
@@ -72,6 +78,7 @@ impl Default for SampleOptions {
             batch_size: 64,
             group_size: 0,
             ignore_eos: false,
+            continuous_batching: true,
         }
     }
 }
@@ -162,7 +169,11 @@ pub fn sample(
     stop_ids.extend(&opts.stop_token_ids);
     let mut sampler =
         Sampler { model, adapter, prompts, opts, stop_ids: &stop_ids, rows: Vec::new(), stats: SampleStats::default() };
-    sampler.run(units(prompts, opts))?;
+    let continuous = opts.continuous_batching && model.decoder.slots_apply(Pass::infer(adapter));
+    match continuous {
+        true => sampler.run_slots(units(prompts, opts, continuous))?,
+        false => sampler.run(units(prompts, opts, continuous))?,
+    }
     let Sampler { rows, stats, .. } = sampler;
     let results = completions(model, rows, prompts.len(), opts)?;
     if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
@@ -176,14 +187,15 @@ pub fn sample(
 
 /// The prompts in units (sorted by length, so that a unit's padding is short) and the
 /// completions each unit draws.
-fn units(prompts: &[Vec<u32>], opts: &SampleOptions) -> VecDeque<Unit> {
+fn units(prompts: &[Vec<u32>], opts: &SampleOptions, continuous: bool) -> VecDeque<Unit> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     if opts.n <= opts.batch_size {
-        // Whole prompts together, `group_size` (by default `batch_size / n`) of them at a time.
-        let per_group = match opts.group_size {
-            0 => (opts.batch_size / opts.n).max(1),
-            size => size,
+        // Whole prompts together, `group_size` of them at a time.
+        let per_group = match (opts.group_size, continuous) {
+            (0, false) => (opts.batch_size / opts.n).max(1),
+            (0, true) => continuous_group((opts.batch_size / opts.n).max(1)),
+            (size, _) => size,
         };
         order.chunks(per_group).map(|group| Unit { prompts: group.to_vec(), completions: 0..opts.n }).collect()
     } else {
@@ -196,6 +208,13 @@ fn units(prompts: &[Vec<u32>], opts: &SampleOptions) -> VecDeque<Unit> {
         };
         order.iter().flat_map(|&i| slices(i)).collect()
     }
+}
+
+/// The default group of continuous batching for `per_batch` prompts in a full batch: the largest
+/// divisor of it up to an eighth of it, so that freed slots take a group soon (at least eight
+/// groups fill the batch) and groups fill the whole batch at once.
+fn continuous_group(per_batch: usize) -> usize {
+    (1..=(per_batch / 8).max(1)).rev().find(|g| per_batch.is_multiple_of(*g)).unwrap_or(1)
 }
 
 /// The finished rows as each prompt's completions, texts cut at the first stop string. Rows were
@@ -258,6 +277,21 @@ impl Segment {
     }
 }
 
+/// A row decoding in a slot of a [`SlotCache`] (continuous batching).
+struct SlotRow {
+    /// Its index in the sampler's rows.
+    row: usize,
+    slot: usize,
+    /// Positions its slot holds: its prompt's (without the padding) and the tokens fed so far.
+    held: usize,
+    /// The position of the token fed next, counted as in its group: its padding included.
+    pos: usize,
+    /// The token it was drawn last, fed next.
+    next: u32,
+    /// Decoding steps since its prefill (its sampling noise's step).
+    step: u32,
+}
+
 /// Draws the completions of units of prompts. A unit is prefilled once, then its rows decode in
 /// a batch with those of the other units in flight, each unit with its own cache and positions;
 /// finished rows leave the batch (cache included) once they are a share of their unit's, and
@@ -292,7 +326,7 @@ impl Sampler<'_> {
                 }
                 let unit = units.pop_front().expect("a unit is waiting");
                 let segment = self.prefill(&unit, in_flight)?;
-                self.take_tokens(&segment)?;
+                self.take_tokens(&segment.live, &segment.next)?;
                 segments.push(segment);
             }
             self.retire(&mut segments);
@@ -304,11 +338,122 @@ impl Sampler<'_> {
             }
             self.decode(&mut segments)?;
             for segment in &segments {
-                self.take_tokens(segment)?;
+                self.take_tokens(&segment.live, &segment.next)?;
             }
         }
         let prefill = self.stats.prefill_seconds - prefill_before;
         self.stats.decode_seconds += t0.elapsed().as_secs_f64() - prefill;
+        Ok(())
+    }
+
+    /// Continuous batching: every row decodes in a slot of one [`SlotCache`], and a unit joins as
+    /// soon as its rows find free slots, in the same decoding step as the rows in flight (one
+    /// product per projection and one attention launch for all of them).
+    fn run_slots(&mut self, mut units: VecDeque<Unit>) -> anyhow::Result<()> {
+        let (dec, opts) = (&self.model.decoder, self.opts);
+        let rows: usize = units.iter().map(|u| u.prompts.len() * u.completions.len()).sum();
+        let slots = opts.batch_size.min(rows);
+        let capacity = self.prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_tokens;
+        check_cache_fits(&dec.config, slots, capacity, dec.dtype, &dec.device, opts)?;
+        let cache = SlotCache::new(&dec.config, slots, capacity, dec.dtype, &dec.device)?;
+        let mut free: Vec<usize> = (0..slots).rev().collect();
+        let mut live: Vec<SlotRow> = Vec::new();
+        let t0 = Instant::now();
+        let prefill_before = self.stats.prefill_seconds;
+        loop {
+            // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
+            crate::interrupt::check()?;
+            while let Some(unit) = units.front() {
+                if unit.prompts.len() * unit.completions.len() > free.len() {
+                    break;
+                }
+                let unit = units.pop_front().expect("a unit is waiting");
+                let joined = self.prefill_slots(&unit, &cache, &mut free)?;
+                live.extend(joined);
+                self.stats.peak_rows = self.stats.peak_rows.max(live.len());
+            }
+            self.free_slots(&mut live, &mut free);
+            if live.is_empty() {
+                match units.is_empty() {
+                    true => break,
+                    false => continue,
+                }
+            }
+            self.decode_slots(&cache, &mut live)?;
+            self.free_slots(&mut live, &mut free);
+        }
+        let prefill = self.stats.prefill_seconds - prefill_before;
+        self.stats.decode_seconds += t0.elapsed().as_secs_f64() - prefill;
+        Ok(())
+    }
+
+    /// Drops the finished rows, their slots freed for the next units.
+    fn free_slots(&self, live: &mut Vec<SlotRow>, free: &mut Vec<usize>) {
+        live.retain(|r| match self.rows[r.row].done {
+            Some(_) => {
+                free.push(r.slot);
+                false
+            }
+            None => true,
+        });
+    }
+
+    /// Prefills a unit's prompts and moves their keys and values into free slots, one per row:
+    /// its rows, each with its first token drawn.
+    fn prefill_slots(&mut self, unit: &Unit, cache: &SlotCache, free: &mut Vec<usize>) -> anyhow::Result<Vec<SlotRow>> {
+        let device = self.model.decoder.device.clone();
+        let n = unit.completions.len();
+        let t0 = Instant::now();
+        let (prefilled, logits, pads) = self.prefill_prompts(unit, 0)?;
+        let l = prefilled.len;
+        let first = self.new_rows(unit);
+        // Each row's prompt within the unit, and its slot.
+        let expand: Vec<usize> = (0..unit.prompts.len()).flat_map(|k| std::iter::repeat_n(k, n)).collect();
+        let taken = free.split_off(free.len() - expand.len());
+        let fill: Vec<u32> =
+            expand.iter().zip(&taken).flat_map(|(&k, &slot)| [k as u32, slot as u32, pads[k] as u32]).collect();
+        cache.fill(&prefilled, &Tensor::from_vec(fill, (expand.len(), 3), &device)?)?;
+        let index: Vec<u32> = expand.iter().map(|&k| k as u32).collect();
+        let first_logits = logits.index_select(&Tensor::new(index.as_slice(), &device)?, 0)?;
+        let rows: Vec<usize> = (first..self.rows.len()).collect();
+        let next = choose_tokens(&first_logits, &mut self.rows, &rows, 0, self.opts)?;
+        self.take_tokens(&rows, &next)?;
+        self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
+        let joined = rows.into_iter().zip(expand).zip(taken).zip(next);
+        Ok(joined
+            .map(|(((row, k), slot), next)| SlotRow { row, slot, held: l - pads[k], pos: l, next, step: 0 })
+            .collect())
+    }
+
+    /// One decoding step of every row in its slot: feeds each row its last token and draws the next.
+    fn decode_slots(&mut self, cache: &SlotCache, live: &mut [SlotRow]) -> anyhow::Result<()> {
+        let dec = &self.model.decoder;
+        let device = dec.device.clone();
+        let phase = crate::profile::phase("ids and masks", &device);
+        let ids = Tensor::from_vec(live.iter().map(|r| r.next).collect(), (live.len(), 1), &device)?;
+        let at: Vec<u32> = live.iter().flat_map(|r| [r.slot as u32, r.held as u32, r.pos as u32]).collect();
+        let at = Tensor::from_vec(at, (live.len(), 3), &device)?;
+        drop(phase);
+        self.stats.decode_steps += 1;
+        let hidden = dec.decode_slots(&ids, cache, &at, Pass::infer(self.adapter))?;
+        let logits = dec.logits_as_computed(&hidden)?.squeeze(1)?; // (N, V)
+        let _phase = crate::profile::phase("sampling (cuts, draws)", &device);
+        for r in live.iter_mut() {
+            (r.held, r.pos, r.step) = (r.held + 1, r.pos + 1, r.step + 1);
+        }
+        // The rows of a unit are consecutive and share their step: one draw per run of them.
+        let mut first = 0;
+        while first < live.len() {
+            let step = live[first].step;
+            let end = first + live[first..].iter().take_while(|r| r.step == step).count();
+            let rows: Vec<usize> = live[first..end].iter().map(|r| r.row).collect();
+            let next = choose_tokens(&logits.narrow(0, first, end - first)?, &mut self.rows, &rows, step, self.opts)?;
+            self.take_tokens(&rows, &next)?;
+            for (r, tok) in live[first..end].iter_mut().zip(next) {
+                r.next = tok;
+            }
+            first = end;
+        }
         Ok(())
     }
 
@@ -322,44 +467,13 @@ impl Sampler<'_> {
     fn prefill(&mut self, unit: &Unit, in_flight: usize) -> anyhow::Result<Segment> {
         let (dec, opts) = (&self.model.decoder, self.opts);
         let device = dec.device.clone();
-        let prompts: Vec<&[u32]> = unit.prompts.iter().map(|&i| self.prompts[i].as_slice()).collect();
-        let (p, n) = (prompts.len(), unit.completions.len());
-        let l = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
-        let pads: Vec<usize> = prompts.iter().map(|x| l - x.len()).collect();
-        let t0 = Instant::now();
-        let mut ids = Vec::with_capacity(p * l);
-        for (x, &pad) in prompts.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(0u32, pad));
-            ids.extend_from_slice(x);
-        }
-        let ids = Tensor::from_vec(ids, (p, l), &device)?;
-        let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
+        let (p, n) = (unit.prompts.len(), unit.completions.len());
+        let l = unit.prompts.iter().map(|&i| self.prompts[i].len()).max().unwrap_or(0);
         check_cache_fits(&dec.config, in_flight + p * n, l + opts.max_tokens, dec.dtype, &device, opts)?;
         self.stats.peak_rows = self.stats.peak_rows.max(in_flight + p * n);
-        let mut cache = KvCache::new(&dec.config, p, l + opts.max_tokens, dec.dtype, &device)?;
-        let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(self.adapter))?;
-        let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
-        self.stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
-
-        // n rows per prompt, each with its own random stream.
-        let first = self.rows.len();
-        for &pid in &unit.prompts {
-            for j in unit.completions.clone() {
-                let seed = opts.seed
-                    ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(j as u64);
-                self.rows.push(Row {
-                    prompt: pid,
-                    tokens: Vec::new(),
-                    key: seed,
-                    rng,
-                    done: None,
-                    text_len_checked: 0,
-                });
-            }
-        }
+        let t0 = Instant::now();
+        let (mut cache, logits, pads) = self.prefill_prompts(unit, opts.max_tokens)?;
+        let first = self.new_rows(unit);
         // Each row's prompt within the unit.
         let expand: Vec<u32> = (0..p as u32).flat_map(|k| std::iter::repeat_n(k, n)).collect();
         // On the CPU the rows of a prompt read its positions from one copy of them, where
@@ -376,14 +490,62 @@ impl Sampler<'_> {
         Ok(Segment { cache, live, pads, next, prompt_len: l, pos: l })
     }
 
-    /// Takes the tokens a segment's rows were drawn: each ends its row or joins its completion.
-    fn take_tokens(&mut self, segment: &Segment) -> anyhow::Result<()> {
-        for (slot, &r) in segment.live.iter().enumerate() {
+    /// Runs a unit's prompts, left-padded to the longest (L), through the model: their cache
+    /// (with room for `room` more positions), the logits of each prompt's next token (P, V), and
+    /// each prompt's padding.
+    fn prefill_prompts(&mut self, unit: &Unit, room: usize) -> anyhow::Result<(KvCache, Tensor, Vec<usize>)> {
+        let dec = &self.model.decoder;
+        let device = dec.device.clone();
+        let prompts: Vec<&[u32]> = unit.prompts.iter().map(|&i| self.prompts[i].as_slice()).collect();
+        let p = prompts.len();
+        let l = prompts.iter().map(|x| x.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|x| l - x.len()).collect();
+        let mut ids = Vec::with_capacity(p * l);
+        for (x, &pad) in prompts.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(x);
+        }
+        let ids = Tensor::from_vec(ids, (p, l), &device)?;
+        let mask = Mask::Rows(prefill_mask(&pads, l, &device)?);
+        let mut cache = KvCache::new(&dec.config, p, l + room, dec.dtype, &device)?;
+        let hidden = dec.forward_hidden(&ids, 0, Some(&mask), Some(&mut cache), Pass::infer(self.adapter))?;
+        let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
+        self.stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
+        Ok((cache, logits, pads))
+    }
+
+    /// The rows of a unit's completions, n per prompt, each with its own random stream; returns
+    /// the index of the first.
+    fn new_rows(&mut self, unit: &Unit) -> usize {
+        let first = self.rows.len();
+        for &pid in &unit.prompts {
+            for j in unit.completions.clone() {
+                let seed = self.opts.seed
+                    ^ (pid as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (j as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(j as u64);
+                self.rows.push(Row {
+                    prompt: pid,
+                    tokens: Vec::new(),
+                    key: seed,
+                    rng,
+                    done: None,
+                    text_len_checked: 0,
+                });
+            }
+        }
+        first
+    }
+
+    /// Takes the tokens the rows `live` were drawn (`next`, in that order): each ends its row or
+    /// joins its completion.
+    fn take_tokens(&mut self, live: &[usize], next: &[u32]) -> anyhow::Result<()> {
+        for (&r, &tok) in live.iter().zip(next) {
             let row = &mut self.rows[r];
             if row.done.is_some() {
                 continue;
             }
-            let tok = segment.next[slot];
             if self.stop_ids.contains(&tok) {
                 row.done = Some(FinishReason::Stop);
                 continue;
@@ -876,6 +1038,15 @@ mod tests {
         for _ in 0..2000 {
             assert_ne!(sample_one(&logits, &mut rng, &opts(1.0, 0.75, 0)), 0);
         }
+    }
+
+    #[test]
+    fn a_continuous_batch_takes_groups_that_fill_it_exactly_at_most_an_eighth_of_it() {
+        assert_eq!(continuous_group(84), 7); // the study's 840 rows of n = 10: twelve groups
+        assert_eq!(continuous_group(64), 8);
+        assert_eq!(continuous_group(83), 1); // a prime: one prompt at a time
+        assert_eq!(continuous_group(6), 1);
+        assert_eq!(continuous_group(1), 1);
     }
 
     #[test]

@@ -890,3 +890,87 @@ fn groups_of_other_lengths_decoding_in_one_step_on_the_gpu_give_the_logits_of_ea
         assert!(diff <= 2e-2 * scale, "step {step}: {diff} against {scale}");
     }
 }
+
+/// A random Qwen2-shaped model on the GPU in bf16 whose attention the slot kernels take: head
+/// size 64, two query heads per kv head, q/k/v biases.
+fn slot_model() -> loralab::model::Model {
+    use loralab::model::LoadOptions;
+    let text = std::fs::read_to_string(fixture("tiny-qwen2/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["hidden_size"] = 256.into();
+    config["intermediate_size"] = 512.into();
+    let config: loralab::model::Config = serde_json::from_value(config).unwrap();
+    let opts = LoadOptions { dtype: DType::BF16, device: gpu() };
+    loralab::model::load::random(config, &opts, "slots".into(), Some(3)).unwrap()
+}
+
+#[test]
+fn decoding_from_slots_gives_each_row_the_logits_of_its_group() {
+    use loralab::model::{Pass, SlotCache};
+    let (model, dev) = (slot_model(), gpu());
+    let dec = &model.decoder;
+    assert!(dec.slots_apply(Pass::infer(None)));
+    let reference = common::logits_of_two_groups(dec, &dev, false);
+    // The same two groups' rows in scattered slots of one cache, decoded in one step each.
+    let groups = common::two_prefilled_groups(dec, &dev);
+    let cache = SlotCache::new(&dec.config, 6, 12, dec.dtype, &dev).unwrap();
+    let slots = [[4u32, 1], [0, 5]];
+    for ((prefilled, _, pads), slots) in groups.iter().zip(slots) {
+        let fill: Vec<u32> = (0..2).flat_map(|r| [r as u32, slots[r], pads[r] as u32]).collect();
+        cache.fill(prefilled, &Tensor::from_vec(fill, (2, 3), &dev).unwrap()).unwrap();
+    }
+    for (step, expected) in reference.iter().enumerate() {
+        let (mut ids, mut at) = (Vec::new(), Vec::new());
+        for (g, ((_, l, pads), slots)) in groups.iter().zip(slots).enumerate() {
+            for (r, pad) in pads.iter().enumerate() {
+                ids.push((5 * g + 3 * r + 7 * step + 1) as u32 % 50);
+                at.extend([slots[r], (l - pad + step) as u32, (l + step) as u32]);
+            }
+        }
+        let ids = Tensor::from_vec(ids, (4, 1), &dev).unwrap();
+        let at = Tensor::from_vec(at, (4, 3), &dev).unwrap();
+        let h = dec.decode_slots(&ids, &cache, &at, Pass::infer(None)).unwrap();
+        let got = dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = got.iter().zip(expected).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        // The slot holds no padding: the attention sums the same terms in another order.
+        assert!(diff <= 2e-2 * scale, "step {step}: {diff} against {scale}");
+    }
+}
+
+#[test]
+fn continuous_batching_fills_freed_slots_and_draws_every_completion() {
+    use loralab::sample::{sample, SampleOptions};
+    let model = slot_model();
+    let prompts: Vec<Vec<u32>> =
+        (0..12).map(|i| (0..(3 + i % 5)).map(|t| (7 * i + 3 * t + 1) as u32 % 120).collect()).collect();
+    // Ten of the 128 tokens end a completion: lengths vary from 1 to max_tokens.
+    let opts = |continuous_batching| SampleOptions {
+        n: 2,
+        max_tokens: 40,
+        batch_size: 8,
+        group_size: 1,
+        seed: 5,
+        stop_token_ids: (0..10).map(|i| 12 * i + 5).collect(),
+        continuous_batching,
+        ..Default::default()
+    };
+    let (slotted, s_stats) = sample(&model, None, &prompts, &opts(true)).unwrap();
+    let (grouped, g_stats) = sample(&model, None, &prompts, &opts(false)).unwrap();
+    for results in [&slotted, &grouped] {
+        assert_eq!(results.len(), 12);
+        assert!(results.iter().all(|r| r.len() == 2 && r.iter().all(|c| c.token_ids.len() <= 40)));
+    }
+    let lengths: Vec<usize> = slotted.iter().flatten().map(|c| c.token_ids.len()).collect();
+    assert!(lengths.iter().min() < lengths.iter().max(), "lengths vary: {lengths:?}");
+    assert!(s_stats.peak_rows <= 8 && g_stats.peak_rows <= 8);
+    assert_eq!(s_stats.generated_tokens, lengths.iter().sum::<usize>());
+    // Groups of one prompt join the batch of slots as soon as two rows are free.
+    assert!(s_stats.decode_steps <= g_stats.decode_steps, "{} against {}", s_stats.decode_steps, g_stats.decode_steps);
+    // Greedy completions from slots are mostly the groups' (bf16 roundings may turn a near tie).
+    let greedy = |c| SampleOptions { temperature: 0.0, ..opts(c) };
+    let (a, _) = sample(&model, None, &prompts, &greedy(true)).unwrap();
+    let (b, _) = sample(&model, None, &prompts, &greedy(false)).unwrap();
+    let same = a.iter().flatten().zip(b.iter().flatten()).filter(|(x, y)| x.token_ids == y.token_ids).count();
+    assert!(same >= 18, "{same} of 24 greedy completions equal");
+}

@@ -52,7 +52,8 @@ function lab.model.random(config, opts) end
 ---@field stop_token_ids? integer[]  Extra stop tokens besides the model's end of turn. Default none.
 ---@field seed? integer           Same seed and inputs give the same completions. Default 0.
 ---@field batch_size? integer     Most rows decoded at once. Default 64. Another value may draw other completions: a prompt is left-padded to the longest of its group (group_size).
----@field group_size? integer     Prompts prefilled together, left-padded to the longest of them; their rows join the batch in flight once they fit in batch_size beside the rows still decoding; 0 means batch_size / n. 1 pads no prompt, so that a prompt's completions do not depend on the others'. Each group in flight runs its own attention (on the GPU one group per batch measured faster); another value may draw other completions. Default 0.
+---@field group_size? integer     Prompts prefilled together, left-padded to the longest of them; their rows join the batch in flight once they fit in batch_size beside the rows still decoding; 0 means batch_size / n, or with continuous batching the largest divisor of batch_size / n up to an eighth of it. 1 pads no prompt, so that a prompt's completions do not depend on the others'. Another value may draw other completions. Default 0.
+---@field continuous_batching? boolean  On the GPU in bf16 (where the model's attention takes it), every row decodes in a slot of one KV cache and a group joins as soon as enough slots are free, decoded in the same step as the rows in flight. false (and elsewhere): each group in flight keeps its own cache and attention. Default true.
 ---@field adapter? Adapter        Sample with an unmerged adapter attached. Default none.
 ---@field ignore_eos? boolean     Generate exactly max_tokens tokens (benchmarks). Default false.
 

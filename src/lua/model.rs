@@ -196,6 +196,7 @@ fn sample_options(lua: &Lua, value: Value) -> mlua::Result<(SampleOptions, Optio
         batch_size: o.get_or(lua, "batch_size", d.batch_size)?,
         group_size: o.get_or(lua, "group_size", d.group_size)?,
         ignore_eos: o.get_or(lua, "ignore_eos", d.ignore_eos)?,
+        continuous_batching: o.get_or(lua, "continuous_batching", d.continuous_batching)?,
     };
     let adapter = adapter_option(lua, &mut o)?;
     o.finish()?;

@@ -320,6 +320,42 @@ pub struct SharedPrefix {
     pub rows: Vec<usize>,
 }
 
+/// The KV cache of continuous batching on the GPU: `slots` rows of `capacity` positions, each
+/// held by one completion at a time. A decoding step's rows each read and write their own slot
+/// at their own length and position ([`Decoder::decode_slots`]), so a finished row's slot takes
+/// the next prompt's row while the others go on decoding. A slot holds a row's real positions
+/// only, from its first (its prompt's padding is left out).
+pub struct SlotCache {
+    /// Per layer: (2, slots, K, capacity, E), the keys then the values.
+    pub kv: Vec<Tensor>,
+    pub slots: usize,
+    pub capacity: usize,
+}
+
+impl SlotCache {
+    pub fn new(cfg: &Config, slots: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (2, slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
+        let kv = (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect::<Result<_>>()?;
+        Ok(SlotCache { kv, slots, capacity })
+    }
+
+    /// Moves the keys and values of prefilled prompts (a [`KvCache`] of P prompts left-padded to
+    /// its `len`) into their rows' slots: `rows` (M, 3) u32 on the device, each row's prompt (in
+    /// that cache), slot and padding.
+    pub fn fill(&self, prefilled: &KvCache, rows: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        for (l, kv) in self.kv.iter().enumerate() {
+            for (which, part) in [&prefilled.k[l], &prefilled.v[l]].into_iter().enumerate() {
+                let part = part.narrow(2, 0, prefilled.len)?;
+                super::ops::attention::cuda::fill_slots(&part, kv, which, rows)?;
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (prefilled, rows);
+        Ok(())
+    }
+}
+
 impl KvCache {
     pub fn new(cfg: &Config, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
         let shape = (batch, cfg.num_kv_heads(), capacity, cfg.head_dim());
@@ -572,6 +608,59 @@ impl Attention {
             self.num_heads,
             self.num_kv_heads,
         ))
+    }
+}
+
+impl Attention {
+    /// Whether [`Attention::forward_slots`] takes this layer in a pass: the stacked q/k/v product
+    /// and the fused kernels (bf16 on the GPU, no q/k norms, no adapter on q, k or v, no capped
+    /// scores, head sizes 64 or 128 and at most 16 query heads per kv head).
+    fn slots_apply(&self, pass: Pass, layer: usize) -> bool {
+        let adapted = pass.adapter.is_some_and(|a| {
+            [Target::QProj, Target::KProj, Target::VProj].iter().any(|&target| a.pair(layer, target).is_some())
+        });
+        let stacked =
+            self.qkv_stacked.as_ref().is_some_and(|s| s.weight.device().is_cuda() && s.weight.dtype() == DType::BF16);
+        stacked
+            && !adapted
+            && !pass.train
+            && self.qk_norms.is_none()
+            && self.softcap.is_none()
+            && matches!(self.head_dim, 64 | 128)
+            && self.num_heads / self.num_kv_heads <= 16
+    }
+
+    /// A decoding step over a slot cache: x (N, 1, D) -> (N, 1, D); `rows` (N, 3) as
+    /// [`Decoder::decode_slots`] takes it, `kv` this layer's part of the cache.
+    #[cfg(feature = "cuda")]
+    fn forward_slots(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &Tensor,
+        rows: &Tensor,
+        pass: Pass,
+        layer: usize,
+    ) -> Result<Tensor> {
+        use super::ops::attention::cuda::{decode_slots, qkv_slots};
+        let (n, _, d) = x.dims3()?;
+        let (h, k, e) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let Some(stacked) = &self.qkv_stacked else {
+            candle_core::bail!("decoding from slots needs the stacked q/k/v")
+        };
+        let y = {
+            let _phase = crate::profile::phase("q/k/v projections", x.device());
+            x.reshape((n, d))?.matmul(&stacked.weight.t()?)? // (N, (H + 2K) E)
+        };
+        let phase = crate::profile::phase("heads, rope, cache write", x.device());
+        let q = qkv_slots(&y, stacked.bias.as_ref(), (&rope.cos, &rope.sin), rows, kv, (h, k))?; // (N, H, E)
+        drop(phase);
+        let phase = crate::profile::phase("attention", x.device());
+        // (N, H, E) = (N, K, G, E): the G query heads of a kv head are consecutive.
+        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, rows, self.scale)?.reshape((n, 1, h * e))?;
+        drop(phase);
+        let _phase = crate::profile::phase("o projection", x.device());
+        self.o_proj.forward(&out, pass, layer, Target::OProj)
     }
 }
 
@@ -1195,6 +1284,38 @@ impl Decoder {
         for s in segments.iter_mut() {
             s.cache.len = s.pos + 1;
         }
+        Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
+    }
+
+    /// Whether decoding can run from a [`SlotCache`] ([`Decoder::decode_slots`]) in this pass: on
+    /// the GPU in bf16, every layer's attention by the fused kernels, no sliding window.
+    pub fn slots_apply(&self, pass: Pass) -> bool {
+        cfg!(feature = "cuda")
+            && self.device.is_cuda()
+            && self.dtype == DType::BF16
+            && self.layers.iter().enumerate().all(|(i, l)| l.window.is_none() && l.self_attn.slots_apply(pass, i))
+    }
+
+    /// One decoding step over a [`SlotCache`]: ids (N, 1), one new token per row -> hidden (N, 1,
+    /// D). rows: (N, 3) u32 on the device, each row's slot, the positions its slot holds, and
+    /// its new token's position; the step writes each row's new keys and values after those it
+    /// holds. Each row gets what [`Decoder::forward_hidden`] gives it in its prompt's group: the
+    /// slot holds the same keys but the padding's, which the group's mask hides.
+    pub fn decode_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
+        if ids.dim(1)? != 1 || rows.dims() != [ids.dim(0)?, 3] || !self.slots_apply(pass) {
+            candle_core::bail!("a decoding step from slots takes one new token per row, on the GPU in bf16");
+        }
+        #[cfg(not(feature = "cuda"))]
+        candle_core::bail!("decoding from slots runs on the GPU ({:?}, {})", cache.kv.len(), pass.train);
+        #[cfg(feature = "cuda")]
+        let (mut x, mut pending) = (self.embed(ids)?, None);
+        #[cfg(feature = "cuda")]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, &self.rope, &cache.kv[i], rows, pass, i);
+            let (x1, h) = layer.forward_unadded_with(&x, pending.as_ref(), pass, i, attend)?;
+            (x, pending) = (x1, Some(h));
+        }
+        #[cfg(feature = "cuda")]
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
     }
 

@@ -19,7 +19,7 @@ pub mod tokenizer;
 use candle_core::{DType, Device};
 
 pub use config::Config;
-pub use decoder::{Decoder, KvCache, Pass};
+pub use decoder::{Decoder, KvCache, Pass, SlotCache};
 pub use family::Family;
 pub use hub::{loaded_models, weights_id, Provenance, Source};
 pub use load::{load, LoadOptions, DEFAULT_MODEL};

@@ -150,7 +150,7 @@ pub fn left_padded_logits(dec: &Decoder, case: &Value) -> Vec<Vec<f32>> {
 }
 
 /// Two groups of prompts prefilled apart (left-padded to 5 and to 3 tokens), each with its cache.
-fn two_prefilled_groups(
+pub fn two_prefilled_groups(
     dec: &loralab::model::Decoder,
     dev: &Device,
 ) -> Vec<(loralab::model::KvCache, usize, Vec<usize>)> {

@@ -131,16 +131,22 @@ pub(crate) fn cap_arg(softcap: Option<f64>) -> f32 {
 /// tensors through a table. The tensor must outlive the launches that use it (allocations are
 /// freed in stream order, so a tensor dropped after the launch is).
 pub(crate) fn address(t: &Tensor, op: &str) -> Result<u64> {
+    typed_address::<f32>(t, op)
+}
+
+/// [`address`] for a contiguous tensor of element type T (f32, bf16, u32) on the GPU: for
+/// kernels that write into a tensor they do not return (a KV cache filled in place).
+pub(crate) fn typed_address<T: CudaDType + candle_core::WithDType>(t: &Tensor, op: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cuda(cs), Some((start, _)), DType::F32) =
-        (&*storage, layout.contiguous_offsets(), t.dtype())
+    let (candle_core::Storage::Cuda(cs), Some((start, _)), true) =
+        (&*storage, layout.contiguous_offsets(), t.dtype() == T::DTYPE)
     else {
-        candle_core::bail!("{op}: {:?} must be a contiguous f32 tensor on the GPU", t.shape())
+        candle_core::bail!("{op}: {:?} must be a contiguous {} tensor on the GPU", t.shape(), T::DTYPE.as_str())
     };
-    let slice = cs.as_cuda_slice::<f32>()?;
+    let slice = cs.as_cuda_slice::<T>()?;
     let (ptr, _sync) = slice.device_ptr(slice.stream());
-    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
 }
 
 /// Whether the fused kernels apply: a bf16 tensor on the GPU.
@@ -188,7 +194,8 @@ pub(crate) use {gpu_only, launch, launch_with_shared};
 pub(crate) mod prelude {
     pub(crate) use super::{
         address, applies, bf16_view, cap_arg, cuda_device, disagree, f32_view, gpu_only, launch, launch_elements,
-        launch_rows, launch_warps, launch_with_shared, no_cpu, packed8, rows_of, view, view_mut, wrap, BLOCK, PTX,
+        launch_rows, launch_warps, launch_with_shared, no_cpu, packed8, rows_of, typed_address, view, view_mut, wrap,
+        BLOCK, PTX,
     };
     pub(crate) use candle_core::backend::BackendStorage;
     pub(crate) use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};

@@ -337,6 +337,158 @@ pub fn qkv_heads(
     Ok((q, k, v))
 }
 
+/// The shape of a slot cache ([`crate::model::decoder::SlotCache`]'s per-layer tensor): (2, slots,
+/// K, C, E), keys then values.
+fn slot_dims(kv: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match kv.dims() {
+        &[2, slots, kh, c, e] if kv.is_contiguous() && applies(kv) => Ok((slots, kh, c, e)),
+        _ => candle_core::bail!("slot cache: {:?} is not a contiguous bf16 (2, slots, K, C, E) GPU tensor", kv.shape()),
+    }
+}
+
+/// [`qkv_heads`] for a decoding step over a slot cache: y (N, (H + 2K) E), one new token per
+/// row, -> q (N, H, E), its k (roped) and v written into each row's slot of `kv` (2, slots, K,
+/// C, E) in place. rows: (N, 3) u32 on the GPU, each row's slot, the keys its slot holds (where
+/// the new one goes) and its new token's position; cos, sin: the rope's whole tables
+/// (positions, E/2). The caller keeps every row's keys within C and positions within the tables.
+pub fn qkv_slots(
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    (cos, sin): (&Tensor, &Tensor),
+    rows: &Tensor,
+    kv: &Tensor,
+    (h, kh): (usize, usize),
+) -> Result<Tensor> {
+    let (y, cos, sin, rows) = (y.contiguous()?, cos.contiguous()?, sin.contiguous()?, rows.contiguous()?);
+    let (slots, skh, c, e) = slot_dims(kv)?;
+    let (n, width) = y.dims2()?;
+    let fits = skh == kh
+        && e % 4 == 0
+        && e * (h + 2 * kh) == width
+        && rows.dims() == [n, 3]
+        && rows.dtype() == DType::U32
+        && cos.dim(1)? == e / 2
+        && sin.shape() == cos.shape()
+        && bias.is_none_or(|bias| bias.elem_count() == width);
+    if !fits {
+        return Err(disagree("qkv-slots", &[y.shape(), rows.shape(), kv.shape(), cos.shape()]));
+    }
+    let dev = cuda_device(&y)?;
+    let q = unsafe { dev.alloc::<bf16>(n * h * e)? };
+    let kv_at = typed_address::<bf16>(kv, "qkv-slots")?;
+    {
+        let ((ys, yl), (cs, cl), (ss, sl), (rs, rl)) =
+            (y.storage_and_layout(), cos.storage_and_layout(), sin.storage_and_layout(), rows.storage_and_layout());
+        let (yv, cv, sv) = (bf16_view(&ys, yl, "y")?, bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
+        let rv = match &*rs {
+            candle_core::Storage::Cuda(r) => view::<u32>(r, rl, "rows")?,
+            _ => candle_core::bail!("qkv-slots: rows not on the GPU"),
+        };
+        let [n32, h32, kh32, e32, c32] = [n, h, kh, e, c].map(|x| x as i32);
+        let slots64 = slots as i64;
+        let cfg = launch_elements(n * width / 4);
+        let null = 0u64;
+        match bias {
+            Some(bias) => {
+                let bias = bias.contiguous()?;
+                let (bs, bl) = bias.storage_and_layout();
+                let bv = bf16_view(&bs, bl, "bias")?;
+                launch!(
+                    dev,
+                    "qkv_slots_bf16",
+                    cfg,
+                    &yv,
+                    &bv,
+                    &cv,
+                    &sv,
+                    &rv,
+                    &q,
+                    &kv_at,
+                    &n32,
+                    &h32,
+                    &kh32,
+                    &e32,
+                    &c32,
+                    &slots64
+                );
+            }
+            None => launch!(
+                dev,
+                "qkv_slots_bf16",
+                cfg,
+                &yv,
+                &null,
+                &cv,
+                &sv,
+                &rv,
+                &q,
+                &kv_at,
+                &n32,
+                &h32,
+                &kh32,
+                &e32,
+                &c32,
+                &slots64
+            ),
+        }
+    }
+    Ok(wrap(q, &dev, Shape::from((n, h, e))))
+}
+
+/// [`decode_attention`] over a slot cache: q (N, K, R, E) -> (N, K, R, E), row i attending to
+/// the first `rows[i][1] + 1` positions of its slot `rows[i][0]` of `kv` (2, slots, K, C, E)
+/// (see [`qkv_slots`], which wrote the last of them).
+pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, scale: f64) -> Result<Tensor> {
+    let (q, rows) = (q.contiguous()?, rows.contiguous()?);
+    let (slots, kh, c, e) = slot_dims(kv)?;
+    let (n, qk, r, qe) = q.dims4()?;
+    if qk != kh || qe != e || r > DECODE_MAX_GROUP || !matches!(e, 64 | 128) || rows.dims() != [n, 3] || !applies(&q) {
+        return Err(disagree("decode-slots", &[q.shape(), kv.shape(), rows.shape()]));
+    }
+    let dev = cuda_device(&q)?;
+    let out = unsafe { dev.alloc::<bf16>(n * kh * r * e)? };
+    let kv_at = typed_address::<bf16>(kv, "decode-slots")?;
+    {
+        let ((qs, ql), (rs, rl)) = (q.storage_and_layout(), rows.storage_and_layout());
+        let qv = bf16_view(&qs, ql, "q")?;
+        let rv = match &*rs {
+            candle_core::Storage::Cuda(r) => view::<u32>(r, rl, "rows")?,
+            _ => candle_core::bail!("decode-slots: rows not on the GPU"),
+        };
+        let [kh32, r32, c32] = [kh, r, c].map(|x| x as i32);
+        let (slots64, scale32) = (slots as i64, scale as f32);
+        let cfg = flash_grid((n * kh) as u32, 1, e, 4, 0);
+        let name = format!("decode_slots_{e}");
+        launch_with_shared!(dev, &name, cfg, &qv, &kv_at, &rv, &out, &kh32, &r32, &c32, &slots64, &scale32);
+    }
+    Ok(wrap(out, &dev, Shape::from((n, kh, r, e))))
+}
+
+/// Copies the keys and values of prefilled prompts into their rows' slots: `prefilled` (P, K, L,
+/// E), the prompts left-padded to L, into half `which` (0 keys, 1 values) of `kv` (2, slots, K,
+/// C, E) in place; rows (M, 3) u32 on the GPU: each new row's prompt, slot and padding, its slot
+/// then holding the prompt's L - padding positions from the start.
+pub fn fill_slots(prefilled: &Tensor, kv: &Tensor, which: usize, rows: &Tensor) -> Result<()> {
+    let (src, rows) = (prefilled.contiguous()?, rows.contiguous()?);
+    let (slots, kh, c, e) = slot_dims(kv)?;
+    let (_, pk, l, pe) = src.dims4()?;
+    let m = rows.dim(0)?;
+    if pk != kh || pe != e || l > c || which > 1 || !e.is_multiple_of(8) || rows.dims() != [m, 3] || !applies(&src) {
+        return Err(disagree("fill-slots", &[src.shape(), kv.shape(), rows.shape()]));
+    }
+    let dev = cuda_device(&src)?;
+    let dst = typed_address::<bf16>(kv, "fill-slots")? + (which * slots * kh * c * e * 2) as u64;
+    let ((ss, sl), (rs, rl)) = (src.storage_and_layout(), rows.storage_and_layout());
+    let sv = bf16_view(&ss, sl, "prefilled")?;
+    let rv = match &*rs {
+        candle_core::Storage::Cuda(r) => view::<u32>(r, rl, "rows")?,
+        _ => candle_core::bail!("fill-slots: rows not on the GPU"),
+    };
+    let [m32, kh32, l32, e32, c32] = [m, kh, l, e, c].map(|x| x as i32);
+    launch!(dev, "fill_slots_bf16", launch_elements(m * kh * l * e / 8), &sv, &dst, &rv, &m32, &kh32, &l32, &e32, &c32);
+    Ok(())
+}
+
 /// rowsum(a * b) in f32 over the last dimension: (..., W) x 2 -> (rows,).
 pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &RowDot)

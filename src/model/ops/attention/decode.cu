@@ -14,24 +14,21 @@
 #define DECODE_WARPS 4
 #define DECODE_ROWS 16
 
+// One (row, kv head): its r query heads qh (r, E), keys kh and values vh (s, E), the row's
+// additive mask bias (s) or null; writes its r output heads oh (r, E).
 template <int E>
-__device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                 const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,
-                                 float scale) {
+__device__ void decode_attention(const __nv_bfloat16* qh, const __nv_bfloat16* kh, const __nv_bfloat16* vh,
+                                 const float* bias, __nv_bfloat16* oh, int r, int s, float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
     __nv_bfloat16* vbuf = kbuf + 2 * FA_ROWS * P;
     __nv_bfloat16 *ks = kbuf, *vs = vbuf;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-    const long bk = blockIdx.x, b = bk / heads;
-    const __nv_bfloat16* kh = k + bk * c * E;
-    const __nv_bfloat16* vh = v + bk * c * E;
-    const float* bias = mask ? mask + b * s : nullptr;
 
     // The query heads as A fragments (every warp the same), staged through the key tile's space.
     uint32_t qa[E / 16][4];
-    load_tile<E, P>(ks, q + bk * r * E, 0, r);
+    load_tile<E, P>(ks, qh, 0, r);
     __syncthreads();
     for (int kk = 0; kk < E / 16; ++kk) load_a<P>(qa[kk], ks, 0, kk * 16, lane);
     __syncthreads();
@@ -139,16 +136,37 @@ __device__ void decode_attention(const __nv_bfloat16* q, const __nv_bfloat16* k,
             num += f * part_o[(w * DECODE_ROWS + i) * PO + d];
             den += f * part_l[w * DECODE_ROWS + i];
         }
-        out[(bk * r + i) * E + d] = __float2bfloat16(num / den);
+        oh[i * E + d] = __float2bfloat16(num / den);
     }
 }
 
+// q: (B, K, R, E); k, v: (B, K, C, E) of which the first s positions are used; mask: (B, s)
+// additive f32 or null; out: (B, K, R, E). One block per (row, kv head).
 #define DECODE_KERNEL(E)                                                                                      \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
         decode_attention_##E(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,         \
                              const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,          \
                              float scale) {                                                                   \
-        decode_attention<E>(q, k, v, mask, out, heads, r, c, s, scale);                                       \
+        const long bk = blockIdx.x, b = bk / heads;                                                           \
+        decode_attention<E>(q + bk * r * E, k + bk * c * E, v + bk * c * E, mask ? mask + b * s : nullptr,    \
+                            out + bk * r * E, r, s, scale);                                                   \
     }
 DECODE_KERNEL(64)
 DECODE_KERNEL(128)
+
+// The same from a slot cache (continuous batching): row b of the step reads slot rows[3b] of
+// kv, which holds the keys (kv's first half) and values (second half) of `slots` slots, each
+// (K, C, E); its first rows[3b + 1] + 1 positions count (those held and the step's own).
+//   q: (B, K, R, E); kv: (2, slots, K, C, E); rows: (B, 3) slot, keys held, position; out: (B, K, R, E).
+#define DECODE_SLOTS_KERNEL(E)                                                                                \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
+        decode_slots_##E(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int* rows,                   \
+                         __nv_bfloat16* out, int heads, int r, int c, long slots, float scale) {              \
+        const long bk = blockIdx.x, b = bk / heads, head = bk % heads;                                       \
+        const long at = (rows[3 * b] * heads + head) * (long)c * E;                                           \
+        const long half = slots * heads * (long)c * E;                                                        \
+        decode_attention<E>(q + bk * r * E, kv + at, kv + half + at, nullptr, out + bk * r * E, r,            \
+                            rows[3 * b + 1] + 1, scale);                                                      \
+    }
+DECODE_SLOTS_KERNEL(64)
+DECODE_SLOTS_KERNEL(128)

@@ -91,3 +91,67 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* y, const __nv_bfl
         *reinterpret_cast<__nv_bfloat162*>(out + to + half + j) = hi;
     }
 }
+
+// qkv_heads_bf16 for a decoding step over a slot cache (continuous batching): y (N, (H + 2K) * E)
+// holds one new token per row. q goes to q (N, H, E); k, roped, and v are written into the row's
+// slot of kv (2, slots, K, C, E) at the row's own place: rows (N, 3) gives each row its slot, the
+// keys it holds (where the new one goes) and its new token's position (which picks the rope's
+// row of cos, sin (positions, E/2)).
+extern "C" __global__ void qkv_slots_bf16(const __nv_bfloat16* y, const __nv_bfloat16* bias, const __nv_bfloat16* cos,
+                                          const __nv_bfloat16* sin, const int* rows, __nv_bfloat16* q,
+                                          __nv_bfloat16* kv, int n, int h, int kh, int e, int c, long slots) {
+    const int half = e / 2, quads = half / 2, heads = h + 2 * kh;
+    const long total = (long)n * heads * quads;
+    const long v_at = slots * kh * (long)c * e;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % quads) * 2;
+        const long rest = i / quads;
+        const int hh = (int)(rest % heads), row = (int)(rest / heads);
+        const long from = ((long)row * heads + hh) * e;
+        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(y + from + j);
+        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(y + from + half + j);
+        if (bias) {
+            lo = __hadd2(lo, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + j));
+            hi = __hadd2(hi, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + half + j));
+        }
+        const int slot = rows[3 * row], held = rows[3 * row + 1], pos = rows[3 * row + 2];
+        __nv_bfloat16* to;
+        if (hh < h) {
+            to = q + ((long)row * h + hh) * e;
+        } else {
+            const int g = hh < h + kh ? hh - h : hh - h - kh;
+            to = kv + (hh < h + kh ? 0 : v_at) + (((long)slot * kh + g) * c + held) * e;
+        }
+        if (hh < h + kh) {
+            const float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
+            const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)pos * half + j));
+            const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)pos * half + j));
+            lo = __floats2bfloat162_rn(a.x * cs.x - c2.x * sn.x, a.y * cs.y - c2.y * sn.y);
+            hi = __floats2bfloat162_rn(a.x * sn.x + c2.x * cs.x, a.y * sn.y + c2.y * cs.y);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(to + j) = lo;
+        *reinterpret_cast<__nv_bfloat162*>(to + half + j) = hi;
+    }
+}
+
+// Copies prefilled prompts' keys or values into the slots of their rows: src (P, K, L, E), the
+// prompts left-padded to L; rows (M, 3): each new row's prompt, slot and padding. Slot position j
+// of row m gets the prompt's position pad + j, for j < L - pad. dst: (slots, K, C, E) (kv's
+// keys or values). 16-byte moves: E % 8 == 0.
+extern "C" __global__ void fill_slots_bf16(const __nv_bfloat16* src, __nv_bfloat16* dst, const int* rows, int m,
+                                           int kh, int l, int e, int c) {
+    const int chunks = e / 8;
+    const long total = (long)m * kh * l * chunks;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        const int x = (int)(i % chunks) * 8;
+        long rest = i / chunks;
+        const int j = (int)(rest % l);
+        rest /= l;
+        const int g = (int)(rest % kh), row = (int)(rest / kh);
+        const int prompt = rows[3 * row], slot = rows[3 * row + 1], pad = rows[3 * row + 2];
+        if (j >= l - pad) continue;
+        const long from = (((long)prompt * kh + g) * l + pad + j) * e + x;
+        const long to = (((long)slot * kh + g) * c + j) * e + x;
+        *reinterpret_cast<uint4*>(dst + to) = *reinterpret_cast<const uint4*>(src + from);
+    }
+}
