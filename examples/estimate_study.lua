@@ -4,7 +4,7 @@
 -- by the training and sampling rates that examples/bench_gpu.lua measured.
 --
 --   loralab run examples/estimate_study.lua --set train_tokens_per_second=11163 \
---       --set phase1_train_tokens_per_second=11163 --set sample_tokens_per_second=29277 --set gpus=4
+--       --set phase1_train_tokens_per_second=11163 --set sample_tokens_per_second=30397 --set gpus=4
 --
 -- With N workers, Phase 1 is one cell and runs alone; the cells of Phase 2, then those of Phase
 -- 3, are claimed in the script's order by whichever worker is free, which is what is simulated
@@ -24,7 +24,7 @@ local lab = require("lab")
 local study = require("persona_marker")
 lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  train_tokens_per_second = 11163, phase1_train_tokens_per_second = 11163, sample_tokens_per_second = 29277,
+  train_tokens_per_second = 11163, phase1_train_tokens_per_second = 11163, sample_tokens_per_second = 30397,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
   gpus = 1, load_seconds = 0,
 })
