@@ -9,6 +9,12 @@
 //! dropped from the batch (cache included) once they are a share of their group, and the next
 //! group joins as soon as its rows fit in `batch_size` beside those still decoding.
 //!
+//! Continuous batching (the GPU in bf16, where the model's attention runs on the fused
+//! kernels): every row decodes instead in a slot of one cache of `batch_size` slots, which holds
+//! its real positions only; the kernels read and write each row at its own length and position,
+//! so the rows of all groups decode as one batch, and a finished row's slot is free at once for
+//! the next group's rows.
+//!
 //! Positions: all rows of a group share positions 0..len, padding included. Rotary embeddings
 //! depend only on the distance between a query and a key, so a left-padded row attends exactly
 //! as it would alone.
@@ -56,7 +62,7 @@ pub struct SampleOptions {
     pub group_size: usize,
     /// Generate exactly `max_tokens` tokens, ignoring stop tokens (for benchmarks).
     pub ignore_eos: bool,
-    /// Where the model decodes from slots ([`Decoder::slots_apply`]: on the GPU in bf16), every
+    /// Where the model decodes from slots ([`crate::model::Decoder::slots_apply`]: the GPU in bf16), every
     /// row decodes in a slot of one cache and a group joins the batch as soon as enough slots
     /// are free, in the same decoding step as the rows in flight. `group_size` 0 then means
     /// the largest divisor of `batch_size / n` up to an eighth of it. Otherwise (and with false)

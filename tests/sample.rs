@@ -103,3 +103,15 @@ fn rows_stop_at_max_tokens_or_a_stop_string() {
         assert!(!c.text.contains(' '), "{:?}", c.text);
     }
 }
+
+#[test]
+fn continuous_batching_asked_for_on_the_cpu_keeps_the_groups_and_their_completions() {
+    // The CPU has no slot kernels: the option changes nothing there (GPU tests: tests/cuda.rs).
+    let (m, prompts) = setup();
+    assert!(!m.decoder.slots_apply(model::Pass::infer(None)));
+    let (on, _) = sample(&m, None, &prompts, &SampleOptions { continuous_batching: true, ..opts(2, 9) }).unwrap();
+    let (off, _) = sample(&m, None, &prompts, &SampleOptions { continuous_batching: false, ..opts(2, 9) }).unwrap();
+    let ids =
+        |x: &Vec<Vec<loralab::sample::Completion>>| x.iter().flatten().map(|c| c.token_ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&on), ids(&off));
+}

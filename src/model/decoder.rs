@@ -351,7 +351,12 @@ impl SlotCache {
             }
         }
         #[cfg(not(feature = "cuda"))]
-        let _ = (prefilled, rows);
+        candle_core::bail!(
+            "filling {} slots from {} prompts needs a build with the GPU kernels (feature cuda)",
+            rows.dim(0)?,
+            prefilled.batch()
+        );
+        #[cfg(feature = "cuda")]
         Ok(())
     }
 }
@@ -1305,18 +1310,25 @@ impl Decoder {
         if ids.dim(1)? != 1 || rows.dims() != [ids.dim(0)?, 3] || !self.slots_apply(pass) {
             candle_core::bail!("a decoding step from slots takes one new token per row, on the GPU in bf16");
         }
-        #[cfg(not(feature = "cuda"))]
-        candle_core::bail!("decoding from slots runs on the GPU ({:?}, {})", cache.kv.len(), pass.train);
-        #[cfg(feature = "cuda")]
+        self.layers_from_slots(ids, cache, rows, pass)
+    }
+
+    /// [`Decoder::decode_slots`]'s layers, on the GPU.
+    #[cfg(feature = "cuda")]
+    fn layers_from_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
         let (mut x, mut pending) = (self.embed(ids)?, None);
-        #[cfg(feature = "cuda")]
         for (i, layer) in self.layers.iter().enumerate() {
             let attend = |h: &Tensor| layer.self_attn.forward_slots(h, &self.rope, &cache.kv[i], rows, pass, i);
             let (x1, h) = layer.forward_unadded_with(&x, pending.as_ref(), pass, i, attend)?;
             (x, pending) = (x1, Some(h));
         }
-        #[cfg(feature = "cuda")]
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
+    }
+
+    /// Without the GPU kernels nothing decodes from slots ([`Decoder::slots_apply`] is false).
+    #[cfg(not(feature = "cuda"))]
+    fn layers_from_slots(&self, _: &Tensor, _: &SlotCache, _: &Tensor, _: Pass) -> Result<Tensor> {
+        candle_core::bail!("decoding from slots needs a build with the GPU kernels (feature cuda)")
     }
 
     /// The final logits' soft cap, if the model has one.
