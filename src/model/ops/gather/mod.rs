@@ -30,17 +30,45 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
 }
 
 /// Rows idx of x (M, D); with `zero_rows`, an index M gives a row of zeros. One kernel on the
-/// GPU, which takes either.
+/// GPU, which takes either; one pass on the CPU's pool in f32.
 pub(crate) fn take_rows(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if cuda::take_rows_fits(x) {
         return cuda::take_rows(x, idx);
+    }
+    if crate::model::cpu::on_cpu_f32(&[x]) && x.rank() == 2 && x.dim(1)? > 0 {
+        return take_rows_cpu(x, idx, zero_rows);
     }
     if !zero_rows {
         return x.index_select(idx, 0);
     }
     let zero = Tensor::zeros((1, x.dim(1)?), x.dtype(), x.device())?;
     Tensor::cat(&[x, &zero], 0)?.index_select(idx, 0)
+}
+
+/// [`take_rows`] of f32 rows on the CPU: each result row copied from its source row (or left at
+/// zero) by the pool's task that writes it, where candle's index_select zeroes its result, then
+/// copies, on the calling thread (after a copy of all of x beside a zero row, for `zero_rows`).
+fn take_rows_cpu(x: &Tensor, idx: &Tensor, zero_rows: bool) -> Result<Tensor> {
+    let (m, d) = x.dims2()?;
+    let idx = idx.flatten_all()?.to_vec1::<u32>()?;
+    if let (Some(&bad), false) = (idx.iter().find(|&&i| i as usize >= m), zero_rows) {
+        candle_core::bail!("take-rows: row {bad} of {m} rows");
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let src = crate::model::cpu::cpu_slice(&storage, layout, "rows")?;
+    // Chunks of whole rows, about 64 KiB each.
+    let rows_per_chunk = (16_384 / d).max(1);
+    let out = crate::model::cpu::filled_on_pool(idx.len() * d, rows_per_chunk * d, |first, chunk| {
+        for (k, row) in chunk.chunks_mut(d).enumerate() {
+            let i = idx[first / d + k] as usize;
+            if i < m {
+                row.copy_from_slice(&src[i * d..(i + 1) * d]);
+            }
+        }
+    });
+    Tensor::from_vec(out, (idx.len(), d), x.device())
 }
 
 struct GatherRowsGrad {
@@ -73,6 +101,20 @@ mod gather_tests {
         let g_plain = (plain * &w)?.sum_all()?.backward()?.get(x.as_tensor()).unwrap().clone();
         assert_eq!(g_ours.to_vec2::<f64>()?, g_plain.to_vec2::<f64>()?);
         assert_eq!(g_ours.get(1)?.to_vec1::<f64>()?, vec![0.0; 5], "a row not picked gets no gradient");
+        Ok(())
+    }
+
+    #[test]
+    fn rows_taken_in_f32_on_the_cpu_are_index_selects_with_zero_rows_past_the_end() -> Result<()> {
+        // Enough rows for several chunks of the pool.
+        let x = Tensor::randn(0f32, 1.0, (3000, 9), &Device::Cpu)?;
+        let idx: Vec<u32> = (0..5000u32).map(|i| (i * 7919) % 3001).collect();
+        let got = take_rows(&x, &Tensor::new(idx.as_slice(), &Device::Cpu)?, true)?.to_vec2::<f32>()?;
+        let padded = Tensor::cat(&[&x, &Tensor::zeros((1, 9), candle_core::DType::F32, &Device::Cpu)?], 0)?;
+        let plain = padded.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?.to_vec2::<f32>()?;
+        assert_eq!(got, plain);
+        let past = Tensor::new(&[2u32, 3000], &Device::Cpu)?;
+        assert!(take_rows(&x, &past, false).unwrap_err().to_string().contains("row 3000 of 3000 rows"));
         Ok(())
     }
 
