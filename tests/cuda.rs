@@ -891,23 +891,40 @@ fn groups_of_other_lengths_decoding_in_one_step_on_the_gpu_give_the_logits_of_ea
     }
 }
 
-/// A random Qwen2-shaped model on the GPU in bf16 whose attention the slot kernels take: head
-/// size 64, two query heads per kv head, q/k/v biases.
-fn slot_model() -> loralab::model::Model {
+/// A random model of a tiny fixture's family (`tiny-qwen2`: q/k/v biases; `tiny-qwen3`: q/k
+/// norms) on the GPU in bf16, with heads the slot kernels take: size 64, two query heads per kv
+/// head.
+fn slot_model_of(family: &str) -> loralab::model::Model {
     use loralab::model::LoadOptions;
-    let text = std::fs::read_to_string(fixture("tiny-qwen2/config.json")).unwrap();
+    let text = std::fs::read_to_string(fixture(&format!("{family}/config.json"))).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
     config["hidden_size"] = 256.into();
     config["intermediate_size"] = 512.into();
+    if config.get("head_dim").is_some() {
+        config["head_dim"] = 64.into();
+    }
     let config: loralab::model::Config = serde_json::from_value(config).unwrap();
     let opts = LoadOptions { dtype: DType::BF16, device: gpu() };
     loralab::model::load::random(config, &opts, "slots".into(), Some(3)).unwrap()
 }
 
+fn slot_model() -> loralab::model::Model {
+    slot_model_of("tiny-qwen2")
+}
+
 #[test]
 fn decoding_from_slots_gives_each_row_the_logits_of_its_group() {
+    slots_against_groups("tiny-qwen2");
+}
+
+#[test]
+fn decoding_from_slots_norms_qwen3s_queries_and_keys_as_its_groups_do() {
+    slots_against_groups("tiny-qwen3");
+}
+
+fn slots_against_groups(family: &str) {
     use loralab::model::{Pass, SlotCache};
-    let (model, dev) = (slot_model(), gpu());
+    let (model, dev) = (slot_model_of(family), gpu());
     let dec = &model.decoder;
     assert!(dec.slots_apply(Pass::infer(None)));
     let reference = common::logits_of_two_groups(dec, &dev, false);

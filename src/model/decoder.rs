@@ -618,8 +618,8 @@ impl Attention {
 
 impl Attention {
     /// Whether [`Attention::forward_slots`] takes this layer in a pass: the stacked q/k/v product
-    /// and the fused kernels (bf16 on the GPU, no q/k norms, no adapter on q, k or v, no capped
-    /// scores, head sizes 64 or 128 and at most 16 query heads per kv head).
+    /// and the fused kernels (bf16 on the GPU, no adapter on q, k or v, no capped scores, head
+    /// sizes 64 or 128 and at most 16 query heads per kv head).
     fn slots_apply(&self, pass: Pass, layer: usize) -> bool {
         let adapted = pass.adapter.is_some_and(|a| {
             [Target::QProj, Target::KProj, Target::VProj].iter().any(|&target| a.pair(layer, target).is_some())
@@ -629,8 +629,9 @@ impl Attention {
         stacked
             && !adapted
             && !pass.train
-            && self.qk_norms.is_none()
             && self.softcap.is_none()
+            // The kernel adds the biases after the q/k norms, which would take them first.
+            && !(self.qk_norms.is_some() && self.qkv_stacked.as_ref().is_some_and(|s| s.bias.is_some()))
             && matches!(self.head_dim, 64 | 128)
             && self.num_heads / self.num_kv_heads <= 16
     }
@@ -658,6 +659,15 @@ impl Attention {
             x.reshape((n, d))?.matmul(&stacked.weight.t()?)? // (N, (H + 2K) E)
         };
         let phase = crate::profile::phase("heads, rope, cache write", x.device());
+        let y = match &self.qk_norms {
+            // Each head of q and k normed before the rope (Qwen3, which has no q/k/v biases).
+            Some((qn, kn)) => {
+                let q = qn.forward(&y.narrow(1, 0, h * e)?.reshape((n, h, e))?, false)?;
+                let key = kn.forward(&y.narrow(1, h * e, k * e)?.reshape((n, k, e))?, false)?;
+                Tensor::cat(&[q.reshape((n, h * e))?, key.reshape((n, k * e))?, y.narrow(1, (h + k) * e, k * e)?], 1)?
+            }
+            None => y,
+        };
         let q = qkv_slots(&y, stacked.bias.as_ref(), (&rope.cos, &rope.sin), rows, kv, (h, k))?; // (N, H, E)
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
@@ -1212,19 +1222,33 @@ impl Decoder {
                 (super::checkpoint::stack(&self.layers, &x, span, pass, sink)?, None)
             }
             _ => {
-                let (mut x, mut pending) = (x, None);
-                for (i, layer) in self.layers.iter().enumerate() {
+                let out = self.layer_by_layer(x, |layer, i, x, pending| {
                     let cache = cache.as_deref_mut().map(|c| (c, i));
-                    let (x1, h) = layer.forward_unadded(&x, pending.as_ref(), span, cache, pass, i)?;
-                    (x, pending) = (x1, Some(h));
-                }
+                    layer.forward_unadded(x, pending, span, cache, pass, i)
+                })?;
                 if let Some(c) = cache {
                     c.len = pos + t;
                 }
-                (x, pending)
+                out
             }
         };
         Ok(self.norm.forward_added(&h, pending.as_ref(), pass.train)?.1)
+    }
+
+    /// The residual stream x through every layer by `layer_step(layer, index, x, pending)` (one
+    /// layer's [`Layer::forward_unadded`] or a variant): the stream after the last layer and
+    /// that layer's branch, not yet added to it.
+    fn layer_by_layer(
+        &self,
+        x: Tensor,
+        mut layer_step: impl FnMut(&Layer, usize, &Tensor, Option<&Tensor>) -> Result<Tensor2>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (mut x, mut pending) = (x, None);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (x1, h) = layer_step(layer, i, &x, pending.as_ref())?;
+            (x, pending) = (x1, Some(h));
+        }
+        Ok((x, pending))
     }
 
     /// Which implementation of the layers a pass runs, decided here once for the whole pass
@@ -1281,11 +1305,9 @@ impl Decoder {
             .zip(&windowed)
             .map(|(s, w)| Span { rope: &self.rope, pos: s.pos, mask: Some(s.mask), windowed: w.as_ref() })
             .collect();
-        let (mut x, mut pending) = (self.embed(ids)?, None);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (x1, h) = layer.forward_unadded_segments(&x, pending.as_ref(), segments, &spans, pass, i)?;
-            (x, pending) = (x1, Some(h));
-        }
+        let (x, pending) = self.layer_by_layer(self.embed(ids)?, |layer, i, x, pending| {
+            layer.forward_unadded_segments(x, pending, segments, &spans, pass, i)
+        })?;
         for s in segments.iter_mut() {
             s.cache.len = s.pos + 1;
         }
@@ -1316,12 +1338,10 @@ impl Decoder {
     /// [`Decoder::decode_slots`]'s layers, on the GPU.
     #[cfg(feature = "cuda")]
     fn layers_from_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
-        let (mut x, mut pending) = (self.embed(ids)?, None);
-        for (i, layer) in self.layers.iter().enumerate() {
+        let (x, pending) = self.layer_by_layer(self.embed(ids)?, |layer, i, x, pending| {
             let attend = |h: &Tensor| layer.self_attn.forward_slots(h, &self.rope, &cache.kv[i], rows, pass, i);
-            let (x1, h) = layer.forward_unadded_with(&x, pending.as_ref(), pass, i, attend)?;
-            (x, pending) = (x1, Some(h));
-        }
+            layer.forward_unadded_with(x, pending, pass, i, attend)
+        })?;
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
     }
 
