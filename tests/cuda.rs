@@ -903,6 +903,11 @@ fn slot_model_of(family: &str) -> loralab::model::Model {
     if config.get("head_dim").is_some() {
         config["head_dim"] = 64.into();
     }
+    if family == "tiny-mistral" {
+        // A window of 4 positions on every layer, which the test's prompts and steps pass.
+        config["sliding_window"] = 4.into();
+        config.as_object_mut().unwrap().remove("layer_types");
+    }
     let config: loralab::model::Config = serde_json::from_value(config).unwrap();
     let opts = LoadOptions { dtype: DType::BF16, device: gpu() };
     loralab::model::load::random(config, &opts, "slots".into(), Some(3)).unwrap()
@@ -920,6 +925,13 @@ fn decoding_from_slots_gives_each_row_the_logits_of_its_group() {
 #[test]
 fn decoding_from_slots_norms_qwen3s_queries_and_keys_as_its_groups_do() {
     slots_against_groups("tiny-qwen3");
+}
+
+#[test]
+fn decoding_from_slots_keeps_to_mistrals_sliding_window_as_its_groups_do() {
+    let model = slot_model_of("tiny-mistral");
+    assert!(model.decoder.layers.iter().all(|l| l.window == Some(4)));
+    slots_against_groups("tiny-mistral");
 }
 
 fn slots_against_groups(family: &str) {

@@ -637,12 +637,13 @@ impl Attention {
     }
 
     /// A decoding step over a slot cache: x (N, 1, D) -> (N, 1, D); `rows` (N, 3) as
-    /// [`Decoder::decode_slots`] takes it, `kv` this layer's part of the cache.
+    /// [`Decoder::decode_slots`] takes it, `kv` this layer's part of the cache, `window` the
+    /// layer's sliding window.
     #[cfg(feature = "cuda")]
     fn forward_slots(
         &self,
         x: &Tensor,
-        rope: &Rope,
+        (rope, window): (&Rope, Option<usize>),
         kv: &Tensor,
         rows: &Tensor,
         pass: Pass,
@@ -672,7 +673,7 @@ impl Attention {
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
         // (N, H, E) = (N, K, G, E): the G query heads of a kv head are consecutive.
-        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, rows, self.scale)?.reshape((n, 1, h * e))?;
+        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, rows, window, self.scale)?.reshape((n, 1, h * e))?;
         drop(phase);
         let _phase = crate::profile::phase("o projection", x.device());
         self.o_proj.forward(&out, pass, layer, Target::OProj)
@@ -1315,12 +1316,12 @@ impl Decoder {
     }
 
     /// Whether decoding can run from a [`SlotCache`] ([`Decoder::decode_slots`]) in this pass: on
-    /// the GPU in bf16, every layer's attention by the fused kernels, no sliding window.
+    /// the GPU in bf16, every layer's attention by the fused kernels.
     pub fn slots_apply(&self, pass: Pass) -> bool {
         cfg!(feature = "cuda")
             && self.device.is_cuda()
             && self.dtype == DType::BF16
-            && self.layers.iter().enumerate().all(|(i, l)| l.window.is_none() && l.self_attn.slots_apply(pass, i))
+            && self.layers.iter().enumerate().all(|(i, l)| l.self_attn.slots_apply(pass, i))
     }
 
     /// One decoding step over a [`SlotCache`]: ids (N, 1), one new token per row -> hidden (N, 1,
@@ -1339,7 +1340,8 @@ impl Decoder {
     #[cfg(feature = "cuda")]
     fn layers_from_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
         let (x, pending) = self.layer_by_layer(self.embed(ids)?, |layer, i, x, pending| {
-            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, &self.rope, &cache.kv[i], rows, pass, i);
+            let rope = (&self.rope, layer.window);
+            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, rope, &cache.kv[i], rows, pass, i);
             layer.forward_unadded_with(x, pending, pass, i, attend)
         })?;
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)

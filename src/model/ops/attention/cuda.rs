@@ -437,8 +437,9 @@ pub fn qkv_slots(
 
 /// [`decode_attention`] over a slot cache: q (N, K, R, E) -> (N, K, R, E), row i attending to
 /// the first `rows[i][1] + 1` positions of its slot `rows[i][0]` of `kv` (2, slots, K, C, E)
-/// (see [`qkv_slots`], which wrote the last of them).
-pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, scale: f64) -> Result<Tensor> {
+/// (see [`qkv_slots`], which wrote the last of them), or with a sliding `window` to the last
+/// `window` of them.
+pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, window: Option<usize>, scale: f64) -> Result<Tensor> {
     let (q, rows) = (q.contiguous()?, rows.contiguous()?);
     let (slots, kh, c, e) = slot_dims(kv)?;
     let (n, qk, r, qe) = q.dims4()?;
@@ -457,9 +458,10 @@ pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, scale: f64) -> Resul
         };
         let [kh32, r32, c32] = [kh, r, c].map(|x| x as i32);
         let (slots64, scale32) = (slots as i64, scale as f32);
+        let window32 = window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
         let cfg = flash_grid((n * kh) as u32, 1, e, 4, 0);
         let name = format!("decode_slots_{e}");
-        launch_with_shared!(dev, &name, cfg, &qv, &kv_at, &rv, &out, &kh32, &r32, &c32, &slots64, &scale32);
+        launch_with_shared!(dev, &name, cfg, &qv, &kv_at, &rv, &out, &kh32, &r32, &c32, &slots64, &window32, &scale32);
     }
     Ok(wrap(out, &dev, Shape::from((n, kh, r, e))))
 }

@@ -156,17 +156,19 @@ DECODE_KERNEL(128)
 
 // The same from a slot cache (continuous batching): row b of the step reads slot rows[3b] of
 // kv, which holds the keys (kv's first half) and values (second half) of `slots` slots, each
-// (K, C, E); its first rows[3b + 1] + 1 positions count (those held and the step's own).
+// (K, C, E); its first rows[3b + 1] + 1 positions count (those held and the step's own), or with
+// a sliding window (window > 0) the last `window` of them.
 //   q: (B, K, R, E); kv: (2, slots, K, C, E); rows: (B, 3) slot, keys held, position; out: (B, K, R, E).
 #define DECODE_SLOTS_KERNEL(E)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
         decode_slots_##E(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int* rows,                   \
-                         __nv_bfloat16* out, int heads, int r, int c, long slots, float scale) {              \
+                         __nv_bfloat16* out, int heads, int r, int c, long slots, int window, float scale) {  \
         const long bk = blockIdx.x, b = bk / heads, head = bk % heads;                                       \
-        const long at = (rows[3 * b] * heads + head) * (long)c * E;                                           \
+        const int s = rows[3 * b + 1] + 1, first = window > 0 && s > window ? s - window : 0;                \
+        const long at = ((rows[3 * b] * heads + head) * (long)c + first) * E;                                 \
         const long half = slots * heads * (long)c * E;                                                        \
-        decode_attention<E>(q + bk * r * E, kv + at, kv + half + at, nullptr, out + bk * r * E, r,            \
-                            rows[3 * b + 1] + 1, scale);                                                      \
+        decode_attention<E>(q + bk * r * E, kv + at, kv + half + at, nullptr, out + bk * r * E, r, s - first, \
+                            scale);                                                                           \
     }
 DECODE_SLOTS_KERNEL(64)
 DECODE_SLOTS_KERNEL(128)
