@@ -1327,8 +1327,9 @@ impl Decoder {
     /// One decoding step over a [`SlotCache`]: ids (N, 1), one new token per row -> hidden (N, 1,
     /// D). rows: (N, 3) u32 on the device, each row's slot, the positions its slot holds, and
     /// its new token's position; the step writes each row's new keys and values after those it
-    /// holds. Each row gets what [`Decoder::forward_hidden`] gives it in its prompt's group: the
-    /// slot holds the same keys but the padding's, which the group's mask hides.
+    /// holds. Each row gets what [`Decoder::forward_hidden`] gives it in its prompt's group: its
+    /// slot holds the group's keys of that row without the padding's, which the group's mask
+    /// hides.
     pub fn decode_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
         if ids.dim(1)? != 1 || rows.dims() != [ids.dim(0)?, 3] || !self.slots_apply(pass) {
             candle_core::bail!("a decoding step from slots takes one new token per row, on the GPU in bf16");
@@ -1340,8 +1341,8 @@ impl Decoder {
     #[cfg(feature = "cuda")]
     fn layers_from_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
         let (x, pending) = self.layer_by_layer(self.embed(ids)?, |layer, i, x, pending| {
-            let rope = (&self.rope, layer.window);
-            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, rope, &cache.kv[i], rows, pass, i);
+            let positions = (&self.rope, layer.window);
+            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, positions, &cache.kv[i], rows, pass, i);
             layer.forward_unadded_with(x, pending, pass, i, attend)
         })?;
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)
