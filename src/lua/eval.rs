@@ -70,7 +70,10 @@ fn string(name: &str, argument: &str, value: Value) -> mlua::Result<String> {
     match value {
         Value::String(s) => Ok(s.to_string_lossy()),
         Value::Nil => Err(bad_argument(name, format!("{argument} is missing (expected a string)"))),
-        other => Err(bad_argument(name, format!("{argument} must be a string, got a {}", other.type_name()))),
+        other => Err(bad_argument(
+            name,
+            format!("{argument} must be a string, got {}", crate::lua::a_type(other.type_name())),
+        )),
     }
 }
 
@@ -87,7 +90,10 @@ fn read_records(value: Value) -> mlua::Result<Vec<Record>> {
     let list = match value {
         Value::Table(t) => t,
         other => {
-            return Err(bad_argument(NAME, format!("records must be a list of tables, got a {}", other.type_name())))
+            return Err(bad_argument(
+                NAME,
+                format!("records must be a list of tables, got {}", crate::lua::a_type(other.type_name())),
+            ))
         }
     };
     (1..=list.raw_len())
@@ -97,7 +103,7 @@ fn read_records(value: Value) -> mlua::Result<Vec<Record>> {
                 other => {
                     return Err(bad_argument(
                         NAME,
-                        format!("records[{i}] must be a table, got a {}", other.type_name()),
+                        format!("records[{i}] must be a table, got {}", crate::lua::a_type(other.type_name())),
                     ))
                 }
             };
@@ -118,7 +124,7 @@ fn scorer(lua: &Lua, spec: Value, name: &str) -> mlua::Result<Function> {
         other => {
             return Err(bad_argument(
                 name,
-                format!("the scorer must be a function or a rule table ({{words = ...}}, {{regex = ...}}, {{substring = ...}}, {{marker = ...}}), got a {}", other.type_name()),
+                format!("the scorer must be a function or a rule table ({{words = ...}}, {{regex = ...}}, {{substring = ...}}, {{marker = ...}}), got {}", crate::lua::a_type(other.type_name())),
             ))
         }
     };
@@ -180,7 +186,10 @@ fn tally(lua: &Lua, (records, spec, options): (Value, Value, Value)) -> mlua::Re
     let method = IntervalMethod::parse(&method_name).map_err(|e| o.bad_value("interval", e.to_string()))?;
     o.finish()?;
     let Value::Table(list) = records else {
-        return Err(bad_argument(NAME, format!("records must be a list of tables, got a {}", records.type_name())));
+        return Err(bad_argument(
+            NAME,
+            format!("records must be a list of tables, got {}", crate::lua::a_type(records.type_name())),
+        ));
     };
     // Groups keyed by the Lua values of the `by` fields, rendered to text for equality.
     let mut order: Vec<(Vec<Value>, u64, u64)> = Vec::new();
@@ -194,7 +203,10 @@ fn tally(lua: &Lua, (records, spec, options): (Value, Value, Value)) -> mlua::Re
             other => {
                 return Err(bad_argument(
                     NAME,
-                    format!("records[{i}].{field} must be a string (the text scored), got a {}", other.type_name()),
+                    format!(
+                        "records[{i}].{field} must be a string (the text scored), got {}",
+                        crate::lua::a_type(other.type_name())
+                    ),
                 ))
             }
         };
@@ -212,7 +224,10 @@ fn tally(lua: &Lua, (records, spec, options): (Value, Value, Value)) -> mlua::Re
                 other => {
                     return Err(bad_argument(
                         NAME,
-                        format!("records[{i}].{f} is a {}; group by strings, numbers or booleans", other.type_name()),
+                        format!(
+                            "records[{i}].{f} is {}; group by strings, numbers or booleans",
+                            crate::lua::a_type(other.type_name())
+                        ),
                     ))
                 }
             });
@@ -225,8 +240,8 @@ fn tally(lua: &Lua, (records, spec, options): (Value, Value, Value)) -> mlua::Re
                 return Err(bad_argument(
                     NAME,
                     format!(
-                        "the scorer returned a {} for records[{i}]; it must return true or false",
-                        other.type_name()
+                        "the scorer returned {} for records[{i}]; it must return true or false",
+                        crate::lua::a_type(other.type_name())
                     ),
                 ))
             }

@@ -90,7 +90,7 @@ pub fn to_json(lua: &Lua, value: &Value, at: &str, depth: usize) -> Result<Json,
         }
         Value::LightUserData(_) if *value == lua.null() => Ok(Json::Null),
         Value::Table(t) => table_to_json(lua, t, at, depth),
-        other => Err(format!("{at} is a {}, which JSON cannot hold", other.type_name())),
+        other => Err(format!("{at} is {}, which JSON cannot hold", crate::lua::a_type(other.type_name()))),
     }
 }
 
@@ -113,7 +113,12 @@ fn table_to_json(lua: &Lua, t: &Table, at: &str, depth: usize) -> Result<Json, S
         let key = match &k {
             Value::String(s) => s.to_str().map_err(|_| format!("{at} has a key that is not UTF-8"))?.to_string(),
             Value::Integer(i) => i.to_string(),
-            other => return Err(format!("{at} has a {} key; JSON keys are names or integers", other.type_name())),
+            other => {
+                return Err(format!(
+                    "{at} has {} key; JSON keys are names or integers",
+                    crate::lua::a_type(other.type_name())
+                ))
+            }
         };
         let child = to_json(lua, &v, &format!("{at}.{key}"), depth + 1)?;
         sorted.insert(key, child);
@@ -177,7 +182,7 @@ fn csv_line(cells: &[String]) -> String {
 
 fn csv_row(lua: &Lua, header: &[String], row: Value, n: usize) -> Result<Vec<String>, String> {
     let Value::Table(t) = row else {
-        return Err(format!("row {n} is a {}, not a table", row.type_name()));
+        return Err(format!("row {n} is {}, not a table", crate::lua::a_type(row.type_name())));
     };
     let positional = t.raw_len();
     if positional > 0 {
@@ -211,8 +216,8 @@ fn csv_cell(lua: &Lua, v: &Value, row: usize, column: &str) -> Result<String, St
         Value::String(s) => csv_field(&s.to_str().map_err(|_| format!("row {row}, column {column}: not UTF-8"))?),
         other => {
             return Err(format!(
-                "row {row}, column {column} is a {}; cells are numbers, strings or booleans",
-                other.type_name()
+                "row {row}, column {column} is {}; cells are numbers, strings or booleans",
+                crate::lua::a_type(other.type_name())
             ))
         }
     })

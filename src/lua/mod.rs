@@ -169,6 +169,12 @@ fn without_backtrace(message: &str) -> &str {
 }
 
 /// An mlua error as an anyhow error (mlua's are not Send).
+/// A Lua type's name with its article, for messages: "a table", "an integer".
+pub(crate) fn a_type(type_name: &str) -> String {
+    let article = if type_name.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {type_name}")
+}
+
 pub fn lua_err(e: mlua::Error) -> anyhow::Error {
     anyhow::anyhow!("{}", describe_lua_error(&e))
 }

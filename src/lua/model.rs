@@ -46,7 +46,7 @@ pub fn module(lua: &Lua) -> mlua::Result<Table> {
                 other => {
                     return Err(mlua::Error::runtime(format!(
                         "lab.model.random: config must be a path or a table, got {}",
-                        other.type_name()
+                        crate::lua::a_type(other.type_name())
                     )))
                 }
             };
@@ -169,7 +169,7 @@ fn prompt_ids_for(context: &str, model: &Model, value: Value, index: usize) -> m
         other => {
             return Err(mlua::Error::runtime(format!(
                 "{context}: prompt {index} must be a string, a list of token ids or a list of messages, got {}",
-                other.type_name()
+                crate::lua::a_type(other.type_name())
             )))
         }
     };
@@ -246,8 +246,8 @@ fn logprob_sequence(lua: &Lua, model: &Model, item: Value, index: usize) -> mlua
     const CONTEXT: &str = "model:logprobs";
     if !matches!(item, Value::Table(_)) {
         return Err(mlua::Error::runtime(format!(
-            "{CONTEXT}: item {index} must be a table {{prompt = ..., completion = ...}}, got a {}",
-            item.type_name()
+            "{CONTEXT}: item {index} must be a table {{prompt = ..., completion = ...}}, got {}",
+            crate::lua::a_type(item.type_name())
         )));
     }
     let mut o = Opts::new(&format!("{CONTEXT}: item {index}"), item)?;
@@ -289,8 +289,8 @@ fn logprob_sequence(lua: &Lua, model: &Model, item: Value, index: usize) -> mlua
         Value::Table(t) => prompt_ids_for(&format!("{CONTEXT}: completion of"), model, Value::Table(t), index)?,
         other => {
             return Err(mlua::Error::runtime(format!(
-                "{CONTEXT}: item {index}: completion must be a string, token ids or messages, got a {}",
-                other.type_name()
+                "{CONTEXT}: item {index}: completion must be a string, token ids or messages, got {}",
+                crate::lua::a_type(other.type_name())
             )))
         }
     };

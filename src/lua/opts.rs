@@ -56,7 +56,7 @@ impl Opts {
             other => {
                 return Err(mlua::Error::runtime(format!(
                     "{context}: options must be a table, got {}",
-                    other.type_name()
+                    crate::lua::a_type(other.type_name())
                 )))
             }
         };
@@ -81,8 +81,9 @@ impl Opts {
         // mlua turns any value into a boolean by Lua truthiness ("no" would be true).
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bool>() && !matches!(raw, Value::Boolean(_)) {
             return Err(mlua::Error::runtime(format!(
-                "{}: option '{key}' must be true or false, got a {type_name}",
-                self.context
+                "{}: option '{key}' must be true or false, got {}",
+                self.context,
+                crate::lua::a_type(type_name)
             )));
         }
         T::from_lua(raw, lua).map(Some).map_err(|e| {
@@ -128,9 +129,9 @@ impl Opts {
                 Value::String(s) => s.to_str()?.to_string(),
                 other => {
                     return Err(mlua::Error::runtime(format!(
-                        "{}: option keys must be names, got a {} key",
+                        "{}: option keys must be names, got {} key",
                         self.context,
-                        other.type_name()
+                        crate::lua::a_type(other.type_name())
                     )))
                 }
             };
@@ -170,7 +171,10 @@ fn check(lua: &Lua, (opts, known, context): (Value, Vec<String>, String)) -> mlu
         Value::Nil => return lua.create_table(),
         Value::Table(t) => t,
         other => {
-            return Err(mlua::Error::runtime(format!("{context}: options must be a table, got {}", other.type_name())))
+            return Err(mlua::Error::runtime(format!(
+                "{context}: options must be a table, got {}",
+                crate::lua::a_type(other.type_name())
+            )))
         }
     };
     let known: Vec<&str> = known.iter().map(String::as_str).collect();
@@ -178,8 +182,8 @@ fn check(lua: &Lua, (opts, known, context): (Value, Vec<String>, String)) -> mlu
         let (key, _) = pair?;
         let Value::String(name) = &key else {
             return Err(mlua::Error::runtime(format!(
-                "{context}: option keys must be names, got a {} key",
-                key.type_name()
+                "{context}: option keys must be names, got {} key",
+                crate::lua::a_type(key.type_name())
             )));
         };
         let name = name.to_str()?.to_string();
@@ -193,7 +197,10 @@ fn check(lua: &Lua, (opts, known, context): (Value, Vec<String>, String)) -> mlu
 /// `list(value, what, context)`: `value` when it is a non-empty sequence (keys exactly 1..n).
 fn list(_: &Lua, (value, what, context): (Value, String, String)) -> mlua::Result<Table> {
     let Value::Table(t) = value else {
-        return Err(mlua::Error::runtime(format!("{context}: {what} must be a list, got {}", value.type_name())));
+        return Err(mlua::Error::runtime(format!(
+            "{context}: {what} must be a list, got {}",
+            crate::lua::a_type(value.type_name())
+        )));
     };
     let n = t.pairs::<Value, Value>().count();
     if n == 0 || n != t.raw_len() {

@@ -55,7 +55,7 @@ pub fn figure_from_lua(lua: &Lua, spec: Value) -> mlua::Result<Figure> {
     if !matches!(spec, Value::Table(_)) {
         return Err(mlua::Error::runtime(format!(
             "{LINE}: the first argument must be a figure table, got {}",
-            spec.type_name()
+            crate::lua::a_type(spec.type_name())
         )));
     }
     let mut o = Opts::new(LINE, spec)?;

@@ -211,7 +211,10 @@ fn count(name: &str, argument: &str, value: Value) -> mlua::Result<i64> {
         Value::Number(x) if x.fract() == 0.0 && x.abs() <= EXACT => Ok(x as i64),
         Value::Number(x) => Err(bad_argument(name, format!("{argument} = {x}: not a whole number"))),
         Value::Nil => Err(bad_argument(name, format!("{argument} is missing (expected a whole number)"))),
-        other => Err(bad_argument(name, format!("{argument} must be a whole number, got a {}", other.type_name()))),
+        other => Err(bad_argument(
+            name,
+            format!("{argument} must be a whole number, got {}", crate::lua::a_type(other.type_name())),
+        )),
     }
 }
 
@@ -227,7 +230,10 @@ fn number(name: &str, argument: &str, value: Value) -> mlua::Result<f64> {
         Value::Integer(i) => Ok(i as f64),
         Value::Number(x) => Ok(x),
         Value::Nil => Err(bad_argument(name, format!("{argument} is missing (expected a number)"))),
-        other => Err(bad_argument(name, format!("{argument} must be a number, got a {}", other.type_name()))),
+        other => Err(bad_argument(
+            name,
+            format!("{argument} must be a number, got {}", crate::lua::a_type(other.type_name())),
+        )),
     }
 }
 
@@ -239,7 +245,7 @@ fn numbers(name: &str, argument: &str, value: Value) -> mlua::Result<Vec<f64>> {
         other => {
             return Err(bad_argument(
                 name,
-                format!("{argument} must be a list of numbers, got a {}", other.type_name()),
+                format!("{argument} must be a list of numbers, got {}", crate::lua::a_type(other.type_name())),
             ))
         }
     };
@@ -247,7 +253,10 @@ fn numbers(name: &str, argument: &str, value: Value) -> mlua::Result<Vec<f64>> {
         .map(|i| match table.raw_get::<Value>(i)? {
             Value::Integer(v) => Ok(v as f64),
             Value::Number(v) => Ok(v),
-            other => Err(bad_argument(name, format!("{argument}[{i}] must be a number, got a {}", other.type_name()))),
+            other => Err(bad_argument(
+                name,
+                format!("{argument}[{i}] must be a number, got {}", crate::lua::a_type(other.type_name())),
+            )),
         })
         .collect()
 }

@@ -90,7 +90,7 @@ fn sft(
                 ))
             }
         }),
-        Some(other) => return Err(o.bad_value("loss_mask", format!("must be a name or a function, got {}", other.type_name()))),
+        Some(other) => return Err(o.bad_value("loss_mask", format!("must be a name or a function, got {}", crate::lua::a_type(other.type_name())))),
     };
     let on_step: Option<Function> = o.get(lua, "on_step")?;
     let saves = read_save_steps(lua, &mut o)?;
