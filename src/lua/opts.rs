@@ -278,6 +278,10 @@ mod tests {
         let mut o = Opts::new("lab.train.sft", Value::Table(t)).unwrap();
         let err = o.get::<bool>(&lua, "shuffle").unwrap_err().to_string();
         assert!(err.contains("option 'shuffle' must be true or false, got a string"), "{err}");
+        let t: Table = lua.load("return { shuffle = 1 }").eval().unwrap();
+        let mut o = Opts::new("lab.train.sft", Value::Table(t)).unwrap();
+        let err = o.get::<bool>(&lua, "shuffle").unwrap_err().to_string();
+        assert!(err.contains("got an integer"), "{err}");
     }
 
     #[test]
