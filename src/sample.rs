@@ -299,9 +299,10 @@ struct SlotRow {
 }
 
 /// Draws the completions of units of prompts. A unit is prefilled once, then its rows decode in
-/// a batch with those of the other units in flight, each unit with its own cache and positions;
-/// finished rows leave the batch (cache included) once they are a share of their unit's, and
-/// the next unit joins once its rows fit in `batch_size` beside the rows in flight.
+/// a batch with those of the other units in flight: in groups ([`Sampler::run`]), each unit with
+/// its own cache and positions, finished rows leaving the batch (cache included) once they are a
+/// share of their unit's and the next unit joining once its rows fit in `batch_size` beside the
+/// rows in flight; or in slots of one cache ([`Sampler::run_slots`]).
 struct Sampler<'a> {
     model: &'a Model,
     adapter: Option<&'a Adapter>,
@@ -408,27 +409,20 @@ impl Sampler<'_> {
     /// its rows, each with its first token drawn.
     fn prefill_slots(&mut self, unit: &Unit, cache: &SlotCache, free: &mut Vec<usize>) -> anyhow::Result<Vec<SlotRow>> {
         let device = self.model.decoder.device.clone();
-        let n = unit.completions.len();
         let t0 = Instant::now();
         let (prefilled, logits, pads) = self.prefill_prompts(unit, 0)?;
         let l = prefilled.len;
-        let first = self.new_rows(unit);
-        // Each row's prompt within the unit, and its slot.
-        let expand: Vec<usize> = (0..unit.prompts.len()).flat_map(|k| std::iter::repeat_n(k, n)).collect();
+        let (expand, rows, next) = self.first_tokens(unit, &logits)?;
+        // Each row's slot, filled with its prompt's keys and values.
         let taken = free.split_off(free.len() - expand.len());
         let fill: Vec<u32> =
-            expand.iter().zip(&taken).flat_map(|(&k, &slot)| [k as u32, slot as u32, pads[k] as u32]).collect();
+            expand.iter().zip(&taken).flat_map(|(&k, &slot)| [k, slot as u32, pads[k as usize] as u32]).collect();
         cache.fill(&prefilled, &Tensor::from_vec(fill, (expand.len(), 3), &device)?)?;
-        let index: Vec<u32> = expand.iter().map(|&k| k as u32).collect();
-        let first_logits = logits.index_select(&Tensor::new(index.as_slice(), &device)?, 0)?;
-        let rows: Vec<usize> = (first..self.rows.len()).collect();
-        let next = choose_tokens(&first_logits, &mut self.rows, &rows, 0, self.opts)?;
         self.take_tokens(&rows, &next)?;
         self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
         let joined = rows.into_iter().zip(expand).zip(taken).zip(next);
-        Ok(joined
-            .map(|(((row, k), slot), next)| SlotRow { row, slot, held: l - pads[k], pos: l, next, step: 0 })
-            .collect())
+        let at = |k: u32| l - pads[k as usize];
+        Ok(joined.map(|(((row, k), slot), next)| SlotRow { row, slot, held: at(k), pos: l, next, step: 0 }).collect())
     }
 
     /// One decoding step of every row in its slot: feeds each row its last token and draws the next.
@@ -479,18 +473,13 @@ impl Sampler<'_> {
         self.stats.peak_rows = self.stats.peak_rows.max(in_flight + p * n);
         let t0 = Instant::now();
         let (mut cache, logits, pads) = self.prefill_prompts(unit, opts.max_tokens)?;
-        let first = self.new_rows(unit);
-        // Each row's prompt within the unit.
-        let expand: Vec<u32> = (0..p as u32).flat_map(|k| std::iter::repeat_n(k, n)).collect();
+        let (expand, live, next) = self.first_tokens(unit, &logits)?;
         // On the CPU the rows of a prompt read its positions from one copy of them, where
         // elsewhere each row's cache starts with its own copy (the same keys and values either way).
         match dec.device.is_cpu() && dec.dtype == DType::F32 {
             true => cache.share_prefix(&expand)?,
             false => cache.select_rows(&expand)?,
         }
-        let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), &device)?, 0)?;
-        let live: Vec<usize> = (first..self.rows.len()).collect();
-        let next = choose_tokens(&first_logits, &mut self.rows, &live, 0, opts)?;
         let pads = expand.iter().map(|&k| pads[k as usize]).collect();
         self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
         Ok(Segment { cache, live, pads, next, prompt_len: l, pos: l })
@@ -518,6 +507,19 @@ impl Sampler<'_> {
         let logits = dec.logits_as_computed(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?; // (P, V)
         self.stats.prompt_tokens += prompts.iter().map(|x| x.len()).sum::<usize>();
         Ok((cache, logits, pads))
+    }
+
+    /// The rows of a unit's completions (see [`Sampler::new_rows`]) with their first tokens drawn
+    /// from its prompts' next-token logits (P, V): each row's prompt within the unit, its index
+    /// in the sampler's rows, and its token.
+    fn first_tokens(&mut self, unit: &Unit, logits: &Tensor) -> anyhow::Result<(Vec<u32>, Vec<usize>, Vec<u32>)> {
+        let first = self.new_rows(unit);
+        let n = unit.completions.len();
+        let expand: Vec<u32> = (0..unit.prompts.len() as u32).flat_map(|k| std::iter::repeat_n(k, n)).collect();
+        let first_logits = logits.index_select(&Tensor::new(expand.as_slice(), logits.device())?, 0)?;
+        let rows: Vec<usize> = (first..self.rows.len()).collect();
+        let next = choose_tokens(&first_logits, &mut self.rows, &rows, 0, self.opts)?;
+        Ok((expand, rows, next))
     }
 
     /// The rows of a unit's completions, n per prompt, each with its own random stream; returns

@@ -317,24 +317,21 @@ pub fn qkv_heads(
         let (yv, cv, sv) = (bf16_view(&ys, yl, "y")?, bf16_view(&cs, cl, "cos")?, bf16_view(&ss, sl, "sin")?);
         let [b32, t32, h32, kh32, e32] = [b, t, h, kh, e].map(|n| n as i32);
         let cfg = launch_elements(b * t * width / 4);
-        match bias {
-            Some(bias) => {
-                let bias = bias.contiguous()?;
-                let (bs, bl) = bias.storage_and_layout();
-                let bv = bf16_view(&bs, bl, "bias")?;
-                launch!(dev, "qkv_heads_bf16", cfg, &yv, &bv, &cv, &sv, &out, &b32, &t32, &h32, &kh32, &e32);
-            }
-            None => {
-                let null = 0u64;
-                launch!(dev, "qkv_heads_bf16", cfg, &yv, &null, &cv, &sv, &out, &b32, &t32, &h32, &kh32, &e32);
-            }
-        }
+        let bias = bias.map(Tensor::contiguous).transpose()?;
+        let bias_at = optional_address(bias.as_ref(), "qkv-heads")?;
+        launch!(dev, "qkv_heads_bf16", cfg, &yv, &bias_at, &cv, &sv, &out, &b32, &t32, &h32, &kh32, &e32);
     }
     let all = wrap(out, &dev, Shape::from(q_size + 2 * kv_size));
     let q = all.narrow(0, 0, q_size)?.reshape((b, h, t, e))?;
     let k = all.narrow(0, q_size, kv_size)?.reshape((b, kh, t, e))?;
     let v = all.narrow(0, q_size + kv_size, kv_size)?.reshape((b, kh, t, e))?;
     Ok((q, k, v))
+}
+
+/// The device address of an optional bf16 tensor (contiguous, on the GPU), 0 for none: the
+/// kernels' null pointer. The tensor must outlive the launch that reads it.
+fn optional_address(t: Option<&Tensor>, op: &str) -> Result<u64> {
+    t.map_or(Ok(0), |t| typed_address::<bf16>(t, op))
 }
 
 /// The shape of a slot cache ([`crate::model::decoder::SlotCache`]'s per-layer tensor): (2, slots,
@@ -387,50 +384,26 @@ pub fn qkv_slots(
         let [n32, h32, kh32, e32, c32] = [n, h, kh, e, c].map(|x| x as i32);
         let slots64 = slots as i64;
         let cfg = launch_elements(n * width / 4);
-        let null = 0u64;
-        match bias {
-            Some(bias) => {
-                let bias = bias.contiguous()?;
-                let (bs, bl) = bias.storage_and_layout();
-                let bv = bf16_view(&bs, bl, "bias")?;
-                launch!(
-                    dev,
-                    "qkv_slots_bf16",
-                    cfg,
-                    &yv,
-                    &bv,
-                    &cv,
-                    &sv,
-                    &rv,
-                    &q,
-                    &kv_at,
-                    &n32,
-                    &h32,
-                    &kh32,
-                    &e32,
-                    &c32,
-                    &slots64
-                );
-            }
-            None => launch!(
-                dev,
-                "qkv_slots_bf16",
-                cfg,
-                &yv,
-                &null,
-                &cv,
-                &sv,
-                &rv,
-                &q,
-                &kv_at,
-                &n32,
-                &h32,
-                &kh32,
-                &e32,
-                &c32,
-                &slots64
-            ),
-        }
+        let bias = bias.map(Tensor::contiguous).transpose()?;
+        let bias_at = optional_address(bias.as_ref(), "qkv-slots")?;
+        launch!(
+            dev,
+            "qkv_slots_bf16",
+            cfg,
+            &yv,
+            &bias_at,
+            &cv,
+            &sv,
+            &rv,
+            &q,
+            &kv_at,
+            &n32,
+            &h32,
+            &kh32,
+            &e32,
+            &c32,
+            &slots64
+        );
     }
     Ok(wrap(q, &dev, Shape::from((n, h, e))))
 }
