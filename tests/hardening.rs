@@ -124,6 +124,15 @@ fn a_sampling_group_larger_than_the_batch_is_refused_naming_group_size() {
 }
 
 #[test]
+fn continuous_batching_misspelt_or_not_a_boolean_is_refused_by_name() {
+    fails_naming("tiny():sample({ {1, 2} }, { continous_batching = true })", "did you mean 'continuous_batching'");
+    fails_naming(
+        "tiny():sample({ {1, 2} }, { continuous_batching = 1 })",
+        "'continuous_batching' must be true or false, got an integer",
+    );
+}
+
+#[test]
 fn a_kv_cache_larger_than_memory_is_refused_naming_batch_size() {
     fails_naming(
         "tiny({ max_position_embeddings = 4000000 }):sample({ {1, 2} }, { n = 100000, batch_size = 100000, max_tokens = 3000 })",
