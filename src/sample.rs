@@ -144,6 +144,8 @@ pub struct SampleStats {
     pub decode_seconds: f64,
     /// The most rows decoded at once.
     pub peak_rows: usize,
+    /// The rows allowed at once: `batch_size`, or fewer where the GPU's free memory holds fewer.
+    pub batch_size: usize,
     /// Decoding steps run (each over every row still in its batch).
     pub decode_steps: usize,
 }
@@ -168,6 +170,9 @@ pub fn sample(
         );
     }
     check_results_fit(prompts.len(), opts)?;
+    let continuous = opts.continuous_batching && model.decoder.slots_apply(Pass::infer(adapter));
+    let fitted = fit_to_gpu_memory(model, prompts, opts, continuous)?;
+    let opts = fitted.as_ref().unwrap_or(opts);
     if !model.device().is_cpu() {
         model.device().set_seed(opts.seed)?;
     }
@@ -175,12 +180,12 @@ pub fn sample(
     stop_ids.extend(&opts.stop_token_ids);
     let mut sampler =
         Sampler { model, adapter, prompts, opts, stop_ids: &stop_ids, rows: Vec::new(), stats: SampleStats::default() };
-    let continuous = opts.continuous_batching && model.decoder.slots_apply(Pass::infer(adapter));
     match continuous {
         true => sampler.run_slots(units(prompts, opts, continuous))?,
         false => sampler.run(units(prompts, opts, continuous))?,
     }
-    let Sampler { rows, stats, .. } = sampler;
+    let Sampler { rows, mut stats, .. } = sampler;
+    stats.batch_size = opts.batch_size;
     let results = completions(model, rows, prompts.len(), opts)?;
     if let Some(table) = crate::profile::report(stats.decode_steps, "step") {
         eprintln!(
@@ -640,6 +645,104 @@ fn check_results_fit(prompts: usize, opts: &SampleOptions) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Bytes of KV cache one row of `positions` holds.
+fn cache_bytes_per_row(cfg: &crate::model::Config, positions: usize, dtype: DType) -> u64 {
+    (2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * positions * dtype.size_in_bytes()) as u64
+}
+
+/// Bytes a decoding row holds for one step besides its cache: its hidden states, q/k/v and the
+/// MLP's three (intermediate) tensors in the model's dtype, and its logits in that dtype and in
+/// f32 for the sampling kernel.
+fn step_bytes_per_row(cfg: &crate::model::Config, dtype: DType) -> u64 {
+    let qkv = (cfg.num_attention_heads + 2 * cfg.num_kv_heads()) * cfg.head_dim();
+    let activations = (6 * cfg.hidden_size + qkv + 3 * cfg.intermediate_size) * dtype.size_in_bytes();
+    (activations + cfg.vocab_size * (dtype.size_in_bytes() + 4)) as u64
+}
+
+/// The rows at once that `free` bytes hold beside `reserve`, each taking `per_row`: `wanted`
+/// where they all fit (0 where not even one does).
+fn rows_that_fit(free: u64, reserve: u64, per_row: u64, wanted: usize) -> usize {
+    let room = free.saturating_sub(reserve);
+    wanted.min(usize::try_from(room / per_row.max(1)).unwrap_or(usize::MAX))
+}
+
+/// On the GPU, the options with `batch_size` lowered to the rows whose KV cache and decoding
+/// step fit in the memory free now, where fewer than asked do (None where all fit, and on the
+/// CPU): an allocation that fails midway fails the call, and a cell's retry would fail the same
+/// way. The prefill of a batch's prompts and a gibibyte for the libraries' workspaces are held
+/// back. Says so once per setting; an error where not even one row fits.
+fn fit_to_gpu_memory(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &SampleOptions,
+    continuous: bool,
+) -> anyhow::Result<Option<SampleOptions>> {
+    let Some((free, _total)) = gpu_memory(model.device())? else { return Ok(None) };
+    let (cfg, dtype) = (model.config(), model.decoder.dtype);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let positions = longest + opts.max_tokens;
+    let rows: usize = prompts.len() * opts.n;
+    let wanted = opts.batch_size.min(rows.max(1));
+    // The prompts prefilled at once (a group; in continuous batching an eighth of a batch or
+    // less): their cache and about a dozen activations of each position.
+    let per_batch = (wanted / opts.n).max(1);
+    let prefill_prompts = match (opts.group_size, continuous) {
+        (0, true) => continuous_group(per_batch),
+        (0, false) => per_batch,
+        (size, _) => size,
+    };
+    let prefill_tokens = prefill_prompts * longest;
+    let prefill = prefill_tokens as u64
+        * (cache_bytes_per_row(cfg, 1, dtype)
+            + ((8 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.size_in_bytes()) as u64);
+    let reserve = (1u64 << 30) + prefill;
+    let per_row = cache_bytes_per_row(cfg, positions, dtype) + step_bytes_per_row(cfg, dtype);
+    let fit = rows_that_fit(free as u64, reserve, per_row, wanted);
+    let gib = |b: u64| b as f64 / 2f64.powi(30);
+    anyhow::ensure!(
+        fit >= 1,
+        "sampling needs {:.2} GiB per row ({positions} positions of KV cache and a decoding step) beside {:.1} GiB \
+         held back for the prefill and the libraries, and the GPU has {:.1} GiB free; lower max_tokens (now {}) or \
+         free the GPU's memory (models and adapters no longer used)",
+        gib(per_row),
+        gib(reserve),
+        gib(free as u64),
+        opts.max_tokens
+    );
+    if fit >= wanted {
+        return Ok(None);
+    }
+    static SAID: std::sync::Mutex<Option<(usize, usize)>> = std::sync::Mutex::new(None);
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if *said != Some((opts.batch_size, fit)) {
+        eprintln!(
+            "sample: batch_size {} rows of {positions} positions need {:.1} GiB of KV cache and decoding steps; \
+             the GPU has {:.1} GiB free, which holds {fit} rows at once: sampling {fit} at a time (set batch_size \
+             to at most {fit} to keep it)",
+            opts.batch_size,
+            gib(per_row * wanted as u64 + reserve),
+            gib(free as u64)
+        );
+        *said = Some((opts.batch_size, fit));
+    }
+    let mut fitted = opts.clone();
+    fitted.batch_size = fit;
+    if fitted.group_size.saturating_mul(fitted.n.min(fit)) > fit {
+        fitted.group_size = 0;
+    }
+    Ok(Some(fitted))
+}
+
+/// The GPU's free and total memory (None on the CPU).
+fn gpu_memory(device: &Device) -> anyhow::Result<Option<(usize, usize)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return Ok(Some(crate::model::cuda::memory(dev)?));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// On the CPU, refuses a KV cache larger than the memory available, naming the settings to
 /// lower: an allocation that fails aborts the process, losing the run.
 fn check_cache_fits(
@@ -653,11 +756,7 @@ fn check_cache_fits(
     if !device.is_cpu() {
         return Ok(()); // the GPU reports its own out-of-memory error, which a cell can retry
     }
-    let bytes = 2.0
-        * (cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim()) as f64
-        * rows as f64
-        * positions as f64
-        * dtype.size_in_bytes() as f64;
+    let bytes = cache_bytes_per_row(cfg, positions, dtype) as f64 * rows as f64;
     if let Some(available) = crate::lua::sys::available_memory_bytes() {
         anyhow::ensure!(
             bytes <= available as f64,
@@ -922,6 +1021,38 @@ pub fn decode_mask(pads: &[usize], s: usize, device: &Device) -> candle_core::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn qwen25_7b() -> crate::model::Config {
+        let text = std::fs::read_to_string("scripts/bench/configs/qwen2.5-7b.json").unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_row_of_qwen25_7b_holds_56_kib_of_cache_per_position_in_bf16() {
+        // 28 layers x 4 kv heads x 128 x (key, value) x 2 bytes
+        assert_eq!(cache_bytes_per_row(&qwen25_7b(), 1, DType::BF16), 57_344);
+        assert_eq!(cache_bytes_per_row(&qwen25_7b(), 612, DType::BF16), 612 * 57_344);
+    }
+
+    #[test]
+    fn the_rows_that_fit_are_those_asked_for_or_as_many_as_the_memory_beside_the_reserve_holds() {
+        assert_eq!(rows_that_fit(1000, 100, 10, 50), 50);
+        assert_eq!(rows_that_fit(1000, 100, 10, 90), 90);
+        assert_eq!(rows_that_fit(1000, 100, 10, 91), 90);
+        assert_eq!(rows_that_fit(1000, 100, 10, 5000), 90);
+        assert_eq!(rows_that_fit(99, 100, 10, 5), 0);
+        assert_eq!(rows_that_fit(1000, 0, 0, 7), 7);
+    }
+
+    #[test]
+    fn a_decoding_rows_step_is_small_beside_its_cache_at_the_studys_length() {
+        // Qwen2.5-7B in bf16, 100-token prompts and 512 new tokens: the logits (152k) and
+        // activations of a step take about a megabyte, a thirtieth of the row's 35 MB of cache.
+        let cfg = qwen25_7b();
+        let step = step_bytes_per_row(&cfg, DType::BF16);
+        assert_eq!(step, ((6 * 3584 + 36 * 128 + 3 * 18944) * 2 + 152_064 * 6) as u64);
+        assert!(step * 30 < cache_bytes_per_row(&cfg, 612, DType::BF16));
+    }
 
     fn opts(temperature: f64, top_p: f64, top_k: usize) -> SampleOptions {
         SampleOptions { temperature, top_p, top_k, ..Default::default() }

@@ -1003,3 +1003,36 @@ fn continuous_batching_fills_freed_slots_and_draws_every_completion() {
     let same = a.iter().flatten().zip(b.iter().flatten()).filter(|(x, y)| x.token_ids == y.token_ids).count();
     assert!(same >= 18, "{same} of 24 greedy completions equal");
 }
+
+#[test]
+fn a_batch_larger_than_the_gpus_free_memory_samples_the_rows_that_fit_with_the_same_draws() {
+    use loralab::sample::{sample, SampleOptions};
+    let (model, dev) = (slot_model(), gpu());
+    let prompts: Vec<Vec<u32>> =
+        (0..64).map(|i| (0..(3 + i % 4)).map(|t| (5 * i + t + 1) as u32 % 120).collect()).collect();
+    let opts = |batch_size| SampleOptions {
+        n: 4,
+        max_tokens: 200,
+        batch_size,
+        seed: 9,
+        stop_token_ids: (0..10).map(|i| 12 * i + 5).collect(),
+        ..Default::default()
+    };
+    // Hold all but a gibibyte and 24 MiB of the GPU's memory: the 256 rows' caches of 206
+    // positions (about 50 MiB) no longer fit beside the gibibyte held back.
+    let Device::Cuda(cuda) = &dev else { unreachable!() };
+    let (free, _) = loralab::model::cuda::memory(cuda).unwrap();
+    let hog = Tensor::zeros(free - (1 << 30) - (24 << 20), DType::U8, &dev).unwrap();
+    let (fitted, stats) = sample(&model, None, &prompts, &opts(256)).unwrap();
+    drop(hog);
+    assert!(stats.batch_size >= 4 && stats.batch_size < 256, "{} rows at once", stats.batch_size);
+    assert!(stats.peak_rows <= stats.batch_size);
+    assert_eq!(fitted.iter().map(Vec::len).sum::<usize>(), 256);
+    // As many rows at once, asked for: the same completions.
+    let (asked, again) = sample(&model, None, &prompts, &opts(stats.batch_size)).unwrap();
+    assert_eq!(again.batch_size, stats.batch_size);
+    let tokens = |r: &Vec<Vec<loralab::sample::Completion>>| -> Vec<Vec<u32>> {
+        r.iter().flatten().map(|c| c.token_ids.clone()).collect()
+    };
+    assert_eq!(tokens(&fitted), tokens(&asked));
+}

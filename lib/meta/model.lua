@@ -51,7 +51,7 @@ function lab.model.random(config, opts) end
 ---@field stop? string|string[]   Strings that end a completion (not included). Default none.
 ---@field stop_token_ids? integer[]  Extra stop tokens besides the model's end of turn. Default none.
 ---@field seed? integer           Same seed and inputs give the same completions. Default 0.
----@field batch_size? integer     Most rows decoded at once. Default 64. Another value may draw other completions: a prompt is left-padded to the longest of its group (group_size).
+---@field batch_size? integer     Most rows decoded at once. Default 64. On the GPU, fewer where their KV cache would not fit in the free memory (said on stderr; the stats' batch_size tells). Another value may draw other completions: a prompt is left-padded to the longest of its group (group_size).
 ---@field group_size? integer     Prompts prefilled together, left-padded to the longest of them; their rows join the batch in flight once they fit in batch_size beside the rows still decoding; 0 means batch_size / n, or with continuous batching the largest divisor of batch_size / n up to an eighth of it. 1 pads no prompt, so that a prompt's completions do not depend on the others'. Another value may draw other completions. Default 0.
 ---@field continuous_batching? boolean  On the GPU in bf16 (where the model's attention takes it), every row decodes in a slot of one KV cache and a group joins as soon as enough slots are free, decoded in the same step as the rows in flight. false (and elsewhere): each group in flight keeps its own cache and attention. Default true.
 ---@field adapter? Adapter        Sample with an unmerged adapter attached. Default none.
@@ -63,6 +63,7 @@ function lab.model.random(config, opts) end
 ---@field prefill_seconds number
 ---@field decode_seconds number
 ---@field peak_rows integer       The most completions decoded at once (at most batch_size).
+---@field batch_size integer      The completions allowed at once: batch_size, or fewer where the GPU's free memory holds fewer (said on stderr).
 ---@field decode_steps integer    Decoding steps run (each over every completion in flight).
 
 ---@class Completion

@@ -459,6 +459,7 @@ impl UserData for LuaModel {
             st.set("prefill_seconds", stats.prefill_seconds)?;
             st.set("decode_seconds", stats.decode_seconds)?;
             st.set("peak_rows", stats.peak_rows)?;
+            st.set("batch_size", stats.batch_size)?;
             st.set("decode_steps", stats.decode_steps)?;
             Ok((result, st))
         });

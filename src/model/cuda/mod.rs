@@ -161,6 +161,15 @@ pub fn single_stream(dev: &CudaDevice) {
     unsafe { dev.disable_event_tracking() }
 }
 
+/// The GPU's free and total memory, in bytes. Waits for the GPU first: memory freed since
+/// the last wait is held by the stream's pool until then, and would count as used.
+pub fn memory(dev: &CudaDevice) -> Result<(usize, usize)> {
+    use candle_core::cuda_backend::WrapErr;
+    let stream = dev.cuda_stream();
+    stream.synchronize().w()?;
+    stream.context().mem_get_info().w()
+}
+
 pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(dev) => Ok(dev.clone()),
