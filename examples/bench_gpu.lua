@@ -5,6 +5,8 @@
 --   loralab run examples/bench_gpu.lua --set seq=1024 --set python=none     -- loralab alone
 --   loralab run examples/bench_gpu.lua --set reference_only=true           -- the reference alone
 --   loralab run examples/bench_gpu.lua --set seq=2048 --set gradient_checkpointing=true
+--   loralab run examples/bench_gpu.lua --set seq=128 --set tokens_per_pass=2048   -- a step's 16
+--                                     short rows in one pass, as rows of varied length up to 512 would
 --
 --   loralab run examples/bench_gpu.lua --set ends=300 [--set continuous=false]  -- completions of
 --                                     varied lengths, joining the batch as slots free
@@ -16,6 +18,7 @@ local lab = require("lab")
 local s = lab.settings({
   config = "scripts/bench/configs/qwen2.5-0.5b.json", dtype = "bf16", device = "cuda",
   seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, lora_dropout = 0.0, gradient_checkpointing = false,
+  tokens_per_pass = 0,
   prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0, top_p = 1.0,
   ends = 0, group_size = 0, continuous = true,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
@@ -45,14 +48,15 @@ if not s.skip:find("train") and not s.reference_only then
   lab.train.sft(model, adapter, lab.data.rows(rows), {
     max_steps = s.steps + 1, learning_rate = 1e-4, per_device_train_batch_size = s.batch,
     gradient_accumulation_steps = s.grad_accum, max_length = s.seq, shuffle = false,
-    gradient_checkpointing = s.gradient_checkpointing,
+    gradient_checkpointing = s.gradient_checkpointing, tokens_per_pass = s.tokens_per_pass,
     on_step = function(r) times[r.step] = r.seconds end })
   local secs = 0
   for i = 2, s.steps + 1 do secs = secs + times[i] end
   result.train = { tokens_per_second = s.steps * s.batch * s.grad_accum * s.seq / secs, seconds_per_step = secs / s.steps,
                    gradient_checkpointing = s.gradient_checkpointing }
-  print(string.format("loralab train  %d x %d x %d tokens%s: %8.0f tok/s, %.2f s/step",
+  print(string.format("loralab train  %d x %d x %d tokens%s%s: %8.0f tok/s, %.2f s/step",
     s.batch, s.grad_accum, s.seq, s.gradient_checkpointing and " (gradient checkpointing)" or "",
+    s.tokens_per_pass > 0 and string.format(" (passes of up to %d tokens)", s.tokens_per_pass) or "",
     result.train.tokens_per_second, result.train.seconds_per_step))
 end
 

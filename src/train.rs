@@ -2,11 +2,14 @@
 //!
 //! One optimizer step:
 //! 1. take `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` rows
-//!    (a seeded permutation of the data per epoch), each right-padded to its longest row (on the
-//!    CPU the layers then skip the padding, with the same sums: see [`crate::model::lora`]);
-//! 2. count the target tokens of the whole step, N; each micro-batch's loss is its summed
+//!    (a seeded permutation of the data per epoch); run them in passes, each right-padded to
+//!    its longest row (on the CPU the layers then skip the padding, with the same sums: see
+//!    [`crate::model::lora`]): the micro-batches themselves, or where fewer passes hold the
+//!    step's rows, those ([`passes`]);
+//! 2. count the target tokens of the whole step, N; each pass's loss is its summed
 //!    cross-entropy divided by N, so the accumulated gradient is the token mean over the step
-//!    (transformers >= 4.46 `num_items_in_batch`); the logged loss is that mean;
+//!    (transformers >= 4.46 `num_items_in_batch`), whichever rows share a pass; the logged loss
+//!    is that mean;
 //! 3. global L2 norm of the gradients (logged, before clipping), clip to `max_grad_norm`;
 //! 4. AdamW (PyTorch's decoupled weight decay) at the scheduled learning rate.
 //!
@@ -92,6 +95,11 @@ pub struct TrainConfig {
     /// A step whose loss or gradient norm is not finite is skipped (the adapter unchanged, no
     /// log record) instead of stopping training with an error.
     pub skip_nonfinite_steps: bool,
+    /// Most padded tokens (rows x the longest of them) one forward and backward pass holds; 0:
+    /// `per_device_train_batch_size` x the longest example, what a micro-batch could hold. A
+    /// step's rows run in as few passes as this allows (see [`passes`]): its gradient is the
+    /// same sum, and fewer, fuller passes run faster on a GPU.
+    pub tokens_per_pass: usize,
 }
 
 impl Default for TrainConfig {
@@ -115,6 +123,7 @@ impl Default for TrainConfig {
             shuffle: true,
             gradient_checkpointing: false,
             skip_nonfinite_steps: false,
+            tokens_per_pass: 0,
         }
     }
 }
@@ -355,6 +364,11 @@ pub fn train(
     // Adapter gradients computed by hand-written backward rules (see `model::lora`).
     let sink = GradSink::new();
     let mut order = Order::new(examples.len(), cfg);
+    let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let pass_tokens = match cfg.tokens_per_pass {
+        0 => cfg.per_device_train_batch_size * longest,
+        n => n,
+    };
     // The log grows as steps are taken: reserving every step up front would let a large step
     // count exhaust memory before the first step.
     let mut log = Vec::new();
@@ -362,16 +376,16 @@ pub fn train(
         // A stop signal ends training at a step boundary, naming the step.
         crate::interrupt::check().map_err(|e| anyhow::anyhow!("{e} before training step {} of {total}", step + 1))?;
         let t0 = Instant::now();
-        let micro = order.step_batches(cfg);
-        let n_targets: usize = micro.iter().flatten().map(|&i| examples[i].num_targets()).sum();
-        let seen: usize = micro.iter().flatten().map(|&i| examples[i].ids.len()).sum();
+        let batches = passes(order.step_batches(cfg), examples, pass_tokens);
+        let n_targets: usize = batches.iter().flatten().map(|&i| examples[i].num_targets()).sum();
+        let seen: usize = batches.iter().flatten().map(|&i| examples[i].ids.len()).sum();
         sink.new_step(); // the variables changed: the staged copies are stale
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         // The loss stays on the device until the step ends: reading it back after each
-        // micro-batch would stall the GPU's queue.
-        let mut losses = Vec::with_capacity(micro.len());
+        // pass would stall the GPU's queue.
+        let mut losses = Vec::with_capacity(batches.len());
         if n_targets > 0 {
-            for batch in &micro {
+            for batch in &batches {
                 let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
                 let loss = batch_loss(
                     decoder,
@@ -384,7 +398,7 @@ pub fn train(
                 )?;
                 losses.push(loss.detach().to_dtype(DType::F64)?);
                 if !loss.track_op() {
-                    continue; // a micro-batch without trained tokens adds no gradient
+                    continue; // a pass without trained tokens adds no gradient
                 }
                 let phase = crate::profile::phase("backward pass", &decoder.device);
                 let store = loss.backward()?;
@@ -445,6 +459,31 @@ pub fn train(
         eprintln!("profile of training (LORALAB_PROFILE): {} optimizer steps\n{table}", log.len());
     }
     Ok(log)
+}
+
+/// The passes of one step's micro-batches: its rows sorted by length, as many in a pass as
+/// `tokens` padded tokens (rows x the longest of them) allow, a row longer than that alone;
+/// the micro-batches as they are where that makes no fewer passes. Every pass's loss is its
+/// summed cross-entropy over the step's target count, so the step's gradient is the same sum
+/// whichever rows share a pass (up to rounding, and LoRA dropout draws its masks in another
+/// order); short rows then run in passes of the size the longest would, and rows of like
+/// length together pad less.
+fn passes(micro: Vec<Vec<usize>>, examples: &[Example], tokens: usize) -> Vec<Vec<usize>> {
+    let mut rows: Vec<usize> = micro.iter().flatten().copied().collect();
+    rows.sort_by_key(|&i| examples[i].ids.len());
+    let mut joined: Vec<Vec<usize>> = Vec::new();
+    for i in rows {
+        let len = examples[i].ids.len();
+        match joined.last_mut() {
+            // Rows come shortest first: the newcomer is the pass's longest.
+            Some(pass) if (pass.len() + 1) * len <= tokens => pass.push(i),
+            _ => joined.push(vec![i]),
+        }
+    }
+    match joined.len() < micro.len() {
+        true => joined,
+        false => micro,
+    }
 }
 
 /// The data order: a fresh seeded permutation per epoch (or file order), consumed in slices.
@@ -650,6 +689,29 @@ mod tests {
         };
         // 600 rows: 150 micro-batches, 38 steps per epoch
         assert_eq!(cfg.total_steps(600), 760);
+    }
+
+    fn rows_of_lengths(lengths: &[usize]) -> Vec<Example> {
+        lengths.iter().map(|&n| Example { ids: vec![1; n], target: vec![true; n] }).collect()
+    }
+
+    #[test]
+    fn a_steps_short_rows_share_passes_shortest_first_up_to_the_token_budget() {
+        let rows = rows_of_lengths(&[30, 10, 20, 10, 40, 10, 20, 30]);
+        let micro = vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7]];
+        // 4 rows x 40 tokens: 160 padded tokens.
+        assert_eq!(passes(micro.clone(), &rows, 160), [vec![1, 3, 5, 2, 6], vec![0, 7, 4]]);
+        assert_eq!(passes(micro.clone(), &rows, 320), [vec![1, 3, 5, 2, 6, 0, 7, 4]]);
+    }
+
+    #[test]
+    fn micro_batches_stay_as_they_are_where_joining_makes_no_fewer_passes() {
+        let rows = rows_of_lengths(&[40, 40, 40, 40, 40]);
+        let micro = vec![vec![3, 1], vec![0, 2], vec![4]];
+        assert_eq!(passes(micro.clone(), &rows, 80), micro);
+        assert_eq!(passes(micro.clone(), &rows, 10), micro, "a row longer than the budget");
+        assert_eq!(passes(vec![vec![2, 0]], &rows, 1000), [vec![2, 0]]);
+        assert_eq!(passes(micro, &rows, 120), [vec![3, 1, 0], vec![2, 4]], "rows of one length keep their order");
     }
 
     #[test]

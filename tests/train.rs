@@ -49,6 +49,25 @@ fn the_same_seed_gives_a_bitwise_identical_loss_curve() {
 }
 
 #[test]
+fn a_steps_rows_in_one_pass_train_to_the_weights_of_its_micro_batches() {
+    let dec = tiny(DType::F32);
+    let run = |tokens_per_pass| {
+        let adapter = Adapter::load(&fixtures().join("tiny-lora/initial"), &dec).unwrap();
+        // Rows alone are longer than one token: each step runs its two micro-batches.
+        let config = TrainConfig { tokens_per_pass, gradient_accumulation_steps: 4, ..fixture_config() };
+        let log = train::train(&dec, &adapter, &fixture_rows(), &config, |_| Ok(())).unwrap();
+        (adapter, log)
+    };
+    let (apart, apart_log) = run(1);
+    let (joined, joined_log) = run(100_000);
+    for (a, j) in apart_log.iter().zip(&joined_log) {
+        assert!((a.loss - j.loss).abs() <= 1e-5 * a.loss, "step {}: {} against {}", a.step, a.loss, j.loss);
+        assert_eq!(a.tokens, j.tokens);
+    }
+    assert_adapters_close(&joined, &apart, 1e-5, "one pass against micro-batches");
+}
+
+#[test]
 fn gradient_checkpointing_trains_to_the_same_weights() {
     // f32 checkpoints layer by layer through candle's graph (the CPU's packed path); f64 runs
     // every layer as one op, so that all layers are one checkpointed op.

@@ -33,6 +33,7 @@ lab.train = {}
 ---@field seed? integer                      Seed of LoRA dropout. Default 42.
 ---@field data_seed? integer                 Seed of the data order. Default: seed.
 ---@field shuffle? boolean                   false keeps file order. Default true.
+---@field tokens_per_pass? integer          Most padded tokens (rows x the longest of them) in one forward and backward pass. A step's rows run in as few passes as this allows, shortest first (where that makes fewer passes than its micro-batches): the step's gradient is the same sum, and fuller passes run faster on a GPU. 0 means per_device_train_batch_size x the longest row, what a micro-batch could hold. Default 0.
 ---@field gradient_checkpointing? boolean    Keep only each layer's input and recompute the layer in the backward pass: about a third more compute, much less memory. Default false.
 ---@field loss_mask? "last_assistant"|"all_assistant"|"completion"|"marker_only"|"all"|fun(info: {ids: integer[], row: table, index: integer}): integer[][]  Which tokens are trained; a function returns 1-based inclusive {from, to} token spans. Default "last_assistant".
 ---@field marker? string                     The marker of loss_mask = "marker_only".

@@ -69,6 +69,7 @@ fn sft(
         shuffle: o.get_or(lua, "shuffle", d.shuffle)?,
         gradient_checkpointing: o.get_or(lua, "gradient_checkpointing", d.gradient_checkpointing)?,
         skip_nonfinite_steps: o.get_or(lua, "skip_nonfinite_steps", d.skip_nonfinite_steps)?,
+        tokens_per_pass: o.get_or(lua, "tokens_per_pass", d.tokens_per_pass)?,
     };
     let max_length: usize = o.get_or(lua, "max_length", 1024)?;
     let marker: Option<String> = o.get(lua, "marker")?;
