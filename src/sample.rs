@@ -203,11 +203,7 @@ fn units(prompts: &[Vec<u32>], opts: &SampleOptions, continuous: bool) -> VecDeq
     order.sort_by_key(|&i| prompts[i].len());
     if opts.n <= opts.batch_size {
         // Whole prompts together, `group_size` of them at a time.
-        let per_group = match (opts.group_size, continuous) {
-            (0, false) => (opts.batch_size / opts.n).max(1),
-            (0, true) => continuous_group((opts.batch_size / opts.n).max(1)),
-            (size, _) => size,
-        };
+        let per_group = group_prompts(opts.batch_size, opts, continuous);
         order.chunks(per_group).map(|group| Unit { prompts: group.to_vec(), completions: 0..opts.n }).collect()
     } else {
         // More completions of a prompt than rows allowed at once: its completions in slices of
@@ -218,6 +214,17 @@ fn units(prompts: &[Vec<u32>], opts: &SampleOptions, continuous: bool) -> VecDeq
                 .map(move |start| Unit { prompts: vec![i], completions: start..(start + opts.batch_size).min(opts.n) })
         };
         order.iter().flat_map(|&i| slices(i)).collect()
+    }
+}
+
+/// Prompts per group (prefilled together) in batches of `batch` rows: `group_size`, or by
+/// default a full batch's prompts, or in continuous batching [`continuous_group`] of them.
+fn group_prompts(batch: usize, opts: &SampleOptions, continuous: bool) -> usize {
+    let per_batch = (batch / opts.n).max(1);
+    match (opts.group_size, continuous) {
+        (0, false) => per_batch,
+        (0, true) => continuous_group(per_batch),
+        (size, _) => size,
     }
 }
 
@@ -683,19 +690,11 @@ fn fit_to_gpu_memory(
     let positions = longest + opts.max_tokens;
     let rows: usize = prompts.len() * opts.n;
     let wanted = opts.batch_size.min(rows.max(1));
-    // The prompts prefilled at once (a group; in continuous batching an eighth of a batch or
-    // less): their cache and about a dozen activations of each position.
-    let per_batch = (wanted / opts.n).max(1);
-    let prefill_prompts = match (opts.group_size, continuous) {
-        (0, true) => continuous_group(per_batch),
-        (0, false) => per_batch,
-        (size, _) => size,
-    };
-    let prefill_tokens = prefill_prompts * longest;
-    let prefill = prefill_tokens as u64
-        * (cache_bytes_per_row(cfg, 1, dtype)
-            + ((8 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.size_in_bytes()) as u64);
-    let reserve = (1u64 << 30) + prefill;
+    // A group's prompts prefilled at once: their cache and about a dozen activations of each
+    // position.
+    let prefill_tokens = (group_prompts(wanted, opts, continuous) * longest) as u64;
+    let per_position = (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.size_in_bytes();
+    let reserve = (1u64 << 30) + prefill_tokens * (cache_bytes_per_row(cfg, 1, dtype) + per_position as u64);
     let per_row = cache_bytes_per_row(cfg, positions, dtype) + step_bytes_per_row(cfg, dtype);
     let fit = rows_that_fit(free as u64, reserve, per_row, wanted);
     let gib = |b: u64| b as f64 / 2f64.powi(30);
