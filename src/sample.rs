@@ -692,7 +692,8 @@ fn fit_to_gpu_memory(
     let wanted = opts.batch_size.min(rows.max(1));
     // A group's prompts prefilled at once: their cache and about a dozen activations of each
     // position.
-    let prefill_tokens = (group_prompts(wanted, opts, continuous) * longest) as u64;
+    let group = group_prompts(opts.batch_size, opts, continuous);
+    let prefill_tokens = (group * longest) as u64;
     let per_position = (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.size_in_bytes();
     let reserve = (1u64 << 30) + prefill_tokens * (cache_bytes_per_row(cfg, 1, dtype) + per_position as u64);
     let per_row = cache_bytes_per_row(cfg, positions, dtype) + step_bytes_per_row(cfg, dtype);
@@ -724,11 +725,11 @@ fn fit_to_gpu_memory(
         );
         *said = Some((opts.batch_size, fit));
     }
+    // The groups that the batch asked for, where they fit: a prompt's padding (its group's
+    // longest prompt), and so its draws, then do not depend on the memory free.
     let mut fitted = opts.clone();
     fitted.batch_size = fit;
-    if fitted.group_size.saturating_mul(fitted.n.min(fit)) > fit {
-        fitted.group_size = 0;
-    }
+    fitted.group_size = if group.saturating_mul(opts.n.min(fit)) <= fit { group } else { 0 };
     Ok(Some(fitted))
 }
 

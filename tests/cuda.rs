@@ -1014,6 +1014,7 @@ fn a_batch_larger_than_the_gpus_free_memory_samples_the_rows_that_fit_with_the_s
         n: 4,
         max_tokens: 200,
         batch_size,
+        group_size: 1,
         seed: 9,
         stop_token_ids: (0..10).map(|i| 12 * i + 5).collect(),
         ..Default::default()
