@@ -26,9 +26,22 @@ pub(crate) fn on_pool(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
         f(0..n);
         return;
     }
-    candle_core::utils::barrier_pool().execute_chunked(n, |items| {
+    let pool = candle_core::utils::barrier_pool();
+    // Few, large items (a product's panels) are handed out one at a time, so that no thread
+    // waits at the end for another's last grab of several; many small ones in grabs of an
+    // eighth of a thread's share, as the pool's own chunking does.
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let grab = if n <= 64 * threads { 1 } else { n.div_ceil(threads * 8) };
+    let cursor = std::sync::atomic::AtomicUsize::new(0);
+    pool.execute(|_| {
         let _task = PoolTask::enter();
-        f(items);
+        loop {
+            let start = cursor.fetch_add(grab, std::sync::atomic::Ordering::Relaxed);
+            if start >= n {
+                break;
+            }
+            f(start..n.min(start + grab));
+        }
     });
 }
 
