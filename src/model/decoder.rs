@@ -328,15 +328,13 @@ pub struct SharedPrefix {
 pub struct SlotCache {
     /// Per layer: (2, slots, K, capacity, E), the keys then the values.
     pub kv: Vec<Tensor>,
-    pub slots: usize,
-    pub capacity: usize,
 }
 
 impl SlotCache {
     pub fn new(cfg: &Config, slots: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
         let shape = (2, slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
         let kv = (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect::<Result<_>>()?;
-        Ok(SlotCache { kv, slots, capacity })
+        Ok(SlotCache { kv })
     }
 
     /// Moves the keys and values of prefilled prompts (a [`KvCache`] of P prompts left-padded to
