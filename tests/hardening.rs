@@ -124,6 +124,16 @@ fn a_sampling_group_larger_than_the_batch_is_refused_naming_group_size() {
 }
 
 #[test]
+fn tokens_per_pass_misspelt_or_negative_is_refused_by_name() {
+    fails_naming("train({ tokens_per_pas = 64 })", "did you mean 'tokens_per_pass'");
+    fails_naming("train({ tokens_per_pass = -5 })", "option 'tokens_per_pass' has the wrong type");
+    // A budget shorter than every row: each micro-batch runs as it is.
+    let (code, out) = run_lua("print('steps', #train({ tokens_per_pass = 1 }))");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("steps\t2"), "{out}");
+}
+
+#[test]
 fn continuous_batching_misspelt_or_not_a_boolean_is_refused_by_name() {
     fails_naming("tiny():sample({ {1, 2} }, { continous_batching = true })", "did you mean 'continuous_batching'");
     fails_naming(
