@@ -1,6 +1,31 @@
 // The projections' outputs as attention heads and back, roped on the way, and the row dot
 // products attention's backward pass needs.
 
+// Elements j, j + 1 of a head's first half (lo) and of its second half (hi), with the head's
+// bias (or null) added, rounded to bf16 as a separate addition rounds it.
+__device__ __forceinline__ void head_pairs(const __nv_bfloat16* head, const __nv_bfloat16* bias, int half, int j,
+                                           __nv_bfloat162& lo, __nv_bfloat162& hi) {
+    lo = *reinterpret_cast<const __nv_bfloat162*>(head + j);
+    hi = *reinterpret_cast<const __nv_bfloat162*>(head + half + j);
+    if (bias) {
+        lo = __hadd2(lo, *reinterpret_cast<const __nv_bfloat162*>(bias + j));
+        hi = __hadd2(hi, *reinterpret_cast<const __nv_bfloat162*>(bias + half + j));
+    }
+}
+
+// The rope on head_pairs' two pairs: the first half rotated against the second by the angle of
+// position `pos` (rows of cos, sin (positions, E/2)), times sign (-1: the rope's transpose).
+__device__ __forceinline__ void rope_pairs(__nv_bfloat162& lo, __nv_bfloat162& hi, const __nv_bfloat16* cos,
+                                           const __nv_bfloat16* sin, long pos, int half, int j, float sign) {
+    const float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + pos * half + j));
+    float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + pos * half + j));
+    s.x *= sign;
+    s.y *= sign;
+    lo = __floats2bfloat162_rn(a.x * c.x - b.x * s.x, a.y * c.y - b.y * s.y);
+    hi = __floats2bfloat162_rn(a.x * s.x + b.x * c.x, a.y * s.y + b.y * c.y);
+}
+
 // A projection's output as attention heads and back: x (B, T, n, E) <-> y (B, n, T, E), with
 // the rope on the way: cos, sin (T, E/2) rotate the first half of each head against the second
 // (rope_sign 1), by the opposite angle (-1: the rope's transpose, for gradients) or not at all (0).
@@ -19,17 +44,9 @@ extern "C" __global__ void heads_bf16(const __nv_bfloat16* src, __nv_bfloat16* d
         int tt = (int)(rest % t), bb = (int)(rest / t);
         long x_at = (((long)bb * t + tt) * n + h) * e, y_at = (((long)bb * n + h) * t + tt) * e;
         long from = to_heads ? x_at : y_at, to = to_heads ? y_at : x_at;
-        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(src + from + j);
-        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(src + from + half + j);
-        if (rope_sign != 0) {
-            float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
-            float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)tt * half + j));
-            float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)tt * half + j));
-            s.x *= rope_sign;
-            s.y *= rope_sign;
-            lo = __floats2bfloat162_rn(a.x * c.x - c2.x * s.x, a.y * c.y - c2.y * s.y);
-            hi = __floats2bfloat162_rn(a.x * s.x + c2.x * c.x, a.y * s.y + c2.y * c.y);
-        }
+        __nv_bfloat162 lo, hi;
+        head_pairs(src + from, nullptr, half, j, lo, hi);
+        if (rope_sign != 0) rope_pairs(lo, hi, cos, sin, tt, half, j, (float)rope_sign);
         *reinterpret_cast<__nv_bfloat162*>(dst + to + j) = lo;
         *reinterpret_cast<__nv_bfloat162*>(dst + to + half + j) = hi;
     }
@@ -66,12 +83,8 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* y, const __nv_bfl
         rest /= heads;
         const int tt = (int)(rest % t), bb = (int)(rest / t);
         const long from = (((long)bb * t + tt) * heads + hh) * e;
-        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(y + from + j);
-        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(y + from + half + j);
-        if (bias) {
-            lo = __hadd2(lo, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + j));
-            hi = __hadd2(hi, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + half + j));
-        }
+        __nv_bfloat162 lo, hi;
+        head_pairs(y + from, bias ? bias + (long)hh * e : nullptr, half, j, lo, hi);
         long to;
         if (hh < h) {
             to = (((long)bb * h + hh) * t + tt) * e;
@@ -80,13 +93,7 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* y, const __nv_bfl
         } else {
             to = q_size + kv_size + (((long)bb * kh + hh - h - kh) * t + tt) * e;
         }
-        if (hh < h + kh) {
-            const float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
-            const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)tt * half + j));
-            const float2 s = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)tt * half + j));
-            lo = __floats2bfloat162_rn(a.x * c.x - c2.x * s.x, a.y * c.y - c2.y * s.y);
-            hi = __floats2bfloat162_rn(a.x * s.x + c2.x * c.x, a.y * s.y + c2.y * c.y);
-        }
+        if (hh < h + kh) rope_pairs(lo, hi, cos, sin, tt, half, j, 1.f);
         *reinterpret_cast<__nv_bfloat162*>(out + to + j) = lo;
         *reinterpret_cast<__nv_bfloat162*>(out + to + half + j) = hi;
     }
@@ -108,12 +115,8 @@ extern "C" __global__ void qkv_slots_bf16(const __nv_bfloat16* y, const __nv_bfl
         const long rest = i / quads;
         const int hh = (int)(rest % heads), row = (int)(rest / heads);
         const long from = ((long)row * heads + hh) * e;
-        __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(y + from + j);
-        __nv_bfloat162 hi = *reinterpret_cast<const __nv_bfloat162*>(y + from + half + j);
-        if (bias) {
-            lo = __hadd2(lo, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + j));
-            hi = __hadd2(hi, *reinterpret_cast<const __nv_bfloat162*>(bias + (long)hh * e + half + j));
-        }
+        __nv_bfloat162 lo, hi;
+        head_pairs(y + from, bias ? bias + (long)hh * e : nullptr, half, j, lo, hi);
         const int slot = rows[3 * row], held = rows[3 * row + 1], pos = rows[3 * row + 2];
         __nv_bfloat16* to;
         if (hh < h) {
@@ -122,13 +125,7 @@ extern "C" __global__ void qkv_slots_bf16(const __nv_bfloat16* y, const __nv_bfl
             const int g = hh < h + kh ? hh - h : hh - h - kh;
             to = kv + (hh < h + kh ? 0 : v_at) + (((long)slot * kh + g) * c + held) * e;
         }
-        if (hh < h + kh) {
-            const float2 a = __bfloat1622float2(lo), c2 = __bfloat1622float2(hi);
-            const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(cos + (long)pos * half + j));
-            const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sin + (long)pos * half + j));
-            lo = __floats2bfloat162_rn(a.x * cs.x - c2.x * sn.x, a.y * cs.y - c2.y * sn.y);
-            hi = __floats2bfloat162_rn(a.x * sn.x + c2.x * cs.x, a.y * sn.y + c2.y * cs.y);
-        }
+        if (hh < h + kh) rope_pairs(lo, hi, cos, sin, pos, half, j, 1.f);
         *reinterpret_cast<__nv_bfloat162*>(to + j) = lo;
         *reinterpret_cast<__nv_bfloat162*>(to + half + j) = hi;
     }
