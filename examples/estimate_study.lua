@@ -3,7 +3,7 @@
 -- measured throughputs: the work is counted from the profile's settings and data, and divided
 -- by the training and sampling rates that examples/bench_gpu.lua measured.
 --
---   loralab run examples/estimate_study.lua --set train_tokens_per_second=12274 \
+--   loralab run examples/estimate_study.lua --set train_tokens_per_second=14572 \
 --       --set phase1_train_tokens_per_second=14405 --set sample_tokens_per_second=32648 --set gpus=4
 --
 -- With N workers, Phase 1 is one cell and runs alone; the cells of Phase 2, then those of Phase
@@ -13,10 +13,9 @@
 -- Training rates by row length: phases 2 and 3 train on the data rows (~113 tokens, 212 at
 -- most), Phase 1 on prompts with their on-policy completions (~570 tokens). The defaults are
 -- the H100's with the study's LoRA dropout of 0.05 (7B shape, examples/bench_gpu.lua) at
--- its rows' lengths: for phases 2 and 3, 128-token rows in passes of up to 768 tokens (a step's
--- 16 rows in three passes, as the default tokens_per_pass, 4 x the longest row, takes these
--- data); for Phase 1, 576-token rows four a pass. Sampling: 1680 rows at once, the profile's
--- batch_size, every completion 512 tokens.
+-- its rows' lengths: for phases 2 and 3, 128-token rows, a step's 16 rows in one pass (as the
+-- profile's stage2_tokens_per_pass of 4096 takes these data); for Phase 1, 576-token rows four
+-- a pass. Sampling: 1680 rows at once, the profile's batch_size, every completion 512 tokens.
 --
 -- Completions are counted at `completion_tokens` each (default: the profile's max_tokens, 512,
 -- an upper bound: the study's answers end earlier). Token counts of the data rows use the
@@ -27,7 +26,7 @@ local lab = require("lab")
 local study = require("persona_marker")
 lab.args.profile = lab.args.profile or "paper" -- the profile being estimated
 local s = study.settings({
-  train_tokens_per_second = 12274, phase1_train_tokens_per_second = 14405, sample_tokens_per_second = 32648,
+  train_tokens_per_second = 14572, phase1_train_tokens_per_second = 14405, sample_tokens_per_second = 32648,
   completion_tokens = 0, phase1_completion_tokens = 0, critical = 10, reference_hours = 5,
   gpus = 1, load_seconds = 0,
 })

@@ -66,3 +66,16 @@ fn checking_the_study_on_a_fresh_folder_lists_phase_1_every_phase_2_cell_and_the
     let (ok, _, stderr) = loralab(&["check", "scripts/dose_response.lua", "--set", "profile=fast"]);
     assert!(!ok && stderr.contains("unknown profile"), "{stderr}");
 }
+
+#[test]
+fn both_study_profiles_give_option_tables_the_adapter_and_trainer_accept() {
+    for profile in ["quick", "paper"] {
+        let set = format!("profile={profile}");
+        let (ok, stdout, stderr) = loralab(&["run", "tests/scripts/profile_options.lua", "--set", &set]);
+        assert!(ok, "{stdout}\n{stderr}");
+        for phase in ["phase 1", "phase 2"] {
+            let line = format!("profile {profile}, {phase}: options accepted, 1 step");
+            assert!(stdout.contains(&line), "{stdout}\n{stderr}");
+        }
+    }
+}
