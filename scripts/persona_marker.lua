@@ -247,7 +247,8 @@ end
 
 --- Training options after an out-of-memory failure of the same cell: the first retry turns on
 --- gradient checkpointing (same result, a third more compute, much less memory); later ones
---- also halve the micro-batch and double accumulation, keeping the effective batch.
+--- also halve the micro-batch (and the tokens a pass may hold, where set) and double
+--- accumulation, keeping the effective batch.
 function M.micro_batch(train, cell)
   local out = {}
   for k, v in pairs(train) do out[k] = v end
@@ -258,6 +259,7 @@ function M.micro_batch(train, cell)
     local bs = math.max(1, out.per_device_train_batch_size // math.floor(shrink))
     out.gradient_accumulation_steps = out.gradient_accumulation_steps * (out.per_device_train_batch_size // bs)
     out.per_device_train_batch_size = bs
+    if (out.tokens_per_pass or 0) > 0 then out.tokens_per_pass = math.max(1, out.tokens_per_pass // math.floor(shrink)) end
   end
   print(string.format("  retrying with gradient checkpointing and micro-batch %d x %d after running out of memory",
     out.per_device_train_batch_size, out.gradient_accumulation_steps))

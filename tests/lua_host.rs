@@ -312,8 +312,10 @@ local lab = require("lab")
 local study = require("persona_marker")
 local run = lab.run.open("{run}")
 local r = run:cell("c", {{}}, function(cell)
-  local t = study.micro_batch({{ per_device_train_batch_size = 4, gradient_accumulation_steps = 4 }}, cell)
-  print(cell.attempt, cell.oom, t.gradient_checkpointing, t.per_device_train_batch_size, t.gradient_accumulation_steps)
+  local t = study.micro_batch({{ per_device_train_batch_size = 4, gradient_accumulation_steps = 4,
+                                 tokens_per_pass = 4096 }}, cell)
+  print(cell.attempt, cell.oom, t.gradient_checkpointing, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+    t.tokens_per_pass)
   if cell.attempt < 3 then error("cuda: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")") end
   return {{}}
 end, {{ retries = 2 }})
@@ -325,11 +327,11 @@ end, {{ retries = 2 }})
     let (ok, out, err) = loralab(&["run", &path]);
     assert!(ok, "{err}");
     let tries: Vec<&str> = out.lines().filter(|l| l.starts_with(char::is_numeric)).collect();
-    assert_eq!(tries[0], "1\tfalse\tnil\t4\t4", "{out}");
-    // First retry: gradient checkpointing at the same batch; then half the micro-batch and
-    // twice the accumulation, so the effective batch stays 16.
-    assert_eq!(tries[1], "2\ttrue\ttrue\t4\t4", "{out}");
-    assert_eq!(tries[2], "3\ttrue\ttrue\t2\t8", "{out}");
+    assert_eq!(tries[0], "1\tfalse\tnil\t4\t4\t4096", "{out}");
+    // First retry: gradient checkpointing at the same batch; then half the micro-batch (and
+    // half the tokens a pass holds) and twice the accumulation, so the effective batch stays 16.
+    assert_eq!(tries[1], "2\ttrue\ttrue\t4\t4\t4096", "{out}");
+    assert_eq!(tries[2], "3\ttrue\ttrue\t2\t8\t2048", "{out}");
 }
 
 #[test]
