@@ -40,7 +40,7 @@ function M.settings(extra)
                      max_grad_norm = s.max_grad_norm, per_device_train_batch_size = s.stage2_batch,
                      gradient_accumulation_steps = s.stage2_grad_accum, max_length = s.stage2_max_length }
   -- Only when set, so that the keys (and results) of runs without it stay as they were.
-  if s.stage2_tokens_per_pass > 0 then s.stage2_train.tokens_per_pass = s.stage2_tokens_per_pass end
+  if s.stage2_tokens_per_pass ~= 0 then s.stage2_train.tokens_per_pass = s.stage2_tokens_per_pass end
   return s, personas
 end
 

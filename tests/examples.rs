@@ -78,4 +78,14 @@ fn both_study_profiles_give_option_tables_the_adapter_and_trainer_accept() {
             assert!(stdout.contains(&line), "{stdout}\n{stderr}");
         }
     }
+    // A negative pass size given on the command line reaches the trainer, which names it.
+    let (ok, stdout, stderr) = loralab(&[
+        "run",
+        "tests/scripts/profile_options.lua",
+        "--set",
+        "profile=paper",
+        "--set",
+        "stage2_tokens_per_pass=-5",
+    ]);
+    assert!(!ok && stderr.contains("tokens_per_pass"), "{stdout}\n{stderr}");
 }
