@@ -126,7 +126,7 @@ fn a_sampling_group_larger_than_the_batch_is_refused_naming_group_size() {
 #[test]
 fn tokens_per_pass_misspelt_or_negative_is_refused_by_name() {
     fails_naming("train({ tokens_per_pas = 64 })", "did you mean 'tokens_per_pass'");
-    fails_naming("train({ tokens_per_pass = -5 })", "option 'tokens_per_pass' has the wrong type");
+    fails_naming("train({ tokens_per_pass = -5 })", "option 'tokens_per_pass' must be a whole number >= 0, got -5");
     // A budget shorter than every row: each micro-batch runs as it is.
     let (code, out) = run_lua("print('steps', #train({ tokens_per_pass = 1 }))");
     assert_eq!(code, Some(0), "{out}");

@@ -86,6 +86,16 @@ impl Opts {
                 crate::lua::a_type(type_name)
             )));
         }
+        let shown = match raw {
+            Value::Integer(i) => Some(i.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        if let (Some(range), Some(shown)) = (whole_number_range::<T>(), shown) {
+            if T::from_lua(raw.clone(), lua).is_err() {
+                return Err(self.bad_value(key, format!("must be a whole number {range}, got {shown}")));
+            }
+        }
         T::from_lua(raw, lua).map(Some).map_err(|e| {
             mlua::Error::runtime(format!(
                 "{}: option '{key}' has the wrong type ({type_name}): {}",
@@ -209,6 +219,24 @@ fn list(_: &Lua, (value, what, context): (Value, String, String)) -> mlua::Resul
     Ok(t)
 }
 
+/// The values an integer option type holds, in words, or None for other types: the reason a
+/// number such as -5 or 1.5 does not convert, which mlua reports only as "out of range".
+fn whole_number_range<T: 'static>() -> Option<&'static str> {
+    use std::any::TypeId;
+    let t = TypeId::of::<T>();
+    if [TypeId::of::<usize>(), TypeId::of::<u64>(), TypeId::of::<u32>()].contains(&t) {
+        Some(">= 0")
+    } else if t == TypeId::of::<u16>() {
+        Some("from 0 to 65535")
+    } else if t == TypeId::of::<u8>() {
+        Some("from 0 to 255")
+    } else if [TypeId::of::<i64>(), TypeId::of::<i32>(), TypeId::of::<isize>()].contains(&t) {
+        Some("(no fraction)")
+    } else {
+        None
+    }
+}
+
 fn short_conversion_error(e: &mlua::Error) -> String {
     match e {
         mlua::Error::FromLuaConversionError { from, to, message } => match message {
@@ -291,5 +319,19 @@ mod tests {
         let mut o = Opts::new("model:sample", Value::Table(t)).unwrap();
         let err = o.get::<i64>(&lua, "n").unwrap_err().to_string();
         assert!(err.contains("option 'n'"), "{err}");
+    }
+
+    #[test]
+    fn a_count_given_a_negative_or_fractional_number_says_it_must_be_whole() {
+        let lua = Lua::new();
+        let t: Table = lua.load("return { max_steps = -5, r = 1.5, seed = 2.5, batch = 4.0 }").eval().unwrap();
+        let mut o = Opts::new("lab.train.sft", Value::Table(t)).unwrap();
+        let err = o.get::<usize>(&lua, "max_steps").unwrap_err().to_string();
+        assert!(err.contains("option 'max_steps' must be a whole number >= 0, got -5"), "{err}");
+        let err = o.get::<u32>(&lua, "r").unwrap_err().to_string();
+        assert!(err.contains("option 'r' must be a whole number >= 0, got 1.5"), "{err}");
+        let err = o.get::<i64>(&lua, "seed").unwrap_err().to_string();
+        assert!(err.contains("option 'seed' must be a whole number (no fraction), got 2.5"), "{err}");
+        assert_eq!(o.get::<usize>(&lua, "batch").unwrap(), Some(4), "a float with no fraction is a whole number");
     }
 }
