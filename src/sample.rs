@@ -373,8 +373,7 @@ impl Sampler<'_> {
         let rows: usize = units.iter().map(|u| u.prompts.len() * u.completions.len()).sum();
         let slots = opts.batch_size.min(rows);
         // Slots run on the GPU only, where `fit_to_gpu_memory` sized the batch.
-        let capacity = self.prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_tokens;
-        let cache = SlotCache::new(&dec.config, slots, capacity, dec.dtype, &dec.device)?;
+        let cache = SlotCache::new(&dec.config, slots, positions_per_row(&self.prompts, opts), dec.dtype, &dec.device)?;
         let mut free: Vec<usize> = (0..slots).rev().collect();
         let mut live: Vec<SlotRow> = Vec::new();
         let t0 = Instant::now();
@@ -673,6 +672,11 @@ fn rows_that_fit(free: u64, reserve: u64, per_row: u64, wanted: usize) -> usize 
     wanted.min(usize::try_from(room / per_row.max(1)).unwrap_or(usize::MAX))
 }
 
+/// The cache positions a slot holds: room for the longest prompt and `max_tokens` after it.
+fn positions_per_row(prompts: &[Vec<u32>], opts: &SampleOptions) -> usize {
+    prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_tokens
+}
+
 /// On the GPU, the options with `batch_size` lowered to the rows whose KV cache and decoding
 /// step fit in the memory free now, where fewer than asked do (None where all fit, and on the
 /// CPU): an allocation that fails midway fails the call, and a cell's retry would fail the same
@@ -687,7 +691,7 @@ fn fit_to_gpu_memory(
     let Some((free, _total)) = gpu_memory(model.device())? else { return Ok(None) };
     let (cfg, dtype) = (model.config(), model.decoder.dtype);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let positions = longest + opts.max_tokens;
+    let positions = positions_per_row(prompts, opts);
     let rows: usize = prompts.len() * opts.n;
     let wanted = opts.batch_size.min(rows.max(1));
     // A group's prompts prefilled at once: their cache and about a dozen activations of each
