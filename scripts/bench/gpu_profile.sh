@@ -7,6 +7,8 @@
 #     --set prompts=84 --set sample_batch=840 --set max_tokens=64
 # The model has the config's shape cut to `layers` layers (default 2), so that the profile,
 # which serialises every kernel, stays short. Output: $OUT/profile.csv and a summary on stdout.
+# NCU_ARGS adds Nsight Compute options: "--clock-control none" times the kernels at the clocks
+# the GPU runs at (by default the profiler locks them at their base).
 set -uo pipefail
 LORALAB=${LORALAB:-/tmp/bin/loralab}
 OUT=${OUT:-runs/gpu}
@@ -25,7 +27,8 @@ python3 - "$CONFIG" "$LAYERS" > /tmp/profile_config.json <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1])); c["num_hidden_layers"] = int(sys.argv[2]); print(json.dumps(c))
 PY
-timeout "${PROFILE_TIMEOUT:-400}" "$NCU" --metrics gpu__time_duration.sum --csv --print-units base \
+# shellcheck disable=SC2086 # NCU_ARGS is a list of options
+timeout "${PROFILE_TIMEOUT:-400}" "$NCU" ${NCU_ARGS:-} --metrics gpu__time_duration.sum --csv --print-units base \
   "$LORALAB" run examples/bench_gpu.lua --set config=/tmp/profile_config.json "${what[@]}" \
   --set python=none --set out=/tmp/profile "${@:4}" \
   > "$OUT/profile.csv" 2> "$OUT/profile.err"
