@@ -373,7 +373,7 @@ impl Sampler<'_> {
         let rows: usize = units.iter().map(|u| u.prompts.len() * u.completions.len()).sum();
         let slots = opts.batch_size.min(rows);
         // Slots run on the GPU only, where `fit_to_gpu_memory` sized the batch.
-        let cache = SlotCache::new(&dec.config, slots, positions_per_row(&self.prompts, opts), dec.dtype, &dec.device)?;
+        let cache = SlotCache::new(&dec.config, slots, positions_per_row(self.prompts, opts), dec.dtype, &dec.device)?;
         let mut free: Vec<usize> = (0..slots).rev().collect();
         let mut live: Vec<SlotRow> = Vec::new();
         let t0 = Instant::now();
