@@ -86,22 +86,19 @@ impl Opts {
                 crate::lua::a_type(type_name)
             )));
         }
-        let shown = match raw {
+        // A number given for a count: the value shown, since mlua says only "out of range".
+        let number = match raw {
             Value::Integer(i) => Some(i.to_string()),
             Value::Number(n) => Some(n.to_string()),
             _ => None,
         };
-        if let (Some(range), Some(shown)) = (whole_number_range::<T>(), shown) {
-            if T::from_lua(raw.clone(), lua).is_err() {
-                return Err(self.bad_value(key, format!("must be a whole number {range}, got {shown}")));
-            }
-        }
-        T::from_lua(raw, lua).map(Some).map_err(|e| {
-            mlua::Error::runtime(format!(
+        T::from_lua(raw, lua).map(Some).map_err(|e| match (whole_number_range::<T>(), number) {
+            (Some(range), Some(number)) => self.bad_value(key, format!("must be a whole number {range}, got {number}")),
+            _ => mlua::Error::runtime(format!(
                 "{}: option '{key}' has the wrong type ({type_name}): {}",
                 self.context,
                 short_conversion_error(&e)
-            ))
+            )),
         })
     }
 
