@@ -20,12 +20,15 @@ local s = lab.settings({
   seq = 256, batch = 4, grad_accum = 4, steps = 3, r = 32, lora_dropout = 0.0, gradient_checkpointing = false,
   tokens_per_pass = 0,
   prompts = 32, prompt_len = 64, n = 10, max_tokens = 128, sample_batch = 320, ref_prompts = 0, top_p = 1.0,
-  ends = 0, group_size = 0, continuous = true,
+  ends = 0, group_size = 0, continuous = true, merged_copy = false,
   python = "python3", skip = "", reference_only = false, out = "runs/bench_gpu",
 })
 
 local model = lab.model.random(s.config, { dtype = s.dtype, device = s.device })
 print(model)
+-- `--set merged_copy=true`: a second copy of the weights held on the GPU, as a study cell holds
+-- its merged model beside the base, so that sampling gets the memory it gets there.
+local held = s.merged_copy and lab.model.random(s.config, { dtype = s.dtype, device = s.device }) or nil
 local vocab = model:info().config.vocab_size
 local result = { config = s.config, settings = s }
 

@@ -300,7 +300,11 @@ struct SlotRow {
     /// Its index in the sampler's rows.
     row: usize,
     slot: usize,
-    /// Positions its slot holds: its prompt's (without the padding) and the tokens fed so far.
+    /// Its prompt's slot in the cache's prompt store and the prompt's length there, or its own
+    /// slot and 0 where that holds the prompt.
+    prompt_slot: usize,
+    prompt_len: usize,
+    /// Positions it holds: its prompt's (without the padding) and the tokens fed so far.
     held: usize,
     /// The position of the token fed next, counted as in its group: its padding included.
     pos: usize,
@@ -370,11 +374,11 @@ impl Sampler<'_> {
     /// product per projection and one attention launch for all of them).
     fn run_slots(&mut self, mut units: VecDeque<Unit>) -> anyhow::Result<()> {
         let (dec, opts) = (&self.model.decoder, self.opts);
-        let rows: usize = units.iter().map(|u| u.prompts.len() * u.completions.len()).sum();
-        let slots = opts.batch_size.min(rows);
         // Slots run on the GPU only, where `fit_to_gpu_memory` sized the batch.
-        let cache = SlotCache::new(&dec.config, slots, positions_per_row(self.prompts, opts), dec.dtype, &dec.device)?;
-        let mut free: Vec<usize> = (0..slots).rev().collect();
+        let layout = SlotLayout::of(self.prompts, opts, true);
+        let (rows, prompts) = ((layout.slots, layout.positions), (layout.prompt_slots, layout.prompt_positions));
+        let cache = SlotCache::new(&dec.config, rows, prompts, dec.dtype, &dec.device)?;
+        let mut free = Free::new(layout);
         let mut live: Vec<SlotRow> = Vec::new();
         let t0 = Instant::now();
         let prefill_before = self.stats.prefill_seconds;
@@ -382,7 +386,7 @@ impl Sampler<'_> {
             // A stop signal ends sampling between decoding steps (the cell resumes on a rerun).
             crate::interrupt::check()?;
             while let Some(unit) = units.front() {
-                if unit.prompts.len() * unit.completions.len() > free.len() {
+                if !free.fits(unit) {
                     break;
                 }
                 let unit = units.pop_front().expect("a unit is waiting");
@@ -406,34 +410,54 @@ impl Sampler<'_> {
     }
 
     /// Drops the finished rows, their slots freed for the next units.
-    fn free_slots(&self, live: &mut Vec<SlotRow>, free: &mut Vec<usize>) {
+    fn free_slots(&self, live: &mut Vec<SlotRow>, free: &mut Free) {
         live.retain(|r| match self.rows[r.row].done {
             Some(_) => {
-                free.push(r.slot);
+                free.release(r);
                 false
             }
             None => true,
         });
     }
 
-    /// Prefills a unit's prompts and moves their keys and values into free slots, one per row:
-    /// its rows, each with its first token drawn.
-    fn prefill_slots(&mut self, unit: &Unit, cache: &SlotCache, free: &mut Vec<usize>) -> anyhow::Result<Vec<SlotRow>> {
+    /// Prefills a unit's prompts and moves their keys and values into free slots: one per
+    /// prompt in the prompt store where the cache has one, else one per row. Its rows, each in a
+    /// slot of its own with its first token drawn.
+    fn prefill_slots(&mut self, unit: &Unit, cache: &SlotCache, free: &mut Free) -> anyhow::Result<Vec<SlotRow>> {
         let device = self.model.decoder.device.clone();
         let t0 = Instant::now();
         let (prefilled, logits, pads) = self.prefill_prompts(unit, 0)?;
         let l = prefilled.len;
         let (expand, rows, next) = self.first_tokens(unit, &logits)?;
-        // Each row's slot, filled with its prompt's keys and values.
-        let taken = free.split_off(free.len() - expand.len());
-        let fill: Vec<u32> =
-            expand.iter().zip(&taken).flat_map(|(&k, &slot)| [k, slot as u32, pads[k as usize] as u32]).collect();
-        cache.fill(&prefilled, &Tensor::from_vec(fill, (expand.len(), 3), &device)?)?;
+        let held = |k: u32| l - pads[k as usize];
+        let slots = free.take_rows(rows.len());
+        let stored = cache.prompts.is_some();
+        // Each prompt's slot, or each row's, filled with the prompt's keys and values.
+        let (prompt_slots, filled): (Vec<usize>, Vec<(u32, usize)>) = match stored {
+            true => {
+                let taken = free.take_prompt(unit.prompts.len(), unit.completions.len());
+                let filled = taken.iter().enumerate().map(|(k, &slot)| (k as u32, slot)).collect();
+                (expand.iter().map(|&k| taken[k as usize]).collect(), filled)
+            }
+            false => (slots.clone(), expand.iter().copied().zip(slots.iter().copied()).collect()),
+        };
+        let fill: Vec<u32> = filled.iter().flat_map(|&(k, slot)| [k, slot as u32, pads[k as usize] as u32]).collect();
+        cache.fill(&prefilled, &Tensor::from_vec(fill, (filled.len(), 3), &device)?, stored)?;
         self.take_tokens(&rows, &next)?;
         self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
-        let joined = rows.into_iter().zip(expand).zip(taken).zip(next);
-        let at = |k: u32| l - pads[k as usize];
-        Ok(joined.map(|(((row, k), slot), next)| SlotRow { row, slot, held: at(k), pos: l, next, step: 0 }).collect())
+        let joined = rows.into_iter().zip(expand).zip(slots).zip(prompt_slots).zip(next);
+        Ok(joined
+            .map(|((((row, k), slot), prompt_slot), next)| SlotRow {
+                row,
+                slot,
+                prompt_slot,
+                prompt_len: if stored { held(k) } else { 0 },
+                held: held(k),
+                pos: l,
+                next,
+                step: 0,
+            })
+            .collect())
     }
 
     /// One decoding step of every row in its slot: feeds each row its last token and draws the next.
@@ -442,8 +466,8 @@ impl Sampler<'_> {
         let device = dec.device.clone();
         let phase = crate::profile::phase("ids and masks", &device);
         let ids = Tensor::from_vec(live.iter().map(|r| r.next).collect(), (live.len(), 1), &device)?;
-        let at: Vec<u32> = live.iter().flat_map(|r| [r.slot as u32, r.held as u32, r.pos as u32]).collect();
-        let at = Tensor::from_vec(at, (live.len(), 3), &device)?;
+        let at = live.iter().flat_map(|r| [r.slot, r.held, r.pos, r.prompt_slot, r.prompt_len].map(|x| x as u32));
+        let at = Tensor::from_vec(at.collect(), (live.len(), 5), &device)?;
         drop(phase);
         self.stats.decode_steps += 1;
         let hidden = dec.decode_slots(&ids, cache, &at, Pass::infer(self.adapter))?;
@@ -672,9 +696,83 @@ fn rows_that_fit(free: u64, reserve: u64, per_row: u64, wanted: usize) -> usize 
     wanted.min(usize::try_from(room / per_row.max(1)).unwrap_or(usize::MAX))
 }
 
-/// The cache positions a slot holds: room for the longest prompt and `max_tokens` after it.
-fn positions_per_row(prompts: &[Vec<u32>], opts: &SampleOptions) -> usize {
-    prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_tokens
+/// How a batch's KV cache holds its rows: in continuous batching with more than one completion
+/// per prompt, each prompt's positions once in a slot of the prompt store and each row's slot
+/// only those after them; otherwise each row's cache holds its prompt's positions too.
+#[derive(Clone, Copy)]
+struct SlotLayout {
+    /// Rows at once, and the positions each holds.
+    slots: usize,
+    positions: usize,
+    /// Prompt slots (0: no prompt store), and the positions each holds.
+    prompt_slots: usize,
+    prompt_positions: usize,
+}
+
+impl SlotLayout {
+    fn of(prompts: &[Vec<u32>], opts: &SampleOptions, continuous: bool) -> SlotLayout {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let slots = opts.batch_size.min(prompts.len() * opts.n);
+        match continuous && opts.n > 1 {
+            // A prompt keeps its slot while one of its rows decodes: at most one per row.
+            true => SlotLayout {
+                slots,
+                positions: opts.max_tokens,
+                prompt_slots: prompts.len().min(slots),
+                prompt_positions: longest,
+            },
+            false => SlotLayout { slots, positions: longest + opts.max_tokens, prompt_slots: 0, prompt_positions: 0 },
+        }
+    }
+}
+
+/// The free slots of a [`SlotLayout`], and the rows still reading each prompt slot.
+struct Free {
+    slots: Vec<usize>,
+    prompt_slots: Vec<usize>,
+    readers: Vec<usize>,
+    stored: bool,
+}
+
+impl Free {
+    fn new(layout: SlotLayout) -> Free {
+        Free {
+            slots: (0..layout.slots).rev().collect(),
+            prompt_slots: (0..layout.prompt_slots).rev().collect(),
+            readers: vec![0; layout.prompt_slots],
+            stored: layout.prompt_slots > 0,
+        }
+    }
+
+    /// Whether a unit's rows (and prompts) find free slots.
+    fn fits(&self, unit: &Unit) -> bool {
+        let rows = unit.prompts.len() * unit.completions.len();
+        rows <= self.slots.len() && (!self.stored || unit.prompts.len() <= self.prompt_slots.len())
+    }
+
+    fn take_rows(&mut self, n: usize) -> Vec<usize> {
+        self.slots.split_off(self.slots.len() - n)
+    }
+
+    /// Prompt slots for `prompts` prompts of `rows` rows each.
+    fn take_prompt(&mut self, prompts: usize, rows: usize) -> Vec<usize> {
+        let taken = self.prompt_slots.split_off(self.prompt_slots.len() - prompts);
+        for &p in &taken {
+            self.readers[p] = rows;
+        }
+        taken
+    }
+
+    /// Frees a finished row's slot, and its prompt's once no row reads it.
+    fn release(&mut self, row: &SlotRow) {
+        self.slots.push(row.slot);
+        if self.stored {
+            self.readers[row.prompt_slot] -= 1;
+            if self.readers[row.prompt_slot] == 0 {
+                self.prompt_slots.push(row.prompt_slot);
+            }
+        }
+    }
 }
 
 /// On the GPU, the options with `batch_size` lowered to the rows whose KV cache and decoding
@@ -691,15 +789,18 @@ fn fit_to_gpu_memory(
     let Some((free, _total)) = gpu_memory(model.device())? else { return Ok(None) };
     let (cfg, dtype) = (model.config(), model.decoder.dtype);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let positions = positions_per_row(prompts, opts);
+    let layout = SlotLayout::of(prompts, opts, continuous);
+    let positions = layout.positions;
     let rows: usize = prompts.len() * opts.n;
     let wanted = opts.batch_size.min(rows.max(1));
     // A group's prompts prefilled at once: their cache and about a dozen activations of each
-    // position.
+    // position; and the prompt store.
     let group = group_prompts(opts.batch_size, opts, continuous);
     let prefill_tokens = (group * longest) as u64;
     let per_position = (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.size_in_bytes();
-    let reserve = (1u64 << 30) + prefill_tokens * (cache_bytes_per_row(cfg, 1, dtype) + per_position as u64);
+    let reserve = (1u64 << 30)
+        + prefill_tokens * (cache_bytes_per_row(cfg, 1, dtype) + per_position as u64)
+        + layout.prompt_slots as u64 * cache_bytes_per_row(cfg, layout.prompt_positions, dtype);
     let per_row = cache_bytes_per_row(cfg, positions, dtype) + step_bytes_per_row(cfg, dtype);
     let fit = rows_that_fit(free as u64, reserve, per_row, wanted);
     let gib = |b: u64| b as f64 / 2f64.powi(30);
@@ -1029,6 +1130,47 @@ mod tests {
     fn qwen25_7b() -> crate::model::Config {
         let text = std::fs::read_to_string("scripts/bench/configs/qwen2.5-7b.json").unwrap();
         serde_json::from_str(&text).unwrap()
+    }
+
+    fn slot_row(slot: usize, prompt_slot: usize) -> SlotRow {
+        SlotRow { row: 0, slot, prompt_slot, prompt_len: 3, held: 3, pos: 3, next: 0, step: 0 }
+    }
+
+    #[test]
+    fn rows_of_a_prompt_share_its_slot_in_the_prompt_store_only_with_several_completions() {
+        let prompts = vec![vec![1; 5], vec![2; 9], vec![3; 7]];
+        let opts = |n, batch_size| SampleOptions { n, batch_size, max_tokens: 100, ..Default::default() };
+        // Three prompts of 9 tokens at most, ten completions each, 16 rows at once: each row's
+        // slot holds its 100 new positions, and a prompt slot per prompt its 9 at most.
+        let shared = SlotLayout::of(&prompts, &opts(10, 16), true);
+        assert_eq!((shared.slots, shared.positions, shared.prompt_slots, shared.prompt_positions), (16, 100, 3, 9));
+        // One completion per prompt, or decoding in groups: each row holds its prompt.
+        for layout in [SlotLayout::of(&prompts, &opts(1, 16), true), SlotLayout::of(&prompts, &opts(10, 16), false)] {
+            assert_eq!((layout.positions, layout.prompt_slots), (109, 0));
+        }
+        assert_eq!(SlotLayout::of(&prompts, &opts(1, 16), true).slots, 3);
+    }
+
+    #[test]
+    fn a_prompts_slot_is_freed_with_the_last_of_its_rows_and_a_unit_waits_for_free_prompt_slots() {
+        let layout = SlotLayout { slots: 6, positions: 10, prompt_slots: 2, prompt_positions: 4 };
+        let mut free = Free::new(layout);
+        let unit = Unit { prompts: vec![0], completions: 0..3 };
+        assert!(free.fits(&unit));
+        let (rows, prompt) = (free.take_rows(3), free.take_prompt(1, 3));
+        let (more, second) = (free.take_rows(2), free.take_prompt(1, 2));
+        assert_ne!(prompt, second);
+        // Slots for three rows but no prompt slot left.
+        free.release(&slot_row(more[0], second[0]));
+        assert!(free.slots.len() == 2 && !free.fits(&Unit { prompts: vec![1], completions: 0..1 }));
+        free.release(&slot_row(more[1], second[0]));
+        assert!(free.fits(&Unit { prompts: vec![1], completions: 0..3 }));
+        for &slot in &rows[..2] {
+            free.release(&slot_row(slot, prompt[0]));
+        }
+        assert_eq!(free.prompt_slots, vec![second[0]]);
+        free.release(&slot_row(rows[2], prompt[0]));
+        assert_eq!((free.slots.len(), free.prompt_slots.len()), (6, 2));
     }
 
     #[test]

@@ -935,35 +935,79 @@ fn decoding_from_slots_keeps_to_mistrals_sliding_window_as_its_groups_do() {
 }
 
 fn slots_against_groups(family: &str) {
-    use loralab::model::{Pass, SlotCache};
     let (model, dev) = (slot_model_of(family), gpu());
-    let dec = &model.decoder;
-    assert!(dec.slots_apply(Pass::infer(None)));
-    let reference = common::logits_of_two_groups(dec, &dev, false);
-    // The same two groups' rows in scattered slots of one cache, decoded in one step each.
-    let groups = common::two_prefilled_groups(dec, &dev);
-    let cache = SlotCache::new(&dec.config, 6, 12, dec.dtype, &dev).unwrap();
-    let slots = [[4u32, 1], [0, 5]];
-    for ((prefilled, _, pads), slots) in groups.iter().zip(slots) {
-        let fill: Vec<u32> = (0..2).flat_map(|r| [r as u32, slots[r], pads[r] as u32]).collect();
-        cache.fill(prefilled, &Tensor::from_vec(fill, (2, 3), &dev).unwrap()).unwrap();
-    }
-    for (step, expected) in reference.iter().enumerate() {
-        let (mut ids, mut at) = (Vec::new(), Vec::new());
-        for (g, ((_, l, pads), slots)) in groups.iter().zip(slots).enumerate() {
-            for (r, pad) in pads.iter().enumerate() {
-                ids.push((5 * g + 3 * r + 7 * step + 1) as u32 % 50);
-                at.extend([slots[r], (l - pad + step) as u32, (l + step) as u32]);
-            }
-        }
-        let ids = Tensor::from_vec(ids, (4, 1), &dev).unwrap();
-        let at = Tensor::from_vec(at, (4, 3), &dev).unwrap();
-        let h = dec.decode_slots(&ids, &cache, &at, Pass::infer(None)).unwrap();
-        let got = dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let reference = common::logits_of_two_groups(&model.decoder, &dev, false);
+    let vocab = model.config().vocab_size;
+    for (step, (got, expected)) in slot_logits(&model, false).iter().zip(&reference).enumerate() {
+        let got = &got[..4 * vocab]; // the groups' own rows
         let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
         let diff = got.iter().zip(expected).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         // The slot holds no padding: the attention sums the same terms in another order.
         assert!(diff <= 2e-2 * scale, "step {step}: {diff} against {scale}");
+    }
+}
+
+/// Four decoding steps from one slot cache of the rows of `common::two_prefilled_groups`, in
+/// scattered slots, and of two more rows that continue the prompts of rows 1 and 4 with the same
+/// tokens: per step, the six rows' logits. The prompts' keys and values lie in the rows' slots,
+/// or (`stored`) once per prompt in the cache's prompt store.
+fn slot_logits(model: &loralab::model::Model, stored: bool) -> Vec<Vec<f32>> {
+    use loralab::model::{Pass, SlotCache};
+    let (dec, dev) = (&model.decoder, gpu());
+    assert!(dec.slots_apply(Pass::infer(None)));
+    let groups = common::two_prefilled_groups(dec, &dev);
+    let prompt_slots = if stored { 4 } else { 0 };
+    let cache = SlotCache::new(&dec.config, (6, 12), (prompt_slots, 5), dec.dtype, &dev).unwrap();
+    // (group, row in it, slot, prompt slot); the last two rows continue rows 1 and 4's prompts.
+    let rows: [(usize, usize, u32, u32); 6] =
+        [(0, 0, 4, 3), (0, 1, 1, 0), (1, 0, 0, 2), (1, 1, 5, 1), (0, 0, 2, 3), (1, 1, 3, 1)];
+    for (g, (prefilled, _, pads)) in groups.iter().enumerate() {
+        // Each row's slot, or each prompt's once.
+        let mut fill: Vec<[u32; 3]> = Vec::new();
+        for &(_, r, slot, prompt_slot) in rows.iter().filter(|row| row.0 == g) {
+            let entry = [r as u32, if stored { prompt_slot } else { slot }, pads[r] as u32];
+            if !fill.contains(&entry) {
+                fill.push(entry);
+            }
+        }
+        let fill = Tensor::from_vec(fill.concat(), (fill.len(), 3), &dev).unwrap();
+        cache.fill(prefilled, &fill, stored).unwrap();
+    }
+    let mut out = Vec::new();
+    for step in 0..4usize {
+        let (mut ids, mut at) = (Vec::new(), Vec::new());
+        for &(g, r, slot, prompt_slot) in &rows {
+            let (_, l, pads) = &groups[g];
+            let prompt = l - pads[r];
+            ids.push((5 * g + 3 * r + 7 * step + 1) as u32 % 50);
+            let (prompt_slot, prompt_len) = if stored { (prompt_slot, prompt) } else { (slot, 0) };
+            at.extend([slot, (prompt + step) as u32, (l + step) as u32, prompt_slot, prompt_len as u32]);
+        }
+        let ids = Tensor::from_vec(ids, (6, 1), &dev).unwrap();
+        let at = Tensor::from_vec(at, (6, 5), &dev).unwrap();
+        let h = dec.decode_slots(&ids, &cache, &at, Pass::infer(None)).unwrap();
+        out.push(dec.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    out
+}
+
+#[test]
+fn rows_reading_their_prompts_from_the_prompt_store_get_the_logits_of_slots_holding_them() {
+    for family in ["tiny-qwen2", "tiny-mistral"] {
+        let model = slot_model_of(family);
+        let vocab = model.config().vocab_size;
+        let (apart, held) = (slot_logits(&model, true), slot_logits(&model, false));
+        for (step, (a, h)) in apart.iter().zip(&held).enumerate() {
+            // The same keys and values in the same order: the same sums, to the bit.
+            assert!(a == h, "{family}, step {step}: the logits differ");
+            // Two rows continuing one prompt with the same tokens, each reading its one copy.
+            for (row, twin) in [(0, 4), (3, 5)] {
+                assert!(
+                    a[row * vocab..(row + 1) * vocab] == a[twin * vocab..(twin + 1) * vocab],
+                    "{family}, step {step}"
+                );
+            }
+        }
     }
 }
 
@@ -1019,8 +1063,9 @@ fn a_batch_larger_than_the_gpus_free_memory_samples_the_rows_that_fit_with_the_s
         stop_token_ids: (0..10).map(|i| 12 * i + 5).collect(),
         ..Default::default()
     };
-    // Hold all but a gibibyte and 24 MiB of the GPU's memory: the 256 rows' caches of 206
-    // positions (about 50 MiB) no longer fit beside the gibibyte held back.
+    // Hold all but a gibibyte and 24 MiB of the GPU's memory: the 256 rows' caches of 200
+    // positions (about 48 MiB; the prompts are stored apart) no longer fit beside the gibibyte
+    // held back.
     let Device::Cuda(cuda) = &dev else { unreachable!() };
     let (free, _) = loralab::model::cuda::memory(cuda).unwrap();
     let hog = Tensor::zeros(free - (1 << 30) - (24 << 20), DType::U8, &dev).unwrap();

@@ -324,28 +324,57 @@ pub struct SharedPrefix {
 /// held by one completion at a time. A decoding step's rows each read and write their own slot
 /// at their own length and position ([`Decoder::decode_slots`]), so a finished row's slot takes
 /// the next prompt's row while the others go on decoding. A slot holds a row's real positions
-/// only, from its first (its prompt's padding is left out).
+/// only, from its first (its prompt's padding is left out). With a prompt store, the rows of a
+/// prompt read its positions from one prompt slot, and their own slots hold the positions after
+/// them: each prompt's keys and values are stored once, and its rows, decoding side by side,
+/// read them from the GPU's cache rather than its memory.
 pub struct SlotCache {
     /// Per layer: (2, slots, K, capacity, E), the keys then the values.
     pub kv: Vec<Tensor>,
+    /// Per layer: (2, prompt slots, K, prompt capacity, E), where prompts are stored apart.
+    pub prompts: Option<Vec<Tensor>>,
 }
 
 impl SlotCache {
-    pub fn new(cfg: &Config, slots: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+    /// `slots` slots of `capacity` positions, and `prompt_slots` prompt slots of
+    /// `prompt_capacity` positions (none: each slot holds its row's every position).
+    pub fn new(
+        cfg: &Config,
+        (slots, capacity): (usize, usize),
+        (prompt_slots, prompt_capacity): (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let prompts = match prompt_slots {
+            0 => None,
+            n => Some(Self::store(cfg, n, prompt_capacity, dtype, device)?),
+        };
+        Ok(SlotCache { kv: Self::store(cfg, slots, capacity, dtype, device)?, prompts })
+    }
+
+    fn store(cfg: &Config, slots: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Vec<Tensor>> {
         let shape = (2, slots, cfg.num_kv_heads(), capacity, cfg.head_dim());
-        let kv = (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect::<Result<_>>()?;
-        Ok(SlotCache { kv })
+        (0..cfg.num_hidden_layers).map(|_| Tensor::zeros(shape, dtype, device)).collect()
+    }
+
+    /// Layer `layer`'s prompt store: the slots themselves where prompts are not stored apart.
+    pub fn prompt_store(&self, layer: usize) -> &Tensor {
+        self.prompts.as_ref().map_or(&self.kv[layer], |p| &p[layer])
     }
 
     /// Moves the keys and values of prefilled prompts (a [`KvCache`] of P prompts left-padded to
-    /// its `len`) into their rows' slots: `rows` (M, 3) u32 on the device, each row's prompt (in
-    /// that cache), slot and padding.
-    pub fn fill(&self, prefilled: &KvCache, rows: &Tensor) -> Result<()> {
+    /// its `len`) into slots: `rows` (M, 3) u32 on the device, each a prompt (in that cache), a
+    /// slot and the prompt's padding; the slots are the prompt store's (`prompts`) or the rows'.
+    pub fn fill(&self, prefilled: &KvCache, rows: &Tensor, prompts: bool) -> Result<()> {
+        if prompts && self.prompts.is_none() {
+            candle_core::bail!("this slot cache stores no prompts apart");
+        }
         #[cfg(feature = "cuda")]
-        for (l, kv) in self.kv.iter().enumerate() {
+        for l in 0..self.kv.len() {
+            let store = if prompts { self.prompt_store(l) } else { &self.kv[l] };
             for (which, part) in [&prefilled.k[l], &prefilled.v[l]].into_iter().enumerate() {
                 let part = part.narrow(2, 0, prefilled.len)?;
-                super::ops::attention::cuda::fill_slots(&part, kv, which, rows)?;
+                super::ops::attention::cuda::fill_slots(&part, store, which, rows)?;
             }
         }
         #[cfg(not(feature = "cuda"))]
@@ -634,15 +663,15 @@ impl Attention {
             && self.num_heads / self.num_kv_heads <= 16
     }
 
-    /// A decoding step over a slot cache: x (N, 1, D) -> (N, 1, D); `rows` (N, 3) as
-    /// [`Decoder::decode_slots`] takes it, `kv` this layer's part of the cache, `window` the
-    /// layer's sliding window.
+    /// A decoding step over a slot cache: x (N, 1, D) -> (N, 1, D); `rows` (N, 5) as
+    /// [`Decoder::decode_slots`] takes it, `kv` and `prompts` this layer's slots and prompt
+    /// store, `window` the layer's sliding window.
     #[cfg(feature = "cuda")]
     fn forward_slots(
         &self,
         x: &Tensor,
         (rope, window): (&Rope, Option<usize>),
-        kv: &Tensor,
+        (kv, prompts): (&Tensor, &Tensor),
         rows: &Tensor,
         pass: Pass,
         layer: usize,
@@ -671,7 +700,11 @@ impl Attention {
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
         // (N, H, E) = (N, K, G, E): the G query heads of a kv head are consecutive.
-        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, rows, window, self.scale)?.reshape((n, 1, h * e))?;
+        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, prompts, rows, window, self.scale)?.reshape((
+            n,
+            1,
+            h * e,
+        ))?;
         drop(phase);
         let _phase = crate::profile::phase("o projection", x.device());
         self.o_proj.forward(&out, pass, layer, Target::OProj)
@@ -1323,13 +1356,14 @@ impl Decoder {
     }
 
     /// One decoding step over a [`SlotCache`]: ids (N, 1), one new token per row -> hidden (N, 1,
-    /// D). rows: (N, 3) u32 on the device, each row's slot, the positions its slot holds, and
-    /// its new token's position; the step writes each row's new keys and values after those it
-    /// holds. Each row gets what [`Decoder::forward_hidden`] gives it in its prompt's group: its
-    /// slot holds the group's keys of that row without the padding's, which the group's mask
+    /// D). rows: (N, 5) u32 on the device, each row's slot, the positions it holds, its new
+    /// token's position, its prompt's slot in the prompt store and the prompt's length there (0
+    /// where its slot holds the prompt); the step writes each row's new keys and values after
+    /// those it holds. Each row gets what [`Decoder::forward_hidden`] gives it in its prompt's
+    /// group: it holds the group's keys of that row without the padding's, which the group's mask
     /// hides.
     pub fn decode_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
-        if ids.dim(1)? != 1 || rows.dims() != [ids.dim(0)?, 3] || !self.slots_apply(pass) {
+        if ids.dim(1)? != 1 || rows.dims() != [ids.dim(0)?, 5] || !self.slots_apply(pass) {
             candle_core::bail!("a decoding step from slots takes one new token per row, on the GPU in bf16");
         }
         self.layers_from_slots(ids, cache, rows, pass)
@@ -1340,7 +1374,8 @@ impl Decoder {
     fn layers_from_slots(&self, ids: &Tensor, cache: &SlotCache, rows: &Tensor, pass: Pass) -> Result<Tensor> {
         let (x, pending) = self.layer_by_layer(self.embed(ids)?, |layer, i, x, pending| {
             let positions = (&self.rope, layer.window);
-            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, positions, &cache.kv[i], rows, pass, i);
+            let stores = (&cache.kv[i], cache.prompt_store(i));
+            let attend = |h: &Tensor| layer.self_attn.forward_slots(h, positions, stores, rows, pass, i);
             layer.forward_unadded_with(x, pending, pass, i, attend)
         })?;
         Ok(self.norm.forward_added(&x, pending.as_ref(), pass.train)?.1)

@@ -345,8 +345,9 @@ fn slot_dims(kv: &Tensor) -> Result<(usize, usize, usize, usize)> {
 
 /// [`qkv_heads`] for a decoding step over a slot cache: y (N, (H + 2K) E), one new token per
 /// row, -> q (N, H, E), its k (roped) and v written into each row's slot of `kv` (2, slots, K,
-/// C, E) in place. rows: (N, 3) u32 on the GPU, each row's slot, the keys its slot holds (where
-/// the new one goes) and its new token's position; cos, sin: the rope's whole tables
+/// C, E) in place. rows: (N, 5) u32 on the GPU as [`decode_slots`] takes them: each row's slot,
+/// the positions it holds, its new token's position, its prompt's slot and length; the new key
+/// goes to position held - prompt length of its slot. cos, sin: the rope's whole tables
 /// (positions, E/2). The caller keeps every row's keys within C and positions within the tables.
 pub fn qkv_slots(
     y: &Tensor,
@@ -362,7 +363,7 @@ pub fn qkv_slots(
     let fits = skh == kh
         && e % 4 == 0
         && e * (h + 2 * kh) == width
-        && rows.dims() == [n, 3]
+        && rows.dims() == [n, 5]
         && rows.dtype() == DType::U32
         && cos.dim(1)? == e / 2
         && sin.shape() == cos.shape()
@@ -409,19 +410,31 @@ pub fn qkv_slots(
 }
 
 /// [`decode_attention`] over a slot cache: q (N, K, R, E) -> (N, K, R, E), row i attending to
-/// the first `rows[i][1] + 1` positions of its slot `rows[i][0]` of `kv` (2, slots, K, C, E)
-/// (see [`qkv_slots`], which wrote the last of them), or with a sliding `window` to the last
-/// `window` of them.
-pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, window: Option<usize>, scale: f64) -> Result<Tensor> {
+/// the `rows[i][1] + 1` positions it holds (see [`qkv_slots`], which wrote the last of them), or
+/// with a sliding `window` to the last `window` of them. rows (N, 5): slot, positions held,
+/// position, prompt slot, prompt length. The first `prompt length` positions lie in the prompt
+/// slot of `prompts` (2, prompt slots, K, PC, E), those after them in the row's slot of `kv` (2,
+/// slots, K, C, E), both from position 0; a row with prompt length 0 holds all in its slot.
+pub fn decode_slots(
+    q: &Tensor,
+    kv: &Tensor,
+    prompts: &Tensor,
+    rows: &Tensor,
+    window: Option<usize>,
+    scale: f64,
+) -> Result<Tensor> {
     let (q, rows) = (q.contiguous()?, rows.contiguous()?);
     let (slots, kh, c, e) = slot_dims(kv)?;
+    let (pslots, pkh, pc, pe) = slot_dims(prompts)?;
     let (n, qk, r, qe) = q.dims4()?;
-    if qk != kh || qe != e || r > DECODE_MAX_GROUP || !matches!(e, 64 | 128) || rows.dims() != [n, 3] || !applies(&q) {
-        return Err(disagree("decode-slots", &[q.shape(), kv.shape(), rows.shape()]));
+    let fits = qk == kh && pkh == kh && qe == e && pe == e && r <= DECODE_MAX_GROUP && matches!(e, 64 | 128);
+    if !fits || rows.dims() != [n, 5] || !applies(&q) {
+        return Err(disagree("decode-slots", &[q.shape(), kv.shape(), prompts.shape(), rows.shape()]));
     }
     let dev = cuda_device(&q)?;
     let out = unsafe { dev.alloc::<bf16>(n * kh * r * e)? };
     let kv_at = typed_address::<bf16>(kv, "decode-slots")?;
+    let prompts_at = typed_address::<bf16>(prompts, "decode-slots")?;
     {
         let ((qs, ql), (rs, rl)) = (q.storage_and_layout(), rows.storage_and_layout());
         let qv = bf16_view(&qs, ql, "q")?;
@@ -429,12 +442,29 @@ pub fn decode_slots(q: &Tensor, kv: &Tensor, rows: &Tensor, window: Option<usize
             candle_core::Storage::Cuda(r) => view::<u32>(r, rl, "rows")?,
             _ => candle_core::bail!("decode-slots: rows not on the GPU"),
         };
-        let [kh32, r32, c32] = [kh, r, c].map(|x| x as i32);
-        let (slots64, scale32) = (slots as i64, scale as f32);
+        let [kh32, r32, c32, pc32] = [kh, r, c, pc].map(|x| x as i32);
+        let (slots64, pslots64, scale32) = (slots as i64, pslots as i64, scale as f32);
         let window32 = window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
         let cfg = flash_grid((n * kh) as u32, 1, e, 4, 0);
         let name = format!("decode_slots_{e}");
-        launch_with_shared!(dev, &name, cfg, &qv, &kv_at, &rv, &out, &kh32, &r32, &c32, &slots64, &window32, &scale32);
+        launch_with_shared!(
+            dev,
+            &name,
+            cfg,
+            &qv,
+            &kv_at,
+            &prompts_at,
+            &rv,
+            &out,
+            &kh32,
+            &r32,
+            &c32,
+            &slots64,
+            &pc32,
+            &pslots64,
+            &window32,
+            &scale32
+        );
     }
     Ok(wrap(out, &dev, Shape::from((n, kh, r, e))))
 }

@@ -14,11 +14,60 @@
 #define DECODE_WARPS 4
 #define DECODE_ROWS 16
 
-// One (row, kv head): its r query heads qh (r, E), keys kh and values vh (s, E), the row's
+// Where a row's s keys (or values) lie: key j at head + j * E for j < split (the prompt, which
+// the rows continuing it share), at rest + (j - split) * E after it.
+struct KeyRows {
+    const __nv_bfloat16* head;
+    const __nv_bfloat16* rest;
+    int split;
+};
+
+__device__ __forceinline__ KeyRows key_rows(const __nv_bfloat16* x) { return KeyRows{x, x, 0}; }
+
+// fetch_tile from keys laid out as KeyRows: rows first.. (those before `end`) into a tile.
+template <int E, int P>
+__device__ __forceinline__ void fetch_key_rows(__nv_bfloat16* tile, KeyRows x, long first, long end) {
+    constexpr int PER_ROW = E / 8;  // 16-byte pieces
+    for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
+        int r = i / PER_ROW, c = (i % PER_ROW) * 8;
+        const long j = first + r;
+        const bool in = j < end;
+        uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
+        const __nv_bfloat16* src = !in ? x.rest : j < x.split ? x.head + j * E : x.rest + (j - x.split) * E;
+        // A source size of 0 fills the 16 bytes with zeros.
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + c), "r"(in ? 16 : 0));
+    }
+}
+
+// kv_stream_start and kv_stream_next of flash.cu over keys and values laid out as KeyRows.
+template <int E, int P>
+__device__ __forceinline__ void decode_stream_start(__nv_bfloat16* kbuf, __nv_bfloat16* vbuf, KeyRows kh, KeyRows vh,
+                                                    int s) {
+    fetch_key_rows<E, P>(kbuf, kh, 0, s);
+    fetch_key_rows<E, P>(vbuf, vh, 0, s);
+    cp_async_commit();
+}
+
+template <int E, int P>
+__device__ __forceinline__ void decode_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf,
+                                                   KeyRows kh, KeyRows vh, int s, __nv_bfloat16*& ks,
+                                                   __nv_bfloat16*& vs) {
+    ks = kbuf + (it & 1) * FA_ROWS * P;
+    vs = vbuf + (it & 1) * FA_ROWS * P;
+    if (it + 1 < tiles) {
+        fetch_key_rows<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, (it + 1) * FA_ROWS, s);
+        fetch_key_rows<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, (it + 1) * FA_ROWS, s);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+}
+
+// One (row, kv head): its r query heads qh (r, E), its s keys kh and values vh, the row's
 // additive mask bias (s) or null; writes its r output heads oh (r, E).
 template <int E>
-__device__ void decode_attention(const __nv_bfloat16* qh, const __nv_bfloat16* kh, const __nv_bfloat16* vh,
-                                 const float* bias, __nv_bfloat16* oh, int r, int s, float scale) {
+__device__ void decode_attention(const __nv_bfloat16* qh, KeyRows kh, KeyRows vh, const float* bias,
+                                 __nv_bfloat16* oh, int r, int s, float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     __nv_bfloat16* kbuf = reinterpret_cast<__nv_bfloat16*>(fa_smem);
@@ -38,10 +87,10 @@ __device__ void decode_attention(const __nv_bfloat16* qh, const __nv_bfloat16* k
     float o[E / 8][4];
     for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     const int tiles = (s + FA_ROWS - 1) / FA_ROWS;
-    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
+    decode_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
     for (int it = 0; it < tiles; ++it) {
         const int s0 = it * FA_ROWS + warp * 16;  // the warp's first key
-        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
+        decode_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
         // S = Q K^T: 16 heads x the warp's 16 keys.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         for (int kk = 0; kk < E / 16; ++kk) {
@@ -148,27 +197,34 @@ __device__ void decode_attention(const __nv_bfloat16* qh, const __nv_bfloat16* k
                              const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,          \
                              float scale) {                                                                   \
         const long bk = blockIdx.x, b = bk / heads;                                                           \
-        decode_attention<E>(q + bk * r * E, k + bk * c * E, v + bk * c * E, mask ? mask + b * s : nullptr,    \
-                            out + bk * r * E, r, s, scale);                                                   \
+        decode_attention<E>(q + bk * r * E, key_rows(k + bk * c * E), key_rows(v + bk * c * E),               \
+                            mask ? mask + b * s : nullptr, out + bk * r * E, r, s, scale);                    \
     }
 DECODE_KERNEL(64)
 DECODE_KERNEL(128)
 
-// The same from a slot cache (continuous batching): row b of the step reads slot rows[3b] of
-// kv, which holds the keys (kv's first half) and values (second half) of `slots` slots, each
-// (K, C, E); its first rows[3b + 1] + 1 positions count (those held and the step's own), or with
-// a sliding window (window > 0) the last `window` of them.
-//   q: (B, K, R, E); kv: (2, slots, K, C, E); rows: (B, 3) slot, keys held, position; out: (B, K, R, E).
+// The same from a slot cache (continuous batching). Row b of the step holds rows[5b + 1] keys
+// (its prompt's and those of the tokens fed since) and attends to them and its step's own, or with
+// a sliding window (window > 0) to the last `window` of them. Its first rows[5b + 4] positions
+// (its prompt, shared by the rows continuing it) lie in prompt slot rows[5b + 3] of pkv from
+// position 0, the positions after them in its slot rows[5b] of kv from position 0 (a row that
+// shares no prompt has 0 there, and its slot holds every position).
+//   q: (B, K, R, E); kv: (2, slots, K, C, E), keys then values; pkv: (2, pslots, K, PC, E);
+//   rows: (B, 5) slot, keys held, position, prompt slot, prompt length; out: (B, K, R, E).
 #define DECODE_SLOTS_KERNEL(E)                                                                                \
     extern "C" __global__ void __launch_bounds__(FA_THREADS)                                                  \
-        decode_slots_##E(const __nv_bfloat16* q, const __nv_bfloat16* kv, const int* rows,                   \
-                         __nv_bfloat16* out, int heads, int r, int c, long slots, int window, float scale) {  \
+        decode_slots_##E(const __nv_bfloat16* q, const __nv_bfloat16* kv, const __nv_bfloat16* pkv,          \
+                         const int* rows, __nv_bfloat16* out, int heads, int r, int c, long slots, int pc,   \
+                         long pslots, int window, float scale) {                                              \
         const long bk = blockIdx.x, b = bk / heads, head = bk % heads;                                       \
-        const int s = rows[3 * b + 1] + 1, first = window > 0 && s > window ? s - window : 0;                \
-        const long at = ((rows[3 * b] * heads + head) * (long)c + first) * E;                                 \
-        const long half = slots * heads * (long)c * E;                                                        \
-        decode_attention<E>(q + bk * r * E, kv + at, kv + half + at, nullptr, out + bk * r * E, r, s - first, \
-                            scale);                                                                           \
+        const int* row = rows + 5 * b;                                                                        \
+        const int s = row[1] + 1, first = window > 0 && s > window ? s - window : 0;                         \
+        const int split = max(row[4] - first, 0);                                                             \
+        const long own = ((row[0] * heads + head) * (long)c + max(first - row[4], 0)) * E;                    \
+        const long shared = ((row[3] * heads + head) * (long)pc + first) * E;                                 \
+        const long half = slots * heads * (long)c * E, phalf = pslots * heads * (long)pc * E;                 \
+        const KeyRows k{pkv + shared, kv + own, split}, v{pkv + phalf + shared, kv + half + own, split};    \
+        decode_attention<E>(q + bk * r * E, k, v, nullptr, out + bk * r * E, r, s - first, scale);          \
     }
 DECODE_SLOTS_KERNEL(64)
 DECODE_SLOTS_KERNEL(128)

@@ -101,9 +101,10 @@ extern "C" __global__ void qkv_heads_bf16(const __nv_bfloat16* y, const __nv_bfl
 
 // qkv_heads_bf16 for a decoding step over a slot cache (continuous batching): y (N, (H + 2K) * E)
 // holds one new token per row. q goes to q (N, H, E); k, roped, and v are written into the row's
-// slot of kv (2, slots, K, C, E) at the row's own place: rows (N, 3) gives each row its slot, the
-// keys it holds (where the new one goes) and its new token's position (which picks the rope's
-// row of cos, sin (positions, E/2)).
+// slot of kv (2, slots, K, C, E) at the row's own place: rows (N, 5) gives each row its slot, the
+// keys it holds, its new token's position (which picks the rope's row of cos, sin (positions,
+// E/2)), its prompt's slot and length; the new key goes after those held, at position held -
+// prompt length of its slot (a shared prompt's keys lie elsewhere, see decode_slots).
 extern "C" __global__ void qkv_slots_bf16(const __nv_bfloat16* y, const __nv_bfloat16* bias, const __nv_bfloat16* cos,
                                           const __nv_bfloat16* sin, const int* rows, __nv_bfloat16* q,
                                           __nv_bfloat16* kv, int n, int h, int kh, int e, int c, long slots) {
@@ -117,7 +118,7 @@ extern "C" __global__ void qkv_slots_bf16(const __nv_bfloat16* y, const __nv_bfl
         const long from = ((long)row * heads + hh) * e;
         __nv_bfloat162 lo, hi;
         head_pairs(y + from, bias ? bias + (long)hh * e : nullptr, half, j, lo, hi);
-        const int slot = rows[3 * row], held = rows[3 * row + 1], pos = rows[3 * row + 2];
+        const int slot = rows[5 * row], held = rows[5 * row + 1] - rows[5 * row + 4], pos = rows[5 * row + 2];
         __nv_bfloat16* to;
         if (hh < h) {
             to = q + ((long)row * h + hh) * e;
