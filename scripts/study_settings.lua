@@ -32,8 +32,9 @@ local paper = {
   -- Phase 3: more seeds at the critical dose (0: argmax |EM - benign| over the titration)
   seeds = { 42, 137, 256 }, critical_dose = 0,
   train_seed = 42, eval_seed = 42,
-  -- Running. batch_size: rows decoded at once. 1680 rows of up to ~610 positions hold ~59 GB of
-  -- Qwen2.5-7B's KV cache beside its 15 GB of weights; where the GPU's free memory holds fewer
+  -- Running. batch_size: rows decoded at once. 1680 rows of 512 new positions hold ~49 GB of
+  -- Qwen2.5-7B's KV cache (each prompt's positions are held once, ~2 GB for the 336 prompts)
+  -- beside its 15 GB of weights; where the GPU's free memory holds fewer
   -- (an 80 GB card beside merged copies of the weights), sampling takes as many as fit and
   -- says so. The random draws do not depend on it, but a prompt's padding does (its group's
   -- longest prompt), so another value may draw other completions.
