@@ -432,7 +432,8 @@ impl Sampler<'_> {
         let held = |k: u32| l - pads[k as usize];
         let slots = free.take_rows(rows.len());
         let stored = cache.prompts.is_some();
-        // Each prompt's slot, or each row's, filled with the prompt's keys and values.
+        // Each prompt's slot, or each row's, filled with the prompt's keys and values: the rows'
+        // prompt slots, and the (prompt in the unit, slot) pairs to fill.
         let (prompt_slots, filled): (Vec<usize>, Vec<(u32, usize)>) = match stored {
             true => {
                 let taken = free.take_prompt(unit.prompts.len(), unit.completions.len());
