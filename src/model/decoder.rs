@@ -700,11 +700,8 @@ impl Attention {
         drop(phase);
         let phase = crate::profile::phase("attention", x.device());
         // (N, H, E) = (N, K, G, E): the G query heads of a kv head are consecutive.
-        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, prompts, rows, window, self.scale)?.reshape((
-            n,
-            1,
-            h * e,
-        ))?;
+        let out = decode_slots(&q.reshape((n, k, h / k, e))?, kv, prompts, rows, window, self.scale)?;
+        let out = out.reshape((n, 1, h * e))?;
         drop(phase);
         let _phase = crate::profile::phase("o projection", x.device());
         self.o_proj.forward(&out, pass, layer, Target::OProj)
