@@ -727,12 +727,12 @@ impl SlotLayout {
     }
 }
 
-/// The free slots of a [`SlotLayout`], and the rows still reading each prompt slot.
+/// The free slots of a [`SlotLayout`], and the rows still reading each prompt slot (none where
+/// the layout has no prompt store).
 struct Free {
     slots: Vec<usize>,
     prompt_slots: Vec<usize>,
     readers: Vec<usize>,
-    stored: bool,
 }
 
 impl Free {
@@ -741,14 +741,17 @@ impl Free {
             slots: (0..layout.slots).rev().collect(),
             prompt_slots: (0..layout.prompt_slots).rev().collect(),
             readers: vec![0; layout.prompt_slots],
-            stored: layout.prompt_slots > 0,
         }
+    }
+
+    fn stores_prompts(&self) -> bool {
+        !self.readers.is_empty()
     }
 
     /// Whether a unit's rows (and prompts) find free slots.
     fn fits(&self, unit: &Unit) -> bool {
         let rows = unit.prompts.len() * unit.completions.len();
-        rows <= self.slots.len() && (!self.stored || unit.prompts.len() <= self.prompt_slots.len())
+        rows <= self.slots.len() && (!self.stores_prompts() || unit.prompts.len() <= self.prompt_slots.len())
     }
 
     fn take_rows(&mut self, n: usize) -> Vec<usize> {
@@ -767,7 +770,7 @@ impl Free {
     /// Frees a finished row's slot, and its prompt's once no row reads it.
     fn release(&mut self, row: &SlotRow) {
         self.slots.push(row.slot);
-        if self.stored {
+        if self.stores_prompts() {
             self.readers[row.prompt_slot] -= 1;
             if self.readers[row.prompt_slot] == 0 {
                 self.prompt_slots.push(row.prompt_slot);
