@@ -14,59 +14,10 @@
 #define DECODE_WARPS 4
 #define DECODE_ROWS 16
 
-// Where a row's s keys (or values) lie: key j at head + j * E for j < split (the prompt, which
-// the rows continuing it share), at rest + (j - split) * E after it.
-struct KeyRows {
-    const __nv_bfloat16* head;
-    const __nv_bfloat16* rest;
-    int split;
-};
-
-__device__ __forceinline__ KeyRows key_rows(const __nv_bfloat16* x) { return KeyRows{x, x, 0}; }
-
-// fetch_tile from keys laid out as KeyRows: rows first.. (those before `end`) into a tile.
-template <int E, int P>
-__device__ __forceinline__ void fetch_key_rows(__nv_bfloat16* tile, KeyRows x, long first, long end) {
-    constexpr int PER_ROW = E / 8;  // 16-byte pieces
-    for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
-        int r = i / PER_ROW, c = (i % PER_ROW) * 8;
-        const long j = first + r;
-        const bool in = j < end;
-        uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
-        const __nv_bfloat16* src = !in ? x.rest : j < x.split ? x.head + j * E : x.rest + (j - x.split) * E;
-        // A source size of 0 fills the 16 bytes with zeros.
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + c), "r"(in ? 16 : 0));
-    }
-}
-
-// kv_stream_start and kv_stream_next of flash.cu over keys and values laid out as KeyRows.
-template <int E, int P>
-__device__ __forceinline__ void decode_stream_start(__nv_bfloat16* kbuf, __nv_bfloat16* vbuf, KeyRows kh, KeyRows vh,
-                                                    int s) {
-    fetch_key_rows<E, P>(kbuf, kh, 0, s);
-    fetch_key_rows<E, P>(vbuf, vh, 0, s);
-    cp_async_commit();
-}
-
-template <int E, int P>
-__device__ __forceinline__ void decode_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf,
-                                                   KeyRows kh, KeyRows vh, int s, __nv_bfloat16*& ks,
-                                                   __nv_bfloat16*& vs) {
-    ks = kbuf + (it & 1) * FA_ROWS * P;
-    vs = vbuf + (it & 1) * FA_ROWS * P;
-    if (it + 1 < tiles) {
-        fetch_key_rows<E, P>(kbuf + ((it + 1) & 1) * FA_ROWS * P, kh, (it + 1) * FA_ROWS, s);
-        fetch_key_rows<E, P>(vbuf + ((it + 1) & 1) * FA_ROWS * P, vh, (it + 1) * FA_ROWS, s);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-}
-
-// One (row, kv head): its r query heads qh (r, E), its s keys kh and values vh, the row's
-// additive mask bias (s) or null; writes its r output heads oh (r, E).
-template <int E>
-__device__ void decode_attention(const __nv_bfloat16* qh, KeyRows kh, KeyRows vh, const float* bias,
+// One (row, kv head): its r query heads qh (r, E), its s keys kh and values vh (a pointer or
+// KeyRows, flash.cu), the row's additive mask bias (s) or null; writes its r output heads oh (r, E).
+template <int E, typename Rows>
+__device__ void decode_attention(const __nv_bfloat16* qh, Rows kh, Rows vh, const float* bias,
                                  __nv_bfloat16* oh, int r, int s, float scale) {
     constexpr int P = E + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -87,10 +38,10 @@ __device__ void decode_attention(const __nv_bfloat16* qh, KeyRows kh, KeyRows vh
     float o[E / 8][4];
     for (int n = 0; n < E / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     const int tiles = (s + FA_ROWS - 1) / FA_ROWS;
-    decode_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
+    kv_stream_start<E, P>(kbuf, vbuf, kh, vh, s);
     for (int it = 0; it < tiles; ++it) {
         const int s0 = it * FA_ROWS + warp * 16;  // the warp's first key
-        decode_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
+        kv_stream_next<E, P>(it, tiles, kbuf, vbuf, kh, vh, s, ks, vs);
         // S = Q K^T: 16 heads x the warp's 16 keys.
         float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         for (int kk = 0; kk < E / 16; ++kk) {
@@ -197,7 +148,7 @@ __device__ void decode_attention(const __nv_bfloat16* qh, KeyRows kh, KeyRows vh
                              const float* mask, __nv_bfloat16* out, int heads, int r, int c, int s,          \
                              float scale) {                                                                   \
         const long bk = blockIdx.x, b = bk / heads;                                                           \
-        decode_attention<E>(q + bk * r * E, key_rows(k + bk * c * E), key_rows(v + bk * c * E),               \
+        decode_attention<E>(q + bk * r * E, k + bk * c * E, v + bk * c * E,                                   \
                             mask ? mask + b * s : nullptr, out + bk * r * E, r, s, scale);                    \
     }
 DECODE_KERNEL(64)

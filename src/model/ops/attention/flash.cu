@@ -123,17 +123,45 @@ __device__ __forceinline__ void rope_tile(__nv_bfloat16* tile, const __nv_bfloat
     }
 }
 
-// load_tile by cp.async: the copy runs while the block computes; wait for it with
-// cp_async_wait and a barrier.
-template <int E, int P>
-__device__ __forceinline__ void fetch_tile(__nv_bfloat16* tile, const __nv_bfloat16* x, long first, long end,
-                                           long stride = E) {
+// Where a stream of rows of E elements lies. A pointer x: row j at x + j * E. Strided: row j at
+// x + j * stride. KeyRows: in two runs, row j at head + j * E for j < split, at
+// rest + (j - split) * E after it (decoding's prompt store and a row's own slot).
+struct Strided {
+    const __nv_bfloat16* x;
+    long stride;
+};
+
+struct KeyRows {
+    const __nv_bfloat16* head;
+    const __nv_bfloat16* rest;
+    int split;
+};
+
+template <int E>
+__device__ __forceinline__ const __nv_bfloat16* row_at(const __nv_bfloat16* x, long j) {
+    return x + j * E;
+}
+
+template <int E>
+__device__ __forceinline__ const __nv_bfloat16* row_at(Strided x, long j) {
+    return x.x + j * x.stride;
+}
+
+template <int E>
+__device__ __forceinline__ const __nv_bfloat16* row_at(KeyRows x, long j) {
+    return j < x.split ? x.head + j * E : x.rest + (j - x.split) * E;
+}
+
+// load_tile by cp.async from rows laid out as `Rows` (above): the copy runs while the block
+// computes; wait for it with cp_async_wait and a barrier.
+template <int E, int P, typename Rows>
+__device__ __forceinline__ void fetch_tile(__nv_bfloat16* tile, Rows x, long first, long end) {
     constexpr int PER_ROW = E / 8;
     for (int i = threadIdx.x; i < FA_ROWS * PER_ROW; i += FA_THREADS) {
         int r = i / PER_ROW, c = (i % PER_ROW) * 8;
         bool in = first + r < end;
         uint32_t dst = (uint32_t)__cvta_generic_to_shared(tile + r * P + c);
-        const __nv_bfloat16* src = x + (in ? first + r : 0) * stride + c;
+        const __nv_bfloat16* src = row_at<E>(x, in ? first + r : 0) + c;
         // A source size of 0 fills the 16 bytes with zeros.
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0));
     }
@@ -151,9 +179,8 @@ __device__ __forceinline__ int key_tiles(long t0, int T) {
 }
 
 // Starts streaming key and value tiles through two buffers each: tile 0 into the first.
-template <int E, int P>
-__device__ __forceinline__ void kv_stream_start(__nv_bfloat16* kbuf, __nv_bfloat16* vbuf, const __nv_bfloat16* kh,
-                                                const __nv_bfloat16* vh, int T) {
+template <int E, int P, typename Rows>
+__device__ __forceinline__ void kv_stream_start(__nv_bfloat16* kbuf, __nv_bfloat16* vbuf, Rows kh, Rows vh, int T) {
     fetch_tile<E, P>(kbuf, kh, 0, T);
     fetch_tile<E, P>(vbuf, vh, 0, T);
     cp_async_commit();
@@ -162,10 +189,9 @@ __device__ __forceinline__ void kv_stream_start(__nv_bfloat16* kbuf, __nv_bfloat
 // Tile `it` of `tiles` (into ks and vs) once it has arrived, the next one fetched meanwhile into
 // the other buffers, whose last readers passed the barrier that ends each tile's use. Every
 // thread of the block calls it, and each tile's use ends with __syncthreads().
-template <int E, int P>
-__device__ __forceinline__ void kv_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf,
-                                               const __nv_bfloat16* kh, const __nv_bfloat16* vh, int T,
-                                               __nv_bfloat16*& ks, __nv_bfloat16*& vs) {
+template <int E, int P, typename Rows>
+__device__ __forceinline__ void kv_stream_next(int it, int tiles, __nv_bfloat16* kbuf, __nv_bfloat16* vbuf, Rows kh,
+                                               Rows vh, int T, __nv_bfloat16*& ks, __nv_bfloat16*& vs) {
     ks = kbuf + (it & 1) * FA_ROWS * P;
     vs = vbuf + (it & 1) * FA_ROWS * P;
     if (it + 1 < tiles) {
@@ -467,8 +493,8 @@ __device__ void flash_dkv(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
         QRows rows = q_rows(bk, g, T, G, KV, merged, E);
         // Rows t0.. into buffer b: q and dout by cp.async, lse2 and D by plain stores.
         auto fetch = [&](int b, int t0) {
-            fetch_tile<E, P>(qbuf + b * FA_ROWS * P, q + rows.first, t0, T, rows.step);
-            fetch_tile<E, P>(dobuf + b * FA_ROWS * P, dout + rows.first, t0, T, rows.step);
+            fetch_tile<E, P>(qbuf + b * FA_ROWS * P, Strided{q + rows.first, rows.step}, t0, T);
+            fetch_tile<E, P>(dobuf + b * FA_ROWS * P, Strided{dout + rows.first, rows.step}, t0, T);
             for (int i = threadIdx.x; i < FA_ROWS; i += FA_THREADS) {
                 bool in = t0 + i < T;
                 long r = (rows.first + (t0 + i) * rows.step) / E;
