@@ -443,7 +443,7 @@ impl Sampler<'_> {
             false => (slots.clone(), expand.iter().copied().zip(slots.iter().copied()).collect()),
         };
         let fill: Vec<u32> = filled.iter().flat_map(|&(k, slot)| [k, slot as u32, pads[k as usize] as u32]).collect();
-        cache.fill(&prefilled, &Tensor::from_vec(fill, (filled.len(), 3), &device)?, stored)?;
+        cache.fill(&prefilled, &Tensor::from_vec(fill, (filled.len(), 3), &device)?)?;
         self.take_tokens(&rows, &next)?;
         self.stats.prefill_seconds += t0.elapsed().as_secs_f64();
         let joined = rows.into_iter().zip(expand).zip(slots).zip(prompt_slots).zip(next);

@@ -971,7 +971,7 @@ fn slot_logits(model: &loralab::model::Model, stored: bool) -> Vec<Vec<f32>> {
             }
         }
         let fill = Tensor::from_vec(fill.concat(), (fill.len(), 3), &dev).unwrap();
-        cache.fill(prefilled, &fill, stored).unwrap();
+        cache.fill(prefilled, &fill).unwrap();
     }
     let mut out = Vec::new();
     for step in 0..4usize {

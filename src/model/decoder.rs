@@ -363,18 +363,15 @@ impl SlotCache {
     }
 
     /// Moves the keys and values of prefilled prompts (a [`KvCache`] of P prompts left-padded to
-    /// its `len`) into slots: `rows` (M, 3) u32 on the device, each a prompt (in that cache), a
-    /// slot and the prompt's padding; the slots are the prompt store's (`prompts`) or the rows'.
-    pub fn fill(&self, prefilled: &KvCache, rows: &Tensor, prompts: bool) -> Result<()> {
-        if prompts && self.prompts.is_none() {
-            candle_core::bail!("this slot cache stores no prompts apart");
-        }
+    /// its `len`) into slots of the prompt store ([`SlotCache::prompt_store`]: the rows' own
+    /// slots where the cache stores no prompts apart): `rows` (M, 3) u32 on the device, each a
+    /// prompt (in that cache), a slot and the prompt's padding.
+    pub fn fill(&self, prefilled: &KvCache, rows: &Tensor) -> Result<()> {
         #[cfg(feature = "cuda")]
         for l in 0..self.kv.len() {
-            let store = if prompts { self.prompt_store(l) } else { &self.kv[l] };
             for (which, part) in [&prefilled.k[l], &prefilled.v[l]].into_iter().enumerate() {
                 let part = part.narrow(2, 0, prefilled.len)?;
-                super::ops::attention::cuda::fill_slots(&part, store, which, rows)?;
+                super::ops::attention::cuda::fill_slots(&part, self.prompt_store(l), which, rows)?;
             }
         }
         #[cfg(not(feature = "cuda"))]
